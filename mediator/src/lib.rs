@@ -1,0 +1,60 @@
+//! `vgpu-mediator`: shares one GPU between virtual machines.
+//!
+//! A [`Mediator`] holds tenants (one per VM socket or NFS VM directory) with their
+//! memory quota and weight. Each tenant's requests run on its own worker, which owns
+//! the tenant's sessions (handles, modules, a stream, a sticky asynchronous error) and
+//! its [`Executor`]: [`cuda::CudaExecutor`] on a GPU, [`cpu::CpuExecutor`] elsewhere.
+//! Transports hand decoded requests to [`Mediator::submit`] and receive completions
+//! through a [`CompletionSink`] without blocking.
+
+pub mod cpu;
+pub mod cuda;
+pub mod executor;
+mod mediator;
+pub mod selftest;
+mod worker;
+
+pub use executor::{select, DeviceInfo, ExecError, Executor, ExecutorChoice, ExecutorFactory};
+pub use mediator::{
+    CompletionQueue, CompletionSink, Limits, Mediator, TenantConfig, TenantId, TenantUsage,
+};
+pub use worker::MAX_SHARED_BYTES;
+
+/// Parses sizes such as `4096`, `512M`, `8G`, `1.5GiB` into bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("invalid size unit in '{s}' (use K, M, G or T)")),
+    };
+    let bytes = value * mult as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("size '{s}' out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_binary_units_and_bad_ones_are_refused() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("8G"), Ok(8 << 30));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("-1G").is_err());
+    }
+}

@@ -1,0 +1,49 @@
+//! `vgpu-protocol`: the wire format shared by the guest library, the guest kernel driver
+//! and the host backend of the vGPU device.
+//!
+//! A request is one virtio descriptor chain: a readable [`REQUEST_HEADER_SIZE`]-byte
+//! header, the readable payload its operation defines (host-to-device data, PTX text,
+//! kernel name and parameters), the writable payload (device-to-host data, info, messages)
+//! and, last, a writable [`RESPONSE_HEADER_SIZE`]-byte response header. Everything is
+//! little-endian and fixed-size; `README.md` beside this crate documents every byte.
+//!
+//! This crate does no I/O: it only encodes and decodes, and rejects every malformed
+//! input with a typed [`DecodeError`].
+
+mod config;
+mod request;
+mod response;
+mod status;
+mod wire;
+
+pub use config::{DeviceConfig, ExecutorKind, InfoReply, CONFIG_MAGIC, CONFIG_SIZE, INFO_SIZE};
+pub use request::{
+    Command, DecodeError, Header, Launch, LaunchArgs, Op, Opcode, Param, ParamDesc, Request,
+    SelftestKind, BUILTIN_MODULE,
+};
+pub use response::{Response, ResponseHeader};
+pub use status::Status;
+
+/// Version carried in every request header and in the config space.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// First four bytes of every request header: "VGPQ".
+pub const REQUEST_MAGIC: u32 = u32::from_le_bytes(*b"VGPQ");
+/// Size of the readable request header that starts every chain.
+pub const REQUEST_HEADER_SIZE: usize = 80;
+/// Size of the writable response header that ends every chain.
+pub const RESPONSE_HEADER_SIZE: usize = 32;
+/// The virtio device ID the device uses by default (assigned to pstore, never implemented).
+pub const DEFAULT_VIRTIO_ID: u32 = 22;
+
+/// Largest host-to-device or device-to-host transfer in one request.
+pub const MAX_TRANSFER_BYTES: u64 = 256 << 20;
+/// Largest PTX module accepted by MODULE_LOAD.
+pub const MAX_PTX_BYTES: u32 = 8 << 20;
+/// Largest kernel name, including its terminating NUL.
+pub const MAX_KERNEL_NAME: usize = 128;
+/// Most parameters a launch may carry.
+pub const MAX_PARAMS: usize = 64;
+/// Most parameter bytes a launch may carry (CUDA's classic 4 KiB parameter limit).
+pub const MAX_PARAM_BYTES: u32 = 4096;
+/// Largest message a SELFTEST writes.
+pub const MAX_SELFTEST_MESSAGE: usize = 256;
