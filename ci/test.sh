@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Runs every check of the project: formatting, lints, the Rust test suites and the
+# end-to-end scripts (real QEMU guests, real NFS). Ends with one line
+# "N passed, N failed" that counts every check that ran.
+#
+#   bash ci/test.sh            # everything
+#   bash ci/test.sh --no-e2e   # formatting, lints and cargo tests only
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+e2e=1
+for arg in "$@"; do
+    case "$arg" in
+        --no-e2e) e2e=0 ;;
+        -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "ci/test.sh: unknown option '$arg'" >&2; exit 2 ;;
+    esac
+done
+
+passed=0
+failed=0
+failures=()
+logdir=$(mktemp -d "${TMPDIR:-/tmp}/vgpu-test.XXXXXX")
+
+pass() { passed=$((passed + $1)); }
+fail() { failed=$((failed + $1)); failures+=("$2"); }
+
+# One check that passes or fails as a whole.
+check() {
+    local name=$1; shift
+    echo "=== $name"
+    if "$@" >"$logdir/$name.log" 2>&1; then
+        echo "PASS $name"; pass 1
+    else
+        tail -n 60 "$logdir/$name.log"
+        echo "FAIL $name (log: $logdir/$name.log)"; fail 1 "$name"
+    fi
+}
+
+bash ci/setup.sh || { echo "FAIL setup"; echo "0 passed, 1 failed"; exit 1; }
+export PATH="$HOME/.cargo/bin:$PATH"
+
+check fmt cargo fmt --all -- --check
+check clippy cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "=== cargo test"
+cargo test --workspace --locked 2>&1 | tee "$logdir/cargo-test.log"
+cargo_rc=${PIPESTATUS[0]}
+read -r t_pass t_fail < <(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } } END { print p + 0, f + 0 }' "$logdir/cargo-test.log")
+pass "$t_pass"
+if [ "$t_fail" -gt 0 ]; then
+    fail "$t_fail" "cargo test ($t_fail)"
+elif [ "$cargo_rc" -ne 0 ]; then
+    fail 1 "cargo test (build or harness error)"
+fi
+
+if [ "$e2e" = 1 ]; then
+    for script in ci/e2e-qemu.sh ci/e2e-nfs.sh; do
+        [ -f "$script" ] || continue
+        name=$(basename "$script" .sh)
+        echo "=== $name"
+        bash "$script" 2>&1 | tee "$logdir/$name.log"
+        rc=${PIPESTATUS[0]}
+        # Each script prints one "PASS <check>" / "FAIL <check>" line per check.
+        p=$(grep -c '^PASS ' "$logdir/$name.log" || true)
+        f=$(grep -c '^FAIL ' "$logdir/$name.log" || true)
+        pass "$p"
+        if [ "$f" -gt 0 ]; then
+            fail "$f" "$name ($f)"
+        elif [ "$rc" -ne 0 ] || [ "$p" -eq 0 ]; then
+            fail 1 "$name (exit $rc)"
+        fi
+    done
+fi
+
+echo
+if [ "${#failures[@]}" -gt 0 ]; then
+    echo "failed: ${failures[*]}"
+fi
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
