@@ -7,7 +7,7 @@
 #   bash ci/test.sh --no-e2e   # formatting, lints and cargo tests only
 set -uo pipefail
 
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 e2e=1
 for arg in "$@"; do
     case "$arg" in
