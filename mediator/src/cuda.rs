@@ -1,19 +1,1530 @@
-//! CUDA executor (being written).
-use crate::executor::ExecutorFactory;
-pub struct CudaExecutorFactory;
-impl CudaExecutorFactory {
-    pub fn new(_ordinal: usize) -> Result<CudaExecutorFactory, String> {
-        Err("no CUDA driver".into())
+//! The CUDA executor: one CUDA context per tenant, driven through cudarc's `sys` layer.
+//!
+//! Each tenant gets its own context from `cuCtxCreate`, never the primary context: a
+//! kernel that faults leaves a sticky error in its context only, so one VM's bad kernel
+//! cannot poison another VM's work. The built-in catalog is compiled once per process
+//! with NVRTC ([`CudaExecutorFactory::new`]) and its PTX is loaded into every context.
+//!
+//! cudarc loads `libcuda` and `libnvrtc` on first use and panics when they are missing,
+//! so every entry point first checks with `dlopen` that the library cudarc will pick is
+//! there, and runs CUDA calls that could still panic under `catch_unwind`.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use cudarc::driver::sys::{self, CUresult};
+use cudarc::nvrtc::result as nvrtc;
+use vgpu_kernels::{LaunchShape, ParamKind, CATALOG};
+use vgpu_protocol::{ExecutorKind, Status, MAX_PTX_BYTES};
+
+use crate::executor::{
+    BufferId, DeviceInfo, ExecError, ExecParam, ExecResult, Executor, ExecutorFactory, KernelRef,
+    ModuleId, StreamId,
+};
+
+/// Size of the JIT error log captured when a PTX module fails to load.
+const JIT_LOG_BYTES: usize = 8192;
+/// CUDA's largest kernel parameter space (Volta and later), in bytes.
+const MAX_PARAM_SPACE: usize = 32764;
+/// Zeroed bytes after the last parameter when the driver cannot tell us the kernel's
+/// parameter sizes: whatever the driver reads for a parameter stays inside our buffer.
+const UNCHECKED_PARAM_SLACK: usize = MAX_PARAM_SPACE + 4;
+/// Bytes allocated, written and read back by [`sanity`].
+const SANITY_BYTES: usize = 1 << 20;
+
+// ---------------------------------------------------------------------------------------
+// Libraries
+
+/// A shared library found with `dlopen`, kept loaded for the life of the process.
+struct Probe {
+    file: String,
+    lib: libloading::Library,
+}
+
+/// The first candidate `dlopen` accepts, in the order cudarc tries them.
+fn probe(names: &[&str]) -> Option<Probe> {
+    names
+        .iter()
+        .flat_map(|name| cudarc::get_lib_name_candidates(name))
+        .find_map(|file| {
+            // SAFETY: loading the CUDA driver or NVRTC runs only their initialisers, which is
+            // what cudarc does on its first call anyway.
+            unsafe { libloading::Library::new(&file) }
+                .ok()
+                .map(|lib| Probe { file, lib })
+        })
+}
+
+/// The CUDA driver library cudarc will load, or why there is none.
+fn driver_library() -> Result<&'static Probe, String> {
+    static DRIVER: OnceLock<Option<Probe>> = OnceLock::new();
+    DRIVER
+        .get_or_init(|| probe(&["cuda", "nvcuda"]))
+        .as_ref()
+        .ok_or_else(|| "no CUDA driver (libcuda.so.1 not found)".to_string())
+}
+
+/// The NVRTC library cudarc will load, or why there is none.
+fn nvrtc_library() -> Result<&'static Probe, String> {
+    static NVRTC: OnceLock<Option<Probe>> = OnceLock::new();
+    NVRTC
+        .get_or_init(|| probe(&["nvrtc"]))
+        .as_ref()
+        .ok_or_else(|| {
+            "no NVRTC (libnvrtc.so.* not found; install the CUDA runtime compiler library)"
+                .to_string()
+        })
+}
+
+/// Whether the loaded driver exports `symbol` (cudarc panics when calling a missing one).
+fn driver_has(symbol: &[u8]) -> bool {
+    driver_library().is_ok_and(|d| {
+        // SAFETY: only the symbol's presence is checked; nothing is called.
+        unsafe { d.lib.get::<*const c_void>(symbol) }.is_ok()
+    })
+}
+
+/// `cuFuncGetParamInfo` exists from CUDA 12.4 drivers on.
+fn driver_has_param_info() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| driver_has(b"cuFuncGetParamInfo"))
+}
+
+/// Runs `f`, turning a panic inside cudarc (a library or symbol it could not load) into
+/// an error instead of unwinding into the caller.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        Err(format!(
+            "{what}: CUDA library call failed: {}",
+            first_line(why, 160)
+        ))
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Error mapping
+
+/// The CUDA error's name, e.g. `CUDA_ERROR_LAUNCH_FAILED`.
+pub fn error_name(code: CUresult) -> String {
+    format!("{code:?}")
+}
+
+/// The errors after which a context is unusable: every later call in the context fails
+/// with the same error, and only destroying the context recovers.
+pub const STICKY_ERRORS: [CUresult; 15] = [
+    CUresult::CUDA_ERROR_ECC_UNCORRECTABLE,
+    CUresult::CUDA_ERROR_NVLINK_UNCORRECTABLE,
+    CUresult::CUDA_ERROR_CONTAINED,
+    CUresult::CUDA_ERROR_ILLEGAL_ADDRESS,
+    CUresult::CUDA_ERROR_LAUNCH_TIMEOUT,
+    CUresult::CUDA_ERROR_CONTEXT_IS_DESTROYED,
+    CUresult::CUDA_ERROR_ASSERT,
+    CUresult::CUDA_ERROR_HARDWARE_STACK_ERROR,
+    CUresult::CUDA_ERROR_ILLEGAL_INSTRUCTION,
+    CUresult::CUDA_ERROR_MISALIGNED_ADDRESS,
+    CUresult::CUDA_ERROR_INVALID_ADDRESS_SPACE,
+    CUresult::CUDA_ERROR_INVALID_PC,
+    CUresult::CUDA_ERROR_LAUNCH_FAILED,
+    CUresult::CUDA_ERROR_TENSOR_MEMORY_LEAK,
+    CUresult::CUDA_ERROR_EXTERNAL_DEVICE,
+];
+
+/// Errors other than the sticky ones that [`error_name_of`] can name.
+const OTHER_NAMED_ERRORS: [CUresult; 9] = [
+    CUresult::CUDA_ERROR_INVALID_VALUE,
+    CUresult::CUDA_ERROR_OUT_OF_MEMORY,
+    CUresult::CUDA_ERROR_INVALID_IMAGE,
+    CUresult::CUDA_ERROR_INVALID_CONTEXT,
+    CUresult::CUDA_ERROR_INVALID_PTX,
+    CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION,
+    CUresult::CUDA_ERROR_INVALID_HANDLE,
+    CUresult::CUDA_ERROR_NOT_FOUND,
+    CUresult::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES,
+];
+
+/// True for the errors in [`STICKY_ERRORS`].
+pub fn is_sticky(code: CUresult) -> bool {
+    STICKY_ERRORS.contains(&code)
+}
+
+/// The name of a CUDA error number as carried in a response's detail, for reports.
+pub fn error_name_of(code: u32) -> String {
+    STICKY_ERRORS
+        .iter()
+        .chain(&OTHER_NAMED_ERRORS)
+        .find(|&&c| c as u32 == code)
+        .map_or_else(|| format!("CUDA error {code}"), |&c| error_name(c))
+}
+
+/// The protocol status a guest sees for a CUDA error.
+pub fn status_for(code: CUresult) -> Status {
+    use CUresult::*;
+    if is_sticky(code) {
+        return Status::LaunchFailed;
+    }
+    match code {
+        CUDA_SUCCESS => Status::Ok,
+        CUDA_ERROR_OUT_OF_MEMORY => Status::OutOfMemory,
+        CUDA_ERROR_INVALID_PTX
+        | CUDA_ERROR_INVALID_IMAGE
+        | CUDA_ERROR_NO_BINARY_FOR_GPU
+        | CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+        | CUDA_ERROR_JIT_COMPILER_NOT_FOUND
+        | CUDA_ERROR_JIT_COMPILATION_DISABLED
+        | CUDA_ERROR_INVALID_SOURCE
+        | CUDA_ERROR_SHARED_OBJECT_SYMBOL_NOT_FOUND
+        | CUDA_ERROR_SHARED_OBJECT_INIT_FAILED => Status::ModuleInvalid,
+        CUDA_ERROR_NOT_FOUND => Status::KernelNotFound,
+        // A launch the guest shaped badly: too many registers or too much shared memory
+        // for its block size is as much the guest's argument as an invalid value.
+        CUDA_ERROR_INVALID_VALUE | CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES => Status::InvalidArgument,
+        _ => Status::Internal,
     }
 }
-impl ExecutorFactory for CudaExecutorFactory {
-    fn device(&self) -> &crate::DeviceInfo {
-        unreachable!()
-    }
-    fn create(&self) -> crate::executor::ExecResult<Box<dyn crate::Executor>> {
-        unreachable!()
+
+/// The executor error for a failed CUDA call: mapped status, the CUDA error number as
+/// detail, and `what` failed with the error's name.
+pub fn cuda_error(code: CUresult, what: &str) -> ExecError {
+    ExecError::new(
+        status_for(code),
+        code as u32,
+        format!("{what}: {}", error_name(code)),
+    )
+}
+
+/// `Err(name)` for anything but success, for the setup paths that report strings.
+fn cu(code: CUresult, what: &str) -> Result<(), String> {
+    if code == CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(format!("{what} failed: {}", error_name(code)))
     }
 }
+
+fn first_line(text: &str, max: usize) -> String {
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
+    match line.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}...", &line[..cut]),
+        None => line.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Device and context setup
+
+/// Loads the driver library and calls `cuInit`.
+fn init_driver() -> Result<(), String> {
+    let driver = driver_library()?;
+    log::debug!("CUDA driver library: {}", driver.file);
+    guarded("cuInit", || {
+        // SAFETY: cuInit takes flags only (must be 0).
+        cu(unsafe { sys::cuInit(0) }, "cuInit")
+    })
+}
+
+fn device_count() -> Result<usize, String> {
+    let mut count: c_int = 0;
+    // SAFETY: writes one int.
+    cu(
+        unsafe { sys::cuDeviceGetCount(&mut count) },
+        "cuDeviceGetCount",
+    )?;
+    Ok(usize::try_from(count).unwrap_or(0))
+}
+
+fn device_attribute(
+    device: sys::CUdevice,
+    attribute: sys::CUdevice_attribute,
+) -> Result<i32, String> {
+    let mut value: c_int = 0;
+    // SAFETY: writes one int for a device handle returned by cuDeviceGet.
+    cu(
+        unsafe { sys::cuDeviceGetAttribute(&mut value, attribute, device) },
+        "cuDeviceGetAttribute",
+    )?;
+    Ok(value)
+}
+
+/// The device handle and description of `ordinal`. The driver must be initialised.
+fn query_device(ordinal: usize) -> Result<(sys::CUdevice, DeviceInfo), String> {
+    let count = device_count()?;
+    if count == 0 {
+        return Err("no CUDA device (cuDeviceGetCount returned 0)".into());
+    }
+    if ordinal >= count {
+        return Err(format!("no CUDA device {ordinal} ({count} present)"));
+    }
+    let mut device: sys::CUdevice = 0;
+    let ordinal_c = c_int::try_from(ordinal).map_err(|_| "device ordinal too large".to_string())?;
+    // SAFETY: writes one device handle.
+    cu(
+        unsafe { sys::cuDeviceGet(&mut device, ordinal_c) },
+        "cuDeviceGet",
+    )?;
+
+    let mut name = [0 as c_char; 256];
+    // SAFETY: the driver writes at most `len` bytes, NUL-terminated, into `name`.
+    cu(
+        unsafe { sys::cuDeviceGetName(name.as_mut_ptr(), name.len() as c_int, device) },
+        "cuDeviceGetName",
+    )?;
+    name[name.len() - 1] = 0;
+    // SAFETY: NUL-terminated within the array (forced above).
+    let name = unsafe { CStr::from_ptr(name.as_ptr()) }
+        .to_string_lossy()
+        .trim()
+        .to_string();
+
+    let mut total: usize = 0;
+    // SAFETY: writes one size_t.
+    cu(
+        unsafe { sys::cuDeviceTotalMem_v2(&mut total, device) },
+        "cuDeviceTotalMem",
+    )?;
+
+    use sys::CUdevice_attribute::*;
+    let cc_major = device_attribute(device, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let cc_minor = device_attribute(device, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    let sms = device_attribute(device, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    let info = DeviceInfo {
+        kind: ExecutorKind::Cuda,
+        name,
+        total_memory: total as u64,
+        cc_major: u16::try_from(cc_major).unwrap_or(0),
+        cc_minor: u16::try_from(cc_minor).unwrap_or(0),
+        multiprocessors: u32::try_from(sms).unwrap_or(0),
+    };
+    Ok((device, info))
+}
+
+/// The driver's CUDA version as `major.minor`.
+fn driver_version() -> Option<String> {
+    let mut version: c_int = 0;
+    // SAFETY: writes one int.
+    let r = unsafe { sys::cuDriverGetVersion(&mut version) };
+    (r == CUresult::CUDA_SUCCESS).then(|| format!("{}.{}", version / 1000, (version % 1000) / 10))
+}
+
+type CtxCreateV2 = unsafe extern "C" fn(*mut sys::CUcontext, c_uint, sys::CUdevice) -> CUresult;
+
+/// Creates a new, non-primary context on `device` and makes it current on this thread.
+///
+/// CUDA 13 names `cuCtxCreate_v4` `cuCtxCreate`; a NULL `CUctxCreateParams` asks for a
+/// regular context. Drivers older than 12.5 lack v4 and get `cuCtxCreate_v2`, which
+/// cudarc's CUDA 13 bindings no longer declare, so it is looked up here.
+pub fn create_context(device: sys::CUdevice) -> Result<sys::CUcontext, CUresult> {
+    let mut ctx: sys::CUcontext = ptr::null_mut();
+    let flags = sys::CUctx_flags::CU_CTX_SCHED_AUTO as c_uint;
+    let r = if driver_has(b"cuCtxCreate_v4") {
+        // SAFETY: writes one context handle; NULL params are documented as "regular context".
+        let r = unsafe { sys::cuCtxCreate_v4(&mut ctx, ptr::null_mut(), flags, device) };
+        if r == CUresult::CUDA_ERROR_INVALID_VALUE {
+            // Some 12.x documentation wants the parameter block present; both of its
+            // pointers NULL also means a regular context.
+            let mut params = sys::CUctxCreateParams {
+                execAffinityParams: ptr::null_mut(),
+                numExecAffinityParams: 0,
+                cigParams: ptr::null_mut(),
+            };
+            // SAFETY: `params` outlives the call; writes one context handle.
+            unsafe { sys::cuCtxCreate_v4(&mut ctx, &mut params, flags, device) }
+        } else {
+            r
+        }
+    } else {
+        let driver = driver_library().map_err(|_| CUresult::CUDA_ERROR_NOT_INITIALIZED)?;
+        // SAFETY: the signature is cuCtxCreate_v2's in every CUDA 11/12 cuda.h.
+        let create = unsafe { driver.lib.get::<CtxCreateV2>(b"cuCtxCreate_v2") }
+            .map_err(|_| CUresult::CUDA_ERROR_NOT_SUPPORTED)?;
+        // SAFETY: writes one context handle.
+        unsafe { create(&mut ctx, flags, device) }
+    };
+    if r != CUresult::CUDA_SUCCESS {
+        return Err(r);
+    }
+    if ctx.is_null() {
+        return Err(CUresult::CUDA_ERROR_INVALID_CONTEXT);
+    }
+    Ok(ctx)
+}
+
+// ---------------------------------------------------------------------------------------
+// NVRTC
+
+/// NVRTC's version as `major.minor`, if NVRTC loads.
+pub fn nvrtc_version() -> Option<String> {
+    nvrtc_library().ok()?;
+    guarded("nvrtcVersion", || {
+        let (mut major, mut minor): (c_int, c_int) = (0, 0);
+        // SAFETY: writes two ints.
+        let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+        r.result().map_err(|e| format!("{e:?}"))?;
+        Ok(format!("{major}.{minor}"))
+    })
+    .ok()
+}
+
+/// An NVRTC program, destroyed on drop.
+struct Program(cudarc::nvrtc::sys::nvrtcProgram);
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: created by create_program and destroyed exactly once, here.
+        let _ = unsafe { nvrtc::destroy_program(self.0) };
+    }
+}
+
+/// Compiles CUDA C `source` to PTX with NVRTC for compute capability `cc` (no standard
+/// headers, NVRTC's default floating-point options). A device newer than this NVRTC
+/// knows is compiled for NVRTC's default architecture instead: PTX runs on later GPUs.
+pub fn compile_ptx(source: &str, name: &str, cc: (u16, u16)) -> Result<CString, String> {
+    nvrtc_library()?;
+    let src = CString::new(source).map_err(|_| "CUDA source contains a NUL byte".to_string())?;
+    let name = CString::new(name).map_err(|_| "program name contains a NUL byte".to_string())?;
+    guarded("NVRTC", || {
+        let arch = format!("--gpu-architecture=compute_{}{}", cc.0, cc.1);
+        match compile_with(&src, &name, &[arch.as_str()]) {
+            Err((cudarc::nvrtc::sys::nvrtcResult::NVRTC_ERROR_INVALID_OPTION, _)) => {
+                log::warn!(
+                    "NVRTC does not know compute_{}{}; compiling for its default",
+                    cc.0,
+                    cc.1
+                );
+                compile_with(&src, &name, &[]).map_err(|(_, e)| e)
+            }
+            other => other.map_err(|(_, e)| e),
+        }
+    })
+}
+
+fn compile_with(
+    src: &CStr,
+    name: &CStr,
+    options: &[&str],
+) -> Result<CString, (cudarc::nvrtc::sys::nvrtcResult, String)> {
+    let prog = nvrtc::create_program(src, Some(name))
+        .map_err(|e| (e.0, format!("nvrtcCreateProgram failed: {:?}", e.0)))?;
+    let prog = Program(prog);
+    // SAFETY: `prog` is live; the options are converted to C strings by cudarc.
+    if let Err(e) = unsafe { nvrtc::compile_program(prog.0, options) } {
+        // SAFETY: `prog` is live.
+        let log = unsafe { nvrtc::get_program_log(prog.0) }
+            .map(c_chars_to_string)
+            .unwrap_or_default();
+        let detail = log
+            .lines()
+            .find(|l| l.contains("error"))
+            .unwrap_or(&log)
+            .trim()
+            .to_string();
+        return Err((
+            e.0,
+            format!(
+                "NVRTC compile failed ({:?}): {}",
+                e.0,
+                first_line(&detail, 300)
+            ),
+        ));
+    }
+    // SAFETY: `prog` is live and compiled.
+    let ptx = unsafe { nvrtc::get_ptx(prog.0) }
+        .map_err(|e| (e.0, format!("nvrtcGetPTX failed: {:?}", e.0)))?;
+    CString::new(c_chars_to_string(ptx)).map_err(|_| {
+        (
+            cudarc::nvrtc::sys::nvrtcResult::NVRTC_ERROR_INTERNAL_ERROR,
+            "PTX contains a NUL".into(),
+        )
+    })
+}
+
+/// Text up to the first NUL of a C character buffer.
+fn c_chars_to_string(chars: Vec<c_char>) -> String {
+    let bytes: Vec<u8> = chars
+        .into_iter()
+        .take_while(|&c| c != 0)
+        .map(|c| c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------
+// Sanity gate
+
+/// The Phase 1 CUDA sanity gate: a driver, at least one device, and device memory that
+/// can be allocated, written, read back and freed in a fresh context on device 0.
+/// `Ok(one line describing the device)` or `Err(one line saying why not)`; never panics.
 pub fn sanity() -> Result<String, String> {
-    Err("no CUDA driver".into())
+    init_driver()?;
+    guarded("sanity", || {
+        let count = device_count()?;
+        let (device, info) = query_device(0)?;
+        let ctx =
+            create_context(device).map_err(|e| format!("cuCtxCreate failed: {}", error_name(e)))?;
+        let result = sanity_memory();
+        // SAFETY: `ctx` was created above and is destroyed once.
+        let _ = unsafe { sys::cuCtxDestroy_v2(ctx) };
+        result?;
+        Ok(format!(
+            "{} ({} MiB, compute capability {}.{}, {} SMs); {count} device(s); driver CUDA {}; NVRTC {}; \
+             allocated, wrote, read back and freed {} MiB",
+            info.name,
+            info.total_memory >> 20,
+            info.cc_major,
+            info.cc_minor,
+            info.multiprocessors,
+            driver_version().unwrap_or_else(|| "?".into()),
+            nvrtc_version().unwrap_or_else(|| "missing".into()),
+            SANITY_BYTES >> 20,
+        ))
+    })
+}
+
+/// Allocates, fills, reads back and frees device memory in the current context.
+fn sanity_memory() -> Result<(), String> {
+    let mut dptr: sys::CUdeviceptr = 0;
+    // SAFETY: writes one device pointer.
+    cu(
+        unsafe { sys::cuMemAlloc_v2(&mut dptr, SANITY_BYTES) },
+        "cuMemAlloc",
+    )?;
+    let mut host = vec![0u8; SANITY_BYTES];
+    // SAFETY: `dptr` holds SANITY_BYTES; `host` is as long and outlives the synchronous copy.
+    let r = unsafe { sys::cuMemsetD8_v2(dptr, 0xa5, SANITY_BYTES) };
+    let r = if r == CUresult::CUDA_SUCCESS {
+        unsafe { sys::cuMemcpyDtoH_v2(host.as_mut_ptr().cast(), dptr, SANITY_BYTES) }
+    } else {
+        r
+    };
+    // SAFETY: freed once.
+    let freed = unsafe { sys::cuMemFree_v2(dptr) };
+    cu(r, "device memory write/read")?;
+    cu(freed, "cuMemFree")?;
+    match host.iter().position(|&b| b != 0xa5) {
+        Some(i) => Err(format!("device memory read back wrong at byte {i}")),
+        None => Ok(()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Factory
+
+/// Describes the device and makes one [`CudaExecutor`] (one CUDA context) per tenant.
+pub struct CudaExecutorFactory {
+    device: sys::CUdevice,
+    info: DeviceInfo,
+    catalog_ptx: CString,
+    compile_time: Duration,
+}
+
+impl CudaExecutorFactory {
+    /// Initialises CUDA on device `ordinal`, compiles the built-in catalog with NVRTC and
+    /// checks that a context can load it. Fails with one line when no driver, device or
+    /// NVRTC is usable; never panics.
+    pub fn new(ordinal: usize) -> Result<CudaExecutorFactory, String> {
+        init_driver()?;
+        let (device, info) = guarded("device query", || query_device(ordinal))?;
+        log::debug!("NVRTC library: {}", nvrtc_library()?.file);
+        let started = Instant::now();
+        let catalog_ptx = compile_ptx(
+            vgpu_kernels::CUDA_SOURCE,
+            "vgpu_catalog.cu",
+            (info.cc_major, info.cc_minor),
+        )?;
+        let compile_time = started.elapsed();
+        log::info!(
+            "CUDA device {ordinal}: {} ({} MiB, cc {}.{}, {} SMs); catalog compiled by NVRTC in {:.1} ms ({} bytes of PTX)",
+            info.name,
+            info.total_memory >> 20,
+            info.cc_major,
+            info.cc_minor,
+            info.multiprocessors,
+            compile_time.as_secs_f64() * 1e3,
+            catalog_ptx.as_bytes().len()
+        );
+        let factory = CudaExecutorFactory {
+            device,
+            info,
+            catalog_ptx,
+            compile_time,
+        };
+        // A context that loads the catalog now makes a broken driver or JIT show at start,
+        // where `--executor auto` can still fall back to the CPU.
+        let started = Instant::now();
+        guarded("context probe", || {
+            factory.create_executor().map(drop).map_err(|e| e.message)
+        })?;
+        log::info!(
+            "CUDA context with catalog ready in {:.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(factory)
+    }
+
+    /// How long NVRTC took to compile the catalog.
+    pub fn compile_time(&self) -> Duration {
+        self.compile_time
+    }
+
+    /// The catalog's PTX (its `.version` and `.target` suit this device and driver).
+    pub fn catalog_ptx(&self) -> &str {
+        self.catalog_ptx.to_str().unwrap_or("")
+    }
+
+    /// Whether launches of guest PTX kernels have their parameters checked against the
+    /// kernel's signature (`cuFuncGetParamInfo`, CUDA 12.4 drivers and later).
+    pub fn checks_module_params(&self) -> bool {
+        driver_has_param_info()
+    }
+
+    /// A new executor with its own context, current on the calling thread.
+    pub fn create_executor(&self) -> ExecResult<CudaExecutor> {
+        let created = guarded("cuCtxCreate", || Ok(create_context(self.device)));
+        let ctx = match created {
+            Ok(Ok(ctx)) => ctx,
+            Ok(Err(code)) => return Err(cuda_error(code, "cuCtxCreate")),
+            Err(message) => return Err(ExecError::new(Status::Internal, 0, message)),
+        };
+        let mut exec = CudaExecutor::new(ctx);
+        let catalog = exec.load_image(&self.catalog_ptx).map_err(|mut e| {
+            e.message = format!("built-in catalog: {}", e.message);
+            e
+        })?;
+        exec.catalog = catalog;
+        for spec in CATALOG {
+            let name = CString::new(spec.name).expect("catalog names have no NUL");
+            let mut f: sys::CUfunction = ptr::null_mut();
+            // SAFETY: `catalog` is loaded in the current context; writes one handle.
+            let r = unsafe { sys::cuModuleGetFunction(&mut f, catalog, name.as_ptr()) };
+            exec.check(r, "cuModuleGetFunction (built-in)")
+                .map_err(|mut e| {
+                    e.message = format!("built-in {}: {}", spec.name, e.message);
+                    e
+                })?;
+            exec.builtins.insert(spec.name, f);
+        }
+        Ok(exec)
+    }
+}
+
+impl ExecutorFactory for CudaExecutorFactory {
+    fn device(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn create(&self) -> ExecResult<Box<dyn Executor>> {
+        self.create_executor()
+            .map(|e| Box::new(e) as Box<dyn Executor>)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Executor
+
+/// A function of a guest module, with its parameter sizes when the driver reports them.
+struct ModuleFunction {
+    function: sys::CUfunction,
+    param_sizes: Option<Vec<usize>>,
+}
+
+struct LoadedModule {
+    module: sys::CUmodule,
+    functions: HashMap<String, ModuleFunction>,
+}
+
+/// One tenant's CUDA context: its streams, allocations and modules.
+///
+/// Not `Send`: it lives on the tenant's worker thread, where its context is made current
+/// at every call (cheap, and correct even if something else changed the thread's context).
+pub struct CudaExecutor {
+    ctx: sys::CUcontext,
+    catalog: sys::CUmodule,
+    builtins: HashMap<&'static str, sys::CUfunction>,
+    streams: HashMap<u64, sys::CUstream>,
+    next_stream: u64,
+    /// Device pointer -> size in bytes. A `BufferId` is the device pointer.
+    buffers: HashMap<u64, u64>,
+    modules: HashMap<u64, LoadedModule>,
+    next_module: u64,
+    /// The sticky error that made the context unusable.
+    poison: Option<CUresult>,
+    /// Parameter bytes and pointers of the launch being built, kept to reuse their memory.
+    param_arena: Vec<u64>,
+    param_ptrs: Vec<*mut c_void>,
+}
+
+impl CudaExecutor {
+    fn new(ctx: sys::CUcontext) -> CudaExecutor {
+        CudaExecutor {
+            ctx,
+            catalog: ptr::null_mut(),
+            builtins: HashMap::new(),
+            streams: HashMap::new(),
+            next_stream: 1,
+            buffers: HashMap::new(),
+            modules: HashMap::new(),
+            next_module: 1,
+            poison: None,
+            param_arena: Vec::new(),
+            param_ptrs: Vec::new(),
+        }
+    }
+
+    /// The sticky error that poisoned this context, if one did.
+    pub fn sticky_error(&self) -> Option<CUresult> {
+        self.poison
+    }
+
+    /// Maps a CUDA result; a sticky error poisons the executor.
+    fn check(&mut self, r: CUresult, what: &str) -> ExecResult<()> {
+        if r == CUresult::CUDA_SUCCESS {
+            return Ok(());
+        }
+        if is_sticky(r) && self.poison.is_none() {
+            log::warn!("CUDA context poisoned by {} during {what}", error_name(r));
+            self.poison = Some(r);
+        }
+        Err(cuda_error(r, what))
+    }
+
+    /// Refuses work once poisoned, and makes this context current on the thread.
+    fn enter(&mut self) -> ExecResult<()> {
+        if let Some(code) = self.poison {
+            return Err(cuda_error(
+                code,
+                "context unusable after an earlier device fault",
+            ));
+        }
+        // SAFETY: `ctx` is live until drop.
+        let r = unsafe { sys::cuCtxSetCurrent(self.ctx) };
+        self.check(r, "cuCtxSetCurrent")
+    }
+
+    fn stream(&self, stream: StreamId) -> ExecResult<sys::CUstream> {
+        self.streams.get(&stream.0).copied().ok_or_else(|| {
+            ExecError::new(Status::Internal, 0, format!("unknown stream {}", stream.0))
+        })
+    }
+
+    /// The device address of `[offset, offset + len)` in `buffer`, checked.
+    fn span(&self, buffer: BufferId, offset: u64, len: u64) -> ExecResult<sys::CUdeviceptr> {
+        let size = *self
+            .buffers
+            .get(&buffer.0)
+            .ok_or_else(|| ExecError::new(Status::InvalidHandle, 0, "unknown device buffer"))?;
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(buffer.0 + offset),
+            _ => Err(ExecError::new(
+                Status::OutOfRange,
+                0,
+                format!("{len} bytes at offset {offset} pass the end of a {size}-byte buffer"),
+            )),
+        }
+    }
+
+    fn sync_context(&mut self, what: &str) -> ExecResult<()> {
+        // SAFETY: the context is current (enter).
+        let r = unsafe { sys::cuCtxSynchronize() };
+        self.check(r, what)
+    }
+
+    /// Loads a NUL-terminated PTX image, capturing the JIT error log on failure.
+    fn load_image(&mut self, image: &CStr) -> ExecResult<sys::CUmodule> {
+        self.enter()?;
+        let mut log = vec![0u8; JIT_LOG_BYTES];
+        let mut options = [
+            sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER,
+            sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES,
+        ];
+        // The size option is passed by value in the pointer slot, as cuda.h specifies.
+        let mut values: [*mut c_void; 2] = [log.as_mut_ptr().cast(), JIT_LOG_BYTES as *mut c_void];
+        let mut module: sys::CUmodule = ptr::null_mut();
+        // SAFETY: `image` is NUL-terminated; `options` and `values` have 2 entries each;
+        // `log` outlives the call and is JIT_LOG_BYTES long.
+        let r = unsafe {
+            sys::cuModuleLoadDataEx(
+                &mut module,
+                image.as_ptr().cast(),
+                options.len() as c_uint,
+                options.as_mut_ptr(),
+                values.as_mut_ptr(),
+            )
+        };
+        if r == CUresult::CUDA_SUCCESS {
+            return Ok(module);
+        }
+        let mut e = self
+            .check(r, "cuModuleLoadDataEx")
+            .expect_err("not a success");
+        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+        let jit = first_line(&String::from_utf8_lossy(&log[..end]), 300);
+        if !jit.is_empty() {
+            e.message = format!("{}: {jit}", e.message);
+        }
+        Err(e)
+    }
+
+    /// The function `name` of a guest module, looked up once.
+    fn module_function(
+        &mut self,
+        module: ModuleId,
+        name: &str,
+    ) -> ExecResult<(sys::CUfunction, Option<Vec<usize>>)> {
+        let loaded = self
+            .modules
+            .get(&module.0)
+            .ok_or_else(|| ExecError::new(Status::InvalidHandle, 0, "unknown module"))?;
+        if let Some(f) = loaded.functions.get(name) {
+            return Ok((f.function, f.param_sizes.clone()));
+        }
+        let handle = loaded.module;
+        let cname = CString::new(name).map_err(|_| {
+            ExecError::new(Status::KernelNotFound, 0, "kernel name contains a NUL byte")
+        })?;
+        let mut function: sys::CUfunction = ptr::null_mut();
+        // SAFETY: `handle` is loaded in the current context; writes one handle.
+        let r = unsafe { sys::cuModuleGetFunction(&mut function, handle, cname.as_ptr()) };
+        self.check(r, "cuModuleGetFunction").map_err(|mut e| {
+            e.message = format!("kernel '{}': {}", first_line(name, 128), e.message);
+            e
+        })?;
+        let param_sizes = param_sizes(function);
+        if let Some(loaded) = self.modules.get_mut(&module.0) {
+            loaded.functions.insert(
+                name.to_string(),
+                ModuleFunction {
+                    function,
+                    param_sizes: param_sizes.clone(),
+                },
+            );
+        }
+        Ok((function, param_sizes))
+    }
+
+    /// Lays the launch parameters out in `param_arena` (8-byte aligned, zeroed slack when
+    /// the kernel's sizes are unknown) and points `param_ptrs` at them.
+    fn marshal_params(&mut self, params: &[ExecParam], slack: usize) -> ExecResult<()> {
+        let mut offsets = Vec::with_capacity(params.len());
+        let mut end = 0usize;
+        for (i, p) in params.iter().enumerate() {
+            let size = match p {
+                ExecParam::Value(v) => v.len(),
+                ExecParam::Buffer(id) => {
+                    if !self.buffers.contains_key(&id.0) {
+                        return Err(ExecError::new(
+                            Status::InvalidHandle,
+                            i as u32,
+                            "unknown buffer parameter",
+                        ));
+                    }
+                    8
+                }
+            };
+            let at = end.next_multiple_of(8);
+            offsets.push(at);
+            end = at + size;
+        }
+        if end > MAX_PARAM_SPACE {
+            return Err(ExecError::new(
+                Status::InvalidArgument,
+                params.len() as u32,
+                "kernel parameters too large",
+            ));
+        }
+        self.param_arena.clear();
+        self.param_arena.resize((end + slack).div_ceil(8).max(1), 0);
+        let base = self.param_arena.as_mut_ptr().cast::<u8>();
+        self.param_ptrs.clear();
+        for (p, &at) in params.iter().zip(&offsets) {
+            // SAFETY: `at + len <= end <= arena bytes`; the arena is not resized again
+            // before the launch, so the pointers stay valid.
+            unsafe {
+                let dst = base.add(at);
+                match p {
+                    ExecParam::Value(v) => ptr::copy_nonoverlapping(v.as_ptr(), dst, v.len()),
+                    ExecParam::Buffer(id) => {
+                        ptr::copy_nonoverlapping(id.0.to_ne_bytes().as_ptr(), dst, 8)
+                    }
+                }
+                self.param_ptrs.push(dst.cast());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The sizes of `function`'s parameters, or `None` when the driver cannot say.
+fn param_sizes(function: sys::CUfunction) -> Option<Vec<usize>> {
+    if !driver_has_param_info() {
+        return None;
+    }
+    let mut sizes = Vec::new();
+    let mut loaded = false;
+    let mut index = 0;
+    while index <= MAX_PARAM_SPACE {
+        let (mut offset, mut size) = (0usize, 0usize);
+        // SAFETY: `function` is a live handle; writes two size_t.
+        let r = unsafe { sys::cuFuncGetParamInfo(function, index, &mut offset, &mut size) };
+        match r {
+            CUresult::CUDA_SUCCESS => {
+                sizes.push(size);
+                index += 1;
+            }
+            // The documented answer for an index past the last parameter.
+            CUresult::CUDA_ERROR_INVALID_VALUE => return Some(sizes),
+            // Lazy module loading (the default since CUDA 12.2) may not have loaded the
+            // function yet: load it and ask again.
+            CUresult::CUDA_ERROR_FUNCTION_NOT_LOADED if !loaded && driver_has(b"cuFuncLoad") => {
+                loaded = true;
+                // SAFETY: `function` is a live handle of the current context.
+                let r = unsafe { sys::cuFuncLoad(function) };
+                if r != CUresult::CUDA_SUCCESS {
+                    log::debug!("cuFuncLoad: {}; launching unchecked", error_name(r));
+                    return None;
+                }
+            }
+            other => {
+                log::debug!(
+                    "cuFuncGetParamInfo: {}; launching unchecked",
+                    error_name(other)
+                );
+                return None;
+            }
+        }
+    }
+    None
+}
+
+/// Checks PTX text before it reaches the driver: not empty, within the protocol's size
+/// limit, no NUL byte (the driver reads a C string). Returns the C string.
+pub fn validate_ptx(ptx: &str) -> ExecResult<CString> {
+    if ptx.trim().is_empty() {
+        return Err(ExecError::new(Status::ModuleInvalid, 0, "empty PTX"));
+    }
+    if ptx.len() > MAX_PTX_BYTES as usize {
+        return Err(ExecError::new(
+            Status::InvalidArgument,
+            0,
+            format!(
+                "PTX of {} bytes exceeds the {MAX_PTX_BYTES}-byte limit",
+                ptx.len()
+            ),
+        ));
+    }
+    CString::new(ptx).map_err(|e| {
+        ExecError::new(
+            Status::ModuleInvalid,
+            0,
+            format!("PTX contains a NUL byte at offset {}", e.nul_position()),
+        )
+    })
+}
+
+/// Checks launch arguments against known parameter sizes; the error's detail is the index
+/// of the first parameter that does not fit.
+fn check_params(params: &[ExecParam], expected: &[usize]) -> ExecResult<()> {
+    for (i, p) in params.iter().enumerate() {
+        let given = match p {
+            ExecParam::Value(v) => v.len(),
+            ExecParam::Buffer(_) => 8,
+        };
+        match expected.get(i) {
+            None => {
+                return Err(ExecError::new(
+                    Status::InvalidArgument,
+                    i as u32,
+                    format!(
+                        "kernel takes {} parameters, got {}",
+                        expected.len(),
+                        params.len()
+                    ),
+                ))
+            }
+            Some(&size) if size != given => {
+                return Err(ExecError::new(
+                    Status::InvalidArgument,
+                    i as u32,
+                    format!("parameter {i} is {size} bytes, got {given}"),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    if params.len() < expected.len() {
+        return Err(ExecError::new(
+            Status::InvalidArgument,
+            params.len() as u32,
+            format!(
+                "kernel takes {} parameters, got {}",
+                expected.len(),
+                params.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn builtin_sizes(params: &[ParamKind]) -> Vec<usize> {
+    params.iter().map(|k| k.size()).collect()
+}
+
+impl Executor for CudaExecutor {
+    fn open_stream(&mut self) -> ExecResult<StreamId> {
+        self.enter()?;
+        let mut stream: sys::CUstream = ptr::null_mut();
+        // SAFETY: writes one stream handle in the current context.
+        let r = unsafe {
+            sys::cuStreamCreate(
+                &mut stream,
+                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as c_uint,
+            )
+        };
+        self.check(r, "cuStreamCreate")?;
+        let id = self.next_stream;
+        self.next_stream += 1;
+        self.streams.insert(id, stream);
+        Ok(StreamId(id))
+    }
+
+    fn close_stream(&mut self, stream: StreamId) {
+        let Some(s) = self.streams.remove(&stream.0) else {
+            return;
+        };
+        if self.enter().is_err() {
+            return; // a poisoned context goes with everything in it
+        }
+        // SAFETY: `s` was created in this context and is destroyed once.
+        let r = unsafe { sys::cuStreamSynchronize(s) };
+        let _ = self.check(r, "cuStreamSynchronize (close)");
+        let r = unsafe { sys::cuStreamDestroy_v2(s) };
+        let _ = self.check(r, "cuStreamDestroy");
+    }
+
+    fn alloc(&mut self, bytes: u64) -> ExecResult<BufferId> {
+        self.enter()?;
+        let size = usize::try_from(bytes)
+            .ok()
+            .filter(|&b| b > 0)
+            .ok_or_else(|| {
+                ExecError::new(
+                    Status::InvalidArgument,
+                    0,
+                    format!("cannot allocate {bytes} bytes"),
+                )
+            })?;
+        let mut dptr: sys::CUdeviceptr = 0;
+        // SAFETY: writes one device pointer.
+        let r = unsafe { sys::cuMemAlloc_v2(&mut dptr, size) };
+        self.check(r, "cuMemAlloc")?;
+        self.buffers.insert(dptr, bytes);
+        Ok(BufferId(dptr))
+    }
+
+    fn free(&mut self, buffer: BufferId) {
+        if self.buffers.remove(&buffer.0).is_none() {
+            log::warn!("free of an unknown device buffer {:#x}", buffer.0);
+            return;
+        }
+        if self.enter().is_err() {
+            return; // freed with the context
+        }
+        // Work queued on any stream may still use the buffer: wait for it, then free.
+        // After a sticky error the memory goes with the context.
+        if self.sync_context("cuCtxSynchronize (free)").is_err() && self.poison.is_some() {
+            return;
+        }
+        // SAFETY: allocated by cuMemAlloc in this context; removed from `buffers` above so
+        // it is freed once.
+        let r = unsafe { sys::cuMemFree_v2(buffer.0) };
+        let _ = self.check(r, "cuMemFree");
+    }
+
+    fn htod(
+        &mut self,
+        stream: StreamId,
+        dst: BufferId,
+        offset: u64,
+        data: &[u8],
+    ) -> ExecResult<()> {
+        self.enter()?;
+        let dptr = self.span(dst, offset, data.len() as u64)?;
+        let s = self.stream(stream)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: `data` is valid for its length and lives until the stream sync below;
+        // `dptr..dptr+len` lies in a live allocation (span).
+        let r = unsafe { sys::cuMemcpyHtoDAsync_v2(dptr, data.as_ptr().cast(), data.len(), s) };
+        self.check(r, "cuMemcpyHtoDAsync")?;
+        // `data` is pageable memory the caller reuses as soon as we return, and the driver
+        // only promises that an async copy from pageable memory *may* be staged before it
+        // returns. Waiting for the stream is the documented way to know it was read.
+        // TODO(perf): stage small copies through pinned memory tracked by events.
+        // SAFETY: `s` is a live stream of this context.
+        let r = unsafe { sys::cuStreamSynchronize(s) };
+        self.check(r, "cuStreamSynchronize (htod)")
+    }
+
+    fn dtoh(
+        &mut self,
+        stream: StreamId,
+        src: BufferId,
+        offset: u64,
+        out: &mut [u8],
+    ) -> ExecResult<()> {
+        self.enter()?;
+        let dptr = self.span(src, offset, out.len() as u64)?;
+        let s = self.stream(stream)?;
+        if out.is_empty() {
+            return self.sync(stream);
+        }
+        // SAFETY: `out` is valid for writes of its length until the stream sync below.
+        let r = unsafe { sys::cuMemcpyDtoHAsync_v2(out.as_mut_ptr().cast(), dptr, out.len(), s) };
+        self.check(r, "cuMemcpyDtoHAsync")?;
+        // SAFETY: `s` is a live stream of this context.
+        let r = unsafe { sys::cuStreamSynchronize(s) };
+        self.check(r, "cuStreamSynchronize (dtoh)")
+    }
+
+    fn dtod(
+        &mut self,
+        stream: StreamId,
+        dst: BufferId,
+        dst_offset: u64,
+        src: BufferId,
+        src_offset: u64,
+        len: u64,
+    ) -> ExecResult<()> {
+        self.enter()?;
+        let d = self.span(dst, dst_offset, len)?;
+        let s_ptr = self.span(src, src_offset, len)?;
+        let s = self.stream(stream)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // CUDA copies do not define overlapping ranges.
+        if d < s_ptr + len && s_ptr < d + len {
+            return Err(ExecError::new(
+                Status::InvalidArgument,
+                0,
+                "overlapping device-to-device copy",
+            ));
+        }
+        // SAFETY: both ranges lie in live allocations (span) and do not overlap.
+        let r = unsafe { sys::cuMemcpyDtoDAsync_v2(d, s_ptr, len as usize, s) };
+        self.check(r, "cuMemcpyDtoDAsync")
+    }
+
+    fn memset(
+        &mut self,
+        stream: StreamId,
+        dst: BufferId,
+        offset: u64,
+        len: u64,
+        value: u32,
+        width: u32,
+    ) -> ExecResult<()> {
+        self.enter()?;
+        let d = self.span(dst, offset, len)?;
+        let s = self.stream(stream)?;
+        let r = match width {
+            1 => {
+                let byte = u8::try_from(value).map_err(|_| {
+                    ExecError::new(
+                        Status::InvalidArgument,
+                        0,
+                        "memset value does not fit a byte",
+                    )
+                })?;
+                if len == 0 {
+                    return Ok(());
+                }
+                // SAFETY: `d..d+len` lies in a live allocation.
+                unsafe { sys::cuMemsetD8Async(d, byte, len as usize, s) }
+            }
+            4 => {
+                if !offset.is_multiple_of(4) || !len.is_multiple_of(4) {
+                    return Err(ExecError::new(
+                        Status::InvalidArgument,
+                        0,
+                        "4-byte memset needs 4-byte aligned offset and length",
+                    ));
+                }
+                if len == 0 {
+                    return Ok(());
+                }
+                // SAFETY: `d..d+len` lies in a live allocation, 4-byte aligned
+                // (allocations are 256-byte aligned and the offset is a multiple of 4).
+                unsafe { sys::cuMemsetD32Async(d, value, (len / 4) as usize, s) }
+            }
+            _ => {
+                return Err(ExecError::new(
+                    Status::InvalidArgument,
+                    0,
+                    format!("memset width {width}"),
+                ))
+            }
+        };
+        self.check(r, "cuMemsetAsync")
+    }
+
+    fn load_module(&mut self, ptx: &str) -> ExecResult<ModuleId> {
+        let image = validate_ptx(ptx)?;
+        let module = self.load_image(&image)?;
+        let id = self.next_module;
+        self.next_module += 1;
+        self.modules.insert(
+            id,
+            LoadedModule {
+                module,
+                functions: HashMap::new(),
+            },
+        );
+        Ok(ModuleId(id))
+    }
+
+    fn unload_module(&mut self, module: ModuleId) {
+        let Some(loaded) = self.modules.remove(&module.0) else {
+            return;
+        };
+        if self.enter().is_err() {
+            return;
+        }
+        // A kernel of the module may still be queued or running.
+        if self
+            .sync_context("cuCtxSynchronize (module unload)")
+            .is_err()
+            && self.poison.is_some()
+        {
+            return;
+        }
+        // SAFETY: loaded in this context; removed from `modules` so unloaded once.
+        let r = unsafe { sys::cuModuleUnload(loaded.module) };
+        let _ = self.check(r, "cuModuleUnload");
+    }
+
+    fn launch(
+        &mut self,
+        stream: StreamId,
+        kernel: KernelRef<'_>,
+        shape: &LaunchShape,
+        params: &[ExecParam],
+    ) -> ExecResult<()> {
+        self.enter()?;
+        let s = self.stream(stream)?;
+        let (function, sizes) = match kernel {
+            KernelRef::Builtin(spec) => {
+                let f = *self.builtins.get(spec.name).ok_or_else(|| {
+                    ExecError::new(
+                        Status::KernelNotFound,
+                        0,
+                        format!("no built-in kernel '{}'", spec.name),
+                    )
+                })?;
+                for (i, (kind, p)) in spec.params.iter().zip(params).enumerate() {
+                    if (*kind == ParamKind::Buffer) != matches!(p, ExecParam::Buffer(_)) {
+                        return Err(ExecError::new(
+                            Status::InvalidArgument,
+                            i as u32,
+                            format!("parameter {i} must be a {kind}"),
+                        ));
+                    }
+                }
+                (f, Some(builtin_sizes(spec.params)))
+            }
+            KernelRef::Module(module, name) => self.module_function(module, name)?,
+        };
+        let slack = match &sizes {
+            Some(expected) => {
+                check_params(params, expected)?;
+                0
+            }
+            None => UNCHECKED_PARAM_SLACK,
+        };
+        self.marshal_params(params, slack)?;
+        let kernel_params = if self.param_ptrs.is_empty() {
+            ptr::null_mut()
+        } else {
+            self.param_ptrs.as_mut_ptr()
+        };
+        let [gx, gy, gz] = shape.grid;
+        let [bx, by, bz] = shape.block;
+        // SAFETY: `function` belongs to a module loaded in this context; `kernel_params`
+        // holds one pointer per parameter, each to at least the parameter's size in bytes
+        // (checked, or followed by zeroed slack), all alive until the call returns (the
+        // driver copies them at launch). Buffer parameters are live allocations.
+        let r = unsafe {
+            sys::cuLaunchKernel(
+                function,
+                gx,
+                gy,
+                gz,
+                bx,
+                by,
+                bz,
+                shape.shared_bytes,
+                s,
+                kernel_params,
+                ptr::null_mut(),
+            )
+        };
+        self.check(r, "cuLaunchKernel")
+    }
+
+    fn sync(&mut self, stream: StreamId) -> ExecResult<()> {
+        self.enter()?;
+        let s = self.stream(stream)?;
+        // SAFETY: `s` is a live stream of this context.
+        let r = unsafe { sys::cuStreamSynchronize(s) };
+        self.check(r, "cuStreamSynchronize")
+    }
+
+    fn poisoned(&self) -> bool {
+        self.poison.is_some()
+    }
+}
+
+impl Drop for CudaExecutor {
+    fn drop(&mut self) {
+        let ctx = self.ctx;
+        let healthy = self.poison.is_none();
+        let result = catch_unwind(|| {
+            // SAFETY: `ctx` is live and destroyed exactly once, here; its streams, modules
+            // and allocations go with it.
+            unsafe {
+                if healthy && sys::cuCtxSetCurrent(ctx) == CUresult::CUDA_SUCCESS {
+                    let _ = sys::cuCtxSynchronize();
+                }
+                sys::cuCtxDestroy_v2(ctx)
+            }
+        });
+        match result {
+            Ok(CUresult::CUDA_SUCCESS) => {}
+            Ok(r) => log::warn!("cuCtxDestroy: {}", error_name(r)),
+            Err(_) => log::error!("cuCtxDestroy panicked"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpu_factory() -> Option<CudaExecutorFactory> {
+        match CudaExecutorFactory::new(0) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("note: no usable CUDA device ({e}); GPU test skipped");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn factory_without_a_driver_is_an_error_not_a_panic() {
+        let result = CudaExecutorFactory::new(0);
+        if driver_library().is_err() {
+            assert_eq!(
+                result.err().as_deref(),
+                Some("no CUDA driver (libcuda.so.1 not found)")
+            );
+        } else if let Err(e) = result {
+            assert!(
+                !e.is_empty() && !e.contains('\n'),
+                "one-line reason, got {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn sanity_without_a_driver_is_a_one_line_error() {
+        match sanity() {
+            Ok(line) => assert!(!line.contains('\n')),
+            Err(e) => {
+                assert!(!e.contains('\n'));
+                if driver_library().is_err() {
+                    assert_eq!(e, "no CUDA driver (libcuda.so.1 not found)");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn missing_device_ordinal_is_an_error() {
+        if let Ok(count) = init_driver().and_then(|()| device_count()) {
+            assert!(CudaExecutorFactory::new(count).is_err());
+        }
+    }
+
+    #[test]
+    fn cuda_errors_map_to_protocol_statuses() {
+        use CUresult::*;
+        let table = [
+            (CUDA_SUCCESS, Status::Ok),
+            (CUDA_ERROR_OUT_OF_MEMORY, Status::OutOfMemory),
+            (CUDA_ERROR_INVALID_PTX, Status::ModuleInvalid),
+            (CUDA_ERROR_INVALID_IMAGE, Status::ModuleInvalid),
+            (CUDA_ERROR_NO_BINARY_FOR_GPU, Status::ModuleInvalid),
+            (CUDA_ERROR_UNSUPPORTED_PTX_VERSION, Status::ModuleInvalid),
+            (
+                CUDA_ERROR_SHARED_OBJECT_SYMBOL_NOT_FOUND,
+                Status::ModuleInvalid,
+            ),
+            (CUDA_ERROR_NOT_FOUND, Status::KernelNotFound),
+            (CUDA_ERROR_INVALID_VALUE, Status::InvalidArgument),
+            (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, Status::InvalidArgument),
+            (CUDA_ERROR_ILLEGAL_ADDRESS, Status::LaunchFailed),
+            (CUDA_ERROR_LAUNCH_FAILED, Status::LaunchFailed),
+            (CUDA_ERROR_ILLEGAL_INSTRUCTION, Status::LaunchFailed),
+            (CUDA_ERROR_MISALIGNED_ADDRESS, Status::LaunchFailed),
+            (CUDA_ERROR_INVALID_PC, Status::LaunchFailed),
+            (CUDA_ERROR_HARDWARE_STACK_ERROR, Status::LaunchFailed),
+            (CUDA_ERROR_ASSERT, Status::LaunchFailed),
+            (CUDA_ERROR_LAUNCH_TIMEOUT, Status::LaunchFailed),
+            (CUDA_ERROR_ECC_UNCORRECTABLE, Status::LaunchFailed),
+            (CUDA_ERROR_INVALID_HANDLE, Status::Internal),
+            (CUDA_ERROR_NOT_READY, Status::Internal),
+            (CUDA_ERROR_UNKNOWN, Status::Internal),
+        ];
+        for (code, status) in table {
+            assert_eq!(status_for(code), status, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn only_context_killing_errors_are_sticky() {
+        use CUresult::*;
+        for code in [
+            CUDA_ERROR_ILLEGAL_ADDRESS,
+            CUDA_ERROR_LAUNCH_FAILED,
+            CUDA_ERROR_ASSERT,
+            CUDA_ERROR_ECC_UNCORRECTABLE,
+        ] {
+            assert!(is_sticky(code), "{code:?}");
+        }
+        for code in [
+            CUDA_SUCCESS,
+            CUDA_ERROR_OUT_OF_MEMORY,
+            CUDA_ERROR_INVALID_VALUE,
+            CUDA_ERROR_INVALID_PTX,
+            CUDA_ERROR_NOT_FOUND,
+        ] {
+            assert!(!is_sticky(code), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn error_numbers_are_named_for_reports() {
+        assert_eq!(error_name_of(719), "CUDA_ERROR_LAUNCH_FAILED");
+        assert_eq!(error_name_of(700), "CUDA_ERROR_ILLEGAL_ADDRESS");
+        assert_eq!(error_name_of(2), "CUDA_ERROR_OUT_OF_MEMORY");
+        assert_eq!(error_name_of(123456), "CUDA error 123456");
+    }
+
+    #[test]
+    fn cuda_error_carries_the_code_and_its_name() {
+        let e = cuda_error(CUresult::CUDA_ERROR_LAUNCH_FAILED, "cuStreamSynchronize");
+        assert_eq!(e.status, Status::LaunchFailed);
+        assert_eq!(e.detail, 719);
+        assert_eq!(e.message, "cuStreamSynchronize: CUDA_ERROR_LAUNCH_FAILED");
+        assert_eq!(
+            cuda_error(CUresult::CUDA_ERROR_ILLEGAL_ADDRESS, "x").detail,
+            700
+        );
+    }
+
+    #[test]
+    fn ptx_with_a_nul_byte_is_refused_with_its_offset() {
+        let e = validate_ptx(".version 8.0\0.target sm_90").unwrap_err();
+        assert_eq!(e.status, Status::ModuleInvalid);
+        assert_eq!(e.message, "PTX contains a NUL byte at offset 12");
+    }
+
+    #[test]
+    fn ptx_over_the_size_limit_or_empty_is_refused() {
+        let big = "/".repeat(MAX_PTX_BYTES as usize + 1);
+        assert_eq!(
+            validate_ptx(&big).unwrap_err().status,
+            Status::InvalidArgument
+        );
+        assert_eq!(
+            validate_ptx(" \n").unwrap_err().status,
+            Status::ModuleInvalid
+        );
+        let text = ".version 8.0\n.target sm_90\n.address_size 64\n";
+        assert_eq!(validate_ptx(text).unwrap().as_bytes(), text.as_bytes());
+    }
+
+    #[test]
+    fn launch_parameters_are_checked_by_count_and_size() {
+        let params = [ExecParam::Buffer(BufferId(1)), ExecParam::Value(vec![0; 4])];
+        assert!(check_params(&params, &[8, 4]).is_ok());
+        assert_eq!(check_params(&params, &[8, 8]).unwrap_err().detail, 1);
+        assert_eq!(check_params(&params, &[8]).unwrap_err().detail, 1);
+        assert_eq!(check_params(&params, &[8, 4, 4]).unwrap_err().detail, 2);
+        assert_eq!(check_params(&params, &[4, 4]).unwrap_err().detail, 0);
+        assert_eq!(
+            check_params(&params, &[8, 4, 4]).unwrap_err().status,
+            Status::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn first_line_skips_blank_lines_and_truncates() {
+        assert_eq!(
+            first_line("\n  ptxas error: x  \nmore", 100),
+            "ptxas error: x"
+        );
+        assert_eq!(first_line("abcdef", 3), "abc...");
+    }
+
+    #[test]
+    fn gpu_round_trip_memset_and_dtod() {
+        let Some(factory) = gpu_factory() else { return };
+        let mut exec = factory.create_executor().expect("executor");
+        let s = exec.open_stream().unwrap();
+        let a = exec.alloc(4096).unwrap();
+        let b = exec.alloc(4096).unwrap();
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        exec.htod(s, a, 0, &data).unwrap();
+        exec.dtod(s, b, 0, a, 0, 4096).unwrap();
+        exec.memset(s, b, 1024, 1024, 0xdead_beef, 4).unwrap();
+        let mut out = vec![0u8; 4096];
+        exec.dtoh(s, b, 0, &mut out).unwrap();
+        assert_eq!(&out[..1024], &data[..1024]);
+        assert!(out[1024..2048]
+            .chunks_exact(4)
+            .all(|c| c == 0xdead_beefu32.to_le_bytes()));
+        assert_eq!(&out[2048..], &data[2048..]);
+        assert_eq!(
+            exec.htod(s, a, 4000, &data[..200]).unwrap_err().status,
+            Status::OutOfRange
+        );
+        exec.free(a);
+        exec.free(b);
+        exec.close_stream(s);
+    }
+
+    #[test]
+    fn gpu_bad_ptx_reports_module_invalid_with_the_jit_log() {
+        let Some(factory) = gpu_factory() else { return };
+        let mut exec = factory.create_executor().expect("executor");
+        let e = exec
+            .load_module(".version 8.0\n.target sm_90\n.address_size 64\nthis is not PTX;\n")
+            .unwrap_err();
+        assert_eq!(e.status, Status::ModuleInvalid, "{e}");
+        assert!(!exec.poisoned());
+    }
 }

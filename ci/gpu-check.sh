@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Runs the GPU checks on the GPU machine, from release binaries copied into DIR.
+#
+#   ci/gpu-check.sh DIR [vgpu-gpu-check options, e.g. --quick]
+#
+# DIR holds vgpu-mediator and vgpu-gpu-check (and, when present, vgpu-bench and
+# vgpu-mediator-tests, the mediator's unit-test binary from `cargo test --no-run`).
+# Prints every step's PASS/FAIL lines, then the totals; exits 1 if anything failed.
+# Only reads the GPU's state: it never changes clocks, persistence, compute mode or MIG,
+# and never resets the card.
+#
+# Step time limits (seconds) can be overridden: SANITY_TIMEOUT, CHECK_TIMEOUT,
+# BENCH_TIMEOUT, TESTS_TIMEOUT.
+
+set -u -o pipefail
+
+if [[ $# -lt 1 || ! -d $1 ]]; then
+    echo "usage: $0 DIR [vgpu-gpu-check options]" >&2
+    exit 2
+fi
+DIR=$(cd "$1" && pwd)
+shift
+CHECK_ARGS=("$@")
+
+# Check lines (PASS/FAIL/SKIP printed by the binaries) and steps (one per command).
+PASS=0
+FAIL=0
+SKIP=0
+STEP_FAIL=0
+STEPS=()
+OUTPUT=$(mktemp)
+trap 'rm -f "$OUTPUT"' EXIT
+
+note() { printf '\n=== %s ===\n' "$*"; }
+
+# Counts the PASS/FAIL/SKIP lines a step printed.
+count_lines() {
+    local p f s
+    p=$(grep -c '^PASS' "$OUTPUT" || true)
+    f=$(grep -c '^FAIL' "$OUTPUT" || true)
+    s=$(grep -c '^SKIP' "$OUTPUT" || true)
+    PASS=$((PASS + p))
+    FAIL=$((FAIL + f))
+    SKIP=$((SKIP + s))
+}
+
+# run_step NAME TIMEOUT COMMAND...: runs the command, shows its output, records its exit
+# status as a step result and counts the check lines it printed.
+run_step() {
+    local name=$1 limit=$2
+    shift 2
+    note "$name: $*"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUTPUT"
+    local rc=${PIPESTATUS[0]}
+    count_lines
+    if [[ $rc -eq 0 ]]; then
+        STEPS+=("PASS step $name")
+    elif [[ $rc -eq 124 || $rc -eq 137 ]]; then
+        STEPS+=("FAIL step $name: timed out after ${limit}s")
+        STEP_FAIL=$((STEP_FAIL + 1))
+    else
+        STEPS+=("FAIL step $name: exit status $rc")
+        STEP_FAIL=$((STEP_FAIL + 1))
+    fi
+    return 0
+}
+
+skip_step() {
+    STEPS+=("SKIP step $1: $2")
+}
+
+require() {
+    if [[ ! -x $DIR/$1 ]]; then
+        STEPS+=("FAIL step $1: $DIR/$1 missing or not executable")
+        STEP_FAIL=$((STEP_FAIL + 1))
+        return 1
+    fi
+}
+
+# NVRTC ships with the toolkit, which is not always on the loader's path.
+if ! ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so'; then
+    for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+        if [[ -d $d ]]; then
+            export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        fi
+    done
+fi
+
+note "machine"
+uname -srm
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi -L
+    # Read-only queries: what the card is and what else is using it.
+    nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,utilization.gpu \
+        --format=csv 2>/dev/null || true
+else
+    echo "nvidia-smi not found"
+fi
+echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+
+if require vgpu-mediator; then
+    run_step sanity "${SANITY_TIMEOUT:-120}" "$DIR/vgpu-mediator" sanity
+    # --executor cuda: `auto` would fall back to the CPU and hide a broken CUDA path.
+    run_step info "${SANITY_TIMEOUT:-120}" "$DIR/vgpu-mediator" --executor cuda info
+fi
+
+if require vgpu-gpu-check; then
+    run_step gpu-check "${CHECK_TIMEOUT:-420}" "$DIR/vgpu-gpu-check" "${CHECK_ARGS[@]}"
+    GPU_CHECK_TABLE=$(sed -n '/^== timing/,$p' "$OUTPUT")
+fi
+
+if [[ -x $DIR/vgpu-mediator-tests ]]; then
+    # Unit tests, including the ones that skip themselves without a GPU.
+    run_step unit-tests "${TESTS_TIMEOUT:-120}" "$DIR/vgpu-mediator-tests" --test-threads=1
+else
+    skip_step unit-tests "no $DIR/vgpu-mediator-tests"
+fi
+
+# ---- Further GPU checks go here (the lead adds them) --------------------------------
+# Each one: `run_step NAME TIMEOUT COMMAND...` when its binary is present, otherwise
+# `skip_step NAME WHY`. Lines starting with PASS/FAIL/SKIP are counted.
+if [[ -x $DIR/vgpu-bench ]]; then
+    run_step bench "${BENCH_TIMEOUT:-300}" "$DIR/vgpu-bench"
+else
+    skip_step bench "no $DIR/vgpu-bench"
+fi
+# NFS transport checks: not yet written.
+# -------------------------------------------------------------------------------------
+
+note "summary"
+printf '%s\n' "${STEPS[@]}"
+if [[ -n ${GPU_CHECK_TABLE:-} ]]; then
+    echo
+    echo "$GPU_CHECK_TABLE"
+fi
+echo
+echo "GPU-CHECK TOTALS: checks $PASS passed, $FAIL failed, $SKIP skipped; $STEP_FAIL of ${#STEPS[@]} steps failed"
+if [[ $FAIL -gt 0 || $STEP_FAIL -gt 0 ]]; then
+    echo "GPU-CHECK FAIL"
+    exit 1
+fi
+echo "GPU-CHECK PASS"

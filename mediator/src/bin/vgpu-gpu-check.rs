@@ -1,0 +1,1587 @@
+//! `vgpu-gpu-check`: drives the whole mediator stack on a real GPU the way a guest would,
+//! checks every result against the CPU references, and times the mediated path against
+//! native CUDA calls made in the same process.
+//!
+//! Every check prints `PASS <name>: ...`, `FAIL <name>: <why>` or `SKIP <name>: <why>`;
+//! the timing table comes last. Exits 1 when any check fails.
+
+use std::ffi::{c_void, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use cudarc::driver::result as cu;
+use cudarc::driver::sys;
+use vgpu_kernels::{reference, KernelSpec, CATALOG};
+use vgpu_mediator::cuda::{self, CudaExecutorFactory};
+use vgpu_mediator::executor::{ExecParam, Executor, KernelRef};
+use vgpu_mediator::{ExecutorFactory, Mediator, TenantConfig, TenantId};
+use vgpu_protocol::{
+    Command, ExecutorKind, InfoReply, Launch, Param, Request, Response, SelftestKind, Status,
+    BUILTIN_MODULE,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "vgpu-gpu-check",
+    version,
+    about = "End-to-end checks and timings of the vGPU mediator on a CUDA device",
+    long_about = "Runs the CUDA sanity gate, every built-in kernel on fresh random inputs, a \
+                  guest PTX module, the sticky-error isolation between tenants and the error \
+                  paths through the mediator, then times the mediated path against native CUDA \
+                  in the same process. Prints PASS/FAIL/SKIP lines, then the timing table; \
+                  exits 1 if any check fails."
+)]
+struct Args {
+    /// Smaller inputs and fewer timing runs.
+    #[arg(long)]
+    quick: bool,
+    /// Seed for the random inputs (default: from the clock; printed either way).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Timed runs per measurement (default 1000 for launches and 200 for copies; --quick: 200 and 20).
+    #[arg(long)]
+    runs: Option<usize>,
+}
+
+/// Poisoned elements after every output, which no kernel may touch.
+const GUARD: usize = 256;
+/// A quiet NaN with a payload no arithmetic produces: an unwritten float output.
+const POISON_F32: u32 = 0x7fc0_dead;
+/// An unwritten 32-bit integer output.
+const POISON_U32: u32 = 0xdead_beef;
+const GIB: u64 = 1 << 30;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args = Args::parse();
+    let seed = args.seed.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    let mut report = Report::default();
+    let mut table = Table::default();
+    run(&args, seed, &mut report, &mut table);
+
+    println!(
+        "SUMMARY: {} passed, {} failed, {} skipped (seed {seed})",
+        report.passed, report.failed, report.skipped
+    );
+    print_table(&table);
+    if report.failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn run(args: &Args, seed: u64, report: &mut Report, table: &mut Table) {
+    match cuda::sanity() {
+        Ok(line) => report.pass("sanity", line),
+        Err(why) => return report.fail("sanity", why),
+    }
+    let factory = match CudaExecutorFactory::new(0) {
+        Ok(f) => Arc::new(f),
+        Err(why) => return report.fail("factory", why),
+    };
+    report.pass(
+        "factory",
+        format!(
+            "{}; catalog compiled in {:.1} ms; guest kernel parameters {}",
+            vgpu_mediator::selftest::device_line(factory.device()),
+            ms(factory.compile_time()),
+            if factory.checks_module_params() {
+                "checked (cuFuncGetParamInfo)"
+            } else {
+                "unchecked (driver older than CUDA 12.4)"
+            },
+        ),
+    );
+    table.device = factory.device().name.clone();
+    let header = ptx_header(factory.catalog_ptx());
+    let guest_ptx = format!("{header}{GUEST_KERNELS}");
+    let mut rng = Rng(seed);
+
+    executor_checks(report, &factory, &header, &mut rng);
+
+    let mediator = Mediator::new(factory.clone() as Arc<dyn ExecutorFactory>);
+    let m = &*mediator;
+    let quota = |gib: u64| gib * GIB;
+    let tenant = |name: &str, mem_quota: u64| {
+        m.add_tenant(TenantConfig {
+            name: name.into(),
+            mem_quota,
+            weight: 1,
+        })
+        .map_err(|e| format!("add_tenant {name}: {e}"))
+    };
+    // vm-huge's quota exceeds the device, so its big ALLOC reaches cuMemAlloc.
+    let huge_quota = factory.device().total_memory.saturating_mul(4);
+    let (main, good, fault, errs, huge) = match (|| {
+        Ok::<_, String>((
+            tenant("vm-main", quota(8))?,
+            tenant("vm-good", quota(2))?,
+            tenant("vm-fault", quota(2))?,
+            tenant("vm-errors", 64 << 20)?,
+            tenant("vm-huge", huge_quota)?,
+        ))
+    })() {
+        Ok(t) => t,
+        Err(why) => return report.fail("tenants", why),
+    };
+
+    check(report, "info", || info_check(m, main, &factory));
+    check(report, "selftest-vector-add", || selftest_check(m, main));
+    for spec in CATALOG {
+        let name = format!("kernel {}", spec.name);
+        let mut kernel_rng = Rng(rng.next_u64());
+        match builtin_check(spec, args.quick) {
+            Some(kernel_check) => check(report, &name, || {
+                kernel_check(m, main, spec, &mut kernel_rng)
+            }),
+            None => report.skip(&name, "no check written for this catalog kernel"),
+        }
+    }
+    check(report, "guest-ptx-module", || {
+        guest_module_check(m, main, &guest_ptx, &mut rng, args.quick)
+    });
+    if factory.checks_module_params() {
+        check(report, "guest-ptx-param-check", || {
+            param_check(m, main, &guest_ptx)
+        });
+    } else {
+        report.skip(
+            "guest-ptx-param-check",
+            "the driver has no cuFuncGetParamInfo",
+        );
+    }
+    sticky_checks(report, m, fault, good, &header, &mut rng);
+    error_checks(report, m, errs, huge, &factory, &guest_ptx, &mut rng);
+
+    for id in [good, fault, errs, huge] {
+        m.remove_tenant(id);
+    }
+    timings(args, m, main, &factory, &guest_ptx, table, report);
+}
+
+// ---------------------------------------------------------------------------------------
+// Reporting
+
+#[derive(Default)]
+struct Report {
+    passed: usize,
+    failed: usize,
+    skipped: usize,
+}
+
+impl Report {
+    fn pass(&mut self, name: &str, detail: impl AsRef<str>) {
+        self.passed += 1;
+        println!("PASS {name}: {}", detail.as_ref());
+    }
+
+    fn fail(&mut self, name: &str, why: impl AsRef<str>) {
+        self.failed += 1;
+        println!("FAIL {name}: {}", why.as_ref());
+    }
+
+    fn skip(&mut self, name: &str, why: impl AsRef<str>) {
+        self.skipped += 1;
+        println!("SKIP {name}: {}", why.as_ref());
+    }
+}
+
+/// Runs one check; a panic inside it is a failure of that check, not of the run.
+fn check(report: &mut Report, name: &str, f: impl FnOnce() -> Result<String, String>) {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(detail)) => report.pass(name, detail),
+        Ok(Err(why)) => report.fail(name, why),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            report.fail(name, format!("panicked: {why}"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Inputs and comparisons
+
+/// splitmix64: fresh inputs every run, reproducible with --seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn f32_in(&mut self, lo: f32, hi: f32) -> f32 {
+        let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * unit
+    }
+
+    fn f32s(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f32_in(lo, hi)).collect()
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn words(b: &[u8]) -> Vec<u32> {
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn as_f32(w: &[u32]) -> Vec<f32> {
+    w.iter().map(|&w| f32::from_bits(w)).collect()
+}
+
+/// The elements past `n` still hold `poison`: the kernel wrote nothing out of range.
+fn guard_intact(out: &[u32], n: usize, poison: u32) -> Result<(), String> {
+    match out[n..].iter().position(|&w| w != poison) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "wrote past the end: element {} = {:#010x}",
+            n + i,
+            out[n + i]
+        )),
+    }
+}
+
+/// Compares a GPU result with the reference. Exact kernels (tolerance 0) must match bit
+/// for bit up to NaN payloads; otherwise `|g - r| <= tol * scale`, with `scale` the
+/// kernel's error scale or `|r|`. Reports the largest relative error.
+fn compare(got: &[f32], want: &[f32], tol: f32, scale: Option<f64>) -> Result<String, String> {
+    if got.len() != want.len() {
+        return Err(format!("{} results for {} expected", got.len(), want.len()));
+    }
+    let mut mismatches = 0usize;
+    let mut first_bad = None;
+    let mut max_rel = 0f64;
+    for (i, (&g, &r)) in got.iter().zip(want).enumerate() {
+        let exact = g == r || (g.is_nan() && r.is_nan());
+        let diff = (f64::from(g) - f64::from(r)).abs();
+        let denom = scale
+            .unwrap_or_else(|| f64::from(r.abs()))
+            .max(f64::from(f32::MIN_POSITIVE));
+        let rel = if exact {
+            0.0
+        } else if diff.is_nan() {
+            f64::INFINITY
+        } else {
+            diff / denom
+        };
+        max_rel = max_rel.max(rel);
+        let ok = exact || (tol > 0.0 && rel <= f64::from(tol));
+        if !ok {
+            mismatches += 1;
+            first_bad.get_or_insert((i, g, r));
+        }
+    }
+    match first_bad {
+        None => Ok(format!(
+            "{} elements, max rel err {max_rel:.3e} (tolerance {tol:e})",
+            got.len()
+        )),
+        Some((i, g, r)) => Err(format!(
+            "{mismatches} of {} elements wrong (first at {i}: got {g:e} [{:#010x}], want {r:e}); \
+             max rel err {max_rel:.3e}, tolerance {tol:e}",
+            got.len(),
+            g.to_bits()
+        )),
+    }
+}
+
+/// A buffer holding `data`, followed (with `guard`) by `GUARD` elements of `POISON_F32`.
+fn fresh_f32(g: &Guest, data: &[f32], guard: bool) -> Result<u64, String> {
+    let elems = data.len() + if guard { GUARD } else { 0 };
+    let h = g.alloc(elems as u64 * 4)?;
+    if guard {
+        g.memset32(h, 0, elems as u64 * 4, POISON_F32)?;
+    }
+    g.htod(h, 0, f32_bytes(data))?;
+    Ok(h)
+}
+
+/// An output of `n` 32-bit elements plus guard, all set to `poison`.
+fn poisoned(g: &Guest, n: usize, poison: u32) -> Result<u64, String> {
+    let bytes = (n + GUARD) as u64 * 4;
+    let h = g.alloc(bytes)?;
+    g.memset32(h, 0, bytes, poison)?;
+    Ok(h)
+}
+
+fn read_words(g: &Guest, h: u64, n: usize) -> Result<Vec<u32>, String> {
+    Ok(words(&g.dtoh(h, 0, (n + GUARD) as u64 * 4)?))
+}
+
+// ---------------------------------------------------------------------------------------
+// A guest session driven through the mediator
+
+struct Guest<'a> {
+    m: &'a Mediator,
+    tenant: TenantId,
+    session: u64,
+}
+
+fn describe(r: &Response) -> String {
+    match r.status {
+        Status::LaunchFailed | Status::OutOfMemory | Status::Internal if r.detail != 0 => {
+            format!(
+                "{} (detail {} = {})",
+                r.status,
+                r.detail,
+                cuda::error_name_of(r.detail)
+            )
+        }
+        _ => format!("{} (detail {})", r.status, r.detail),
+    }
+}
+
+fn expect_ok(r: &Response, what: &str) -> Result<(), String> {
+    if r.status == Status::Ok {
+        Ok(())
+    } else {
+        Err(format!("{what} returned {}", describe(r)))
+    }
+}
+
+fn expect_status(r: &Response, want: Status, what: &str) -> Result<String, String> {
+    if r.status == want {
+        Ok(format!("{what} -> {}", describe(r)))
+    } else {
+        Err(format!("{what} returned {}, expected {want}", describe(r)))
+    }
+}
+
+fn launch_command(
+    module: u64,
+    kernel: &str,
+    grid: [u32; 3],
+    block: [u32; 3],
+    params: Vec<Param>,
+) -> Command {
+    Command::Launch(Launch {
+        module,
+        kernel: kernel.into(),
+        grid,
+        block,
+        shared_bytes: 0,
+        params,
+    })
+}
+
+fn blocks(n: usize, per_block: usize) -> u32 {
+    n.div_ceil(per_block) as u32
+}
+
+impl<'a> Guest<'a> {
+    fn open(m: &'a Mediator, tenant: TenantId) -> Result<Guest<'a>, String> {
+        let r = m.call(tenant, Request::new(0, Command::SessionOpen));
+        expect_ok(&r, "SESSION_OPEN")?;
+        Ok(Guest {
+            m,
+            tenant,
+            session: r.value0,
+        })
+    }
+
+    fn call(&self, command: Command) -> Response {
+        self.m
+            .call(self.tenant, Request::new(self.session, command))
+    }
+
+    fn ok(&self, command: Command, what: &str) -> Result<Response, String> {
+        let r = self.call(command);
+        expect_ok(&r, what)?;
+        Ok(r)
+    }
+
+    fn alloc(&self, size: u64) -> Result<u64, String> {
+        Ok(self.ok(Command::Alloc { size }, "ALLOC")?.value0)
+    }
+
+    fn htod(&self, dst: u64, offset: u64, data: Vec<u8>) -> Result<(), String> {
+        self.ok(Command::Htod { dst, offset, data }, "HTOD")
+            .map(drop)
+    }
+
+    fn dtoh(&self, src: u64, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+        let data = self.ok(Command::Dtoh { src, offset, len }, "DTOH")?.data;
+        if data.len() as u64 != len {
+            return Err(format!(
+                "DTOH returned {} bytes, expected {len}",
+                data.len()
+            ));
+        }
+        Ok(data)
+    }
+
+    fn memset32(&self, dst: u64, offset: u64, len: u64, value: u32) -> Result<(), String> {
+        self.ok(
+            Command::Memset {
+                dst,
+                offset,
+                len,
+                value,
+                width: 4,
+            },
+            "MEMSET",
+        )
+        .map(drop)
+    }
+
+    fn launch(
+        &self,
+        module: u64,
+        kernel: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        params: Vec<Param>,
+    ) -> Result<(), String> {
+        self.ok(
+            launch_command(module, kernel, grid, block, params),
+            &format!("LAUNCH {kernel}"),
+        )
+        .map(drop)
+    }
+
+    fn sync(&self) -> Result<(), String> {
+        self.ok(Command::Sync, "SYNC").map(drop)
+    }
+
+    fn load(&self, ptx: &str) -> Result<u64, String> {
+        Ok(self
+            .ok(Command::ModuleLoad { ptx: ptx.into() }, "MODULE_LOAD")?
+            .value0)
+    }
+}
+
+impl Drop for Guest<'_> {
+    fn drop(&mut self) {
+        let _ = self.call(Command::SessionClose);
+    }
+}
+
+/// Adds `a + b` for `n` fresh elements and checks the result: the tenant is working.
+fn vector_add_works(g: &Guest, rng: &mut Rng, n: usize) -> Result<String, String> {
+    let a = rng.f32s(n, -100.0, 100.0);
+    let b = rng.f32s(n, -100.0, 100.0);
+    let (da, db, dc) = (
+        fresh_f32(g, &a, false)?,
+        fresh_f32(g, &b, false)?,
+        poisoned(g, n, POISON_F32)?,
+    );
+    let params = vec![
+        Param::Buffer(da),
+        Param::Buffer(db),
+        Param::Buffer(dc),
+        Param::u32(n as u32),
+    ];
+    g.launch(
+        BUILTIN_MODULE,
+        "vector_add_f32",
+        [blocks(n, 256), 1, 1],
+        [256, 1, 1],
+        params,
+    )?;
+    let out = read_words(g, dc, n)?;
+    let mut want = vec![0.0; n];
+    reference::vector_add_f32(&a, &b, &mut want);
+    guard_intact(&out, n, POISON_F32)?;
+    let got = as_f32(&out[..n]);
+    compare(&got, &want, 0.0, None).map(|_| format!("vector add of {n} correct"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Checks
+
+fn info_check(
+    m: &Mediator,
+    tenant: TenantId,
+    factory: &CudaExecutorFactory,
+) -> Result<String, String> {
+    let r = m.call(tenant, Request::new(0, Command::Info));
+    expect_ok(&r, "INFO")?;
+    let info = InfoReply::decode(&r.data).map_err(|e| format!("INFO reply: {e}"))?;
+    let d = factory.device();
+    let c = &info.config;
+    if c.executor != ExecutorKind::Cuda
+        || (c.cc_major, c.cc_minor) != (d.cc_major, d.cc_minor)
+        || c.multiprocessors != d.multiprocessors
+    {
+        return Err(format!("INFO disagrees with the device: {c:?}"));
+    }
+    Ok(format!(
+        "'{}', cc {}.{}, {} SMs, quota {} MiB",
+        c.name,
+        c.cc_major,
+        c.cc_minor,
+        c.multiprocessors,
+        c.mem_quota >> 20
+    ))
+}
+
+fn selftest_check(m: &Mediator, tenant: TenantId) -> Result<String, String> {
+    let r = m.call(
+        tenant,
+        Request::new(
+            0,
+            Command::Selftest {
+                test: SelftestKind::VectorAdd,
+            },
+        ),
+    );
+    let message = String::from_utf8_lossy(&r.data).into_owned();
+    expect_ok(&r, "SELFTEST").map_err(|e| format!("{e}: {message}"))?;
+    if message.contains("PASSED") {
+        Ok(message)
+    } else {
+        Err(message)
+    }
+}
+
+type KernelCheck = fn(&Mediator, TenantId, &KernelSpec, &mut Rng) -> Result<String, String>;
+
+/// The check for a catalog kernel, sized by `quick`.
+fn builtin_check(spec: &KernelSpec, quick: bool) -> Option<KernelCheck> {
+    Some(match (spec.name, quick) {
+        ("vector_add_f32", false) => |m, t, s, r| check_vector_add(m, t, s, r, 1_000_000),
+        ("vector_add_f32", true) => |m, t, s, r| check_vector_add(m, t, s, r, 100_000),
+        ("saxpy_f32", false) => |m, t, s, r| check_saxpy(m, t, s, r, 1_000_000),
+        ("saxpy_f32", true) => |m, t, s, r| check_saxpy(m, t, s, r, 100_000),
+        ("scale_f32", false) => |m, t, s, r| check_scale(m, t, s, r, 1_000_000),
+        ("scale_f32", true) => |m, t, s, r| check_scale(m, t, s, r, 100_000),
+        ("reduce_sum_f32", false) => |m, t, s, r| check_reduce(m, t, s, r, 1 << 20),
+        ("reduce_sum_f32", true) => |m, t, s, r| check_reduce(m, t, s, r, 1 << 18),
+        ("matmul_f32", false) => |m, t, s, r| check_matmul(m, t, s, r, (512, 384, 256)),
+        ("matmul_f32", true) => |m, t, s, r| check_matmul(m, t, s, r, (200, 120, 72)),
+        ("fill_u32", false) => |m, t, s, r| check_fill(m, t, s, r, 1_000_000),
+        ("fill_u32", true) => |m, t, s, r| check_fill(m, t, s, r, 100_000),
+        _ => return None,
+    })
+}
+
+fn check_vector_add(
+    m: &Mediator,
+    t: TenantId,
+    spec: &KernelSpec,
+    rng: &mut Rng,
+    n: usize,
+) -> Result<String, String> {
+    let g = Guest::open(m, t)?;
+    let a = rng.f32s(n, -100.0, 100.0);
+    let b = rng.f32s(n, -100.0, 100.0);
+    let (da, db, dc) = (
+        fresh_f32(&g, &a, false)?,
+        fresh_f32(&g, &b, false)?,
+        poisoned(&g, n, POISON_F32)?,
+    );
+    let params = vec![
+        Param::Buffer(da),
+        Param::Buffer(db),
+        Param::Buffer(dc),
+        Param::u32(n as u32),
+    ];
+    g.launch(
+        BUILTIN_MODULE,
+        spec.name,
+        [blocks(n, 256), 1, 1],
+        [256, 1, 1],
+        params,
+    )?;
+    g.sync()?;
+    let out = read_words(&g, dc, n)?;
+    guard_intact(&out, n, POISON_F32)?;
+    let mut want = vec![0.0; n];
+    reference::vector_add_f32(&a, &b, &mut want);
+    let got = as_f32(&out[..n]);
+    compare(&got, &want, spec.rel_tolerance(), None).map(|s| format!("n={n}: {s}"))
+}
+
+fn check_saxpy(
+    m: &Mediator,
+    t: TenantId,
+    spec: &KernelSpec,
+    rng: &mut Rng,
+    n: usize,
+) -> Result<String, String> {
+    let g = Guest::open(m, t)?;
+    let y = rng.f32s(n, -100.0, 100.0);
+    let x = rng.f32s(n, -100.0, 100.0);
+    let a = rng.f32_in(-4.0, 4.0);
+    let (dy, dx) = (fresh_f32(&g, &y, true)?, fresh_f32(&g, &x, false)?);
+    // A grid smaller than n: every thread walks several elements.
+    let params = vec![
+        Param::Buffer(dy),
+        Param::Buffer(dx),
+        Param::f32(a),
+        Param::u32(n as u32),
+    ];
+    g.launch(BUILTIN_MODULE, spec.name, [1024, 1, 1], [256, 1, 1], params)?;
+    g.sync()?;
+    let out = read_words(&g, dy, n)?;
+    guard_intact(&out, n, POISON_F32)?;
+    let mut want = y.clone();
+    reference::saxpy_f32(&mut want, &x, a);
+    let got = as_f32(&out[..n]);
+    compare(&got, &want, spec.rel_tolerance(), None).map(|s| format!("n={n}, a={a}: {s}"))
+}
+
+fn check_scale(
+    m: &Mediator,
+    t: TenantId,
+    spec: &KernelSpec,
+    rng: &mut Rng,
+    n: usize,
+) -> Result<String, String> {
+    let g = Guest::open(m, t)?;
+    let x = rng.f32s(n, -100.0, 100.0);
+    let alpha = rng.f32_in(-3.0, 3.0);
+    let dx = fresh_f32(&g, &x, true)?;
+    // A 3-D grid of 3-D blocks: the kernel must flatten both.
+    let params = vec![Param::Buffer(dx), Param::f32(alpha), Param::u32(n as u32)];
+    g.launch(BUILTIN_MODULE, spec.name, [16, 4, 2], [64, 2, 2], params)?;
+    g.sync()?;
+    let out = read_words(&g, dx, n)?;
+    guard_intact(&out, n, POISON_F32)?;
+    let mut want = x.clone();
+    reference::scale_f32(&mut want, alpha);
+    let got = as_f32(&out[..n]);
+    compare(&got, &want, spec.rel_tolerance(), None).map(|s| format!("n={n}, 3-D grid: {s}"))
+}
+
+fn check_reduce(
+    m: &Mediator,
+    t: TenantId,
+    spec: &KernelSpec,
+    rng: &mut Rng,
+    n: usize,
+) -> Result<String, String> {
+    let g = Guest::open(m, t)?;
+    let x = rng.f32s(n, -1.0, 1.0);
+    let start = rng.f32_in(-1000.0, 1000.0);
+    let dx = fresh_f32(&g, &x, false)?;
+    let dout = poisoned(&g, 1, POISON_F32)?;
+    g.htod(dout, 0, start.to_le_bytes().to_vec())?;
+    let params = vec![Param::Buffer(dx), Param::Buffer(dout), Param::u32(n as u32)];
+    g.launch(BUILTIN_MODULE, spec.name, [1024, 1, 1], [256, 1, 1], params)?;
+    g.sync()?;
+    let out = read_words(&g, dout, 1)?;
+    guard_intact(&out, 1, POISON_F32)?;
+    let sum: f64 = x.iter().map(|&v| f64::from(v)).sum();
+    let want = (f64::from(start) + sum) as f32;
+    let scale = f64::from(start.abs()) + x.iter().map(|&v| f64::from(v.abs())).sum::<f64>();
+    compare(
+        &[f32::from_bits(out[0])],
+        &[want],
+        spec.rel_tolerance(),
+        Some(scale),
+    )
+    .map(|s| format!("n={n}, got {} want {want}: {s}", f32::from_bits(out[0])))
+}
+
+fn check_matmul(
+    m: &Mediator,
+    t: TenantId,
+    spec: &KernelSpec,
+    rng: &mut Rng,
+    (rows, cols, inner): (usize, usize, usize),
+) -> Result<String, String> {
+    let g = Guest::open(m, t)?;
+    let a = rng.f32s(rows * inner, -1.0, 1.0);
+    let b = rng.f32s(inner * cols, -1.0, 1.0);
+    let (da, db, dc) = (
+        fresh_f32(&g, &a, false)?,
+        fresh_f32(&g, &b, false)?,
+        poisoned(&g, rows * cols, POISON_F32)?,
+    );
+    let params = vec![
+        Param::Buffer(da),
+        Param::Buffer(db),
+        Param::Buffer(dc),
+        Param::u32(rows as u32),
+        Param::u32(cols as u32),
+        Param::u32(inner as u32),
+    ];
+    g.launch(
+        BUILTIN_MODULE,
+        spec.name,
+        [blocks(cols, 16), blocks(rows, 16), 1],
+        [16, 16, 1],
+        params,
+    )?;
+    g.sync()?;
+    let out = read_words(&g, dc, rows * cols)?;
+    guard_intact(&out, rows * cols, POISON_F32)?;
+    let mut want = vec![0.0; rows * cols];
+    reference::matmul_f32(&a, &b, &mut want, rows, cols, inner);
+    let got = as_f32(&out[..rows * cols]);
+    compare(&got, &want, spec.rel_tolerance(), None).map(|s| format!("{rows}x{cols}x{inner}: {s}"))
+}
+
+fn check_fill(
+    m: &Mediator,
+    t: TenantId,
+    spec: &KernelSpec,
+    rng: &mut Rng,
+    n: usize,
+) -> Result<String, String> {
+    let g = Guest::open(m, t)?;
+    let value = match rng.next_u64() as u32 {
+        POISON_U32 => 0x1234_5678,
+        v => v,
+    };
+    let dx = poisoned(&g, n, POISON_U32)?;
+    let params = vec![Param::Buffer(dx), Param::u32(value), Param::u32(n as u32)];
+    g.launch(BUILTIN_MODULE, spec.name, [120, 1, 1], [512, 1, 1], params)?;
+    g.sync()?;
+    let out = read_words(&g, dx, n)?;
+    guard_intact(&out, n, POISON_U32)?;
+    let mut want = vec![0u32; n];
+    reference::fill_u32(&mut want, value);
+    match out[..n].iter().zip(&want).position(|(g, w)| g != w) {
+        None => Ok(format!("n={n}, value {value:#010x}: exact")),
+        Some(i) => Err(format!(
+            "element {i} = {:#010x}, want {value:#010x}",
+            out[i]
+        )),
+    }
+}
+
+/// Guest kernels in hand-written PTX, after a `.version`/`.target` header that suits the
+/// device. `vgpu_check_axpy` uses `fma.rn.f32`, so `f32::mul_add` is its exact reference.
+const GUEST_KERNELS: &str = r#"
+.visible .entry vgpu_check_axpy(
+	.param .u64 vgpu_axpy_y,
+	.param .u64 vgpu_axpy_x,
+	.param .f32 vgpu_axpy_a,
+	.param .u32 vgpu_axpy_n
+)
+{
+	.reg .pred 	%p<2>;
+	.reg .b32 	%r<6>;
+	.reg .f32 	%f<5>;
+	.reg .b64 	%rd<8>;
+
+	ld.param.u64 	%rd1, [vgpu_axpy_y];
+	ld.param.u64 	%rd2, [vgpu_axpy_x];
+	ld.param.f32 	%f1, [vgpu_axpy_a];
+	ld.param.u32 	%r1, [vgpu_axpy_n];
+	mov.u32 	%r2, %ctaid.x;
+	mov.u32 	%r3, %ntid.x;
+	mov.u32 	%r4, %tid.x;
+	mad.lo.u32 	%r5, %r2, %r3, %r4;
+	setp.ge.u32 	%p1, %r5, %r1;
+	@%p1 bra 	VGPU_AXPY_DONE;
+	cvta.to.global.u64 	%rd3, %rd1;
+	cvta.to.global.u64 	%rd4, %rd2;
+	mul.wide.u32 	%rd5, %r5, 4;
+	add.s64 	%rd6, %rd3, %rd5;
+	add.s64 	%rd7, %rd4, %rd5;
+	ld.global.f32 	%f2, [%rd7];
+	ld.global.f32 	%f3, [%rd6];
+	fma.rn.f32 	%f4, %f1, %f2, %f3;
+	st.global.f32 	[%rd6], %f4;
+VGPU_AXPY_DONE:
+	ret;
+}
+
+.visible .entry vgpu_check_empty()
+{
+	ret;
+}
+"#;
+
+/// A kernel that executes `trap`: the context it runs in faults.
+const TRAP_KERNEL: &str = r#"
+.visible .entry vgpu_check_trap()
+{
+	trap;
+	ret;
+}
+"#;
+
+/// The `.version`, `.target` and `.address_size` lines NVRTC wrote for this device.
+fn ptx_header(catalog_ptx: &str) -> String {
+    let mut header = String::new();
+    for prefix in [".version", ".target", ".address_size"] {
+        if let Some(line) = catalog_ptx
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(prefix))
+        {
+            header.push_str(line);
+            header.push('\n');
+        }
+    }
+    if !header.contains(".address_size") {
+        header.push_str(".address_size 64\n");
+    }
+    header
+}
+
+fn guest_module_check(
+    m: &Mediator,
+    t: TenantId,
+    ptx: &str,
+    rng: &mut Rng,
+    quick: bool,
+) -> Result<String, String> {
+    let n = if quick { 100_000 } else { 1_000_000 };
+    let g = Guest::open(m, t)?;
+    let module = g.load(ptx)?;
+    let y = rng.f32s(n, -100.0, 100.0);
+    let x = rng.f32s(n, -100.0, 100.0);
+    let a = rng.f32_in(-4.0, 4.0);
+    let (dy, dx) = (fresh_f32(&g, &y, true)?, fresh_f32(&g, &x, false)?);
+    let params = vec![
+        Param::Buffer(dy),
+        Param::Buffer(dx),
+        Param::f32(a),
+        Param::u32(n as u32),
+    ];
+    g.launch(
+        module,
+        "vgpu_check_axpy",
+        [blocks(n, 256), 1, 1],
+        [256, 1, 1],
+        params,
+    )?;
+    g.sync()?;
+    let out = read_words(&g, dy, n)?;
+    guard_intact(&out, n, POISON_F32)?;
+    let want: Vec<f32> = y.iter().zip(&x).map(|(&y, &x)| a.mul_add(x, y)).collect();
+    let got = as_f32(&out[..n]);
+    compare(&got, &want, 0.0, None).map(|s| format!("hand-written PTX axpy, n={n}: {s}"))
+}
+
+fn param_check(m: &Mediator, t: TenantId, ptx: &str) -> Result<String, String> {
+    let g = Guest::open(m, t)?;
+    let module = g.load(ptx)?;
+    let buf = g.alloc(4096)?;
+    let launch = |params: Vec<Param>| {
+        g.call(launch_command(
+            module,
+            "vgpu_check_axpy",
+            [1, 1, 1],
+            [32, 1, 1],
+            params,
+        ))
+    };
+    let too_few = launch(vec![
+        Param::Buffer(buf),
+        Param::Buffer(buf),
+        Param::f32(1.0),
+    ]);
+    let wrong_size = launch(vec![
+        Param::Buffer(buf),
+        Param::Buffer(buf),
+        Param::u64(1),
+        Param::u32(8),
+    ]);
+    let a = expect_status(&too_few, Status::InvalidArgument, "3 of 4 parameters")?;
+    let b = expect_status(
+        &wrong_size,
+        Status::InvalidArgument,
+        "8-byte value for an f32",
+    )?;
+    if (too_few.detail, wrong_size.detail) != (3, 2) {
+        return Err(format!(
+            "details {} and {}, expected parameter indices 3 and 2",
+            too_few.detail, wrong_size.detail
+        ));
+    }
+    g.sync()?;
+    Ok(format!("{a}; {b}; session still usable"))
+}
+
+/// A kernel that traps in one tenant: its session reports the fault, its other sessions
+/// are lost, a new session works, and another tenant never notices.
+fn sticky_checks(
+    report: &mut Report,
+    m: &Mediator,
+    fault: TenantId,
+    good: TenantId,
+    header: &str,
+    rng: &mut Rng,
+) {
+    let n = 1 << 20;
+    let setup = (|| {
+        let other = Guest::open(m, good)?;
+        let sibling = Guest::open(m, fault)?;
+        let buf = sibling.alloc(1 << 20)?;
+        sibling.htod(buf, 0, vec![0x5a; 1 << 20])?;
+        let faulting = Guest::open(m, fault)?;
+        let module = faulting.load(&format!("{header}{TRAP_KERNEL}"))?;
+        Ok::<_, String>((other, sibling, buf, faulting, module))
+    })();
+    let (other, sibling, buf, faulting, module) = match setup {
+        Ok(s) => s,
+        Err(why) => return report.fail("sticky-setup", why),
+    };
+    check(report, "isolation-before", || {
+        vector_add_works(&other, rng, n)
+    });
+    let r = faulting.call(launch_command(
+        module,
+        "vgpu_check_trap",
+        [1, 1, 1],
+        [1, 1, 1],
+        vec![],
+    ));
+    check(report, "sticky-launch-accepted", || {
+        expect_status(&r, Status::Ok, "LAUNCH of a trapping kernel")
+    });
+    check(report, "isolation-during", || {
+        vector_add_works(&other, rng, n)
+    });
+    let sync = faulting.call(Command::Sync);
+    check(report, "sticky-sync-fails", || {
+        expect_status(&sync, Status::LaunchFailed, "SYNC after the trap")
+    });
+    let next = faulting.call(Command::Alloc { size: 4096 });
+    check(report, "sticky-persists", || {
+        if next.status == sync.status && next.detail == sync.detail {
+            Ok(format!("the next ALLOC -> {}", describe(&next)))
+        } else {
+            Err(format!(
+                "the next ALLOC returned {}, SYNC returned {}",
+                describe(&next),
+                describe(&sync)
+            ))
+        }
+    });
+    check(report, "isolation-after", || {
+        vector_add_works(&other, rng, n)
+    });
+    let lost = sibling.call(Command::Dtoh {
+        src: buf,
+        offset: 0,
+        len: 16,
+    });
+    check(report, "sibling-session-lost", || {
+        expect_status(&lost, Status::DeviceLost, "the same tenant's other session")
+    });
+    check(report, "tenant-restarted", || {
+        let fresh = Guest::open(m, fault)?;
+        let ok = vector_add_works(&fresh, rng, n)?;
+        let restarts = m.usage(fault).map_or(0, |u| u.restarts);
+        Ok(format!(
+            "a new session on the faulted tenant: {ok}; tenant restarts: {restarts}"
+        ))
+    });
+    check(report, "isolation-final", || {
+        vector_add_works(&other, rng, n)
+    });
+}
+
+fn error_checks(
+    report: &mut Report,
+    m: &Mediator,
+    errs: TenantId,
+    big: TenantId,
+    factory: &CudaExecutorFactory,
+    ptx: &str,
+    rng: &mut Rng,
+) {
+    let g = match Guest::open(m, errs) {
+        Ok(g) => g,
+        Err(why) => return report.fail("errors-setup", why),
+    };
+    check(report, "error-quota-exceeded", || {
+        expect_status(
+            &g.call(Command::Alloc { size: 65 << 20 }),
+            Status::QuotaExceeded,
+            "ALLOC of 65 MiB on a 64 MiB quota",
+        )
+    });
+    check(report, "error-bad-handle", || {
+        let a = expect_status(
+            &g.call(Command::Free {
+                handle: 0xdead_0000,
+            }),
+            Status::InvalidHandle,
+            "FREE of a made-up handle",
+        )?;
+        let b = expect_status(
+            &g.call(Command::Dtoh {
+                src: 0xdead_0000,
+                offset: 0,
+                len: 4,
+            }),
+            Status::InvalidHandle,
+            "DTOH from a made-up handle",
+        )?;
+        Ok(format!("{a}; {b}"))
+    });
+    check(report, "error-out-of-range", || {
+        let h = g.alloc(4096)?;
+        expect_status(
+            &g.call(Command::Dtoh {
+                src: h,
+                offset: 4000,
+                len: 200,
+            }),
+            Status::OutOfRange,
+            "DTOH past the end",
+        )
+    });
+    check(report, "error-bad-ptx", || {
+        let bad = format!("{}\nthis is not PTX;\n", ptx_header(factory.catalog_ptx()));
+        expect_status(
+            &g.call(Command::ModuleLoad { ptx: bad }),
+            Status::ModuleInvalid,
+            "MODULE_LOAD of bad PTX",
+        )
+    });
+    check(report, "error-unknown-builtin", || {
+        let r = g.call(launch_command(
+            BUILTIN_MODULE,
+            "no_such_kernel",
+            [1, 1, 1],
+            [1, 1, 1],
+            vec![],
+        ));
+        expect_status(&r, Status::KernelNotFound, "LAUNCH of an unknown built-in")
+    });
+    check(report, "error-unknown-module-kernel", || {
+        let module = g.load(ptx)?;
+        let r = g.call(launch_command(
+            module,
+            "no_such_kernel",
+            [1, 1, 1],
+            [1, 1, 1],
+            vec![],
+        ));
+        expect_status(
+            &r,
+            Status::KernelNotFound,
+            "LAUNCH of a name the module lacks",
+        )
+    });
+    check(report, "error-out-of-memory", || {
+        let huge = Guest::open(m, big)?;
+        let size = factory.device().total_memory * 2;
+        let r = huge.call(Command::Alloc { size });
+        let s = expect_status(
+            &r,
+            Status::OutOfMemory,
+            &format!("ALLOC of {} GiB", size >> 30),
+        )?;
+        Ok(format!("{s}; then {}", vector_add_works(&huge, rng, 4096)?))
+    });
+    check(report, "errors-not-sticky", || {
+        vector_add_works(&g, rng, 1 << 16).map(|s| format!("after all the errors: {s}"))
+    });
+}
+
+/// Direct calls on a `CudaExecutor`, below the mediator.
+fn executor_checks(
+    report: &mut Report,
+    factory: &CudaExecutorFactory,
+    header: &str,
+    rng: &mut Rng,
+) {
+    let mut exec = match factory.create_executor() {
+        Ok(e) => e,
+        Err(e) => return report.fail("executor-create", e.to_string()),
+    };
+    check(report, "executor-copies-and-memset", || {
+        let n = 1 << 16;
+        let data: Vec<u8> = f32_bytes(&rng.f32s(n / 4, -1.0, 1.0));
+        let s = exec.open_stream().map_err(|e| e.to_string())?;
+        let result = (|| {
+            let a = exec.alloc(n as u64)?;
+            let b = exec.alloc(n as u64)?;
+            exec.htod(s, a, 0, &data)?;
+            exec.dtod(s, b, 0, a, 0, n as u64)?;
+            exec.memset(s, b, 4096, 4096, 0xab, 1)?;
+            exec.memset(s, b, 8192, 4096, POISON_U32, 4)?;
+            let mut out = vec![0u8; n];
+            exec.dtoh(s, b, 0, &mut out)?;
+            exec.free(a);
+            exec.free(b);
+            Ok::<_, vgpu_mediator::ExecError>(out)
+        })();
+        exec.close_stream(s);
+        let out = result.map_err(|e| e.to_string())?;
+        let mut want = data.clone();
+        want[4096..8192].fill(0xab);
+        for w in want[8192..12288].chunks_exact_mut(4) {
+            w.copy_from_slice(&POISON_U32.to_le_bytes());
+        }
+        match out.iter().zip(&want).position(|(a, b)| a != b) {
+            None => Ok(format!(
+                "{n} bytes: htod, dtod, memset width 1 and 4, dtoh exact"
+            )),
+            Some(i) => Err(format!("byte {i} = {:#04x}, want {:#04x}", out[i], want[i])),
+        }
+    });
+    check(report, "executor-bad-ptx-log", || {
+        match exec.load_module(&format!(
+            "{header}\n.visible .entry broken() {{ bogus.instruction; }}\n"
+        )) {
+            Ok(_) => Err("bad PTX loaded".into()),
+            Err(e) if e.status == Status::ModuleInvalid => {
+                Ok(format!("MODULE_INVALID: {}", e.message))
+            }
+            Err(e) => Err(format!("expected MODULE_INVALID, got {e}")),
+        }
+    });
+    check(report, "executor-ptx-nul", || {
+        match exec.load_module(".version 8.0\0") {
+            Err(e) if e.status == Status::ModuleInvalid => Ok(e.message),
+            other => Err(format!("expected MODULE_INVALID, got {other:?}")),
+        }
+    });
+    check(report, "executor-kernel-not-found", || {
+        let module = exec
+            .load_module(&format!("{header}{GUEST_KERNELS}"))
+            .map_err(|e| e.to_string())?;
+        let s = exec.open_stream().map_err(|e| e.to_string())?;
+        let shape = vgpu_kernels::LaunchShape {
+            grid: [1, 1, 1],
+            block: [1, 1, 1],
+            shared_bytes: 0,
+        };
+        let r = exec.launch(s, KernelRef::Module(module, "missing"), &shape, &[]);
+        let empty = exec
+            .launch(
+                s,
+                KernelRef::Module(module, "vgpu_check_empty"),
+                &shape,
+                &[],
+            )
+            .and_then(|()| exec.sync(s));
+        exec.close_stream(s);
+        exec.unload_module(module);
+        empty.map_err(|e| format!("empty kernel: {e}"))?;
+        match r {
+            Err(e) if e.status == Status::KernelNotFound => Ok(e.message),
+            other => Err(format!("expected KERNEL_NOT_FOUND, got {other:?}")),
+        }
+    });
+    check(report, "executor-builtin-param-kinds", || {
+        let spec = vgpu_kernels::find("fill_u32").ok_or("fill_u32 missing")?;
+        let s = exec.open_stream().map_err(|e| e.to_string())?;
+        let shape = vgpu_kernels::LaunchShape {
+            grid: [1, 1, 1],
+            block: [32, 1, 1],
+            shared_bytes: 0,
+        };
+        let params = [
+            ExecParam::Value(vec![0; 8]),
+            ExecParam::Value(vec![0; 4]),
+            ExecParam::Value(vec![0; 4]),
+        ];
+        let r = exec.launch(s, KernelRef::Builtin(spec), &shape, &params);
+        exec.close_stream(s);
+        match r {
+            Err(e) if e.status == Status::InvalidArgument && e.detail == 0 => Ok(e.message),
+            other => Err(format!(
+                "expected INVALID_ARGUMENT for parameter 0, got {other:?}"
+            )),
+        }
+    });
+    if exec.poisoned() {
+        report.fail(
+            "executor-healthy",
+            "the executor was poisoned by the checks above",
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Timings
+
+#[derive(Default)]
+struct Table {
+    device: String,
+    rows: Vec<Row>,
+}
+
+struct Row {
+    metric: String,
+    runs: usize,
+    mediator: Option<f64>,
+    native: Option<f64>,
+    pinned: Option<f64>,
+}
+
+fn print_table(table: &Table) {
+    let rows = &table.rows;
+    if rows.is_empty() {
+        return;
+    }
+    let cell = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"));
+    println!();
+    println!(
+        "== timing on {}: medians after warm-up (mediator = through Mediator::call; native = cudarc result calls, same process) ==",
+        table.device
+    );
+    println!(
+        "{:<40} {:>6} {:>12} {:>12} {:>14}",
+        "metric", "runs", "mediator", "native", "native pinned"
+    );
+    for r in rows {
+        println!(
+            "{:<40} {:>6} {:>12} {:>12} {:>14}",
+            r.metric,
+            r.runs,
+            cell(r.mediator),
+            cell(r.native),
+            cell(r.pinned)
+        );
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort_unstable();
+    samples.get(samples.len() / 2).copied().unwrap_or_default()
+}
+
+/// Median of `runs` timed calls of `op` after `warmup` untimed ones; `prepare` runs
+/// untimed before each call and hands it its input.
+fn measure<T, E>(
+    warmup: usize,
+    runs: usize,
+    mut prepare: impl FnMut() -> T,
+    mut op: impl FnMut(T) -> Result<(), E>,
+) -> Result<Duration, E> {
+    for _ in 0..warmup {
+        op(prepare())?;
+    }
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let input = prepare();
+        let started = Instant::now();
+        op(input)?;
+        samples.push(started.elapsed());
+    }
+    Ok(median(samples))
+}
+
+/// The native side of the comparison: its own (non-primary) context, like a tenant's.
+struct Native {
+    ctx: sys::CUcontext,
+    stream: sys::CUstream,
+    empty: sys::CUfunction,
+}
+
+impl Native {
+    fn new(ptx: &str) -> Result<Native, String> {
+        let err = |what: &'static str| {
+            move |e: cu::DriverError| format!("{what}: {}", cuda::error_name(e.0))
+        };
+        let device = cu::device::get(0).map_err(err("cuDeviceGet"))?;
+        // The mediator's way to make a context (v4, or v2 on old drivers); it becomes current.
+        let ctx = cuda::create_context(device)
+            .map_err(|e| format!("cuCtxCreate: {}", cuda::error_name(e)))?;
+        let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking)
+            .map_err(err("cuStreamCreate"))?;
+        let image = CString::new(ptx).map_err(|_| "PTX with a NUL".to_string())?;
+        // SAFETY: NUL-terminated PTX; the module lives as long as the context.
+        let module = unsafe { cu::module::load_data(image.as_ptr().cast()) }
+            .map_err(err("cuModuleLoadData"))?;
+        let name = CString::new("vgpu_check_empty").expect("no NUL");
+        // SAFETY: `module` is loaded in the current context.
+        let empty = unsafe { cu::module::get_function(module, name) }
+            .map_err(err("cuModuleGetFunction"))?;
+        Ok(Native { ctx, stream, empty })
+    }
+
+    fn current(&self) -> Result<(), String> {
+        // SAFETY: `ctx` is live until drop.
+        unsafe { cu::ctx::set_current(self.ctx) }
+            .map_err(|e| format!("cuCtxSetCurrent: {}", cuda::error_name(e.0)))
+    }
+}
+
+impl Drop for Native {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once.
+        unsafe {
+            let _ = sys::cuCtxDestroy_v2(self.ctx);
+        }
+    }
+}
+
+/// Pinned host memory from cuMemHostAlloc, freed on drop.
+struct Pinned {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Pinned {
+    fn new(len: usize) -> Result<Pinned, String> {
+        // SAFETY: plain pinned allocation in the current context; zeroed below.
+        let ptr = unsafe { cu::malloc_host(len, 0) }
+            .map_err(|e| format!("cuMemHostAlloc: {}", cuda::error_name(e.0)))?;
+        let pinned = Pinned {
+            ptr: ptr.cast(),
+            len,
+        };
+        // SAFETY: `len` bytes were just allocated.
+        unsafe { std::ptr::write_bytes(pinned.ptr, 0x3c, len) };
+        Ok(pinned)
+    }
+
+    fn slice(&mut self) -> &mut [u8] {
+        // SAFETY: `len` initialised bytes owned by this value.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: allocated by cuMemHostAlloc, freed once.
+        let _ = unsafe { cu::free_host(self.ptr.cast::<c_void>()) };
+    }
+}
+
+fn timings(
+    args: &Args,
+    m: &Mediator,
+    tenant: TenantId,
+    factory: &CudaExecutorFactory,
+    ptx: &str,
+    table: &mut Table,
+    report: &mut Report,
+) {
+    let table = &mut table.rows;
+    let (launch_runs, copy_runs, big_runs) = match (args.runs, args.quick) {
+        (Some(r), _) => (r, r, r),
+        (None, false) => (1000, 200, 200),
+        (None, true) => (200, 50, 20),
+    };
+    let measured = catch_unwind(AssertUnwindSafe(|| -> Result<(), String> {
+        let g = Guest::open(m, tenant)?;
+        let module = g.load(ptx)?;
+        let native = Native::new(ptx)?;
+
+        // Empty kernel: launch + sync, and the launch alone.
+        let launch = launch_command(module, "vgpu_check_empty", [1, 1, 1], [1, 1, 1], vec![]);
+        let med = measure(
+            100,
+            launch_runs,
+            || launch.clone(),
+            |l| g.ok(l, "LAUNCH").and_then(|_| g.sync()),
+        )?;
+        native.current()?;
+        let nat = measure(100, launch_runs, || (), |()| native_launch(&native, true))?;
+        table.push(Row {
+            metric: "empty kernel launch+sync (us)".into(),
+            runs: launch_runs,
+            mediator: Some(us(med)),
+            native: Some(us(nat)),
+            pinned: None,
+        });
+        let med = measure(
+            100,
+            launch_runs,
+            || launch.clone(),
+            |l| g.ok(l, "LAUNCH").map(drop),
+        )?;
+        g.sync()?;
+        native.current()?;
+        let mut launched = 0usize;
+        let nat = measure(
+            100,
+            launch_runs,
+            || (),
+            |()| {
+                launched += 1;
+                if launched.is_multiple_of(64) {
+                    // Untimed drain so the queue never fills; counted in this sample only.
+                    sync_native(&native)?;
+                }
+                native_launch(&native, false)
+            },
+        )?;
+        sync_native(&native)?;
+        table.push(Row {
+            metric: "kernel launch enqueue (us)".into(),
+            runs: launch_runs,
+            mediator: Some(us(med)),
+            native: Some(us(nat)),
+            pinned: None,
+        });
+
+        // Copies at four sizes, both directions.
+        let max = 256usize << 20;
+        let dbuf = g.alloc(max as u64)?;
+        native.current()?;
+        // SAFETY: plain allocation in the current (native) context.
+        let nptr = unsafe { cu::malloc_sync(max) }
+            .map_err(|e| format!("cuMemAlloc: {}", cuda::error_name(e.0)))?;
+        let mut pageable = vec![0x3cu8; max];
+        let mut pinned = Pinned::new(max)?;
+        for (label, size) in [
+            ("4 KiB", 4usize << 10),
+            ("1 MiB", 1 << 20),
+            ("64 MiB", 64 << 20),
+            ("256 MiB", 256 << 20),
+        ] {
+            let runs = if size >= 64 << 20 {
+                big_runs
+            } else {
+                copy_runs
+            };
+            let warm = if size >= 64 << 20 { 3 } else { 20 };
+            let gbps = |d: Duration| size as f64 / d.as_secs_f64() / 1e9;
+            let src = vec![0xa7u8; size];
+            let med_h = measure(warm, runs, || src.clone(), |data| g.htod(dbuf, 0, data))?;
+            let med_d = measure(
+                warm,
+                runs,
+                || (),
+                |()| g.dtoh(dbuf, 0, size as u64).map(drop),
+            )?;
+            native.current()?;
+            let nat_h = measure(
+                warm,
+                runs,
+                || (),
+                |()| native_htod(&native, nptr, &pageable[..size]),
+            )?;
+            let nat_d = measure(
+                warm,
+                runs,
+                || (),
+                |()| native_dtoh(&native, nptr, &mut pageable[..size]),
+            )?;
+            let pin_h = measure(
+                warm,
+                runs,
+                || (),
+                |()| native_htod(&native, nptr, &pinned.slice()[..size]),
+            )?;
+            let pin_d = measure(
+                warm,
+                runs,
+                || (),
+                |()| native_dtoh(&native, nptr, &mut pinned.slice()[..size]),
+            )?;
+            table.push(Row {
+                metric: format!("HTOD {label} (GB/s)"),
+                runs,
+                mediator: Some(gbps(med_h)),
+                native: Some(gbps(nat_h)),
+                pinned: Some(gbps(pin_h)),
+            });
+            table.push(Row {
+                metric: format!("DTOH {label} (GB/s)"),
+                runs,
+                mediator: Some(gbps(med_d)),
+                native: Some(gbps(nat_d)),
+                pinned: Some(gbps(pin_d)),
+            });
+        }
+        native.current()?;
+        // SAFETY: allocated above in this context, freed once.
+        let _ = unsafe { cu::free_sync(nptr) };
+        // Pinned memory belongs to the native context: free it first.
+        drop(pinned);
+        drop(native);
+
+        // NVRTC and per-tenant context costs.
+        let compiles = if args.quick { 1 } else { 5 };
+        let cc = (factory.device().cc_major, factory.device().cc_minor);
+        let compile = measure(
+            0,
+            compiles,
+            || (),
+            |()| cuda::compile_ptx(vgpu_kernels::CUDA_SOURCE, "vgpu_catalog.cu", cc).map(drop),
+        )?;
+        table.push(Row {
+            metric: "NVRTC catalog compile (ms)".into(),
+            runs: compiles,
+            mediator: None,
+            native: Some(ms(compile)),
+            pinned: None,
+        });
+        table.push(Row {
+            metric: "NVRTC catalog compile, first (ms)".into(),
+            runs: 1,
+            mediator: None,
+            native: Some(ms(factory.compile_time())),
+            pinned: None,
+        });
+        let create = measure(
+            1,
+            compiles,
+            || (),
+            |()| {
+                factory
+                    .create_executor()
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            },
+        )?;
+        table.push(Row {
+            metric: "tenant context + catalog load (ms)".into(),
+            runs: compiles,
+            mediator: Some(ms(create)),
+            native: None,
+            pinned: None,
+        });
+        Ok(())
+    }));
+    let result = measured.unwrap_or_else(|_| Err("panicked (see the message above)".into()));
+    match result {
+        Ok(()) => report.pass("timings", format!("{} measurements", table.len())),
+        Err(why) => report.fail("timings", why),
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn native_launch(n: &Native, sync: bool) -> Result<(), String> {
+    // SAFETY: `empty` takes no parameters; the stream belongs to the current context.
+    unsafe { cu::launch_kernel(n.empty, (1, 1, 1), (1, 1, 1), 0, n.stream, &mut []) }
+        .map_err(|e| format!("cuLaunchKernel: {}", cuda::error_name(e.0)))?;
+    if sync {
+        sync_native(n)?;
+    }
+    Ok(())
+}
+
+fn sync_native(n: &Native) -> Result<(), String> {
+    // SAFETY: a live stream of the current context.
+    unsafe { cu::stream::synchronize(n.stream) }
+        .map_err(|e| format!("cuStreamSynchronize: {}", cuda::error_name(e.0)))
+}
+
+fn native_htod(n: &Native, dptr: sys::CUdeviceptr, src: &[u8]) -> Result<(), String> {
+    // SAFETY: `dptr` holds at least `src.len()` bytes; `src` outlives the sync below.
+    unsafe { cu::memcpy_htod_async(dptr, src, n.stream) }
+        .map_err(|e| format!("cuMemcpyHtoDAsync: {}", cuda::error_name(e.0)))?;
+    sync_native(n)
+}
+
+fn native_dtoh(n: &Native, dptr: sys::CUdeviceptr, dst: &mut [u8]) -> Result<(), String> {
+    // SAFETY: `dptr` holds at least `dst.len()` bytes; `dst` outlives the sync below.
+    unsafe { cu::memcpy_dtoh_async(dst, dptr, n.stream) }
+        .map_err(|e| format!("cuMemcpyDtoHAsync: {}", cuda::error_name(e.0)))?;
+    sync_native(n)
+}
