@@ -336,6 +336,11 @@ impl Worker {
             } => {
                 let d = self.range(sid, dst, dst_offset, len)?;
                 let s = self.range(sid, src, src_offset, len)?;
+                // CUDA leaves overlapping copies undefined: refuse them on every executor.
+                let overlap = dst_offset < src_offset + len && src_offset < dst_offset + len;
+                if dst == src && len > 0 && overlap {
+                    return err(Status::InvalidArgument, 0);
+                }
                 self.executor()?
                     .dtod(stream, d, dst_offset, s, src_offset, len)
                     .map_err(exec_err)?;
