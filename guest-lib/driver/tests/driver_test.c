@@ -1,0 +1,307 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * driver_test: checks vgpu.ko's user interface (include/vgpu_ioctl.h) against a live
+ * device: session handling, refused opcodes, chain limits, bad pointers, host buffers,
+ * many threads, processes killed mid-request, and (with --remove, as root, last) driver
+ * unbind while requests run, then rebind.
+ *
+ *   cc -O2 -Wall -I guest-lib/include guest-lib/driver/tests/driver_test.c -lpthread \
+ *      -o driver_test
+ *   ./driver_test [--remove]
+ *
+ * Prints one line per check and exits non-zero if any failed.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <libgen.h>
+#include <unistd.h>
+
+#include "vgpu_ioctl.h"
+
+static int failures;
+#define CHECK(cond, ...) do { if (cond) { printf("ok   " __VA_ARGS__); printf("\n"); } \
+	else { failures++; printf("FAIL " __VA_ARGS__); printf(" (errno %d %s)\n", errno, strerror(errno)); } } while (0)
+
+static void put16(uint8_t *b, int o, uint16_t v) { memcpy(b + o, &v, 2); }
+static void put32(uint8_t *b, int o, uint32_t v) { memcpy(b + o, &v, 4); }
+static void put64(uint8_t *b, int o, uint64_t v) { memcpy(b + o, &v, 8); }
+static uint32_t get32(const uint8_t *b, int o) { uint32_t v; memcpy(&v, b + o, 4); return v; }
+static uint64_t get64(const uint8_t *b, int o) { uint64_t v; memcpy(&v, b + o, 8); return v; }
+
+static void header(uint8_t *h, uint16_t op, uint64_t session)
+{
+	memset(h, 0, VGPU_REQUEST_HEADER_SIZE);
+	put32(h, VGPU_HDR_MAGIC, VGPU_REQUEST_MAGIC);
+	put16(h, VGPU_HDR_VERSION, VGPU_PROTOCOL_VERSION);
+	put16(h, VGPU_HDR_OPCODE, op);
+	put64(h, VGPU_HDR_SESSION, session);
+}
+
+/* Returns ioctl's result; *status gets the response status. */
+static int submit(int fd, uint8_t *h, struct vgpu_seg *in, unsigned nin, struct vgpu_seg *out,
+		  unsigned nout, uint8_t *resp)
+{
+	struct vgpu_submit s = { (uintptr_t)h, (uintptr_t)resp, (uintptr_t)in, (uintptr_t)out, nin, nout };
+	return ioctl(fd, VGPU_IOC_SUBMIT, &s);
+}
+
+static int simple(int fd, uint16_t op, uint64_t a0, uint64_t a1, uint64_t a2, uint64_t *value0)
+{
+	uint8_t h[80], r[32];
+	header(h, op, 0);
+	put64(h, 32, a0); put64(h, 40, a1); put64(h, 48, a2);
+	if (submit(fd, h, NULL, 0, NULL, 0, r))
+		return -1;
+	if (value0)
+		*value0 = get64(r, VGPU_RESP_VALUE0);
+	return (int)get32(r, VGPU_RESP_STATUS);
+}
+
+static int copy(int fd, uint16_t op, uint64_t handle, uint64_t off, void *p, uint64_t len)
+{
+	uint8_t h[80], r[32];
+	struct vgpu_seg seg = { (uintptr_t)p, len };
+	header(h, op, 0);
+	put64(h, 32, handle); put64(h, 40, off); put64(h, 48, len);
+	if (op == VGPU_OP_HTOD ? submit(fd, h, &seg, 1, NULL, 0, r) : submit(fd, h, NULL, 0, &seg, 1, r))
+		return -errno;
+	return (int)get32(r, VGPU_RESP_STATUS);
+}
+
+static int open_dev(void) { return open("/dev/vgpu0", O_RDWR | O_CLOEXEC); }
+
+static void *hammer(void *arg)
+{
+	int fd = (int)(intptr_t)arg, i, bad = 0;
+	for (i = 0; i < 200; i++) {
+		uint64_t h = 0;
+		uint32_t v = i, back = 0;
+		if (simple(fd, VGPU_OP_ALLOC, 4, 0, 0, &h) != 0 ||
+		    copy(fd, VGPU_OP_HTOD, h, 0, &v, 4) != 0 ||
+		    copy(fd, VGPU_OP_DTOH, h, 0, &back, 4) != 0 || back != v ||
+		    simple(fd, VGPU_OP_FREE, h, 0, 0, NULL) != 0)
+			bad++;
+	}
+	return (void *)(intptr_t)bad;
+}
+
+static int read_int(const char *path)
+{
+	char buf[64] = "";
+	FILE *f = fopen(path, "r");
+	if (!f) return -1;
+	if (!fgets(buf, sizeof(buf), f)) buf[0] = 0;
+	fclose(f);
+	return atoi(buf);
+}
+
+static int hold_fd, hold_errno;
+static long hold_done;
+
+static void *sync_loop(void *arg)
+{
+	(void)arg;
+	while (simple(hold_fd, VGPU_OP_SYNC, 0, 0, 0, NULL) == 0)
+		hold_done++;
+	hold_errno = errno;
+	return NULL;
+}
+
+static int write_file(const char *path, const char *text)
+{
+	FILE *f = fopen(path, "w");
+	int ok = f && fputs(text, f) >= 0;
+	if (f && fclose(f))
+		ok = 0;
+	return ok ? 0 : -1;
+}
+
+/* Unbinds the driver while three threads run requests on an open file, then rebinds. */
+static void remove_test(void)
+{
+	char link[256] = "", name[64];
+	pthread_t t[3];
+	uint64_t sess;
+	int i, fd;
+	ssize_t n = readlink("/sys/class/vgpu/vgpu0/device", link, sizeof(link) - 1);
+
+	CHECK(n > 0, "find the virtio device of vgpu0");
+	if (n <= 0)
+		return;
+	link[n] = 0;
+	snprintf(name, sizeof(name), "%s", basename(link));
+	hold_fd = open_dev();
+	for (i = 0; i < 3; i++)
+		pthread_create(&t[i], NULL, sync_loop, NULL);
+	usleep(300000);
+	CHECK(write_file("/sys/bus/virtio/drivers/vgpu/unbind", name) == 0, "unbind %s with requests running", name);
+	for (i = 0; i < 3; i++)
+		pthread_join(t[i], NULL);
+	CHECK(hold_errno == ENODEV, "requests end with ENODEV after %ld", hold_done);
+	errno = 0;
+	CHECK(simple(hold_fd, VGPU_OP_SYNC, 0, 0, 0, NULL) == -1 && errno == ENODEV, "a new request on the old file is ENODEV");
+	CHECK(ioctl(hold_fd, VGPU_IOC_INFO, &(struct vgpu_info){0}) == -1 && errno == ENODEV, "INFO on the old file is ENODEV");
+	CHECK(ioctl(hold_fd, VGPU_IOC_SESSION, &sess) == 0, "the old file still answers VGPU_IOC_SESSION");
+	CHECK(access("/dev/vgpu0", F_OK) != 0, "/dev/vgpu0 is gone");
+	close(hold_fd);
+	CHECK(write_file("/sys/bus/virtio/drivers/vgpu/bind", name) == 0, "rebind %s", name);
+	usleep(300000);
+	fd = open_dev();
+	CHECK(fd >= 0 && simple(fd, VGPU_OP_SYNC, 0, 0, 0, NULL) == 0, "the rebound device answers");
+	if (fd >= 0)
+		close(fd);
+}
+
+int main(int argc, char **argv)
+{
+	uint8_t h[80], r[32], info_buf[VGPU_INFO_SIZE];
+	struct vgpu_info info;
+	uint64_t session = 0, handle = 0;
+	int fd = open_dev(), i, sessions_before;
+
+	CHECK(fd >= 0, "open /dev/vgpu0");
+	if (fd < 0) return 1;
+	CHECK(ioctl(fd, VGPU_IOC_SESSION, &session) == 0 && session != 0, "VGPU_IOC_SESSION: %llu", (unsigned long long)session);
+	CHECK(ioctl(fd, VGPU_IOC_INFO, &info) == 0 && get32(info.config, 0) == VGPU_CONFIG_MAGIC &&
+	      info.queue_size >= 8, "VGPU_IOC_INFO: magic, queue size %u, name '%s'", info.queue_size, (char *)info.config + VGPU_CFG_NAME);
+	CHECK(ioctl(fd, _IO('V', 99)) == -1 && errno == ENOTTY, "unknown ioctl is ENOTTY");
+
+	header(h, VGPU_OP_SESSION_OPEN, 0);
+	CHECK(submit(fd, h, NULL, 0, NULL, 0, r) == -1 && errno == EINVAL, "SESSION_OPEN from user space is EINVAL");
+	header(h, VGPU_OP_SESSION_CLOSE, session);
+	CHECK(submit(fd, h, NULL, 0, NULL, 0, r) == -1 && errno == EINVAL, "SESSION_CLOSE from user space is EINVAL");
+
+	/* The driver writes the session: a forged one is ignored. */
+	header(h, VGPU_OP_SYNC, 0xdeadbeef);
+	CHECK(submit(fd, h, NULL, 0, NULL, 0, r) == 0 && get32(r, 0) == VGPU_STATUS_OK, "SYNC with a forged session uses the file's session");
+
+	{
+		struct vgpu_seg out = { (uintptr_t)info_buf, sizeof(info_buf) };
+		header(h, VGPU_OP_INFO, 0);
+		CHECK(submit(fd, h, NULL, 0, &out, 1, r) == 0 && get32(r, 0) == 0 && get32(r, VGPU_RESP_WRITTEN) == 192 &&
+		      get32(info_buf, 0) == VGPU_CONFIG_MAGIC, "INFO writes 192 bytes; sessions %u", get32(info_buf, 136));
+	}
+
+	{
+		static struct vgpu_seg segs[1023];
+		static char byte;
+		unsigned q = info.queue_size;
+		for (i = 0; i < 1023; i++) { segs[i].addr = (uintptr_t)&byte; segs[i].len = 1; }
+		header(h, VGPU_OP_SYNC, 0);
+		CHECK(submit(fd, h, segs, q - 1, NULL, 0, r) == -1 && errno == E2BIG, "%u segments is E2BIG", q - 1);
+		CHECK(submit(fd, h, segs, q - 2, NULL, 0, r) == 0 && get32(r, 0) == VGPU_STATUS_INVALID_REQUEST,
+		      "%u segments reach the device (which refuses a payload on SYNC): status %u", q - 2, get32(r, 0));
+	}
+	CHECK(submit(fd, NULL, NULL, 0, NULL, 0, r) == -1 && errno == EFAULT, "NULL header is EFAULT");
+	{
+		struct vgpu_seg bad = { 0x10, 4096 };
+		header(h, VGPU_OP_SYNC, 0);
+		CHECK(submit(fd, h, &bad, 1, NULL, 0, r) == -1 && errno == EFAULT, "unmapped segment is EFAULT");
+		bad.addr = ~0ull - 10; bad.len = 100;
+		CHECK(submit(fd, h, &bad, 1, NULL, 0, r) == -1 && errno == EINVAL, "wrapping segment is EINVAL");
+	}
+
+	/* Pageable memory touched backwards: likely one descriptor per page. */
+	{
+		size_t len = 8 << 20;
+		char *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		long k;
+		for (k = len / 4096 - 1; k >= 0; k--) p[k * 4096] = 1;
+		CHECK(simple(fd, VGPU_OP_ALLOC, len, 0, 0, &handle) == 0, "ALLOC 8 MiB");
+		int rc = copy(fd, VGPU_OP_HTOD, handle, 0, p, len);
+		printf("info 8 MiB pageable HTOD in one request: %s\n", rc == -E2BIG ? "E2BIG (split it)" : rc == 0 ? "accepted (pages merged)" : "other");
+		CHECK(rc == -E2BIG || rc == 0, "8 MiB pageable copy is E2BIG or accepted");
+		if (info.queue_size >= 260)
+			CHECK(copy(fd, VGPU_OP_HTOD, handle, 0, p, 1 << 20) == 0, "1 MiB pageable copy is accepted");
+		munmap(p, len);
+	}
+
+	/* Host buffers: contiguous, zeroed, pinnable. */
+	{
+		size_t len = 64 << 20;
+		uint32_t *a = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+		uint32_t *b = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+		size_t n = len / 4, bad = 0, nz = 0;
+		uint64_t big = 0;
+		CHECK(a != MAP_FAILED && b != MAP_FAILED, "mmap two 64 MiB host buffers");
+		for (i = 0; i < (int)n; i++) { nz += a[i] != 0; a[i] = i * 2654435761u; }
+		CHECK(nz == 0, "host buffer is zeroed");
+		CHECK(simple(fd, VGPU_OP_ALLOC, len, 0, 0, &big) == 0, "ALLOC 64 MiB");
+		CHECK(copy(fd, VGPU_OP_HTOD, big, 0, a, len) == 0, "64 MiB HTOD from a host buffer in one request");
+		CHECK(copy(fd, VGPU_OP_DTOH, big, 0, b, len) == 0, "64 MiB DTOH into a host buffer in one request");
+		for (i = 0; i < (int)n; i++) bad += b[i] != (uint32_t)(i * 2654435761u);
+		CHECK(bad == 0, "64 MiB round trip through host buffers: %zu wrong words", bad);
+		CHECK(simple(fd, VGPU_OP_FREE, big, 0, 0, NULL) == 0, "FREE 64 MiB");
+		CHECK(madvise(b, len, MADV_DONTNEED) == 0, "MADV_DONTNEED on a host buffer");
+		for (i = 0, bad = 0; i < (int)n; i++) bad += b[i] != (uint32_t)(i * 2654435761u);
+		CHECK(bad == 0, "refaulted host buffer keeps its pages: %zu wrong words", bad);
+		munmap(a, len); munmap(b, len);
+		CHECK(mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0) == MAP_FAILED && errno == EINVAL, "private mmap is EINVAL");
+		CHECK(mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 4096) == MAP_FAILED && errno == EINVAL, "mmap at an offset is EINVAL");
+		/* A host buffer outlives its file. */
+		int fd2 = open_dev();
+		char *keep = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, fd2, 0);
+		close(fd2);
+		keep[12345] = 7;
+		CHECK(keep[12345] == 7, "host buffer still usable after its file closed");
+		munmap(keep, 1 << 20);
+	}
+
+	/* Many threads on one session, and on sessions of their own. */
+	{
+		pthread_t t[8];
+		int fds[4], bad = 0;
+		for (i = 0; i < 4; i++) fds[i] = open_dev();
+		for (i = 0; i < 8; i++) pthread_create(&t[i], NULL, hammer, (void *)(intptr_t)(i < 4 ? fd : fds[i - 4]));
+		for (i = 0; i < 8; i++) { void *rv; pthread_join(t[i], &rv); bad += (int)(intptr_t)rv; }
+		for (i = 0; i < 4; i++) close(fds[i]);
+		CHECK(bad == 0, "8 threads x 200 alloc/copy/copy/free: %d failures", bad);
+	}
+
+	/* Processes killed in the middle of requests, and of opening and closing. */
+	sessions_before = read_int("/sys/class/vgpu/vgpu0/sessions_open");
+	for (i = 0; i < 40; i++) {
+		pid_t pid = fork();
+		if (pid == 0 && i % 2) {
+			for (;;)
+				close(open_dev());
+		}
+		if (pid == 0) {
+			int cfd = open_dev();
+			size_t len = 1 << 20;
+			char *p = malloc(len);
+			uint64_t hh;
+			memset(p, 1, len);
+			simple(cfd, VGPU_OP_ALLOC, len, 0, 0, &hh);
+			for (;;) copy(cfd, VGPU_OP_DTOH, hh, 0, p, len);
+		}
+		usleep(20000 + (i % 10) * 13000);
+		kill(pid, SIGKILL);
+		waitpid(pid, NULL, 0);
+	}
+	usleep(300000);
+	CHECK(read_int("/sys/class/vgpu/vgpu0/sessions_open") == sessions_before, "killed processes' sessions closed (%d open)", sessions_before);
+	{
+		struct vgpu_seg out = { (uintptr_t)info_buf, sizeof(info_buf) };
+		header(h, VGPU_OP_INFO, 0);
+		CHECK(submit(fd, h, NULL, 0, &out, 1, r) == 0 && get32(info_buf, 136) == 1,
+		      "the host holds this test's session only: %u", get32(info_buf, 136));
+	}
+	CHECK(simple(fd, VGPU_OP_SYNC, 0, 0, 0, NULL) == 0, "device still answers after the kills");
+
+	close(fd);
+	if (argc > 1 && !strcmp(argv[1], "--remove"))
+		remove_test();
+	printf("%s: %d failures\n", failures ? "DRIVER TEST FAILED" : "DRIVER TEST PASSED", failures);
+	return failures != 0;
+}

@@ -1,0 +1,1127 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * vgpu: guest driver for the mediated vGPU virtio device.
+ *
+ * Each device gets a char device /dev/vgpuN; each open file is one session on the host.
+ * VGPU_IOC_SUBMIT sends one request over the "requests" virtqueue as one descriptor
+ * chain: [header] [device-readable user memory] [device-writable user memory]
+ * [response]. User memory is pinned and handed to the device in place. mmap gives
+ * zeroed, physically contiguous host buffers so that large copies need few descriptors.
+ * The wire format is protocol/README.md; the user interface is include/vgpu_ioctl.h.
+ */
+
+#include <linux/cdev.h>
+#include <linux/device.h>
+#include <linux/fs.h>
+#include <linux/idr.h>
+#include <linux/kref.h>
+#include <linux/mm.h>
+#include <linux/module.h>
+#include <linux/rwsem.h>
+#include <linux/scatterlist.h>
+#include <linux/slab.h>
+#include <linux/uaccess.h>
+#include <linux/version.h>
+#include <linux/virtio.h>
+#include <linux/virtio_config.h>
+#include <linux/wait.h>
+#include <linux/workqueue.h>
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 12, 0)
+#include <linux/unaligned.h>
+#else
+#include <asm/unaligned.h>
+#endif
+
+#include "vgpu_ioctl.h"
+
+/* Largest page order a host buffer chunk may have. */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 8, 0)
+#define VGPU_MAX_ORDER MAX_PAGE_ORDER
+#elif LINUX_VERSION_CODE >= KERNEL_VERSION(6, 4, 0)
+#define VGPU_MAX_ORDER MAX_ORDER
+#else
+#define VGPU_MAX_ORDER (MAX_ORDER - 1)
+#endif
+
+#define VGPU_MAX_DEVICES 64
+
+static unsigned int virtio_id = VGPU_DEFAULT_VIRTIO_ID;
+module_param(virtio_id, uint, 0444);
+MODULE_PARM_DESC(virtio_id, "virtio device ID to bind (default 22)");
+
+/* Filled in from virtio_id at module init; the static value feeds the module alias. */
+static struct virtio_device_id id_table[] = {
+	{ VGPU_DEFAULT_VIRTIO_ID, VIRTIO_DEV_ANY_ID },
+	{ 0 },
+};
+MODULE_DEVICE_TABLE(virtio, id_table);
+
+static struct class *vgpu_class;
+static dev_t vgpu_devt;
+static DEFINE_IDA(vgpu_ida);
+/* Frees requests abandoned by killed callers and finishes interrupted session closes. */
+static struct workqueue_struct *vgpu_wq;
+
+struct vgpu_device {
+	struct device dev;		/* /sys/class/vgpu/vgpuN; its refcount owns this */
+	struct cdev cdev;
+	int index;
+
+	struct mutex state_lock;	/* vdev and vq setup/teardown, config reads */
+	struct virtio_device *vdev;	/* NULL once removed */
+
+	spinlock_t vq_lock;		/* vq, live, epoch, space_gen, inflight */
+	struct virtqueue *vq;
+	bool live;			/* requests may be queued */
+	unsigned int epoch;		/* bumped by every reset: older sessions are gone */
+	unsigned long space_gen;	/* bumped whenever descriptors are freed */
+	struct list_head inflight;	/* requests the device holds */
+	unsigned int queue_size;
+	wait_queue_head_t space_wq;
+	/* Read-held from virtqueue_add_sgs to the notify, so teardown can wait them out. */
+	struct rw_semaphore notify_sem;
+
+	atomic_t sessions;
+};
+
+/* One user range, pinned for the lifetime of a request. */
+struct vgpu_pinned {
+	struct page **pages;
+	unsigned int npages;
+	bool writable;
+	struct sg_table sgt;
+};
+
+struct vgpu_request {
+	struct vgpu_device *vg;		/* holds a reference */
+	unsigned int epoch;
+	struct list_head node;		/* on vg->inflight while the device holds it */
+	struct completion done;
+	struct work_struct work;	/* reaping, or a deferred session close */
+	int error;			/* 0, or -ENODEV when failed by teardown */
+	unsigned int used_len;
+	bool returned;			/* the device gave it back; under vq_lock */
+	bool abandoned;			/* the caller was killed; under vq_lock */
+
+	unsigned int nr_pinned;
+	struct vgpu_pinned *pinned;
+	struct scatterlist **sgs;
+	struct scatterlist hdr_sg;
+	struct scatterlist resp_sg;
+	u8 header[VGPU_REQUEST_HEADER_SIZE];
+	/* Written by the device: keep it off the header's cache line. */
+	u8 response[VGPU_RESPONSE_HEADER_SIZE] ____cacheline_aligned;
+};
+
+struct vgpu_file {
+	struct vgpu_device *vg;		/* holds a reference */
+	unsigned int epoch;
+	u64 session;
+};
+
+/* A host buffer handed out by mmap: order-0 pages split from high-order blocks. */
+struct vgpu_hostbuf {
+	struct kref ref;		/* one per VMA */
+	unsigned long npages;
+	struct page *pages[];
+};
+
+/* ---- requests ---- */
+
+static struct vgpu_request *vgpu_request_alloc(struct vgpu_device *vg, unsigned int nsegs,
+					       gfp_t gfp)
+{
+	struct vgpu_request *req;
+
+	req = kzalloc(sizeof(*req), gfp);
+	if (!req)
+		return NULL;
+	req->sgs = kvcalloc(nsegs + 2, sizeof(*req->sgs), gfp);
+	if (nsegs)
+		req->pinned = kvcalloc(nsegs, sizeof(*req->pinned), gfp);
+	if (!req->sgs || (nsegs && !req->pinned)) {
+		kvfree(req->sgs);
+		kvfree(req->pinned);
+		kfree(req);
+		return NULL;
+	}
+	req->vg = vg;
+	get_device(&vg->dev);
+	INIT_LIST_HEAD(&req->node);
+	init_completion(&req->done);
+	sg_init_one(&req->hdr_sg, req->header, sizeof(req->header));
+	sg_init_one(&req->resp_sg, req->response, sizeof(req->response));
+	return req;
+}
+
+static void vgpu_unpin(struct vgpu_pinned *p)
+{
+	if (!p->pages)
+		return;
+	sg_free_table(&p->sgt);
+	if (p->writable)
+		unpin_user_pages_dirty_lock(p->pages, p->npages, true);
+	else
+		unpin_user_pages(p->pages, p->npages);
+	kvfree(p->pages);
+	p->pages = NULL;
+}
+
+/* Process context only: unpinning may sleep. */
+static void vgpu_request_free(struct vgpu_request *req)
+{
+	struct vgpu_device *vg = req->vg;
+	unsigned int i;
+
+	for (i = 0; i < req->nr_pinned; i++)
+		vgpu_unpin(&req->pinned[i]);
+	kvfree(req->pinned);
+	kvfree(req->sgs);
+	kfree(req);
+	put_device(&vg->dev);
+}
+
+static void vgpu_fill_header(struct vgpu_request *req, u16 opcode, u64 session)
+{
+	put_unaligned_le32(VGPU_REQUEST_MAGIC, req->header + VGPU_HDR_MAGIC);
+	put_unaligned_le16(VGPU_PROTOCOL_VERSION, req->header + VGPU_HDR_VERSION);
+	put_unaligned_le16(opcode, req->header + VGPU_HDR_OPCODE);
+	put_unaligned_le64(session, req->header + VGPU_HDR_SESSION);
+}
+
+static int vgpu_execute(struct vgpu_device *vg, struct vgpu_request *req, unsigned int nout,
+			unsigned int nin, bool *abandoned);
+
+static void vgpu_reap_fn(struct work_struct *work)
+{
+	struct vgpu_request *req = container_of(work, struct vgpu_request, work);
+	bool abandoned;
+
+	dev_dbg(&req->vg->dev, "abandoned request returned, freeing it\n");
+	/* The caller of this SESSION_OPEN was killed: nobody will close the session. */
+	if (!req->error && req->used_len >= VGPU_RESPONSE_HEADER_SIZE &&
+	    get_unaligned_le16(req->header + VGPU_HDR_OPCODE) == VGPU_OP_SESSION_OPEN &&
+	    get_unaligned_le32(req->response + VGPU_RESP_STATUS) == VGPU_STATUS_OK) {
+		u64 session = get_unaligned_le64(req->response + VGPU_RESP_VALUE0);
+
+		req->returned = false;
+		req->abandoned = false;
+		reinit_completion(&req->done);
+		vgpu_fill_header(req, VGPU_OP_SESSION_CLOSE, session);
+		/* A worker takes no signals: this waits for the answer or for teardown. */
+		vgpu_execute(req->vg, req, 1, 1, &abandoned);
+	}
+	vgpu_request_free(req);
+}
+
+/* The device is done with @req (or will never touch it again). Called under vq_lock. */
+static void vgpu_finish_locked(struct vgpu_device *vg, struct vgpu_request *req, int error,
+			       unsigned int len)
+{
+	list_del_init(&req->node);
+	req->error = error;
+	req->used_len = len;
+	req->returned = true;
+	if (req->abandoned) {
+		INIT_WORK(&req->work, vgpu_reap_fn);
+		queue_work(vgpu_wq, &req->work);
+	} else {
+		complete(&req->done);
+	}
+}
+
+static void vgpu_vq_done(struct virtqueue *vq)
+{
+	struct vgpu_device *vg = vq->vdev->priv;
+	struct vgpu_request *req;
+	unsigned long flags;
+	unsigned int len;
+
+	spin_lock_irqsave(&vg->vq_lock, flags);
+	do {
+		virtqueue_disable_cb(vq);
+		while ((req = virtqueue_get_buf(vq, &len)))
+			vgpu_finish_locked(vg, req, 0, len);
+	} while (!virtqueue_enable_cb(vq));
+	vg->space_gen++;
+	spin_unlock_irqrestore(&vg->vq_lock, flags);
+	wake_up_all(&vg->space_wq);
+}
+
+/*
+ * Queues @req and waits until the device returns it. On success, or on an error with
+ * *abandoned false, the caller still owns @req and frees it. With *abandoned true the
+ * caller was killed while the device holds the request: the completion path frees it,
+ * because the device may still write the pinned pages.
+ *
+ * Waits are killable only: an ordinary signal must not make a request's outcome unknown
+ * (a restarted ALLOC or LAUNCH would run twice).
+ */
+static int vgpu_execute(struct vgpu_device *vg, struct vgpu_request *req, unsigned int nout,
+			unsigned int nin, bool *abandoned)
+{
+	struct virtqueue *vq = NULL;
+	unsigned long gen = 0;
+	bool kick = false;
+	int err;
+
+	*abandoned = false;
+	for (;;) {
+		down_read(&vg->notify_sem);
+		spin_lock_irq(&vg->vq_lock);
+		if (!vg->live || vg->epoch != req->epoch) {
+			err = -ENODEV;
+		} else {
+			vq = vg->vq;
+			err = virtqueue_add_sgs(vq, req->sgs, nout, nin, req, GFP_ATOMIC);
+			if (!err) {
+				list_add_tail(&req->node, &vg->inflight);
+				kick = virtqueue_kick_prepare(vq);
+			}
+			gen = vg->space_gen;
+		}
+		spin_unlock_irq(&vg->vq_lock);
+		if (kick)
+			virtqueue_notify(vq);
+		up_read(&vg->notify_sem);
+
+		if (err != -ENOSPC)
+			break;
+		if (wait_event_killable(vg->space_wq,
+					READ_ONCE(vg->space_gen) != gen || !READ_ONCE(vg->live)))
+			return -EINTR;
+	}
+	if (err == -EIO)	/* broken virtqueue */
+		err = -ENODEV;
+	if (err)
+		return err;
+
+	wait_for_completion_killable(&req->done);
+	spin_lock_irq(&vg->vq_lock);
+	if (!req->returned) {
+		req->abandoned = true;
+		*abandoned = true;
+		dev_dbg(&vg->dev, "caller killed; request left to the completion path\n");
+		err = -EINTR;
+	} else {
+		err = req->error;
+	}
+	spin_unlock_irq(&vg->vq_lock);
+	return err;
+}
+
+static int vgpu_status_errno(u32 status)
+{
+	switch (status) {
+	case VGPU_STATUS_OK:
+		return 0;
+	case VGPU_STATUS_OUT_OF_MEMORY:
+		return -ENOMEM;
+	case VGPU_STATUS_LIMIT_EXCEEDED:
+		return -EBUSY;
+	case VGPU_STATUS_DEVICE_LOST:
+		return -ENODEV;
+	default:
+		return -EIO;
+	}
+}
+
+/* Sends a request without payload; returns its response status as an errno. */
+static int vgpu_simple_request(struct vgpu_request *req, u16 opcode, u64 session, u64 *value0)
+{
+	bool abandoned;
+	int err;
+
+	vgpu_fill_header(req, opcode, session);
+	req->sgs[0] = &req->hdr_sg;
+	req->sgs[1] = &req->resp_sg;
+	err = vgpu_execute(req->vg, req, 1, 1, &abandoned);
+	if (abandoned)
+		return err;
+	if (!err && req->used_len < VGPU_RESPONSE_HEADER_SIZE)
+		err = -EIO;
+	if (!err)
+		err = vgpu_status_errno(get_unaligned_le32(req->response + VGPU_RESP_STATUS));
+	if (!err && value0)
+		*value0 = get_unaligned_le64(req->response + VGPU_RESP_VALUE0);
+	vgpu_request_free(req);
+	return err;
+}
+
+static int vgpu_session_open(struct vgpu_device *vg, struct vgpu_file *vf)
+{
+	struct vgpu_request *req;
+
+	req = vgpu_request_alloc(vg, 0, GFP_KERNEL);
+	if (!req)
+		return -ENOMEM;
+	spin_lock_irq(&vg->vq_lock);
+	req->epoch = vg->epoch;
+	spin_unlock_irq(&vg->vq_lock);
+	vf->epoch = req->epoch;
+	return vgpu_simple_request(req, VGPU_OP_SESSION_OPEN, 0, &vf->session);
+}
+
+static void vgpu_close_fn(struct work_struct *work)
+{
+	struct vgpu_request *req = container_of(work, struct vgpu_request, work);
+	bool abandoned;
+
+	/* A worker takes no signals: this waits until the device answers or goes away. */
+	vgpu_execute(req->vg, req, 1, 1, &abandoned);
+	if (!abandoned)
+		vgpu_request_free(req);
+}
+
+static void vgpu_session_close(struct vgpu_device *vg, struct vgpu_file *vf)
+{
+	struct vgpu_request *req;
+	bool abandoned;
+	int err;
+
+	/* Small and must not fail: a lost close would leak the session until reset. */
+	req = vgpu_request_alloc(vg, 0, GFP_KERNEL | __GFP_NOFAIL);
+	req->epoch = vf->epoch;
+	vgpu_fill_header(req, VGPU_OP_SESSION_CLOSE, vf->session);
+	req->sgs[0] = &req->hdr_sg;
+	req->sgs[1] = &req->resp_sg;
+	err = vgpu_execute(vg, req, 1, 1, &abandoned);
+	if (abandoned)
+		return;
+	if (err == -EINTR) {
+		/* Killed while the queue was full: let a worker send it. */
+		INIT_WORK(&req->work, vgpu_close_fn);
+		queue_work(vgpu_wq, &req->work);
+		return;
+	}
+	if (!err && req->used_len >= VGPU_RESPONSE_HEADER_SIZE &&
+	    get_unaligned_le32(req->response + VGPU_RESP_STATUS) != VGPU_STATUS_OK)
+		dev_dbg(&vg->dev, "session %llu close: status %u\n", vf->session,
+			get_unaligned_le32(req->response + VGPU_RESP_STATUS));
+	vgpu_request_free(req);
+}
+
+/* ---- submit ---- */
+
+static int vgpu_pin(struct vgpu_pinned *p, u64 addr, u64 len, bool writable)
+{
+	unsigned long start = addr & PAGE_MASK;
+	unsigned long npages = (PAGE_ALIGN(addr + len) - start) >> PAGE_SHIFT;
+	unsigned int flags = writable ? FOLL_WRITE : 0;
+	unsigned long done = 0;
+	int ret;
+
+	p->pages = kvmalloc_array(npages, sizeof(*p->pages), GFP_KERNEL);
+	if (!p->pages)
+		return -ENOMEM;
+	p->writable = writable;
+	while (done < npages) {
+		ret = pin_user_pages_fast(start + (done << PAGE_SHIFT), npages - done, flags,
+					  p->pages + done);
+		if (ret <= 0) {
+			ret = ret ? ret : -EFAULT;
+			goto unpin;
+		}
+		done += ret;
+	}
+	p->npages = npages;
+	ret = sg_alloc_table_from_pages(&p->sgt, p->pages, npages, offset_in_page(addr), len,
+					GFP_KERNEL);
+	if (ret)
+		goto unpin;
+	return 0;
+
+unpin:
+	unpin_user_pages(p->pages, done);
+	kvfree(p->pages);
+	p->pages = NULL;
+	return ret;
+}
+
+/* Checks a segment table; returns the bytes it covers or -errno. */
+static long long vgpu_segs_bytes(const struct vgpu_seg *segs, unsigned int n)
+{
+	u64 total = 0;
+	unsigned int i;
+
+	for (i = 0; i < n; i++) {
+		if (segs[i].addr + segs[i].len < segs[i].addr)
+			return -EINVAL;
+		if (segs[i].len > VGPU_MAX_PINNED_BYTES)
+			return -E2BIG;
+		total += segs[i].len;
+		if (total > VGPU_MAX_PINNED_BYTES)
+			return -E2BIG;
+	}
+	return total;
+}
+
+static long vgpu_ioctl_submit(struct vgpu_file *vf, void __user *argp)
+{
+	struct vgpu_device *vg = vf->vg;
+	struct vgpu_seg *segs = NULL;
+	struct vgpu_request *req;
+	unsigned int nsegs, i, nout, nin, ndesc;
+	struct vgpu_submit sub;
+	long long bytes_in, bytes_out;
+	bool abandoned;
+	u16 opcode;
+	long err;
+
+	if (copy_from_user(&sub, argp, sizeof(sub)))
+		return -EFAULT;
+	/* Every segment takes at least one descriptor besides header and response. */
+	if (sub.num_in > vg->queue_size || sub.num_out > vg->queue_size ||
+	    sub.num_in + sub.num_out + 2 > vg->queue_size)
+		return -E2BIG;
+	nsegs = sub.num_in + sub.num_out;
+
+	req = vgpu_request_alloc(vg, nsegs, GFP_KERNEL);
+	if (!req)
+		return -ENOMEM;
+	req->epoch = vf->epoch;
+	if (copy_from_user(req->header, u64_to_user_ptr(sub.header), sizeof(req->header))) {
+		err = -EFAULT;
+		goto out;
+	}
+	opcode = get_unaligned_le16(req->header + VGPU_HDR_OPCODE);
+	if (opcode == VGPU_OP_SESSION_OPEN || opcode == VGPU_OP_SESSION_CLOSE) {
+		err = -EINVAL;
+		goto out;
+	}
+	put_unaligned_le64(vf->session, req->header + VGPU_HDR_SESSION);
+
+	if (nsegs) {
+		segs = kvmalloc_array(nsegs, sizeof(*segs), GFP_KERNEL);
+		if (!segs) {
+			err = -ENOMEM;
+			goto out;
+		}
+		if (copy_from_user(segs, u64_to_user_ptr(sub.in_segs),
+				   array_size(sub.num_in, sizeof(*segs))) ||
+		    copy_from_user(segs + sub.num_in, u64_to_user_ptr(sub.out_segs),
+				   array_size(sub.num_out, sizeof(*segs)))) {
+			err = -EFAULT;
+			goto out;
+		}
+	}
+	bytes_in = vgpu_segs_bytes(segs, sub.num_in);
+	bytes_out = vgpu_segs_bytes(segs + sub.num_in, sub.num_out);
+	if (bytes_in < 0 || bytes_out < 0) {
+		err = bytes_in < 0 ? bytes_in : bytes_out;
+		goto out;
+	}
+	if (bytes_in + bytes_out > VGPU_MAX_PINNED_BYTES) {
+		err = -E2BIG;
+		goto out;
+	}
+
+	/* Chain: header, readable segments, writable segments, response. */
+	nout = 1;
+	nin = 0;
+	ndesc = 2;
+	req->sgs[0] = &req->hdr_sg;
+	for (i = 0; i < nsegs; i++) {
+		struct vgpu_pinned *p = &req->pinned[req->nr_pinned];
+		bool writable = i >= sub.num_in;
+
+		if (!segs[i].len)
+			continue;
+		err = vgpu_pin(p, segs[i].addr, segs[i].len, writable);
+		if (err)
+			goto out;
+		req->nr_pinned++;
+		ndesc += p->sgt.orig_nents;
+		if (ndesc > vg->queue_size) {
+			err = -E2BIG;
+			goto out;
+		}
+		req->sgs[nout + nin] = p->sgt.sgl;
+		if (writable)
+			nin++;
+		else
+			nout++;
+	}
+	req->sgs[nout + nin] = &req->resp_sg;
+	nin++;
+
+	err = vgpu_execute(vg, req, nout, nin, &abandoned);
+	if (abandoned) {
+		req = NULL;
+		goto out;
+	}
+	if (err)
+		goto out;
+	if (req->used_len < VGPU_RESPONSE_HEADER_SIZE) {
+		dev_warn_ratelimited(&vg->dev, "opcode %u: chain returned without a response\n",
+				     opcode);
+		err = -EIO;
+		goto out;
+	}
+	if (copy_to_user(u64_to_user_ptr(sub.response), req->response, sizeof(req->response)))
+		err = -EFAULT;
+
+out:
+	kvfree(segs);
+	if (req)
+		vgpu_request_free(req);
+	return err;
+}
+
+/* ---- config space ---- */
+
+static int vgpu_read_config(struct vgpu_device *vg, u8 *cfg)
+{
+	int err = 0;
+
+	mutex_lock(&vg->state_lock);
+	if (vg->vdev)
+		virtio_cread_bytes(vg->vdev, 0, cfg, VGPU_CONFIG_SIZE);
+	else
+		err = -ENODEV;
+	mutex_unlock(&vg->state_lock);
+	return err;
+}
+
+static long vgpu_ioctl_info(struct vgpu_device *vg, void __user *argp)
+{
+	struct vgpu_info info = {};
+	int err;
+
+	err = vgpu_read_config(vg, info.config);
+	if (err)
+		return err;
+	info.queue_size = vg->queue_size;
+	if (copy_to_user(argp, &info, sizeof(info)))
+		return -EFAULT;
+	return 0;
+}
+
+/* ---- file operations ---- */
+
+static int vgpu_open(struct inode *inode, struct file *file)
+{
+	/* chrdev_open holds the cdev, and through it vg->dev, for the duration. */
+	struct vgpu_device *vg = container_of(inode->i_cdev, struct vgpu_device, cdev);
+	struct vgpu_file *vf;
+	int err;
+
+	vf = kzalloc(sizeof(*vf), GFP_KERNEL);
+	if (!vf)
+		return -ENOMEM;
+	vf->vg = vg;
+	get_device(&vg->dev);
+	err = vgpu_session_open(vg, vf);
+	if (err) {
+		put_device(&vg->dev);
+		kfree(vf);
+		return err;
+	}
+	atomic_inc(&vg->sessions);
+	file->private_data = vf;
+	return nonseekable_open(inode, file);
+}
+
+static int vgpu_release(struct inode *inode, struct file *file)
+{
+	struct vgpu_file *vf = file->private_data;
+	struct vgpu_device *vg = vf->vg;
+
+	vgpu_session_close(vg, vf);
+	atomic_dec(&vg->sessions);
+	put_device(&vg->dev);
+	kfree(vf);
+	return 0;
+}
+
+static long vgpu_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	struct vgpu_file *vf = file->private_data;
+	void __user *argp = (void __user *)arg;
+
+	switch (cmd) {
+	case VGPU_IOC_SUBMIT:
+		return vgpu_ioctl_submit(vf, argp);
+	case VGPU_IOC_INFO:
+		return vgpu_ioctl_info(vf->vg, argp);
+	case VGPU_IOC_SESSION:
+		return put_user(vf->session, (__u64 __user *)argp);
+	default:
+		return -ENOTTY;
+	}
+}
+
+/* ---- host buffers (mmap) ---- */
+
+static void vgpu_hostbuf_release(struct kref *ref)
+{
+	struct vgpu_hostbuf *hb = container_of(ref, struct vgpu_hostbuf, ref);
+	unsigned long i;
+
+	/* Pages still pinned by an in-flight request keep their own reference. */
+	for (i = 0; i < hb->npages; i++)
+		__free_page(hb->pages[i]);
+	kvfree(hb);
+}
+
+static struct vgpu_hostbuf *vgpu_hostbuf_alloc(unsigned long npages)
+{
+	unsigned int order = VGPU_MAX_ORDER;
+	struct vgpu_hostbuf *hb;
+	unsigned long done = 0, i;
+
+	hb = kvzalloc(struct_size(hb, pages, npages), GFP_KERNEL);
+	if (!hb)
+		return NULL;
+	kref_init(&hb->ref);
+	while (done < npages) {
+		gfp_t gfp = GFP_HIGHUSER | __GFP_ZERO | __GFP_ACCOUNT | __GFP_NOWARN;
+		struct page *page;
+
+		while ((1UL << order) > npages - done)
+			order--;
+		if (order)
+			gfp |= __GFP_NORETRY;
+		page = alloc_pages(gfp, order);
+		if (!page) {
+			if (!order)
+				goto fail;
+			order--;
+			continue;
+		}
+		/* Order-0 pages can be mapped, pinned and freed one by one. */
+		if (order)
+			split_page(page, order);
+		for (i = 0; i < (1UL << order); i++)
+			hb->pages[done + i] = nth_page(page, i);
+		done += 1UL << order;
+	}
+	hb->npages = npages;
+	return hb;
+
+fail:
+	hb->npages = done;
+	kref_put(&hb->ref, vgpu_hostbuf_release);
+	return NULL;
+}
+
+static void vgpu_vm_open(struct vm_area_struct *vma)
+{
+	struct vgpu_hostbuf *hb = vma->vm_private_data;
+
+	kref_get(&hb->ref);
+}
+
+static void vgpu_vm_close(struct vm_area_struct *vma)
+{
+	struct vgpu_hostbuf *hb = vma->vm_private_data;
+
+	kref_put(&hb->ref, vgpu_hostbuf_release);
+}
+
+/* Pages are mapped at mmap time; this only refills ptes that were zapped since. */
+static vm_fault_t vgpu_vm_fault(struct vm_fault *vmf)
+{
+	struct vgpu_hostbuf *hb = vmf->vma->vm_private_data;
+
+	if (vmf->pgoff >= hb->npages)
+		return VM_FAULT_SIGBUS;
+	vmf->page = hb->pages[vmf->pgoff];
+	get_page(vmf->page);
+	return 0;
+}
+
+static const struct vm_operations_struct vgpu_vm_ops = {
+	.open = vgpu_vm_open,
+	.close = vgpu_vm_close,
+	.fault = vgpu_vm_fault,
+};
+
+static int vgpu_mmap(struct file *file, struct vm_area_struct *vma)
+{
+	unsigned long npages = vma_pages(vma);
+	struct vgpu_hostbuf *hb;
+	int err;
+
+	if (vma->vm_pgoff || !(vma->vm_flags & VM_SHARED))
+		return -EINVAL;
+	if (npages > totalram_pages() / 2)
+		return -ENOMEM;
+	hb = vgpu_hostbuf_alloc(npages);
+	if (!hb)
+		return -ENOMEM;
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
+	vm_flags_set(vma, VM_DONTEXPAND | VM_DONTDUMP | VM_DONTCOPY);
+#else
+	vma->vm_flags |= VM_DONTEXPAND | VM_DONTDUMP | VM_DONTCOPY;
+#endif
+	err = vm_map_pages_zero(vma, hb->pages, npages);
+	if (err) {
+		kref_put(&hb->ref, vgpu_hostbuf_release);
+		return err;
+	}
+	vma->vm_private_data = hb;
+	vma->vm_ops = &vgpu_vm_ops;
+	return 0;
+}
+
+static const struct file_operations vgpu_fops = {
+	.owner = THIS_MODULE,
+	.open = vgpu_open,
+	.release = vgpu_release,
+	.unlocked_ioctl = vgpu_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
+	.mmap = vgpu_mmap,
+};
+
+/* ---- sysfs: /sys/class/vgpu/vgpuN/ ---- */
+
+static struct vgpu_device *to_vgpu(struct device *dev)
+{
+	return container_of(dev, struct vgpu_device, dev);
+}
+
+static ssize_t vgpu_show_config(struct device *dev, char *buf,
+				ssize_t (*show)(const u8 *cfg, char *buf))
+{
+	u8 cfg[VGPU_CONFIG_SIZE];
+	int err;
+
+	err = vgpu_read_config(to_vgpu(dev), cfg);
+	if (err)
+		return err;
+	return show(cfg, buf);
+}
+
+#define VGPU_CONFIG_ATTR(_name, _expr)						\
+static ssize_t _name##_config(const u8 *cfg, char *buf)				\
+{										\
+	return _expr;								\
+}										\
+static ssize_t _name##_show(struct device *dev, struct device_attribute *attr,	\
+			    char *buf)						\
+{										\
+	return vgpu_show_config(dev, buf, _name##_config);			\
+}										\
+static DEVICE_ATTR_RO(_name)
+
+VGPU_CONFIG_ATTR(name, sysfs_emit(buf, "%.*s\n",
+				  (int)strnlen(cfg + VGPU_CFG_NAME, VGPU_CFG_NAME_SIZE),
+				  cfg + VGPU_CFG_NAME));
+VGPU_CONFIG_ATTR(version, sysfs_emit(buf, "%u\n", get_unaligned_le32(cfg + VGPU_CFG_VERSION)));
+VGPU_CONFIG_ATTR(cc, sysfs_emit(buf, "%u.%u\n", get_unaligned_le16(cfg + VGPU_CFG_CC_MAJOR),
+				get_unaligned_le16(cfg + VGPU_CFG_CC_MINOR)));
+VGPU_CONFIG_ATTR(mem_quota,
+		 sysfs_emit(buf, "%llu\n", get_unaligned_le64(cfg + VGPU_CFG_MEM_QUOTA)));
+VGPU_CONFIG_ATTR(device_memory,
+		 sysfs_emit(buf, "%llu\n", get_unaligned_le64(cfg + VGPU_CFG_DEVICE_MEMORY)));
+VGPU_CONFIG_ATTR(multiprocessors,
+		 sysfs_emit(buf, "%u\n", get_unaligned_le32(cfg + VGPU_CFG_MULTIPROCESSORS)));
+VGPU_CONFIG_ATTR(max_sessions,
+		 sysfs_emit(buf, "%u\n", get_unaligned_le32(cfg + VGPU_CFG_MAX_SESSIONS)));
+VGPU_CONFIG_ATTR(max_request_bytes,
+		 sysfs_emit(buf, "%u\n", get_unaligned_le32(cfg + VGPU_CFG_MAX_REQUEST_BYTES)));
+
+static ssize_t executor_config(const u8 *cfg, char *buf)
+{
+	u32 kind = get_unaligned_le32(cfg + VGPU_CFG_EXECUTOR);
+
+	switch (kind) {
+	case VGPU_EXECUTOR_CPU:
+		return sysfs_emit(buf, "cpu\n");
+	case VGPU_EXECUTOR_CUDA:
+		return sysfs_emit(buf, "cuda\n");
+	default:
+		return sysfs_emit(buf, "unknown (%u)\n", kind);
+	}
+}
+
+static ssize_t executor_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	return vgpu_show_config(dev, buf, executor_config);
+}
+static DEVICE_ATTR_RO(executor);
+
+static ssize_t sessions_open_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	return sysfs_emit(buf, "%d\n", atomic_read(&to_vgpu(dev)->sessions));
+}
+static DEVICE_ATTR_RO(sessions_open);
+
+static ssize_t queue_size_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	return sysfs_emit(buf, "%u\n", to_vgpu(dev)->queue_size);
+}
+static DEVICE_ATTR_RO(queue_size);
+
+static struct attribute *vgpu_attrs[] = {
+	&dev_attr_name.attr,
+	&dev_attr_executor.attr,
+	&dev_attr_version.attr,
+	&dev_attr_cc.attr,
+	&dev_attr_mem_quota.attr,
+	&dev_attr_device_memory.attr,
+	&dev_attr_multiprocessors.attr,
+	&dev_attr_max_sessions.attr,
+	&dev_attr_max_request_bytes.attr,
+	&dev_attr_sessions_open.attr,
+	&dev_attr_queue_size.attr,
+	NULL,
+};
+ATTRIBUTE_GROUPS(vgpu);
+
+/* ---- virtio driver ---- */
+
+/* Called with state_lock held. */
+static int vgpu_init_vq(struct vgpu_device *vg)
+{
+	struct virtqueue *vq;
+
+	vq = virtio_find_single_vq(vg->vdev, vgpu_vq_done, "requests");
+	if (IS_ERR(vq))
+		return PTR_ERR(vq);
+	spin_lock_irq(&vg->vq_lock);
+	vg->vq = vq;
+	vg->queue_size = virtqueue_get_vring_size(vq);
+	spin_unlock_irq(&vg->vq_lock);
+	return 0;
+}
+
+static void vgpu_go_live(struct vgpu_device *vg)
+{
+	virtio_device_ready(vg->vdev);
+	spin_lock_irq(&vg->vq_lock);
+	vg->live = true;
+	spin_unlock_irq(&vg->vq_lock);
+}
+
+/*
+ * Stops the device and fails everything it held with -ENODEV. After this no request
+ * can be queued, no waiter sleeps, and the device touches no guest memory. Called
+ * with state_lock held.
+ */
+static void vgpu_teardown_vq(struct vgpu_device *vg)
+{
+	struct vgpu_request *req, *tmp;
+	unsigned int len;
+
+	spin_lock_irq(&vg->vq_lock);
+	vg->live = false;
+	vg->epoch++;
+	spin_unlock_irq(&vg->vq_lock);
+	/* Wait out submitters between virtqueue_add_sgs and their notify. */
+	down_write(&vg->notify_sem);
+	up_write(&vg->notify_sem);
+
+	/* Also synchronizes with the interrupt: no callback runs after this. */
+	virtio_reset_device(vg->vdev);
+
+	spin_lock_irq(&vg->vq_lock);
+	/* Deliver what the device finished before the reset, fail the rest. */
+	while ((req = virtqueue_get_buf(vg->vq, &len)))
+		vgpu_finish_locked(vg, req, 0, len);
+	list_for_each_entry_safe(req, tmp, &vg->inflight, node)
+		vgpu_finish_locked(vg, req, -ENODEV, 0);
+	vg->space_gen++;
+	vg->vq = NULL;
+	spin_unlock_irq(&vg->vq_lock);
+	wake_up_all(&vg->space_wq);
+
+	vg->vdev->config->del_vqs(vg->vdev);
+}
+
+static void vgpu_device_release(struct device *dev)
+{
+	struct vgpu_device *vg = to_vgpu(dev);
+
+	ida_free(&vgpu_ida, vg->index);
+	kfree(vg);
+}
+
+static int vgpu_probe(struct virtio_device *vdev)
+{
+	u8 cfg[VGPU_CONFIG_SIZE];
+	struct vgpu_device *vg;
+	u32 magic, version;
+	int index, err;
+
+	virtio_cread_bytes(vdev, 0, cfg, sizeof(cfg));
+	magic = get_unaligned_le32(cfg + VGPU_CFG_MAGIC);
+	version = get_unaligned_le32(cfg + VGPU_CFG_VERSION);
+	if (magic != VGPU_CONFIG_MAGIC) {
+		dev_err(&vdev->dev, "config space magic %#010x is not a vGPU device's (config_size=%d?)\n",
+			magic, VGPU_CONFIG_SIZE);
+		return -ENODEV;
+	}
+	if (version != VGPU_PROTOCOL_VERSION) {
+		dev_err(&vdev->dev, "device speaks protocol version %u, this driver %u\n",
+			version, VGPU_PROTOCOL_VERSION);
+		return -ENODEV;
+	}
+
+	index = ida_alloc_max(&vgpu_ida, VGPU_MAX_DEVICES - 1, GFP_KERNEL);
+	if (index < 0)
+		return index;
+	vg = kzalloc(sizeof(*vg), GFP_KERNEL);
+	if (!vg) {
+		ida_free(&vgpu_ida, index);
+		return -ENOMEM;
+	}
+	vg->index = index;
+	mutex_init(&vg->state_lock);
+	spin_lock_init(&vg->vq_lock);
+	INIT_LIST_HEAD(&vg->inflight);
+	init_waitqueue_head(&vg->space_wq);
+	init_rwsem(&vg->notify_sem);
+	atomic_set(&vg->sessions, 0);
+	vg->vdev = vdev;
+	vdev->priv = vg;
+
+	/* From here on the device's refcount owns vg: errors put it. */
+	device_initialize(&vg->dev);
+	vg->dev.class = vgpu_class;
+	vg->dev.parent = &vdev->dev;
+	vg->dev.devt = MKDEV(MAJOR(vgpu_devt), index);
+	vg->dev.groups = vgpu_groups;
+	vg->dev.release = vgpu_device_release;
+	err = dev_set_name(&vg->dev, "vgpu%d", index);
+	if (err)
+		goto put;
+
+	mutex_lock(&vg->state_lock);
+	err = vgpu_init_vq(vg);
+	if (!err)
+		vgpu_go_live(vg);
+	mutex_unlock(&vg->state_lock);
+	if (err)
+		goto put;
+
+	cdev_init(&vg->cdev, &vgpu_fops);
+	vg->cdev.owner = THIS_MODULE;
+	err = cdev_device_add(&vg->cdev, &vg->dev);
+	if (err)
+		goto teardown;
+
+	dev_info(&vg->dev, "%.*s, queue size %u\n",
+		 (int)strnlen(cfg + VGPU_CFG_NAME, VGPU_CFG_NAME_SIZE), cfg + VGPU_CFG_NAME,
+		 vg->queue_size);
+	return 0;
+
+teardown:
+	mutex_lock(&vg->state_lock);
+	vgpu_teardown_vq(vg);
+	mutex_unlock(&vg->state_lock);
+put:
+	put_device(&vg->dev);
+	return err;
+}
+
+static void vgpu_remove(struct virtio_device *vdev)
+{
+	struct vgpu_device *vg = vdev->priv;
+
+	/* No new opens and no sysfs readers; open files keep vg alive. */
+	cdev_device_del(&vg->cdev, &vg->dev);
+	mutex_lock(&vg->state_lock);
+	if (vg->vq)
+		vgpu_teardown_vq(vg);
+	vg->vdev = NULL;
+	mutex_unlock(&vg->state_lock);
+	put_device(&vg->dev);
+}
+
+#ifdef CONFIG_PM_SLEEP
+/* The host drops a reset VM's sessions, so files opened before a freeze get -ENODEV. */
+static int vgpu_freeze(struct virtio_device *vdev)
+{
+	struct vgpu_device *vg = vdev->priv;
+
+	mutex_lock(&vg->state_lock);
+	if (vg->vq)
+		vgpu_teardown_vq(vg);
+	mutex_unlock(&vg->state_lock);
+	return 0;
+}
+
+static int vgpu_restore(struct virtio_device *vdev)
+{
+	struct vgpu_device *vg = vdev->priv;
+	int err;
+
+	mutex_lock(&vg->state_lock);
+	err = vgpu_init_vq(vg);
+	if (!err)
+		vgpu_go_live(vg);
+	mutex_unlock(&vg->state_lock);
+	return err;
+}
+#endif
+
+static struct virtio_driver vgpu_driver = {
+	.driver.name = KBUILD_MODNAME,
+	.driver.owner = THIS_MODULE,
+	.id_table = id_table,
+	.probe = vgpu_probe,
+	.remove = vgpu_remove,
+#ifdef CONFIG_PM_SLEEP
+	.freeze = vgpu_freeze,
+	.restore = vgpu_restore,
+#endif
+};
+
+static int __init vgpu_init(void)
+{
+	int err;
+
+	if (!virtio_id || virtio_id == VIRTIO_DEV_ANY_ID) {
+		pr_err("vgpu: virtio_id=%u is not a device ID\n", virtio_id);
+		return -EINVAL;
+	}
+	id_table[0].device = virtio_id;
+
+	err = alloc_chrdev_region(&vgpu_devt, 0, VGPU_MAX_DEVICES, "vgpu");
+	if (err)
+		return err;
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 4, 0)
+	vgpu_class = class_create("vgpu");
+#else
+	vgpu_class = class_create(THIS_MODULE, "vgpu");
+#endif
+	if (IS_ERR(vgpu_class)) {
+		err = PTR_ERR(vgpu_class);
+		goto unregister_region;
+	}
+	vgpu_wq = alloc_workqueue("vgpu", WQ_UNBOUND, 0);
+	if (!vgpu_wq) {
+		err = -ENOMEM;
+		goto destroy_class;
+	}
+	err = register_virtio_driver(&vgpu_driver);
+	if (err)
+		goto destroy_wq;
+	return 0;
+
+destroy_wq:
+	destroy_workqueue(vgpu_wq);
+destroy_class:
+	class_destroy(vgpu_class);
+unregister_region:
+	unregister_chrdev_region(vgpu_devt, VGPU_MAX_DEVICES);
+	return err;
+}
+
+static void __exit vgpu_exit(void)
+{
+	unregister_virtio_driver(&vgpu_driver);
+	/* Runs the last deferred closes and reaps, which drop the last device references. */
+	destroy_workqueue(vgpu_wq);
+	class_destroy(vgpu_class);
+	unregister_chrdev_region(vgpu_devt, VGPU_MAX_DEVICES);
+	ida_destroy(&vgpu_ida);
+}
+
+module_init(vgpu_init);
+module_exit(vgpu_exit);
+
+MODULE_DESCRIPTION("Guest driver for the mediated vGPU virtio device");
+MODULE_LICENSE("GPL");

@@ -1,0 +1,153 @@
+/* SPDX-License-Identifier: (GPL-2.0 WITH Linux-syscall-note) OR Apache-2.0 */
+/*
+ * vgpu_ioctl.h: the interface between the vgpu guest driver (vgpu.ko) and user space,
+ * plus the wire constants of the vGPU protocol that both sides need. The protocol
+ * itself is defined by protocol/README.md (crate vgpu-protocol); this header mirrors
+ * it. Everything on the wire is little-endian.
+ *
+ * Each open file of /dev/vgpuN is one session on the host. The driver opens the
+ * session at open() and closes it at the last close(); it writes the file's session
+ * into every request header, so user space leaves that field 0.
+ */
+#ifndef VGPU_IOCTL_H
+#define VGPU_IOCTL_H
+
+#include <linux/ioctl.h>
+#include <linux/types.h>
+
+/* ---- wire format (protocol/README.md) ---- */
+
+#define VGPU_PROTOCOL_VERSION		1
+#define VGPU_REQUEST_MAGIC		0x51504756u	/* "VGPQ" */
+#define VGPU_CONFIG_MAGIC		0x55504756u	/* "VGPU" */
+#define VGPU_DEFAULT_VIRTIO_ID		22
+
+#define VGPU_REQUEST_HEADER_SIZE	80
+#define VGPU_RESPONSE_HEADER_SIZE	32
+#define VGPU_CONFIG_SIZE		128
+#define VGPU_INFO_SIZE			192
+#define VGPU_MAX_TRANSFER_BYTES		(256u << 20)
+
+/* Request header field offsets. */
+#define VGPU_HDR_MAGIC			0	/* u32 */
+#define VGPU_HDR_VERSION		4	/* u16 */
+#define VGPU_HDR_OPCODE			6	/* u16 */
+#define VGPU_HDR_FLAGS			8	/* u32, 0 */
+#define VGPU_HDR_SESSION		16	/* u64, filled in by the driver */
+#define VGPU_HDR_TAG			24	/* u64, free for the caller */
+#define VGPU_HDR_ARGS			32	/* 48 bytes of operation arguments */
+
+/* Response header field offsets. */
+#define VGPU_RESP_STATUS		0	/* u32 */
+#define VGPU_RESP_DETAIL		4	/* u32 */
+#define VGPU_RESP_VALUE0		8	/* u64 */
+#define VGPU_RESP_VALUE1		16	/* u64 */
+#define VGPU_RESP_WRITTEN		24	/* u32 */
+
+/* Config space field offsets. */
+#define VGPU_CFG_MAGIC			0	/* u32 */
+#define VGPU_CFG_VERSION		4	/* u32 */
+#define VGPU_CFG_NUM_QUEUES		8	/* u32 */
+#define VGPU_CFG_MAX_REQUEST_BYTES	12	/* u32 */
+#define VGPU_CFG_EXECUTOR		16	/* u32: 1 CPU, 2 CUDA */
+#define VGPU_CFG_CC_MAJOR		20	/* u16 */
+#define VGPU_CFG_CC_MINOR		22	/* u16 */
+#define VGPU_CFG_MEM_QUOTA		24	/* u64 */
+#define VGPU_CFG_DEVICE_MEMORY		32	/* u64 */
+#define VGPU_CFG_MULTIPROCESSORS	40	/* u32 */
+#define VGPU_CFG_MAX_SESSIONS		44	/* u32 */
+#define VGPU_CFG_NAME			48	/* NUL-terminated UTF-8 */
+#define VGPU_CFG_NAME_SIZE		64
+
+#define VGPU_EXECUTOR_CPU		1
+#define VGPU_EXECUTOR_CUDA		2
+
+/* Opcodes. */
+#define VGPU_OP_INFO			1
+#define VGPU_OP_SESSION_OPEN		2	/* driver only */
+#define VGPU_OP_SESSION_CLOSE		3	/* driver only */
+#define VGPU_OP_ALLOC			4
+#define VGPU_OP_FREE			5
+#define VGPU_OP_HTOD			6
+#define VGPU_OP_DTOH			7
+#define VGPU_OP_DTOD			8
+#define VGPU_OP_MEMSET			9
+#define VGPU_OP_MODULE_LOAD		10
+#define VGPU_OP_MODULE_UNLOAD		11
+#define VGPU_OP_LAUNCH			12
+#define VGPU_OP_SYNC			13
+#define VGPU_OP_SELFTEST		14
+
+/* Response status codes. */
+#define VGPU_STATUS_OK			0
+#define VGPU_STATUS_INVALID_REQUEST	1
+#define VGPU_STATUS_UNKNOWN_OPCODE	2
+#define VGPU_STATUS_VERSION_MISMATCH	3
+#define VGPU_STATUS_INVALID_SESSION	4
+#define VGPU_STATUS_INVALID_HANDLE	5
+#define VGPU_STATUS_INVALID_ARGUMENT	6
+#define VGPU_STATUS_OUT_OF_RANGE	7
+#define VGPU_STATUS_QUOTA_EXCEEDED	8
+#define VGPU_STATUS_OUT_OF_MEMORY	9
+#define VGPU_STATUS_UNSUPPORTED		10
+#define VGPU_STATUS_KERNEL_NOT_FOUND	11
+#define VGPU_STATUS_MODULE_INVALID	12
+#define VGPU_STATUS_LAUNCH_FAILED	13
+#define VGPU_STATUS_DEVICE_LOST		14
+#define VGPU_STATUS_BUFFER_TOO_SMALL	15
+#define VGPU_STATUS_LIMIT_EXCEEDED	16
+#define VGPU_STATUS_INTERNAL		17
+
+/* ---- ioctls on /dev/vgpuN ---- */
+
+/* One contiguous piece of user memory placed in the chain. */
+struct vgpu_seg {
+	__u64 addr;	/* user pointer */
+	__u64 len;	/* bytes; 0 is skipped */
+};
+
+/*
+ * VGPU_IOC_SUBMIT: one request, as one descriptor chain
+ *   [header copy] [in_segs...] [out_segs...] [response]
+ * The in (device-readable) and out (device-writable) segments are pinned and handed
+ * to the device in place; physically contiguous pages share one descriptor. The
+ * chain may hold at most vgpu_info.queue_size descriptors (else E2BIG: split the
+ * request) and VGPU_MAX_PINNED_BYTES of user memory.
+ *
+ * Returns 0 once the device has answered: the response header (whatever its status)
+ * is in *response. Errors: EINVAL (SESSION_OPEN/SESSION_CLOSE opcode, bad segment),
+ * EFAULT, E2BIG, ENOMEM, ENODEV (device removed or reset: reopen), EIO (the device
+ * returned the chain without an answer), EINTR (fatal signal).
+ */
+struct vgpu_submit {
+	__u64 header;		/* user pointer to VGPU_REQUEST_HEADER_SIZE bytes */
+	__u64 response;		/* user pointer to VGPU_RESPONSE_HEADER_SIZE bytes, written */
+	__u64 in_segs;		/* user pointer to struct vgpu_seg[num_in]: device reads */
+	__u64 out_segs;		/* user pointer to struct vgpu_seg[num_out]: device writes */
+	__u32 num_in;
+	__u32 num_out;
+};
+
+/* VGPU_IOC_INFO: the device's config space and the queue's size. */
+struct vgpu_info {
+	__u8 config[VGPU_CONFIG_SIZE];	/* as read from the device, little-endian */
+	__u32 queue_size;		/* most descriptors in one chain */
+	__u32 reserved;
+};
+
+/* Most user memory one request may pin. */
+#define VGPU_MAX_PINNED_BYTES		(512ul << 20)
+
+#define VGPU_IOC_MAGIC			'V'
+#define VGPU_IOC_SUBMIT			_IOWR(VGPU_IOC_MAGIC, 1, struct vgpu_submit)
+#define VGPU_IOC_INFO			_IOR(VGPU_IOC_MAGIC, 2, struct vgpu_info)
+#define VGPU_IOC_SESSION		_IOR(VGPU_IOC_MAGIC, 3, __u64)
+
+/*
+ * mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) returns a zeroed host
+ * buffer of physically contiguous chunks (up to 4 MiB each on x86-64): copies from
+ * it need few descriptors. Offset must be 0; each mmap is a new buffer, freed when
+ * the last mapping of it goes away and the device no longer uses it.
+ */
+
+#endif /* VGPU_IOCTL_H */

@@ -1,0 +1,364 @@
+//! A small in-process device for unit tests: enough of the protocol to check what the
+//! library sends (chunking, argument encoding) and how it maps replies to errors.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use vgpu_protocol::{
+    Command, DeviceConfig, ExecutorKind, Header, InfoReply, Launch, Opcode, Param, Request,
+    Response, ResponseHeader, Status, REQUEST_HEADER_SIZE,
+};
+
+use crate::error::{Error, Result};
+use crate::transport::{HostMemory, InProcessTransport, Transport};
+use crate::Session;
+
+pub const QUOTA: u64 = 64 << 20;
+pub const NAME: &str = "Fake vGPU (test)";
+
+#[derive(Default)]
+struct FakeSession {
+    buffers: HashMap<u64, Vec<u8>>,
+    modules: HashSet<u64>,
+    sticky: Option<(Status, u32)>,
+}
+
+#[derive(Default)]
+pub struct State {
+    sessions: HashMap<u64, FakeSession>,
+    next_id: u64,
+    /// Every request the device executed, in order.
+    pub log: Vec<Request>,
+    /// The error the next SYNC of any session reports (an asynchronous failure).
+    pub fail_sync: Option<(Status, u32)>,
+}
+
+impl State {
+    pub fn open_sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn buffers(&self) -> usize {
+        self.sessions.values().map(|s| s.buffers.len()).sum()
+    }
+
+    pub fn modules(&self) -> usize {
+        self.sessions.values().map(|s| s.modules.len()).sum()
+    }
+
+    fn mem_used(&self) -> u64 {
+        self.sessions
+            .values()
+            .flat_map(|s| s.buffers.values())
+            .map(|b| b.len() as u64)
+            .sum()
+    }
+}
+
+#[derive(Default)]
+pub struct FakeDevice {
+    pub state: Mutex<State>,
+}
+
+pub fn config() -> DeviceConfig {
+    DeviceConfig {
+        version: 1,
+        num_queues: 1,
+        max_request_bytes: 1 << 29,
+        executor: ExecutorKind::Cpu,
+        cc_major: 0,
+        cc_minor: 0,
+        mem_quota: QUOTA,
+        device_memory: 1 << 30,
+        multiprocessors: 2,
+        max_sessions: 8,
+        name: NAME.into(),
+    }
+}
+
+impl FakeDevice {
+    pub fn new() -> Arc<FakeDevice> {
+        Arc::new(FakeDevice::default())
+    }
+
+    /// A session over an [`InProcessTransport`] on this device.
+    pub fn session(self: &Arc<Self>) -> Session {
+        Session::from_transport(Box::new(self.transport()))
+    }
+
+    pub fn transport(self: &Arc<Self>) -> InProcessTransport {
+        let dev = self.clone();
+        InProcessTransport::new(Arc::new(move |r| dev.handle(r))).unwrap()
+    }
+
+    pub fn handle(&self, r: Request) -> Response {
+        let mut st = self.state.lock().unwrap();
+        st.log.push(r.clone());
+        let st = &mut *st;
+        let Request {
+            session, command, ..
+        } = r;
+        match command {
+            Command::Info => {
+                let info = InfoReply {
+                    config: config(),
+                    mem_used: st.mem_used(),
+                    sessions: st.sessions.len() as u32,
+                    allocations: st.buffers() as u32,
+                    modules: st.modules() as u32,
+                    weight: 1,
+                };
+                return Response::data(info.encode().to_vec());
+            }
+            Command::SessionOpen => {
+                st.next_id += 1;
+                st.sessions.insert(st.next_id, FakeSession::default());
+                return Response::value(st.next_id);
+            }
+            Command::SessionClose => {
+                return match st.sessions.remove(&session) {
+                    Some(_) => Response::ok(),
+                    None => Response::error(Status::InvalidSession, 0),
+                };
+            }
+            Command::Selftest { .. } => return Response::data(b"fake self-test passed".to_vec()),
+            _ => {}
+        }
+        let used = st.mem_used();
+        let fail_sync = st.fail_sync;
+        let Some(s) = st.sessions.get_mut(&session) else {
+            return Response::error(Status::InvalidSession, 0);
+        };
+        if let Some((status, detail)) = s.sticky {
+            return Response::error(status, detail);
+        }
+        let id = &mut st.next_id;
+        match run(s, id, used, fail_sync, command) {
+            Ok(r) => r,
+            Err(status) => Response::error(status, 0),
+        }
+    }
+}
+
+fn range(buf: &[u8], offset: u64, len: u64) -> Result<std::ops::Range<usize>, Status> {
+    let end = offset.checked_add(len).ok_or(Status::OutOfRange)?;
+    if end > buf.len() as u64 {
+        return Err(Status::OutOfRange);
+    }
+    Ok(offset as usize..end as usize)
+}
+
+fn run(
+    s: &mut FakeSession,
+    next_id: &mut u64,
+    used: u64,
+    fail_sync: Option<(Status, u32)>,
+    command: Command,
+) -> Result<Response, Status> {
+    Ok(match command {
+        Command::Alloc { size } => {
+            if used + size > QUOTA {
+                return Err(Status::QuotaExceeded);
+            }
+            *next_id += 1;
+            s.buffers.insert(*next_id, vec![0xA5; size as usize]);
+            Response::value(*next_id)
+        }
+        Command::Free { handle } => {
+            s.buffers.remove(&handle).ok_or(Status::InvalidHandle)?;
+            Response::ok()
+        }
+        Command::Htod { dst, offset, data } => {
+            let b = s.buffers.get_mut(&dst).ok_or(Status::InvalidHandle)?;
+            let r = range(b, offset, data.len() as u64)?;
+            b[r].copy_from_slice(&data);
+            Response::ok()
+        }
+        Command::Dtoh { src, offset, len } => {
+            let b = s.buffers.get(&src).ok_or(Status::InvalidHandle)?;
+            Response::data(b[range(b, offset, len)?].to_vec())
+        }
+        Command::Dtod {
+            dst,
+            dst_offset,
+            src,
+            src_offset,
+            len,
+        } => {
+            let from = s.buffers.get(&src).ok_or(Status::InvalidHandle)?;
+            let data = from[range(from, src_offset, len)?].to_vec();
+            let to = s.buffers.get_mut(&dst).ok_or(Status::InvalidHandle)?;
+            let r = range(to, dst_offset, len)?;
+            to[r].copy_from_slice(&data);
+            Response::ok()
+        }
+        Command::Memset {
+            dst,
+            offset,
+            len,
+            value,
+            width,
+        } => {
+            let b = s.buffers.get_mut(&dst).ok_or(Status::InvalidHandle)?;
+            let r = range(b, offset, len)?;
+            if width == 1 {
+                b[r].fill(value as u8);
+            } else {
+                b[r].chunks_exact_mut(4)
+                    .for_each(|w| w.copy_from_slice(&value.to_le_bytes()));
+            }
+            Response::ok()
+        }
+        Command::ModuleLoad { .. } => {
+            *next_id += 1;
+            s.modules.insert(*next_id);
+            Response::value(*next_id)
+        }
+        Command::ModuleUnload { module } => {
+            if !s.modules.remove(&module) {
+                return Err(Status::InvalidHandle);
+            }
+            Response::ok()
+        }
+        Command::Launch(l) => {
+            launch(s, l)?;
+            Response::ok()
+        }
+        Command::Sync => {
+            if let Some((status, detail)) = fail_sync {
+                s.sticky = Some((status, detail));
+                return Ok(Response::error(status, detail));
+            }
+            Response::ok()
+        }
+        Command::Info | Command::SessionOpen | Command::SessionClose | Command::Selftest { .. } => {
+            unreachable!("answered before the session lookup")
+        }
+    })
+}
+
+fn floats(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn launch(s: &mut FakeSession, l: Launch) -> Result<(), Status> {
+    if l.module != 0 {
+        return Err(if s.modules.contains(&l.module) {
+            Status::KernelNotFound
+        } else {
+            Status::InvalidHandle
+        });
+    }
+    let buf = |p: &Param| match p {
+        Param::Buffer(h) => Ok(*h),
+        Param::Value(_) => Err(Status::InvalidArgument),
+    };
+    let val = |p: &Param| match p {
+        Param::Value(v) if v.len() == 4 => Ok(<[u8; 4]>::try_from(&v[..]).unwrap()),
+        _ => Err(Status::InvalidArgument),
+    };
+    match (l.kernel.as_str(), &l.params[..]) {
+        ("vector_add_f32", [a, b, c, n]) => {
+            let n = u32::from_le_bytes(val(n)?) as usize;
+            let get = |h| s.buffers.get(&h).ok_or(Status::InvalidHandle);
+            let (a, b) = (floats(get(buf(a)?)?), floats(get(buf(b)?)?));
+            if a.len() < n || b.len() < n {
+                return Err(Status::OutOfRange);
+            }
+            let c = s.buffers.get_mut(&buf(c)?).ok_or(Status::InvalidHandle)?;
+            if c.len() < n * 4 {
+                return Err(Status::OutOfRange);
+            }
+            for i in 0..n {
+                c[4 * i..4 * i + 4].copy_from_slice(&(a[i] + b[i]).to_le_bytes());
+            }
+        }
+        ("scale_f32", [x, alpha, n]) => {
+            let alpha = f32::from_le_bytes(val(alpha)?);
+            let n = u32::from_le_bytes(val(n)?) as usize;
+            let x = s.buffers.get_mut(&buf(x)?).ok_or(Status::InvalidHandle)?;
+            if x.len() < n * 4 {
+                return Err(Status::OutOfRange);
+            }
+            for w in x[..n * 4].chunks_exact_mut(4) {
+                let v = f32::from_le_bytes((&*w).try_into().unwrap()) * alpha;
+                w.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        _ => return Err(Status::KernelNotFound),
+    }
+    Ok(())
+}
+
+/// What the library put in one chain.
+#[derive(Clone, Debug)]
+pub struct Chain {
+    pub header: Header,
+    pub input: Vec<usize>,
+    pub output: Vec<usize>,
+}
+
+impl Chain {
+    pub fn opcode(&self) -> Opcode {
+        self.header.op.opcode()
+    }
+}
+
+/// Wraps a transport: records every chain and, like the guest driver with a short
+/// queue, refuses chains whose payload is over a limit.
+pub struct Recorder<T> {
+    pub inner: T,
+    pub chains: Arc<Mutex<Vec<Chain>>>,
+    pub payload_limit: Option<usize>,
+    pub rejected: Arc<Mutex<usize>>,
+    pub contiguous_host_memory: bool,
+}
+
+impl<T: Transport> Recorder<T> {
+    pub fn new(inner: T) -> Recorder<T> {
+        Recorder {
+            inner,
+            chains: Arc::default(),
+            payload_limit: None,
+            rejected: Arc::default(),
+            contiguous_host_memory: false,
+        }
+    }
+}
+
+impl<T: Transport> Transport for Recorder<T> {
+    fn submit(
+        &self,
+        header: &[u8; REQUEST_HEADER_SIZE],
+        input: &[&[u8]],
+        output: &mut [&mut [u8]],
+    ) -> Result<ResponseHeader> {
+        let chain = Chain {
+            header: Header::decode(header).map_err(Error::Protocol)?,
+            input: input.iter().map(|s| s.len()).collect(),
+            output: output.iter().map(|s| s.len()).collect(),
+        };
+        let payload: usize = chain.input.iter().chain(&chain.output).sum();
+        if self.payload_limit.is_some_and(|l| payload > l) {
+            *self.rejected.lock().unwrap() += 1;
+            return Err(Error::ChainTooLong);
+        }
+        self.chains.lock().unwrap().push(chain);
+        self.inner.submit(header, input, output)
+    }
+
+    fn config(&self) -> Result<DeviceConfig> {
+        self.inner.config()
+    }
+
+    fn host_memory(&self, bytes: usize) -> Result<HostMemory> {
+        let m = self.inner.host_memory(bytes)?;
+        Ok(if self.contiguous_host_memory {
+            m.assume_contiguous()
+        } else {
+            m
+        })
+    }
+}

@@ -1,0 +1,1340 @@
+//! Devices, sessions, device buffers, modules and launches, shaped like cudarc.
+
+use std::fs;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use log::{debug, trace};
+use vgpu_protocol::{
+    Command, DeviceConfig, Header, InfoReply, Launch, Op, Param, Request, ResponseHeader,
+    SelftestKind, Status, BUILTIN_MODULE, INFO_SIZE, MAX_KERNEL_NAME, MAX_PARAMS, MAX_PARAM_BYTES,
+    MAX_PTX_BYTES, MAX_SELFTEST_MESSAGE, MAX_TRANSFER_BYTES, REQUEST_HEADER_SIZE,
+    RESPONSE_HEADER_SIZE,
+};
+
+use crate::error::{Error, Result};
+use crate::transport::{device_path, opcode_name, CharDevTransport, HostMemory, Transport};
+
+/// Size of one copy request from ordinary (pageable) memory. Its pages may be scattered,
+/// so it takes up to 258 descriptors of a chain; the device's queue holds 1024.
+pub const PAGEABLE_CHUNK_BYTES: usize = 1 << 20;
+/// Size of one copy request from a [`HostBuffer`] to start with: its memory comes in
+/// physically contiguous chunks, so even the largest transfer needs few descriptors.
+pub const HOST_CHUNK_BYTES: usize = MAX_TRANSFER_BYTES as usize;
+/// Chunks never shrink below one page when the driver reports a chain too long.
+pub const MIN_CHUNK_BYTES: usize = 4096;
+
+/// Plain data that is copied to and from the device as its bytes.
+///
+/// # Safety
+/// Every bit pattern must be a valid value and the type must have no padding.
+pub unsafe trait Pod: Copy + Send + Sync + 'static {}
+
+macro_rules! pod {
+    ($($t:ty),*) => { $(
+        // SAFETY: primitive numbers: no padding, every bit pattern valid.
+        unsafe impl Pod for $t {}
+    )* };
+}
+pod!(u8, i8, u16, i16, u32, i32, u64, i64, f32, f64);
+// SAFETY: an array of Pod has no padding and every bit pattern is valid.
+unsafe impl<T: Pod, const N: usize> Pod for [T; N] {}
+
+fn as_bytes<T: Pod>(s: &[T]) -> &[u8] {
+    // SAFETY: T is Pod, so its bytes are initialized and any view of them is valid.
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), std::mem::size_of_val(s)) }
+}
+
+fn as_bytes_mut<T: Pod>(s: &mut [T]) -> &mut [u8] {
+    // SAFETY: T is Pod: whatever bytes are written form valid values.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), std::mem::size_of_val(s)) }
+}
+
+fn byte_len<T>(n: usize) -> Result<usize> {
+    n.checked_mul(std::mem::size_of::<T>())
+        .ok_or_else(|| Error::invalid(format!("{n} elements overflow the address space")))
+}
+
+/// A vGPU device node, `/dev/vgpuN`. Work happens in its sessions.
+#[derive(Clone, Debug)]
+pub struct Device {
+    path: PathBuf,
+}
+
+impl Device {
+    /// The device `/dev/vgpu<index>`.
+    pub fn open(index: u32) -> Result<Device> {
+        Device::open_path(device_path(index))
+    }
+
+    /// The device at `path`.
+    pub fn open_path(path: impl AsRef<Path>) -> Result<Device> {
+        let path = path.as_ref().to_path_buf();
+        fs::metadata(&path).map_err(|source| Error::Open {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Device { path })
+    }
+
+    /// Indices of the device nodes present, in order.
+    pub fn list() -> Vec<u32> {
+        let mut found: Vec<u32> = fs::read_dir("/dev")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix("vgpu")?.parse().ok())
+            .collect();
+        found.sort_unstable();
+        found
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens a new session: one open file of the device, one context on the host.
+    pub fn session(&self) -> Result<Session> {
+        Ok(Session::from_transport(Box::new(CharDevTransport::open(
+            &self.path,
+        )?)))
+    }
+}
+
+struct SessionInner {
+    transport: Box<dyn Transport>,
+    next_tag: AtomicU64,
+    /// Current chunk for pageable memory; halves when the driver says E2BIG.
+    pageable_chunk: AtomicUsize,
+    /// The largest payload the device accepts in one request.
+    device_limit: OnceLock<usize>,
+}
+
+impl SessionInner {
+    fn request(&self, op: Op, input: &[&[u8]], output: &mut [&mut [u8]]) -> Result<ResponseHeader> {
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let name = opcode_name(op.opcode());
+        let header = Header {
+            session: 0,
+            tag,
+            op,
+        }
+        .encode();
+        let r = self.transport.submit(&header, input, output)?;
+        trace!(
+            "{name} tag {tag}: {} detail {} value0 {}",
+            r.status,
+            r.detail,
+            r.value0
+        );
+        if r.status != Status::Ok {
+            return Err(Error::Device {
+                op: name,
+                status: r.status,
+                detail: r.detail,
+            });
+        }
+        Ok(r)
+    }
+
+    fn device_limit(&self) -> usize {
+        *self.device_limit.get_or_init(|| {
+            let overhead = REQUEST_HEADER_SIZE + RESPONSE_HEADER_SIZE;
+            match self.transport.config() {
+                Ok(c) if c.max_request_bytes as usize > overhead + MIN_CHUNK_BYTES => {
+                    let limit = (c.max_request_bytes as usize - overhead) / MIN_CHUNK_BYTES
+                        * MIN_CHUNK_BYTES;
+                    limit.min(HOST_CHUNK_BYTES)
+                }
+                Ok(_) => HOST_CHUNK_BYTES,
+                Err(e) => {
+                    debug!("config unavailable, assuming the protocol's transfer limit: {e}");
+                    HOST_CHUNK_BYTES
+                }
+            }
+        })
+    }
+
+    /// Runs `send(offset, len)` over `total` bytes in chunks of `chunk`, halving the
+    /// chunk whenever the driver reports the chain too long.
+    fn chunked(
+        &self,
+        total: usize,
+        chunk: &AtomicUsize,
+        mut send: impl FnMut(usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        let mut pos = 0;
+        while pos < total {
+            let size = chunk
+                .load(Ordering::Relaxed)
+                .min(self.device_limit())
+                .min(total - pos);
+            match send(pos, size) {
+                Ok(()) => pos += size,
+                Err(Error::ChainTooLong) if size > MIN_CHUNK_BYTES => {
+                    let smaller =
+                        (size / 2 / MIN_CHUNK_BYTES * MIN_CHUNK_BYTES).max(MIN_CHUNK_BYTES);
+                    debug!("chain too long for {size} bytes, retrying with {smaller}");
+                    chunk.store(smaller, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn htod(&self, dst: u64, offset: u64, src: &[u8], chunk: &AtomicUsize) -> Result<()> {
+        self.chunked(src.len(), chunk, |pos, len| {
+            let offset = offset_at(offset, pos)?;
+            let op = Op::Htod {
+                dst,
+                offset,
+                len: len as u64,
+            };
+            self.request(op, &[&src[pos..pos + len]], &mut []).map(drop)
+        })
+    }
+
+    fn dtoh(&self, src: u64, offset: u64, dst: &mut [u8], chunk: &AtomicUsize) -> Result<()> {
+        self.chunked(dst.len(), chunk, |pos, len| {
+            let offset = offset_at(offset, pos)?;
+            let op = Op::Dtoh {
+                src,
+                offset,
+                len: len as u64,
+            };
+            let r = self.request(op, &[], &mut [&mut dst[pos..pos + len]])?;
+            if r.written as usize != len {
+                return Err(Error::ShortReply {
+                    op: "DTOH",
+                    expected: len,
+                    written: r.written as usize,
+                });
+            }
+            Ok(())
+        })
+    }
+
+    fn free(&self, handle: u64) {
+        if let Err(e) = self.request(Op::Free { handle }, &[], &mut []) {
+            debug!("free of buffer {handle}: {e}");
+        }
+    }
+}
+
+fn offset_at(base: u64, pos: usize) -> Result<u64> {
+    base.checked_add(pos as u64)
+        .ok_or_else(|| Error::invalid("offset overflows"))
+}
+
+/// One session on the device: its own buffers, modules and stream of work. Cheap to
+/// clone (clones share the session) and usable from several threads at once. The
+/// session closes when the last clone and the last buffer or module made in it drop.
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<SessionInner>,
+}
+
+impl Session {
+    /// A session over any transport (the guest driver, or an in-process device).
+    pub fn from_transport(transport: Box<dyn Transport>) -> Session {
+        Session {
+            inner: Arc::new(SessionInner {
+                transport,
+                next_tag: AtomicU64::new(1),
+                pageable_chunk: AtomicUsize::new(PAGEABLE_CHUNK_BYTES),
+                device_limit: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// The device's config space.
+    pub fn config(&self) -> Result<DeviceConfig> {
+        self.inner.transport.config()
+    }
+
+    /// The device and this VM's usage of it.
+    pub fn info(&self) -> Result<InfoReply> {
+        let mut buf = [0u8; INFO_SIZE];
+        let r = self.inner.request(Op::Info, &[], &mut [&mut buf])?;
+        if (r.written as usize) < INFO_SIZE {
+            return Err(Error::ShortReply {
+                op: "INFO",
+                expected: INFO_SIZE,
+                written: r.written as usize,
+            });
+        }
+        Ok(InfoReply::decode(&buf)?)
+    }
+
+    /// Allocates device memory for `n` elements (contents undefined).
+    pub fn alloc<T: Pod>(&self, n: usize) -> Result<DeviceBuffer<T>> {
+        let bytes = byte_len::<T>(n)?;
+        let r = self
+            .inner
+            .request(Op::Alloc { size: bytes as u64 }, &[], &mut [])?;
+        Ok(DeviceBuffer {
+            session: self.inner.clone(),
+            handle: r.value0,
+            len: n,
+            _t: PhantomData,
+        })
+    }
+
+    /// Allocates device memory for `n` elements, zeroed.
+    pub fn alloc_zeros<T: Pod>(&self, n: usize) -> Result<DeviceBuffer<T>> {
+        let mut b = self.alloc(n)?;
+        self.memset_u8(&mut b, 0)?;
+        Ok(b)
+    }
+
+    /// Allocates a buffer holding a copy of `src`.
+    pub fn htod_copy<T: Pod>(&self, src: &[T]) -> Result<DeviceBuffer<T>> {
+        let mut b = self.alloc(src.len())?;
+        self.htod(src, &mut b)?;
+        Ok(b)
+    }
+
+    /// Copies `src` to the start of `dst` (which must be at least as long).
+    pub fn htod<T: Pod>(&self, src: &[T], dst: &mut DeviceBuffer<T>) -> Result<()> {
+        self.check_buffer(dst)?;
+        if src.len() > dst.len {
+            return Err(Error::invalid(format!(
+                "copy of {} elements into a buffer of {}",
+                src.len(),
+                dst.len
+            )));
+        }
+        self.inner
+            .htod(dst.handle, 0, as_bytes(src), &self.inner.pageable_chunk)
+    }
+
+    /// Copies the whole of `src` to a new vector.
+    pub fn dtoh<T: Pod>(&self, src: &DeviceBuffer<T>) -> Result<Vec<T>> {
+        // SAFETY: T is Pod, so all-zero bytes are a valid value.
+        let mut v = vec![unsafe { std::mem::zeroed::<T>() }; src.len];
+        self.dtoh_into(src, &mut v)?;
+        Ok(v)
+    }
+
+    /// Copies the whole of `src` into the start of `dst` (which must be at least as long).
+    pub fn dtoh_into<T: Pod>(&self, src: &DeviceBuffer<T>, dst: &mut [T]) -> Result<()> {
+        self.check_buffer(src)?;
+        if dst.len() < src.len {
+            return Err(Error::invalid(format!(
+                "copy of {} elements into a slice of {}",
+                src.len,
+                dst.len()
+            )));
+        }
+        let dst = &mut dst[..src.len];
+        self.inner
+            .dtoh(src.handle, 0, as_bytes_mut(dst), &self.inner.pageable_chunk)
+    }
+
+    /// Copies the whole of `src` to the start of `dst`, on the device.
+    pub fn dtod<T: Pod>(&self, src: &DeviceBuffer<T>, dst: &mut DeviceBuffer<T>) -> Result<()> {
+        self.check_buffer(src)?;
+        self.check_buffer(dst)?;
+        if src.len > dst.len {
+            return Err(Error::invalid(format!(
+                "copy of {} elements into a buffer of {}",
+                src.len, dst.len
+            )));
+        }
+        let op = Op::Dtod {
+            dst: dst.handle,
+            dst_offset: 0,
+            src: src.handle,
+            src_offset: 0,
+            len: src.byte_len() as u64,
+        };
+        self.inner.request(op, &[], &mut []).map(drop)
+    }
+
+    /// Sets every byte of `dst` to `value`.
+    pub fn memset_u8<T: Pod>(&self, dst: &mut DeviceBuffer<T>, value: u8) -> Result<()> {
+        self.memset(dst, value as u32, 1)
+    }
+
+    /// Sets every 32-bit word of `dst` to `value`; its size must be a multiple of 4.
+    pub fn memset_u32<T: Pod>(&self, dst: &mut DeviceBuffer<T>, value: u32) -> Result<()> {
+        if dst.byte_len() % 4 != 0 {
+            return Err(Error::invalid(format!(
+                "memset_u32 of a buffer of {} bytes",
+                dst.byte_len()
+            )));
+        }
+        self.memset(dst, value, 4)
+    }
+
+    fn memset<T: Pod>(&self, dst: &mut DeviceBuffer<T>, value: u32, width: u32) -> Result<()> {
+        self.check_buffer(dst)?;
+        let op = Op::Memset {
+            dst: dst.handle,
+            offset: 0,
+            len: dst.byte_len() as u64,
+            value,
+            width,
+        };
+        self.inner.request(op, &[], &mut []).map(drop)
+    }
+
+    /// Loads a PTX module; it is unloaded when the returned [`Module`] drops.
+    pub fn load_module(&self, ptx: &str) -> Result<Module> {
+        if ptx.is_empty() || ptx.len() > MAX_PTX_BYTES as usize {
+            return Err(Error::invalid(format!(
+                "PTX of {} bytes (1 to {MAX_PTX_BYTES})",
+                ptx.len()
+            )));
+        }
+        if ptx.as_bytes().contains(&0) {
+            return Err(Error::invalid("PTX contains a NUL byte"));
+        }
+        let op = Op::ModuleLoad {
+            ptx_len: ptx.len() as u32,
+        };
+        let r = if ptx.len() > PAGEABLE_CHUNK_BYTES {
+            // Too many scattered pages for one chain: stage it in contiguous memory.
+            let mut staged = self.inner.transport.host_memory(ptx.len())?;
+            staged.as_mut_slice().copy_from_slice(ptx.as_bytes());
+            self.inner.request(op, &[staged.as_slice()], &mut [])?
+        } else {
+            self.inner.request(op, &[ptx.as_bytes()], &mut [])?
+        };
+        Ok(Module {
+            session: Some(self.inner.clone()),
+            handle: r.value0,
+        })
+    }
+
+    /// The built-in kernel catalog (`vector_add_f32`, `scale_f32`, ...).
+    pub fn builtin(&self) -> Module {
+        Module {
+            session: None,
+            handle: BUILTIN_MODULE,
+        }
+    }
+
+    /// Launches `kernel` of `module`. Accepted asynchronously: a failure on the device
+    /// shows up at the next [`Session::sync`].
+    pub fn launch(
+        &self,
+        module: &Module,
+        kernel: &str,
+        cfg: LaunchConfig,
+        args: &[KernelArg<'_>],
+    ) -> Result<()> {
+        if let Some(owner) = &module.session {
+            if !Arc::ptr_eq(owner, &self.inner) {
+                return Err(Error::ForeignHandle("module"));
+            }
+        }
+        let request = self.launch_request(module.handle, kernel, cfg, args)?;
+        let payload = request.payload();
+        self.inner
+            .request(request.header().op, &[&payload], &mut [])
+            .map(drop)
+    }
+
+    fn launch_request(
+        &self,
+        module: u64,
+        kernel: &str,
+        cfg: LaunchConfig,
+        args: &[KernelArg<'_>],
+    ) -> Result<Request> {
+        let valid = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'$' | b'.');
+        if kernel.is_empty() || kernel.len() >= MAX_KERNEL_NAME || !kernel.bytes().all(valid) {
+            return Err(Error::invalid(format!("kernel name {kernel:?}")));
+        }
+        if args.len() > MAX_PARAMS {
+            return Err(Error::invalid(format!(
+                "{} kernel arguments (at most {MAX_PARAMS})",
+                args.len()
+            )));
+        }
+        let params = args
+            .iter()
+            .map(|a| a.param(&self.inner))
+            .collect::<Result<Vec<Param>>>()?;
+        let bytes: usize = params
+            .iter()
+            .map(|p| match p {
+                Param::Value(v) => v.len(),
+                Param::Buffer(_) => 8,
+            })
+            .sum();
+        if bytes > MAX_PARAM_BYTES as usize {
+            return Err(Error::invalid(format!(
+                "{bytes} bytes of kernel arguments (at most {MAX_PARAM_BYTES})"
+            )));
+        }
+        Ok(Request::new(
+            0,
+            Command::Launch(Launch {
+                module,
+                kernel: kernel.to_owned(),
+                grid: cfg.grid,
+                block: cfg.block,
+                shared_bytes: cfg.shared_bytes,
+                params,
+            }),
+        ))
+    }
+
+    /// Waits for all of the session's work; reports an asynchronous failure.
+    pub fn sync(&self) -> Result<()> {
+        self.inner.request(Op::Sync, &[], &mut []).map(drop)
+    }
+
+    /// Runs one of the device's self-tests and returns its message.
+    pub fn selftest(&self, kind: SelftestKind) -> Result<String> {
+        let mut buf = [0u8; MAX_SELFTEST_MESSAGE];
+        let r = self
+            .inner
+            .request(Op::Selftest { test: kind }, &[], &mut [&mut buf])?;
+        let n = (r.written as usize).min(buf.len());
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    /// Host memory for fast copies: on the guest driver, physically contiguous pages
+    /// mapped from the device (the analogue of `cudaMallocHost`). Zeroed.
+    pub fn host_buffer(&self, bytes: usize) -> Result<HostBuffer> {
+        let mem = self.inner.transport.host_memory(bytes)?;
+        let chunk = if mem.is_contiguous() {
+            HOST_CHUNK_BYTES
+        } else {
+            PAGEABLE_CHUNK_BYTES
+        };
+        Ok(HostBuffer {
+            mem,
+            chunk: AtomicUsize::new(chunk),
+        })
+    }
+
+    /// Copies the first `dst.byte_len()` bytes of `src` into `dst`.
+    pub fn htod_from_host<T: Pod>(
+        &self,
+        src: &HostBuffer,
+        dst: &mut DeviceBuffer<T>,
+    ) -> Result<()> {
+        self.check_buffer(dst)?;
+        let n = dst.byte_len();
+        if src.len() < n {
+            return Err(Error::invalid(format!(
+                "copy of {n} bytes from a host buffer of {}",
+                src.len()
+            )));
+        }
+        self.inner
+            .htod(dst.handle, 0, &src.as_slice()[..n], &src.chunk)
+    }
+
+    /// Copies all of `src` into the start of `dst`.
+    pub fn dtoh_into_host<T: Pod>(
+        &self,
+        src: &DeviceBuffer<T>,
+        dst: &mut HostBuffer,
+    ) -> Result<()> {
+        self.check_buffer(src)?;
+        let n = src.byte_len();
+        if dst.len() < n {
+            return Err(Error::invalid(format!(
+                "copy of {n} bytes into a host buffer of {}",
+                dst.len()
+            )));
+        }
+        let HostBuffer { mem, chunk } = dst;
+        self.inner
+            .dtoh(src.handle, 0, &mut mem.as_mut_slice()[..n], chunk)
+    }
+
+    fn check_buffer<T>(&self, b: &DeviceBuffer<T>) -> Result<()> {
+        if Arc::ptr_eq(&b.session, &self.inner) {
+            Ok(())
+        } else {
+            Err(Error::ForeignHandle("buffer"))
+        }
+    }
+
+    // Byte-level access by handle, for the C ABI.
+
+    pub(crate) fn htod_raw(&self, handle: u64, offset: u64, src: &[u8]) -> Result<()> {
+        self.inner
+            .htod(handle, offset, src, &self.inner.pageable_chunk)
+    }
+
+    pub(crate) fn dtoh_raw(&self, handle: u64, offset: u64, dst: &mut [u8]) -> Result<()> {
+        self.inner
+            .dtoh(handle, offset, dst, &self.inner.pageable_chunk)
+    }
+}
+
+/// Device memory of one session, freed when dropped.
+pub struct DeviceBuffer<T> {
+    session: Arc<SessionInner>,
+    handle: u64,
+    len: usize,
+    _t: PhantomData<T>,
+}
+
+impl<T: Pod> DeviceBuffer<T> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn byte_len(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
+
+    /// The device's handle, as kernels and the C ABI see it.
+    pub fn handle(&self) -> u64 {
+        self.handle
+    }
+
+    /// This buffer as a kernel argument.
+    pub fn arg(&self) -> KernelArg<'_> {
+        KernelArg::Buffer(BufferArg {
+            session: &self.session,
+            handle: self.handle,
+        })
+    }
+}
+
+impl<T> Drop for DeviceBuffer<T> {
+    fn drop(&mut self) {
+        self.session.free(self.handle);
+    }
+}
+
+/// A loaded PTX module, unloaded when dropped, or the built-in catalog.
+pub struct Module {
+    session: Option<Arc<SessionInner>>,
+    handle: u64,
+}
+
+impl Module {
+    /// The device's handle; 0 for the built-in catalog.
+    pub fn handle(&self) -> u64 {
+        self.handle
+    }
+
+    pub fn is_builtin(&self) -> bool {
+        self.session.is_none()
+    }
+}
+
+impl Drop for Module {
+    fn drop(&mut self) {
+        if let Some(s) = &self.session {
+            if let Err(e) = s.request(
+                Op::ModuleUnload {
+                    module: self.handle,
+                },
+                &[],
+                &mut [],
+            ) {
+                debug!("unload of module {}: {e}", self.handle);
+            }
+        }
+    }
+}
+
+/// Grid, block and dynamic shared memory of a launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchConfig {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared_bytes: u32,
+}
+
+impl LaunchConfig {
+    /// One thread per element in blocks of 256, for the element-wise kernels.
+    pub fn for_num_elems(n: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid: [n.div_ceil(256).max(1), 1, 1],
+            block: [256, 1, 1],
+            shared_bytes: 0,
+        }
+    }
+}
+
+/// A device buffer passed to a kernel (see [`DeviceBuffer::arg`]).
+#[derive(Clone, Copy)]
+pub struct BufferArg<'a> {
+    session: &'a Arc<SessionInner>,
+    handle: u64,
+}
+
+impl BufferArg<'_> {
+    pub fn handle(&self) -> u64 {
+        self.handle
+    }
+}
+
+/// One kernel argument, in the kernel's parameter order.
+#[derive(Clone, Copy)]
+pub enum KernelArg<'a> {
+    /// A buffer of the launching session; the kernel receives its device address.
+    Buffer(BufferArg<'a>),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    U64(u64),
+    F64(f64),
+    /// Any other by-value parameter, as its bytes (at least one).
+    Bytes(&'a [u8]),
+}
+
+impl<'a> KernelArg<'a> {
+    pub fn buffer<T: Pod>(b: &'a DeviceBuffer<T>) -> KernelArg<'a> {
+        b.arg()
+    }
+
+    fn param(&self, session: &Arc<SessionInner>) -> Result<Param> {
+        Ok(match *self {
+            KernelArg::Buffer(b) => {
+                if !Arc::ptr_eq(b.session, session) {
+                    return Err(Error::ForeignHandle("buffer"));
+                }
+                Param::Buffer(b.handle)
+            }
+            KernelArg::U32(v) => Param::u32(v),
+            KernelArg::I32(v) => Param::Value(v.to_le_bytes().to_vec()),
+            KernelArg::F32(v) => Param::f32(v),
+            KernelArg::U64(v) => Param::u64(v),
+            KernelArg::F64(v) => Param::Value(v.to_le_bytes().to_vec()),
+            KernelArg::Bytes([]) => return Err(Error::invalid("an empty by-value argument")),
+            KernelArg::Bytes(b) => Param::Value(b.to_vec()),
+        })
+    }
+}
+
+impl<'a, T: Pod> From<&'a DeviceBuffer<T>> for KernelArg<'a> {
+    fn from(b: &'a DeviceBuffer<T>) -> Self {
+        b.arg()
+    }
+}
+
+impl From<u32> for KernelArg<'_> {
+    fn from(v: u32) -> Self {
+        KernelArg::U32(v)
+    }
+}
+
+impl From<f32> for KernelArg<'_> {
+    fn from(v: f32) -> Self {
+        KernelArg::F32(v)
+    }
+}
+
+/// Host memory for fast copies (see [`Session::host_buffer`]); unmapped when dropped.
+pub struct HostBuffer {
+    mem: HostMemory,
+    /// Current chunk for copies from this buffer; halves when the driver says E2BIG.
+    chunk: AtomicUsize,
+}
+
+impl HostBuffer {
+    pub fn len(&self) -> usize {
+        self.mem.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mem.is_empty()
+    }
+
+    /// Whether the memory is the device's physically contiguous host memory.
+    pub fn is_contiguous(&self) -> bool {
+        self.mem.is_contiguous()
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        self.mem.as_slice()
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.mem.as_mut_slice()
+    }
+
+    /// The buffer as whole elements of `T` (a trailing partial element is left out).
+    pub fn cast_slice<T: Pod>(&self) -> &[T] {
+        let n = self.len() / std::mem::size_of::<T>();
+        // SAFETY: the mapping is page-aligned, so aligned for any Pod; n elements fit.
+        unsafe { std::slice::from_raw_parts(self.as_slice().as_ptr().cast(), n) }
+    }
+
+    pub fn cast_slice_mut<T: Pod>(&mut self) -> &mut [T] {
+        let n = self.len() / std::mem::size_of::<T>();
+        // SAFETY: as above, and &mut self makes this the only view.
+        unsafe { std::slice::from_raw_parts_mut(self.as_mut_slice().as_mut_ptr().cast(), n) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use vgpu_protocol::Opcode;
+
+    use super::*;
+    use crate::fake::{Chain, FakeDevice, Recorder, NAME, QUOTA};
+    use crate::transport::InProcessTransport;
+
+    const MIB: usize = 1 << 20;
+
+    struct Rig {
+        dev: Arc<FakeDevice>,
+        chains: Arc<Mutex<Vec<Chain>>>,
+        rejected: Arc<Mutex<usize>>,
+        session: Session,
+    }
+
+    fn rig_with(limit: Option<usize>, contiguous: bool) -> Rig {
+        let dev = FakeDevice::new();
+        let mut rec = Recorder::new(dev.transport());
+        rec.payload_limit = limit;
+        rec.contiguous_host_memory = contiguous;
+        let (chains, rejected) = (rec.chains.clone(), rec.rejected.clone());
+        Rig {
+            dev,
+            chains,
+            rejected,
+            session: Session::from_transport(Box::new(rec)),
+        }
+    }
+
+    fn rig() -> Rig {
+        rig_with(None, false)
+    }
+
+    impl Rig {
+        fn sent(&self, op: Opcode) -> Vec<Chain> {
+            self.chains
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|c| c.opcode() == op)
+                .cloned()
+                .collect()
+        }
+
+        fn clear(&self) {
+            self.chains.lock().unwrap().clear();
+        }
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 + i / 4096) as u8).collect()
+    }
+
+    /// (offset, len) of each HTOD/DTOH chain, with the payload slices' lengths checked.
+    fn pieces(chains: &[Chain]) -> Vec<(u64, u64)> {
+        chains
+            .iter()
+            .map(|c| match c.header.op {
+                Op::Htod { offset, len, .. } => {
+                    assert_eq!(c.input, vec![len as usize]);
+                    (offset, len)
+                }
+                Op::Dtoh { offset, len, .. } => {
+                    assert_eq!(c.output, vec![len as usize]);
+                    (offset, len)
+                }
+                op => panic!("unexpected {op:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn typed_copies_round_trip() {
+        let r = rig();
+        let src: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5).collect();
+        let b = r.session.htod_copy(&src).unwrap();
+        assert_eq!(b.len(), 1000);
+        assert_eq!(b.byte_len(), 4000);
+        assert_eq!(r.session.dtoh(&b).unwrap(), src);
+        let mut back = vec![0f32; 1200];
+        r.session.dtoh_into(&b, &mut back).unwrap();
+        assert_eq!(&back[..1000], &src[..]);
+        assert!(back[1000..].iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn pageable_copies_go_in_1_mib_chunks_at_increasing_offsets() {
+        let r = rig();
+        let n = 3 * MIB + MIB / 2;
+        let src = pattern(n);
+        let mut b = r.session.alloc::<u8>(n).unwrap();
+        r.session.htod(&src, &mut b).unwrap();
+        let m = MIB as u64;
+        let expected = vec![(0, m), (m, m), (2 * m, m), (3 * m, m / 2)];
+        assert_eq!(pieces(&r.sent(Opcode::Htod)), expected);
+        assert_eq!(r.session.dtoh(&b).unwrap(), src);
+        assert_eq!(pieces(&r.sent(Opcode::Dtoh)), expected);
+    }
+
+    #[test]
+    fn a_chain_too_long_halves_the_chunk_and_the_copy_still_completes() {
+        let r = rig_with(Some(300 * 1024), false);
+        let src = pattern(MIB);
+        let mut b = r.session.alloc::<u8>(MIB).unwrap();
+        r.session.htod(&src, &mut b).unwrap();
+        // 1 MiB and 512 KiB were refused; 256 KiB pieces went through.
+        assert_eq!(*r.rejected.lock().unwrap(), 2);
+        let q = (MIB / 4) as u64;
+        assert_eq!(
+            pieces(&r.sent(Opcode::Htod)),
+            vec![(0, q), (q, q), (2 * q, q), (3 * q, q)]
+        );
+        // The smaller chunk is remembered: reading back is refused no more.
+        assert_eq!(r.session.dtoh(&b).unwrap(), src);
+        assert_eq!(*r.rejected.lock().unwrap(), 2);
+        assert_eq!(r.sent(Opcode::Dtoh).len(), 4);
+    }
+
+    #[test]
+    fn host_buffer_copies_use_large_chunks_halved_per_buffer() {
+        let r = rig_with(Some(3 * MIB), true);
+        let n = 8 * MIB;
+        let mut host = r.session.host_buffer(n).unwrap();
+        assert!(host.is_contiguous());
+        assert_eq!(host.len(), n);
+        host.as_mut_slice().copy_from_slice(&pattern(n));
+        let mut b = r.session.alloc::<u32>(n / 4).unwrap();
+        r.session.htod_from_host(&host, &mut b).unwrap();
+        // 8 MiB (the whole copy) and 4 MiB were refused, then 2 MiB pieces.
+        assert_eq!(*r.rejected.lock().unwrap(), 2);
+        let two = 2 * MIB as u64;
+        assert_eq!(
+            pieces(&r.sent(Opcode::Htod)),
+            vec![(0, two), (two, two), (2 * two, two), (3 * two, two)]
+        );
+        let mut back = r.session.host_buffer(n).unwrap();
+        r.session.dtoh_into_host(&b, &mut back).unwrap();
+        assert_eq!(back.as_slice(), host.as_slice());
+        assert_eq!(back.cast_slice::<u32>().len(), n / 4);
+        assert_eq!(
+            back.cast_slice::<u32>()[1],
+            u32::from_le_bytes(pattern(8)[4..8].try_into().unwrap())
+        );
+    }
+
+    #[test]
+    fn copies_past_a_buffer_are_refused_before_sending() {
+        let r = rig();
+        let mut b = r.session.alloc::<f32>(4).unwrap();
+        r.clear();
+        let err = r.session.htod(&[0f32; 5], &mut b).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid argument: copy of 5 elements into a buffer of 4"
+        );
+        assert!(matches!(
+            r.session.dtoh_into(&b, &mut [0f32; 3]),
+            Err(Error::InvalidArgument(_))
+        ));
+        let small = r.session.host_buffer(8).unwrap();
+        assert!(matches!(
+            r.session.htod_from_host(&small, &mut b),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(r.chains.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn device_statuses_become_typed_errors() {
+        let r = rig();
+        let err = r.session.alloc::<u8>(QUOTA as usize + 1).err().unwrap();
+        assert!(matches!(
+            err,
+            Error::Device {
+                op: "ALLOC",
+                status: Status::QuotaExceeded,
+                detail: 0
+            }
+        ));
+        assert_eq!(err.status(), Some(Status::QuotaExceeded));
+        assert_eq!(
+            err.to_string(),
+            "ALLOC: device returned QUOTA_EXCEEDED (detail 0)"
+        );
+        assert_eq!(Error::DeviceGone.status(), None);
+    }
+
+    #[test]
+    fn sync_reports_an_asynchronous_failure_and_it_sticks() {
+        let r = rig();
+        let b = r.session.alloc::<u8>(16).unwrap();
+        r.dev.state.lock().unwrap().fail_sync = Some((Status::LaunchFailed, 700));
+        let err = r.session.sync().unwrap_err();
+        assert_eq!(err.status(), Some(Status::LaunchFailed));
+        assert_eq!(err.detail(), Some(700));
+        assert_eq!(
+            r.session.dtoh(&b).unwrap_err().status(),
+            Some(Status::LaunchFailed)
+        );
+    }
+
+    #[test]
+    fn launch_sends_buffers_as_handles_and_values_in_order() {
+        let r = rig();
+        let n = 1000u32;
+        let a = r.session.htod_copy(&vec![1.5f32; n as usize]).unwrap();
+        let b = r.session.htod_copy(&vec![2.25f32; n as usize]).unwrap();
+        let c = r.session.alloc::<f32>(n as usize).unwrap();
+        let cfg = LaunchConfig::for_num_elems(n);
+        assert_eq!(
+            cfg,
+            LaunchConfig {
+                grid: [4, 1, 1],
+                block: [256, 1, 1],
+                shared_bytes: 0
+            }
+        );
+        r.session
+            .launch(
+                &r.session.builtin(),
+                "vector_add_f32",
+                cfg,
+                &[a.arg(), (&b).into(), c.arg(), n.into()],
+            )
+            .unwrap();
+        let launch = r
+            .dev
+            .state
+            .lock()
+            .unwrap()
+            .log
+            .iter()
+            .find_map(|q| match &q.command {
+                Command::Launch(l) => Some(l.clone()),
+                _ => None,
+            });
+        assert_eq!(
+            launch.unwrap(),
+            Launch {
+                module: BUILTIN_MODULE,
+                kernel: "vector_add_f32".into(),
+                grid: [4, 1, 1],
+                block: [256, 1, 1],
+                shared_bytes: 0,
+                params: vec![
+                    Param::Buffer(a.handle()),
+                    Param::Buffer(b.handle()),
+                    Param::Buffer(c.handle()),
+                    Param::Value(1000u32.to_le_bytes().to_vec()),
+                ],
+            }
+        );
+        assert!(r.session.dtoh(&c).unwrap().iter().all(|&x| x == 3.75));
+    }
+
+    #[test]
+    fn every_argument_kind_is_encoded_little_endian() {
+        let r = rig();
+        let b = r.session.alloc::<u8>(8).unwrap();
+        let args = [
+            b.arg(),
+            KernelArg::U32(0x0102_0304),
+            KernelArg::I32(-2),
+            KernelArg::F32(1.5),
+            KernelArg::U64(0x0102_0304_0506_0708),
+            KernelArg::F64(-0.25),
+            KernelArg::Bytes(&[9, 8, 7]),
+        ];
+        let req = r
+            .session
+            .launch_request(7, "k$1.x_y", LaunchConfig::for_num_elems(1), &args)
+            .unwrap();
+        let Command::Launch(l) = &req.command else {
+            panic!()
+        };
+        assert_eq!(l.module, 7);
+        assert_eq!(
+            l.params,
+            vec![
+                Param::Buffer(b.handle()),
+                Param::Value(vec![4, 3, 2, 1]),
+                Param::Value((-2i32).to_le_bytes().to_vec()),
+                Param::Value(1.5f32.to_le_bytes().to_vec()),
+                Param::Value(vec![8, 7, 6, 5, 4, 3, 2, 1]),
+                Param::Value((-0.25f64).to_le_bytes().to_vec()),
+                Param::Value(vec![9, 8, 7]),
+            ]
+        );
+        // The payload decodes on the device side exactly as built.
+        let decoded = Request::from_parts(&req.header(), &req.payload()).unwrap();
+        assert_eq!(decoded, req);
+    }
+
+    #[test]
+    fn bad_launches_are_refused_before_sending() {
+        let r = rig();
+        let cfg = LaunchConfig::for_num_elems(1);
+        let builtin = r.session.builtin();
+        r.clear();
+        let refused = |name: &str, args: &[KernelArg<'_>]| {
+            matches!(
+                r.session.launch(&builtin, name, cfg, args),
+                Err(Error::InvalidArgument(_))
+            )
+        };
+        assert!(refused("", &[]));
+        assert!(refused("bad name", &[]));
+        assert!(refused(&"k".repeat(MAX_KERNEL_NAME), &[]));
+        assert!(!refused(&"k".repeat(MAX_KERNEL_NAME - 1), &[]));
+        assert!(refused("k", &[KernelArg::Bytes(&[])]));
+        assert!(refused("k", &vec![KernelArg::U32(0); MAX_PARAMS + 1]));
+        let big = [0u8; 2049];
+        assert!(refused(
+            "k",
+            &[KernelArg::Bytes(&big), KernelArg::Bytes(&big)]
+        ));
+        // Only the one valid name reached the device (which does not know it).
+        assert_eq!(r.sent(Opcode::Launch).len(), 1);
+    }
+
+    #[test]
+    fn handles_of_another_session_are_refused() {
+        let dev = FakeDevice::new();
+        let (s1, s2) = (dev.session(), dev.session());
+        let mut b1 = s1.alloc::<f32>(4).unwrap();
+        let m1 = s1.load_module(".version 8.0").unwrap();
+        assert!(matches!(
+            s2.htod(&[1.0; 4], &mut b1),
+            Err(Error::ForeignHandle("buffer"))
+        ));
+        assert!(matches!(s2.dtoh(&b1), Err(Error::ForeignHandle("buffer"))));
+        let cfg = LaunchConfig::for_num_elems(4);
+        assert!(matches!(
+            s2.launch(
+                &s2.builtin(),
+                "scale_f32",
+                cfg,
+                &[b1.arg(), 2.0f32.into(), 4u32.into()]
+            ),
+            Err(Error::ForeignHandle("buffer"))
+        ));
+        assert!(matches!(
+            s2.launch(&m1, "k", cfg, &[]),
+            Err(Error::ForeignHandle("module"))
+        ));
+        // The built-in catalog is every session's.
+        s1.htod(&[1.0, 2.0, 3.0, 4.0], &mut b1).unwrap();
+        s1.launch(
+            &s2.builtin(),
+            "scale_f32",
+            cfg,
+            &[b1.arg(), 2.0f32.into(), 4u32.into()],
+        )
+        .unwrap();
+        assert_eq!(s1.dtoh(&b1).unwrap(), vec![2.0, 4.0, 6.0, 8.0]);
+    }
+
+    #[test]
+    fn dropping_buffers_modules_and_the_session_frees_them_on_the_device() {
+        let dev = FakeDevice::new();
+        let s = dev.session();
+        let b = s.alloc::<u8>(100).unwrap();
+        let m = s.load_module(".version 8.0").unwrap();
+        let clone = s.clone();
+        {
+            let st = dev.state.lock().unwrap();
+            assert_eq!((st.open_sessions(), st.buffers(), st.modules()), (1, 1, 1));
+        }
+        drop(b);
+        drop(m);
+        {
+            let st = dev.state.lock().unwrap();
+            assert_eq!((st.buffers(), st.modules()), (0, 0));
+        }
+        let kept = s.alloc::<u8>(1).unwrap();
+        drop(s);
+        drop(clone);
+        // A buffer keeps its session open until it drops.
+        assert_eq!(dev.state.lock().unwrap().open_sessions(), 1);
+        drop(kept);
+        assert_eq!(dev.state.lock().unwrap().open_sessions(), 0);
+    }
+
+    #[test]
+    fn memset_and_dtod_act_on_whole_buffers() {
+        let r = rig();
+        let mut a = r.session.alloc::<u32>(5).unwrap();
+        r.session.memset_u32(&mut a, 0xdead_beef).unwrap();
+        assert_eq!(r.session.dtoh(&a).unwrap(), vec![0xdead_beef; 5]);
+        let mut z = r.session.alloc_zeros::<u32>(6).unwrap();
+        assert_eq!(r.session.dtoh(&z).unwrap(), vec![0; 6]);
+        r.session.dtod(&a, &mut z).unwrap();
+        assert_eq!(
+            r.session.dtoh(&z).unwrap(),
+            vec![
+                0xdead_beef,
+                0xdead_beef,
+                0xdead_beef,
+                0xdead_beef,
+                0xdead_beef,
+                0
+            ]
+        );
+        assert!(matches!(
+            r.session.dtod(&z, &mut a),
+            Err(Error::InvalidArgument(_))
+        ));
+        let mut odd = r.session.alloc::<u8>(6).unwrap();
+        assert!(matches!(
+            r.session.memset_u32(&mut odd, 1),
+            Err(Error::InvalidArgument(_))
+        ));
+        r.session.memset_u8(&mut odd, 0x5a).unwrap();
+        assert_eq!(r.session.dtoh(&odd).unwrap(), vec![0x5a; 6]);
+        let memsets: Vec<_> = r.sent(Opcode::Memset).iter().map(|c| c.header.op).collect();
+        assert_eq!(
+            memsets,
+            vec![
+                Op::Memset {
+                    dst: a.handle(),
+                    offset: 0,
+                    len: 20,
+                    value: 0xdead_beef,
+                    width: 4
+                },
+                Op::Memset {
+                    dst: z.handle(),
+                    offset: 0,
+                    len: 24,
+                    value: 0,
+                    width: 1
+                },
+                Op::Memset {
+                    dst: odd.handle(),
+                    offset: 0,
+                    len: 6,
+                    value: 0x5a,
+                    width: 1
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn ptx_is_checked_and_large_ptx_goes_through_host_memory() {
+        let r = rig();
+        assert!(matches!(
+            r.session.load_module(""),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            r.session.load_module("a\0b"),
+            Err(Error::InvalidArgument(_))
+        ));
+        let big = "/".repeat(3 * MIB);
+        let m = r.session.load_module(&big).unwrap();
+        let loads = r.sent(Opcode::ModuleLoad);
+        assert_eq!(loads.len(), 1);
+        assert_eq!(loads[0].input, vec![3 * MIB]);
+        assert_eq!(
+            loads[0].header.op,
+            Op::ModuleLoad {
+                ptx_len: 3 * MIB as u32
+            }
+        );
+        let logged = r
+            .dev
+            .state
+            .lock()
+            .unwrap()
+            .log
+            .iter()
+            .any(|q| matches!(&q.command, Command::ModuleLoad { ptx } if ptx.len() == 3 * MIB));
+        assert!(logged);
+        drop(m);
+        assert_eq!(r.sent(Opcode::ModuleUnload).len(), 1);
+    }
+
+    #[test]
+    fn info_config_and_selftest_decode_the_device_reply() {
+        let r = rig();
+        let _b = r.session.alloc::<u8>(4096).unwrap();
+        let info = r.session.info().unwrap();
+        assert_eq!(info.config.name, NAME);
+        assert_eq!(info.config.mem_quota, QUOTA);
+        assert_eq!(
+            (info.mem_used, info.sessions, info.allocations),
+            (4096, 1, 1)
+        );
+        assert_eq!(r.session.config().unwrap().name, NAME);
+        assert_eq!(
+            r.session.selftest(SelftestKind::DeviceInfo).unwrap(),
+            "fake self-test passed"
+        );
+    }
+
+    #[test]
+    fn the_transport_fills_in_the_session_and_refuses_session_opcodes() {
+        let dev = FakeDevice::new();
+        let t: InProcessTransport = dev.transport();
+        let id = t.session_id();
+        let header = Header {
+            session: 999,
+            tag: 5,
+            op: Op::Alloc { size: 8 },
+        }
+        .encode();
+        let r = t.submit(&header, &[], &mut []).unwrap();
+        assert_eq!(r.status, Status::Ok);
+        assert_eq!(dev.state.lock().unwrap().log.last().unwrap().session, id);
+        for op in [Op::SessionOpen, Op::SessionClose] {
+            let header = Header {
+                session: 0,
+                tag: 0,
+                op,
+            }
+            .encode();
+            assert!(matches!(
+                t.submit(&header, &[], &mut []),
+                Err(Error::InvalidArgument(_))
+            ));
+        }
+        // A header that does not decode is answered the way the device would.
+        let mut bad = Header {
+            session: 0,
+            tag: 0,
+            op: Op::Sync,
+        }
+        .encode();
+        bad[6] = 99;
+        assert_eq!(
+            t.submit(&bad, &[], &mut []).unwrap().status,
+            Status::UnknownOpcode
+        );
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_refused() {
+        let r = rig();
+        assert!(matches!(
+            r.session.alloc::<u64>(usize::MAX / 4),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn a_missing_device_node_is_an_open_error() {
+        let err = Device::open_path("/nonexistent/vgpu0").unwrap_err();
+        assert!(matches!(err, Error::Open { .. }));
+        assert_eq!(
+            err.report(),
+            "cannot open /nonexistent/vgpu0: No such file or directory (os error 2)"
+        );
+    }
+}

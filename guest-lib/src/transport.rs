@@ -1,0 +1,471 @@
+//! How requests reach the device: the [`Transport`] trait, the guest driver's char device
+//! ([`CharDevTransport`]) and an in-process transport for tests and host-side tools
+//! ([`InProcessTransport`]).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use log::{debug, warn};
+use vgpu_protocol::{
+    Command, DeviceConfig, Header, InfoReply, Op, Opcode, Request, Response, ResponseHeader,
+    Status, CONFIG_SIZE, REQUEST_HEADER_SIZE, RESPONSE_HEADER_SIZE,
+};
+
+use crate::error::{Error, Result};
+
+/// One session's path to the device.
+///
+/// A transport is one session: it opens it when created and closes it when dropped, and
+/// it fills in the session of every header it sends (callers leave it 0). Object safe,
+/// so a [`crate::Session`] can run over the guest driver or over an in-process device.
+pub trait Transport: Send + Sync {
+    /// Sends one request: `header`, then the readable payload `input` (the slices in
+    /// order), and lets the device write the writable payload into `output` (in order).
+    /// Returns the response header, whatever its status.
+    fn submit(
+        &self,
+        header: &[u8; REQUEST_HEADER_SIZE],
+        input: &[&[u8]],
+        output: &mut [&mut [u8]],
+    ) -> Result<ResponseHeader>;
+
+    /// The device's config space.
+    fn config(&self) -> Result<DeviceConfig>;
+
+    /// Host memory that large copies can use with few descriptors. The default is
+    /// ordinary zeroed, page-aligned memory.
+    fn host_memory(&self, bytes: usize) -> Result<HostMemory> {
+        HostMemory::anonymous(bytes)
+    }
+}
+
+/// A page-aligned, zeroed mapping of host memory, unmapped on drop.
+pub struct HostMemory {
+    ptr: NonNull<u8>,
+    len: usize,
+    map_len: usize,
+    contiguous: bool,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; access goes through &/&mut.
+unsafe impl Send for HostMemory {}
+// SAFETY: as above; shared references only read.
+unsafe impl Sync for HostMemory {}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if v > 0 {
+        v as usize
+    } else {
+        4096
+    }
+}
+
+impl HostMemory {
+    /// Ordinary anonymous memory.
+    pub fn anonymous(bytes: usize) -> Result<HostMemory> {
+        Self::map(bytes, None)
+    }
+
+    /// Maps `bytes` from `fd` (shared) or anonymous memory (private).
+    fn map(bytes: usize, fd: Option<&File>) -> Result<HostMemory> {
+        if bytes == 0 {
+            return Err(Error::invalid("a host buffer of 0 bytes"));
+        }
+        let page = page_size();
+        let map_len = bytes
+            .checked_next_multiple_of(page)
+            .ok_or_else(|| Error::invalid(format!("a host buffer of {bytes} bytes")))?;
+        let (flags, raw_fd) = match fd {
+            Some(f) => (libc::MAP_SHARED, f.as_raw_fd()),
+            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
+        };
+        // SAFETY: a fresh mapping chosen by the kernel; nothing else refers to it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                raw_fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::Io {
+                what: "mmap of a host buffer",
+                source: io::Error::last_os_error(),
+            });
+        }
+        let ptr = NonNull::new(p.cast::<u8>()).expect("mmap returned a null mapping");
+        Ok(HostMemory {
+            ptr,
+            len: bytes,
+            map_len,
+            contiguous: fd.is_some(),
+        })
+    }
+
+    /// Test transports stand in for the driver's contiguous memory with ordinary memory.
+    #[cfg(test)]
+    pub(crate) fn assume_contiguous(mut self) -> HostMemory {
+        self.contiguous = true;
+        self
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether the memory comes from the device in physically contiguous chunks.
+    pub fn is_contiguous(&self) -> bool {
+        self.contiguous
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is `map_len >= len` readable bytes, alive while self is.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for HostMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`, which nothing borrows now.
+        if unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) } != 0 {
+            warn!(
+                "munmap of a host buffer failed: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+// ---- the guest driver's ioctl interface (include/vgpu_ioctl.h) ----
+
+#[repr(C)]
+struct VgpuSeg {
+    addr: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct VgpuSubmit {
+    header: u64,
+    response: u64,
+    in_segs: u64,
+    out_segs: u64,
+    num_in: u32,
+    num_out: u32,
+}
+
+#[repr(C)]
+struct VgpuInfo {
+    config: [u8; CONFIG_SIZE],
+    queue_size: u32,
+    reserved: u32,
+}
+
+const IOC_WRITE: u32 = 1;
+const IOC_READ: u32 = 2;
+
+const fn ioc(dir: u32, nr: u32, size: usize) -> u32 {
+    (dir << 30) | ((size as u32) << 16) | ((b'V' as u32) << 8) | nr
+}
+
+pub(crate) const VGPU_IOC_SUBMIT: u32 =
+    ioc(IOC_READ | IOC_WRITE, 1, std::mem::size_of::<VgpuSubmit>());
+pub(crate) const VGPU_IOC_INFO: u32 = ioc(IOC_READ, 2, std::mem::size_of::<VgpuInfo>());
+pub(crate) const VGPU_IOC_SESSION: u32 = ioc(IOC_READ, 3, std::mem::size_of::<u64>());
+
+/// The path of the `index`th device node.
+pub fn device_path(index: u32) -> PathBuf {
+    PathBuf::from(format!("/dev/vgpu{index}"))
+}
+
+/// A session on `/dev/vgpuN`: the driver opened it with the file and closes it with it.
+pub struct CharDevTransport {
+    file: File,
+    path: PathBuf,
+}
+
+impl CharDevTransport {
+    /// Opens the device node, which opens a session on the host.
+    pub fn open(path: impl AsRef<Path>) -> Result<CharDevTransport> {
+        let path = path.as_ref().to_path_buf();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|source| Error::Open {
+                path: path.clone(),
+                source,
+            })?;
+        debug!("opened {}", path.display());
+        Ok(CharDevTransport { file, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The host's id of this file's session.
+    pub fn session_id(&self) -> Result<u64> {
+        let mut id = 0u64;
+        self.ioctl(
+            "VGPU_IOC_SESSION",
+            VGPU_IOC_SESSION,
+            (&mut id as *mut u64).cast(),
+        )?;
+        Ok(id)
+    }
+
+    /// The most descriptors one chain may have.
+    pub fn queue_size(&self) -> Result<u32> {
+        Ok(self.info()?.queue_size)
+    }
+
+    fn info(&self) -> Result<VgpuInfo> {
+        let mut info = VgpuInfo {
+            config: [0; CONFIG_SIZE],
+            queue_size: 0,
+            reserved: 0,
+        };
+        self.ioctl(
+            "VGPU_IOC_INFO",
+            VGPU_IOC_INFO,
+            (&mut info as *mut VgpuInfo).cast(),
+        )?;
+        Ok(info)
+    }
+
+    fn ioctl(&self, what: &'static str, request: u32, arg: *mut libc::c_void) -> Result<()> {
+        // SAFETY: `request` is one of the driver's ioctls and `arg` points to the struct
+        // its number encodes, alive for the duration of the call.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), request as libc::Ioctl, arg) };
+        if rc < 0 {
+            return Err(Error::from_errno(what, io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+}
+
+impl Transport for CharDevTransport {
+    fn submit(
+        &self,
+        header: &[u8; REQUEST_HEADER_SIZE],
+        input: &[&[u8]],
+        output: &mut [&mut [u8]],
+    ) -> Result<ResponseHeader> {
+        let in_segs: Vec<VgpuSeg> = input
+            .iter()
+            .map(|s| VgpuSeg {
+                addr: s.as_ptr() as u64,
+                len: s.len() as u64,
+            })
+            .collect();
+        let out_segs: Vec<VgpuSeg> = output
+            .iter_mut()
+            .map(|s| VgpuSeg {
+                addr: s.as_mut_ptr() as u64,
+                len: s.len() as u64,
+            })
+            .collect();
+        let mut response = [0u8; RESPONSE_HEADER_SIZE];
+        let mut submit = VgpuSubmit {
+            header: header.as_ptr() as u64,
+            response: response.as_mut_ptr() as u64,
+            in_segs: in_segs.as_ptr() as u64,
+            out_segs: out_segs.as_ptr() as u64,
+            num_in: u32::try_from(in_segs.len()).map_err(|_| Error::ChainTooLong)?,
+            num_out: u32::try_from(out_segs.len()).map_err(|_| Error::ChainTooLong)?,
+        };
+        // The driver reads `input` and writes `output` only during this call.
+        self.ioctl(
+            "VGPU_IOC_SUBMIT",
+            VGPU_IOC_SUBMIT,
+            (&mut submit as *mut VgpuSubmit).cast(),
+        )?;
+        Ok(ResponseHeader::decode(&response)?)
+    }
+
+    fn config(&self) -> Result<DeviceConfig> {
+        Ok(DeviceConfig::decode(&self.info()?.config)?)
+    }
+
+    fn host_memory(&self, bytes: usize) -> Result<HostMemory> {
+        HostMemory::map(bytes, Some(&self.file))
+    }
+}
+
+/// A device in the same process: each decoded request goes to a handler, the way the
+/// host backend hands it to the mediator. Like the guest driver, it opens a session when
+/// created, writes that session into every header, refuses SESSION_OPEN and
+/// SESSION_CLOSE from its caller, and closes the session when dropped.
+pub struct InProcessTransport {
+    handler: Arc<dyn Fn(Request) -> Response + Send + Sync>,
+    session: u64,
+}
+
+impl InProcessTransport {
+    /// Opens a session through `handler`.
+    pub fn new(handler: Arc<dyn Fn(Request) -> Response + Send + Sync>) -> Result<Self> {
+        let r = handler(Request::new(0, Command::SessionOpen));
+        if r.status != Status::Ok {
+            return Err(Error::Device {
+                op: "SESSION_OPEN",
+                status: r.status,
+                detail: r.detail,
+            });
+        }
+        Ok(InProcessTransport {
+            handler,
+            session: r.value0,
+        })
+    }
+
+    pub fn session_id(&self) -> u64 {
+        self.session
+    }
+}
+
+impl Transport for InProcessTransport {
+    fn submit(
+        &self,
+        header: &[u8; REQUEST_HEADER_SIZE],
+        input: &[&[u8]],
+        output: &mut [&mut [u8]],
+    ) -> Result<ResponseHeader> {
+        let reply = |status: Status| ResponseHeader {
+            status,
+            detail: 0,
+            value0: 0,
+            value1: 0,
+            written: 0,
+        };
+        let mut h = match Header::decode(header) {
+            Ok(h) => h,
+            Err(e) => return Ok(reply(e.status())),
+        };
+        if matches!(h.op, Op::SessionOpen | Op::SessionClose) {
+            return Err(Error::invalid(
+                "SESSION_OPEN and SESSION_CLOSE belong to the transport",
+            ));
+        }
+        h.session = self.session;
+        let payload = input.concat();
+        let request = match Request::from_parts(&h, &payload) {
+            Ok(r) => r,
+            Err(e) => return Ok(reply(e.status())),
+        };
+        let response = (self.handler)(request);
+        let capacity: usize = output.iter().map(|o| o.len()).sum();
+        if response.data.len() > capacity {
+            return Ok(reply(Status::BufferTooSmall));
+        }
+        let mut rest = &response.data[..];
+        for out in output.iter_mut() {
+            let n = rest.len().min(out.len());
+            out[..n].copy_from_slice(&rest[..n]);
+            rest = &rest[n..];
+        }
+        Ok(response.header())
+    }
+
+    fn config(&self) -> Result<DeviceConfig> {
+        let r = (self.handler)(Request::new(self.session, Command::Info));
+        if r.status != Status::Ok {
+            return Err(Error::Device {
+                op: "INFO",
+                status: r.status,
+                detail: r.detail,
+            });
+        }
+        Ok(InfoReply::decode(&r.data)?.config)
+    }
+}
+
+impl Drop for InProcessTransport {
+    fn drop(&mut self) {
+        let r = (self.handler)(Request::new(self.session, Command::SessionClose));
+        if r.status != Status::Ok {
+            debug!("session {} close: {}", self.session, r.status);
+        }
+    }
+}
+
+/// Name of an opcode as the protocol spells it, for messages.
+pub(crate) fn opcode_name(op: Opcode) -> &'static str {
+    match op {
+        Opcode::Info => "INFO",
+        Opcode::SessionOpen => "SESSION_OPEN",
+        Opcode::SessionClose => "SESSION_CLOSE",
+        Opcode::Alloc => "ALLOC",
+        Opcode::Free => "FREE",
+        Opcode::Htod => "HTOD",
+        Opcode::Dtoh => "DTOH",
+        Opcode::Dtod => "DTOD",
+        Opcode::Memset => "MEMSET",
+        Opcode::ModuleLoad => "MODULE_LOAD",
+        Opcode::ModuleUnload => "MODULE_UNLOAD",
+        Opcode::Launch => "LAUNCH",
+        Opcode::Sync => "SYNC",
+        Opcode::Selftest => "SELFTEST",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_vgpu_ioctl_h() {
+        // _IOWR('V', 1, struct vgpu_submit), _IOR('V', 2, struct vgpu_info),
+        // _IOR('V', 3, __u64), as a C compiler computes them from include/vgpu_ioctl.h.
+        assert_eq!(std::mem::size_of::<VgpuSubmit>(), 40);
+        assert_eq!(std::mem::size_of::<VgpuSeg>(), 16);
+        assert_eq!(std::mem::size_of::<VgpuInfo>(), 136);
+        assert_eq!(VGPU_IOC_SUBMIT, 0xc028_5601);
+        assert_eq!(VGPU_IOC_INFO, 0x8088_5602);
+        assert_eq!(VGPU_IOC_SESSION, 0x8008_5603);
+    }
+
+    #[test]
+    fn anonymous_host_memory_is_zeroed_page_aligned_and_writable() {
+        let mut m = HostMemory::anonymous(10_000).unwrap();
+        assert_eq!(m.len(), 10_000);
+        assert!(!m.is_contiguous());
+        assert_eq!(m.as_slice().as_ptr() as usize % page_size(), 0);
+        assert!(m.as_slice().iter().all(|&b| b == 0));
+        m.as_mut_slice()[9_999] = 7;
+        assert_eq!(m.as_slice()[9_999], 7);
+        assert!(matches!(
+            HostMemory::anonymous(0),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn opening_a_missing_node_names_the_path() {
+        let err = CharDevTransport::open("/nonexistent/vgpu7").err().unwrap();
+        assert!(
+            matches!(&err, Error::Open { path, .. } if path == Path::new("/nonexistent/vgpu7"))
+        );
+        assert_eq!(err.to_string(), "cannot open /nonexistent/vgpu7");
+    }
+}
