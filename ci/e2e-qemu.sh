@@ -1,0 +1,419 @@
+#!/usr/bin/env bash
+# End-to-end check with real QEMU guests: one vhost-vgpu backend with two sockets, two
+# TCG guests booted at the same time with Debian's current kernel and the vgpu driver,
+# every guest check reported as one "PASS <vm> <check> <detail>" or
+# "FAIL <vm> <check> <detail>" line (ci/test.sh counts them), then one guest powered off
+# and booted again while the other keeps sending requests.
+set -euo pipefail
+
+REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+usage() {
+    cat <<EOF
+Usage: $(basename "$0") [options]
+
+Builds what the guests need (vhost-vgpu and the guest tools with cargo, vgpu.ko against
+the headers of Debian's current linux-image-amd64, a QEMU with the generic vhost-user
+device, a busybox initramfs), starts one vhost-vgpu with two sockets and boots two
+guests under TCG at the same time. In each guest: lspci -nn shows [1af4:1056],
+vgpu-smi shows the device, vgpu-vector-add passes, a 64 MiB HTOD/DTOH round trip keeps
+its checksum, 200 mixed requests succeed, and a C program linked against libvgpu runs a
+built-in kernel. Then vm1 is powered off and booted again (a second QEMU on the same
+socket) while vm0 keeps sending requests; both must pass.
+
+Prints one line per check, "PASS <vm> <check> <detail>" or "FAIL <vm> <check> <detail>",
+and exits non-zero if any check failed.
+
+Options:
+  --executor KIND   vhost-vgpu's executor: cpu (default), cuda or auto
+  --mib N           size of the HTOD/DTOH round trip in MiB (default 64)
+  --mixed N         number of mixed requests per guest (default 200)
+  --mem SIZE        RAM of each guest (default 512M)
+  --timeout SECS    longest wait for one guest phase (default 300)
+  --accel ACCEL     QEMU accelerator: tcg (default) or kvm
+  --narrate         explain each step for a person (used by ci/demo.sh)
+  --keep            keep the work directory (logs, initramfs) and print its path
+  -h, --help        show this help
+
+Environment: VGPU_CACHE (cache root, default \$HOME/.cache/vgpu), CARGO_TARGET_DIR,
+RUST_LOG (vhost-vgpu's log level, default info).
+EOF
+}
+
+die() { echo "e2e-qemu.sh: error: $*" >&2; exit 1; }
+
+executor=cpu
+mib=64
+mixed=200
+mem=512M
+timeout=300
+accel=tcg
+narrate=0
+keep=0
+need_arg() { [[ $2 -ge 2 ]] || die "$1 needs a value"; }
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --executor) need_arg "$1" $#; executor=$2; shift ;;
+        --mib) need_arg "$1" $#; mib=$2; shift ;;
+        --mixed) need_arg "$1" $#; mixed=$2; shift ;;
+        --mem) need_arg "$1" $#; mem=$2; shift ;;
+        --timeout) need_arg "$1" $#; timeout=$2; shift ;;
+        --accel) need_arg "$1" $#; accel=$2; shift ;;
+        --narrate) narrate=1 ;;
+        --keep) keep=1 ;;
+        -h | --help) usage; exit 0 ;;
+        *) die "unknown option '$1' (see --help)" ;;
+    esac
+    shift
+done
+case $executor in cpu | cuda | auto) ;; *) die "--executor wants cpu, cuda or auto, got '$executor'" ;; esac
+[[ $mib =~ ^[1-9][0-9]*$ ]] || die "--mib wants a positive number, got '$mib'"
+[[ $mixed =~ ^[1-9][0-9]*$ ]] || die "--mixed wants a positive number, got '$mixed'"
+[[ $timeout =~ ^[1-9][0-9]*$ ]] || die "--timeout wants whole seconds, got '$timeout'"
+
+cd "$REPO_DIR"
+start_time=$SECONDS
+
+# ---- output helpers -------------------------------------------------------------
+# Only pass() and fail() print lines that start with "PASS " or "FAIL "; everything
+# else is indented or prefixed so that ci/test.sh counts checks and nothing more.
+passed=0
+failed=0
+pass() { echo "PASS $*"; passed=$((passed + 1)); }
+fail() { echo "FAIL $*"; failed=$((failed + 1)); }
+step() { echo "== $* ($((SECONDS - start_time)) s)"; }
+# A paragraph for a person, only with --narrate.
+say() {
+    [[ $narrate -eq 1 ]] || return 0
+    echo
+    fold -s -w 88 <<<"$*" | sed 's/^/   /'
+    echo
+}
+# Indented lines of a file (evidence, or the end of a log after a failure).
+show() { # FILE [LINES]
+    [[ -f $1 ]] || return 0
+    tail -n "${2:-30}" "$1" | tr -d '\r' | sed 's/^/    | /'
+}
+
+# ---- work directory and cleanup --------------------------------------------------
+work=$(mktemp -d "${TMPDIR:-/tmp}/vgpu-e2e.XXXXXX")
+pids=()
+cleanup() {
+    local rc=$? pid
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ $keep -eq 1 ]]; then
+        echo "e2e-qemu.sh: work directory kept: $work"
+    else
+        rm -rf "$work"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Runs a build step quietly; on failure shows the end of its log and stops.
+quiet() { # LOG CMD...
+    local log=$1
+    shift
+    if ! "$@" >"$log" 2>&1; then
+        echo "e2e-qemu.sh: '$*' failed; the end of its output:" >&2
+        tail -n 40 "$log" | sed 's/^/    | /' >&2
+        exit 1
+    fi
+}
+
+# ---- 1. build -------------------------------------------------------------------
+step "setup: host packages and the Rust toolchain"
+quiet "$work/setup.log" bash ci/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+
+step "build: vhost-vgpu and the guest library and tools (cargo build --release)"
+say "vhost-vgpu is the host side: a vhost-user backend that QEMU connects to, one socket \
+per VM, handing each request to the mediator and its executor. The guest side is \
+libvgpu (Rust API and C ABI) with the tools vgpu-smi and vgpu-vector-add."
+quiet "$work/cargo.log" cargo build --release --locked -p vgpu-guest -p vhost-vgpu
+target=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release
+for f in vhost-vgpu vgpu-smi vgpu-vector-add libvgpu.so; do
+    [[ -f $target/$f ]] || die "cargo build did not produce $target/$f"
+done
+
+step "guest kernel: Debian's current linux-image-amd64 and its headers"
+kenv=$(bash ci/guest-kernel.sh 2>"$work/guest-kernel.log") || {
+    show "$work/guest-kernel.log" 20 >&2
+    die "ci/guest-kernel.sh failed"
+}
+kver=$(sed -n 's/^KVER=//p' <<<"$kenv")
+kdir=$(sed -n 's/^KDIR=//p' <<<"$kenv")
+kernel=$(sed -n 's/^KERNEL=//p' <<<"$kenv")
+kbuild=$(sed -n 's/^KBUILD=//p' <<<"$kenv")
+[[ -n $kver && -f $kernel && -d $kbuild ]] || die "ci/guest-kernel.sh gave no usable kernel: $kenv"
+echo "   kernel $kver"
+
+step "driver: vgpu.ko against linux-headers-$kver"
+say "vgpu.ko is the guest driver: a virtio driver for device ID 22 that gives each \
+device a /dev/vgpuN and puts user buffers straight into the virtqueue. It is built \
+out of tree against the headers of exactly the kernel the guests boot."
+mkdir -p "$work/src/guest-lib"
+cp -r guest-lib/driver guest-lib/include "$work/src/guest-lib/"
+# Only the sources: objects a developer built in the checkout would be reused otherwise.
+find "$work/src/guest-lib/driver" -type f \( -name '*.mod.c' -o ! \( -name '*.c' -o -name '*.h' -o -name Makefile -o -name Kbuild \) \) -delete
+quiet "$work/driver.log" make -C "$work/src/guest-lib/driver" KDIR="$kbuild"
+ko=$work/src/guest-lib/driver/vgpu.ko
+[[ -f $ko ]] || die "make did not produce vgpu.ko"
+vermagic=$(modinfo -F vermagic "$ko")
+[[ $vermagic == "$kver "* ]] || die "vgpu.ko is built for '$vermagic', the guest runs $kver"
+
+step "C programs against vgpu.h and libvgpu: the C example and ci/guest/vgpu-e2e-check.c"
+c_example=guest-lib/examples/c/vector_scale.c
+[[ -f $c_example ]] || die "$c_example not found"
+mkdir -p "$work/guest/usr/bin" "$work/guest/usr/lib"
+# Copies without debug information: a smaller initramfs boots faster under TCG.
+cp "$target/vgpu-smi" "$target/vgpu-vector-add" "$work/guest/usr/bin/"
+cp "$target/libvgpu.so" "$work/guest/usr/lib/libvgpu.so"
+strip --strip-debug "$work/guest/usr/bin/vgpu-smi" "$work/guest/usr/bin/vgpu-vector-add" \
+    "$work/guest/usr/lib/libvgpu.so"
+# In the guest the programs live in /usr/bin and libvgpu.so in /usr/lib.
+# shellcheck disable=SC2016,SC2054 # $ORIGIN is for the loader; -Wl takes commas
+cflags=(-O2 -Wall -Wextra -I guest-lib/include -L "$work/guest/usr/lib" -lvgpu
+    -Wl,-rpath,'$ORIGIN/../lib')
+quiet "$work/cc.log" cc -o "$work/guest/usr/bin/vgpu-c-example" "$c_example" "${cflags[@]}"
+quiet "$work/cc.log" cc -std=c11 -Werror -o "$work/guest/usr/bin/vgpu-e2e-check" \
+    ci/guest/vgpu-e2e-check.c "${cflags[@]}"
+
+step "QEMU with the generic vhost-user device (qemu-configs/build-qemu.sh)"
+qemu=$(bash qemu-configs/build-qemu.sh --print-path 2>"$work/build-qemu.log") || {
+    show "$work/build-qemu.log" 40 >&2
+    die "qemu-configs/build-qemu.sh failed"
+}
+qemu_device=$(bash qemu-configs/build-qemu.sh --print-device 2>>"$work/build-qemu.log")
+echo "   $("$qemu" --version | head -n 1), device $qemu_device"
+
+step "initramfs: busybox, virtio PCI, vgpu.ko, lspci, the guest tools and libraries"
+lspci_bin=$(command -v lspci) || die "lspci not found (package pciutils)"
+pci_ids=
+for f in /usr/share/misc/pci.ids /usr/share/hwdata/pci.ids; do
+    [[ -f $f ]] && { pci_ids=$f; break; }
+done
+[[ -n $pci_ids ]] || die "no pci.ids found (package pci.ids)"
+initrd=$work/initramfs.cpio.gz
+quiet "$work/mkinitramfs.log" bash ci/mkinitramfs.sh "$initrd" --kdir "$kdir" --kver "$kver" \
+    --ko "$ko" \
+    --bin "$lspci_bin:/usr/bin/lspci" --file "$pci_ids:/usr/share/misc/pci.ids" \
+    --bin "$work/guest/usr/bin/vgpu-smi" --bin "$work/guest/usr/bin/vgpu-vector-add" \
+    --bin "$work/guest/usr/lib/libvgpu.so:/usr/lib/libvgpu.so" \
+    --file "$work/guest/usr/bin/vgpu-e2e-check:/usr/bin/vgpu-e2e-check" \
+    --file "$work/guest/usr/bin/vgpu-c-example:/usr/bin/vgpu-c-example" \
+    --init ci/guest/e2e-guest.sh
+echo "   $(du -h "$initrd" | cut -f1) $(basename "$initrd")"
+
+# ---- 2. the backend ---------------------------------------------------------------
+step "host: vhost-vgpu --socket-count 2 --executor $executor"
+say "One vhost-vgpu process serves both VMs: one socket each, so each VM is its own \
+tenant with its own memory quota, sessions and handles."
+mkdir -p "$work/sockets"
+export RUST_LOG=${RUST_LOG:-info}
+# The daemon listens on PATH0, PATH1, ...; each VM's tenant is named after its socket.
+"$target/vhost-vgpu" --socket-path "$work/sockets/vm" --socket-count 2 \
+    --executor "$executor" >"$work/vhost-vgpu.log" 2>&1 &
+daemon=$!
+pids+=("$daemon")
+sockets=("$work/sockets/vm0" "$work/sockets/vm1")
+for ((i = 0; i < 100; i++)); do
+    [[ -S ${sockets[0]} && -S ${sockets[1]} ]] && break
+    kill -0 "$daemon" 2>/dev/null || break
+    sleep 0.1
+done
+if ! [[ -S ${sockets[0]} && -S ${sockets[1]} ]]; then
+    show "$work/vhost-vgpu.log" 20 >&2
+    die "vhost-vgpu did not listen on ${sockets[*]}"
+fi
+echo "   listening on ${sockets[0]##*/} (vm0) and ${sockets[1]##*/} (vm1)"
+
+# ---- 3. guests ----------------------------------------------------------------------
+declare -A vm_pid vm_log vm_in
+# Boots a guest in the background: VM RUN PLAN. Its console goes to $work/VM-RUN.log;
+# its console input comes from a FIFO held open on fd vm_in[VM].
+boot() {
+    local vm=$1 run=$2 plan=$3 sock fifo fd
+    case $vm in vm0) sock=${sockets[0]} ;; *) sock=${sockets[1]} ;; esac
+    fifo=$work/$vm.in
+    if [[ ! -p $fifo ]]; then
+        mkfifo "$fifo"
+        exec {fd}<>"$fifo"
+        vm_in[$vm]=$fd
+    fi
+    vm_log[$vm]=$work/$vm-$run.log
+    # The device is given here rather than with launch-vm.sh --socket: that adds
+    # reconnect-ms to the chardev, which makes QEMU connect in the background, and the
+    # generic vhost-user device does not wait for the connection before its first
+    # message ("Failed to set msg fds", "vhost_backend_init failed: Protocol error").
+    bash qemu-configs/launch-vm.sh --qemu "$qemu" --kernel "$kernel" --initrd "$initrd" \
+        --no-vgpu --mem "$mem" --accel "$accel" \
+        --append "VGPU_PLAN=$plan VGPU_MIB=$mib VGPU_MIXED=$mixed VGPU_LOOP_MAX=$((timeout * 3))" \
+        -- -chardev "socket,id=vgpu0,path=${sock//,/,,}" \
+        -device "$qemu_device,chardev=vgpu0,virtio-id=22,num_vqs=1,vq_size=1024,config_size=128" \
+        <"$fifo" >"${vm_log[$vm]}" 2>&1 &
+    vm_pid[$vm]=$!
+    pids+=("${vm_pid[$vm]}")
+}
+# Writes one line to a guest's console.
+tell() { echo "$2" >&"${vm_in[$1]}"; }
+# Waits until the guest's log matches PATTERN: 0 when it does, 1 when the guest
+# stopped first, 2 after SECS.
+wait_for() { # VM PATTERN SECS
+    local vm=$1 pattern=$2 deadline=$((SECONDS + $3))
+    while ((SECONDS < deadline)); do
+        grep -qE "$pattern" "${vm_log[$vm]}" 2>/dev/null && return 0
+        if ! kill -0 "${vm_pid[$vm]}" 2>/dev/null; then
+            grep -qE "$pattern" "${vm_log[$vm]}" 2>/dev/null && return 0
+            return 1
+        fi
+        sleep 0.5
+    done
+    return 2
+}
+# Waits for a guest's QEMU to exit (it powers off by itself); kills it after SECS.
+wait_exit() { # VM SECS
+    local vm=$1 deadline=$((SECONDS + $2))
+    while kill -0 "${vm_pid[$vm]}" 2>/dev/null; do
+        if ((SECONDS >= deadline)); then
+            echo "   $vm did not power off within $2 s: stopping its QEMU"
+            kill "${vm_pid[$vm]}" 2>/dev/null || true
+            break
+        fi
+        sleep 0.5
+    done
+    wait "${vm_pid[$vm]}" 2>/dev/null || true
+}
+# The detail of the guest's result line for CHECK, or nothing.
+result_of() { # VM CHECK
+    tr -d '\r' <"${vm_log[$1]}" | sed -n "s/^CHECK $2 \(PASS\|FAIL\) //p" | tail -n 1
+}
+verdict_of() { # VM CHECK
+    tr -d '\r' <"${vm_log[$1]}" | sed -n "s/^CHECK $2 \(PASS\|FAIL\) .*/\1/p" | tail -n 1
+}
+# One PASS/FAIL line per expected check of a guest run.
+report() { # VM CHECK...
+    local vm=$1 c verdict detail bad=0
+    shift
+    for c in "$@"; do
+        verdict=$(verdict_of "$vm" "$c")
+        detail=$(result_of "$vm" "$c")
+        case $verdict in
+            PASS) pass "$vm $c $detail" ;;
+            FAIL) fail "$vm $c $detail"; bad=1 ;;
+            *) fail "$vm $c no result from the guest"; bad=1 ;;
+        esac
+        if [[ $c == *vgpu-smi ]]; then
+            tr -d '\r' <"${vm_log[$vm]}" | sed -n 's/^SMI| /    | /p'
+        fi
+    done
+    if [[ $bad -eq 1 ]]; then
+        echo "   the end of $vm's console (${vm_log[$vm]##*/}):"
+        show "${vm_log[$vm]}" 25
+    fi
+}
+first_checks=(lspci vgpu-smi vector-add "htod-dtoh-${mib}MiB" "mixed-$mixed" c-builtin-kernel)
+reboot_checks=(reboot-lspci reboot-vgpu-smi reboot-vector-add "reboot-mixed-$mixed")
+
+step "boot vm0 and vm1 at the same time (${accel^^})"
+say "Each guest is QEMU with -device vhost-user-test-device-pci,virtio-id=22 on its own \
+socket and its RAM in a shared memfd, so the backend can read and write guest buffers \
+in place. Inside, the busybox init loads virtio PCI and vgpu.ko, then runs the checks \
+of ci/guest/e2e-guest.sh."
+phase_start=$SECONDS
+boot vm0 1 first-loop
+boot vm1 1 first-wait
+# vm1 finishes its checks and waits for POWEROFF; vm0 finishes and starts its loop.
+rc1=0
+wait_for vm1 '^WAITING-FOR-POWEROFF' "$timeout" || rc1=$?
+rc0=0
+wait_for vm0 '^LOOP-START|CHECK requests-during-reboot ' "$((timeout - (SECONDS - phase_start)))" || rc0=$?
+echo "   both guests ran their checks in $((SECONDS - phase_start)) s"
+[[ $rc0 -ne 2 && $rc1 -ne 2 ]] || echo "   timed out after $timeout s (vm0: $rc0, vm1: $rc1)"
+
+step "results of the first boot"
+say "lspci is pciutils' lspci -nn in the guest: QEMU's generic vhost-user device with \
+virtio ID 22 is PCI device 1af4:1056, a communication controller. vgpu-smi reads the \
+device's config space and the host's INFO reply; vgpu-vector-add runs the built-in \
+vector_add_f32 kernel and checks every element; the round trip copies ${mib} MiB into \
+device memory and back and compares checksums; the mixed requests interleave alloc, \
+copies, four built-in kernels, sync and free; the C program uses only vgpu.h and libvgpu."
+report vm0 "${first_checks[@]}"
+report vm1 "${first_checks[@]}"
+
+step "power vm1 off and boot it again while vm0 keeps sending requests"
+say "vm0 now submits batches of mixed requests in a loop. vm1 powers off while one of \
+its processes still holds 16 MiB of device memory: its QEMU exits, the vhost-user \
+connection closes and the backend frees everything vm1 had. A new QEMU then boots vm1 \
+again on the same socket: the backend must serve the new connection, vgpu-smi there must \
+show no allocations left over, and vm0 must not notice."
+reboot_start=$SECONDS
+loop_running=0
+if [[ $rc0 -eq 0 ]] && grep -q '^LOOP-START' "${vm_log[vm0]}"; then
+    loop_running=1
+    sleep 3
+    tell vm0 "MARK poweroff"
+fi
+tell vm1 POWEROFF
+wait_exit vm1 60
+echo "   vm1 powered off after $((SECONDS - reboot_start)) s"
+if ! kill -0 "$daemon" 2>/dev/null; then
+    echo "   vhost-vgpu is no longer running; the end of its log:"
+    show "$work/vhost-vgpu.log" 20
+fi
+boot vm1 2 reboot
+rc1=0
+wait_for vm1 '^GUEST-EXIT' "$timeout" || rc1=$?
+wait_exit vm1 30
+echo "   vm1 booted again and ran its checks in $((SECONDS - reboot_start)) s"
+# Without the backend vm0's requests never complete: do not wait long for it then.
+grace=60
+kill -0 "$daemon" 2>/dev/null || grace=5
+if [[ $loop_running -eq 1 ]]; then
+    tell vm0 "MARK rebooted"
+    wait_for vm0 '^LOOP-MARK rebooted' "$grace" || true
+    tell vm0 STOP
+fi
+wait_for vm0 '^GUEST-EXIT' "$grace" || true
+wait_exit vm0 10
+
+step "results of the reboot"
+if [[ $narrate -eq 1 ]]; then
+    echo "   what vhost-vgpu logged about the VMs' connections:"
+    grep -E 'VM (connected|disconnected)' "$work/vhost-vgpu.log" | sed 's/^\[[^]]*\] */    | /'
+fi
+report vm1 "${reboot_checks[@]}"
+# vm0's loop: its own verdict, and requests must have completed while vm1 was away.
+loop_verdict=$(verdict_of vm0 requests-during-reboot)
+loop_detail=$(result_of vm0 requests-during-reboot)
+mark() { tr -d '\r' <"${vm_log[vm0]}" | sed -n "s/^LOOP-MARK $1 requests=\([0-9]*\).*/\1/p" | tail -n 1; }
+before=$(mark poweroff)
+after=$(mark rebooted)
+if [[ -z $loop_verdict ]]; then
+    fail "vm0 requests-during-reboot no result from the guest"
+    show "${vm_log[vm0]}" 25
+elif [[ $loop_verdict == FAIL ]]; then
+    fail "vm0 requests-during-reboot $loop_detail"
+    show "${vm_log[vm0]}" 25
+elif [[ -z $before || -z $after ]] || ((after <= before)); then
+    fail "vm0 requests-during-reboot no requests completed while vm1 was off and rebooting (${before:-?} -> ${after:-?}); $loop_detail"
+else
+    pass "vm0 requests-during-reboot $((after - before)) requests while vm1 was powered off and booted again; in all $loop_detail"
+fi
+if ! kill -0 "$daemon" 2>/dev/null; then
+    echo "   vhost-vgpu exited during the run; the end of its log:"
+    show "$work/vhost-vgpu.log" 20
+fi
+if [[ $failed -gt 0 ]]; then
+    echo "   the end of vhost-vgpu's log:"
+    show "$work/vhost-vgpu.log" 15
+fi
+
+step "done: $passed passed, $failed failed"
+[[ $failed -eq 0 ]]

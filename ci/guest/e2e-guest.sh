@@ -1,0 +1,131 @@
+#!/bin/sh
+# The guest side of ci/e2e-qemu.sh: runs inside a test VM (busybox sh, from the
+# initramfs's /init) and prints one line per check:
+#   CHECK <name> PASS|FAIL <detail>
+# which the host turns into its PASS / FAIL lines. Evidence lines start with "SMI| "
+# (vgpu-smi output) or "INFO ". The kernel command line sets (as environment variables):
+#   VGPU_PLAN      first-loop:  all checks, then send requests until STOP on the console
+#                  first-wait:  all checks, then wait for POWEROFF on the console
+#                  reboot:      the checks after a power cycle (prefixed "reboot-")
+#                               (first-wait powers off holding 16 MiB of device memory)
+#   VGPU_MIB       size of the HTOD/DTOH round trip in MiB (default 64)
+#   VGPU_MIXED     number of mixed requests (default 200)
+#   VGPU_ELEMENTS  vgpu-vector-add's element count (default 65536)
+#   VGPU_LOOP_MAX  longest the request loop runs without a STOP, seconds (default 480)
+
+plan=${VGPU_PLAN:-first-wait}
+mib=${VGPU_MIB:-64}
+mixed=${VGPU_MIXED:-200}
+elements=${VGPU_ELEMENTS:-65536}
+loop_max=${VGPU_LOOP_MAX:-480}
+prefix=
+[ "$plan" = reboot ] && prefix=reboot-
+
+check() { # NAME PASS|FAIL DETAIL...
+    name=$1
+    verdict=$2
+    shift 2
+    echo "CHECK $prefix$name $verdict $*"
+}
+
+# The last non-empty line of a command's output, for a failure's detail.
+last_line() { grep -v '^[[:space:]]*$' "$1" | tail -n 1; }
+
+echo "INFO plan=$plan kernel=$(uname -r)"
+# The host types STOP / MARK / POWEROFF on the console: no echo in the log.
+stty -echo 2>/dev/null
+
+# The driver: load it and wait for its char device.
+if ! modprobe vgpu 2>/tmp/modprobe.err; then
+    echo "INFO modprobe vgpu failed: $(cat /tmp/modprobe.err)"
+fi
+i=0
+while [ ! -c /dev/vgpu0 ] && [ $i -lt 50 ]; do
+    sleep 0.1
+    i=$((i + 1))
+done
+if [ -c /dev/vgpu0 ]; then
+    echo "INFO /dev/vgpu0 is present"
+else
+    echo "INFO no /dev/vgpu0; kernel messages:"
+    dmesg | grep -i -E 'vgpu|virtio' | tail -n 20 | sed 's/^/INFO dmesg: /'
+fi
+
+# 1. lspci -nn shows the device.
+line=$(lspci -nn 2>&1 | grep -F '[1af4:1056]' | head -n 1)
+if [ -n "$line" ]; then
+    check lspci PASS "$line"
+else
+    check lspci FAIL "no [1af4:1056] in lspci -nn: $(lspci -nn 2>&1 | tr '\n' ';')"
+fi
+
+# 2. vgpu-smi shows the device. After the power cycle it must also show that nothing
+#    of the previous boot is left: that boot powered off holding an allocation.
+vgpu-smi >/tmp/smi.out 2>&1
+rc=$?
+sed 's/^/SMI| /' /tmp/smi.out
+used=$(grep -i 'memory used' /tmp/smi.out | head -n 1 | sed 's/^[[:space:]]*//; s/[[:space:]][[:space:]]*/ /g')
+if [ $rc -ne 0 ] || [ ! -s /tmp/smi.out ]; then
+    check vgpu-smi FAIL "exit $rc: $(last_line /tmp/smi.out)"
+elif [ "$plan" = reboot ] && [ -n "$used" ] && ! echo "$used" | grep -q ' in 0 allocations'; then
+    check vgpu-smi FAIL "the previous boot's device memory was not freed: $used"
+elif [ "$plan" = reboot ]; then
+    check vgpu-smi PASS "$(grep -v '^[[:space:]]*$' /tmp/smi.out | head -n 1); ${used:-memory use not shown}"
+else
+    check vgpu-smi PASS "$(grep -v '^[[:space:]]*$' /tmp/smi.out | head -n 1)"
+fi
+
+# 3. vgpu-vector-add passes.
+vgpu-vector-add --elements "$elements" >/tmp/va.out 2>&1
+rc=$?
+va=$(grep '^Vector add PASSED' /tmp/va.out | head -n 1)
+if [ $rc -eq 0 ] && [ -n "$va" ]; then
+    check vector-add PASS "$va"
+else
+    check vector-add FAIL "exit $rc: $(last_line /tmp/va.out)"
+fi
+
+# 4. A 64 MiB host-to-device / device-to-host round trip keeps its checksum.
+if [ "$plan" != reboot ]; then
+    VGPU_CHECK="htod-dtoh-${mib}MiB" vgpu-e2e-check roundtrip "$mib"
+fi
+
+# 5. Mixed requests.
+VGPU_CHECK="$prefix""mixed-$mixed" vgpu-e2e-check mixed "$mixed"
+
+# 6. A small C program linked against libvgpu runs a built-in kernel: the C example
+#    of guest-lib/examples/c (scale_f32), built on the host against vgpu.h.
+if [ "$plan" != reboot ]; then
+    vgpu-c-example >/tmp/c.out 2>&1
+    rc=$?
+    if [ $rc -eq 0 ]; then
+        check c-builtin-kernel PASS "vector_scale.c (scale_f32 via libvgpu): $(last_line /tmp/c.out)"
+    else
+        check c-builtin-kernel FAIL "vector_scale.c exit $rc: $(last_line /tmp/c.out)"
+    fi
+fi
+
+case $plan in
+    first-loop)
+        # Keep sending requests until the host says STOP (after the other VM's reboot).
+        VGPU_CHECK=requests-during-reboot vgpu-e2e-check loop "$loop_max"
+        ;;
+    first-wait)
+        # Power off with a session open and device memory allocated: the host must free
+        # it when the VM goes away (checked by vgpu-smi after the reboot).
+        vgpu-e2e-check hold 16 >/tmp/hold.out 2>&1 &
+        i=0
+        while ! grep -q '^HOLDING' /tmp/hold.out && [ $i -lt 100 ]; do
+            sleep 0.1
+            i=$((i + 1))
+        done
+        echo "INFO $(head -n 1 /tmp/hold.out)"
+        echo "WAITING-FOR-POWEROFF"
+        # shellcheck disable=SC3045 # busybox sh has read -t
+        while read -r -t "$loop_max" cmd; do
+            [ "$cmd" = POWEROFF ] && break
+        done
+        echo "POWERING-OFF"
+        ;;
+esac
+exit 0
