@@ -1,0 +1,529 @@
+//! The daemon: one thread per socket, each serving its VM again after every disconnect.
+//!
+//! A socket's thread waits for QEMU, then builds a fresh backend and vhost-user daemon for
+//! the connection (its state — features, rings, memory table — belongs to that connection),
+//! registers the backend's completion eventfd with the vring worker and serves until QEMU
+//! goes away. It then resets the VM's tenant (sessions closed, device memory freed) and
+//! waits for the next connection on the same, still bound, socket.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use log::{error, info, warn};
+use vgpu_mediator::nfs::{NfsOptions, NfsServer};
+use vgpu_mediator::{Mediator, TenantConfig, TenantId};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::backend::{VgpuBackend, COMPLETION_EVENT};
+use crate::wait::wait_readable;
+use crate::{qemu_args, Error, Result, VgpuConfig};
+
+/// A running backend: its sockets, their tenants and the mediator they share.
+///
+/// Dropping it stops it like [`Daemon::stop`].
+pub struct Daemon {
+    mediator: Arc<Mediator>,
+    sockets: Vec<PathBuf>,
+    tenants: Vec<TenantId>,
+    stop: Arc<Stop>,
+    threads: Vec<(PathBuf, JoinHandle<Result<()>>)>,
+    /// The NFS file transport on the same mediator, with `--nfs-root`.
+    nfs: Option<NfsServer>,
+}
+
+/// Stops a [`Daemon`] from any thread: its sockets stop accepting, connected VMs are
+/// disconnected and [`Daemon::wait`] returns.
+#[derive(Clone)]
+pub struct StopHandle(Arc<Stop>);
+
+impl StopHandle {
+    pub fn stop(&self) {
+        self.0.request();
+    }
+}
+
+impl Daemon {
+    /// Selects the executor, creates the mediator and starts serving. The sockets are bound
+    /// when this returns, so a frontend may connect at once.
+    pub fn start(config: VgpuConfig) -> Result<Daemon> {
+        config.validate()?;
+        let factory = vgpu_mediator::select(config.executor).map_err(Error::Executor)?;
+        Daemon::start_with_mediator(&config, Mediator::new(factory))
+    }
+
+    /// Starts serving with an existing mediator (`config.executor` is not used). The daemon
+    /// adds one tenant per socket (and the NFS transport one per directory it serves) and
+    /// removes them when it stops.
+    pub fn start_with_mediator(config: &VgpuConfig, mediator: Arc<Mediator>) -> Result<Daemon> {
+        config.validate()?;
+        let paths = config.socket_paths();
+        let device = mediator.device().clone();
+        let quota = config
+            .mem_quota
+            .unwrap_or(device.total_memory / paths.len() as u64);
+        info!(
+            "device: {} ({} executor); {} socket(s), each VM with {} MiB of device memory and \
+             weight {}",
+            device.name,
+            device.kind.name(),
+            paths.len(),
+            quota >> 20,
+            config.weight
+        );
+
+        let mut daemon = Daemon {
+            mediator: mediator.clone(),
+            sockets: Vec::new(),
+            tenants: Vec::new(),
+            stop: Arc::new(Stop::new().map_err(Error::StopEvent)?),
+            threads: Vec::new(),
+            nfs: None,
+        };
+        if let Some(root) = &config.nfs_root {
+            let options = NfsOptions {
+                mem_quota: quota,
+                weight: config.weight,
+                ..NfsOptions::new(root)
+            };
+            let nfs = NfsServer::start(mediator.clone(), options).map_err(Error::StartNfs)?;
+            info!("{}: serving the NFS file protocol", root.display());
+            daemon.nfs = Some(nfs);
+        }
+        for (index, path) in paths.into_iter().enumerate() {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let listener =
+                Listener::new(&path, true).map_err(|e| Error::Listen(path.clone(), e))?;
+            let tenant = mediator
+                .add_tenant(TenantConfig {
+                    name: name.clone(),
+                    mem_quota: quota,
+                    weight: config.weight,
+                })
+                .map_err(|e| Error::AddTenant(name.clone(), e))?;
+            daemon.sockets.push(path.clone());
+            daemon.tenants.push(tenant);
+
+            let socket = Socket {
+                index,
+                path: path.clone(),
+                name: name.clone(),
+                listener,
+                tenant,
+                mediator: mediator.clone(),
+                stop: daemon.stop.clone(),
+            };
+            let thread = thread::Builder::new()
+                .name(format!("vgpu-{name}"))
+                .spawn(move || socket.run())
+                .map_err(|e| Error::SpawnThread(path.clone(), e))?;
+            daemon.threads.push((path.clone(), thread));
+            info!(
+                "{}: listening; QEMU options: {}",
+                path.display(),
+                qemu_args(&path, index, config.virtio_id)
+            );
+        }
+        info!(
+            "QEMU must share guest RAM with the backend: -object \
+             memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem"
+        );
+        Ok(daemon)
+    }
+
+    /// The socket paths, in order (`PATH0`, `PATH1`, ...).
+    pub fn sockets(&self) -> &[PathBuf] {
+        &self.sockets
+    }
+
+    /// The tenant of each socket, in the same order as [`Daemon::sockets`].
+    pub fn tenants(&self) -> &[TenantId] {
+        &self.tenants
+    }
+
+    /// The mediator the sockets' tenants live in.
+    pub fn mediator(&self) -> Arc<Mediator> {
+        self.mediator.clone()
+    }
+
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.stop.clone())
+    }
+
+    /// Waits until the daemon is stopped (or a socket fails, which stops it), then removes
+    /// its tenants. Returns the first socket's failure, if any.
+    pub fn wait(mut self) -> Result<()> {
+        self.join()
+    }
+
+    /// Stops the daemon and waits for it: sockets removed, VMs disconnected, the NFS
+    /// transport stopped, tenants removed.
+    pub fn stop(mut self) -> Result<()> {
+        self.stop.request();
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<()> {
+        let mut result = Ok(());
+        for (path, thread) in self.threads.drain(..) {
+            let outcome = thread
+                .join()
+                .unwrap_or_else(|_| Err(Error::ThreadPanicked(path)));
+            if let Err(e) = outcome {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        // The socket threads end only once a stop was requested: the NFS transport stops
+        // with them.
+        if let Some(nfs) = self.nfs.take() {
+            nfs.stop();
+        }
+        for tenant in self.tenants.drain(..) {
+            self.mediator.remove_tenant(tenant);
+        }
+        result
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop.request();
+        let _ = self.join();
+    }
+}
+
+/// The stop request every socket thread watches.
+struct Stop {
+    requested: AtomicBool,
+    /// Becomes readable (and stays so) once a stop is requested.
+    event: EventFd,
+    /// The connection of each socket that has one, to cut it on stop.
+    connections: Mutex<HashMap<usize, vhost_user_backend::ShutdownHandle>>,
+}
+
+impl Stop {
+    fn new() -> io::Result<Stop> {
+        Ok(Stop {
+            requested: AtomicBool::new(false),
+            event: EventFd::new(EFD_NONBLOCK)?,
+            connections: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn request(&self) {
+        if self.requested.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = self.event.write(1) {
+            error!("signalling the stop to the socket threads: {e}");
+        }
+        for connection in self.connections().values() {
+            connection.shutdown();
+        }
+    }
+
+    fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// Records a socket's connection so that a stop cuts it; cuts it at once when the stop
+    /// came first. (`request` sets the flag before it takes the lock, so no connection is
+    /// missed.)
+    fn track(&self, index: usize, connection: Option<vhost_user_backend::ShutdownHandle>) {
+        let mut connections = self.connections();
+        if let Some(connection) = connection {
+            if self.is_requested() {
+                connection.shutdown();
+            } else {
+                connections.insert(index, connection);
+            }
+        }
+    }
+
+    fn untrack(&self, index: usize) {
+        self.connections().remove(&index);
+    }
+
+    fn connections(&self) -> MutexGuard<'_, HashMap<usize, vhost_user_backend::ShutdownHandle>> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One socket, its tenant, and the thread that serves it.
+struct Socket {
+    index: usize,
+    path: PathBuf,
+    name: String,
+    /// Bound for the socket thread's whole life; removes the socket file when dropped.
+    listener: Listener,
+    tenant: TenantId,
+    mediator: Arc<Mediator>,
+    stop: Arc<Stop>,
+}
+
+impl Socket {
+    fn run(mut self) -> Result<()> {
+        let result = self.serve();
+        if let Err(e) = &result {
+            error!("{}: {e}; stopping the daemon", self.name);
+            self.stop.request();
+        }
+        result
+    }
+
+    fn serve(&mut self) -> Result<()> {
+        loop {
+            let fds = [self.listener.as_raw_fd(), self.stop.event.as_raw_fd()];
+            match wait_readable(&fds, None) {
+                Ok(Some(0)) if !self.stop.is_requested() => self.serve_connection()?,
+                Ok(_) => return Ok(()),
+                Err(e) => return Err(Error::WaitConnection(self.path.clone(), e)),
+            }
+            if self.stop.is_requested() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn serve_connection(&mut self) -> Result<()> {
+        let path = || self.path.clone();
+        let backend = VgpuBackend::new(self.mediator.clone(), self.tenant)
+            .map_err(|e| Error::CreateBackend(path(), e))?;
+        let completion_fd = backend.completion_fd();
+        let backend = Arc::new(RwLock::new(backend));
+        let mut daemon = VhostUserDaemon::new(
+            format!("vhost-vgpu-{}", self.name),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| Error::CreateDaemon(path(), e))?;
+        for handler in daemon.get_epoll_handlers() {
+            handler
+                .register_listener(completion_fd, EventSet::IN, u64::from(COMPLETION_EVENT))
+                .map_err(|e| Error::RegisterCompletions(path(), e))?;
+        }
+
+        if let Err(e) = daemon.start(&mut self.listener) {
+            warn!("{}: accepting a connection: {e}", self.name);
+            drop(daemon);
+            close_exit_events(&backend);
+            // E.g. out of file descriptors: give the host a moment instead of spinning.
+            thread::sleep(Duration::from_millis(100));
+            return Ok(());
+        }
+        self.stop.track(self.index, daemon.shutdown_handle());
+        info!("{}: VM connected", self.name);
+        match daemon.wait() {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => {}
+            Err(e) => warn!("{}: connection ended: {e}", self.name),
+        }
+        self.stop.untrack(self.index);
+        // Dropping the daemon stops and joins its vring worker; nothing touches the backend
+        // after this.
+        drop(daemon);
+        close_exit_events(&backend);
+        drop(backend);
+        self.mediator.reset_tenant(self.tenant);
+        info!(
+            "{}: VM disconnected; its sessions are closed and its device memory is freed",
+            self.name
+        );
+        Ok(())
+    }
+}
+
+/// Once the vhost-user daemon is dropped: see [`VgpuBackend::close_exit_events`].
+fn close_exit_events(backend: &RwLock<VgpuBackend>) {
+    backend
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .close_exit_events();
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread and in every thread it starts later.
+pub(crate) fn block_stop_signals() -> io::Result<libc::sigset_t> {
+    let set = vmm_sys_util::signal::create_sigset(&[libc::SIGINT, libc::SIGTERM])
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    // SAFETY: `set` is an initialised signal set; the old mask is not asked for.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(set)
+}
+
+/// Waits for one of the (blocked) signals in `set`.
+pub(crate) fn wait_for_signal(set: &libc::sigset_t) -> io::Result<libc::c_int> {
+    loop {
+        let mut signal: libc::c_int = 0;
+        // SAFETY: both pointers are valid for the duration of the call.
+        let rc = unsafe { libc::sigwait(set, &mut signal) };
+        match rc {
+            0 => return Ok(signal),
+            libc::EINTR => continue,
+            _ => return Err(io::Error::from_raw_os_error(rc)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileTypeExt;
+    use std::path::Path;
+    use std::time::Instant;
+
+    use vgpu_mediator::cpu::CpuExecutorFactory;
+    use vgpu_mediator::ExecutorChoice;
+    use vgpu_protocol::{Command, Request, Status};
+    use vmm_sys_util::tempdir::TempDir;
+
+    use super::*;
+    use crate::testvmm::Vm;
+
+    fn is_socket(path: &Path) -> bool {
+        std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
+    }
+
+    fn cpu_config(dir: &TempDir, count: usize) -> VgpuConfig {
+        VgpuConfig {
+            socket_count: count,
+            executor: ExecutorChoice::Cpu,
+            mem_quota: Some(32 << 20),
+            ..VgpuConfig::new(dir.as_path().join("vm"))
+        }
+    }
+
+    /// Waits until `done` holds, for up to 10 s.
+    fn eventually(mut done: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if done() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    #[test]
+    fn sockets_are_bound_at_start_one_tenant_each_and_removed_at_stop() {
+        let dir = TempDir::new().unwrap();
+        let mediator = Mediator::new(Arc::new(CpuExecutorFactory::new()));
+        let daemon = Daemon::start_with_mediator(&cpu_config(&dir, 2), mediator.clone()).unwrap();
+        let sockets = daemon.sockets().to_vec();
+        assert_eq!(
+            sockets,
+            vec![dir.as_path().join("vm0"), dir.as_path().join("vm1")]
+        );
+        assert!(sockets.iter().all(|s| is_socket(s)));
+        let names: Vec<String> = daemon
+            .tenants()
+            .iter()
+            .map(|&t| mediator.tenant_config(t).unwrap().name)
+            .collect();
+        assert_eq!(names, ["vm0", "vm1"]);
+        assert_eq!(
+            mediator
+                .device_config(daemon.tenants()[1])
+                .unwrap()
+                .mem_quota,
+            32 << 20
+        );
+
+        daemon.stop().unwrap();
+        assert!(sockets.iter().all(|s| !s.exists()));
+        assert!(mediator.tenants().is_empty());
+    }
+
+    #[test]
+    fn a_vm_that_reconnects_is_served_again_with_its_sessions_gone() {
+        let dir = TempDir::new().unwrap();
+        let daemon = Daemon::start(cpu_config(&dir, 1)).unwrap();
+        let (socket, tenant) = (daemon.sockets()[0].clone(), daemon.tenants()[0]);
+        let mediator = daemon.mediator();
+        for _ in 0..3 {
+            let mut vm = Vm::connect(&socket).unwrap();
+            let (header, _) = vm.request(&Request::new(0, Command::SessionOpen)).unwrap();
+            assert_eq!(header.status, Status::Ok);
+            let (header, _) = vm
+                .request(&Request::new(header.value0, Command::Alloc { size: 4096 }))
+                .unwrap();
+            assert_eq!(header.status, Status::Ok);
+            assert_eq!(mediator.usage(tenant).unwrap().sessions, 1);
+            drop(vm);
+            assert!(eventually(|| {
+                let usage = mediator.usage(tenant).unwrap();
+                (usage.sessions, usage.mem_used) == (0, 0)
+            }));
+        }
+        // A VM still connected is cut by the stop.
+        let _held = Vm::connect(&socket).unwrap();
+        let stop = daemon.stop_handle();
+        let waiter = thread::spawn(move || daemon.wait());
+        stop.stop();
+        assert!(eventually(|| waiter.is_finished()));
+        waiter.join().unwrap().unwrap();
+        assert!(!socket.exists());
+    }
+
+    #[test]
+    fn dropping_the_daemon_stops_it() {
+        let dir = TempDir::new().unwrap();
+        let daemon = Daemon::start(cpu_config(&dir, 1)).unwrap();
+        let socket = daemon.sockets()[0].clone();
+        drop(daemon);
+        assert!(!socket.exists());
+    }
+
+    #[test]
+    fn start_refuses_a_missing_directory_and_binds_nothing() {
+        let dir = TempDir::new().unwrap();
+        let config = VgpuConfig {
+            executor: ExecutorChoice::Cpu,
+            ..VgpuConfig::new(dir.as_path().join("missing/vm"))
+        };
+        assert!(matches!(
+            Daemon::start(config),
+            Err(Error::SocketDirMissing(_))
+        ));
+        assert_eq!(std::fs::read_dir(dir.as_path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn the_nfs_transport_shares_the_mediator_and_stops_with_the_daemon() {
+        let dir = TempDir::new().unwrap();
+        let root = TempDir::new().unwrap();
+        let config = VgpuConfig {
+            nfs_root: Some(root.as_path().to_path_buf()),
+            ..cpu_config(&dir, 1)
+        };
+        let mediator = Mediator::new(Arc::new(CpuExecutorFactory::new()));
+        let daemon = Daemon::start_with_mediator(&config, mediator.clone()).unwrap();
+        // The socket's tenant and the root pair's.
+        assert_eq!(mediator.tenants().len(), 2);
+        let response = root.as_path().join("response.txt");
+        assert_eq!(
+            std::fs::read_to_string(&response).unwrap().trim(),
+            "0:Ready"
+        );
+        daemon.stop().unwrap();
+        assert!(mediator.tenants().is_empty());
+    }
+}

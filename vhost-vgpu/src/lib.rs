@@ -1,0 +1,382 @@
+//! `vhost-vgpu`: the vhost-user backend that presents the mediated GPU to virtual machines.
+//!
+//! A [`Daemon`] listens on one Unix socket per VM. Each socket is a tenant of one shared
+//! [`Mediator`]: QEMU connects with a generic vhost-user device (`vhost-user-test-device-pci`,
+//! see [`qemu_args`]), the guest driver sends requests over the device's virtqueue, and
+//! [`backend::VgpuBackend`] hands them to the mediator. When QEMU disconnects, the VM's
+//! sessions are closed, its device memory is freed, and the socket is served again.
+//!
+//! In-process use (tests, benchmarks):
+//!
+//! ```no_run
+//! use vhost_vgpu::{Daemon, VgpuConfig};
+//! use vgpu_mediator::ExecutorChoice;
+//!
+//! let config = VgpuConfig {
+//!     executor: ExecutorChoice::Cpu,
+//!     ..VgpuConfig::new("/tmp/vgpu.sock")
+//! };
+//! let daemon = Daemon::start(config)?; // listening on /tmp/vgpu.sock0 when this returns
+//! // ... connect a vhost-user frontend to daemon.sockets()[0] ...
+//! // ... daemon.mediator().usage(daemon.tenants()[0]) shows what the VM holds ...
+//! daemon.stop()?; // sockets removed, tenants removed
+//! # Ok::<(), vhost_vgpu::Error>(())
+//! ```
+
+pub mod backend;
+mod chain;
+mod daemon;
+pub mod testvmm;
+mod wait;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use vgpu_mediator::ExecutorChoice;
+use vgpu_protocol::{CONFIG_SIZE, DEFAULT_VIRTIO_ID};
+
+pub use backend::{VgpuBackend, NUM_QUEUES, QUEUE_SIZE};
+pub use daemon::{Daemon, StopHandle};
+pub use vgpu_mediator::Mediator;
+
+/// Failures of the daemon and of its configuration. Each message names the step that failed;
+/// the cause, if any, is the error's source.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--socket-count must be at least 1")]
+    SocketCountZero,
+    #[error("socket path {0} does not end in a file name")]
+    SocketPathNoFileName(PathBuf),
+    #[error("socket directory {0} does not exist")]
+    SocketDirMissing(PathBuf),
+    #[error("socket directory {0} is not a directory")]
+    SocketDirNotDirectory(PathBuf),
+    #[error("--weight must be at least 1")]
+    WeightZero,
+    #[error("--virtio-id must be between 1 and 65535, not {0}")]
+    VirtioIdOutOfRange(u32),
+    #[error("--nfs-root")]
+    NfsRoot(#[source] vgpu_mediator::nfs::NfsError),
+    #[error("starting the NFS file transport")]
+    StartNfs(#[source] vgpu_mediator::nfs::NfsError),
+    #[error("{0}")]
+    Executor(String),
+    #[error("adding tenant {0}")]
+    AddTenant(String, #[source] io::Error),
+    #[error("listening on {0}")]
+    Listen(PathBuf, #[source] vhost::vhost_user::Error),
+    #[error("creating the stop eventfd")]
+    StopEvent(#[source] io::Error),
+    #[error("{0}: starting its thread")]
+    SpawnThread(PathBuf, #[source] io::Error),
+    #[error("{0}: creating the device backend")]
+    CreateBackend(PathBuf, #[source] io::Error),
+    // vhost-user-backend's error does not implement `std::error::Error`: shown inline.
+    #[error("{0}: creating the vhost-user daemon: {1}")]
+    CreateDaemon(PathBuf, vhost_user_backend::Error),
+    #[error("{0}: registering the completion eventfd")]
+    RegisterCompletions(PathBuf, #[source] io::Error),
+    #[error("{0}: waiting for a connection")]
+    WaitConnection(PathBuf, #[source] io::Error),
+    #[error("{0}: its thread panicked")]
+    ThreadPanicked(PathBuf),
+    #[error("setting up SIGINT/SIGTERM handling")]
+    Signals(#[source] io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Command line of `vhost-vgpu`.
+#[derive(Parser, Debug, Clone, PartialEq)]
+#[command(
+    name = "vhost-vgpu",
+    version,
+    about = "vhost-user backend that presents the mediated GPU to virtual machines",
+    long_about = "vhost-user backend that presents the mediated GPU to virtual machines.\n\n\
+        Listens on one Unix socket per VM; every VM is a tenant of one shared mediator with \
+        its own device-memory quota and sessions. At startup it logs the QEMU options that \
+        match each socket. A VM that disconnects loses its sessions and its device memory; \
+        its socket is served again, for the VM's next QEMU or for a QEMU that reconnects. \
+        The logged options suit a stock QEMU >= 10.2, whose generic vhost-user device fails \
+        to start with chardev reconnect-ms and cannot reattach to a restarted backend; with \
+        the patched QEMU of qemu-configs/build-qemu.sh add ,reconnect-ms=1000 to the chardev. \
+        SIGINT or SIGTERM stops the daemon and removes the sockets."
+)]
+pub struct Args {
+    /// Base path of the vhost-user sockets. The daemon listens on PATH0, PATH1, ...
+    /// PATH{N-1} (N = --socket-count; the index is appended even when N is 1, as in
+    /// vhost-device-i2c), one VM per socket. Each VM's tenant is named after its socket's
+    /// file name (e.g. vm0).
+    #[arg(short, long, value_name = "PATH")]
+    pub socket_path: PathBuf,
+
+    /// Number of sockets, i.e. of VMs served.
+    #[arg(short = 'c', long, value_name = "N", default_value_t = 1)]
+    pub socket_count: usize,
+
+    /// What runs the work: cuda, cpu (the reference executor), or auto (CUDA when a driver
+    /// and a device are usable, otherwise the CPU with a warning).
+    #[arg(long, value_name = "auto|cuda|cpu", default_value = "auto")]
+    pub executor: ExecutorChoice,
+
+    /// Device memory each VM may allocate, e.g. 512M, 8G, 1.5GiB. Default: the device's
+    /// memory divided by the number of sockets.
+    #[arg(long, value_name = "SIZE", value_parser = vgpu_mediator::parse_size)]
+    pub mem_quota: Option<u64>,
+
+    /// Each VM's relative share of device time.
+    #[arg(long, value_name = "W", default_value_t = 100)]
+    pub weight: u32,
+
+    /// virtio device ID that the VMs' QEMU gives the device (its `virtio-id=` option). The
+    /// backend does not depend on it; it is used in the QEMU options logged at startup.
+    #[arg(long, value_name = "ID", default_value_t = DEFAULT_VIRTIO_ID)]
+    pub virtio_id: u32,
+
+    /// Also serve the Phase 1 NFS file protocol (command.txt / response.txt) in DIR, the
+    /// directory exported to the VMs: the pair at its root and every vm* directory, each a
+    /// tenant of the same mediator with the same quota and weight as a socket's VM.
+    #[arg(long, value_name = "DIR")]
+    pub nfs_root: Option<PathBuf>,
+}
+
+/// A checked configuration of the daemon.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VgpuConfig {
+    /// Base path: the sockets are this path with 0, 1, ... appended.
+    pub socket_path: PathBuf,
+    pub socket_count: usize,
+    pub executor: ExecutorChoice,
+    /// Device-memory quota of each VM; `None`: the device's memory divided by the count.
+    pub mem_quota: Option<u64>,
+    pub weight: u32,
+    pub virtio_id: u32,
+    pub nfs_root: Option<PathBuf>,
+}
+
+impl VgpuConfig {
+    /// One socket at `socket_path` + "0", automatic executor, default quota and weight.
+    pub fn new(socket_path: impl Into<PathBuf>) -> VgpuConfig {
+        VgpuConfig {
+            socket_path: socket_path.into(),
+            socket_count: 1,
+            executor: ExecutorChoice::Auto,
+            mem_quota: None,
+            weight: 100,
+            virtio_id: DEFAULT_VIRTIO_ID,
+            nfs_root: None,
+        }
+    }
+
+    /// The socket paths: `socket_path` with `0` .. `socket_count - 1` appended.
+    pub fn socket_paths(&self) -> Vec<PathBuf> {
+        (0..self.socket_count)
+            .map(|i| {
+                let mut path = self.socket_path.clone().into_os_string();
+                path.push(i.to_string());
+                PathBuf::from(path)
+            })
+            .collect()
+    }
+
+    /// Checks what can be checked before anything is started.
+    pub fn validate(&self) -> Result<()> {
+        if self.socket_count == 0 {
+            return Err(Error::SocketCountZero);
+        }
+        if self.weight == 0 {
+            return Err(Error::WeightZero);
+        }
+        if !(1..=u32::from(u16::MAX)).contains(&self.virtio_id) {
+            return Err(Error::VirtioIdOutOfRange(self.virtio_id));
+        }
+        let path = &self.socket_path;
+        if path.file_name().is_none() {
+            return Err(Error::SocketPathNoFileName(path.clone()));
+        }
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if !dir.exists() {
+            return Err(Error::SocketDirMissing(dir.to_path_buf()));
+        }
+        if !dir.is_dir() {
+            return Err(Error::SocketDirNotDirectory(dir.to_path_buf()));
+        }
+        if let Some(root) = &self.nfs_root {
+            vgpu_mediator::nfs::check_root(root).map_err(Error::NfsRoot)?;
+        }
+        Ok(())
+    }
+}
+
+impl Default for VgpuConfig {
+    /// No socket path yet (set one before starting), otherwise as [`VgpuConfig::new`].
+    fn default() -> VgpuConfig {
+        VgpuConfig::new(PathBuf::new())
+    }
+}
+
+impl TryFrom<Args> for VgpuConfig {
+    type Error = Error;
+
+    fn try_from(args: Args) -> Result<VgpuConfig> {
+        let config = VgpuConfig {
+            socket_path: args.socket_path,
+            socket_count: args.socket_count,
+            executor: args.executor,
+            mem_quota: args.mem_quota,
+            weight: args.weight,
+            virtio_id: args.virtio_id,
+            nfs_root: args.nfs_root,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// The QEMU options that attach a VM to `socket` (`index` names the chardev). Without
+/// `reconnect-ms`: a stock QEMU's generic vhost-user device fails to start with it.
+pub fn qemu_args(socket: &Path, index: usize, virtio_id: u32) -> String {
+    let path = socket.display().to_string().replace(',', ",,");
+    format!(
+        "-chardev socket,id=vgpu{index},path={path} \
+         -device vhost-user-test-device-pci,chardev=vgpu{index},virtio-id={virtio_id},\
+         num_vqs={NUM_QUEUES},vq_size={QUEUE_SIZE},config_size={CONFIG_SIZE}"
+    )
+}
+
+/// Runs the daemon until SIGINT or SIGTERM, then removes its sockets. What `vhost-vgpu` runs.
+pub fn start_backend(config: VgpuConfig) -> Result<()> {
+    // Block the signals before any thread exists so that every thread inherits the mask
+    // and only the waiting thread below ever receives them.
+    let signals = daemon::block_stop_signals().map_err(Error::Signals)?;
+    let daemon = Daemon::start(config)?;
+    let stop = daemon.stop_handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            match daemon::wait_for_signal(&signals) {
+                Ok(signal) => {
+                    log::info!("signal {signal} received: stopping");
+                    stop.stop();
+                }
+                Err(e) => {
+                    log::error!("waiting for SIGINT/SIGTERM: {e}");
+                    return;
+                }
+            }
+            // A second signal while stopping (e.g. a long kernel still running) ends the
+            // process at once.
+            if let Ok(signal) = daemon::wait_for_signal(&signals) {
+                log::warn!("signal {signal} received again: exiting without cleanup");
+                std::process::exit(1);
+            }
+        })
+        .map_err(Error::Signals)?;
+    daemon.wait()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> std::result::Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("vhost-vgpu").chain(list.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_are_one_socket_auto_executor_and_weight_100() {
+        let a = args(&["--socket-path", "/tmp/vm"]).unwrap();
+        let c = VgpuConfig::try_from(a).unwrap();
+        assert_eq!(c, VgpuConfig::new("/tmp/vm"));
+        assert_eq!(c.socket_paths(), vec![PathBuf::from("/tmp/vm0")]);
+    }
+
+    #[test]
+    fn every_flag_parses() {
+        let a = args(&[
+            "-s",
+            "/tmp/vgpu.sock",
+            "-c",
+            "3",
+            "--executor",
+            "cpu",
+            "--mem-quota",
+            "512M",
+            "--weight",
+            "7",
+            "--virtio-id",
+            "40",
+            "--nfs-root",
+            "/tmp",
+        ])
+        .unwrap();
+        let c = VgpuConfig::try_from(a).unwrap();
+        assert_eq!(c.executor, ExecutorChoice::Cpu);
+        assert_eq!(c.mem_quota, Some(512 << 20));
+        assert_eq!(c.weight, 7);
+        assert_eq!(c.virtio_id, 40);
+        assert_eq!(c.nfs_root, Some(PathBuf::from("/tmp")));
+        assert_eq!(
+            c.socket_paths(),
+            ["/tmp/vgpu.sock0", "/tmp/vgpu.sock1", "/tmp/vgpu.sock2"].map(PathBuf::from)
+        );
+    }
+
+    #[test]
+    fn bad_flags_are_refused() {
+        assert!(args(&[]).is_err());
+        assert!(args(&["-s", "/tmp/vm", "--executor", "opencl"]).is_err());
+        assert!(args(&["-s", "/tmp/vm", "--mem-quota", "12Q"]).is_err());
+
+        let check = |list: &[&str]| VgpuConfig::try_from(args(list).unwrap()).unwrap_err();
+        assert!(matches!(
+            check(&["-s", "/tmp/vm", "-c", "0"]),
+            Error::SocketCountZero
+        ));
+        assert!(matches!(
+            check(&["-s", "/tmp/vm", "--weight", "0"]),
+            Error::WeightZero
+        ));
+        assert!(matches!(
+            check(&["-s", "/tmp/vm", "--virtio-id", "70000"]),
+            Error::VirtioIdOutOfRange(70000)
+        ));
+        assert!(matches!(
+            check(&["-s", "/nonexistent-vgpu-dir/vm"]),
+            Error::SocketDirMissing(p) if p == Path::new("/nonexistent-vgpu-dir")
+        ));
+        assert!(matches!(
+            check(&["-s", "/etc/hostname/vm"]),
+            Error::SocketDirNotDirectory(_) | Error::SocketDirMissing(_)
+        ));
+        assert!(matches!(
+            check(&["-s", "/"]),
+            Error::SocketPathNoFileName(_)
+        ));
+        assert!(matches!(
+            check(&["-s", "/tmp/vm", "--nfs-root", "/nonexistent-vgpu-root"]),
+            Error::NfsRoot(_)
+        ));
+    }
+
+    #[test]
+    fn relative_socket_paths_live_in_the_current_directory() {
+        let c = VgpuConfig::new("vm");
+        c.validate().unwrap();
+        assert_eq!(c.socket_paths(), vec![PathBuf::from("vm0")]);
+    }
+
+    #[test]
+    fn qemu_args_match_the_device() {
+        assert_eq!(
+            qemu_args(Path::new("/run/vhost-vgpu/vm1"), 1, 22),
+            "-chardev socket,id=vgpu1,path=/run/vhost-vgpu/vm1 \
+             -device vhost-user-test-device-pci,chardev=vgpu1,virtio-id=22,num_vqs=1,\
+             vq_size=1024,config_size=128"
+        );
+    }
+}
