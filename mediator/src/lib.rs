@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod executor;
 mod mediator;
+pub mod nfs;
 pub mod selftest;
 mod worker;
 

@@ -1,10 +1,13 @@
 //! `vgpu-mediator`: the Phase 1 CUDA sanity gate, device information, and the NFS
 //! file-protocol server.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use vgpu_mediator::{select, selftest, ExecutorChoice};
+use vgpu_mediator::nfs::{NfsOptions, NfsServer};
+use vgpu_mediator::{select, selftest, ExecutorChoice, Mediator};
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +30,36 @@ enum Cmd {
     Sanity,
     /// Prints what the selected executor runs on.
     Info,
+    /// Serves the Phase 1 file protocol (command.txt / response.txt) in a directory
+    /// exported to the VMs over NFS, until SIGINT or SIGTERM.
+    #[command(long_about = SERVE_ABOUT)]
+    Serve(ServeArgs),
+}
+
+const SERVE_ABOUT: &str = "Serves the Phase 1 file protocol in a directory exported to the VMs \
+over NFS, until SIGINT or SIGTERM.
+
+Each directory served is one VM (one tenant): the pair ROOT/command.txt and \
+ROOT/response.txt, or ROOT/<vm>/ for each VM. A VM writes 1 (vector-add validation), 2 \
+(device information) or 0 (reset) to command.txt; the mediator answers in response.txt \
+with one line: 0:Ready, 1:<message> or 2:<error>. To issue the same command again, \
+write 0 and wait for 0:Ready first (vgpu-nfs-client does this).";
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Directory exported to the VMs; must exist and be writable.
+    #[arg(long, value_name = "DIR", default_value = vgpu_mediator::nfs::DEFAULT_ROOT)]
+    nfs_root: PathBuf,
+    /// Serve the VM directory DIR/NAME, created if missing (repeatable). Without --vm: the
+    /// pair at the root and every vm* directory, picked up as it appears.
+    #[arg(long = "vm", value_name = "NAME")]
+    vms: Vec<String>,
+    /// Milliseconds between scans of the command files (local changes wake it at once).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    poll_ms: u64,
+    /// Device memory each VM may allocate, e.g. 512M or 8G.
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = vgpu_mediator::parse_size)]
+    mem_quota: u64,
 }
 
 fn main() -> ExitCode {
@@ -35,6 +68,7 @@ fn main() -> ExitCode {
     match cli.command {
         Cmd::Sanity => sanity(),
         Cmd::Info => info(cli.executor),
+        Cmd::Serve(args) => serve(cli.executor, args),
     }
 }
 
@@ -67,4 +101,73 @@ fn info(choice: ExecutorChoice) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn serve(choice: ExecutorChoice, args: ServeArgs) -> ExitCode {
+    // Blocked before any thread starts, so every thread inherits the mask and only the
+    // sigwait below receives them.
+    let signals = termination_signals();
+    if let Err(e) = vgpu_mediator::nfs::check_root(&args.nfs_root) {
+        eprintln!("vgpu-mediator: {}", error_chain(&e));
+        return ExitCode::FAILURE;
+    }
+    let factory = match select(choice) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("vgpu-mediator: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mediator = Mediator::new(factory);
+    log::info!("executor: {}", selftest::device_line(mediator.device()));
+    let opts = NfsOptions {
+        vms: args.vms,
+        poll_interval: Duration::from_millis(args.poll_ms),
+        settle: Duration::from_millis(args.poll_ms),
+        mem_quota: args.mem_quota,
+        ..NfsOptions::new(args.nfs_root)
+    };
+    let server = match NfsServer::start(mediator, opts) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vgpu-mediator: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let signal = wait_for(&signals);
+    log::info!("signal {signal}: stopping");
+    server.stop();
+    ExitCode::SUCCESS
+}
+
+/// An error and its causes on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
+    }
+    line
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and the threads it starts later).
+fn termination_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for(set: &libc::sigset_t) -> libc::c_int {
+    let mut signal = 0;
+    // SAFETY: a valid, initialised set and an out-parameter.
+    while unsafe { libc::sigwait(set, &mut signal) } != 0 {}
+    signal
 }

@@ -1,0 +1,385 @@
+#!/usr/bin/env bash
+# End-to-end check of the NFS file transport over a real NFS server: Debian's
+# nfs-ganesha (VFS backend) exports a temporary root on the loopback address,
+# `vgpu-mediator serve` serves its vm1/ and vm2/, and a TCG guest mounts it with its own
+# kernel NFS client (through QEMU's user-mode network, 10.0.2.2 = the host's loopback)
+# and runs vgpu-nfs-client against both directories. One "PASS nfs <check> <detail>" or
+# "FAIL nfs <check> <detail>" line per check (ci/test.sh counts them), then a final
+# "PASS e2e-nfs ..." or "FAIL e2e-nfs ..." line; exits non-zero on any failure.
+set -euo pipefail
+
+REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+usage() {
+    cat <<EOF
+Usage: $(basename "$0") [options]
+
+Builds vgpu-mediator and vgpu-nfs-client (cargo build --release), installs
+nfs-ganesha and nfs-ganesha-vfs if missing, fetches the guest kernel
+(ci/guest-kernel.sh) and QEMU (qemu-configs/build-qemu.sh), then:
+
+  host:  ganesha.nfsd exports a temporary ROOT as /vgpu on 127.0.0.1:PORT (NFSv4 only);
+         vgpu-mediator --executor cpu serve --nfs-root ROOT --vm vm1 --vm vm2
+  guest: modprobe virtio_net nfsv4; mount -t nfs4 10.0.2.2:/vgpu /mnt/vgpu;
+         vgpu-nfs-client --dir /mnt/vgpu/vm1 --command 1, vm2 --command 1, both
+         --command 2, a garbage command (answered 2:...), the same command twice in a
+         row, and both directories in parallel loops
+
+Options:
+  --port N          NFS port on 127.0.0.1 (default 12049; the next free one if taken)
+  --loops N         commands per directory in the parallel phase (default 100)
+  --timeout SECS    longest wait for the guest (default 300)
+  --keep            keep the work directory (logs, export, initramfs) and print its path
+  -h, --help        show this help
+
+Environment: VGPU_CACHE (cache root, default \$HOME/.cache/vgpu), CARGO_TARGET_DIR.
+EOF
+}
+
+die() { echo "e2e-nfs.sh: error: $*" >&2; exit 1; }
+
+port=12049
+loops=100
+timeout=300
+keep=0
+need_arg() { [[ $2 -ge 2 ]] || die "$1 needs a value"; }
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --port) need_arg "$1" $#; port=$2; shift ;;
+        --loops) need_arg "$1" $#; loops=$2; shift ;;
+        --timeout) need_arg "$1" $#; timeout=$2; shift ;;
+        --keep) keep=1 ;;
+        -h | --help) usage; exit 0 ;;
+        *) die "unknown option '$1' (see --help)" ;;
+    esac
+    shift
+done
+if ! [[ $port =~ ^[1-9][0-9]*$ ]] || ((port > 65535)); then
+    die "--port wants a port number, got '$port'"
+fi
+[[ $loops =~ ^[1-9][0-9]*$ ]] || die "--loops wants a positive number, got '$loops'"
+[[ $timeout =~ ^[1-9][0-9]*$ ]] || die "--timeout wants whole seconds, got '$timeout'"
+
+cd "$REPO_DIR"
+start_time=$SECONDS
+
+# ---- output -------------------------------------------------------------------------
+# Only pass() and fail() print lines starting with "PASS " or "FAIL " (ci/test.sh counts
+# them); evidence is indented.
+passed=0
+failed=0
+pass() { echo "PASS nfs $*"; passed=$((passed + 1)); }
+fail() { echo "FAIL nfs $*"; failed=$((failed + 1)); }
+step() { echo "== $* ($((SECONDS - start_time)) s)"; }
+show() { # FILE [LINES]
+    [[ -f $1 ]] || return 0
+    tail -n "${2:-30}" "$1" | tr -d '\r' | sed 's/^/    | /'
+}
+# The final line; also what a setup failure ends with.
+verdict() {
+    local what=$1
+    if [[ $failed -eq 0 && $passed -gt 0 ]]; then
+        echo "PASS e2e-nfs: $passed checks passed in $((SECONDS - start_time)) s"
+        return 0
+    fi
+    echo "FAIL e2e-nfs: $failed of $((passed + failed)) checks failed${what:+ ($what)} in $((SECONDS - start_time)) s"
+    return 1
+}
+# A step that cannot go on: one FAIL line with what failed, the final line, exit 1.
+abort() { # CHECK DETAIL [LOG]
+    fail "$1 $2"
+    [[ -n ${3:-} ]] && show "$3" 30
+    verdict "$1" || true
+    exit 1
+}
+
+# ---- cleanup: every process this script started ---------------------------------------
+work=$(mktemp -d "${TMPDIR:-/tmp}/vgpu-e2e-nfs.XXXXXX")
+pids=()
+cleanup() {
+    local rc=$? pid
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ $keep -eq 1 ]]; then
+        echo "e2e-nfs.sh: work directory kept: $work"
+    else
+        rm -rf "$work"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+quiet() { # CHECK LOG CMD...
+    local check=$1 log=$2
+    shift 2
+    "$@" >"$log" 2>&1 || abort "$check" "'$*' failed" "$log"
+}
+
+# ---- 1. build and fetch ----------------------------------------------------------------
+step "setup: host packages and the Rust toolchain"
+quiet setup "$work/setup.log" bash ci/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+
+step "build: vgpu-mediator and vgpu-nfs-client (cargo build --release)"
+quiet build "$work/cargo.log" cargo build --release --locked -p vgpu-mediator -p vgpu-guest \
+    --bin vgpu-mediator --bin vgpu-nfs-client
+target=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release
+for f in vgpu-mediator vgpu-nfs-client; do
+    [[ -x $target/$f ]] || abort build "cargo build did not produce $target/$f"
+done
+
+step "NFS server: nfs-ganesha with its VFS backend"
+if ! command -v ganesha.nfsd >/dev/null || ! dpkg-query -W -f='${Status}' nfs-ganesha-vfs 2>/dev/null | grep -q 'ok installed'; then
+    [[ $(id -u) -eq 0 ]] || abort ganesha "nfs-ganesha is not installed and this is not root"
+    apt_ganesha() {
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 \
+            --no-install-recommends nfs-ganesha nfs-ganesha-vfs
+    }
+    if ! apt_ganesha >"$work/apt.log" 2>&1; then
+        apt-get update -qq -o DPkg::Lock::Timeout=600 >>"$work/apt.log" 2>&1 || true
+        apt_ganesha >>"$work/apt.log" 2>&1 || abort ganesha "apt-get install nfs-ganesha nfs-ganesha-vfs failed" "$work/apt.log"
+    fi
+fi
+ganesha=$(command -v ganesha.nfsd) || abort ganesha "ganesha.nfsd not found after installing nfs-ganesha"
+echo "   $ganesha ($(dpkg-query -W -f='${Version}' nfs-ganesha))"
+
+step "guest kernel (ci/guest-kernel.sh) and QEMU (qemu-configs/build-qemu.sh)"
+kenv=$(bash ci/guest-kernel.sh --no-headers 2>"$work/guest-kernel.log") ||
+    abort guest-kernel "ci/guest-kernel.sh failed" "$work/guest-kernel.log"
+kver=$(sed -n 's/^KVER=//p' <<<"$kenv")
+kdir=$(sed -n 's/^KDIR=//p' <<<"$kenv")
+kernel=$(sed -n 's/^KERNEL=//p' <<<"$kenv")
+[[ -n $kver && -f $kernel ]] || abort guest-kernel "ci/guest-kernel.sh gave no usable kernel: $kenv"
+qemu=$(bash qemu-configs/build-qemu.sh --print-path 2>"$work/build-qemu.log") ||
+    abort qemu "qemu-configs/build-qemu.sh failed" "$work/build-qemu.log"
+echo "   kernel $kver; $("$qemu" --version | sed -n 1p)"
+
+step "initramfs: busybox, virtio_net, nfsv4, vgpu-nfs-client"
+mkdir -p "$work/bin"
+cp "$target/vgpu-nfs-client" "$work/bin/vgpu-nfs-client"
+strip --strip-debug "$work/bin/vgpu-nfs-client"
+cat >"$work/guest.sh" <<'GUEST'
+#!/bin/sh
+# Runs in the guest: network, NFS mount, vgpu-nfs-client against vm1/ and vm2/.
+# Prints "CHECK <name> PASS|FAIL <detail>" per check; the host turns them into lines.
+port=${VGPU_NFS_PORT:-12049}
+loops=${VGPU_NFS_LOOPS:-20}
+check() { n=$1; v=$2; shift 2; echo "CHECK $n $v $*"; }
+flat() { tr '\n' ' ' <"$1" | sed 's/ *$//'; }
+
+for m in virtio_net nfsv4; do
+    modprobe "$m" || echo "INFO modprobe $m failed"
+done
+i=0
+while ! ip link show eth0 >/dev/null 2>&1 && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+mkdir -p /mnt/vgpu
+opts="port=$port,vers=4.1,addr=10.0.2.2"
+if mount -t nfs4 -o "$opts" 10.0.2.2:/vgpu /mnt/vgpu 2>/tmp/mount.err; then
+    check mount PASS "$(grep ' /mnt/vgpu ' /proc/mounts | cut -d' ' -f1-4)"
+else
+    check mount FAIL "mount -t nfs4 -o $opts 10.0.2.2:/vgpu /mnt/vgpu: $(flat /tmp/mount.err)"
+    dmesg | tail -n 15 | sed 's/^/INFO dmesg: /'
+    exit 1
+fi
+echo "INFO export: $(ls /mnt/vgpu | tr '\n' ' ')"
+
+# run NAME DIR COMMAND EXPECTED_RC EXPECTED_OUTPUT_GLOB: one vgpu-nfs-client run.
+vector='SUCCESS: Vector add PASSED: 1024 elements, 0 errors (*)'
+device='SUCCESS: *, * MiB*, *compute capability*'
+run() {
+    name=$1 dir=$2 cmd=$3 want=$4 glob=$5
+    vgpu-nfs-client --dir "$dir" --command "$cmd" --timeout 60 >/tmp/out 2>&1
+    rc=$?
+    out=$(flat /tmp/out)
+    # shellcheck disable=SC2254 # the glob is the expected output
+    case "$rc:$out" in
+        "$want:"$glob) check "$name" PASS "$out" ;;
+        *) check "$name" FAIL "exit $rc (expected $want and '$glob'): $out" ;;
+    esac
+}
+run vm1-command-1 /mnt/vgpu/vm1 1 0 "$vector"
+run vm2-command-1 /mnt/vgpu/vm2 1 0 "$vector"
+run vm1-command-2 /mnt/vgpu/vm1 2 0 "$device"
+run vm2-command-2 /mnt/vgpu/vm2 2 0 "$device"
+run vm1-garbage-command /mnt/vgpu/vm1 hello 1 "FAILED: unknown command 'hello': *"
+run vm2-command-2-again /mnt/vgpu/vm2 2 0 "$device"
+echo "INFO vm1/response.txt after the garbage command: $(cat /mnt/vgpu/vm1/response.txt)"
+
+# Both directories at once, each alternating 1 and 2; every answer must match.
+loop() { # DIR TAG
+    ok=0 bad=0 k=0
+    while [ $k -lt "$loops" ]; do
+        c=$((k % 2 + 1))
+        out=$(vgpu-nfs-client --dir "$1" --command "$c" --timeout 60 2>&1)
+        case "$c:$out" in
+            "1:SUCCESS: Vector add PASSED: 1024 elements, 0 errors ("*) ok=$((ok + 1)) ;;
+            "2:SUCCESS: "*"compute capability"*) ok=$((ok + 1)) ;;
+            *) bad=$((bad + 1)); echo "INFO $2 command $c got: $out" ;;
+        esac
+        k=$((k + 1))
+    done
+    echo "$ok $bad" >"/tmp/loop-$2"
+}
+start=$(date +%s)
+loop /mnt/vgpu/vm1 vm1 &
+p1=$!
+loop /mnt/vgpu/vm2 vm2 &
+p2=$!
+wait $p1 $p2
+secs=$(($(date +%s) - start))
+read -r ok1 bad1 </tmp/loop-vm1
+read -r ok2 bad2 </tmp/loop-vm2
+if [ "$bad1" -eq 0 ] && [ "$bad2" -eq 0 ] && [ "$ok1" -eq "$loops" ] && [ "$ok2" -eq "$loops" ]; then
+    check parallel-vm1-vm2 PASS "$ok1 + $ok2 commands, every answer matched its command, in ${secs} s"
+else
+    check parallel-vm1-vm2 FAIL "vm1: $ok1 right, $bad1 wrong; vm2: $ok2 right, $bad2 wrong"
+fi
+umount /mnt/vgpu
+GUEST
+initrd=$work/initramfs.cpio.gz
+quiet initramfs "$work/mkinitramfs.log" bash ci/mkinitramfs.sh "$initrd" --kdir "$kdir" \
+    --kver "$kver" --module virtio_net --module nfsv4 \
+    --bin "$work/bin/vgpu-nfs-client:/usr/bin/vgpu-nfs-client" --init "$work/guest.sh"
+echo "   $(du -h "$initrd" | cut -f1) $(basename "$initrd")"
+
+# ---- 2. host: NFS server and mediator ---------------------------------------------------
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for ((p = port; p < port + 20; p++)); do
+    port_free "$p" && break
+done
+port_free "$p" || abort ganesha "ports $port to $((port + 19)) on 127.0.0.1 are all taken"
+port=$p
+
+step "host: ganesha.nfsd exports ROOT as /vgpu on 127.0.0.1:$port"
+root=$work/export
+mkdir -p "$root/vm1" "$root/vm2" "$work/ganesha"
+chmod 0777 "$root" "$root/vm1" "$root/vm2"
+cat >"$work/ganesha.conf" <<EOF
+NFS_CORE_PARAM {
+    Protocols = 4;
+    NFS_Port = $port;
+    Bind_addr = 127.0.0.1;
+    Enable_NLM = false;
+    Enable_RQUOTA = false;
+}
+NFSv4 {
+    Graceless = true;
+    RecoveryBackend = fs;
+    RecoveryRoot = "$work/ganesha";
+}
+EXPORT {
+    Export_Id = 1;
+    Path = "$root";
+    Pseudo = /vgpu;
+    Access_Type = RW;
+    Squash = No_Root_Squash;
+    Protocols = 4;
+    Transports = TCP;
+    SecType = sys;
+    FSAL {
+        Name = VFS;
+    }
+}
+EOF
+"$ganesha" -F -f "$work/ganesha.conf" -L "$work/ganesha.log" -p "$work/ganesha.pid" \
+    >"$work/ganesha.out" 2>&1 &
+ganesha_pid=$!
+pids+=("$ganesha_pid")
+for ((i = 0; i < 100; i++)); do
+    port_free "$port" || break
+    kill -0 "$ganesha_pid" 2>/dev/null || break
+    sleep 0.1
+done
+if port_free "$port"; then
+    cat "$work/ganesha.out" >>"$work/ganesha.log" 2>/dev/null || true
+    abort ganesha "ganesha.nfsd does not listen on 127.0.0.1:$port" "$work/ganesha.log"
+fi
+pass "ganesha listening on 127.0.0.1:$port, exporting $root as /vgpu (FSAL VFS, NFSv4)"
+
+step "host: vgpu-mediator --executor cpu serve --nfs-root ROOT --vm vm1 --vm vm2"
+RUST_LOG=${RUST_LOG:-info} "$target/vgpu-mediator" --executor cpu serve --nfs-root "$root" \
+    --vm vm1 --vm vm2 --poll-ms 100 >"$work/mediator.log" 2>&1 &
+mediator_pid=$!
+pids+=("$mediator_pid")
+for ((i = 0; i < 100; i++)); do
+    [[ $(cat "$root/vm1/response.txt" 2>/dev/null) == 0:Ready &&
+        $(cat "$root/vm2/response.txt" 2>/dev/null) == 0:Ready ]] && break
+    kill -0 "$mediator_pid" 2>/dev/null || break
+    sleep 0.1
+done
+[[ $(cat "$root/vm2/response.txt" 2>/dev/null) == 0:Ready ]] ||
+    abort mediator "vgpu-mediator serve did not write 0:Ready in vm1/ and vm2/" "$work/mediator.log"
+pass "mediator serving vm1/ and vm2/ (both read 0:Ready)"
+
+# ---- 3. the guest -------------------------------------------------------------------------
+step "guest: boot (TCG, user-mode network), mount over NFS, run vgpu-nfs-client"
+guest_log=$work/guest.log
+guest_start=$SECONDS
+bash qemu-configs/launch-vm.sh --qemu "$qemu" --kernel "$kernel" --initrd "$initrd" \
+    --no-vgpu --net --mem 512M \
+    --append "VGPU_NFS_PORT=$port VGPU_NFS_LOOPS=$loops" </dev/null >"$guest_log" 2>&1 &
+guest_pid=$!
+pids+=("$guest_pid")
+while kill -0 "$guest_pid" 2>/dev/null; do
+    if ((SECONDS - guest_start >= timeout)); then
+        echo "   the guest did not power off within $timeout s: stopping its QEMU"
+        kill "$guest_pid" 2>/dev/null || true
+        break
+    fi
+    sleep 0.5
+done
+wait "$guest_pid" 2>/dev/null || true
+echo "   the guest ran for $((SECONDS - guest_start)) s"
+
+step "results"
+checks=(mount vm1-command-1 vm2-command-1 vm1-command-2 vm2-command-2 vm1-garbage-command
+    vm2-command-2-again parallel-vm1-vm2)
+bad=0
+for c in "${checks[@]}"; do
+    line=$(tr -d '\r' <"$guest_log" | grep -E "^CHECK $c (PASS|FAIL) " | tail -n 1 || true)
+    case $line in
+        "CHECK $c PASS "*) pass "guest $c ${line#"CHECK $c PASS "}" ;;
+        "CHECK $c FAIL "*) fail "guest $c ${line#"CHECK $c FAIL "}"; bad=1 ;;
+        *) fail "guest $c no result from the guest"; bad=1 ;;
+    esac
+done
+tr -d '\r' <"$guest_log" | grep '^INFO ' | sed 's/^/    | /' || true
+if [[ $bad -eq 1 ]]; then
+    echo "   the end of the guest's console:"
+    show "$guest_log" 30
+fi
+
+# What the host saw: the mediator logged each command and answer for both directories,
+# and the files on the host read what the guest read.
+for vm in vm1 vm2; do
+    received=$(grep -c "nfs $vm: received command" "$work/mediator.log" || true)
+    sent=$(grep -c "nfs $vm: response sent: [12]:" "$work/mediator.log" || true)
+    if [[ $received -gt 0 && $sent -gt 0 ]]; then
+        pass "host-$vm mediator logged $received commands received and $sent answers sent; $vm/response.txt on the host: $(cat "$root/$vm/response.txt")"
+    else
+        fail "host-$vm the mediator logged no command for $vm"
+    fi
+done
+# (grep -m rather than head: a reader that stops early would fail the pipeline.)
+grep -m 8 -E "nfs vm[12]: (received command|response sent)" "$work/mediator.log" |
+    sed 's/^\[[^]]*\] */    | /' || true
+if ! kill -0 "$mediator_pid" 2>/dev/null; then
+    fail "mediator vgpu-mediator serve exited during the run"
+    show "$work/mediator.log" 20
+fi
+if [[ $failed -gt 0 ]]; then
+    echo "   the end of the mediator's log:"
+    show "$work/mediator.log" 15
+    echo "   the end of ganesha's log:"
+    show "$work/ganesha.log" 15
+fi
+
+verdict ""
