@@ -124,7 +124,11 @@ if [[ -x $DIR/vgpu-bench ]]; then
 else
     skip_step bench "no $DIR/vgpu-bench"
 fi
-# NFS transport checks: not yet written.
+if [[ -x $DIR/vgpu-nfs-client ]]; then
+    run_step nfs "${NFS_TIMEOUT:-180}" bash "$(dirname "$0")/gpu-nfs-check.sh" "$DIR"
+else
+    skip_step nfs "no $DIR/vgpu-nfs-client"
+fi
 # -------------------------------------------------------------------------------------
 
 note "summary"
