@@ -191,7 +191,10 @@ qemu=$(bash qemu-configs/build-qemu.sh --print-path 2>"$work/build-qemu.log") ||
     die "qemu-configs/build-qemu.sh failed"
 }
 qemu_device=$(bash qemu-configs/build-qemu.sh --print-device 2>>"$work/build-qemu.log")
-echo "   $("$qemu" --version | head -n 1), device $qemu_device"
+# launch-vm.sh turns chardev reconnect on by default for a QEMU built with the fix.
+reconnect="off (this QEMU lacks the reconnect fix)"
+[[ -f $(dirname "$qemu")/reconnect-ok ]] && reconnect=on
+echo "   $("$qemu" --version | head -n 1), device $qemu_device, chardev reconnect $reconnect"
 
 step "initramfs: busybox, virtio PCI, vgpu.ko, lspci, the guest tools and libraries"
 lspci_bin=$(command -v lspci) || die "lspci not found (package pciutils)"
@@ -248,15 +251,9 @@ boot() {
         vm_in[$vm]=$fd
     fi
     vm_log[$vm]=$work/$vm-$run.log
-    # The device is given here rather than with launch-vm.sh --socket: that adds
-    # reconnect-ms to the chardev, which makes QEMU connect in the background, and the
-    # generic vhost-user device does not wait for the connection before its first
-    # message ("Failed to set msg fds", "vhost_backend_init failed: Protocol error").
     bash qemu-configs/launch-vm.sh --qemu "$qemu" --kernel "$kernel" --initrd "$initrd" \
-        --no-vgpu --mem "$mem" --accel "$accel" \
+        --socket "$sock" --mem "$mem" --accel "$accel" \
         --append "VGPU_PLAN=$plan VGPU_MIB=$mib VGPU_MIXED=$mixed VGPU_LOOP_MAX=$((timeout * 3))" \
-        -- -chardev "socket,id=vgpu0,path=${sock//,/,,}" \
-        -device "$qemu_device,chardev=vgpu0,virtio-id=22,num_vqs=1,vq_size=1024,config_size=128" \
         <"$fifo" >"${vm_log[$vm]}" 2>&1 &
     vm_pid[$vm]=$!
     pids+=("${vm_pid[$vm]}")

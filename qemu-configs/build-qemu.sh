@@ -5,11 +5,18 @@
 # QEMU >= 10.2 ships the device as `vhost-user-test-device-pci`. Older releases call it
 # `vhost-user-device-pci` and refuse to create it from the command line; for those the
 # build applies vhost-user-device-user-creatable.patch beside this script.
+#
+# Every build also gets vhost-user-base-reconnect.patch where it applies (written for
+# 10.2): without it the generic device cannot start on a chardev with reconnect-ms
+# ("Failed to set msg fds") nor reattach after the backend restarts. A build that carries
+# it has the marker file bin/reconnect-ok next to the binary; launch-vm.sh turns the
+# chardev's reconnect on by default only then.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE_ROOT=${VGPU_CACHE:-$HOME/.cache/vgpu}
 PATCH=$SCRIPT_DIR/vhost-user-device-user-creatable.patch
+RECONNECT_PATCH=$SCRIPT_DIR/vhost-user-base-reconnect.patch
 SOURCES_FILE=/etc/apt/sources.list.d/vgpu-qemu-src.sources
 ARCHIVE=${VGPU_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
@@ -20,6 +27,9 @@ SOURCE_SUITES="sid trixie bookworm-backports"
 
 BUILD_DEPS=(dpkg-dev ninja-build pkg-config python3-venv flex bison
     libglib2.0-dev libpixman-1-dev libfdt-dev device-tree-compiler libslirp-dev)
+# Part of the cache key: a cached build is reused only if it was built with exactly
+# these patches (qemu-<version>/patch-set holds this hash).
+PATCH_SET=$(cat "$PATCH" "$RECONNECT_PATCH" | sha256sum | cut -c1-16)
 # Firmware a direct-kernel boot needs: bios-256k.bin (seabios), linuxboot_dma.bin and
 # kvmvapic.bin (qemu-system-data, which pulls in no emulator). NIC option ROMs
 # (efi-virtio.rom, package ipxe-qemu) are not needed: launch-vm.sh sets romfile=.
@@ -35,7 +45,12 @@ from Debian's qemu source package (qemu=$PREFERRED, else the newest version
 the archive serves; deb-src entries for $SOURCE_SUITES go to
 $SOURCES_FILE), installs the firmware packages it needs
 (${FIRMWARE_PKGS[*]}), and caches the binary in
-\${VGPU_CACHE:-\$HOME/.cache/vgpu}/qemu-<version>/bin/. A cached build is reused.
+\${VGPU_CACHE:-\$HOME/.cache/vgpu}/qemu-<version>/bin/. A cached build is reused
+while the patches beside this script are unchanged (patch set $PATCH_SET).
+
+Patches: $(basename "$PATCH") for versions older than 10.2;
+$(basename "$RECONNECT_PATCH") wherever it applies, which also writes
+bin/reconnect-ok next to the binary (launch-vm.sh then enables chardev reconnect).
 
 Output: the device name it takes on stderr, the binary's absolute path as the last
 line of stdout.
@@ -170,10 +185,12 @@ candidates() {
     return 0
 }
 
-# Prints the binary cached for an upstream version, if it is there and runs.
+# Prints the binary cached for an upstream version, if it is there, was built with the
+# current patch set and runs.
 cached_binary() {
     local d=$CACHE_ROOT/qemu-$1
     [[ -x $d/bin/qemu-system-x86_64 && -f $d/device-name ]] || return 1
+    [[ -f $d/patch-set && $(cat "$d/patch-set") == "$PATCH_SET" ]] || return 1
     "$d/bin/qemu-system-x86_64" --version >/dev/null 2>&1 || return 1
     echo "$d/bin/qemu-system-x86_64"
 }
@@ -203,15 +220,30 @@ fail_build() {
     exit 1
 }
 
+# apply_patch SRC PATCH: applies PATCH to the tree SRC unless it is applied already.
+# Returns 1, changing nothing, when it does not apply exactly (no fuzz).
+apply_patch() {
+    local src=$1 p=$2
+    if patch -d "$src" -p1 -R --dry-run --fuzz=0 -s -f <"$p" >/dev/null 2>&1; then
+        log "$(basename "$p") is already applied"
+        return 0
+    fi
+    patch -d "$src" -p1 --dry-run --fuzz=0 -s -f <"$p" >>"$build_log" 2>&1 || return 1
+    log "applying $(basename "$p")"
+    patch -d "$src" -p1 --fuzz=0 -f <"$p" >>"$build_log" 2>&1
+}
+
 # build DEBVERSION -> prints the binary path
 build() {
-    local deb=$1 ver dir src work venv device
+    local deb=$1 ver dir src work venv device reconnect_ok=0
     ver=$(upstream_version "$deb")
     dir=$CACHE_ROOT/qemu-$ver
     work=$dir/work
     venv=$CACHE_ROOT/python-venv
     build_log=$dir/build.log
     rm -rf "$work"
+    # Whatever was cached here is stale from now on.
+    rm -f "$dir/patch-set" "$dir/bin/reconnect-ok"
     mkdir -p "$work" "$dir/bin"
     : >"$build_log"
     log "building QEMU $ver from Debian source qemu=$deb; log: $build_log"
@@ -233,8 +265,13 @@ build() {
     sed -i 's/^\([[:space:]]*unpack_edk2_blobs = \)bzip2\.found()/\1false/' "$src/meson.build" ||
         fail_build "cannot edit meson.build"
     if [[ $(device_for_version "$ver") == vhost-user-device-pci ]]; then
-        log "applying $(basename "$PATCH")"
-        patch -d "$src" -p1 <"$PATCH" >>"$build_log" 2>&1 || fail_build "patch did not apply"
+        apply_patch "$src" "$PATCH" || fail_build "$(basename "$PATCH") did not apply"
+    fi
+    if apply_patch "$src" "$RECONNECT_PATCH"; then
+        reconnect_ok=1
+    else
+        log "$(basename "$RECONNECT_PATCH") does not apply to QEMU $ver: building without it" \
+            "(launch-vm.sh leaves chardev reconnect off for this build)"
     fi
 
     log "configure"
@@ -254,6 +291,11 @@ build() {
     "$dir/bin/qemu-system-x86_64" -device help 2>/dev/null | grep -q "\"$device\"" ||
         fail_build "the built QEMU does not list device $device"
     echo "$device" >"$dir/device-name"
+    if [[ $reconnect_ok -eq 1 ]]; then
+        echo "$(basename "$RECONNECT_PATCH") applied: $device waits for its backend and" \
+            "reconnects to it (chardev reconnect-ms)" >"$dir/bin/reconnect-ok"
+    fi
+    echo "$PATCH_SET" >"$dir/patch-set"
     if [[ $keep_build -eq 0 ]]; then
         rm -rf "$work"
     fi

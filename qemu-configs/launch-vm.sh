@@ -16,8 +16,15 @@ Boots a guest kernel + initramfs under QEMU with the serial console on stdio.
   --kernel FILE        guest kernel (default: vmlinuz from ci/guest-kernel.sh)
   --initrd FILE        initramfs, e.g. from ci/mkinitramfs.sh (required)
   --socket PATH        vhost-user socket of the vhost-vgpu backend (required with the device)
-  --socket-wait SECS   wait this long for the socket to appear (default: 10); QEMU
-                       fails at once if no backend listens when it starts
+  --socket-wait SECS   wait this long for the socket to appear (default: 10); if no
+                       backend listens when it starts, QEMU fails at once (no reconnect)
+                       or waits silently (reconnect)
+  --reconnect-ms N     let QEMU reconnect to a backend that went away, trying every N ms
+                       (chardev reconnect-ms; reconnect=<secs> before QEMU 9.2); 0 turns
+                       it off. Default: 1000 if the QEMU build carries the reconnect fix
+                       (a file reconnect-ok next to the binary, as build-qemu.sh writes),
+                       else 0: a stock QEMU's generic vhost-user device does not wait for
+                       a background connection and fails to start ("Failed to set msg fds")
   --mem SIZE           guest RAM, shared memfd (default: 512M)
   --smp N              virtual CPUs (default: 1)
   --virtio-id ID       virtio device ID the device presents (default: 22)
@@ -45,6 +52,7 @@ kernel=
 initrd=
 socket=
 socket_wait=10
+reconnect_ms=
 mem=512M
 smp=1
 virtio_id=22
@@ -65,6 +73,7 @@ while [[ $# -gt 0 ]]; do
         --initrd) need_arg "$1" $#; initrd=$2; shift ;;
         --socket) need_arg "$1" $#; socket=$2; shift ;;
         --socket-wait) need_arg "$1" $#; socket_wait=$2; shift ;;
+        --reconnect-ms) need_arg "$1" $#; reconnect_ms=$2; shift ;;
         --mem) need_arg "$1" $#; mem=$2; shift ;;
         --smp) need_arg "$1" $#; smp=$2; shift ;;
         --virtio-id) need_arg "$1" $#; virtio_id=$2; shift ;;
@@ -91,6 +100,9 @@ if ! [[ $config_size =~ ^[0-9]+$ ]] || ((config_size > 256)); then
     die "--config-size wants a number up to 256, got '$config_size'"
 fi
 [[ $socket_wait =~ ^[0-9]+$ ]] || die "--socket-wait wants whole seconds, got '$socket_wait'"
+[[ -z $reconnect_ms || $reconnect_ms =~ ^[0-9]+$ ]] ||
+    die "--reconnect-ms wants milliseconds (0 = off), got '$reconnect_ms'"
+[[ -z $reconnect_ms ]] || reconnect_ms=$((10#$reconnect_ms))
 if [[ $vgpu -eq 1 ]]; then
     [[ -n $socket ]] || die "--socket is required unless --no-vgpu is given"
 fi
@@ -105,14 +117,30 @@ if [[ -z $kernel ]]; then
 fi
 [[ -f $kernel ]] || die "guest kernel $kernel not found"
 
-# QEMU 9.2 replaced the socket chardev's reconnect=<seconds> with reconnect-ms.
-qemu_version=$("$qemu" --version | sed -n 's/^QEMU emulator version \([0-9]*\.[0-9]*\).*/\1/p')
-[[ -n $qemu_version ]] || die "cannot tell the version of $qemu"
-IFS=. read -r qmajor qminor <<<"$qemu_version"
-if ((qmajor > 9 || (qmajor == 9 && qminor >= 2))); then
-    reconnect="reconnect-ms=1000"
-else
-    reconnect="reconnect=1"
+# Chardev reconnect. With it the socket chardev connects in the background, and QEMU's
+# generic vhost-user device (up to at least 10.2) sends its first message without waiting
+# for that connection: QEMU stops at once with "Failed to set msg fds ... vhost_backend_init
+# failed: Protocol error", and the device could not reattach after a backend restart
+# anyway. qemu-configs/vhost-user-base-reconnect.patch fixes both; build-qemu.sh marks
+# builds that carry it with reconnect-ok next to the binary. So: on by default only there.
+reconnect_marker=$(dirname "$qemu")/reconnect-ok
+if [[ -z $reconnect_ms ]]; then
+    if [[ -f $reconnect_marker ]]; then reconnect_ms=1000; else reconnect_ms=0; fi
+elif ((reconnect_ms > 0)) && [[ $vgpu -eq 1 && ! -f $reconnect_marker ]]; then
+    echo "launch-vm.sh: warning: $qemu has no $(basename "$reconnect_marker") marker; if its" \
+        "vhost-user device lacks the reconnect fix, QEMU fails with 'Failed to set msg fds'" >&2
+fi
+reconnect=
+if ((reconnect_ms > 0)); then
+    # QEMU 9.2 replaced the socket chardev's reconnect=<seconds> with reconnect-ms.
+    qemu_version=$("$qemu" --version | sed -n 's/^QEMU emulator version \([0-9]*\.[0-9]*\).*/\1/p')
+    [[ -n $qemu_version ]] || die "cannot tell the version of $qemu"
+    IFS=. read -r qmajor qminor <<<"$qemu_version"
+    if ((qmajor > 9 || (qmajor == 9 && qminor >= 2))); then
+        reconnect=",reconnect-ms=$reconnect_ms"
+    else
+        reconnect=",reconnect=$(((reconnect_ms + 999) / 1000))"
+    fi
 fi
 
 if [[ $vgpu -eq 1 && -z $device_name ]]; then
@@ -139,7 +167,7 @@ done
 console="stdio,id=con0,mux=on,signal=on${serial_log:+,logfile=${serial_log//,/,,}}"
 args+=(-chardev "$console" -serial chardev:con0 -mon "chardev=con0,mode=readline")
 if [[ $vgpu -eq 1 ]]; then
-    args+=(-chardev "socket,id=c0,path=${socket//,/,,},$reconnect"
+    args+=(-chardev "socket,id=c0,path=${socket//,/,,}$reconnect"
         -device "$device_name,chardev=c0,virtio-id=$virtio_id,num_vqs=1,vq_size=1024,config_size=$config_size")
 fi
 if [[ $net -eq 1 ]]; then
@@ -149,7 +177,8 @@ fi
 args+=("${extra[@]}")
 
 if [[ $vgpu -eq 1 && $dry_run -eq 0 ]]; then
-    # reconnect-ms only covers a backend that goes away later, not the first connect.
+    # Without reconnect QEMU fails at once when nobody listens; with it QEMU would wait
+    # silently. Either way, wait here and say clearly what is missing.
     for ((i = 0; i < socket_wait * 10; i++)); do
         [[ -S $socket ]] && break
         sleep 0.1

@@ -98,8 +98,8 @@ pub type Result<T> = std::result::Result<T, Error>;
         its own device-memory quota and sessions. At startup it logs the QEMU options that \
         match each socket. A VM that disconnects loses its sessions and its device memory; \
         its socket is served again, for the VM's next QEMU or for a QEMU that reconnects. \
-        The logged options suit a stock QEMU >= 10.2, whose generic vhost-user device fails \
-        to start with chardev reconnect-ms and cannot reattach to a restarted backend; with \
+        The logged options suit a stock QEMU 10.2, whose generic vhost-user device fails to \
+        start with chardev reconnect-ms and cannot reattach to a restarted backend; with \
         the patched QEMU of qemu-configs/build-qemu.sh add ,reconnect-ms=1000 to the chardev. \
         SIGINT or SIGTERM stops the daemon and removes the sockets."
 )]
