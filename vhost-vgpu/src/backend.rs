@@ -27,7 +27,7 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
@@ -152,6 +152,9 @@ pub struct VgpuBackend {
     /// Chains were left on the queue because too much is in flight; take them once
     /// completions free room.
     throttled: bool,
+    /// The guest published an available index more than a queue ahead: nothing more is
+    /// taken from the ring until the device is reset or the ring restarted.
+    ring_broken: bool,
     used_since_signal: bool,
     /// The request queue, kept to finish in-flight requests when the ring is stopped.
     vring: Option<VringRwLock>,
@@ -181,6 +184,7 @@ impl VgpuBackend {
             inflight_payload: 0,
             next_token: 1,
             throttled: false,
+            ring_broken: false,
             used_since_signal: false,
             vring: None,
             exit_pipes: Mutex::new(Vec::new()),
@@ -214,6 +218,9 @@ impl VgpuBackend {
             );
             return;
         };
+        if self.ring_broken {
+            return;
+        }
         if self.event_idx {
             // The queue reads the available index once per pop; keep going until the guest
             // has added nothing since notifications were re-enabled.
@@ -222,7 +229,7 @@ impl VgpuBackend {
                     warn!("{}: disabling notifications: {e}", self.name);
                 }
                 self.pop_requests(vring, &mem);
-                if self.throttled {
+                if self.throttled || self.ring_broken {
                     // Notifications stay off; completions resume the queue.
                     break;
                 }
@@ -256,10 +263,19 @@ impl VgpuBackend {
                 self.throttled = true;
                 return;
             }
-            let popped = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
+            // Not pop_descriptor_chain: it hides a broken available index as "empty",
+            // which with EVENT_IDX re-arms forever and spins this thread.
+            let popped = match vring.get_mut().get_queue_mut().iter(mem.clone()) {
+                Ok(mut available) => available.next(),
+                Err(e) => {
+                    warn!(
+                        "{}: the guest broke its request ring ({e}); ignoring it until reset",
+                        self.name
+                    );
+                    self.ring_broken = true;
+                    return;
+                }
+            };
             match popped {
                 Some(descriptors) => self.handle_chain(vring, mem, descriptors, queue_size),
                 None => return,
@@ -404,6 +420,7 @@ impl VgpuBackend {
         self.inflight.clear();
         self.inflight_payload = 0;
         self.throttled = false;
+        self.ring_broken = false;
     }
 }
 
@@ -574,6 +591,7 @@ impl VhostUserBackendMut for VgpuBackend {
         // QEMU reads the ring position once this returns: answer what the guest already
         // handed over, so that nothing is lost across a stop and restart.
         self.throttled = false;
+        self.ring_broken = false;
         let Some(vring) = self.vring.clone() else {
             self.forget_inflight();
             return Ok(());

@@ -73,7 +73,6 @@ fn mutated_seeds_never_hang_or_over_return() {
 /// With EVENT_IDX the backend then finds the index "more than a queue ahead" and its
 /// pop / re-enable loop spins forever in the vring worker.
 #[test]
-#[ignore = "finding: the backend spins once the available index moves more than a queue ahead"]
 fn a_response_written_over_the_available_ring_does_not_hang_the_queue() {
     let input = vec![
         0x9b, 0xbf, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x1c, 0x10, 0x00, 0x00, 0x02,

@@ -1269,7 +1269,6 @@ fn a_hand_laid_chain_from_guest_buffers_is_answered_in_place() {
 /// device makes the backend's pop / re-enable loop spin in the vring worker, which then
 /// never stops, so the VM can neither be served nor reconnect.
 #[test]
-#[ignore = "finding: the backend spins on an available index more than a queue ahead"]
 fn a_guest_publishing_more_than_a_queue_can_still_leave() {
     let f = Fixture::start("overfull", 1);
     let options = VmOptions {
@@ -1304,7 +1303,6 @@ fn a_guest_publishing_more_than_a_queue_can_still_leave() {
 /// checks them, so a block of 2^31 x 2^31 x 2^31 overflows; with overflow checks (debug
 /// builds, tests) the tenant's worker panics and every request of the VM is lost.
 #[test]
-#[ignore = "finding: block-size product overflows in the mediator's launch check"]
 fn a_launch_with_an_enormous_block_is_refused() {
     let f = Fixture::start("block", 1);
     let options = VmOptions {
