@@ -3,8 +3,10 @@
 #
 #   ci/gpu-check.sh DIR [vgpu-gpu-check options, e.g. --quick]
 #
-# DIR holds vgpu-mediator and vgpu-gpu-check (and, when present, vgpu-bench and
-# vgpu-mediator-tests, the mediator's unit-test binary from `cargo test --no-run`).
+# DIR holds vgpu-mediator, vgpu-executor-worker and vgpu-gpu-check (and, when present,
+# vgpu-bench and vgpu-mediator-tests, the mediator's unit-test binary from
+# `cargo test --no-run`). Every step runs each tenant's CUDA work in its own
+# vgpu-executor-worker process, the one in DIR (VGPU_EXECUTOR_WORKER is set to it).
 # Prints every step's PASS/FAIL lines, then the totals; exits 1 if anything failed.
 # Only reads the GPU's state: it never changes clocks, persistence, compute mode or MIG,
 # and never resets the card.
@@ -97,6 +99,13 @@ else
     echo "nvidia-smi not found"
 fi
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+
+# Tenants' executors run in worker processes: every step uses the worker from DIR.
+export VGPU_EXECUTOR_WORKER=$DIR/vgpu-executor-worker
+echo "VGPU_EXECUTOR_WORKER=$VGPU_EXECUTOR_WORKER"
+# Without it the mediator runs every tenant's CUDA work in its own single process (not
+# isolated from each other's faults); gpu-check's isolation-mode check then fails.
+require vgpu-executor-worker || true
 
 if require vgpu-mediator; then
     run_step sanity "${SANITY_TIMEOUT:-120}" "$DIR/vgpu-mediator" sanity

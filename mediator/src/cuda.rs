@@ -1,9 +1,13 @@
 //! The CUDA executor: one CUDA context per tenant, driven through cudarc's `sys` layer.
 //!
-//! Each tenant gets its own context from `cuCtxCreate`, never the primary context: a
-//! kernel that faults leaves a sticky error in its context only, so one VM's bad kernel
-//! cannot poison another VM's work. The built-in catalog is compiled once per process
-//! with NVRTC ([`CudaExecutorFactory::new`]) and its PTX is loaded into every context.
+//! Each executor gets its own context from `cuCtxCreate`, never the primary context. A
+//! context does not contain a device fault, though: after a kernel traps, the other
+//! contexts of the same process fail too. Tenants are therefore isolated by running each
+//! one's executor in its own worker process ([`crate::process`]); this in-process factory
+//! serves those workers, and the mediator directly only when no worker binary is found.
+//! The built-in catalog is compiled once with NVRTC ([`CudaExecutorFactory::new`]) and its
+//! PTX is loaded into every context (workers get it from their parent:
+//! [`CudaExecutorFactory::from_ptx`]).
 //!
 //! cudarc loads `libcuda` and `libnvrtc` on first use and panics when they are missing,
 //! so every entry point first checks with `dlopen` that the library cudarc will pick is
@@ -573,6 +577,23 @@ impl CudaExecutorFactory {
         Ok(factory)
     }
 
+    /// A factory for device `ordinal` around catalog PTX that [`CudaExecutorFactory::new`]
+    /// compiled elsewhere (an executor worker process gets it from its parent): no NVRTC
+    /// and no probe context. The PTX must suit this device and driver, as it does when it
+    /// comes from a factory on the same machine.
+    pub fn from_ptx(ordinal: usize, catalog_ptx: &str) -> Result<CudaExecutorFactory, String> {
+        init_driver()?;
+        let (device, info) = guarded("device query", || query_device(ordinal))?;
+        let catalog_ptx = CString::new(catalog_ptx)
+            .map_err(|_| "the catalog PTX contains a NUL byte".to_string())?;
+        Ok(CudaExecutorFactory {
+            device,
+            info,
+            catalog_ptx,
+            compile_time: Duration::ZERO,
+        })
+    }
+
     /// How long NVRTC took to compile the catalog.
     pub fn compile_time(&self) -> Duration {
         self.compile_time
@@ -685,6 +706,39 @@ impl CudaExecutor {
     /// The sticky error that poisoned this context, if one did.
     pub fn sticky_error(&self) -> Option<CUresult> {
         self.poison
+    }
+
+    /// Page-locks `len` bytes of host memory at `ptr` for this context
+    /// (`cuMemHostRegister`, flags 0), so copies from and to them run at pinned speed.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` must be a page-aligned mapping that stays mapped until
+    /// [`CudaExecutor::unregister_host`] succeeds or this executor is dropped.
+    pub unsafe fn register_host(&mut self, ptr: *mut c_void, len: usize) -> ExecResult<()> {
+        if !(driver_has(b"cuMemHostRegister_v2") && driver_has(b"cuMemHostUnregister")) {
+            return Err(ExecError::new(
+                Status::Unsupported,
+                0,
+                "the driver has no cuMemHostRegister",
+            ));
+        }
+        self.enter()?;
+        // SAFETY: the caller keeps the range mapped while registered; the context is current.
+        let r = unsafe { sys::cuMemHostRegister_v2(ptr, len, 0) };
+        self.check(r, "cuMemHostRegister")
+    }
+
+    /// Undoes [`CudaExecutor::register_host`] for the range starting at `ptr`; call it
+    /// before unmapping the range. Fails (and does nothing) once the context is poisoned:
+    /// destroying the context then releases the registration.
+    ///
+    /// # Safety
+    /// `ptr` must be a pointer [`CudaExecutor::register_host`] registered in this executor.
+    pub unsafe fn unregister_host(&mut self, ptr: *mut c_void) -> ExecResult<()> {
+        self.enter()?;
+        // SAFETY: `ptr` was registered in this context (register_host), which is current.
+        let r = unsafe { sys::cuMemHostUnregister(ptr) };
+        self.check(r, "cuMemHostUnregister")
     }
 
     /// Maps a CUDA result; a sticky error poisons the executor.

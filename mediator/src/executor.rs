@@ -146,6 +146,12 @@ pub trait ExecutorFactory: Send + Sync {
     fn device(&self) -> &DeviceInfo;
     /// Called on the tenant's worker thread.
     fn create(&self) -> ExecResult<Box<dyn Executor>>;
+    /// The worker binary each executor runs in when every executor has its own process
+    /// (a device fault in one tenant's work then cannot reach another tenant's); `None`
+    /// when the executors share this process.
+    fn worker_process(&self) -> Option<&std::path::Path> {
+        None
+    }
 }
 
 /// `--executor` choices.
@@ -173,18 +179,46 @@ impl std::str::FromStr for ExecutorChoice {
 
 /// Builds the executor factory for a choice. `Cuda` fails with a one-line reason when
 /// no usable driver or device exists; `Auto` falls back to the CPU with one warning.
+///
+/// CUDA executors run each in its own worker process
+/// ([`crate::process::ProcessExecutorFactory`]), so one tenant's faulting kernel cannot
+/// take the others down. Without a worker binary (see [`crate::process::find_worker`])
+/// or when a worker does not start, they run in this process, with one warning that
+/// tenants are then not isolated from each other's device faults.
 pub fn select(choice: ExecutorChoice) -> Result<Arc<dyn ExecutorFactory>, String> {
     match choice {
         ExecutorChoice::Cpu => Ok(Arc::new(crate::cpu::CpuExecutorFactory::new())),
         ExecutorChoice::Cuda => crate::cuda::CudaExecutorFactory::new(0)
-            .map(|f| Arc::new(f) as Arc<dyn ExecutorFactory>)
+            .map(isolated_cuda)
             .map_err(|e| format!("CUDA executor unavailable: {e}")),
         ExecutorChoice::Auto => match crate::cuda::CudaExecutorFactory::new(0) {
-            Ok(f) => Ok(Arc::new(f)),
+            Ok(f) => Ok(isolated_cuda(f)),
             Err(e) => {
                 log::warn!("CUDA unavailable ({e}); using the CPU reference executor");
                 Ok(Arc::new(crate::cpu::CpuExecutorFactory::new()))
             }
         },
+    }
+}
+
+/// The process-isolated factory for CUDA device 0, or `cuda` itself when no worker starts.
+fn isolated_cuda(cuda: crate::cuda::CudaExecutorFactory) -> Arc<dyn ExecutorFactory> {
+    let isolated =
+        crate::process::ProcessExecutorFactory::cuda(0, &cuda).and_then(|f| f.probe().map(|()| f));
+    match isolated {
+        Ok(f) => {
+            log::info!(
+                "each tenant's CUDA work runs in its own executor worker process ({})",
+                f.worker_path().display()
+            );
+            Arc::new(f)
+        }
+        Err(e) => {
+            log::warn!(
+                "{e}; running every tenant's CUDA work in this process instead: tenants are \
+                 NOT isolated from each other's device faults (one faulting kernel fails all)"
+            );
+            Arc::new(cuda)
+        }
     }
 }

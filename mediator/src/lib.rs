@@ -3,7 +3,9 @@
 //! A [`Mediator`] holds tenants (one per VM socket or NFS VM directory) with their
 //! memory quota and weight. Each tenant's requests run on its own worker, which owns
 //! the tenant's sessions (handles, modules, a stream, a sticky asynchronous error) and
-//! its [`Executor`]: [`cuda::CudaExecutor`] on a GPU, [`cpu::CpuExecutor`] elsewhere.
+//! its [`Executor`]: [`cuda::CudaExecutor`] on a GPU, [`cpu::CpuExecutor`] elsewhere. On a
+//! GPU each tenant's executor runs in its own worker process ([`process`]), so a kernel
+//! that faults takes down only its own tenant's context.
 //! Transports hand decoded requests to [`Mediator::submit`] and receive completions
 //! through a [`CompletionSink`] without blocking.
 
@@ -12,6 +14,7 @@ pub mod cuda;
 pub mod executor;
 mod mediator;
 pub mod nfs;
+pub mod process;
 pub mod selftest;
 mod worker;
 

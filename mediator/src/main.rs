@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use vgpu_mediator::nfs::{NfsOptions, NfsServer};
-use vgpu_mediator::{select, selftest, ExecutorChoice, Mediator};
+use vgpu_mediator::{select, selftest, ExecutorChoice, ExecutorFactory, Mediator};
 
 #[derive(Parser)]
 #[command(
@@ -94,6 +94,7 @@ fn info(choice: ExecutorChoice) -> ExitCode {
             println!("executor: {}", d.kind.name());
             println!("device: {}", selftest::device_line(d));
             println!("multiprocessors: {}", d.multiprocessors);
+            println!("isolation: {}", isolation(factory.as_ref()));
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -118,8 +119,12 @@ fn serve(choice: ExecutorChoice, args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mediator = Mediator::new(factory);
-    log::info!("executor: {}", selftest::device_line(mediator.device()));
+    let mediator = Mediator::new(factory.clone());
+    log::info!(
+        "executor: {}; {}",
+        selftest::device_line(mediator.device()),
+        isolation(factory.as_ref())
+    );
     let opts = NfsOptions {
         vms: args.vms,
         poll_interval: Duration::from_millis(args.poll_ms),
@@ -138,6 +143,17 @@ fn serve(choice: ExecutorChoice, args: ServeArgs) -> ExitCode {
     log::info!("signal {signal}: stopping");
     server.stop();
     ExitCode::SUCCESS
+}
+
+/// How tenants' executors are kept apart, for `info` and the log.
+fn isolation(factory: &dyn ExecutorFactory) -> String {
+    match factory.worker_process() {
+        Some(worker) => format!(
+            "each tenant in its own worker process ({})",
+            worker.display()
+        ),
+        None => "tenants share this process".into(),
+    }
 }
 
 /// An error and its causes on one line.

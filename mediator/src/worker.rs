@@ -113,6 +113,11 @@ impl Worker {
     }
 
     fn executor(&mut self) -> Result<&mut Box<dyn Executor>, (Status, u32)> {
+        // Poisoned outside a session request (while closing a session, or a worker
+        // process that died while idle): its sessions are lost, the next one starts anew.
+        if self.exec.as_ref().is_some_and(|e| e.poisoned()) {
+            self.lose_executor(0);
+        }
         if self.exec.is_none() {
             match self.factory.create() {
                 Ok(e) => self.exec = Some(e),
@@ -215,6 +220,10 @@ impl Worker {
         if let Some((status, detail)) = session.sticky {
             return err(status, detail);
         }
+        if self.exec.as_ref().is_some_and(|e| e.poisoned()) {
+            self.lose_executor(0);
+        }
+        let session = &self.sessions[&id];
         if session.lost {
             return err(Status::DeviceLost, 0);
         }
@@ -480,7 +489,9 @@ fn check_shape(s: &LaunchShape) -> Result<(), (Status, u32)> {
     let [gx, gy, gz] = s.grid;
     let [bx, by, bz] = s.block;
     let grid_ok = gx >= 1 && gy >= 1 && gz >= 1 && gx < (1 << 31) && gy <= 65535 && gz <= 65535;
-    let threads = bx as u64 * by as u64 * bz as u64;
+    let threads = (bx as u64)
+        .saturating_mul(by as u64)
+        .saturating_mul(bz as u64);
     let block_ok =
         bx >= 1 && by >= 1 && bz >= 1 && bx <= 1024 && by <= 1024 && bz <= 64 && threads <= 1024;
     if !grid_ok || !block_ok || s.shared_bytes > MAX_SHARED_BYTES {

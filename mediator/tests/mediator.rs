@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use vgpu_mediator::cpu::{CpuExecutorFactory, CPU_DEVICE_NAME};
-use vgpu_mediator::{Mediator, TenantConfig, TenantId};
+use vgpu_mediator::{ExecutorFactory, Mediator, TenantConfig, TenantId};
 use vgpu_protocol::{
     Command, InfoReply, Launch, Param, Request, Response, SelftestKind, Status, BUILTIN_MODULE,
 };
@@ -12,7 +12,15 @@ use vgpu_protocol::{
 const QUOTA: u64 = 1 << 20;
 
 fn mediator() -> Arc<Mediator> {
-    Mediator::new(Arc::new(CpuExecutorFactory::new()))
+    Mediator::new(crate::executor_factory())
+}
+
+/// The executor these cases run on: the CPU executor in this process. `tests/process.rs`
+/// includes this file as a module and runs every case again with the CPU executor in
+/// worker processes.
+#[allow(dead_code)] // unused where this file is included as a module
+fn executor_factory() -> Arc<dyn ExecutorFactory> {
+    Arc::new(CpuExecutorFactory::new())
 }
 
 fn tenant(m: &Mediator, name: &str) -> TenantId {
@@ -378,6 +386,7 @@ fn grid_or_block_of_zero_or_over_the_limits_is_invalid_argument() {
         ([1, 1, 1], [0, 1, 1]),
         ([1, 1, 1], [32, 1, 0]),
         ([1 << 31, 1, 1], [32, 1, 1]),
+        ([1, 1, 1], [u32::MAX, u32::MAX, u32::MAX]),
         ([1, 65536, 1], [32, 1, 1]),
         ([1, 1, 1], [1025, 1, 1]),
         ([1, 1, 1], [64, 32, 1]),

@@ -2,6 +2,11 @@
 //! checks every result against the CPU references, and times the mediated path against
 //! native CUDA calls made in the same process.
 //!
+//! The mediator runs on the executor factory `select(ExecutorChoice::Cuda)` returns, as
+//! the service does: each tenant's executor in its own `vgpu-executor-worker` process
+//! (found through `VGPU_EXECUTOR_WORKER`, beside this binary, or on `PATH`). The direct
+//! executor checks and the native comparisons use CUDA in this process.
+//!
 //! Every check prints `PASS <name>: ...`, `FAIL <name>: <why>` or `SKIP <name>: <why>`;
 //! the timing table comes last. Exits 1 when any check fails.
 
@@ -17,7 +22,8 @@ use cudarc::driver::sys;
 use vgpu_kernels::{reference, KernelSpec, CATALOG};
 use vgpu_mediator::cuda::{self, CudaExecutorFactory};
 use vgpu_mediator::executor::{ExecParam, Executor, KernelRef};
-use vgpu_mediator::{ExecutorFactory, Mediator, TenantConfig, TenantId};
+use vgpu_mediator::process::ProcessExecutorFactory;
+use vgpu_mediator::{select, ExecutorChoice, ExecutorFactory, Mediator, TenantConfig, TenantId};
 use vgpu_protocol::{
     Command, ExecutorKind, InfoReply, Launch, Param, Request, Response, SelftestKind, Status,
     BUILTIN_MODULE,
@@ -30,7 +36,9 @@ use vgpu_protocol::{
     about = "End-to-end checks and timings of the vGPU mediator on a CUDA device",
     long_about = "Runs the CUDA sanity gate, every built-in kernel on fresh random inputs, a \
                   guest PTX module, the sticky-error isolation between tenants and the error \
-                  paths through the mediator, then times the mediated path against native CUDA \
+                  paths through the mediator (each tenant's executor in its own \
+                  vgpu-executor-worker process, found through $VGPU_EXECUTOR_WORKER, beside \
+                  this binary or on $PATH), then times the mediated path against native CUDA \
                   in the same process. Prints PASS/FAIL/SKIP lines, then the timing table; \
                   exits 1 if any check fails."
 )]
@@ -107,7 +115,48 @@ fn run(args: &Args, seed: u64, report: &mut Report, table: &mut Table) {
 
     executor_checks(report, &factory, &header, &mut rng);
 
-    let mediator = Mediator::new(factory.clone() as Arc<dyn ExecutorFactory>);
+    // The mediator gets what the service gets: executors in worker processes.
+    let mediated = match select(ExecutorChoice::Cuda) {
+        Ok(f) => f,
+        Err(why) => return report.fail("select", why),
+    };
+    match mediated.worker_process() {
+        Some(worker) => {
+            table.isolation = "each tenant's executor in its own worker process".into();
+            // One worker of the same kind, asked whether the driver page-locked its
+            // staging area (copies through it are then pinned).
+            let staging = ProcessExecutorFactory::cuda(0, &factory)
+                .map(|f| f.with_worker(worker))
+                .and_then(|f| f.spawn().map_err(|e| e.to_string()))
+                .map_or_else(
+                    |e| format!("staging area unknown ({e})"),
+                    |w| {
+                        if w.staging_pinned() {
+                            "staging area page-locked (cuMemHostRegister)".into()
+                        } else {
+                            "staging area NOT page-locked: copies run from pageable memory".into()
+                        }
+                    },
+                );
+            report.pass(
+                "isolation-mode",
+                format!(
+                    "each tenant's executor runs in its own worker process ({}); {staging}",
+                    worker.display()
+                ),
+            );
+        }
+        None => {
+            table.isolation = "all executors in this process (NOT isolated)".into();
+            report.fail(
+                "isolation-mode",
+                "no executor worker process (see the warning above): every tenant runs in \
+                 this process, so one faulting kernel fails them all",
+            );
+        }
+    }
+
+    let mediator = Mediator::new(mediated.clone());
     let m = &*mediator;
     let quota = |gib: u64| gib * GIB;
     let tenant = |name: &str, mem_quota: u64| {
@@ -133,7 +182,7 @@ fn run(args: &Args, seed: u64, report: &mut Report, table: &mut Table) {
         Err(why) => return report.fail("tenants", why),
     };
 
-    check(report, "info", || info_check(m, main, &factory));
+    check(report, "info", || info_check(m, main, mediated.as_ref()));
     check(report, "selftest-vector-add", || selftest_check(m, main));
     for spec in CATALOG {
         let name = format!("kernel {}", spec.name);
@@ -164,7 +213,9 @@ fn run(args: &Args, seed: u64, report: &mut Report, table: &mut Table) {
     for id in [good, fault, errs, huge] {
         m.remove_tenant(id);
     }
-    timings(args, m, main, &factory, &guest_ptx, table, report);
+    timings(
+        args, m, main, &factory, &mediated, &guest_ptx, table, report,
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -512,7 +563,7 @@ fn vector_add_works(g: &Guest, rng: &mut Rng, n: usize) -> Result<String, String
 fn info_check(
     m: &Mediator,
     tenant: TenantId,
-    factory: &CudaExecutorFactory,
+    factory: &dyn ExecutorFactory,
 ) -> Result<String, String> {
     let r = m.call(tenant, Request::new(0, Command::Info));
     expect_ok(&r, "INFO")?;
@@ -910,7 +961,8 @@ fn param_check(m: &Mediator, t: TenantId, ptx: &str) -> Result<String, String> {
 }
 
 /// A kernel that traps in one tenant: its session reports the fault, its other sessions
-/// are lost, a new session works, and another tenant never notices.
+/// are lost, a new session works (in a new worker process), and another tenant, in its
+/// own worker process, stays correct before, during and after.
 fn sticky_checks(
     report: &mut Report,
     m: &Mediator,
@@ -1211,6 +1263,7 @@ fn executor_checks(
 #[derive(Default)]
 struct Table {
     device: String,
+    isolation: String,
     rows: Vec<Row>,
 }
 
@@ -1230,8 +1283,8 @@ fn print_table(table: &Table) {
     let cell = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"));
     println!();
     println!(
-        "== timing on {}: medians after warm-up (mediator = through Mediator::call; native = cudarc result calls, same process) ==",
-        table.device
+        "== timing on {}: medians after warm-up (mediator = through Mediator::call, {}; native = cudarc result calls, same process) ==",
+        table.device, table.isolation
     );
     println!(
         "{:<40} {:>6} {:>12} {:>12} {:>14}",
@@ -1357,11 +1410,13 @@ impl Drop for Pinned {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn timings(
     args: &Args,
     m: &Mediator,
     tenant: TenantId,
     factory: &CudaExecutorFactory,
+    mediated: &Arc<dyn ExecutorFactory>,
     ptx: &str,
     table: &mut Table,
     report: &mut Report,
@@ -1543,6 +1598,39 @@ fn timings(
             native: None,
             pinned: None,
         });
+
+        // What a worker process adds: its start, and one call's round trip.
+        if mediated.worker_process().is_some() {
+            let start = measure(
+                1,
+                compiles,
+                || (),
+                |()| mediated.create().map(drop).map_err(|e| e.to_string()),
+            )?;
+            table.push(Row {
+                metric: "tenant worker process start (ms)".into(),
+                runs: compiles,
+                mediator: Some(ms(start)),
+                native: None,
+                pinned: None,
+            });
+            let text = |e: vgpu_mediator::ExecError| e.to_string();
+            let mut remote = mediated.create().map_err(text)?;
+            let mut local = factory.create_executor().map_err(text)?;
+            let rs = remote.open_stream().map_err(text)?;
+            let ls = local.open_stream().map_err(text)?;
+            let rpc = measure(100, launch_runs, || (), |()| remote.sync(rs).map_err(text))?;
+            let direct = measure(100, launch_runs, || (), |()| local.sync(ls).map_err(text))?;
+            remote.close_stream(rs);
+            local.close_stream(ls);
+            table.push(Row {
+                metric: "idle SYNC: worker RPC vs in-process (us)".into(),
+                runs: launch_runs,
+                mediator: Some(us(rpc)),
+                native: Some(us(direct)),
+                pinned: None,
+            });
+        }
         Ok(())
     }));
     let result = measured.unwrap_or_else(|_| Err("panicked (see the message above)".into()));
