@@ -118,5 +118,5 @@ cat <<'EOF'
 
 EOF
 para "In the guest, build guest-lib/driver against its kernel headers, load vgpu.ko, and \
-vgpu-smi names the GPU, e.g. 'NVIDIA H100 80GB HBM3 (mediated)'."
+vgpu-smi names the GPU, e.g. 'NVIDIA H100 80GB HBM3'."
 exit "$rc"
