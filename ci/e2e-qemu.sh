@@ -3,7 +3,8 @@
 # TCG guests booted at the same time with Debian's current kernel and the vgpu driver,
 # every guest check reported as one "PASS <vm> <check> <detail>" or
 # "FAIL <vm> <check> <detail>" line (ci/test.sh counts them), then one guest powered off
-# and booted again while the other keeps sending requests.
+# and booted again while the other keeps sending requests, then (with a QEMU that carries
+# the reconnect fix) vhost-vgpu restarted under the running guest, which must reconnect.
 set -euo pipefail
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -19,7 +20,11 @@ guests under TCG at the same time. In each guest: lspci -nn shows [1af4:1056],
 vgpu-smi shows the device, vgpu-vector-add passes, a 64 MiB HTOD/DTOH round trip keeps
 its checksum, 200 mixed requests succeed, and a C program linked against libvgpu runs a
 built-in kernel. Then vm1 is powered off and booted again (a second QEMU on the same
-socket) while vm0 keeps sending requests; both must pass.
+socket) while vm0 keeps sending requests; both must pass. Last, when the QEMU carries
+qemu-configs/vhost-user-base-reconnect.patch (the reconnect-ok marker), vhost-vgpu is
+stopped with SIGTERM and started again on the same sockets while vm0 runs on: the same
+QEMU must reconnect, vgpu-vector-add must pass again and vgpu-smi show 0 allocations.
+Without the fix that phase is skipped with a "note:" line.
 
 Prints one line per check, "PASS <vm> <check> <detail>" or "FAIL <vm> <check> <detail>",
 and exits non-zero if any check failed.
@@ -377,8 +382,8 @@ if [[ $loop_running -eq 1 ]]; then
     wait_for vm0 '^LOOP-MARK rebooted' "$grace" || true
     tell vm0 STOP
 fi
-wait_for vm0 '^GUEST-EXIT' "$grace" || true
-wait_exit vm0 10
+# vm0 stays up after its loop (holding device memory) for the backend restart below.
+wait_for vm0 '^WAITING-FOR-POWEROFF|^GUEST-EXIT' "$grace" || true
 
 step "results of the reboot"
 if [[ $narrate -eq 1 ]]; then
@@ -411,6 +416,131 @@ if [[ $failed -gt 0 ]]; then
     echo "   the end of vhost-vgpu's log:"
     show "$work/vhost-vgpu.log" 15
 fi
+
+# ---- 4. backend restart under a running guest -------------------------------------
+step "restart vhost-vgpu under vm0 (same QEMU, no reboot)"
+say "vm0 still runs, and one of its processes holds 16 MiB of device memory. vhost-vgpu \
+now stops (SIGTERM: its sockets go away, every session and allocation with it) and a new \
+vhost-vgpu starts on the same socket paths. vm0's QEMU, with chardev reconnect and the \
+reconnect fix, must connect to the new daemon by itself and set the device up again; \
+in vm0 a new vgpu-vector-add must pass and vgpu-smi must show the new daemon's fresh \
+mediator: no allocations."
+# Stops the running daemon with SIGTERM and starts a new one on the same socket paths.
+# Sets restart_note (evidence) or restart_error (why not), daemon to the new PID, and
+# keeps pids (what cleanup kills) free of the old PID.
+restart_note=
+restart_error=
+restart_backend() {
+    local old=$daemon p old_rc=0 kept=() t0 down
+    t0=$SECONDS
+    kill -TERM "$old" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$old" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$old" 2>/dev/null; then
+        kill -KILL "$old" 2>/dev/null || true
+        restart_error="vhost-vgpu (pid $old) did not exit within 10 s of SIGTERM"
+    fi
+    wait "$old" 2>/dev/null || old_rc=$?
+    for p in "${pids[@]}"; do
+        [[ $p == "$old" ]] || kept+=("$p")
+    done
+    pids=("${kept[@]}")
+    [[ -z $restart_error ]] || return 0
+    if [[ $old_rc -ne 0 ]]; then
+        restart_error="vhost-vgpu (pid $old) exited with status $old_rc on SIGTERM"
+        return 0
+    fi
+    if [[ -e ${sockets[0]} ]]; then
+        restart_error="vhost-vgpu (pid $old) left ${sockets[0]##*/} behind"
+        return 0
+    fi
+    # A moment without a backend: QEMU sees the connection closed and retries.
+    sleep 2
+    "$target/vhost-vgpu" --socket-path "$work/sockets/vm" --socket-count 2 \
+        --executor "$executor" >"$work/vhost-vgpu-2.log" 2>&1 &
+    daemon=$!
+    pids+=("$daemon")
+    for ((i = 0; i < 100; i++)); do
+        [[ -S ${sockets[0]} ]] && break
+        kill -0 "$daemon" 2>/dev/null || break
+        sleep 0.1
+    done
+    if ! [[ -S ${sockets[0]} ]]; then
+        restart_error="the new vhost-vgpu (pid $daemon) did not listen on ${sockets[0]##*/}"
+        return 0
+    fi
+    down=$((SECONDS - t0))
+    # QEMU retries every second (launch-vm.sh's reconnect-ms=1000).
+    for ((i = 0; i < 300; i++)); do
+        grep -q 'vm0: VM connected' "$work/vhost-vgpu-2.log" && break
+        kill -0 "$daemon" 2>/dev/null || break
+        kill -0 "${vm_pid[vm0]}" 2>/dev/null || break
+        sleep 0.1
+    done
+    if ! grep -q 'vm0: VM connected' "$work/vhost-vgpu-2.log"; then
+        restart_error="vm0's QEMU did not connect to the new vhost-vgpu (pid $daemon) within 30 s"
+        return 0
+    fi
+    restart_note="vhost-vgpu pid $old stopped by SIGTERM (exit 0), pid $daemon on the same socket; QEMU pid ${vm_pid[vm0]} reconnected $((SECONDS - t0)) s after the stop (backend down ${down} s)"
+}
+if [[ $reconnect != on ]]; then
+    echo "note: vm0 backend-restart skipped: $qemu lacks the reconnect fix (no reconnect-ok marker)"
+else
+    restart_start=$SECONDS
+    boots=$(grep -c '^GUEST-START' "${vm_log[vm0]}" || true)
+    if ! kill -0 "${vm_pid[vm0]}" 2>/dev/null || ! grep -q '^WAITING-FOR-POWEROFF' "${vm_log[vm0]}"; then
+        restart_error="vm0 was not running and waiting after its request loop"
+    elif ! kill -0 "$daemon" 2>/dev/null; then
+        restart_error="vhost-vgpu had exited before the restart"
+    else
+        restart_backend
+    fi
+    if [[ -z $restart_error ]]; then
+        tell vm0 BACKEND-RESTARTED
+        wait_for vm0 '^CHECK backend-restart-smi |^CHECK backend-restart FAIL' 90 || true
+        echo "   vm0's checks after the restart took $((SECONDS - restart_start)) s"
+        if [[ $narrate -eq 1 ]]; then
+            echo "   what the new vhost-vgpu logged about the VMs' connections:"
+            grep -E 'VM (connected|disconnected)' "$work/vhost-vgpu-2.log" | sed 's/^\[[^]]*\] */    | /'
+        fi
+        va_verdict=$(verdict_of vm0 backend-restart)
+        va_detail=$(result_of vm0 backend-restart)
+        boots_now=$(grep -c '^GUEST-START' "${vm_log[vm0]}" || true)
+        if [[ -z $va_verdict ]]; then
+            restart_error="no result from the guest after the restart; $restart_note"
+        elif [[ $va_verdict == FAIL ]]; then
+            restart_error="$va_detail; $restart_note"
+        elif [[ $boots_now != "$boots" ]]; then
+            restart_error="vm0 booted again ($boots -> $boots_now boots): not the same guest"
+        elif ! kill -0 "${vm_pid[vm0]}" 2>/dev/null; then
+            restart_error="vm0's QEMU exited during the check; $va_detail"
+        fi
+    fi
+    if [[ -n $restart_error ]]; then
+        fail "vm0 backend-restart $restart_error"
+        echo "   the end of vm0's console (${vm_log[vm0]##*/}):"
+        show "${vm_log[vm0]}" 25
+        echo "   the end of the first vhost-vgpu's log:"
+        show "$work/vhost-vgpu.log" 10
+        if [[ -f $work/vhost-vgpu-2.log ]]; then
+            echo "   the end of the new vhost-vgpu's log:"
+            show "$work/vhost-vgpu-2.log" 15
+        fi
+    else
+        pass "vm0 backend-restart $restart_note; in vm0 (same boot): $va_detail"
+        report vm0 backend-restart-smi
+        tr -d '\r' <"${vm_log[vm0]}" | sed -n '/^CHECK backend-restart /,$s/^SMI| /    | /p'
+    fi
+fi
+
+# vm0 powers off (its hold process still open) as vm1 did.
+if kill -0 "${vm_pid[vm0]}" 2>/dev/null; then
+    tell vm0 POWEROFF
+    wait_for vm0 '^GUEST-EXIT' 30 || true
+fi
+wait_exit vm0 10
 
 step "done: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

@@ -4,7 +4,10 @@
 #   CHECK <name> PASS|FAIL <detail>
 # which the host turns into its PASS / FAIL lines. Evidence lines start with "SMI| "
 # (vgpu-smi output) or "INFO ". The kernel command line sets (as environment variables):
-#   VGPU_PLAN      first-loop:  all checks, then send requests until STOP on the console
+#   VGPU_PLAN      first-loop:  all checks, then send requests until STOP on the console,
+#                               then hold 16 MiB of device memory and wait for
+#                               BACKEND-RESTARTED (the checks after the host restarted
+#                               vhost-vgpu, prefixed "backend-restart") or POWEROFF
 #                  first-wait:  all checks, then wait for POWEROFF on the console
 #                  reboot:      the checks after a power cycle (prefixed "reboot-")
 #                               (first-wait powers off holding 16 MiB of device memory)
@@ -12,12 +15,15 @@
 #   VGPU_MIXED     number of mixed requests (default 200)
 #   VGPU_ELEMENTS  vgpu-vector-add's element count (default 65536)
 #   VGPU_LOOP_MAX  longest the request loop runs without a STOP, seconds (default 480)
+#   VGPU_RESTART_WAIT  how long vgpu-vector-add is retried after BACKEND-RESTARTED while
+#                  QEMU reconnects, seconds (default 20)
 
 plan=${VGPU_PLAN:-first-wait}
 mib=${VGPU_MIB:-64}
 mixed=${VGPU_MIXED:-200}
 elements=${VGPU_ELEMENTS:-65536}
 loop_max=${VGPU_LOOP_MAX:-480}
+restart_wait=${VGPU_RESTART_WAIT:-20}
 prefix=
 [ "$plan" = reboot ] && prefix=reboot-
 
@@ -105,10 +111,78 @@ if [ "$plan" != reboot ]; then
     fi
 fi
 
+# The same VM after the host restarted vhost-vgpu (no reboot): QEMU reconnects to the new
+# daemon. The sessions of the old daemon are gone; a new process opens a new session, so
+# vgpu-vector-add is retried until it passes or restart_wait seconds have gone by. Then
+# vgpu-smi must show no allocations: the new daemon's mediator is fresh, although this
+# VM still has a process that held 16 MiB under the old one.
+backend_restart_checks() {
+    t0=$(date +%s)
+    tries=0
+    while :; do
+        tries=$((tries + 1))
+        if command -v timeout >/dev/null 2>&1; then
+            timeout 10 vgpu-vector-add --elements "$elements" >/tmp/va.out 2>&1
+        else
+            vgpu-vector-add --elements "$elements" >/tmp/va.out 2>&1
+        fi
+        rc=$?
+        va=$(grep '^Vector add PASSED' /tmp/va.out | head -n 1)
+        [ $rc -eq 0 ] && [ -n "$va" ] && break
+        [ $(($(date +%s) - t0)) -ge "$restart_wait" ] && break
+        sleep 1
+    done
+    waited=$(($(date +%s) - t0))
+    if [ $rc -eq 0 ] && [ -n "$va" ]; then
+        check backend-restart PASS "$va; attempt $tries after $waited s"
+    else
+        # Without a working device vgpu-smi would only wait as well.
+        check backend-restart FAIL "$tries attempts in $waited s, the last exit $rc: $(last_line /tmp/va.out)"
+        return
+    fi
+    if command -v timeout >/dev/null 2>&1; then
+        timeout 10 vgpu-smi >/tmp/smi.out 2>&1
+    else
+        vgpu-smi >/tmp/smi.out 2>&1
+    fi
+    rc=$?
+    sed 's/^/SMI| /' /tmp/smi.out
+    used=$(grep -i 'memory used' /tmp/smi.out | head -n 1 | sed 's/^[[:space:]]*//; s/[[:space:]][[:space:]]*/ /g')
+    sessions=$(grep -i 'sessions' /tmp/smi.out | head -n 1 | sed 's/^[[:space:]]*//; s/[[:space:]][[:space:]]*/ /g')
+    if [ $rc -ne 0 ] || [ ! -s /tmp/smi.out ]; then
+        check backend-restart-smi FAIL "vgpu-smi exit $rc: $(last_line /tmp/smi.out)"
+    elif [ -z "$used" ]; then
+        check backend-restart-smi FAIL "vgpu-smi shows no memory use: $(last_line /tmp/smi.out)"
+    elif ! echo "$used" | grep -q ' in 0 allocations'; then
+        check backend-restart-smi FAIL "the restarted daemon shows allocations: $used"
+    else
+        check backend-restart-smi PASS "$used; ${sessions:-sessions not shown}"
+    fi
+}
+
 case $plan in
     first-loop)
         # Keep sending requests until the host says STOP (after the other VM's reboot).
         VGPU_CHECK=requests-during-reboot vgpu-e2e-check loop "$loop_max"
+        # Then hold device memory and wait: the host may restart vhost-vgpu and say
+        # BACKEND-RESTARTED, and says POWEROFF at the end.
+        : >/tmp/hold0.out
+        vgpu-e2e-check hold 16 >/tmp/hold0.out 2>&1 &
+        i=0
+        while ! grep -q '^HOLDING' /tmp/hold0.out && [ $i -lt 100 ]; do
+            sleep 0.1
+            i=$((i + 1))
+        done
+        echo "INFO $(head -n 1 /tmp/hold0.out)"
+        echo "WAITING-FOR-POWEROFF"
+        # shellcheck disable=SC3045 # busybox sh has read -t
+        while read -r -t "$loop_max" cmd; do
+            case $cmd in
+                BACKEND-RESTARTED) backend_restart_checks ;;
+                POWEROFF) break ;;
+            esac
+        done
+        echo "POWERING-OFF"
         ;;
     first-wait)
         # Power off with a session open and device memory allocated: the host must free
