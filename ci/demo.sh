@@ -88,7 +88,9 @@ bash "$REPO_DIR/ci/e2e-qemu.sh" --narrate --executor "$executor" "${passthrough[
 echo
 if [[ $rc -eq 0 ]]; then
     para "Result: both guests saw the device in lspci and ran every check; vm1 was powered \
-off and booted again while vm0 kept sending requests, and both passed."
+off and booted again while vm0 kept sending requests, and both passed; where the QEMU \
+build carries the reconnect patch, vhost-vgpu was also restarted under the running vm0, \
+which reconnected and kept working."
 else
     para "Result: some checks FAILED (exit $rc); the lines above say which, with the end \
 of the guest console and of the backend's log."
