@@ -52,37 +52,8 @@ done
 
 command -v apt-get >/dev/null || die "apt-get not found: this script needs Debian"
 
-apt_updated=0
-apt_update_once() {
-    if [[ $apt_updated -eq 0 ]]; then
-        log "apt-get update"
-        apt-get update -qq -o DPkg::Lock::Timeout=600 >/dev/null || die "apt-get update failed"
-        apt_updated=1
-    fi
-}
-
-installed() {
-    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
-}
-
-apt_install() {
-    local p
-    local -a missing=()
-    for p in "$@"; do
-        installed "$p" || missing+=("$p")
-    done
-    [[ ${#missing[@]} -eq 0 ]] && return 0
-    [[ $(id -u) -eq 0 ]] || die "need root to install: ${missing[*]}"
-    apt_update_once
-    log "apt-get install ${missing[*]}"
-    local out
-    if ! out=$(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        -o DPkg::Lock::Timeout=600 --no-install-recommends \
-        "${missing[@]}" 2>&1); then
-        tail -n 20 <<<"$out" >&2
-        die "apt-get install ${missing[*]} failed"
-    fi
-}
+# shellcheck source=ci/apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 # The kernel release linux-image-amd64 currently depends on, e.g. 6.1.0-56-amd64.
 resolve_kver() {

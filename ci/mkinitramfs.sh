@@ -74,22 +74,8 @@ moddir=$kdir/lib/modules/$kver
 [[ -z $init_script || -f $init_script ]] || die "guest script $init_script not found"
 
 # Tools this script runs on the host.
-apt_install() {
-    local out
-    [[ $(id -u) -eq 0 ]] || die "missing host packages, install them as root: $*"
-    echo "mkinitramfs.sh: apt-get install $*" >&2
-    # Try the current package lists first; refresh them once if that fails.
-    if out=$(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        -o DPkg::Lock::Timeout=600 --no-install-recommends "$@" 2>&1); then
-        return 0
-    fi
-    apt-get update -qq -o DPkg::Lock::Timeout=600 >/dev/null 2>&1 || true
-    if ! out=$(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        -o DPkg::Lock::Timeout=600 --no-install-recommends "$@" 2>&1); then
-        tail -n 20 <<<"$out" >&2
-        die "cannot install $*"
-    fi
-}
+# shellcheck source=ci/apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 need_pkgs=()
 # A dynamic /bin/busybox (package busybox) cannot run in the initramfs: replace it.
 if [[ ! -x /bin/busybox ]] || ldd /bin/busybox >/dev/null 2>&1; then

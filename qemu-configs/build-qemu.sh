@@ -112,37 +112,8 @@ device_for_version() {
     fi
 }
 
-apt_updated=0
-apt_update_once() {
-    if [[ $apt_updated -eq 0 ]]; then
-        log "apt-get update"
-        apt-get update -qq -o DPkg::Lock::Timeout=600 >/dev/null || die "apt-get update failed"
-        apt_updated=1
-    fi
-}
-
-missing_pkgs() {
-    local p
-    for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"
-    done
-}
-
-apt_install() {
-    local missing
-    mapfile -t missing < <(missing_pkgs "$@")
-    [[ ${#missing[@]} -eq 0 ]] && return 0
-    [[ $(id -u) -eq 0 ]] || die "need root to install: ${missing[*]}"
-    apt_update_once
-    log "apt-get install ${missing[*]}"
-    local out
-    if ! out=$(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        -o DPkg::Lock::Timeout=600 --no-install-recommends \
-        "${missing[@]}" 2>&1); then
-        tail -n 20 <<<"$out" >&2
-        die "apt-get install ${missing[*]} failed"
-    fi
-}
+# shellcheck source=ci/apt.sh
+source "$SCRIPT_DIR/../ci/apt.sh"
 
 # A deb-src entry for each suite we may build from, in a file of its own.
 ensure_deb_src() {
