@@ -1209,7 +1209,7 @@ impl Executor for CudaExecutor {
                 unsafe { sys::cuMemsetD8Async(d, byte, len as usize, s) }
             }
             4 => {
-                if !offset.is_multiple_of(4) || !len.is_multiple_of(4) {
+                if offset % 4 != 0 || len % 4 != 0 {
                     return Err(ExecError::new(
                         Status::InvalidArgument,
                         0,

@@ -293,7 +293,7 @@ impl Worker {
                     .usage
                     .mem_used
                     .checked_add(size)
-                    .is_none_or(|total| total > quota)
+                    .map_or(true, |total| total > quota)
                 {
                     return err(Status::QuotaExceeded, 0);
                 }

@@ -1464,7 +1464,7 @@ fn timings(
             || (),
             |()| {
                 launched += 1;
-                if launched.is_multiple_of(64) {
+                if launched % 64 == 0 {
                     // Untimed drain so the queue never fills; counted in this sample only.
                     sync_native(&native)?;
                 }
