@@ -127,6 +127,9 @@ impl fmt::Display for KernelError {
 impl std::error::Error for KernelError {}
 
 /// Memory the CPU reference reads and writes, addressed by buffer handle.
+///
+/// The kernels move at most [`CPU_CHUNK_ELEMS`] elements (`4 * CPU_CHUNK_ELEMS` bytes) per
+/// call, so an implementation serves them from its own buffers without copying them whole.
 pub trait CpuMemory {
     /// Length in bytes of `buffer`, or `None` when no such buffer exists.
     fn len(&self, buffer: u64) -> Option<u64>;
@@ -218,13 +221,19 @@ impl KernelSpec {
         Ok(())
     }
 
-    /// Runs the CPU reference (after validate). Inputs are read into temporaries first so
-    /// aliasing buffers (e.g. saxpy with x == y) behave like the GPU's element-wise result.
+    /// Runs the CPU reference (after validate), in place: it works through the buffers
+    /// [`CPU_CHUNK_ELEMS`] elements at a time, so its scratch memory is a few chunks
+    /// whatever the buffer sizes (a guest's launch allocates nothing in proportion to its
+    /// buffers), and its results are bit-identical to the typed functions in [`reference`].
     ///
     /// Validates first with `mem`'s lengths, so a bad launch is refused before anything is
-    /// written. Where the GPU result under aliasing is a race (matmul's c aliasing a or b,
-    /// reduce's out aliasing x), this computes the result from the inputs as they were
-    /// before the launch.
+    /// written. Aliasing buffers (e.g. saxpy with x == y) behave like the GPU's element-wise
+    /// result: each chunk of input is read before the same chunk of output is written.
+    /// Where the GPU result under aliasing is a race: reduce's out aliasing x uses x as it
+    /// was before the launch (out is written once, at the end); matmul's c aliasing a or b
+    /// uses the inputs as they were before the launch when C is a single tile (at most
+    /// [`CPU_CHUNK_ELEMS`] elements), and otherwise, like a GPU that ran its blocks one
+    /// after another, each tile of C (row-major order) sees the tiles written before it.
     pub fn run_cpu(
         &self,
         args: &[Arg],
@@ -387,28 +396,71 @@ fn matmul_shape(shape: &LaunchShape) -> Result<(), KernelError> {
     }
 }
 
+/// The CPU reference works through every buffer this many elements at a time (64 KiB of
+/// f32 or u32): it reads a chunk of each input, computes it and writes the chunk of output
+/// before the next, so a launch needs a few chunks of scratch memory (under 512 KiB)
+/// however large its buffers are. Also the most elements one [`CpuMemory`] call moves.
+pub const CPU_CHUNK_ELEMS: usize = 16 * 1024;
+
+/// Consecutive `(first element, element count)` chunks that cover `0..n`.
+fn chunks(n: u64) -> impl Iterator<Item = (u64, usize)> {
+    let step = CPU_CHUNK_ELEMS as u64;
+    (0..n.div_ceil(step)).map(move |i| {
+        let first = i * step;
+        (first, (n - first).min(step) as usize)
+    })
+}
+
+/// Scratch elements for a kernel over `n` elements: one chunk at most.
+fn chunk_len(n: u64) -> usize {
+    n.min(CPU_CHUNK_ELEMS as u64) as usize
+}
+
 fn cpu_vector_add_f32(args: &[Arg], mem: &mut dyn CpuMemory) -> Result<(), KernelError> {
     let n = u64::from(u32_at(args, 3)?);
-    let a = read_f32s(mem, args, 0, n)?;
-    let b = read_f32s(mem, args, 1, n)?;
-    let mut c = vec![0.0; a.len()];
-    reference::vector_add_f32(&a, &b, &mut c);
-    write_f32s(mem, args, 2, &c)
+    let len = chunk_len(n);
+    let (mut a, mut b, mut c) = (vec![0.0; len], vec![0.0; len], vec![0.0; len]);
+    let mut io = Io::default();
+    // Element i reads only a[i] and b[i] and writes only c[i], all at the same offset, so
+    // chunk by chunk equals all at once even when operands alias.
+    for (first, count) in chunks(n) {
+        let (a, b, c) = (&mut a[..count], &mut b[..count], &mut c[..count]);
+        io.read(mem, args, 0, first, a)?;
+        io.read(mem, args, 1, first, b)?;
+        reference::vector_add_f32(a, b, c);
+        io.write(mem, args, 2, first, c)?;
+    }
+    Ok(())
 }
 
 fn cpu_saxpy_f32(args: &[Arg], mem: &mut dyn CpuMemory) -> Result<(), KernelError> {
     let n = u64::from(u32_at(args, 3)?);
-    let mut y = read_f32s(mem, args, 0, n)?;
-    let x = read_f32s(mem, args, 1, n)?;
-    reference::saxpy_f32(&mut y, &x, f32_at(args, 2)?);
-    write_f32s(mem, args, 0, &y)
+    let alpha = f32_at(args, 2)?;
+    let len = chunk_len(n);
+    let (mut y, mut x) = (vec![0.0; len], vec![0.0; len]);
+    let mut io = Io::default();
+    for (first, count) in chunks(n) {
+        let (y, x) = (&mut y[..count], &mut x[..count]);
+        io.read(mem, args, 0, first, y)?;
+        io.read(mem, args, 1, first, x)?;
+        reference::saxpy_f32(y, x, alpha);
+        io.write(mem, args, 0, first, y)?;
+    }
+    Ok(())
 }
 
 fn cpu_scale_f32(args: &[Arg], mem: &mut dyn CpuMemory) -> Result<(), KernelError> {
     let n = u64::from(u32_at(args, 2)?);
-    let mut x = read_f32s(mem, args, 0, n)?;
-    reference::scale_f32(&mut x, f32_at(args, 1)?);
-    write_f32s(mem, args, 0, &x)
+    let alpha = f32_at(args, 1)?;
+    let mut x = vec![0.0; chunk_len(n)];
+    let mut io = Io::default();
+    for (first, count) in chunks(n) {
+        let x = &mut x[..count];
+        io.read(mem, args, 0, first, x)?;
+        reference::scale_f32(x, alpha);
+        io.write(mem, args, 0, first, x)?;
+    }
+    Ok(())
 }
 
 fn cpu_reduce_sum_f32(args: &[Arg], mem: &mut dyn CpuMemory) -> Result<(), KernelError> {
@@ -417,29 +469,110 @@ fn cpu_reduce_sum_f32(args: &[Arg], mem: &mut dyn CpuMemory) -> Result<(), Kerne
         // The kernel's blocks all own no element and skip their atomicAdd.
         return Ok(());
     }
-    let x = read_f32s(mem, args, 0, n)?;
-    let out = read_f32s(mem, args, 1, 1)?[0];
-    let total = (f64::from(out) + reference::sum_f64(&x)) as f32;
-    write_f32s(mem, args, 1, &[total])
+    let mut x = vec![0.0; chunk_len(n)];
+    let mut io = Io::default();
+    // The same f64 additions in the same order as `reference::sum_f64` over all of x: the
+    // first chunk through it, the rest continuing its left fold.
+    let mut sum = None;
+    for (first, count) in chunks(n) {
+        let x = &mut x[..count];
+        io.read(mem, args, 0, first, x)?;
+        sum = Some(match sum {
+            None => reference::sum_f64(x),
+            Some(sum) => x.iter().fold(sum, |acc, &v| acc + f64::from(v)),
+        });
+    }
+    // Nothing is written before this point, so an `out` aliasing x[0] still contributed
+    // its value from before the launch.
+    let mut out = [0.0];
+    io.read(mem, args, 1, 0, &mut out)?;
+    let total = (f64::from(out[0]) + sum.unwrap_or_default()) as f32;
+    io.write(mem, args, 1, 0, &[total])
 }
 
+/// Tiles of C, at most [`CPU_CHUNK_ELEMS`] elements each, in row-major tile order. A tile
+/// accumulates over k in steps whose blocks of A and B are at most a chunk each, so every
+/// element still takes `fma(a, b, acc)` from `+0.0` in increasing k, then the padding,
+/// exactly as `reference::matmul_f32` does.
 fn cpu_matmul_f32(args: &[Arg], mem: &mut dyn CpuMemory) -> Result<(), KernelError> {
     let [m, n, k] = [3, 4, 5].map(|index| u32_at(args, index).map(u64::from));
     let (m, n, k) = (m?, n?, k?);
-    // validate bounded 4*m*k etc. by real buffer lengths, so these products cannot overflow.
-    let a = read_f32s(mem, args, 0, m * k)?;
-    let b = read_f32s(mem, args, 1, k * n)?;
-    let mut c = vec![0.0; to_usize(m * n)?];
-    reference::matmul_f32(&a, &b, &mut c, to_usize(m)?, to_usize(n)?, to_usize(k)?);
-    write_f32s(mem, args, 2, &c)
+    if m == 0 || n == 0 {
+        return Ok(()); // C has no element.
+    }
+    // validate bounded 4*m*k etc. by real buffer lengths, so offsets below cannot overflow.
+    let chunk = CPU_CHUNK_ELEMS as u64;
+    let cols = n.min(chunk);
+    let rows = m.min(chunk / cols);
+    let depth = k.min(chunk / rows.max(cols));
+    let padding = k.div_ceil(16) * 16 - k;
+    let (cols, rows, depth) = (cols as usize, rows as usize, depth as usize);
+    let mut acc = vec![0.0f32; rows * cols];
+    let mut a_blk = vec![0.0f32; rows * depth];
+    let mut b_blk = vec![0.0f32; depth * cols];
+    let mut io = Io::default();
+    for i0 in (0..m).step_by(rows) {
+        let r = (m - i0).min(rows as u64) as usize;
+        for j0 in (0..n).step_by(cols) {
+            let w = (n - j0).min(cols as u64) as usize;
+            let acc = &mut acc[..r * w];
+            acc.fill(0.0);
+            let mut p0 = 0;
+            while p0 < k {
+                let d = (k - p0).min(depth as u64) as usize;
+                // A[i0 .. i0+r][p0 .. p0+d], one read when whole rows are wanted.
+                let a = &mut a_blk[..r * d];
+                if d as u64 == k {
+                    io.read(mem, args, 0, i0 * k, a)?;
+                } else {
+                    for (row, a_row) in (i0..).zip(a.chunks_exact_mut(d)) {
+                        io.read(mem, args, 0, row * k + p0, a_row)?;
+                    }
+                }
+                // B[p0 .. p0+d][j0 .. j0+w], likewise.
+                let b = &mut b_blk[..d * w];
+                if w as u64 == n {
+                    io.read(mem, args, 1, p0 * n, b)?;
+                } else {
+                    for (p, b_row) in (p0..).zip(b.chunks_exact_mut(w)) {
+                        io.read(mem, args, 1, p * n + j0, b_row)?;
+                    }
+                }
+                for (a_row, c_row) in a.chunks_exact(d).zip(acc.chunks_exact_mut(w)) {
+                    for (&a_ip, b_row) in a_row.iter().zip(b.chunks_exact(w)) {
+                        for (c, &b_pj) in c_row.iter_mut().zip(b_row) {
+                            *c = a_ip.mul_add(b_pj, *c);
+                        }
+                    }
+                }
+                p0 += d as u64;
+            }
+            if padding > 0 {
+                for c in acc.iter_mut() {
+                    *c = 0.0f32.mul_add(0.0, *c);
+                }
+            }
+            if w as u64 == n {
+                io.write(mem, args, 2, i0 * n, acc)?;
+            } else {
+                for (row, c_row) in (i0..).zip(acc.chunks_exact(w)) {
+                    io.write(mem, args, 2, row * n + j0, c_row)?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn cpu_fill_u32(args: &[Arg], mem: &mut dyn CpuMemory) -> Result<(), KernelError> {
-    let n = u32_at(args, 2)?;
-    let mut x = vec![0; to_usize(u64::from(n))?];
+    let n = u64::from(u32_at(args, 2)?);
+    let mut x = vec![0; chunk_len(n)];
     reference::fill_u32(&mut x, u32_at(args, 1)?);
     let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
-    write_bytes(mem, args, 0, &bytes)
+    for (first, count) in chunks(n) {
+        write_bytes(mem, args, 0, first * 4, &bytes[..count * 4])?;
+    }
+    Ok(())
 }
 
 fn u32_at(args: &[Arg], index: usize) -> Result<u32, KernelError> {
@@ -472,11 +605,6 @@ fn buffer_at(args: &[Arg], index: usize) -> Result<u64, KernelError> {
     }
 }
 
-/// Only reachable on a target whose usize cannot hold a buffer's length.
-fn to_usize(count: u64) -> Result<usize, KernelError> {
-    usize::try_from(count).map_err(|_| KernelError::BadLaunchShape("buffer too large for host"))
-}
-
 /// The error for a read or write that `CpuMemory` refused after validation passed.
 fn access_error(mem: &dyn CpuMemory, buffer: u64, index: usize, needed: u64) -> KernelError {
     match mem.len(buffer) {
@@ -485,51 +613,75 @@ fn access_error(mem: &dyn CpuMemory, buffer: u64, index: usize, needed: u64) -> 
     }
 }
 
-fn read_f32s(
-    mem: &dyn CpuMemory,
-    args: &[Arg],
-    index: usize,
-    count: u64,
-) -> Result<Vec<f32>, KernelError> {
-    if count == 0 {
-        return Ok(Vec::new());
-    }
-    let buffer = buffer_at(args, index)?;
-    let needed = count.saturating_mul(4);
-    let mut bytes = vec![0u8; to_usize(needed)?];
-    if !mem.read(buffer, 0, &mut bytes) {
-        return Err(access_error(mem, buffer, index, needed));
-    }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|chunk| f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]))
-        .collect())
+/// Moves f32 values between typed chunks and a buffer's little-endian bytes through one
+/// reused byte scratch (at most a chunk, as no caller passes more).
+#[derive(Default)]
+struct Io {
+    bytes: Vec<u8>,
 }
 
-fn write_f32s(
-    mem: &mut dyn CpuMemory,
-    args: &[Arg],
-    index: usize,
-    values: &[f32],
-) -> Result<(), KernelError> {
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    write_bytes(mem, args, index, &bytes)
+impl Io {
+    /// Fills `out` from buffer parameter `index`, starting at element `first`.
+    fn read(
+        &mut self,
+        mem: &dyn CpuMemory,
+        args: &[Arg],
+        index: usize,
+        first: u64,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let buffer = buffer_at(args, index)?;
+        let len = out.len() * 4;
+        if self.bytes.len() < len {
+            self.bytes.resize(len, 0);
+        }
+        let bytes = &mut self.bytes[..len];
+        let offset = first.saturating_mul(4);
+        if !mem.read(buffer, offset, bytes) {
+            let needed = offset.saturating_add(len as u64);
+            return Err(access_error(mem, buffer, index, needed));
+        }
+        for (value, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            *value = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        Ok(())
+    }
+
+    /// Writes `values` into buffer parameter `index`, starting at element `first`.
+    fn write(
+        &mut self,
+        mem: &mut dyn CpuMemory,
+        args: &[Arg],
+        index: usize,
+        first: u64,
+        values: &[f32],
+    ) -> Result<(), KernelError> {
+        self.bytes.clear();
+        self.bytes
+            .extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        write_bytes(mem, args, index, first.saturating_mul(4), &self.bytes)
+    }
 }
 
 fn write_bytes(
     mem: &mut dyn CpuMemory,
     args: &[Arg],
     index: usize,
+    offset: u64,
     bytes: &[u8],
 ) -> Result<(), KernelError> {
     if bytes.is_empty() {
         return Ok(());
     }
     let buffer = buffer_at(args, index)?;
-    if mem.write(buffer, 0, bytes) {
+    if mem.write(buffer, offset, bytes) {
         Ok(())
     } else {
-        Err(access_error(mem, buffer, index, bytes.len() as u64))
+        let needed = offset.saturating_add(bytes.len() as u64);
+        Err(access_error(mem, buffer, index, needed))
     }
 }
 

@@ -766,6 +766,231 @@ fn run_cpu_matches_typed_reference_on_random_inputs() {
     }
 }
 
+// ---- in place, in bounded chunks ----
+
+/// A `TestMemory` that records the largest read or write asked of it.
+#[derive(Default)]
+struct Recording {
+    inner: TestMemory,
+    largest: std::cell::Cell<usize>,
+    calls: std::cell::Cell<usize>,
+}
+
+impl Recording {
+    fn record(&self, bytes: usize) {
+        self.largest.set(self.largest.get().max(bytes));
+        self.calls.set(self.calls.get() + 1);
+    }
+}
+
+impl CpuMemory for Recording {
+    fn len(&self, buffer: u64) -> Option<u64> {
+        self.inner.len(buffer)
+    }
+    fn read(&self, buffer: u64, offset: u64, out: &mut [u8]) -> bool {
+        self.record(out.len());
+        self.inner.read(buffer, offset, out)
+    }
+    fn write(&mut self, buffer: u64, offset: u64, data: &[u8]) -> bool {
+        self.record(data.len());
+        self.inner.write(buffer, offset, data)
+    }
+}
+
+/// Every launch below reads and writes at most one chunk per `CpuMemory` call, which
+/// `run_cpu` only does if it works through the buffers chunk by chunk.
+#[test]
+fn run_cpu_reads_and_writes_at_most_a_chunk_per_memory_call() {
+    let chunk = CPU_CHUNK_ELEMS;
+    let n = 3 * chunk + 5;
+    let mut rng = StdRng::seed_from_u64(0xc4_0c4);
+    let mut mem = Recording::default();
+    mem.inner.put_f32(1, &random_f32s(&mut rng, n));
+    mem.inner.put_f32(2, &random_f32s(&mut rng, n));
+    mem.inner.put_f32(3, &random_f32s(&mut rng, n));
+    let (x, y, z) = (Arg::Buffer(1), Arg::Buffer(2), Arg::Buffer(3));
+    let count = Arg::U32(n as u32);
+    let dims = |m: usize, cols: usize, k: usize| [m, cols, k].map(|d| Arg::U32(d as u32));
+    let matmul = |[m, cols, k]: [Arg; 3]| vec![x, y, z, m, cols, k];
+    let launches: Vec<(&str, Vec<Arg>)> = vec![
+        ("vector_add_f32", vec![x, y, z, count]),
+        ("saxpy_f32", vec![x, y, Arg::F32(0.5), count]),
+        ("scale_f32", vec![x, Arg::F32(2.0), count]),
+        ("reduce_sum_f32", vec![x, z, count]),
+        ("fill_u32", vec![x, Arg::U32(7), count]),
+        // Tall, long and wide matrices: C, A and B each span several chunks.
+        ("matmul_f32", matmul(dims(n, 1, 1))),
+        ("matmul_f32", matmul(dims(1, 1, n))),
+        ("matmul_f32", matmul(dims(1, n, 1))),
+        ("matmul_f32", matmul(dims(40, 300, 100))),
+    ];
+    for (name, args) in launches {
+        mem.largest.set(0);
+        mem.calls.set(0);
+        let shape = if name == "matmul_f32" { TILES } else { LINEAR };
+        spec(name).run_cpu(&args, &shape, &mut mem).unwrap();
+        assert!(mem.calls.get() > 1, "{name} {args:?}: one call");
+        assert!(
+            mem.largest.get() <= chunk * 4,
+            "{name} {args:?}: {} bytes in one call, more than a chunk",
+            mem.largest.get()
+        );
+    }
+}
+
+/// Launches that span several chunks (and matmul tiles and k steps) give exactly the
+/// typed reference's bits, and leave the bytes past the elements they touch alone.
+#[test]
+fn run_cpu_matches_typed_reference_across_chunk_boundaries() {
+    let chunk = CPU_CHUNK_ELEMS;
+    let mut rng = StdRng::seed_from_u64(0xb0_0da1);
+    for n in [chunk - 1, chunk, chunk + 1, 2 * chunk + 77] {
+        let extra = 3;
+        let x = random_f32s(&mut rng, n + extra);
+        let y = random_f32s(&mut rng, n + extra);
+        let s = rng.random_range(-3.0f32..3.0);
+        let n_arg = Arg::U32(n as u32);
+        let mut mem = TestMemory::default();
+        let (bx, by, bz) = (Arg::Buffer(1), Arg::Buffer(2), Arg::Buffer(3));
+        let reset = |mem: &mut TestMemory| {
+            mem.put_f32(1, &x);
+            mem.put_f32(2, &y);
+            mem.put_f32(3, &vec![f32::NAN; n + extra]);
+        };
+
+        reset(&mut mem);
+        spec("vector_add_f32")
+            .run_cpu(&[bx, by, bz, n_arg], &LINEAR, &mut mem)
+            .unwrap();
+        let mut want = vec![f32::NAN; n + extra];
+        reference::vector_add_f32(&x[..n], &y[..n], &mut want[..n]);
+        assert_eq!(bits(&mem.f32s(3)), bits(&want), "vector_add n {n}");
+
+        reset(&mut mem);
+        spec("saxpy_f32")
+            .run_cpu(&[by, bx, Arg::F32(s), n_arg], &LINEAR, &mut mem)
+            .unwrap();
+        let mut want = y.clone();
+        reference::saxpy_f32(&mut want[..n], &x[..n], s);
+        assert_eq!(bits(&mem.f32s(2)), bits(&want), "saxpy n {n}");
+
+        reset(&mut mem);
+        spec("saxpy_f32")
+            .run_cpu(&[bx, bx, Arg::F32(s), n_arg], &LINEAR, &mut mem)
+            .unwrap();
+        let mut want = x.clone();
+        let before = x[..n].to_vec();
+        reference::saxpy_f32(&mut want[..n], &before, s);
+        assert_eq!(bits(&mem.f32s(1)), bits(&want), "aliased saxpy n {n}");
+
+        reset(&mut mem);
+        spec("scale_f32")
+            .run_cpu(&[bx, Arg::F32(s), n_arg], &LINEAR, &mut mem)
+            .unwrap();
+        let mut want = x.clone();
+        reference::scale_f32(&mut want[..n], s);
+        assert_eq!(bits(&mem.f32s(1)), bits(&want), "scale n {n}");
+
+        reset(&mut mem);
+        mem.put_f32(3, &[s, 9.0]);
+        spec("reduce_sum_f32")
+            .run_cpu(&[bx, bz, n_arg], &LINEAR, &mut mem)
+            .unwrap();
+        let want = (f64::from(s) + reference::sum_f64(&x[..n])) as f32;
+        assert_eq!(bits(&mem.f32s(3)), bits(&[want, 9.0]), "reduce n {n}");
+
+        // out aliasing x[0]: x as it was before the launch, x[0] included.
+        reset(&mut mem);
+        spec("reduce_sum_f32")
+            .run_cpu(&[bx, bx, n_arg], &LINEAR, &mut mem)
+            .unwrap();
+        let want = (f64::from(x[0]) + reference::sum_f64(&x[..n])) as f32;
+        assert_eq!(
+            mem.f32s(1)[0].to_bits(),
+            want.to_bits(),
+            "aliased reduce n {n}"
+        );
+        assert_eq!(
+            bits(&mem.f32s(1)[1..]),
+            bits(&x[1..]),
+            "aliased reduce n {n}"
+        );
+
+        let value = rng.random::<u32>();
+        mem.put_u32(4, &vec![0xffff_ffff; n + extra]);
+        let fill = [Arg::Buffer(4), Arg::U32(value), n_arg];
+        spec("fill_u32").run_cpu(&fill, &LINEAR, &mut mem).unwrap();
+        let mut want = vec![0xffff_ffff; n + extra];
+        reference::fill_u32(&mut want[..n], value);
+        assert_eq!(mem.u32s(4), want, "fill n {n}");
+    }
+
+    // (m, n, k): tall, wide and deep shapes that split C into several tiles or k into
+    // several steps, ragged and 16-aligned k, and k = 0.
+    let shapes = [
+        (3, chunk + 7, 37),
+        (chunk + 3, 1, 2),
+        (2, 3, 2 * chunk + 1),
+        (1, 2 * chunk + 1, 1),
+        (70, 300, 50),
+        (129, 130, 32),
+        (5, chunk / 2 + 3, 19),
+        (chunk + 1, 2, 0),
+    ];
+    for (m, cols, k) in shapes {
+        let a = random_f32s(&mut rng, m * k);
+        let b = random_f32s(&mut rng, k * cols);
+        let mut mem = TestMemory::default();
+        mem.put_f32(1, &a);
+        mem.put_f32(2, &b);
+        mem.put_f32(3, &vec![f32::NAN; m * cols + 2]);
+        let dims = [m, cols, k].map(|d| Arg::U32(d as u32));
+        let args = [
+            Arg::Buffer(1),
+            Arg::Buffer(2),
+            Arg::Buffer(3),
+            dims[0],
+            dims[1],
+            dims[2],
+        ];
+        spec("matmul_f32").run_cpu(&args, &TILES, &mut mem).unwrap();
+        let mut want = vec![f32::NAN; m * cols + 2];
+        reference::matmul_f32(&a, &b, &mut want[..m * cols], m, cols, k);
+        assert_eq!(bits(&mem.f32s(3)), bits(&want), "matmul {m}x{cols}x{k}");
+    }
+}
+
+/// C aliasing B over many tiles is a race on the GPU; on the CPU it must still finish,
+/// deterministically, without touching anything outside the buffer.
+#[test]
+fn run_cpu_matmul_with_c_aliasing_b_over_many_tiles_stays_in_its_buffer() {
+    let (m, cols, k) = (300, 300, 300);
+    let mut rng = StdRng::seed_from_u64(7);
+    let a = random_f32s(&mut rng, m * k);
+    let b = random_f32s(&mut rng, k * cols + 1);
+    let run = || {
+        let mut mem = TestMemory::default();
+        mem.put_f32(1, &a);
+        mem.put_f32(2, &b);
+        let dims = [m, cols, k].map(|d| Arg::U32(d as u32));
+        let args = [
+            Arg::Buffer(1),
+            Arg::Buffer(2),
+            Arg::Buffer(2),
+            dims[0],
+            dims[1],
+            dims[2],
+        ];
+        spec("matmul_f32").run_cpu(&args, &TILES, &mut mem).unwrap();
+        assert_eq!(bits(&mem.f32s(1)), bits(&a));
+        mem.f32s(2)
+    };
+    let first = run();
+    assert_eq!(first.len(), k * cols + 1);
+    assert_eq!(first[k * cols].to_bits(), b[k * cols].to_bits());
+    assert_eq!(bits(&first), bits(&run()));
+}
+
 // ---- the GPU's evaluation order, simulated on the CPU ----
 
 /// The matmul kernel's arithmetic: 16x16 tiles, zeros outside the matrices, one

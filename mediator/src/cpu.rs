@@ -4,6 +4,7 @@
 //! CUDA executor: the same catalog, the same validation, results a test can trust.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 
 use vgpu_kernels::{Arg, CpuMemory, LaunchShape, ParamKind};
 use vgpu_protocol::{ExecutorKind, Status};
@@ -26,7 +27,7 @@ impl CpuExecutorFactory {
             info: DeviceInfo {
                 kind: ExecutorKind::Cpu,
                 name: CPU_DEVICE_NAME.to_owned(),
-                total_memory: host_memory() / 2,
+                total_memory: device_memory(host_memory(), cgroup_memory_limit()),
                 cc_major: 0,
                 cc_minor: 0,
                 multiprocessors: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
@@ -39,6 +40,77 @@ impl Default for CpuExecutorFactory {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The CPU device's memory is this fraction of the memory the daemon may use.
+pub const DEVICE_MEMORY_DIVISOR: u64 = 8;
+
+/// The CPU executor's device memory ([`DeviceInfo::total_memory`]), from which vhost-vgpu
+/// derives each VM's default quota (total / sockets).
+///
+/// Guest buffers on the CPU executor are the daemon's own heap, so a VM filling its quota
+/// fills the daemon's memory: the device is 1/8 of the memory the daemon may use, which is
+/// physical RAM or, when smaller, its cgroup's memory limit (a service or container limited
+/// to 3 GiB shows a 384 MiB device). Eight leaves the daemon, the requests' payloads in
+/// flight, and the host's other work the lion's share; the CPU executor is for CI and
+/// hosts without a GPU, where small quotas are enough. An operator who wants more sets the
+/// quota explicitly (`--mem-quota`).
+pub fn device_memory(physical: u64, cgroup_limit: Option<u64>) -> u64 {
+    physical.min(cgroup_limit.unwrap_or(u64::MAX)) / DEVICE_MEMORY_DIVISOR
+}
+
+/// The memory limit of this process's cgroup, the smallest set on it or any ancestor
+/// (cgroup v2 `memory.max`, v1 `memory.limit_in_bytes`), or None when there is none.
+pub fn cgroup_memory_limit() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    cgroup_memory_limit_at(Path::new("/sys/fs/cgroup"), &own)
+}
+
+/// [`cgroup_memory_limit`] with the cgroup filesystem at `root` and `proc_self_cgroup`
+/// the text of `/proc/self/cgroup`.
+///
+/// Walks from the process's own cgroup up to the mount's root, as each ancestor's limit
+/// applies too; the root is also where a container without its own cgroup namespace sees
+/// its limit, as its path in `/proc/self/cgroup` then names a directory it cannot see.
+pub fn cgroup_memory_limit_at(root: &Path, proc_self_cgroup: &str) -> Option<u64> {
+    let mut limit: Option<u64> = None;
+    for line in proc_self_cgroup.lines() {
+        // "0::/path" (v2) or "4:memory:/path" (v1; controllers may be comma-joined).
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = match (fields.next(), fields.next(), fields.next()) {
+            (Some(id), Some(controllers), Some(path)) => (id, controllers, path),
+            _ => continue,
+        };
+        let (dir, file) = if controllers.is_empty() {
+            (root.to_path_buf(), "memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (root.join("memory"), "memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        // A cgroup outside this namespace shows as "/../..": look only at the mount's root.
+        let path = if path.split('/').any(|part| part == "..") {
+            ""
+        } else {
+            path.trim_start_matches('/')
+        };
+        let mut cgroup = Some(Path::new(path));
+        while let Some(relative) = cgroup {
+            let text = std::fs::read_to_string(dir.join(relative).join(file));
+            if let Some(value) = text.ok().as_deref().and_then(parse_cgroup_limit) {
+                limit = Some(limit.map_or(value, |l| l.min(value)));
+            }
+            cgroup = relative.parent();
+        }
+    }
+    limit
+}
+
+/// A cgroup memory limit file's value: None for `max` (v2's "no limit") or anything else
+/// that is not a number. v1's "no limit" is a number near `i64::MAX`, which the
+/// comparison with physical memory then ignores.
+fn parse_cgroup_limit(text: &str) -> Option<u64> {
+    text.trim().parse().ok()
 }
 
 fn host_memory() -> u64 {
@@ -67,6 +139,11 @@ impl ExecutorFactory for CpuExecutorFactory {
 }
 
 /// Buffers are plain byte vectors; work runs synchronously, in order.
+///
+/// Every host allocation made for a guest is fallible (a failure answers OUT_OF_MEMORY,
+/// never aborts the daemon), and no operation allocates in proportion to a buffer:
+/// buffers are the only memory sized by the guest, and ALLOC charges them to its quota.
+/// Kernels run in place in bounded chunks ([`vgpu_kernels::CPU_CHUNK_ELEMS`]).
 #[derive(Default)]
 pub struct CpuExecutor {
     buffers: HashMap<u64, Vec<u8>>,
@@ -92,6 +169,17 @@ impl CpuExecutor {
             )),
         }
     }
+}
+
+/// Bytes a copy between two different buffers moves at a time.
+const COPY_CHUNK: usize = 64 << 10;
+
+fn out_of_memory(what: &str, bytes: u64) -> ExecError {
+    ExecError::new(
+        Status::OutOfMemory,
+        0,
+        format!("host memory exhausted: the CPU executor cannot allocate {bytes} bytes for {what}"),
+    )
 }
 
 fn unknown_buffer(id: BufferId) -> ExecError {
@@ -126,6 +214,9 @@ impl CpuMemory for CpuExecutor {
 
 impl Executor for CpuExecutor {
     fn open_stream(&mut self) -> ExecResult<StreamId> {
+        self.streams
+            .try_reserve(1)
+            .map_err(|_| out_of_memory("a stream", 8))?;
         let id = self.next();
         self.streams.insert(id);
         Ok(StreamId(id))
@@ -136,11 +227,14 @@ impl Executor for CpuExecutor {
     }
 
     fn alloc(&mut self, bytes: u64) -> ExecResult<BufferId> {
-        let oom = || ExecError::new(Status::OutOfMemory, 0, "host memory exhausted");
+        let oom = || out_of_memory("a buffer", bytes);
         let n = usize::try_from(bytes).map_err(|_| oom())?;
         let mut v = Vec::new();
         v.try_reserve_exact(n).map_err(|_| oom())?;
         v.resize(n, 0);
+        self.buffers
+            .try_reserve(1)
+            .map_err(|_| out_of_memory("the buffer table", 64))?;
         let id = self.next();
         self.buffers.insert(id, v);
         Ok(BufferId(id))
@@ -179,8 +273,15 @@ impl Executor for CpuExecutor {
                 .expect("range checked")
                 .copy_within(s, d.start);
         } else {
-            let tmp = self.buffers[&src.0][s].to_vec();
-            self.buffers.get_mut(&dst.0).expect("range checked")[d].copy_from_slice(&tmp);
+            // Through a bounded scratch: a copy of the whole range would be guest-sized.
+            let mut tmp = vec![0u8; s.len().min(COPY_CHUNK)];
+            for start in (0..s.len()).step_by(COPY_CHUNK) {
+                let len = (s.len() - start).min(COPY_CHUNK);
+                let (from, to) = (s.start + start, d.start + start);
+                tmp[..len].copy_from_slice(&self.buffers[&src.0][from..from + len]);
+                self.buffers.get_mut(&dst.0).expect("range checked")[to..to + len]
+                    .copy_from_slice(&tmp[..len]);
+            }
         }
         Ok(())
     }
@@ -253,5 +354,134 @@ impl Executor for CpuExecutor {
 
     fn sync(&mut self, _: StreamId) -> ExecResult<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::path::PathBuf;
+
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    /// A scratch cgroup filesystem: `files` are (path under root, contents).
+    fn cgroup_root(name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("vgpu-cgroup-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        for (path, contents) in files {
+            let file = root.join(path);
+            fs::create_dir_all(file.parent().unwrap()).unwrap();
+            fs::write(file, contents).unwrap();
+        }
+        fs::create_dir_all(&root).unwrap();
+        root
+    }
+
+    #[test]
+    fn device_memory_is_an_eighth_of_ram_or_of_a_smaller_cgroup_limit() {
+        assert_eq!(device_memory(64 * GIB, None), 8 * GIB);
+        assert_eq!(device_memory(64 * GIB, Some(3 * GIB)), 384 << 20);
+        assert_eq!(device_memory(4 * GIB, Some(u64::MAX)), GIB / 2);
+        // v1's "unlimited" is a number larger than any RAM.
+        assert_eq!(
+            device_memory(4 * GIB, Some(9_223_372_036_854_771_712)),
+            GIB / 2
+        );
+    }
+
+    #[test]
+    fn the_cpu_device_is_at_most_an_eighth_of_this_host() {
+        let total = CpuExecutorFactory::new().device().total_memory;
+        assert!(total > 0);
+        assert!(total <= host_memory() / DEVICE_MEMORY_DIVISOR, "{total}");
+        if let Some(limit) = cgroup_memory_limit() {
+            assert!(total <= limit / DEVICE_MEMORY_DIVISOR, "{total} vs {limit}");
+        }
+    }
+
+    #[test]
+    fn cgroup_v2_limit_is_the_smallest_on_the_path_to_the_root() {
+        let root = cgroup_root(
+            "v2",
+            &[
+                ("system.slice/memory.max", "max\n"),
+                ("system.slice/vgpu.service/memory.max", "3221225472\n"),
+                ("system.slice/vgpu.service/worker/memory.max", "max\n"),
+                ("other/memory.max", "1024\n"),
+            ],
+        );
+        let own = "0::/system.slice/vgpu.service/worker\n";
+        assert_eq!(cgroup_memory_limit_at(&root, own), Some(3 * GIB));
+        fs::write(root.join("system.slice/memory.max"), "2147483648").unwrap();
+        assert_eq!(cgroup_memory_limit_at(&root, own), Some(2 * GIB));
+        // A container's own limit at the mount root, its path in /proc invisible to it.
+        fs::write(root.join("memory.max"), "1073741824\n").unwrap();
+        assert_eq!(cgroup_memory_limit_at(&root, "0::/docker/abc\n"), Some(GIB));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn cgroup_v1_limit_comes_from_the_memory_controller() {
+        let root = cgroup_root(
+            "v1",
+            &[
+                ("memory/memory.limit_in_bytes", "9223372036854771712\n"),
+                ("memory/box/memory.limit_in_bytes", "536870912\n"),
+                ("cpu/box/memory.limit_in_bytes", "1\n"),
+            ],
+        );
+        let own = "9:name=systemd:/box\n5:cpu,cpuacct:/box\n4:blkio,memory:/box\n0::/\n";
+        assert_eq!(cgroup_memory_limit_at(&root, own), Some(GIB / 2));
+        assert_eq!(
+            cgroup_memory_limit_at(&root, "4:memory:/../box\n"),
+            Some(9_223_372_036_854_771_712)
+        );
+        let unlimited = "4:memory:/elsewhere\n";
+        assert_eq!(
+            cgroup_memory_limit_at(&root, unlimited),
+            Some(9_223_372_036_854_771_712)
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn no_cgroup_limit_without_limit_files() {
+        let root = cgroup_root("none", &[("memory.max", "max\n")]);
+        assert_eq!(cgroup_memory_limit_at(&root, "0::/a/b\n"), None);
+        assert_eq!(cgroup_memory_limit_at(&root, ""), None);
+        assert_eq!(cgroup_memory_limit_at(&root, "garbage\n1:cpu\n"), None);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn an_impossible_allocation_is_out_of_memory_and_the_executor_serves_on() {
+        let mut exec = CpuExecutor::default();
+        for bytes in [1 << 50, u64::MAX] {
+            let err = exec.alloc(bytes).expect_err("allocated the impossible");
+            assert_eq!(err.status, Status::OutOfMemory, "{err:?}");
+        }
+        let b = exec.alloc(16).unwrap();
+        assert_eq!(exec.len(b.0), Some(16));
+    }
+
+    #[test]
+    fn dtod_between_buffers_copies_ranges_larger_than_a_chunk() {
+        let mut exec = CpuExecutor::default();
+        let stream = exec.open_stream().unwrap();
+        let len = 3 * COPY_CHUNK + 11;
+        let (src, dst) = (
+            exec.alloc(len as u64 + 5).unwrap(),
+            exec.alloc(len as u64 + 9).unwrap(),
+        );
+        let data: Vec<u8> = (0..len + 5).map(|i| (i * 7 % 251) as u8).collect();
+        exec.htod(stream, src, 0, &data).unwrap();
+        exec.dtod(stream, dst, 4, src, 5, len as u64).unwrap();
+        let mut out = vec![0xaa; len + 9];
+        exec.dtoh(stream, dst, 0, &mut out).unwrap();
+        assert_eq!(out[..4], [0; 4]);
+        assert_eq!(out[4..4 + len], data[5..]);
+        assert_eq!(out[4 + len..], [0; 5]);
     }
 }
