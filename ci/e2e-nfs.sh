@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # End-to-end check of the NFS file transport over a real NFS server: Debian's
-# nfs-ganesha (VFS backend) exports a temporary root on the loopback address,
-# `vgpu-mediator serve` serves its vm1/ and vm2/, and a TCG guest mounts it with its own
-# kernel NFS client (through QEMU's user-mode network, 10.0.2.2 = the host's loopback)
-# and runs vgpu-nfs-client against both directories. One "PASS nfs <check> <detail>" or
+# nfs-ganesha (VFS backend) exports vm1/ and vm2/ of a temporary root on the loopback
+# address, one export per VM directory with root squashing (as qemu-configs/xcp-ng.md
+# sets up), `vgpu-mediator serve --vm vm1 --vm vm2` serves them, and a TCG guest mounts
+# both with its own kernel NFS client (through QEMU's user-mode network, 10.0.2.2 = the
+# host's loopback) and runs vgpu-nfs-client against both directories. One "PASS nfs <check> <detail>" or
 # "FAIL nfs <check> <detail>" line per check (ci/test.sh counts them), then a final
 # "PASS e2e-nfs ..." or "FAIL e2e-nfs ..." line; exits non-zero on any failure.
 set -euo pipefail
@@ -18,9 +19,11 @@ Builds vgpu-mediator and vgpu-nfs-client (cargo build --release), installs
 nfs-ganesha and nfs-ganesha-vfs if missing, fetches the guest kernel
 (ci/guest-kernel.sh) and QEMU (qemu-configs/build-qemu.sh), then:
 
-  host:  ganesha.nfsd exports a temporary ROOT as /vgpu on 127.0.0.1:PORT (NFSv4 only);
+  host:  ganesha.nfsd exports ROOT/vm1 and ROOT/vm2 of a temporary ROOT as /vgpu/vm1
+         and /vgpu/vm2 on 127.0.0.1:PORT (NFSv4 only, Root_Squash to 65534);
          vgpu-mediator --executor cpu serve --nfs-root ROOT --vm vm1 --vm vm2
-  guest: modprobe virtio_net nfsv4; mount -t nfs4 10.0.2.2:/vgpu /mnt/vgpu;
+  guest: modprobe virtio_net nfsv4; mount -t nfs4 10.0.2.2:/vgpu/vmN /mnt/vgpu/vmN;
+         mknod in the export (refused: root is squashed);
          vgpu-nfs-client --dir /mnt/vgpu/vm1 --command 1, vm2 --command 1, both
          --command 2, a garbage command (answered 2:...), the same command twice in a
          row, and both directories in parallel loops
@@ -180,16 +183,30 @@ while ! ip link show eth0 >/dev/null 2>&1 && [ $i -lt 50 ]; do sleep 0.1; i=$((i
 ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
-mkdir -p /mnt/vgpu
+# One export per VM directory, as each VM of the runbook mounts its own.
 opts="port=$port,vers=4.1,addr=10.0.2.2"
-if mount -t nfs4 -o "$opts" 10.0.2.2:/vgpu /mnt/vgpu 2>/tmp/mount.err; then
-    check mount PASS "$(grep ' /mnt/vgpu ' /proc/mounts | cut -d' ' -f1-4)"
+mounted=""
+for vm in vm1 vm2; do
+    mkdir -p "/mnt/vgpu/$vm"
+    if mount -t nfs4 -o "$opts" "10.0.2.2:/vgpu/$vm" "/mnt/vgpu/$vm" 2>/tmp/mount.err; then
+        mounted="$mounted $(grep " /mnt/vgpu/$vm " /proc/mounts | cut -d' ' -f1-4);"
+    else
+        check mount FAIL "mount -t nfs4 -o $opts 10.0.2.2:/vgpu/$vm /mnt/vgpu/$vm: $(flat /tmp/mount.err)"
+        dmesg | tail -n 15 | sed 's/^/INFO dmesg: /'
+        exit 1
+    fi
+done
+check mount PASS "$mounted"
+echo "INFO export vm1: $(ls -ln /mnt/vgpu/vm1 | tr '\n' ' ')"
+# Root squashing: the guest's root may not create a device node in its directory.
+if mknod /mnt/vgpu/vm1/node c 1 3 2>/tmp/mknod.err; then
+    check vm1-mknod-refused FAIL "the guest's root created a device node in the export"
+    rm -f /mnt/vgpu/vm1/node
+elif grep -qiE 'not permitted|permission denied' /tmp/mknod.err; then
+    check vm1-mknod-refused PASS "mknod in the export refused: $(flat /tmp/mknod.err)"
 else
-    check mount FAIL "mount -t nfs4 -o $opts 10.0.2.2:/vgpu /mnt/vgpu: $(flat /tmp/mount.err)"
-    dmesg | tail -n 15 | sed 's/^/INFO dmesg: /'
-    exit 1
+    check vm1-mknod-refused FAIL "mknod failed, but not for want of permission: $(flat /tmp/mknod.err)"
 fi
-echo "INFO export: $(ls /mnt/vgpu | tr '\n' ' ')"
 
 # run NAME DIR COMMAND EXPECTED_RC EXPECTED_OUTPUT_GLOB: one vgpu-nfs-client run.
 vector='SUCCESS: Vector add PASSED: 1024 elements, 0 errors (*)'
@@ -209,7 +226,7 @@ run vm1-command-1 /mnt/vgpu/vm1 1 0 "$vector"
 run vm2-command-1 /mnt/vgpu/vm2 1 0 "$vector"
 run vm1-command-2 /mnt/vgpu/vm1 2 0 "$device"
 run vm2-command-2 /mnt/vgpu/vm2 2 0 "$device"
-run vm1-garbage-command /mnt/vgpu/vm1 hello 1 "FAILED: unknown command 'hello': *"
+run vm1-garbage-command /mnt/vgpu/vm1 hello 1 "FAILED: unknown command: write 1 *"
 run vm2-command-2-again /mnt/vgpu/vm2 2 0 "$device"
 echo "INFO vm1/response.txt after the garbage command: $(cat /mnt/vgpu/vm1/response.txt)"
 
@@ -242,7 +259,7 @@ if [ "$bad1" -eq 0 ] && [ "$bad2" -eq 0 ] && [ "$ok1" -eq "$loops" ] && [ "$ok2"
 else
     check parallel-vm1-vm2 FAIL "vm1: $ok1 right, $bad1 wrong; vm2: $ok2 right, $bad2 wrong"
 fi
-umount /mnt/vgpu
+umount /mnt/vgpu/vm1 /mnt/vgpu/vm2
 GUEST
 initrd=$work/initramfs.cpio.gz
 quiet initramfs "$work/mkinitramfs.log" bash ci/mkinitramfs.sh "$initrd" --kdir "$kdir" \
@@ -258,10 +275,16 @@ done
 port_free "$p" || abort ganesha "ports $port to $((port + 19)) on 127.0.0.1 are all taken"
 port=$p
 
-step "host: ganesha.nfsd exports ROOT as /vgpu on 127.0.0.1:$port"
+step "host: ganesha.nfsd exports ROOT/vm1 and ROOT/vm2 as /vgpu/vm1 and /vgpu/vm2 on 127.0.0.1:$port"
+# As in qemu-configs/xcp-ng.md: one export per VM directory, each only to its VM, with
+# root squashed to 65534, which owns its directory (the mediator, root here, needs no
+# permission). Here the one guest plays both VMs, so both exports go to the address the
+# guest's connections come from (QEMU's user-mode network: 127.0.0.1); the root itself,
+# with the mediator's lock file, is not exported.
 root=$work/export
-mkdir -p "$root/vm1" "$root/vm2" "$work/ganesha"
-chmod 0777 "$root" "$root/vm1" "$root/vm2"
+mkdir -p "$root" "$work/ganesha"
+install -d -o 65534 -g 65534 -m 0770 "$root/vm1" "$root/vm2"
+chmod 0755 "$root"
 cat >"$work/ganesha.conf" <<EOF
 NFS_CORE_PARAM {
     Protocols = 4;
@@ -275,20 +298,30 @@ NFSv4 {
     RecoveryBackend = fs;
     RecoveryRoot = "$work/ganesha";
 }
+EOF
+for n in 1 2; do
+    cat >>"$work/ganesha.conf" <<EOF
 EXPORT {
-    Export_Id = 1;
-    Path = "$root";
-    Pseudo = /vgpu;
-    Access_Type = RW;
-    Squash = No_Root_Squash;
+    Export_Id = $n;
+    Path = "$root/vm$n";
+    Pseudo = /vgpu/vm$n;
+    Access_Type = None;
+    Squash = Root_Squash;
+    Anonymous_Uid = 65534;
+    Anonymous_Gid = 65534;
     Protocols = 4;
     Transports = TCP;
     SecType = sys;
+    CLIENT {
+        Clients = 127.0.0.1;
+        Access_Type = RW;
+    }
     FSAL {
         Name = VFS;
     }
 }
 EOF
+done
 "$ganesha" -F -f "$work/ganesha.conf" -L "$work/ganesha.log" -p "$work/ganesha.pid" \
     >"$work/ganesha.out" 2>&1 &
 ganesha_pid=$!
@@ -302,7 +335,7 @@ if port_free "$port"; then
     cat "$work/ganesha.out" >>"$work/ganesha.log" 2>/dev/null || true
     abort ganesha "ganesha.nfsd does not listen on 127.0.0.1:$port" "$work/ganesha.log"
 fi
-pass "ganesha listening on 127.0.0.1:$port, exporting $root as /vgpu (FSAL VFS, NFSv4)"
+pass "ganesha listening on 127.0.0.1:$port, exporting $root/vm1 and $root/vm2 as /vgpu/vm1 and /vgpu/vm2 (FSAL VFS, NFSv4, Root_Squash)"
 
 step "host: vgpu-mediator --executor cpu serve --nfs-root ROOT --vm vm1 --vm vm2"
 RUST_LOG=${RUST_LOG:-info} "$target/vgpu-mediator" --executor cpu serve --nfs-root "$root" \
@@ -340,8 +373,8 @@ wait "$guest_pid" 2>/dev/null || true
 echo "   the guest ran for $((SECONDS - guest_start)) s"
 
 step "results"
-checks=(mount vm1-command-1 vm2-command-1 vm1-command-2 vm2-command-2 vm1-garbage-command
-    vm2-command-2-again parallel-vm1-vm2)
+checks=(mount vm1-mknod-refused vm1-command-1 vm2-command-1 vm1-command-2 vm2-command-2
+    vm1-garbage-command vm2-command-2-again parallel-vm1-vm2)
 bad=0
 for c in "${checks[@]}"; do
     line=$(tr -d '\r' <"$guest_log" | grep -E "^CHECK $c (PASS|FAIL) " | tail -n 1 || true)
@@ -366,6 +399,16 @@ for vm in vm1 vm2; do
         pass "host-$vm mediator logged $received commands received and $sent answers sent; $vm/response.txt on the host: $(cat "$root/$vm/response.txt")"
     else
         fail "host-$vm the mediator logged no command for $vm"
+    fi
+done
+# Root squashing reached the files: what the guest's root wrote belongs to 65534, and the
+# mediator served it all the same.
+for vm in vm1 vm2; do
+    owner=$(stat -c %u "$root/$vm/command.txt" 2>/dev/null || echo none)
+    if [[ $owner == 65534 ]]; then
+        pass "host-$vm-squashed $vm/command.txt, written by the guest's root, belongs to uid 65534"
+    else
+        fail "host-$vm-squashed $vm/command.txt belongs to uid $owner, not 65534 (root squashing not in effect)"
     fi
 done
 # (grep -m rather than head: a reader that stops early would fail the pipeline.)

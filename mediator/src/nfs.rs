@@ -5,9 +5,14 @@
 //!
 //! Each served directory is one tenant of the [`Mediator`]: either the single pair at the
 //! root (`ROOT/command.txt`, `ROOT/response.txt`) or one directory per VM (`ROOT/vm1/`,
-//! `ROOT/vm2/`, ...). With [`NfsOptions::vms`] empty the root pair is served and every
-//! directory named `vm*` is picked up as it appears; otherwise exactly the listed
-//! directories are served (created if missing, with the root's permissions).
+//! `ROOT/vm2/`, ...). The VMs are listed ([`NfsOptions::vms`]): exactly those directories
+//! are served (created if missing, with the root's permissions). With no list, the pair at
+//! the root is served: the single-VM layout.
+//!
+//! A directory a guest creates is not a tenant unless asked for: only with
+//! [`NfsOptions::discover`] is every directory named `vm*` picked up as it appears, and
+//! then at most [`NfsOptions::max_vms`] of them (further ones are ignored, with one warning
+//! each). Each tenant costs a thread and, with CUDA, a worker process and a context.
 //!
 //! # Files
 //!
@@ -30,6 +35,8 @@
 //!
 //! - `1`, `2` or an unknown word: run it once and write the answer. The same text written
 //!   again does nothing: a command is executed once, however often its file is rewritten.
+//!   An unknown word is echoed in the error line only when it is a short run of digits:
+//!   nothing else a file holds is ever copied into `response.txt`.
 //! - `0`: write `0:Ready`. This is how the same command is issued twice.
 //! - A missing, empty or blank file is no command: it is what a writer looks like between
 //!   truncating the file and writing it (over NFS that lasts until the client's close).
@@ -67,8 +74,12 @@
 //! directory, negligible when idle) and also wakes at once when inotify reports a local
 //! change, which includes writes arriving through an NFS server on this host. Files are
 //! reached relative to their directory's descriptor and never through a symbolic link or
-//! a special file that a guest may have planted; the mediator deletes nothing but its own
-//! temporary files.
+//! a special file that a guest may have planted: `command.txt` is opened once with
+//! `O_PATH | O_NOFOLLOW` (which opens nothing: no FIFO or device driver sees it), its type
+//! and link count are checked on that descriptor, and only a regular file with one link is
+//! then read, through that same descriptor (reopened by `/proc/self/fd`). A hard link, a
+//! FIFO, a device node or a symbolic link is answered `2:...`, never read. The mediator
+//! deletes nothing but its own temporary files.
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::CString;
@@ -102,6 +113,15 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(100);
 pub const ROOT_ENDPOINT: &str = "root";
 /// Longest command file read; longer ones are answered with an error.
 pub const MAX_COMMAND_BYTES: usize = 256;
+/// Default of [`NfsOptions::max_vms`].
+pub const DEFAULT_MAX_VMS: usize = 16;
+/// Default device-memory quota of each NFS VM: small, since anyone who can write a
+/// command file gets one.
+pub const DEFAULT_MEM_QUOTA: u64 = 256 << 20;
+/// Longest unknown command echoed back (digits only).
+const MAX_ECHOED_DIGITS: usize = 10;
+/// Directories ignored over the cap that are named in a warning; beyond, one line says so.
+const MAX_NAMED_IGNORED: usize = 1024;
 
 /// Held in the root while a transport serves it, so that two cannot fight over it.
 const LOCK_FILE: &str = ".vgpu-nfs.lock";
@@ -114,9 +134,16 @@ const HELP: &str = "write 1 (vector-add validation) or 2 (device information)";
 pub struct NfsOptions {
     /// The exported directory.
     pub root: PathBuf,
-    /// VM directories to serve (`ROOT/<name>`). Empty: the pair at the root and every
-    /// `vm*` directory as it appears.
+    /// VM directories to serve (`ROOT/<name>`). Empty: the pair at the root (unless
+    /// `discover` finds VM directories, the single-VM layout).
     pub vms: Vec<String>,
+    /// Also serve every `vm*` directory as it appears (and drop it when it goes), up to
+    /// `max_vms` of them. Off by default: with it, whoever can create a directory in the
+    /// root creates a tenant.
+    pub discover: bool,
+    /// With `discover`, the most directories served through discovery at once; more are
+    /// ignored with one warning each.
+    pub max_vms: usize,
     /// Interval between scans of the command files.
     pub poll_interval: Duration,
     /// How long text without a trailing newline must stay unchanged before it is taken.
@@ -128,16 +155,40 @@ pub struct NfsOptions {
 }
 
 impl NfsOptions {
-    /// Options for `root` with the defaults: discovery, 100 ms polling, 1 GiB quota.
+    /// Options for `root` with the defaults: the pair at the root, no discovery, 100 ms
+    /// polling, 256 MiB quota.
     pub fn new(root: impl Into<PathBuf>) -> NfsOptions {
         NfsOptions {
             root: root.into(),
             vms: Vec::new(),
+            discover: false,
+            max_vms: DEFAULT_MAX_VMS,
             poll_interval: DEFAULT_POLL_INTERVAL,
             settle: DEFAULT_POLL_INTERVAL,
-            mem_quota: 1 << 30,
+            mem_quota: DEFAULT_MEM_QUOTA,
             weight: 100,
         }
+    }
+
+    /// Checks the VM list, the cap and the poll interval (not the root): what
+    /// [`NfsServer::start`] checks before it touches anything.
+    pub fn validate(&self) -> Result<(), NfsError> {
+        let mut seen = HashSet::new();
+        for vm in &self.vms {
+            if !valid_vm_name(vm) {
+                return Err(NfsError::InvalidVmName(vm.clone()));
+            }
+            if !seen.insert(vm.as_str()) {
+                return Err(NfsError::DuplicateVm(vm.clone()));
+            }
+        }
+        if self.discover && self.max_vms == 0 {
+            return Err(NfsError::InvalidMaxVms);
+        }
+        if self.poll_interval < Duration::from_millis(1) {
+            return Err(NfsError::InvalidPollInterval);
+        }
+        Ok(())
     }
 }
 
@@ -171,6 +222,8 @@ pub enum NfsError {
     DuplicateVm(String),
     #[error("poll interval must be at least 1 ms")]
     InvalidPollInterval,
+    #[error("the most VM directories to discover must be at least 1")]
+    InvalidMaxVms,
     #[error("cannot prepare VM directory {}", path.display())]
     VmDirectory {
         path: PathBuf,
@@ -287,18 +340,7 @@ impl NfsServer {
     /// a thread of its own. Each directory becomes a tenant of `mediator`, which other
     /// transports may share.
     pub fn start(mediator: Arc<Mediator>, opts: NfsOptions) -> Result<NfsServer, NfsError> {
-        let mut seen = HashSet::new();
-        for vm in &opts.vms {
-            if !valid_vm_name(vm) {
-                return Err(NfsError::InvalidVmName(vm.clone()));
-            }
-            if !seen.insert(vm.as_str()) {
-                return Err(NfsError::DuplicateVm(vm.clone()));
-            }
-        }
-        if opts.poll_interval < Duration::from_millis(1) {
-            return Err(NfsError::InvalidPollInterval);
-        }
+        opts.validate()?;
         let root = opts.root.clone();
         let root_dir = open_writable_root(&root)?;
         let lock = root_dir.lock(LOCK_FILE).map_err(|source| {
@@ -346,6 +388,8 @@ impl NfsServer {
             next_token: 1,
             shared: shared.clone(),
             refused: HashSet::new(),
+            ignored: HashSet::new(),
+            ignored_unnamed: false,
             root_trouble: None,
             _lock: lock,
         };
@@ -354,14 +398,22 @@ impl NfsServer {
             server.remove_all();
             return Err(e);
         }
-        let layout = if server.opts.vms.is_empty() {
-            "the root pair and vm* directories as they appear".to_owned()
+        let mut layout = if server.opts.vms.is_empty() {
+            "the pair at the root".to_owned()
         } else {
             server.opts.vms.join(", ")
         };
+        if server.opts.discover {
+            layout.push_str(&format!(
+                ", and up to {} vm* directories as they appear",
+                server.opts.max_vms
+            ));
+        }
         log::info!(
-            "NFS transport serving {} ({layout}), scanning every {} ms",
+            "NFS transport serving {} ({layout}), each VM with {} MiB of device memory, \
+             scanning every {} ms",
             root.display(),
+            server.opts.mem_quota >> 20,
             server.opts.poll_interval.as_millis()
         );
         let thread_stop = stop.clone();
@@ -475,22 +527,48 @@ enum Word {
     Text(Vec<u8>),
     TooLong,
     NotRegular,
+    /// A regular file with more than one link: perhaps a host file linked in. Not read.
+    HardLinked,
 }
 
 impl Word {
-    /// The command, or the error line's message.
+    /// The command, or the error line's message. The message never carries the file's
+    /// text, except an unknown command that is a short run of ASCII digits.
     fn action(&self) -> Result<FileCommand, String> {
         match self {
             Word::Text(text) => std::str::from_utf8(text)
                 .ok()
                 .and_then(FileCommand::parse)
-                .ok_or_else(|| format!("unknown command '{}': {HELP}", shown(text))),
+                .ok_or_else(|| match echoable(text) {
+                    Some(digits) => format!("unknown command '{digits}': {HELP}"),
+                    None => format!("unknown command: {HELP}"),
+                }),
             Word::TooLong => Err(format!(
                 "{COMMAND_FILE} is longer than {MAX_COMMAND_BYTES} bytes: {HELP}"
             )),
             Word::NotRegular => Err(format!("{COMMAND_FILE} is not a regular file: {HELP}")),
+            Word::HardLinked => Err(format!(
+                "{COMMAND_FILE} has more than one link, so it is not read: {HELP}"
+            )),
         }
     }
+
+    /// What the log says of it: the text escaped and cut (the host's log, not the VM's).
+    fn logged(&self) -> String {
+        match self {
+            Word::Text(text) => format!("'{}'", shown(text)),
+            Word::TooLong => "(too long)".to_owned(),
+            Word::NotRegular => "(not a regular file)".to_owned(),
+            Word::HardLinked => "(hard link)".to_owned(),
+        }
+    }
+}
+
+/// The text, when it may be echoed to the VM: 1 to 10 ASCII digits.
+fn echoable(text: &[u8]) -> Option<&str> {
+    let digits =
+        !text.is_empty() && text.len() <= MAX_ECHOED_DIGITS && text.iter().all(u8::is_ascii_digit);
+    digits.then(|| std::str::from_utf8(text).ok()).flatten()
 }
 
 /// What one read of `command.txt` found.
@@ -509,6 +587,7 @@ fn observe(file: CommandFile) -> Observed {
     match file {
         CommandFile::Missing => Observed::Nothing,
         CommandFile::NotRegular => Observed::Complete(Word::NotRegular),
+        CommandFile::HardLinked => Observed::Complete(Word::HardLinked),
         CommandFile::Changing => Observed::Changing,
         CommandFile::Contents(raw) if raw.len() > MAX_COMMAND_BYTES => {
             Observed::Complete(Word::TooLong)
@@ -526,7 +605,7 @@ fn observe(file: CommandFile) -> Observed {
     }
 }
 
-/// Command text for a log or an error line: printable, one line, at most 40 characters.
+/// Command text for the log: printable, one line, at most 40 characters.
 fn shown(text: &[u8]) -> String {
     let s = String::from_utf8_lossy(text);
     let mut out: String = s.chars().take(40).flat_map(char::escape_debug).collect();
@@ -566,6 +645,7 @@ impl FileId {
 enum CommandFile {
     Missing,
     NotRegular,
+    HardLinked,
     /// Two reads in a row differed: being written right now.
     Changing,
     Contents(Vec<u8>),
@@ -599,6 +679,52 @@ fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     } else {
         Ok(rc)
     }
+}
+
+fn is_regular(mode: libc::mode_t) -> bool {
+    mode & libc::S_IFMT == libc::S_IFREG
+}
+
+fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    let mut st = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `st` is read only after fstat succeeded.
+    check(unsafe { libc::fstat(fd, st.as_mut_ptr()) })?;
+    // SAFETY: fstat succeeded, so it filled `st`.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// Opens for I/O the regular file that `path` (an `O_PATH` descriptor, `st` its `fstat`)
+/// refers to: that inode, through `/proc/self/fd`, never by name again. Refuses anything
+/// but a regular file, so no FIFO or device is ever opened here.
+fn reopen_regular(path: &OwnedFd, st: &libc::stat, flags: libc::c_int) -> io::Result<File> {
+    if !is_regular(st.st_mode) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let link = cstring(&format!("/proc/self/fd/{}", path.as_raw_fd()))?;
+    // SAFETY: a NUL-terminated path; the result is checked. No O_NOFOLLOW: the magic
+    // link is the way to the descriptor's own inode (with it the open fails, ELOOP).
+    let rc = unsafe {
+        libc::open(
+            link.as_ptr(),
+            flags | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    let fd = check(rc).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot reopen through /proc/self/fd (is /proc mounted?): {e}"),
+        )
+    })?;
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    let now = fstat(file.as_raw_fd())?;
+    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) || !is_regular(now.st_mode) {
+        return Err(io::Error::other("the file changed while it was opened"));
+    }
+    Ok(file)
 }
 
 /// A directory opened for one scan. Files in it are reached relative to its descriptor,
@@ -670,44 +796,60 @@ impl Dir {
         Ok(file.metadata()?.permissions().mode())
     }
 
-    /// Reads up to `MAX_COMMAND_BYTES + 1` bytes of a regular file. Links, FIFOs and
-    /// device nodes are reported, never opened for reading.
-    fn read_command(&self) -> io::Result<CommandFile> {
-        let is_regular = |mode: libc::mode_t| mode & libc::S_IFMT == libc::S_IFREG;
-        match self.stat(COMMAND_FILE)? {
-            None => return Ok(CommandFile::Missing),
-            Some(st) if !is_regular(st.st_mode) => return Ok(CommandFile::NotRegular),
-            Some(_) => {}
-        }
-        let c = cstring(COMMAND_FILE)?;
-        // SAFETY: as in `child`. O_NONBLOCK: a FIFO swapped in meanwhile cannot block us.
+    /// What is at `name`, looked at without opening it: `O_PATH | O_NOFOLLOW` opens no
+    /// file (a FIFO gets no reader, a device's driver no open call, a symbolic link is
+    /// the link itself), and `fstat` of that descriptor says what it is. `None`: nothing.
+    fn open_path(&self, name: &str) -> io::Result<Option<(OwnedFd, libc::stat)>> {
+        let c = cstring(name)?;
+        // SAFETY: as in `child`.
         let rc = unsafe {
             libc::openat(
                 self.raw(),
                 c.as_ptr(),
-                libc::O_RDONLY
-                    | libc::O_NOFOLLOW
-                    | libc::O_NONBLOCK
-                    | libc::O_NOCTTY
-                    | libc::O_CLOEXEC,
+                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
             )
         };
         let fd = match check(rc) {
             Ok(fd) => fd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(CommandFile::Missing),
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(CommandFile::NotRegular),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
         // SAFETY: `fd` was just opened and is owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
-        if !file.metadata()?.is_file() {
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let st = fstat(fd.as_raw_fd())?;
+        Ok(Some((fd, st)))
+    }
+
+    /// Reads up to `MAX_COMMAND_BYTES + 1` bytes of `command.txt` if it is a regular file
+    /// with one link. The file is looked up once ([`Dir::open_path`]); the checks and the
+    /// read use that one descriptor, so nothing swapped in by name meanwhile is opened:
+    /// links, FIFOs, device nodes and hard links are reported, never opened for reading.
+    fn read_command(&self) -> io::Result<CommandFile> {
+        let Some((path, st)) = self.open_path(COMMAND_FILE)? else {
+            return Ok(CommandFile::Missing);
+        };
+        if !is_regular(st.st_mode) {
             return Ok(CommandFile::NotRegular);
         }
+        match st.st_nlink {
+            // Unlinked since the lookup: being replaced (a rename over it).
+            0 => return Ok(CommandFile::Changing),
+            1 => {}
+            _ => return Ok(CommandFile::HardLinked),
+        }
+        let file = reopen_regular(&path, &st, libc::O_RDONLY)?;
         // A read that overlaps a write in place can return old and new bytes mixed
         // ("0\n" then "vm1-7\n" read as "0\n1-7\n"): only content read the same twice
         // in a row is believed.
         let first = read_at_start(&file)?;
-        if read_at_start(&file)? != first {
+        let second = read_at_start(&file)?;
+        match fstat(file.as_raw_fd())?.st_nlink {
+            0 => return Ok(CommandFile::Changing),
+            1 => {}
+            // Linked meanwhile: what was read is not trusted either.
+            _ => return Ok(CommandFile::HardLinked),
+        }
+        if second != first {
             return Ok(CommandFile::Changing);
         }
         Ok(CommandFile::Contents(first))
@@ -783,19 +925,35 @@ impl Dir {
     }
 
     /// Opens (creating if needed) and exclusively locks a file; `WouldBlock` when held.
+    /// An existing one is opened only if it is a regular file (see [`Dir::open_path`]).
     fn lock(&self, name: &str) -> io::Result<File> {
         let c = cstring(name)?;
-        // SAFETY: as in `child`.
-        let fd = check(unsafe {
+        // SAFETY: as in `child`. O_EXCL: a new file of our own, or nothing.
+        let rc = unsafe {
             libc::openat(
                 self.raw(),
                 c.as_ptr(),
-                libc::O_RDWR | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
                 0o600 as libc::c_uint,
             )
-        })?;
-        // SAFETY: `fd` was just opened and is owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
+        };
+        let file = match check(rc) {
+            // SAFETY: `fd` was just opened and is owned by nobody else.
+            Ok(fd) => unsafe { File::from_raw_fd(fd) },
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let (path, st) = self
+                    .open_path(name)?
+                    .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+                if !is_regular(st.st_mode) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("{name} is not a regular file"),
+                    ));
+                }
+                reopen_regular(&path, &st, libc::O_RDWR)?
+            }
+            Err(e) => return Err(e),
+        };
         // SAFETY: flock on a descriptor we own.
         check(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) })?;
         Ok(file)
@@ -1015,6 +1173,10 @@ struct Server {
     shared: Arc<Shared>,
     /// Discovered directories whose tenant could not be added (logged once).
     refused: HashSet<String>,
+    /// Directories ignored because discovery reached `max_vms`, each warned about once
+    /// (at most `MAX_NAMED_IGNORED` remembered, then one line for all further ones).
+    ignored: HashSet<String>,
+    ignored_unnamed: bool,
     root_trouble: Option<String>,
     _lock: File,
 }
@@ -1051,7 +1213,7 @@ impl Server {
                 }
             }
         }
-        if self.opts.vms.is_empty() {
+        if self.opts.discover {
             self.discover(root);
         }
         Ok(())
@@ -1106,7 +1268,8 @@ impl Server {
         }
     }
 
-    /// Serves new `vm*` directories and lets go of those that are gone.
+    /// Serves new `vm*` directories, up to `max_vms` discovered at once, and lets go of
+    /// those that are gone.
     fn discover(&mut self, root: &Dir) {
         let entries = match std::fs::read_dir(&self.opts.root) {
             Ok(entries) => entries,
@@ -1142,9 +1305,19 @@ impl Server {
             .filter(|n| !self.endpoints.iter().any(|e| e.dir.as_ref() == Some(n)))
             .collect();
         new.sort();
+        let mut served = self
+            .endpoints
+            .iter()
+            .filter(|e| e.dir.is_some() && !e.listed)
+            .count();
         for name in new {
+            if served >= self.opts.max_vms {
+                self.ignore(name);
+                continue;
+            }
             match self.add_endpoint(name.clone(), Some(name.clone()), false) {
                 Ok(index) => {
+                    served += 1;
                     log::info!("nfs {name}: new VM directory");
                     self.refused.remove(&name);
                     if let Ok(dir) = self.endpoints[index].open(root) {
@@ -1158,6 +1331,31 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// A discovered directory beyond `max_vms`: warned about once, never served (unless
+    /// a served one goes away and frees its place).
+    fn ignore(&mut self, name: String) {
+        if self.ignored.contains(&name) || self.ignored_unnamed {
+            return;
+        }
+        if self.ignored.len() >= MAX_NAMED_IGNORED {
+            log::warn!(
+                "nfs: more VM directories in {} beyond the cap of {} are ignored; no \
+                 further ones are named",
+                self.opts.root.display(),
+                self.opts.max_vms
+            );
+            self.ignored_unnamed = true;
+            return;
+        }
+        log::warn!(
+            "nfs: ignoring VM directory {}: {} discovered directories are served already \
+             (the most allowed; list VMs explicitly, or raise the cap)",
+            self.opts.root.join(&name).display(),
+            self.opts.max_vms
+        );
+        self.ignored.insert(name);
     }
 
     fn run(mut self, stop: &EventFd) {
@@ -1223,7 +1421,7 @@ impl Server {
         if let Some(inotify) = &self.inotify {
             inotify.watch(&self.opts.root, true);
         }
-        if self.opts.vms.is_empty() {
+        if self.opts.discover {
             self.discover(&root);
         }
         let now = Instant::now();
@@ -1358,7 +1556,11 @@ fn act(ep: &mut Endpoint, word: Word, mediator: &Mediator, sink: &Arc<Completion
             );
         }
         Err(message) => {
-            log::warn!("nfs {}: {message}", ep.name);
+            log::warn!(
+                "nfs {}: {message} ({COMMAND_FILE}: {})",
+                ep.name,
+                word.logged()
+            );
             ep.set_line(format!("2:{message}"));
         }
     }
@@ -1396,18 +1598,41 @@ mod tests {
         assert_eq!(w("0"), Ok(FileCommand::Reset));
         assert_eq!(w("1"), Ok(FileCommand::VectorAdd));
         assert_eq!(w("2"), Ok(FileCommand::DeviceInfo));
-        assert_eq!(w("hello"), Err(format!("unknown command 'hello': {HELP}")));
-        assert_eq!(w("1\n2"), Err(format!("unknown command '1\\n2': {HELP}")));
+        // Only a short run of digits is echoed: nothing else a file holds reaches the VM.
         assert_eq!(w("01"), Err(format!("unknown command '01': {HELP}")));
-        let long = "x".repeat(50);
         assert_eq!(
-            w(&long),
-            Err(format!("unknown command '{}...': {HELP}", "x".repeat(40)))
+            w("1234567890"),
+            Err(format!("unknown command '1234567890': {HELP}"))
         );
+        for hidden in [
+            "hello",
+            "1\n2",
+            "1 2",
+            "-1",
+            "12345678901",
+            "host secret: 12345",
+        ] {
+            assert_eq!(
+                w(hidden),
+                Err(format!("unknown command: {HELP}")),
+                "{hidden:?}"
+            );
+        }
         assert!(Word::NotRegular
             .action()
             .unwrap_err()
             .contains("not a regular file"));
+        assert!(Word::HardLinked
+            .action()
+            .unwrap_err()
+            .contains("more than one link"));
+        // The host's log still says what it was, escaped and cut.
+        let long = "x".repeat(50);
+        assert_eq!(
+            Word::Text(long.into_bytes()).logged(),
+            format!("'{}...'", "x".repeat(40))
+        );
+        assert_eq!(Word::Text(b"1\n2".to_vec()).logged(), "'1\\n2'");
     }
 
     #[test]

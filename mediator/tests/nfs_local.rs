@@ -1,12 +1,17 @@
 //! The NFS file transport on a local directory, with the CPU executor: both layouts,
 //! both commands, everything a guest may leave in `command.txt`, and two VMs hammering
 //! their own directories at once. Waits are on what the files read or on the transport's
-//! completed scans, never on the clock.
+//! completed scans, never on the clock. The attacks of the security review (directories
+//! made to become tenants, special files swapped in for `command.txt`, hard links to host
+//! files) are performed here against the real transport.
 
+use std::ffi::CString;
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use vgpu_mediator::cpu::CpuExecutorFactory;
@@ -15,6 +20,7 @@ use vgpu_mediator::nfs::{NfsError, NfsOptions, NfsServer};
 use vgpu_mediator::{selftest, DeviceInfo, Executor, ExecutorFactory, Mediator, TenantId};
 
 const VECTOR_ADD: &str = "1:Vector add PASSED: 1024 elements, 0 errors (CPU reference executor)";
+const READY: &str = "0:Ready";
 const HELP: &str = "write 1 (vector-add validation) or 2 (device information)";
 /// Only a guard against a hang; nothing here depends on it.
 const GIVE_UP: Duration = Duration::from_secs(120);
@@ -68,8 +74,17 @@ fn device_line(m: &Mediator) -> String {
     format!("1:{}", selftest::device_line(m.device()))
 }
 
+/// The answer to an unknown word: echoed only when it is a short run of digits.
 fn unknown(word: &str) -> String {
-    format!("2:unknown command '{word}': {HELP}")
+    if !word.is_empty() && word.len() <= 10 && word.bytes().all(|b| b.is_ascii_digit()) {
+        format!("2:unknown command '{word}': {HELP}")
+    } else {
+        format!("2:unknown command: {HELP}")
+    }
+}
+
+fn not_regular() -> String {
+    format!("2:command.txt is not a regular file: {HELP}")
 }
 
 /// The response line, or "" while the file does not exist.
@@ -197,7 +212,11 @@ fn vm_directories_are_discovered_as_they_appear_and_dropped_when_gone() {
     let root = TempRoot::new("discover");
     let outside = TempRoot::new("outside");
     let m = cpu_mediator();
-    let server = start(&m, options(&root, &[]));
+    let opts = NfsOptions {
+        discover: true,
+        ..options(&root, &[])
+    };
+    let server = start(&m, opts);
 
     std::fs::create_dir(root.join("vm5")).unwrap();
     std::fs::create_dir(root.join("data")).unwrap();
@@ -239,12 +258,13 @@ fn unknown_words_get_a_clear_error_and_serving_goes_on() {
     let dir = root.join("vm1");
     let tenant = server.tenant("vm1").unwrap();
 
-    assert_eq!(issue(&dir, "hello"), unknown("hello"));
-    assert_eq!(issue(&dir, "3"), unknown("3"));
+    // Digits are echoed; any other text is not (it could be anything a file holds).
+    assert_eq!(issue(&dir, "hello"), format!("2:unknown command: {HELP}"));
+    assert_eq!(issue(&dir, "3"), format!("2:unknown command '3': {HELP}"));
     assert_eq!(issue(&dir, "01"), unknown("01"));
     assert_eq!(issue(&dir, "1 2"), unknown("1 2"));
-    assert_eq!(issue(&dir, "1\n2"), unknown("1\\n2"));
-    assert_eq!(issue(&dir, "\u{ff}'x"), unknown("\u{ff}\\'x"));
+    assert_eq!(issue(&dir, "1\n2"), unknown("1\n2"));
+    assert_eq!(issue(&dir, "\u{ff}'x"), unknown("\u{ff}'x"));
     assert_eq!(
         issue(&dir, &"x".repeat(300)),
         format!("2:command.txt is longer than 256 bytes: {HELP}")
@@ -254,16 +274,13 @@ fn unknown_words_get_a_clear_error_and_serving_goes_on() {
     std::fs::write(dir.join("command.txt"), b"\xff\xfe\n").unwrap();
     assert_eq!(
         wait_response(&dir, |l| status(l) == Some(2)),
-        unknown("\u{fffd}\u{fffd}")
+        format!("2:unknown command: {HELP}")
     );
     // A link planted in place of the command file is never followed.
     reset(&dir);
     std::fs::remove_file(dir.join("command.txt")).unwrap();
     std::os::unix::fs::symlink("/etc/hostname", dir.join("command.txt")).unwrap();
-    assert_eq!(
-        wait_response(&dir, |l| status(l) == Some(2)),
-        format!("2:command.txt is not a regular file: {HELP}")
-    );
+    assert_eq!(wait_response(&dir, |l| status(l) == Some(2)), not_regular());
     std::fs::remove_file(dir.join("command.txt")).unwrap();
 
     assert_eq!(requests(&m, tenant), 0, "nothing reached the executor");
@@ -505,10 +522,11 @@ fn two_vms_hammering_their_own_directories_get_every_answer_right() {
                 let mut valid = 0u64;
                 for i in 0..COMMANDS {
                     // A word unique to this VM and command every fourth time, so that an
-                    // answer crossing over, or an old one read again, cannot go unnoticed.
+                    // answer crossing over, or an old one read again, cannot go unnoticed
+                    // (digits: the only unknown words echoed back).
                     let (word, expected) = match i % 4 {
                         3 => {
-                            let w = format!("{vm}-{i}");
+                            let w = format!("{}{i:04}", if vm == "vm1" { 7 } else { 8 });
                             let e = unknown(&w);
                             (w, e)
                         }
@@ -652,4 +670,525 @@ fn serve_runs_until_sigterm_and_refuses_a_missing_root() {
             )),
         "{stderr}"
     );
+}
+
+// ---- The security review's attacks ------------------------------------------------------
+
+/// The names the transport serves.
+fn served(server: &NfsServer) -> Vec<String> {
+    server.tenants().into_iter().map(|(n, _)| n).collect()
+}
+
+/// Warnings the code under test logs, kept by this test binary's logger.
+struct Warnings(Mutex<Vec<String>>);
+
+static WARNINGS: Warnings = Warnings(Mutex::new(Vec::new()));
+
+impl log::Log for Warnings {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            let line = record.args().to_string();
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// The warnings logged so far that contain `needle`.
+fn warnings_about(needle: &str) -> Vec<String> {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        log::set_logger(&WARNINGS).expect("no other logger in this test binary");
+        log::set_max_level(log::LevelFilter::Warn);
+    });
+    let all = WARNINGS.0.lock().unwrap_or_else(|e| e.into_inner());
+    all.iter().filter(|l| l.contains(needle)).cloned().collect()
+}
+
+fn cpath(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).unwrap()
+}
+
+fn mkfifo(path: &Path) {
+    // SAFETY: a NUL-terminated path.
+    let rc = unsafe { libc::mkfifo(cpath(path).as_ptr(), 0o666) };
+    assert_eq!(
+        rc,
+        0,
+        "mkfifo {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A character device node with /dev/null's numbers (harmless whoever opens it).
+fn mknod_null(path: &Path) {
+    let dev = libc::makedev(1, 3);
+    // SAFETY: a NUL-terminated path.
+    let rc = unsafe { libc::mknod(cpath(path).as_ptr(), libc::S_IFCHR | 0o666, dev) };
+    assert_eq!(
+        rc,
+        0,
+        "mknod {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Puts what `make` creates (given a path) in place of `dir/command.txt`, by a rename.
+fn plant(dir: &Path, make: impl FnOnce(&Path)) {
+    let tmp = dir.join(".planted");
+    make(&tmp);
+    std::fs::rename(&tmp, dir.join("command.txt")).unwrap();
+}
+
+fn is_root() -> bool {
+    // SAFETY: no arguments, no failure.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Watches a FIFO for anyone opening it for reading, for as long as it lives:
+/// - a writer blocked in `open(O_WRONLY)` returns as soon as a reader has opened the FIFO,
+///   even for an instant, so whether it has returned says whether that ever happened;
+/// - a prober opening it with `O_WRONLY | O_NONBLOCK` must get ENXIO (no reader) every
+///   time.
+struct FifoWatch {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    opened: mpsc::Receiver<()>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    prober: Option<std::thread::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl FifoWatch {
+    fn new(path: &Path) -> FifoWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, opened) = mpsc::channel();
+        let p = path.to_path_buf();
+        let writer = std::thread::spawn(move || {
+            let file = std::fs::OpenOptions::new().write(true).open(&p);
+            if file.is_ok() {
+                let _ = tx.send(());
+            }
+        });
+        let (p, s) = (cpath(path), stop.clone());
+        let prober = std::thread::spawn(move || {
+            let mut probes = 0u64;
+            let mut readers = Vec::new();
+            // At least one probe, however soon the watch ends.
+            loop {
+                // SAFETY: a NUL-terminated path; the descriptor is closed at once.
+                let fd = unsafe { libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_NONBLOCK) };
+                let e = std::io::Error::last_os_error();
+                if fd >= 0 {
+                    // SAFETY: a descriptor this thread just opened.
+                    unsafe { libc::close(fd) };
+                    readers.push("opened: the FIFO had a reader".to_owned());
+                } else if e.raw_os_error() != Some(libc::ENXIO) {
+                    readers.push(format!("unexpected error {e}"));
+                }
+                probes += 1;
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            (probes, readers)
+        });
+        FifoWatch {
+            path: path.to_path_buf(),
+            stop,
+            opened,
+            writer: Some(writer),
+            prober: Some(prober),
+        }
+    }
+
+    /// Whether a reader has opened the FIFO so far.
+    fn opened_yet(&self) -> bool {
+        self.writer.as_ref().is_some_and(|w| w.is_finished())
+    }
+
+    /// Panics if anyone opened the FIFO for reading; stops watching.
+    fn assert_never_opened(mut self) {
+        let opened = self.opened.try_recv().is_ok();
+        self.stop.store(true, Ordering::Relaxed);
+        let (probes, readers) = self.prober.take().unwrap().join().unwrap();
+        assert!(
+            !opened,
+            "{} was opened for reading: a writer blocked on it got through",
+            self.path.display()
+        );
+        assert!(probes > 0);
+        assert!(readers.is_empty(), "{} probes: {readers:?}", probes);
+        self.release();
+    }
+
+    /// Lets the blocked writer go (by opening the FIFO ourselves).
+    fn release(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            let reader = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.path);
+            writer.join().unwrap();
+            drop(reader);
+        }
+    }
+}
+
+impl Drop for FifoWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(prober) = self.prober.take() {
+            let _ = prober.join();
+        }
+        self.release();
+    }
+}
+
+/// Review finding "NFS discovery creates a tenant per directory": 1,000 `mkdir`s made
+/// 1,000 tenants. Without --discover a directory a guest creates is no tenant.
+#[test]
+fn directories_a_guest_creates_are_no_tenants_by_default() {
+    let root = TempRoot::new("mkdir-flood");
+    let m = cpu_mediator();
+
+    // No list: the single-VM layout, the pair at the root.
+    let server = start(&m, options(&root, &[]));
+    for i in 0..200 {
+        std::fs::create_dir(root.join(&format!("vm{i}"))).unwrap();
+    }
+    wait_passes(&server, 3);
+    assert_eq!(
+        served(&server),
+        ["root"],
+        "no tenant for any of 200 vm* directories"
+    );
+    assert_eq!(m.tenants().len(), 1);
+    assert!(!root.join("vm7/response.txt").exists());
+    let tenant = server.tenant("root").unwrap();
+    assert_eq!(
+        m.device_config(tenant).unwrap().mem_quota,
+        256 << 20,
+        "the small default"
+    );
+    assert_eq!(issue(root.path(), "1"), VECTOR_ADD);
+    server.stop();
+
+    // A list: exactly those.
+    let server = start(&m, options(&root, &["vm1", "vm2"]));
+    for i in 200..400 {
+        std::fs::create_dir(root.join(&format!("vm{i}"))).unwrap();
+    }
+    wait_passes(&server, 3);
+    assert_eq!(served(&server), ["vm1", "vm2"]);
+    assert_eq!(m.tenants().len(), 2);
+    assert_eq!(issue(&root.join("vm2"), "2"), device_line(&m));
+    server.stop();
+    assert!(m.tenants().is_empty());
+}
+
+/// With discovery asked for, at most `max_vms` discovered directories are tenants; the
+/// rest are ignored with one warning each, however many scans see them.
+#[test]
+fn discovery_when_asked_for_is_capped_and_warns_once_per_directory() {
+    let root = TempRoot::new("discover-cap");
+    let m = cpu_mediator();
+    let key = root.path().display().to_string();
+    assert!(warnings_about(&key).is_empty());
+    for i in 10..20 {
+        std::fs::create_dir(root.join(&format!("vm{i}"))).unwrap();
+    }
+    let opts = NfsOptions {
+        discover: true,
+        max_vms: 4,
+        ..options(&root, &["vm1"])
+    };
+    let server = start(&m, opts);
+    for i in 20..30 {
+        std::fs::create_dir(root.join(&format!("vm{i}"))).unwrap();
+    }
+    wait_passes(&server, 10);
+    // The listed VM is not counted against the cap; discovery picks in name order.
+    assert_eq!(served(&server), ["vm1", "vm10", "vm11", "vm12", "vm13"]);
+    assert_eq!(m.tenants().len(), 5);
+    assert_eq!(warnings_about(&key).len(), 16, "{:?}", warnings_about(&key));
+    for i in 14..30 {
+        let name = format!("{key}/vm{i}");
+        let named = warnings_about(&name);
+        assert_eq!(
+            named
+                .iter()
+                .filter(|w| w.contains(&format!("{name}:")))
+                .count(),
+            1
+        );
+    }
+    assert_eq!(issue(&root.join("vm11"), "2"), device_line(&m));
+
+    // One goes away: its place is taken, and nothing is warned again.
+    std::fs::remove_dir_all(root.join("vm10")).unwrap();
+    wait_passes(&server, 5);
+    assert_eq!(served(&server), ["vm1", "vm11", "vm12", "vm13", "vm14"]);
+    assert_eq!(warnings_about(&key).len(), 16);
+    server.stop();
+    assert!(m.tenants().is_empty());
+
+    let e = NfsServer::start(
+        m.clone(),
+        NfsOptions {
+            discover: true,
+            max_vms: 0,
+            ..options(&root, &[])
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, NfsError::InvalidMaxVms), "{e:?}");
+}
+
+/// Review finding "NFS stat-then-open race", the plain form: a FIFO, a symbolic link and
+/// (as root) a device node in place of `command.txt`, each answered with an error and
+/// never opened; the lock file too.
+#[test]
+fn special_files_in_place_of_the_command_file_are_refused_and_never_opened() {
+    let root = TempRoot::new("special");
+    let outside = TempRoot::new("special-outside");
+    let m = cpu_mediator();
+    // The lock file in the root, a FIFO planted before the start: not opened, and the
+    // start fails with one clear error.
+    let lock = root.join(".vgpu-nfs.lock");
+    mkfifo(&lock);
+    let watch_lock = FifoWatch::new(&lock);
+    let e = NfsServer::start(m.clone(), options(&root, &["vm1"])).unwrap_err();
+    assert!(
+        e.to_string().contains("not writable") && format!("{e:?}").contains("not a regular file"),
+        "{e:?}"
+    );
+    watch_lock.assert_never_opened();
+    std::fs::remove_file(&lock).unwrap();
+
+    let server = start(&m, options(&root, &["vm1", "vm2"]));
+    let (vm1, vm2) = (root.join("vm1"), root.join("vm2"));
+    let command = vm1.join("command.txt");
+    let tenant = server.tenant("vm1").unwrap();
+
+    mkfifo(&command);
+    let watch = FifoWatch::new(&command);
+    assert_eq!(wait_response(&vm1, |l| status(l) == Some(2)), not_regular());
+    wait_passes(&server, 5);
+    assert_eq!(
+        issue(&vm2, "1"),
+        VECTOR_ADD,
+        "the other VM is served meanwhile"
+    );
+    watch.assert_never_opened();
+    std::fs::remove_file(&command).unwrap();
+    reset(&vm1);
+
+    // A symbolic link to a FIFO outside: the link is not followed.
+    let fifo = outside.join("fifo");
+    mkfifo(&fifo);
+    let watch = FifoWatch::new(&fifo);
+    plant(&vm1, |p| std::os::unix::fs::symlink(&fifo, p).unwrap());
+    assert_eq!(wait_response(&vm1, |l| status(l) == Some(2)), not_regular());
+    wait_passes(&server, 5);
+    watch.assert_never_opened();
+    std::fs::remove_file(&command).unwrap();
+    reset(&vm1);
+
+    if is_root() {
+        plant(&vm1, mknod_null);
+        assert_eq!(wait_response(&vm1, |l| status(l) == Some(2)), not_regular());
+        wait_passes(&server, 5);
+        assert_eq!(issue(&vm2, "2"), device_line(&m));
+        std::fs::remove_file(&command).unwrap();
+        reset(&vm1);
+    } else {
+        eprintln!("not root: the device-node case is skipped");
+    }
+
+    assert_eq!(requests(&m, tenant), 0, "nothing reached the executor");
+    assert_eq!(issue(&vm1, "1"), VECTOR_ADD);
+    server.stop();
+}
+
+/// Review finding "NFS stat-then-open race", the attack: `command.txt` swapped as fast as
+/// possible between a regular file and a FIFO (a hard link of one outside the VM
+/// directory), a symbolic link to it and (as root) a device node. The unfixed transport
+/// checked the name, then opened the name, and so opened the FIFO thousands of times.
+#[test]
+fn swapping_special_files_in_for_the_command_file_never_gets_one_opened() {
+    let root = TempRoot::new("swap");
+    let m = cpu_mediator();
+    let server = start(&m, options(&root, &["vm1", "vm2"]));
+    let (vm1, vm2) = (root.join("vm1"), root.join("vm2"));
+    let fifo = root.join("fifo");
+    mkfifo(&fifo);
+    let watch = FifoWatch::new(&fifo);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let attacker = {
+        let (dir, fifo, stop) = (vm1.clone(), fifo.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let command = dir.join("command.txt");
+            let regular = dir.join(".regular");
+            // Mostly links of one regular file (fast: no data written), now and then a
+            // fresh file of its own, a symbolic link and a device node.
+            let master = dir.join(".master");
+            std::fs::write(&master, "2\n").unwrap();
+            let mut swaps = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if swaps % 16 == 0 {
+                    std::fs::write(&regular, "2\n").unwrap();
+                } else {
+                    std::fs::hard_link(&master, &regular).unwrap();
+                }
+                std::fs::rename(&regular, &command).unwrap();
+                let tmp = dir.join(".fifo");
+                std::fs::hard_link(&fifo, &tmp).unwrap();
+                std::fs::rename(&tmp, &command).unwrap();
+                if swaps % 16 == 8 {
+                    let tmp = dir.join(".link");
+                    std::os::unix::fs::symlink(&fifo, &tmp).unwrap();
+                    std::fs::rename(&tmp, &command).unwrap();
+                    if is_root() {
+                        let tmp = dir.join(".device");
+                        mknod_null(&tmp);
+                        std::fs::rename(&tmp, &command).unwrap();
+                    }
+                }
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    // The other VM is served all along; the attack lasts while it issues its commands
+    // and for 5,000 scans of the attacked directory (thousands of swaps).
+    let started = Instant::now();
+    let first = server.passes();
+    for i in 0..10 {
+        let (word, expected) = if i % 2 == 0 {
+            ("1", VECTOR_ADD.to_owned())
+        } else {
+            ("2", device_line(&m))
+        };
+        assert_eq!(issue(&vm2, word), expected);
+    }
+    while server.passes() < first + 5000 && started.elapsed() < Duration::from_secs(20) {
+        if watch.opened_yet() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let swaps = attacker.join().unwrap();
+    eprintln!(
+        "{swaps} swap cycles, {} scans in {:?}",
+        server.passes() - first,
+        started.elapsed()
+    );
+    watch.assert_never_opened();
+    // Whatever the attacked directory was answered, it is one of these.
+    let line = response(&vm1);
+    let linked = format!("2:command.txt has more than one link, so it is not read: {HELP}");
+    assert!(
+        [device_line(&m), not_regular(), linked, READY.to_owned()].contains(&line),
+        "{line}"
+    );
+    // And the attacked VM is served again once it behaves.
+    std::fs::remove_file(vm1.join("command.txt")).unwrap();
+    reset(&vm1);
+    assert_eq!(issue(&vm1, "1"), VECTOR_ADD);
+    assert_eq!(issue(&vm2, "1"), VECTOR_ADD);
+    server.stop();
+}
+
+/// Review finding "Hard links leak": a `command.txt` hard-linked to a host file holding
+/// a secret was read and its first 40 characters echoed into `response.txt`.
+#[test]
+fn a_hard_linked_command_file_is_never_read_or_echoed() {
+    let root = TempRoot::new("hardlink");
+    let host = TempRoot::new("hardlink-host");
+    let m = cpu_mediator();
+    let server = start(&m, options(&root, &["vm1", "vm2"]));
+    let (vm1, vm2) = (root.join("vm1"), root.join("vm2"));
+    let command = vm1.join("command.txt");
+    let tenant = server.tenant("vm1").unwrap();
+    let secret = host.join("secret");
+    std::fs::write(&secret, "host secret: 12345\n").unwrap();
+
+    std::fs::hard_link(&secret, &command).unwrap();
+    let line = wait_response(&vm1, |l| status(l) == Some(2));
+    assert!(
+        !line.contains("secret") && !line.contains("12345"),
+        "{line}"
+    );
+    assert_eq!(
+        line,
+        format!("2:command.txt has more than one link, so it is not read: {HELP}")
+    );
+    assert_eq!(
+        issue(&vm2, "2"),
+        device_line(&m),
+        "the other VM is served meanwhile"
+    );
+    std::fs::remove_file(&command).unwrap();
+    reset(&vm1);
+
+    // A valid command behind a hard link is refused all the same.
+    let other = vm1.join("other");
+    std::fs::write(&other, "1\n").unwrap();
+    std::fs::hard_link(&other, vm1.join("link")).unwrap();
+    std::fs::rename(vm1.join("link"), &command).unwrap();
+    let line = wait_response(&vm1, |l| status(l) == Some(2));
+    assert!(line.contains("more than one link"), "{line}");
+    assert_eq!(requests(&m, tenant), 0);
+    std::fs::remove_file(&command).unwrap();
+    std::fs::remove_file(&other).unwrap();
+    reset(&vm1);
+
+    // The same text in a file of the VM's own: an unknown command, not echoed.
+    std::fs::write(&command, "host secret: 12345\n").unwrap();
+    let line = wait_response(&vm1, |l| status(l) == Some(2));
+    assert_eq!(line, format!("2:unknown command: {HELP}"));
+
+    assert_eq!(issue(&vm1, "1"), VECTOR_ADD);
+    assert_eq!(requests(&m, tenant), 1);
+    server.stop();
+}
+
+#[test]
+fn serve_help_describes_the_vm_list_discovery_and_the_cap() {
+    let bin = env!("CARGO_BIN_EXE_vgpu-mediator");
+    let out = std::process::Command::new(bin)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--vm <NAME>",
+        "--discover",
+        "--max-vms <N>",
+        "[default: 16]",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+    assert!(help.contains("[default: 256M]"), "{help}");
+    // The cap means nothing without discovery: refused, in one line.
+    let root = TempRoot::new("cli-cap");
+    let out = std::process::Command::new(bin)
+        .args(["--executor", "cpu", "serve", "--max-vms", "3", "--nfs-root"])
+        .arg(root.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--discover"), "{stderr}");
 }
