@@ -10,10 +10,12 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use vgpu_protocol::{DeviceConfig, Request, Response, MAX_TRANSFER_BYTES, REQUEST_HEADER_SIZE};
+use vgpu_protocol::{
+    DeviceConfig, Header, Request, Response, Status, MAX_TRANSFER_BYTES, REQUEST_HEADER_SIZE,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::executor::{DeviceInfo, ExecutorFactory};
@@ -39,7 +41,19 @@ pub struct Limits {
     pub max_sessions: u32,
     pub max_buffers_per_session: u32,
     pub max_modules_per_session: u32,
+    /// Host memory the tenant's requests may hold at once, in bytes: the payload a request
+    /// carries in (host-to-device data, PTX, parameters) and the data its answer carries
+    /// out, from submission until the transport takes the answer, whether the request is
+    /// queued, running, or abandoned by a VM that reset its device. See
+    /// [`request_cost`]. A request that does not fit is answered `LIMIT_EXCEEDED`.
+    pub max_held_bytes: u64,
 }
+
+/// Default of [`Limits::max_held_bytes`]: two of the largest transfers.
+pub const DEFAULT_MAX_HELD_BYTES: u64 = 2 * (MAX_TRANSFER_BYTES + REQUEST_OVERHEAD);
+
+/// What every request costs on top of its payload (its header, its place in queues).
+pub const REQUEST_OVERHEAD: u64 = 256;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -47,6 +61,76 @@ impl Default for Limits {
             max_sessions: 64,
             max_buffers_per_session: 16384,
             max_modules_per_session: 64,
+            max_held_bytes: DEFAULT_MAX_HELD_BYTES,
+        }
+    }
+}
+
+/// Host bytes a request holds while the mediator has it: its readable payload, the data
+/// its answer may carry, and [`REQUEST_OVERHEAD`]. Known from the header alone, so a
+/// transport can reserve before it copies the payload out of the guest.
+pub fn request_cost(header: &Header) -> u64 {
+    REQUEST_OVERHEAD
+        .saturating_add(header.payload_len())
+        .saturating_add(header.writable_len())
+}
+
+/// Bytes reserved against a tenant's [`Limits::max_held_bytes`]; released when dropped.
+#[must_use = "the reservation is released when dropped"]
+pub struct Hold {
+    shared: Arc<TenantShared>,
+    bytes: u64,
+}
+
+impl Hold {
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.shared.held.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Hold({} bytes)", self.bytes)
+    }
+}
+
+/// Why [`Mediator::hold`] refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldError {
+    /// No such tenant (removed, or never added).
+    NoTenant,
+    /// The tenant already holds `held` of its `limit` bytes; `wanted` more do not fit.
+    OverBudget { held: u64, wanted: u64, limit: u64 },
+}
+
+impl HoldError {
+    /// The answer a request that could not be held gets.
+    pub fn response(self) -> Response {
+        match self {
+            HoldError::NoTenant => Response::error(Status::DeviceLost, 0),
+            HoldError::OverBudget { .. } => Response::error(Status::LimitExceeded, 0),
+        }
+    }
+}
+
+impl std::fmt::Display for HoldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HoldError::NoTenant => write!(f, "no such tenant"),
+            HoldError::OverBudget {
+                held,
+                wanted,
+                limit,
+            } => write!(
+                f,
+                "{wanted} bytes do not fit: {held} of the VM's {limit} bytes in flight are held"
+            ),
         }
     }
 }
@@ -62,17 +146,30 @@ pub struct TenantUsage {
     pub restarts: u32,
     /// Requests answered since the tenant was added.
     pub requests: u64,
+    /// Requests dropped unexecuted because the VM reset its device after submitting them.
+    pub cancelled: u64,
+    /// Host bytes the tenant's requests hold now (see [`Limits::max_held_bytes`]).
+    pub held_bytes: u64,
 }
 
 /// Receives completed requests.
 pub trait CompletionSink: Send + Sync {
     fn complete(&self, token: u64, response: Response);
+
+    /// Like `complete`, for an answer whose bytes `hold` still counts against the
+    /// tenant's budget: a sink that keeps answers until someone takes them keeps the hold
+    /// with them.
+    fn complete_held(&self, token: u64, response: Response, hold: Hold) {
+        self.complete(token, response);
+        drop(hold);
+    }
 }
 
 /// Completions collected for an event loop: `complete` queues and signals the eventfd;
 /// the loop polls the fd and calls [`CompletionQueue::drain`].
 pub struct CompletionQueue {
-    done: Mutex<VecDeque<(u64, Response)>>,
+    /// Answers with the reservation of their bytes, released when they are taken.
+    done: Mutex<VecDeque<(u64, Response, Option<Hold>)>>,
     eventfd: EventFd,
 }
 
@@ -93,19 +190,29 @@ impl CompletionQueue {
     pub fn drain(&self) -> Vec<(u64, Response)> {
         let _ = self.eventfd.read();
         let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        done.drain(..).collect()
+        done.drain(..)
+            .map(|(token, response, _)| (token, response))
+            .collect()
+    }
+
+    fn push(&self, token: u64, response: Response, hold: Option<Hold>) {
+        self.done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back((token, response, hold));
+        if let Err(e) = self.eventfd.write(1) {
+            log::error!("completion eventfd: {e}");
+        }
     }
 }
 
 impl CompletionSink for CompletionQueue {
     fn complete(&self, token: u64, response: Response) {
-        self.done
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back((token, response));
-        if let Err(e) = self.eventfd.write(1) {
-            log::error!("completion eventfd: {e}");
-        }
+        self.push(token, response, None);
+    }
+
+    fn complete_held(&self, token: u64, response: Response, hold: Hold) {
+        self.push(token, response, Some(hold));
     }
 }
 
@@ -126,6 +233,8 @@ pub(crate) enum Message {
         request: Request,
         token: u64,
         sink: Arc<dyn CompletionSink>,
+        /// Released once the answer is taken from the sink.
+        hold: Hold,
     },
     /// Close every session and free everything (the VM disconnected or reset).
     Reset { done: mpsc::Sender<()> },
@@ -135,10 +244,80 @@ pub(crate) enum Message {
 pub(crate) struct TenantShared {
     pub config: TenantConfig,
     pub usage: Mutex<TenantUsage>,
+    /// Bytes reserved by [`Hold`]s.
+    pub held: AtomicU64,
+    /// Requests taken back out of the queue unexecuted.
+    pub cancelled: AtomicU64,
+    /// What the worker has yet to take.
+    pub queue: TenantQueue,
+}
+
+/// A tenant's messages in submission order. Unlike a channel, queued requests can be
+/// taken back out (cancelled) by someone other than the worker.
+#[derive(Default)]
+pub(crate) struct TenantQueue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    messages: VecDeque<Message>,
+    closed: bool,
+}
+
+impl TenantQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a message; false (and the message dropped) if the queue is closed.
+    fn push(&self, message: Message) -> bool {
+        let mut state = self.lock();
+        if state.closed {
+            return false;
+        }
+        state.messages.push_back(message);
+        self.ready.notify_one();
+        true
+    }
+
+    /// The next message; `None` once the queue is closed and empty.
+    pub fn pop(&self) -> Option<Message> {
+        let mut state = self.lock();
+        loop {
+            if let Some(m) = state.messages.pop_front() {
+                return Some(m);
+            }
+            if state.closed {
+                return None;
+            }
+            state = self.ready.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+
+    /// Takes every queued request out (resets stay).
+    fn take_requests(&self) -> Vec<Message> {
+        let mut state = self.lock();
+        let mut requests = Vec::new();
+        let mut rest = VecDeque::new();
+        for m in state.messages.drain(..) {
+            match m {
+                Message::Request { .. } => requests.push(m),
+                Message::Reset { .. } => rest.push_back(m),
+            }
+        }
+        state.messages = rest;
+        requests
+    }
 }
 
 struct TenantHandle {
-    tx: mpsc::Sender<Message>,
     shared: Arc<TenantShared>,
     thread: Option<JoinHandle<()>>,
 }
@@ -179,13 +358,15 @@ impl Mediator {
         let shared = Arc::new(TenantShared {
             config: config.clone(),
             usage: Mutex::new(TenantUsage::default()),
+            held: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            queue: TenantQueue::default(),
         });
-        let (tx, rx) = mpsc::channel();
         let (factory, worker_shared, limits) = (self.factory.clone(), shared.clone(), self.limits);
         // The worker is built on its own thread: its executor never leaves that thread.
         let thread = std::thread::Builder::new()
             .name(format!("tenant-{}", config.name))
-            .spawn(move || Worker::new(factory, worker_shared, limits).run(rx))?;
+            .spawn(move || Worker::new(factory, worker_shared, limits).run())?;
         log::info!(
             "tenant {} ({}) added: quota {} MiB, weight {}",
             id.0,
@@ -196,7 +377,6 @@ impl Mediator {
         self.lock().insert(
             id,
             TenantHandle {
-                tx,
                 shared,
                 thread: Some(thread),
             },
@@ -208,7 +388,7 @@ impl Mediator {
     pub fn remove_tenant(&self, tenant: TenantId) {
         let handle = self.lock().remove(&tenant);
         if let Some(mut h) = handle {
-            drop(h.tx);
+            h.shared.queue.close();
             if let Some(t) = h.thread.take() {
                 let _ = t.join();
             }
@@ -216,16 +396,83 @@ impl Mediator {
         }
     }
 
-    /// Closes all the tenant's sessions and frees its device memory, after the requests
-    /// already submitted. Returns once done.
+    /// Closes all the tenant's sessions and frees its device memory. Requests submitted
+    /// before are cancelled (answered `DEVICE_LOST` unexecuted, their payload dropped);
+    /// one already running is waited for. Returns once done.
     pub fn reset_tenant(&self, tenant: TenantId) {
+        self.cancel_queued(tenant);
         let (done, wait) = mpsc::channel();
         if self.send(tenant, Message::Reset { done }) {
             let _ = wait.recv();
         }
     }
 
-    /// Queues a request; `sink` receives the response with `token`. Never blocks.
+    /// Drops every request of the tenant that has not started yet: each is answered
+    /// `DEVICE_LOST` without being executed and its payload is freed at once. For a VM
+    /// that abandoned its requests (a device reset, a ring stopped for good).
+    pub fn cancel_queued(&self, tenant: TenantId) {
+        let Some(shared) = self.shared(tenant) else {
+            return;
+        };
+        let cancelled = shared.queue.take_requests();
+        if cancelled.is_empty() {
+            return;
+        }
+        shared
+            .cancelled
+            .fetch_add(cancelled.len() as u64, Ordering::Relaxed);
+        log::debug!(
+            "tenant {} ({}): {} queued requests cancelled",
+            tenant.0,
+            shared.config.name,
+            cancelled.len()
+        );
+        for message in cancelled {
+            if let Message::Request {
+                request,
+                token,
+                sink,
+                hold,
+            } = message
+            {
+                drop(request);
+                drop(hold);
+                sink.complete(token, Response::error(Status::DeviceLost, 0));
+            }
+        }
+    }
+
+    /// Reserves `bytes` of the tenant's [`Limits::max_held_bytes`] for a request about to
+    /// be submitted with [`Mediator::submit_held`].
+    pub fn hold(&self, tenant: TenantId, bytes: u64) -> Result<Hold, HoldError> {
+        let shared = self.shared(tenant).ok_or(HoldError::NoTenant)?;
+        let limit = self.limits.max_held_bytes;
+        let mut held = shared.held.load(Ordering::Acquire);
+        loop {
+            let total = held.saturating_add(bytes);
+            if total > limit {
+                return Err(HoldError::OverBudget {
+                    held,
+                    wanted: bytes,
+                    limit,
+                });
+            }
+            match shared.held.compare_exchange_weak(
+                held,
+                total,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(now) => held = now,
+            }
+        }
+        Ok(Hold { shared, bytes })
+    }
+
+    /// Queues a request; `sink` receives the response with `token`. Never blocks. The
+    /// request's [`request_cost`] is reserved first; one that does not fit in the
+    /// tenant's budget is answered `LIMIT_EXCEEDED` at once.
     pub fn submit(
         &self,
         tenant: TenantId,
@@ -233,16 +480,34 @@ impl Mediator {
         token: u64,
         sink: Arc<dyn CompletionSink>,
     ) {
+        match self.hold(tenant, request_cost(&request.header())) {
+            Ok(hold) => self.submit_held(tenant, request, token, sink, hold),
+            Err(e) => {
+                log::debug!("tenant {}: request refused: {e}", tenant.0);
+                sink.complete(token, e.response());
+            }
+        }
+    }
+
+    /// Queues a request whose bytes `hold` already reserves (see [`Mediator::hold`]).
+    /// Never blocks.
+    pub fn submit_held(
+        &self,
+        tenant: TenantId,
+        request: Request,
+        token: u64,
+        sink: Arc<dyn CompletionSink>,
+        hold: Hold,
+    ) {
         let reject = sink.clone();
-        if !self.send(
-            tenant,
-            Message::Request {
-                request,
-                token,
-                sink,
-            },
-        ) {
-            reject.complete(token, Response::error(vgpu_protocol::Status::DeviceLost, 0));
+        let message = Message::Request {
+            request,
+            token,
+            sink,
+            hold,
+        };
+        if !self.send(tenant, message) {
+            reject.complete(token, Response::error(Status::DeviceLost, 0));
         }
     }
 
@@ -251,13 +516,19 @@ impl Mediator {
         let (tx, rx) = mpsc::channel();
         self.submit(tenant, request, 0, Arc::new(ChannelSink(Mutex::new(tx))));
         rx.recv()
-            .unwrap_or_else(|_| Response::error(vgpu_protocol::Status::DeviceLost, 0))
+            .unwrap_or_else(|_| Response::error(Status::DeviceLost, 0))
     }
 
     pub fn usage(&self, tenant: TenantId) -> Option<TenantUsage> {
-        self.lock()
-            .get(&tenant)
-            .map(|h| *h.shared.usage.lock().unwrap_or_else(|e| e.into_inner()))
+        let shared = self.shared(tenant)?;
+        let mut usage = *shared.usage.lock().unwrap_or_else(|e| e.into_inner());
+        usage.held_bytes = shared.held.load(Ordering::Acquire);
+        usage.cancelled = shared.cancelled.load(Ordering::Relaxed);
+        Some(usage)
+    }
+
+    fn shared(&self, tenant: TenantId) -> Option<Arc<TenantShared>> {
+        self.lock().get(&tenant).map(|h| h.shared.clone())
     }
 
     pub fn tenant_config(&self, tenant: TenantId) -> Option<TenantConfig> {
@@ -276,11 +547,11 @@ impl Mediator {
         Some(device_config(self.device(), quota, &self.limits))
     }
 
+    /// Queues a message for the tenant's worker; false when there is no such tenant (any
+    /// more).
     fn send(&self, tenant: TenantId, message: Message) -> bool {
-        match self.lock().get(&tenant) {
-            Some(h) => h.tx.send(message).is_ok(),
-            None => false,
-        }
+        self.shared(tenant)
+            .is_some_and(|shared| shared.queue.push(message))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, TenantHandle>> {

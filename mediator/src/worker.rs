@@ -2,7 +2,6 @@
 //! request against them before anything reaches the executor.
 
 use std::collections::HashMap;
-use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
 use vgpu_kernels::{KernelError, LaunchShape, ParamKind};
@@ -66,18 +65,20 @@ impl Worker {
         }
     }
 
-    pub fn run(mut self, rx: Receiver<Message>) {
-        while let Ok(message) = rx.recv() {
+    pub fn run(mut self) {
+        let shared = self.shared.clone();
+        while let Some(message) = shared.queue.pop() {
             match message {
                 Message::Request {
                     request,
                     token,
                     sink,
+                    hold,
                 } => {
                     let response = self.handle(request);
                     self.usage.requests += 1;
                     self.publish();
-                    sink.complete(token, response);
+                    sink.complete_held(token, response, hold);
                 }
                 Message::Reset { done } => {
                     self.reset();
@@ -330,7 +331,12 @@ impl Worker {
             }
             Command::Dtoh { src, offset, len } => {
                 let id = self.range(sid, src, offset, len)?;
-                let mut out = vec![0u8; len as usize];
+                // Counted in the VM's byte budget (`request_cost`); allocated fallibly all
+                // the same: the host may have less than the budgets add up to.
+                let mut out = Vec::new();
+                out.try_reserve_exact(len as usize)
+                    .map_err(|_| (Status::OutOfMemory, 0))?;
+                out.resize(len as usize, 0);
                 self.executor()?
                     .dtoh(stream, id, offset, &mut out)
                     .map_err(exec_err)?;
