@@ -34,9 +34,10 @@ use crate::executor::{
 const JIT_LOG_BYTES: usize = 8192;
 /// CUDA's largest kernel parameter space (Volta and later), in bytes.
 const MAX_PARAM_SPACE: usize = 32764;
-/// Zeroed bytes after the last parameter when the driver cannot tell us the kernel's
-/// parameter sizes: whatever the driver reads for a parameter stays inside our buffer.
-const UNCHECKED_PARAM_SLACK: usize = MAX_PARAM_SPACE + 4;
+/// Set (to anything) to ignore `cuFuncGetParamInfo` and size guest kernels' parameters
+/// from their PTX alone, as on drivers before CUDA 12.4: for testing that path on a
+/// newer driver.
+pub const PTX_SIGNATURES_ONLY_ENV: &str = "VGPU_PTX_SIGNATURES_ONLY";
 /// Bytes allocated, written and read back by [`sanity`].
 const SANITY_BYTES: usize = 1 << 20;
 
@@ -604,10 +605,15 @@ impl CudaExecutorFactory {
         self.catalog_ptx.to_str().unwrap_or("")
     }
 
-    /// Whether launches of guest PTX kernels have their parameters checked against the
-    /// kernel's signature (`cuFuncGetParamInfo`, CUDA 12.4 drivers and later).
-    pub fn checks_module_params(&self) -> bool {
-        driver_has_param_info()
+    /// Where the parameter sizes that guest PTX launches are checked against come from:
+    /// the driver (`cuFuncGetParamInfo`, CUDA 12.4 drivers and later) or the module's PTX
+    /// `.entry` signatures. A launch is never made unchecked.
+    pub fn module_param_source(&self) -> &'static str {
+        if driver_has_param_info() && std::env::var_os(PTX_SIGNATURES_ONLY_ENV).is_none() {
+            "cuFuncGetParamInfo"
+        } else {
+            "PTX .entry signatures"
+        }
     }
 
     /// A new executor with its own context, current on the calling thread.
@@ -657,12 +663,14 @@ impl ExecutorFactory for CudaExecutorFactory {
 /// A function of a guest module, with its parameter sizes when the driver reports them.
 struct ModuleFunction {
     function: sys::CUfunction,
-    param_sizes: Option<Vec<usize>>,
+    param_sizes: Vec<usize>,
 }
 
 struct LoadedModule {
     module: sys::CUmodule,
     functions: HashMap<String, ModuleFunction>,
+    /// Parameter sizes of each `.entry`, read from the module's PTX.
+    signatures: HashMap<String, Vec<usize>>,
 }
 
 /// One tenant's CUDA context: its streams, allocations and modules.
@@ -835,7 +843,7 @@ impl CudaExecutor {
         &mut self,
         module: ModuleId,
         name: &str,
-    ) -> ExecResult<(sys::CUfunction, Option<Vec<usize>>)> {
+    ) -> ExecResult<(sys::CUfunction, Vec<usize>)> {
         let loaded = self
             .modules
             .get(&module.0)
@@ -844,6 +852,7 @@ impl CudaExecutor {
             return Ok((f.function, f.param_sizes.clone()));
         }
         let handle = loaded.module;
+        let signature = loaded.signatures.get(name).cloned();
         let cname = CString::new(name).map_err(|_| {
             ExecError::new(Status::KernelNotFound, 0, "kernel name contains a NUL byte")
         })?;
@@ -854,7 +863,20 @@ impl CudaExecutor {
             e.message = format!("kernel '{}': {}", first_line(name, 128), e.message);
             e
         })?;
-        let param_sizes = param_sizes(function);
+        // The driver's word when it has one, else the PTX's; a kernel with neither is
+        // never launched: the driver would read as many parameters as the kernel declares,
+        // past what the guest passed.
+        let param_sizes = param_sizes(function).or(signature).ok_or_else(|| {
+            ExecError::new(
+                Status::Unsupported,
+                0,
+                format!(
+                    "kernel '{name}': its parameter layout cannot be established (no \
+                         cuFuncGetParamInfo in this driver and no readable .entry signature \
+                         in the PTX); not launched"
+                ),
+            )
+        })?;
         if let Some(loaded) = self.modules.get_mut(&module.0) {
             loaded.functions.insert(
                 name.to_string(),
@@ -867,9 +889,9 @@ impl CudaExecutor {
         Ok((function, param_sizes))
     }
 
-    /// Lays the launch parameters out in `param_arena` (8-byte aligned, zeroed slack when
-    /// the kernel's sizes are unknown) and points `param_ptrs` at them.
-    fn marshal_params(&mut self, params: &[ExecParam], slack: usize) -> ExecResult<()> {
+    /// Lays the launch parameters out in `param_arena` (8-byte aligned) and points
+    /// `param_ptrs` at them.
+    fn marshal_params(&mut self, params: &[ExecParam]) -> ExecResult<()> {
         let mut offsets = Vec::with_capacity(params.len());
         let mut end = 0usize;
         for (i, p) in params.iter().enumerate() {
@@ -898,7 +920,7 @@ impl CudaExecutor {
             ));
         }
         self.param_arena.clear();
-        self.param_arena.resize((end + slack).div_ceil(8).max(1), 0);
+        self.param_arena.resize(end.div_ceil(8).max(1), 0);
         let base = self.param_arena.as_mut_ptr().cast::<u8>();
         self.param_ptrs.clear();
         for (p, &at) in params.iter().zip(&offsets) {
@@ -921,7 +943,10 @@ impl CudaExecutor {
 
 /// The sizes of `function`'s parameters, or `None` when the driver cannot say.
 fn param_sizes(function: sys::CUfunction) -> Option<Vec<usize>> {
-    if !driver_has_param_info() {
+    static IGNORED: OnceLock<bool> = OnceLock::new();
+    if !driver_has_param_info()
+        || *IGNORED.get_or_init(|| std::env::var_os(PTX_SIGNATURES_ONLY_ENV).is_some())
+    {
         return None;
     }
     let mut sizes = Vec::new();
@@ -1244,6 +1269,7 @@ impl Executor for CudaExecutor {
             LoadedModule {
                 module,
                 functions: HashMap::new(),
+                signatures: crate::ptx::entry_signatures(ptx),
             },
         );
         Ok(ModuleId(id))
@@ -1296,18 +1322,12 @@ impl Executor for CudaExecutor {
                         ));
                     }
                 }
-                (f, Some(builtin_sizes(spec.params)))
+                (f, builtin_sizes(spec.params))
             }
             KernelRef::Module(module, name) => self.module_function(module, name)?,
         };
-        let slack = match &sizes {
-            Some(expected) => {
-                check_params(params, expected)?;
-                0
-            }
-            None => UNCHECKED_PARAM_SLACK,
-        };
-        self.marshal_params(params, slack)?;
+        check_params(params, &sizes)?;
+        self.marshal_params(params)?;
         let kernel_params = if self.param_ptrs.is_empty() {
             ptr::null_mut()
         } else {
@@ -1317,7 +1337,7 @@ impl Executor for CudaExecutor {
         let [bx, by, bz] = shape.block;
         // SAFETY: `function` belongs to a module loaded in this context; `kernel_params`
         // holds one pointer per parameter, each to at least the parameter's size in bytes
-        // (checked, or followed by zeroed slack), all alive until the call returns (the
+        // (checked against the kernel's signature), all alive until the call returns (the
         // driver copies them at launch). Buffer parameters are live allocations.
         let r = unsafe {
             sys::cuLaunchKernel(
