@@ -177,48 +177,141 @@ impl std::str::FromStr for ExecutorChoice {
     }
 }
 
-/// Builds the executor factory for a choice. `Cuda` fails with a one-line reason when
-/// no usable driver or device exists; `Auto` falls back to the CPU with one warning.
-///
-/// CUDA executors run each in its own worker process
-/// ([`crate::process::ProcessExecutorFactory`]), so one tenant's faulting kernel cannot
-/// take the others down. Without a worker binary (see [`crate::process::find_worker`])
-/// or when a worker does not start, they run in this process, with one warning that
-/// tenants are then not isolated from each other's device faults.
+/// Where CUDA executors run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Isolation {
+    /// Each VM's executor in its own worker process: its own CUDA context in its own
+    /// address space, so no VM's kernel can read or write another VM's device memory and a
+    /// fault takes down only its own VM. Without a worker that starts, a VM is not served
+    /// (its sessions get `DEVICE_LOST` and the next one tries a new worker).
+    #[default]
+    Process,
+    /// Every executor in this process, for a single VM: CUDA contexts of one process
+    /// share one address space, so a kernel of one VM could read and write another's
+    /// device memory by address. No memory isolation.
+    SharedProcess,
+}
+
+/// How CUDA executors are run: [`select_with`]'s options.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExecutorOptions {
+    pub isolation: Isolation,
+    /// The user worker processes run as (see [`crate::sandbox`]); `None`: the default,
+    /// [`crate::sandbox::DEFAULT_WORKER_USER`] when running as root.
+    pub worker_user: Option<String>,
+    /// Each worker's cap on private host memory (`RLIMIT_DATA`); `None`:
+    /// [`DEFAULT_WORKER_MAX_MEMORY`].
+    pub worker_max_memory: Option<u64>,
+}
+
+impl ExecutorOptions {
+    /// Checks what can be checked before anything starts (the worker user exists).
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(name) = &self.worker_user {
+            crate::sandbox::WorkerUser::lookup(name).map_err(|e| format!("--worker-user: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Default cap on a CUDA worker's private host memory: the driver's own bookkeeping and
+/// the JIT need far less, and device memory and the staging area are not counted.
+pub const DEFAULT_WORKER_MAX_MEMORY: u64 = 16 << 30;
+
+/// Builds the executor factory for a choice, with each VM's CUDA work in its own worker
+/// process ([`Isolation::Process`]). See [`select_with`].
 pub fn select(choice: ExecutorChoice) -> Result<Arc<dyn ExecutorFactory>, String> {
+    select_with(choice, &ExecutorOptions::default())
+}
+
+/// Builds the executor factory for a choice. `Cuda` fails with a one-line reason when no
+/// usable driver or device exists, or when CUDA executors should run in worker processes
+/// and no worker binary is installed ([`crate::process::find_worker`]): it never falls
+/// back to running VMs' CUDA work in this process. `Auto` takes CUDA when a driver and a
+/// device are usable (under the same rule) and otherwise the CPU, and says which and why
+/// in the log. The CPU executor runs in this process: its buffers are host memory that
+/// only the mediator addresses (no guest code runs on the CPU), so VMs stay apart.
+pub fn select_with(
+    choice: ExecutorChoice,
+    options: &ExecutorOptions,
+) -> Result<Arc<dyn ExecutorFactory>, String> {
+    let cpu = || -> Arc<dyn ExecutorFactory> { Arc::new(crate::cpu::CpuExecutorFactory::new()) };
     match choice {
-        ExecutorChoice::Cpu => Ok(Arc::new(crate::cpu::CpuExecutorFactory::new())),
+        ExecutorChoice::Cpu => {
+            log::info!("executor: the CPU reference executor (--executor cpu)");
+            Ok(cpu())
+        }
         ExecutorChoice::Cuda => crate::cuda::CudaExecutorFactory::new(0)
-            .map(isolated_cuda)
-            .map_err(|e| format!("CUDA executor unavailable: {e}")),
+            .map_err(|e| format!("CUDA executor unavailable: {e}"))
+            .and_then(|f| cuda_factory(f, options)),
         ExecutorChoice::Auto => match crate::cuda::CudaExecutorFactory::new(0) {
-            Ok(f) => Ok(isolated_cuda(f)),
+            Ok(f) => {
+                let factory = cuda_factory(f, options)?;
+                log::info!(
+                    "executor: CUDA on {} (--executor auto found a usable driver and device)",
+                    factory.device().name
+                );
+                Ok(factory)
+            }
             Err(e) => {
-                log::warn!("CUDA unavailable ({e}); using the CPU reference executor");
-                Ok(Arc::new(crate::cpu::CpuExecutorFactory::new()))
+                log::warn!(
+                    "executor: the CPU reference executor, NOT a GPU: --executor auto found no \
+                     usable CUDA ({e}); pass --executor cuda to refuse to start without one"
+                );
+                Ok(cpu())
             }
         },
     }
 }
 
-/// The process-isolated factory for CUDA device 0, or `cuda` itself when no worker starts.
-fn isolated_cuda(cuda: crate::cuda::CudaExecutorFactory) -> Arc<dyn ExecutorFactory> {
-    let isolated =
-        crate::process::ProcessExecutorFactory::cuda(0, &cuda).and_then(|f| f.probe().map(|()| f));
-    match isolated {
-        Ok(f) => {
-            log::info!(
-                "each tenant's CUDA work runs in its own executor worker process ({})",
-                f.worker_path().display()
-            );
-            Arc::new(f)
-        }
-        Err(e) => {
+fn cuda_factory(
+    cuda: crate::cuda::CudaExecutorFactory,
+    options: &ExecutorOptions,
+) -> Result<Arc<dyn ExecutorFactory>, String> {
+    match options.isolation {
+        Isolation::SharedProcess => {
             log::warn!(
-                "{e}; running every tenant's CUDA work in this process instead: tenants are \
-                 NOT isolated from each other's device faults (one faulting kernel fails all)"
+                "every CUDA executor runs in this process: NO MEMORY ISOLATION between its \
+                 contexts (a kernel can reach any buffer of the process by address); for \
+                 one VM only"
             );
-            Arc::new(cuda)
+            Ok(Arc::new(cuda))
+        }
+        Isolation::Process => {
+            let workers = crate::process::ProcessExecutorFactory::cuda(0, &cuda).and_then(|f| {
+                let mut sandbox = f.sandbox().clone();
+                if let Some(name) = &options.worker_user {
+                    sandbox.user = Some(crate::sandbox::WorkerUser::lookup(name)?);
+                }
+                sandbox.max_data_bytes = Some(
+                    options
+                        .worker_max_memory
+                        .unwrap_or(DEFAULT_WORKER_MAX_MEMORY),
+                );
+                Ok(f.with_sandbox(sandbox))
+            });
+            process_isolated(workers)
         }
     }
+}
+
+/// Fails closed: the worker-process factory or an error, never the in-process one. A
+/// worker that does not start now is reported; each VM's next session tries again.
+pub fn process_isolated(
+    workers: Result<crate::process::ProcessExecutorFactory, String>,
+) -> Result<Arc<dyn ExecutorFactory>, String> {
+    let workers = workers
+        .map_err(|e| format!("CUDA executors run only in executor worker processes, and {e}"))?;
+    match workers.probe() {
+        Ok(()) => log::info!(
+            "each VM's CUDA work runs in its own executor worker process ({}; {})",
+            workers.worker_path().display(),
+            workers.sandbox().describe()
+        ),
+        Err(e) => log::error!(
+            "{e}; each VM's sessions get DEVICE_LOST until a worker starts (tried again at \
+             every session)"
+        ),
+    }
+    Ok(Arc::new(workers))
 }

@@ -477,3 +477,34 @@ fn an_oversized_launch_is_refused_and_the_worker_serves_on() {
     exec.sync(s).unwrap();
     assert_eq!(factory.workers(), vec![exec.pid()]);
 }
+
+/// The review's finding: without a worker that starts, every VM's CUDA work used to run
+/// in the mediator's own process, where any VM's kernel reaches every other VM's device
+/// memory by address. Now a missing worker binary is an error, and a worker that does not
+/// start leaves the VM unserved (`DEVICE_LOST`, tried again at its next session) instead
+/// of downgrading the isolation.
+#[test]
+fn without_a_worker_that_starts_vms_are_refused_never_run_in_process() {
+    let missing = vgpu_mediator::executor::process_isolated(Err("no worker found".into()));
+    let e = missing.err().expect("an error, not an in-process factory");
+    assert!(e.contains("worker processes"), "{e}");
+
+    let failing = cpu_workers().with_worker("/bin/false");
+    let factory = vgpu_mediator::executor::process_isolated(Ok(failing)).expect("a factory");
+    assert_eq!(
+        factory.worker_process(),
+        Some(std::path::Path::new("/bin/false"))
+    );
+    let m = Mediator::new(factory);
+    let t = m
+        .add_tenant(TenantConfig {
+            name: "vm-no-worker".into(),
+            mem_quota: 1 << 20,
+            weight: 100,
+        })
+        .unwrap();
+    for _ in 0..2 {
+        let r = m.call(t, Request::new(0, Command::SessionOpen));
+        assert_eq!(r.status, Status::DeviceLost);
+    }
+}
