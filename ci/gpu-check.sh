@@ -118,6 +118,38 @@ if require vgpu-gpu-check; then
     GPU_CHECK_TABLE=$(sed -n '/^== timing/,$p' "$OUTPUT")
 fi
 
+# Fail closed: without a worker binary a CUDA mediator refuses to start; it never runs
+# VMs' CUDA work in its own process.
+fail_closed_check() {
+    local out rc
+    out=$(VGPU_EXECUTOR_WORKER=/nonexistent/vgpu-executor-worker \
+        "$DIR/vgpu-mediator" --executor cuda info 2>&1)
+    rc=$?
+    if [[ $rc -ne 0 && $out == *"worker processes"* ]]; then
+        echo "PASS fail-closed: no worker binary -> exit $rc: $(tail -n 1 <<<"$out")"
+    else
+        echo "FAIL fail-closed: exit $rc: $out"
+        return 1
+    fi
+}
+if [[ -x $DIR/vgpu-mediator ]]; then
+    note "fail-closed"
+    if fail_closed_check | tee "$OUTPUT"; then
+        STEPS+=("PASS step fail-closed")
+    else
+        STEPS+=("FAIL step fail-closed")
+        STEP_FAIL=$((STEP_FAIL + 1))
+    fi
+    count_lines
+fi
+
+# Guest kernels' parameters sized from their PTX alone, as on drivers before CUDA 12.4
+# (no cuFuncGetParamInfo): every check again, quickly.
+if [[ -x $DIR/vgpu-gpu-check ]]; then
+    run_step ptx-signatures "${CHECK_TIMEOUT:-420}" \
+        env VGPU_PTX_SIGNATURES_ONLY=1 "$DIR/vgpu-gpu-check" --quick
+fi
+
 if [[ -x $DIR/vgpu-mediator-tests ]]; then
     # Unit tests, including the ones that skip themselves without a GPU.
     run_step unit-tests "${TESTS_TIMEOUT:-120}" "$DIR/vgpu-mediator-tests" --test-threads=1

@@ -11,3 +11,11 @@ if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
     echo "setup: no Rust toolchain found; install rustup (https://rustup.rs) and Rust >= 1.80" >&2
     exit 1
 fi
+
+# The unprivileged user executor worker processes switch to when the mediator runs as
+# root (see mediator/src/sandbox.rs); without it they fall back to nobody.
+if ! getent passwd vgpu-worker >/dev/null; then
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+        --user-group vgpu-worker
+    echo "setup: created the system user vgpu-worker" >&2
+fi

@@ -15,12 +15,18 @@ pub mod executor;
 mod mediator;
 pub mod nfs;
 pub mod process;
+pub mod ptx;
+pub mod sandbox;
 pub mod selftest;
 mod worker;
 
-pub use executor::{select, DeviceInfo, ExecError, Executor, ExecutorChoice, ExecutorFactory};
+pub use executor::{
+    select, select_with, DeviceInfo, ExecError, Executor, ExecutorChoice, ExecutorFactory,
+    ExecutorOptions, Isolation,
+};
 pub use mediator::{
-    CompletionQueue, CompletionSink, Limits, Mediator, TenantConfig, TenantId, TenantUsage,
+    request_cost, CompletionQueue, CompletionSink, Hold, HoldError, Limits, Mediator, TenantConfig,
+    TenantId, TenantUsage, DEFAULT_MAX_HELD_BYTES, REQUEST_OVERHEAD,
 };
 pub use worker::MAX_SHARED_BYTES;
 

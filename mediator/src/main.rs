@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use vgpu_mediator::nfs::{NfsOptions, NfsServer};
-use vgpu_mediator::{select, selftest, ExecutorChoice, ExecutorFactory, Mediator};
+use vgpu_mediator::{
+    select_with, selftest, ExecutorChoice, ExecutorFactory, ExecutorOptions, Mediator,
+};
 
 #[derive(Parser)]
 #[command(
@@ -19,6 +21,13 @@ struct Cli {
     /// Executor: cuda, cpu, or auto (CUDA when usable, else CPU).
     #[arg(long, global = true, default_value = "auto")]
     executor: ExecutorChoice,
+    /// User the executor worker processes run as (needs root). Default when running as
+    /// root: vgpu-worker if it exists, else nobody.
+    #[arg(long, global = true, value_name = "USER")]
+    worker_user: Option<String>,
+    /// Cap on each CUDA executor worker's private host memory (RLIMIT_DATA).
+    #[arg(long, global = true, value_name = "SIZE", value_parser = vgpu_mediator::parse_size)]
+    worker_max_memory: Option<u64>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -39,36 +48,61 @@ enum Cmd {
 const SERVE_ABOUT: &str = "Serves the Phase 1 file protocol in a directory exported to the VMs \
 over NFS, until SIGINT or SIGTERM.
 
-Each directory served is one VM (one tenant): the pair ROOT/command.txt and \
-ROOT/response.txt, or ROOT/<vm>/ for each VM. A VM writes 1 (vector-add validation), 2 \
-(device information) or 0 (reset) to command.txt; the mediator answers in response.txt \
-with one line: 0:Ready, 1:<message> or 2:<error>. To issue the same command again, \
-write 0 and wait for 0:Ready first (vgpu-nfs-client does this).";
+Each directory served is one VM (one tenant): ROOT/<vm>/ for each VM named with --vm \
+(the normal way), or, with no --vm, the single pair ROOT/command.txt and \
+ROOT/response.txt. Directories that appear are not served unless --discover is given. A \
+VM writes 1 (vector-add validation), 2 (device information) or 0 (reset) to \
+command.txt; the mediator answers in response.txt with one line: 0:Ready, 1:<message> \
+or 2:<error>. To issue the same command again, write 0 and wait for 0:Ready first \
+(vgpu-nfs-client does this). Only a regular file with one link is read as command.txt.";
 
 #[derive(clap::Args)]
 struct ServeArgs {
     /// Directory exported to the VMs; must exist and be writable.
     #[arg(long, value_name = "DIR", default_value = vgpu_mediator::nfs::DEFAULT_ROOT)]
     nfs_root: PathBuf,
-    /// Serve the VM directory DIR/NAME, created if missing (repeatable). Without --vm: the
-    /// pair at the root and every vm* directory, picked up as it appears.
+    /// Serve the VM directory DIR/NAME, created if missing (repeatable: one per VM; the
+    /// normal way). Without --vm: the pair at the root, for a single VM.
     #[arg(long = "vm", value_name = "NAME")]
     vms: Vec<String>,
+    /// Also serve every vm* directory that appears in DIR (and drop it when it goes), up
+    /// to --max-vms of them. Off by default: with it, whoever can create a directory in
+    /// DIR creates a tenant.
+    #[arg(long)]
+    discover: bool,
+    /// With --discover, the most discovered directories served at once; further ones are
+    /// ignored, with one warning each.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = vgpu_mediator::nfs::DEFAULT_MAX_VMS,
+        requires = "discover"
+    )]
+    max_vms: usize,
     /// Milliseconds between scans of the command files (local changes wake it at once).
     #[arg(long, value_name = "N", default_value_t = 100)]
     poll_ms: u64,
     /// Device memory each VM may allocate, e.g. 512M or 8G.
-    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = vgpu_mediator::parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = vgpu_mediator::parse_size)]
     mem_quota: u64,
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    let options = ExecutorOptions {
+        worker_user: cli.worker_user,
+        worker_max_memory: cli.worker_max_memory,
+        ..ExecutorOptions::default()
+    };
+    if let Err(e) = options.validate() {
+        eprintln!("vgpu-mediator: {e}");
+        return ExitCode::FAILURE;
+    }
     match cli.command {
         Cmd::Sanity => sanity(),
-        Cmd::Info => info(cli.executor),
-        Cmd::Serve(args) => serve(cli.executor, args),
+        Cmd::Info => info(cli.executor, &options),
+        Cmd::Serve(args) => serve(cli.executor, &options, args),
     }
 }
 
@@ -87,8 +121,8 @@ fn sanity() -> ExitCode {
     }
 }
 
-fn info(choice: ExecutorChoice) -> ExitCode {
-    match select(choice) {
+fn info(choice: ExecutorChoice, options: &ExecutorOptions) -> ExitCode {
+    match select_with(choice, options) {
         Ok(factory) => {
             let d = factory.device();
             println!("executor: {}", d.kind.name());
@@ -104,15 +138,16 @@ fn info(choice: ExecutorChoice) -> ExitCode {
     }
 }
 
-fn serve(choice: ExecutorChoice, args: ServeArgs) -> ExitCode {
+fn serve(choice: ExecutorChoice, options: &ExecutorOptions, args: ServeArgs) -> ExitCode {
     // Blocked before any thread starts, so every thread inherits the mask and only the
     // sigwait below receives them.
     let signals = termination_signals();
+    vgpu_mediator::sandbox::protect_daemon();
     if let Err(e) = vgpu_mediator::nfs::check_root(&args.nfs_root) {
         eprintln!("vgpu-mediator: {}", error_chain(&e));
         return ExitCode::FAILURE;
     }
-    let factory = match select(choice) {
+    let factory = match select_with(choice, options) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("vgpu-mediator: {e}");
@@ -127,6 +162,8 @@ fn serve(choice: ExecutorChoice, args: ServeArgs) -> ExitCode {
     );
     let opts = NfsOptions {
         vms: args.vms,
+        discover: args.discover,
+        max_vms: args.max_vms,
         poll_interval: Duration::from_millis(args.poll_ms),
         settle: Duration::from_millis(args.poll_ms),
         mem_quota: args.mem_quota,

@@ -49,8 +49,9 @@ pub struct Limits {
     pub max_held_bytes: u64,
 }
 
-/// Default of [`Limits::max_held_bytes`]: two of the largest transfers.
-pub const DEFAULT_MAX_HELD_BYTES: u64 = 2 * (MAX_TRANSFER_BYTES + REQUEST_OVERHEAD);
+/// Default of [`Limits::max_held_bytes`]: room for one of the largest transfers while
+/// the VM's other requests hold almost as much.
+pub const DEFAULT_MAX_HELD_BYTES: u64 = 2 * MAX_TRANSFER_BYTES;
 
 /// What every request costs on top of its payload (its header, its place in queues).
 pub const REQUEST_OVERHEAD: u64 = 256;

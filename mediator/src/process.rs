@@ -56,9 +56,18 @@ use crate::executor::{
     BufferId, DeviceInfo, ExecError, ExecParam, ExecResult, Executor, ExecutorFactory, KernelRef,
     ModuleId, StreamId,
 };
+use crate::sandbox::{Sandbox, WorkerUser};
 
 /// Environment variable naming the worker binary.
 pub const WORKER_ENV: &str = "VGPU_EXECUTOR_WORKER";
+/// The only environment variables a worker inherits.
+const WORKER_ENV_KEPT: &[&str] = &[
+    "RUST_LOG",
+    "LD_LIBRARY_PATH",
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+    crate::cuda::PTX_SIGNATURES_ONLY_ENV,
+];
 /// The worker binary's file name.
 pub const WORKER_BINARY: &str = "vgpu-executor-worker";
 /// Default size of a worker's staging area for copies.
@@ -417,6 +426,7 @@ pub struct ProcessExecutorFactory {
     kind: WorkerKind,
     worker: PathBuf,
     staging_bytes: usize,
+    sandbox: Sandbox,
     live: Arc<Mutex<Vec<u32>>>,
 }
 
@@ -454,8 +464,23 @@ impl ProcessExecutorFactory {
             kind,
             worker: find_worker()?,
             staging_bytes: DEFAULT_STAGING_BYTES,
+            sandbox: Sandbox {
+                user: WorkerUser::default_for_this_process(),
+                ..Sandbox::default()
+            },
             live: Arc::default(),
         })
+    }
+
+    /// Confines workers as `sandbox` says instead of the default (the dedicated user when
+    /// running as root, seccomp on, default limits).
+    pub fn with_sandbox(mut self, sandbox: Sandbox) -> Self {
+        self.sandbox = sandbox;
+        self
+    }
+
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
     }
 
     /// Uses this worker binary instead of the one [`find_worker`] found.
@@ -518,6 +543,15 @@ impl ProcessExecutorFactory {
             .arg(mem_fd.to_string())
             .arg("--staging-bytes")
             .arg(self.staging_bytes.to_string())
+            .args(self.sandbox.args())
+            .env_clear()
+            .envs(
+                WORKER_ENV_KEPT
+                    .iter()
+                    .filter_map(|&k| std::env::var_os(k).map(|v| (k, v))),
+            )
+            // No JIT cache: the worker creates no files.
+            .env("CUDA_CACHE_DISABLE", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         // SAFETY: the closure runs in the forked child before exec and calls only
@@ -1007,10 +1041,22 @@ fn open_executor(kind: u8, ordinal: u32, ptx: &str, staging: &Staging) -> ExecRe
     }
 }
 
+/// What a worker does to itself once its executor is open (see [`crate::sandbox`]).
+#[derive(Clone, Debug)]
+pub struct WorkerConfinement {
+    pub seccomp: bool,
+    pub jit_cpu_seconds: u64,
+}
+
 /// Serves one executor to the parent over the inherited socket `socket_fd`, with the
 /// inherited staging memfd `staging_fd` of `staging_bytes`. Returns when the parent asks
 /// the worker to exit or closes the socket. This is `vgpu-executor-worker`'s body.
-pub fn serve(socket_fd: RawFd, staging_fd: RawFd, staging_bytes: usize) -> Result<(), String> {
+pub fn serve(
+    socket_fd: RawFd,
+    staging_fd: RawFd,
+    staging_bytes: usize,
+    confinement: &WorkerConfinement,
+) -> Result<(), String> {
     for (fd, what) in [(socket_fd, "--socket-fd"), (staging_fd, "--staging-fd")] {
         // SAFETY: only queries the fd's flags.
         if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
@@ -1060,6 +1106,15 @@ pub fn serve(socket_fd: RawFd, staging_fd: RawFd, staging_bytes: usize) -> Resul
         let ptx = d.str().map_err(bad)?;
         open_executor(kind, ordinal, ptx, &staging)
     })();
+    // The executor is open (the driver initialised with trusted input); from here on
+    // everything is the guest's, so the allow-list goes on before the first request.
+    let opened = opened.and_then(|h| {
+        if confinement.seccomp {
+            crate::sandbox::install_seccomp()
+                .map_err(|e| ExecError::new(Status::Internal, 0, e))?;
+        }
+        Ok(h)
+    });
     let mut hosted = match opened {
         Ok(h) => h,
         Err(e) => {
@@ -1089,7 +1144,7 @@ pub fn serve(socket_fd: RawFd, staging_fd: RawFd, staging_bytes: usize) -> Resul
                 Err(format!("receiving: {e}"))
             };
         }
-        let (result, exit) = match handle(hosted.exec(), &mut staging, &frame) {
+        let (result, exit) = match handle(hosted.exec(), &mut staging, &frame, confinement) {
             Ok(Some(result)) => (result, false),
             Ok(None) => (Ok(0), true),
             Err(e) => (
@@ -1119,6 +1174,7 @@ fn handle(
     exec: &mut dyn Executor,
     staging: &mut Staging,
     frame: &[u8],
+    confinement: &WorkerConfinement,
 ) -> io::Result<Option<ExecResult<u64>>> {
     let mut d = Dec(frame);
     let op = d.u8()?;
@@ -1169,7 +1225,11 @@ fn handle(
             exec.memset(stream, dst, offset, len, value, width)
                 .map(|()| 0)
         }
-        OP_LOAD_MODULE => exec.load_module(d.str()?).map(|m| m.0),
+        OP_LOAD_MODULE => {
+            let ptx = d.str()?;
+            let _limit = crate::sandbox::JitCpuLimit::arm(confinement.jit_cpu_seconds);
+            exec.load_module(ptx).map(|m| m.0)
+        }
         OP_UNLOAD_MODULE => {
             exec.unload_module(ModuleId(d.u64()?));
             Ok(0)

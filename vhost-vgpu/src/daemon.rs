@@ -16,8 +16,8 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use log::{error, info, warn};
-use vgpu_mediator::nfs::{NfsOptions, NfsServer};
-use vgpu_mediator::{Mediator, TenantConfig, TenantId};
+use vgpu_mediator::nfs::NfsServer;
+use vgpu_mediator::{Limits, Mediator, TenantConfig, TenantId};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -57,8 +57,14 @@ impl Daemon {
     /// when this returns, so a frontend may connect at once.
     pub fn start(config: VgpuConfig) -> Result<Daemon> {
         config.validate()?;
-        let factory = vgpu_mediator::select(config.executor).map_err(Error::Executor)?;
-        Daemon::start_with_mediator(&config, Mediator::new(factory))
+        config.validate()?;
+        let factory = vgpu_mediator::select_with(config.executor, &config.executor_options)
+            .map_err(Error::Executor)?;
+        let limits = Limits {
+            max_held_bytes: config.inflight_budget,
+            ..Limits::default()
+        };
+        Daemon::start_with_mediator(&config, Mediator::with_limits(factory, limits))
     }
 
     /// Starts serving with an existing mediator (`config.executor` is not used). The daemon
@@ -89,14 +95,16 @@ impl Daemon {
             threads: Vec::new(),
             nfs: None,
         };
-        if let Some(root) = &config.nfs_root {
-            let options = NfsOptions {
-                mem_quota: quota,
-                weight: config.weight,
-                ..NfsOptions::new(root)
-            };
+        // NFS VMs have their own quota (--nfs-mem-quota), and only the listed directories
+        // (or the root pair) are tenants unless discovery was asked for.
+        if let Some(options) = config.nfs_options() {
+            let (root, nfs_quota) = (options.root.clone(), options.mem_quota);
             let nfs = NfsServer::start(mediator.clone(), options).map_err(Error::StartNfs)?;
-            info!("{}: serving the NFS file protocol", root.display());
+            info!(
+                "{}: serving the NFS file protocol, each NFS VM with {} MiB of device memory",
+                root.display(),
+                nfs_quota >> 20
+            );
             daemon.nfs = Some(nfs);
         }
         for (index, path) in paths.into_iter().enumerate() {
@@ -156,6 +164,11 @@ impl Daemon {
     /// The mediator the sockets' tenants live in.
     pub fn mediator(&self) -> Arc<Mediator> {
         self.mediator.clone()
+    }
+
+    /// The NFS file transport, with `--nfs-root`.
+    pub fn nfs(&self) -> Option<&NfsServer> {
+        self.nfs.as_ref()
     }
 
     pub fn stop_handle(&self) -> StopHandle {
@@ -523,6 +536,76 @@ mod tests {
             std::fs::read_to_string(&response).unwrap().trim(),
             "0:Ready"
         );
+        daemon.stop().unwrap();
+        assert!(mediator.tenants().is_empty());
+    }
+
+    /// Waits until the NFS transport has scanned everything `n` more times.
+    fn nfs_passes(daemon: &Daemon, n: u64) {
+        let nfs = daemon.nfs().unwrap();
+        let target = nfs.passes() + n + 1;
+        assert!(
+            eventually(|| nfs.passes() >= target),
+            "the transport stopped"
+        );
+    }
+
+    fn nfs_tenants(mediator: &Mediator) -> Vec<(String, u64)> {
+        let mut names: Vec<(String, u64)> = mediator
+            .tenants()
+            .into_iter()
+            .map(|t| {
+                let name = mediator.tenant_config(t).unwrap().name;
+                (name, mediator.device_config(t).unwrap().mem_quota)
+            })
+            .filter(|(name, _)| name.starts_with("nfs:"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The attack of the security review: a guest that can create directories in the
+    /// export must not create tenants (a thread, on CUDA a worker and a context, each).
+    #[test]
+    fn directories_a_guest_creates_are_no_tenants_unless_discovery_is_asked_for() {
+        let dir = TempDir::new().unwrap();
+        let root = TempDir::new().unwrap();
+        for i in 0..200 {
+            std::fs::create_dir(root.as_path().join(format!("vm{i}"))).unwrap();
+        }
+        let mediator = Mediator::new(Arc::new(CpuExecutorFactory::new()));
+        let config = VgpuConfig {
+            nfs_root: Some(root.as_path().to_path_buf()),
+            nfs_vms: vec!["vm1".into(), "vm2".into()],
+            ..cpu_config(&dir, 1)
+        };
+        let daemon = Daemon::start_with_mediator(&config, mediator.clone()).unwrap();
+        // The 200 directories stay unserved while the transport scans them, again and again.
+        nfs_passes(&daemon, 3);
+        let quota = vgpu_mediator::nfs::DEFAULT_MEM_QUOTA;
+        assert_eq!(
+            nfs_tenants(&mediator),
+            [("nfs:vm1".to_owned(), quota), ("nfs:vm2".to_owned(), quota)],
+            "exactly the listed VMs, with the NFS quota (not the sockets' 32 MiB)"
+        );
+        assert_eq!(mediator.tenants().len(), 3);
+        assert!(!root.as_path().join("vm7/response.txt").exists());
+        daemon.stop().unwrap();
+
+        // Discovery on: capped.
+        let config = VgpuConfig {
+            nfs_root: Some(root.as_path().to_path_buf()),
+            nfs_discover: true,
+            nfs_max_vms: 5,
+            nfs_mem_quota: 8 << 20,
+            ..cpu_config(&dir, 1)
+        };
+        let daemon = Daemon::start_with_mediator(&config, mediator.clone()).unwrap();
+        nfs_passes(&daemon, 3);
+        let tenants = nfs_tenants(&mediator);
+        // The root pair and 5 discovered directories, each with --nfs-mem-quota.
+        assert_eq!(tenants.len(), 6, "{tenants:?}");
+        assert!(tenants.iter().all(|(_, q)| *q == 8 << 20), "{tenants:?}");
         daemon.stop().unwrap();
         assert!(mediator.tenants().is_empty());
     }

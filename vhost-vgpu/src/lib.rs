@@ -33,10 +33,14 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
-use vgpu_mediator::ExecutorChoice;
-use vgpu_protocol::{CONFIG_SIZE, DEFAULT_VIRTIO_ID};
+use vgpu_mediator::nfs::NfsOptions;
+use vgpu_mediator::{ExecutorChoice, ExecutorOptions, Isolation};
+use vgpu_protocol::{CONFIG_SIZE, DEFAULT_VIRTIO_ID, MAX_TRANSFER_BYTES};
 
 pub use backend::{VgpuBackend, NUM_QUEUES, QUEUE_SIZE};
+
+/// Smallest `--inflight-budget`: room for the largest request the protocol allows.
+pub const MIN_INFLIGHT_BUDGET: u64 = MAX_TRANSFER_BYTES + vgpu_mediator::REQUEST_OVERHEAD;
 pub use daemon::{Daemon, StopHandle};
 pub use vgpu_mediator::Mediator;
 
@@ -56,8 +60,19 @@ pub enum Error {
     WeightZero,
     #[error("--virtio-id must be between 1 and 65535, not {0}")]
     VirtioIdOutOfRange(u32),
+    #[error(
+        "--inflight-budget of {0} bytes cannot hold the largest request; it must be at least \
+         {MIN_INFLIGHT_BUDGET}"
+    )]
+    InflightBudgetTooSmall(u64),
+    #[error("--single-vm-shared-process serves one VM only: --socket-count 1 and no --nfs-root")]
+    SharedProcessNotSingleVm,
     #[error("--nfs-root")]
     NfsRoot(#[source] vgpu_mediator::nfs::NfsError),
+    #[error("--nfs-vm, --nfs-discover and --nfs-max-vms need --nfs-root")]
+    NfsWithoutRoot,
+    #[error("NFS VM list")]
+    NfsVms(#[source] vgpu_mediator::nfs::NfsError),
     #[error("starting the NFS file transport")]
     StartNfs(#[source] vgpu_mediator::nfs::NfsError),
     #[error("{0}")]
@@ -135,10 +150,69 @@ pub struct Args {
     pub virtio_id: u32,
 
     /// Also serve the Phase 1 NFS file protocol (command.txt / response.txt) in DIR, the
-    /// directory exported to the VMs: the pair at its root and every vm* directory, each a
-    /// tenant of the same mediator with the same quota and weight as a socket's VM.
+    /// directory exported to the VMs: DIR/NAME for each --nfs-vm NAME, or without
+    /// --nfs-vm the pair at DIR's root (a single VM). Each is a tenant of the same mediator
+    /// with --nfs-mem-quota and --weight.
     #[arg(long, value_name = "DIR")]
     pub nfs_root: Option<PathBuf>,
+
+    /// Serve the NFS VM directory DIR/NAME (created if missing); repeatable, one per VM.
+    #[arg(long = "nfs-vm", value_name = "NAME", requires = "nfs_root")]
+    pub nfs_vms: Vec<String>,
+
+    /// Also serve every vm* directory that appears in the NFS root (and drop it when it
+    /// goes), up to --nfs-max-vms of them. Off by default: with it, whoever can create a
+    /// directory there creates a tenant.
+    #[arg(long, requires = "nfs_root")]
+    pub nfs_discover: bool,
+
+    /// With --nfs-discover, the most discovered directories served at once; further ones
+    /// are ignored, with one warning each.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = vgpu_mediator::nfs::DEFAULT_MAX_VMS,
+        requires = "nfs_discover"
+    )]
+    pub nfs_max_vms: usize,
+
+    /// Device memory each NFS VM may allocate (its own quota, not --mem-quota's), e.g.
+    /// 256M or 2G.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "256M",
+        value_parser = vgpu_mediator::parse_size
+    )]
+    pub nfs_mem_quota: u64,
+
+    /// Host memory each VM's requests may hold at once, queued, running or abandoned by a
+    /// device reset: their payload in and their answers out. A request past it waits in
+    /// the VM's queue while the VM's own requests are in flight, and is answered
+    /// LIMIT_EXCEEDED otherwise.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "512M",
+        value_parser = vgpu_mediator::parse_size
+    )]
+    pub inflight_budget: u64,
+
+    /// User the executor worker processes run as (needs root). Default when running as
+    /// root: vgpu-worker if it exists, else nobody.
+    #[arg(long, value_name = "USER")]
+    pub worker_user: Option<String>,
+
+    /// Cap on each CUDA executor worker's private host memory (RLIMIT_DATA).
+    #[arg(long, value_name = "SIZE", value_parser = vgpu_mediator::parse_size)]
+    pub worker_max_memory: Option<u64>,
+
+    /// Run the VM's CUDA work in this process instead of a worker process. NO MEMORY
+    /// ISOLATION: contexts of one process share its address space, so a kernel could reach
+    /// any other context's device memory by address. Only with --socket-count 1 and no
+    /// --nfs-root.
+    #[arg(long)]
+    pub single_vm_shared_process: bool,
 }
 
 /// A checked configuration of the daemon.
@@ -152,7 +226,19 @@ pub struct VgpuConfig {
     pub mem_quota: Option<u64>,
     pub weight: u32,
     pub virtio_id: u32,
+    /// Also serve the NFS file protocol in this directory.
     pub nfs_root: Option<PathBuf>,
+    /// NFS VM directories served; empty: the pair at the root.
+    pub nfs_vms: Vec<String>,
+    /// Also serve `vm*` directories as they appear, up to `nfs_max_vms`.
+    pub nfs_discover: bool,
+    pub nfs_max_vms: usize,
+    /// Device-memory quota of each NFS VM.
+    pub nfs_mem_quota: u64,
+    /// Host bytes each VM's requests may hold (see `Args::inflight_budget`).
+    pub inflight_budget: u64,
+    /// How CUDA executors run: isolation, worker user and limits.
+    pub executor_options: ExecutorOptions,
 }
 
 impl VgpuConfig {
@@ -166,7 +252,26 @@ impl VgpuConfig {
             weight: 100,
             virtio_id: DEFAULT_VIRTIO_ID,
             nfs_root: None,
+            nfs_vms: Vec::new(),
+            nfs_discover: false,
+            nfs_max_vms: vgpu_mediator::nfs::DEFAULT_MAX_VMS,
+            nfs_mem_quota: vgpu_mediator::nfs::DEFAULT_MEM_QUOTA,
+            inflight_budget: vgpu_mediator::DEFAULT_MAX_HELD_BYTES,
+            executor_options: ExecutorOptions::default(),
         }
+    }
+
+    /// The NFS transport's options, with `--nfs-root`.
+    pub fn nfs_options(&self) -> Option<NfsOptions> {
+        let root = self.nfs_root.as_ref()?;
+        Some(NfsOptions {
+            vms: self.nfs_vms.clone(),
+            discover: self.nfs_discover,
+            max_vms: self.nfs_max_vms,
+            mem_quota: self.nfs_mem_quota,
+            weight: self.weight,
+            ..NfsOptions::new(root)
+        })
     }
 
     /// The socket paths: `socket_path` with `0` .. `socket_count - 1` appended.
@@ -191,6 +296,15 @@ impl VgpuConfig {
         if !(1..=u32::from(u16::MAX)).contains(&self.virtio_id) {
             return Err(Error::VirtioIdOutOfRange(self.virtio_id));
         }
+        if self.inflight_budget < MIN_INFLIGHT_BUDGET {
+            return Err(Error::InflightBudgetTooSmall(self.inflight_budget));
+        }
+        self.executor_options.validate().map_err(Error::Executor)?;
+        if self.executor_options.isolation == Isolation::SharedProcess
+            && (self.socket_count != 1 || self.nfs_root.is_some())
+        {
+            return Err(Error::SharedProcessNotSingleVm);
+        }
         let path = &self.socket_path;
         if path.file_name().is_none() {
             return Err(Error::SocketPathNoFileName(path.clone()));
@@ -205,8 +319,15 @@ impl VgpuConfig {
         if !dir.is_dir() {
             return Err(Error::SocketDirNotDirectory(dir.to_path_buf()));
         }
-        if let Some(root) = &self.nfs_root {
-            vgpu_mediator::nfs::check_root(root).map_err(Error::NfsRoot)?;
+        match self.nfs_options() {
+            Some(options) => {
+                options.validate().map_err(Error::NfsVms)?;
+                vgpu_mediator::nfs::check_root(&options.root).map_err(Error::NfsRoot)?;
+            }
+            None if !self.nfs_vms.is_empty() || self.nfs_discover => {
+                return Err(Error::NfsWithoutRoot)
+            }
+            None => {}
         }
         Ok(())
     }
@@ -231,6 +352,20 @@ impl TryFrom<Args> for VgpuConfig {
             weight: args.weight,
             virtio_id: args.virtio_id,
             nfs_root: args.nfs_root,
+            nfs_vms: args.nfs_vms,
+            nfs_discover: args.nfs_discover,
+            nfs_max_vms: args.nfs_max_vms,
+            nfs_mem_quota: args.nfs_mem_quota,
+            inflight_budget: args.inflight_budget,
+            executor_options: ExecutorOptions {
+                isolation: if args.single_vm_shared_process {
+                    Isolation::SharedProcess
+                } else {
+                    Isolation::Process
+                },
+                worker_user: args.worker_user,
+                worker_max_memory: args.worker_max_memory,
+            },
         };
         config.validate()?;
         Ok(config)
@@ -253,6 +388,7 @@ pub fn start_backend(config: VgpuConfig) -> Result<()> {
     // Block the signals before any thread exists so that every thread inherits the mask
     // and only the waiting thread below ever receives them.
     let signals = daemon::block_stop_signals().map_err(Error::Signals)?;
+    vgpu_mediator::sandbox::protect_daemon();
     let daemon = Daemon::start(config)?;
     let stop = daemon.stop_handle();
     std::thread::Builder::new()
@@ -312,14 +448,42 @@ mod tests {
             "40",
             "--nfs-root",
             "/tmp",
+            "--nfs-vm",
+            "vm1",
+            "--nfs-vm",
+            "vm2",
+            "--nfs-discover",
+            "--nfs-max-vms",
+            "3",
+            "--nfs-mem-quota",
+            "64M",
+            "--inflight-budget",
+            "1G",
+            "--worker-user",
+            "root",
+            "--worker-max-memory",
+            "2G",
         ])
         .unwrap();
         let c = VgpuConfig::try_from(a).unwrap();
+        assert_eq!(c.inflight_budget, 1 << 30);
+        assert_eq!(
+            c.executor_options,
+            ExecutorOptions {
+                isolation: Isolation::Process,
+                worker_user: Some("root".into()),
+                worker_max_memory: Some(2 << 30),
+            }
+        );
         assert_eq!(c.executor, ExecutorChoice::Cpu);
         assert_eq!(c.mem_quota, Some(512 << 20));
         assert_eq!(c.weight, 7);
         assert_eq!(c.virtio_id, 40);
         assert_eq!(c.nfs_root, Some(PathBuf::from("/tmp")));
+        let nfs = c.nfs_options().unwrap();
+        assert_eq!(nfs.vms, ["vm1", "vm2"]);
+        assert!(nfs.discover);
+        assert_eq!((nfs.max_vms, nfs.mem_quota, nfs.weight), (3, 64 << 20, 7));
         assert_eq!(
             c.socket_paths(),
             ["/tmp/vgpu.sock0", "/tmp/vgpu.sock1", "/tmp/vgpu.sock2"].map(PathBuf::from)
@@ -346,6 +510,32 @@ mod tests {
             Error::VirtioIdOutOfRange(70000)
         ));
         assert!(matches!(
+            check(&["-s", "/tmp/vm", "--inflight-budget", "255M"]),
+            Error::InflightBudgetTooSmall(_)
+        ));
+        assert!(matches!(
+            check(&["-s", "/tmp/vm", "--worker-user", "no-such-user-here"]),
+            Error::Executor(e) if e.contains("no user")
+        ));
+        for shared in [
+            &["-s", "/tmp/vm", "-c", "2", "--single-vm-shared-process"][..],
+            &[
+                "-s",
+                "/tmp/vm",
+                "--nfs-root",
+                "/tmp",
+                "--single-vm-shared-process",
+            ],
+        ] {
+            assert!(matches!(check(shared), Error::SharedProcessNotSingleVm));
+        }
+        let one =
+            VgpuConfig::try_from(args(&["-s", "/tmp/vm", "--single-vm-shared-process"]).unwrap());
+        assert_eq!(
+            one.unwrap().executor_options.isolation,
+            Isolation::SharedProcess
+        );
+        assert!(matches!(
             check(&["-s", "/nonexistent-vgpu-dir/vm"]),
             Error::SocketDirMissing(p) if p == Path::new("/nonexistent-vgpu-dir")
         ));
@@ -361,6 +551,38 @@ mod tests {
             check(&["-s", "/tmp/vm", "--nfs-root", "/nonexistent-vgpu-root"]),
             Error::NfsRoot(_)
         ));
+        assert!(matches!(
+            check(&["-s", "/tmp/vm", "--nfs-root", "/tmp", "--nfs-vm", "../etc"]),
+            Error::NfsVms(_)
+        ));
+        let discover_none = ["-s", "/tmp/vm", "--nfs-root", "/tmp", "--nfs-discover"];
+        assert!(matches!(
+            check(&[&discover_none[..], &["--nfs-max-vms", "0"]].concat()),
+            Error::NfsVms(_)
+        ));
+        // NFS flags without --nfs-root, and the cap without discovery, are refused.
+        assert!(args(&["-s", "/tmp/vm", "--nfs-vm", "vm1"]).is_err());
+        assert!(args(&["-s", "/tmp/vm", "--nfs-discover"]).is_err());
+        assert!(args(&["-s", "/tmp/vm", "--nfs-root", "/tmp", "--nfs-max-vms", "4"]).is_err());
+        let no_root = VgpuConfig {
+            nfs_vms: vec!["vm1".into()],
+            ..VgpuConfig::new("/tmp/vm")
+        };
+        assert!(matches!(no_root.validate(), Err(Error::NfsWithoutRoot)));
+    }
+
+    #[test]
+    fn nfs_serves_the_root_pair_by_default_with_its_own_small_quota() {
+        let c =
+            VgpuConfig::try_from(args(&["-s", "/tmp/vm", "--nfs-root", "/tmp"]).unwrap()).unwrap();
+        let nfs = c.nfs_options().unwrap();
+        assert!(nfs.vms.is_empty() && !nfs.discover);
+        assert_eq!(nfs.mem_quota, 256 << 20);
+        assert_eq!(c.mem_quota, None, "the sockets' quota is separate");
+        assert_eq!(
+            VgpuConfig::new("/tmp/vm").nfs_options().map(|o| o.root),
+            None
+        );
     }
 
     #[test]

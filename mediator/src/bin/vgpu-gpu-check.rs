@@ -23,6 +23,7 @@ use vgpu_kernels::{reference, KernelSpec, CATALOG};
 use vgpu_mediator::cuda::{self, CudaExecutorFactory};
 use vgpu_mediator::executor::{ExecParam, Executor, KernelRef};
 use vgpu_mediator::process::ProcessExecutorFactory;
+use vgpu_mediator::sandbox::Sandbox;
 use vgpu_mediator::{select, ExecutorChoice, ExecutorFactory, Mediator, TenantConfig, TenantId};
 use vgpu_protocol::{
     Command, ExecutorKind, InfoReply, Launch, Param, Request, Response, SelftestKind, Status,
@@ -98,14 +99,10 @@ fn run(args: &Args, seed: u64, report: &mut Report, table: &mut Table) {
     report.pass(
         "factory",
         format!(
-            "{}; catalog compiled in {:.1} ms; guest kernel parameters {}",
+            "{}; catalog compiled in {:.1} ms; guest kernel parameters checked ({})",
             vgpu_mediator::selftest::device_line(factory.device()),
             ms(factory.compile_time()),
-            if factory.checks_module_params() {
-                "checked (cuFuncGetParamInfo)"
-            } else {
-                "unchecked (driver older than CUDA 12.4)"
-            },
+            factory.module_param_source(),
         ),
     );
     table.device = factory.device().name.clone();
@@ -125,19 +122,33 @@ fn run(args: &Args, seed: u64, report: &mut Report, table: &mut Table) {
             table.isolation = "each tenant's executor in its own worker process".into();
             // One worker of the same kind, asked whether the driver page-locked its
             // staging area (copies through it are then pinned).
-            let staging = ProcessExecutorFactory::cuda(0, &factory)
-                .map(|f| f.with_worker(worker))
-                .and_then(|f| f.spawn().map_err(|e| e.to_string()))
-                .map_or_else(
-                    |e| format!("staging area unknown ({e})"),
-                    |w| {
-                        if w.staging_pinned() {
-                            "staging area page-locked (cuMemHostRegister)".into()
-                        } else {
-                            "staging area NOT page-locked: copies run from pageable memory".into()
-                        }
-                    },
-                );
+            // Confined as the mediator's own workers are (see `select`).
+            let probe = ProcessExecutorFactory::cuda(0, &factory).map(|f| {
+                let sandbox = Sandbox {
+                    max_data_bytes: Some(vgpu_mediator::executor::DEFAULT_WORKER_MAX_MEMORY),
+                    ..f.sandbox().clone()
+                };
+                f.with_worker(worker).with_sandbox(sandbox)
+            });
+            let sandbox = probe
+                .as_ref()
+                .map(|f| f.sandbox().describe())
+                .unwrap_or_default();
+            let spawned = probe.and_then(|f| f.spawn().map_err(|e| e.to_string()));
+            match &spawned {
+                Ok(w) => sandbox_check(report, w.pid(), &sandbox),
+                Err(e) => report.fail("worker-sandbox", format!("no worker started: {e}")),
+            }
+            let staging = spawned.map_or_else(
+                |e| format!("staging area unknown ({e})"),
+                |w| {
+                    if w.staging_pinned() {
+                        "staging area page-locked (cuMemHostRegister)".into()
+                    } else {
+                        "staging area NOT page-locked: copies run from pageable memory".into()
+                    }
+                },
+            );
             report.pass(
                 "isolation-mode",
                 format!(
@@ -197,16 +208,9 @@ fn run(args: &Args, seed: u64, report: &mut Report, table: &mut Table) {
     check(report, "guest-ptx-module", || {
         guest_module_check(m, main, &guest_ptx, &mut rng, args.quick)
     });
-    if factory.checks_module_params() {
-        check(report, "guest-ptx-param-check", || {
-            param_check(m, main, &guest_ptx)
-        });
-    } else {
-        report.skip(
-            "guest-ptx-param-check",
-            "the driver has no cuFuncGetParamInfo",
-        );
-    }
+    check(report, "guest-ptx-param-check", || {
+        param_check(m, main, &guest_ptx)
+    });
     sticky_checks(report, m, fault, good, &header, &mut rng);
     error_checks(report, m, errs, huge, &factory, &guest_ptx, &mut rng);
 
@@ -918,6 +922,41 @@ fn guest_module_check(
     let want: Vec<f32> = y.iter().zip(&x).map(|(&y, &x)| a.mul_add(x, y)).collect();
     let got = as_f32(&out[..n]);
     compare(&got, &want, 0.0, None).map(|s| format!("hand-written PTX axpy, n={n}: {s}"))
+}
+
+/// A CUDA worker runs confined: no_new_privs, the seccomp filter, and (when the mediator
+/// runs as root) not as root.
+fn sandbox_check(report: &mut Report, pid: u32, sandbox: &str) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    let (uid, nnp, seccomp, filters, caps) = (
+        field("Uid"),
+        field("NoNewPrivs"),
+        field("Seccomp"),
+        field("Seccomp_filters"),
+        field("CapEff"),
+    );
+    // SAFETY: no preconditions.
+    let as_root = unsafe { libc::geteuid() } == 0;
+    let seccomp_wanted = vgpu_mediator::sandbox::seccomp_supported()
+        && std::env::var(vgpu_mediator::sandbox::SECCOMP_ENV).as_deref() != Ok("0");
+    let what = format!(
+        "worker {pid}: Uid {uid}, CapEff {caps}, NoNewPrivs {nnp}, Seccomp {seccomp} \
+         ({filters} filters); {sandbox}"
+    );
+    let root_uid = uid.split_whitespace().any(|u| u == "0");
+    let no_caps = caps.trim_start_matches('0').is_empty();
+    if nnp != "1" || !no_caps || (seccomp_wanted && seccomp != "2") || (as_root && root_uid) {
+        report.fail("worker-sandbox", what);
+    } else {
+        report.pass("worker-sandbox", what);
+    }
 }
 
 fn param_check(m: &Mediator, t: TenantId, ptx: &str) -> Result<String, String> {
