@@ -243,6 +243,7 @@ pub(crate) enum Message {
 
 /// State a worker publishes for everyone else to read.
 pub(crate) struct TenantShared {
+    pub id: TenantId,
     pub config: TenantConfig,
     pub usage: Mutex<TenantUsage>,
     /// Bytes reserved by [`Hold`]s.
@@ -357,6 +358,7 @@ impl Mediator {
     pub fn add_tenant(&self, config: TenantConfig) -> io::Result<TenantId> {
         let id = TenantId(self.next_tenant.fetch_add(1, Ordering::Relaxed));
         let shared = Arc::new(TenantShared {
+            id,
             config: config.clone(),
             usage: Mutex::new(TenantUsage::default()),
             held: AtomicU64::new(0),
@@ -500,6 +502,17 @@ impl Mediator {
         sink: Arc<dyn CompletionSink>,
         hold: Hold,
     ) {
+        // The hold knows its tenant's queue: no second look-up on the hot path.
+        let shared = hold.shared.clone();
+        if shared.id != tenant {
+            log::error!(
+                "a hold of tenant {} used for tenant {}: refused",
+                shared.id.0,
+                tenant.0
+            );
+            sink.complete(token, Response::error(Status::Internal, 0));
+            return;
+        }
         let reject = sink.clone();
         let message = Message::Request {
             request,
@@ -507,7 +520,7 @@ impl Mediator {
             sink,
             hold,
         };
-        if !self.send(tenant, message) {
+        if !shared.queue.push(message) {
             reject.complete(token, Response::error(Status::DeviceLost, 0));
         }
     }
