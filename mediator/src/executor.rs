@@ -152,6 +152,11 @@ pub trait ExecutorFactory: Send + Sync {
     fn worker_process(&self) -> Option<&std::path::Path> {
         None
     }
+    /// Starts what a VM's executor needs once and stops it again: for `info`-style
+    /// checks that must fail when a VM could not be served.
+    fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// `--executor` choices.

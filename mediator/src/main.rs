@@ -129,7 +129,14 @@ fn info(choice: ExecutorChoice, options: &ExecutorOptions) -> ExitCode {
             println!("device: {}", selftest::device_line(d));
             println!("multiprocessors: {}", d.multiprocessors);
             println!("isolation: {}", isolation(factory.as_ref()));
-            ExitCode::SUCCESS
+            // A VM's executor must start, not only the device be there.
+            match factory.check() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vgpu-mediator: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Err(e) => {
             eprintln!("vgpu-mediator: {e}");

@@ -620,6 +620,10 @@ impl ExecutorFactory for ProcessExecutorFactory {
     fn worker_process(&self) -> Option<&Path> {
         Some(&self.worker)
     }
+
+    fn check(&self) -> Result<(), String> {
+        self.probe()
+    }
 }
 
 /// An executor in a worker process; see the module documentation.
