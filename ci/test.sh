@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check of the project: formatting, lints, the Rust test suites and the
-# end-to-end scripts (real QEMU guests, real NFS). Ends with one line
-# "N passed, N failed" that counts every check that ran.
+# end-to-end scripts (real QEMU guests, real NFS, the glibc 2.17 build and its RPMs).
+# Ends with one line "N passed, N failed" that counts every check that ran.
 #
 #   bash ci/test.sh            # everything
 #   bash ci/test.sh --no-e2e   # formatting, lints and cargo tests only
@@ -12,7 +12,7 @@ e2e=1
 for arg in "$@"; do
     case "$arg" in
         --no-e2e) e2e=0 ;;
-        -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "ci/test.sh: unknown option '$arg'" >&2; exit 2 ;;
     esac
 done
@@ -55,7 +55,7 @@ elif [ "$cargo_rc" -ne 0 ]; then
 fi
 
 if [ "$e2e" = 1 ]; then
-    for script in ci/e2e-qemu.sh ci/e2e-nfs.sh; do
+    for script in ci/e2e-qemu.sh ci/e2e-nfs.sh ci/e2e-glibc.sh ci/e2e-worker-vm.sh; do
         [ -f "$script" ] || continue
         name=$(basename "$script" .sh)
         echo "=== $name"
