@@ -77,16 +77,12 @@ case $executor in cpu | cuda | auto) ;; *) die "--executor wants cpu, cuda or au
 [[ $timeout =~ ^[1-9][0-9]*$ ]] || die "--timeout wants whole seconds, got '$timeout'"
 
 cd "$REPO_DIR"
-start_time=$SECONDS
-
-# ---- output helpers -------------------------------------------------------------
-# Only pass() and fail() print lines that start with "PASS " or "FAIL "; everything
-# else is indented or prefixed so that ci/test.sh counts checks and nothing more.
-passed=0
-failed=0
-pass() { echo "PASS $*"; passed=$((passed + 1)); }
-fail() { echo "FAIL $*"; failed=$((failed + 1)); }
-step() { echo "== $* ($((SECONDS - start_time)) s)"; }
+# Check lines, show() and the work directory come from ci/e2e-lib.sh; ci/test.sh counts
+# the PASS/FAIL lines and nothing more.
+# shellcheck source=ci/e2e-lib.sh
+source "$REPO_DIR/ci/e2e-lib.sh"
+e2e_begin e2e-qemu
+e2e_workdir vgpu-e2e
 # A paragraph for a person, only with --narrate.
 say() {
     [[ $narrate -eq 1 ]] || return 0
@@ -94,34 +90,9 @@ say() {
     fold -s -w 88 <<<"$*" | sed 's/^/   /'
     echo
 }
-# Indented lines of a file (evidence, or the end of a log after a failure).
-show() { # FILE [LINES]
-    [[ -f $1 ]] || return 0
-    tail -n "${2:-30}" "$1" | tr -d '\r' | sed 's/^/    | /'
-}
 
-# ---- work directory and cleanup --------------------------------------------------
-work=$(mktemp -d "${TMPDIR:-/tmp}/vgpu-e2e.XXXXXX")
-pids=()
-cleanup() {
-    local rc=$? pid
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ $keep -eq 1 ]]; then
-        echo "e2e-qemu.sh: work directory kept: $work"
-    else
-        rm -rf "$work"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# Runs a build step quietly; on failure shows the end of its log and stops.
+# Runs a build step quietly; on failure shows the end of its log and stops (this script's
+# own form, without check lines).
 quiet() { # LOG CMD...
     local log=$1
     shift

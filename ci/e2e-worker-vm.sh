@@ -79,63 +79,10 @@ fi
 command -v apt-get >/dev/null || die "apt-get not found: this script needs Debian"
 
 cd "$REPO_DIR"
-start_time=$SECONDS
-
-# ---- output -------------------------------------------------------------------------
-# Only pass() and fail() print lines starting with "PASS " or "FAIL " (ci/test.sh counts
-# them); evidence is indented.
-passed=0
-failed=0
-pass() { echo "PASS worker-vm $*"; passed=$((passed + 1)); }
-fail() { echo "FAIL worker-vm $*"; failed=$((failed + 1)); }
-step() { echo "== $* ($((SECONDS - start_time)) s)"; }
-show() { # FILE [LINES]
-    [[ -f $1 ]] || return 0
-    tail -n "${2:-30}" "$1" | tr -d '\r' | sed 's/^/    | /'
-}
-verdict() {
-    local what=$1
-    if [[ $failed -eq 0 && $passed -gt 0 ]]; then
-        echo "PASS e2e-worker-vm: $passed checks passed in $((SECONDS - start_time)) s"
-        return 0
-    fi
-    echo "FAIL e2e-worker-vm: $failed of $((passed + failed)) checks failed${what:+ ($what)} in $((SECONDS - start_time)) s"
-    return 1
-}
-# A step that cannot go on: one FAIL line with what failed, the final line, exit 1.
-abort() { # CHECK DETAIL [LOG]
-    fail "$1 $2"
-    [[ -n ${3:-} ]] && show "$3" 30
-    verdict "$1" || true
-    exit 1
-}
-
-# ---- cleanup: every process this script started ---------------------------------------
-work=$(mktemp -d "${TMPDIR:-/tmp}/vgpu-e2e-worker-vm.XXXXXX")
-pids=()
-cleanup() {
-    local rc=$? pid
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ $keep -eq 1 ]]; then
-        echo "e2e-worker-vm.sh: work directory kept: $work"
-    else
-        rm -rf "$work"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-quiet() { # CHECK LOG CMD...
-    local check=$1 log=$2
-    shift 2
-    "$@" >"$log" 2>&1 || abort "$check" "'$*' failed" "$log"
-}
+# shellcheck source=ci/e2e-lib.sh
+source "$REPO_DIR/ci/e2e-lib.sh"
+e2e_begin e2e-worker-vm worker-vm
+e2e_workdir vgpu-e2e-worker-vm
 
 # shellcheck source=ci/apt.sh
 source "$REPO_DIR/ci/apt.sh"
