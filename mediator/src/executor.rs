@@ -307,7 +307,7 @@ pub fn process_isolated(
 ) -> Result<Arc<dyn ExecutorFactory>, String> {
     let workers = workers
         .map_err(|e| format!("CUDA executors run only in executor worker processes, and {e}"))?;
-    match workers.probe() {
+    match workers.check() {
         Ok(()) => log::info!(
             "each VM's CUDA work runs in its own executor worker process ({}; {})",
             workers.worker_path().display(),

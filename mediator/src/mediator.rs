@@ -83,12 +83,6 @@ pub struct Hold {
     bytes: u64,
 }
 
-impl Hold {
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-}
-
 impl Drop for Hold {
     fn drop(&mut self) {
         self.shared.held.fetch_sub(self.bytes, Ordering::AcqRel);

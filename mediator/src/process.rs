@@ -428,6 +428,9 @@ pub struct ProcessExecutorFactory {
     staging_bytes: usize,
     sandbox: Sandbox,
     live: Arc<Mutex<Vec<u32>>>,
+    /// The outcome of the first [`ExecutorFactory::check`], kept so that a start-up
+    /// check and a later `info` start one worker, not two.
+    checked: std::sync::OnceLock<Result<(), String>>,
 }
 
 impl ProcessExecutorFactory {
@@ -469,6 +472,7 @@ impl ProcessExecutorFactory {
                 ..Sandbox::default()
             },
             live: Arc::default(),
+            checked: std::sync::OnceLock::new(),
         })
     }
 
@@ -476,6 +480,7 @@ impl ProcessExecutorFactory {
     /// running as root, seccomp on, default limits).
     pub fn with_sandbox(mut self, sandbox: Sandbox) -> Self {
         self.sandbox = sandbox;
+        self.checked = std::sync::OnceLock::new();
         self
     }
 
@@ -486,12 +491,14 @@ impl ProcessExecutorFactory {
     /// Uses this worker binary instead of the one [`find_worker`] found.
     pub fn with_worker(mut self, worker: impl Into<PathBuf>) -> Self {
         self.worker = worker.into();
+        self.checked = std::sync::OnceLock::new();
         self
     }
 
     /// Sets the staging area's size (rounded up to whole pages).
     pub fn with_staging_bytes(mut self, bytes: usize) -> Self {
         self.staging_bytes = bytes.max(MIN_STAGING_BYTES).next_multiple_of(4096);
+        self.checked = std::sync::OnceLock::new();
         self
     }
 
@@ -622,7 +629,7 @@ impl ExecutorFactory for ProcessExecutorFactory {
     }
 
     fn check(&self) -> Result<(), String> {
-        self.probe()
+        self.checked.get_or_init(|| self.probe()).clone()
     }
 }
 

@@ -123,7 +123,7 @@ impl Default for Sandbox {
             max_data_bytes: None,
             max_tasks: DEFAULT_MAX_TASKS,
             jit_cpu_seconds: DEFAULT_JIT_CPU_SECONDS,
-            seccomp: seccomp_supported() && std::env::var(SECCOMP_ENV).map_or(true, |v| v != "0"),
+            seccomp: seccomp_by_default(),
         }
     }
 }
@@ -330,6 +330,12 @@ impl Drop for JitCpuLimit {
             let _ = set_limit(libc::RLIMIT_CPU, libc::RLIM_INFINITY, libc::RLIM_INFINITY);
         }
     }
+}
+
+/// Whether workers install the filter unless told otherwise: where it is supported and
+/// [`SECCOMP_ENV`] is not `0`.
+pub fn seccomp_by_default() -> bool {
+    seccomp_supported() && std::env::var(SECCOMP_ENV).map_or(true, |v| v != "0")
 }
 
 /// Whether this build can install the filter (its allow-list is written for x86_64).

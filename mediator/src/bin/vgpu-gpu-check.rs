@@ -130,18 +130,18 @@ fn run(args: &Args, seed: u64, report: &mut Report, table: &mut Table) {
                 };
                 f.with_worker(worker).with_sandbox(sandbox)
             });
-            let sandbox = probe
-                .as_ref()
-                .map(|f| f.sandbox().describe())
-                .unwrap_or_default();
-            let spawned = probe.and_then(|f| f.spawn().map_err(|e| e.to_string()));
+            let spawned = probe.and_then(|f| {
+                f.spawn()
+                    .map(|w| (w, f.sandbox().clone()))
+                    .map_err(|e| e.to_string())
+            });
             match &spawned {
-                Ok(w) => sandbox_check(report, w.pid(), &sandbox),
+                Ok((w, sandbox)) => sandbox_check(report, w.pid(), sandbox),
                 Err(e) => report.fail("worker-sandbox", format!("no worker started: {e}")),
             }
             let staging = spawned.map_or_else(
                 |e| format!("staging area unknown ({e})"),
-                |w| {
+                |(w, _)| {
                     if w.staging_pinned() {
                         "staging area page-locked (cuMemHostRegister)".into()
                     } else {
@@ -926,7 +926,7 @@ fn guest_module_check(
 
 /// A CUDA worker runs confined: no_new_privs, the seccomp filter, and (when the mediator
 /// runs as root) not as root.
-fn sandbox_check(report: &mut Report, pid: u32, sandbox: &str) {
+fn sandbox_check(report: &mut Report, pid: u32, sandbox: &Sandbox) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
@@ -944,11 +944,11 @@ fn sandbox_check(report: &mut Report, pid: u32, sandbox: &str) {
     );
     // SAFETY: no preconditions.
     let as_root = unsafe { libc::geteuid() } == 0;
-    let seccomp_wanted = vgpu_mediator::sandbox::seccomp_supported()
-        && std::env::var(vgpu_mediator::sandbox::SECCOMP_ENV).as_deref() != Ok("0");
+    let seccomp_wanted = sandbox.seccomp;
     let what = format!(
         "worker {pid}: Uid {uid}, CapEff {caps}, NoNewPrivs {nnp}, Seccomp {seccomp} \
-         ({filters} filters); {sandbox}"
+         ({filters} filters); {}",
+        sandbox.describe()
     );
     let root_uid = uid.split_whitespace().any(|u| u == "0");
     let no_caps = caps.trim_start_matches('0').is_empty();
