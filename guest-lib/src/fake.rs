@@ -231,6 +231,9 @@ fn run(
             }
             Response::ok()
         }
+        Command::HostRegister { .. } | Command::HostUnregister { .. } => {
+            return Err(Status::Unsupported)
+        }
         Command::Info | Command::SessionOpen | Command::SessionClose | Command::Selftest { .. } => {
             unreachable!("answered before the session lookup")
         }

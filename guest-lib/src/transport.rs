@@ -426,6 +426,8 @@ pub(crate) fn opcode_name(op: Opcode) -> &'static str {
         Opcode::Launch => "LAUNCH",
         Opcode::Sync => "SYNC",
         Opcode::Selftest => "SELFTEST",
+        Opcode::HostRegister => "HOST_REGISTER",
+        Opcode::HostUnregister => "HOST_UNREGISTER",
     }
 }
 

@@ -10,9 +10,10 @@ use vgpu_kernels::{Arg, CpuMemory, LaunchShape, ParamKind};
 use vgpu_protocol::{ExecutorKind, Status};
 
 use crate::executor::{
-    BufferId, DeviceInfo, ExecError, ExecParam, ExecResult, Executor, ExecutorFactory, KernelRef,
-    ModuleId, StreamId,
+    no_host_buffer, BufferId, DeviceInfo, ExecError, ExecParam, ExecResult, Executor,
+    ExecutorFactory, KernelRef, ModuleId, StreamId,
 };
+use crate::hostmap::{HostMap, HostMapping};
 
 /// Name the CPU executor reports as its device.
 pub const CPU_DEVICE_NAME: &str = "CPU reference executor";
@@ -147,6 +148,8 @@ impl ExecutorFactory for CpuExecutorFactory {
 #[derive(Default)]
 pub struct CpuExecutor {
     buffers: HashMap<u64, Vec<u8>>,
+    /// Registered host buffers, mapped from the VM's memory files.
+    hosts: HashMap<u64, HostMap>,
     streams: HashSet<u64>,
     next_id: u64,
 }
@@ -355,6 +358,58 @@ impl Executor for CpuExecutor {
     fn sync(&mut self, _: StreamId) -> ExecResult<()> {
         Ok(())
     }
+
+    fn register_host(&mut self, id: u64, mapping: &HostMapping) -> ExecResult<()> {
+        let map = HostMap::map(mapping).map_err(|e| {
+            ExecError::new(Status::InvalidArgument, 0, format!("host buffer {id}: {e}"))
+        })?;
+        self.hosts.insert(id, map);
+        Ok(())
+    }
+
+    fn unregister_host(&mut self, id: u64) {
+        self.hosts.remove(&id);
+    }
+
+    fn htod_host(
+        &mut self,
+        _: StreamId,
+        dst: BufferId,
+        offset: u64,
+        host: u64,
+        host_offset: u64,
+        len: u64,
+    ) -> ExecResult<()> {
+        let r = self.range(dst, offset, len)?;
+        let map = self.hosts.get(&host).ok_or_else(|| no_host_buffer(host))?;
+        let out = &mut self.buffers.get_mut(&dst.0).expect("range checked")[r];
+        map.read(host_offset, out)
+            .ok_or_else(|| host_range(host, host_offset, len))
+    }
+
+    fn dtoh_host(
+        &mut self,
+        _: StreamId,
+        src: BufferId,
+        offset: u64,
+        host: u64,
+        host_offset: u64,
+        len: u64,
+    ) -> ExecResult<()> {
+        let r = self.range(src, offset, len)?;
+        let map = self.hosts.get(&host).ok_or_else(|| no_host_buffer(host))?;
+        map.write(host_offset, &self.buffers[&src.0][r])
+            .ok_or_else(|| host_range(host, host_offset, len))
+    }
+}
+
+/// A copy that does not fit its host buffer.
+fn host_range(host: u64, offset: u64, len: u64) -> ExecError {
+    ExecError::new(
+        Status::OutOfRange,
+        0,
+        format!("{len} bytes at {offset} are outside host buffer {host}"),
+    )
 }
 
 #[cfg(test)]

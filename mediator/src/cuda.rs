@@ -1,8 +1,8 @@
-//! The CUDA executor: one CUDA context per tenant, driven through cudarc's `sys` layer.
+//! The CUDA executor: one CUDA context per session, driven through cudarc's `sys` layer.
 //!
 //! Each executor gets its own context from `cuCtxCreate`, never the primary context. A
 //! context does not contain a device fault, though: after a kernel traps, the other
-//! contexts of the same process fail too. Tenants are therefore isolated by running each
+//! contexts of the same process fail too. Sessions are therefore isolated by running each
 //! one's executor in its own worker process ([`crate::process`]); this in-process factory
 //! serves those workers, and the mediator directly only when no worker binary is found.
 //! The built-in catalog is compiled once with NVRTC ([`CudaExecutorFactory::new`]) and its
@@ -26,9 +26,10 @@ use vgpu_kernels::{LaunchShape, ParamKind, CATALOG};
 use vgpu_protocol::{ExecutorKind, Status, MAX_PTX_BYTES};
 
 use crate::executor::{
-    BufferId, DeviceInfo, ExecError, ExecParam, ExecResult, Executor, ExecutorFactory, KernelRef,
-    ModuleId, StreamId,
+    no_host_buffer, BufferId, DeviceInfo, ExecError, ExecParam, ExecResult, Executor,
+    ExecutorFactory, KernelRef, ModuleId, StreamId,
 };
+use crate::hostmap::{HostMap, HostMapping};
 
 /// Size of the JIT error log captured when a PTX module fails to load.
 const JIT_LOG_BYTES: usize = 8192;
@@ -526,7 +527,7 @@ fn sanity_memory() -> Result<(), String> {
 // ---------------------------------------------------------------------------------------
 // Factory
 
-/// Describes the device and makes one [`CudaExecutor`] (one CUDA context) per tenant.
+/// Describes the device and makes one [`CudaExecutor`] (one CUDA context) per session.
 pub struct CudaExecutorFactory {
     device: sys::CUdevice,
     info: DeviceInfo,
@@ -692,6 +693,8 @@ pub struct CudaExecutor {
     /// Parameter bytes and pointers of the launch being built, kept to reuse their memory.
     param_arena: Vec<u64>,
     param_ptrs: Vec<*mut c_void>,
+    /// Registered host buffers (page-locked in this context).
+    hosts: HashMap<u64, HostMap>,
 }
 
 impl CudaExecutor {
@@ -708,6 +711,7 @@ impl CudaExecutor {
             poison: None,
             param_arena: Vec::new(),
             param_ptrs: Vec::new(),
+            hosts: HashMap::new(),
         }
     }
 
@@ -721,8 +725,8 @@ impl CudaExecutor {
     ///
     /// # Safety
     /// `ptr..ptr + len` must be a page-aligned mapping that stays mapped until
-    /// [`CudaExecutor::unregister_host`] succeeds or this executor is dropped.
-    pub unsafe fn register_host(&mut self, ptr: *mut c_void, len: usize) -> ExecResult<()> {
+    /// [`CudaExecutor::unpin_host_memory`] succeeds or this executor is dropped.
+    pub unsafe fn pin_host_memory(&mut self, ptr: *mut c_void, len: usize) -> ExecResult<()> {
         if !(driver_has(b"cuMemHostRegister_v2") && driver_has(b"cuMemHostUnregister")) {
             return Err(ExecError::new(
                 Status::Unsupported,
@@ -736,15 +740,15 @@ impl CudaExecutor {
         self.check(r, "cuMemHostRegister")
     }
 
-    /// Undoes [`CudaExecutor::register_host`] for the range starting at `ptr`; call it
+    /// Undoes [`CudaExecutor::pin_host_memory`] for the range starting at `ptr`; call it
     /// before unmapping the range. Fails (and does nothing) once the context is poisoned:
     /// destroying the context then releases the registration.
     ///
     /// # Safety
-    /// `ptr` must be a pointer [`CudaExecutor::register_host`] registered in this executor.
-    pub unsafe fn unregister_host(&mut self, ptr: *mut c_void) -> ExecResult<()> {
+    /// `ptr` must be a pointer [`CudaExecutor::pin_host_memory`] registered in this executor.
+    pub unsafe fn unpin_host_memory(&mut self, ptr: *mut c_void) -> ExecResult<()> {
         self.enter()?;
-        // SAFETY: `ptr` was registered in this context (register_host), which is current.
+        // SAFETY: `ptr` was registered in this context (pin_host_memory), which is current.
         let r = unsafe { sys::cuMemHostUnregister(ptr) };
         self.check(r, "cuMemHostUnregister")
     }
@@ -781,6 +785,18 @@ impl CudaExecutor {
     }
 
     /// The device address of `[offset, offset + len)` in `buffer`, checked.
+    /// `len` bytes at `offset` of host buffer `id`.
+    fn host_span(&self, id: u64, offset: u64, len: u64) -> ExecResult<*mut u8> {
+        let map = self.hosts.get(&id).ok_or_else(|| no_host_buffer(id))?;
+        map.at(offset, len).ok_or_else(|| {
+            ExecError::new(
+                Status::OutOfRange,
+                0,
+                format!("{len} bytes at {offset} are outside host buffer {id}"),
+            )
+        })
+    }
+
     fn span(&self, buffer: BufferId, offset: u64, len: u64) -> ExecResult<sys::CUdeviceptr> {
         let size = *self
             .buffers
@@ -1368,10 +1384,93 @@ impl Executor for CudaExecutor {
     fn poisoned(&self) -> bool {
         self.poison.is_some()
     }
+
+    fn register_host(&mut self, id: u64, mapping: &HostMapping) -> ExecResult<()> {
+        if self.hosts.contains_key(&id) {
+            return Err(ExecError::new(
+                Status::InvalidArgument,
+                0,
+                format!("host buffer {id} exists"),
+            ));
+        }
+        let map = HostMap::map(mapping).map_err(|e| {
+            ExecError::new(Status::InvalidArgument, 0, format!("host buffer {id}: {e}"))
+        })?;
+        // SAFETY: `map` is a page-aligned mapping that stays mapped until it is
+        // unregistered (`unregister_host`, `Drop`).
+        unsafe { self.pin_host_memory(map.as_ptr().cast(), map.len()) }?;
+        self.hosts.insert(id, map);
+        Ok(())
+    }
+
+    fn unregister_host(&mut self, id: u64) {
+        if let Some(map) = self.hosts.remove(&id) {
+            // Copies from and to host buffers finish before they return: nothing queued
+            // uses it. SAFETY: registered in `register_host` above, unmapped after.
+            if let Err(e) = unsafe { self.unpin_host_memory(map.as_ptr().cast()) } {
+                log::debug!("host buffer {id}: {e}");
+            }
+        }
+    }
+
+    fn htod_host(
+        &mut self,
+        stream: StreamId,
+        dst: BufferId,
+        offset: u64,
+        host: u64,
+        host_offset: u64,
+        len: u64,
+    ) -> ExecResult<()> {
+        self.enter()?;
+        let dptr = self.span(dst, offset, len)?;
+        let s = self.stream(stream)?;
+        let src = self.host_span(host, host_offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: `src` is `len` bytes of a registered host buffer, mapped until it is
+        // unregistered; the destination lies in a live allocation (span).
+        let r = unsafe { sys::cuMemcpyHtoDAsync_v2(dptr, src.cast(), len as usize, s) };
+        self.check(r, "cuMemcpyHtoDAsync (host buffer)")?;
+        // The guest may reuse its buffer once the request completes.
+        // SAFETY: `s` is a live stream of this context.
+        let r = unsafe { sys::cuStreamSynchronize(s) };
+        self.check(r, "cuStreamSynchronize (htod host buffer)")
+    }
+
+    fn dtoh_host(
+        &mut self,
+        stream: StreamId,
+        src: BufferId,
+        offset: u64,
+        host: u64,
+        host_offset: u64,
+        len: u64,
+    ) -> ExecResult<()> {
+        self.enter()?;
+        let sptr = self.span(src, offset, len)?;
+        let s = self.stream(stream)?;
+        let dst = self.host_span(host, host_offset, len)?;
+        if len == 0 {
+            return self.sync(stream);
+        }
+        // SAFETY: as in `htod_host`, for writing.
+        let r = unsafe { sys::cuMemcpyDtoHAsync_v2(dst.cast(), sptr, len as usize, s) };
+        self.check(r, "cuMemcpyDtoHAsync (host buffer)")?;
+        // SAFETY: `s` is a live stream of this context.
+        let r = unsafe { sys::cuStreamSynchronize(s) };
+        self.check(r, "cuStreamSynchronize (dtoh host buffer)")
+    }
 }
 
 impl Drop for CudaExecutor {
     fn drop(&mut self) {
+        // Host buffers are unregistered while the context lives, then unmapped.
+        let ids: Vec<u64> = self.hosts.keys().copied().collect();
+        for id in ids {
+            Executor::unregister_host(self, id);
+        }
         let ctx = self.ctx;
         let healthy = self.poison.is_none();
         let result = catch_unwind(|| {

@@ -1,17 +1,19 @@
 //! The `Executor` trait: what runs a tenant's GPU work, on CUDA or on the CPU.
 //!
-//! One executor instance serves one tenant (one VM) and lives on that tenant's worker
-//! thread: it is created there and every call comes from there, so a CUDA executor can
-//! keep its own context current for its whole life. The mediator above it owns the
-//! policy (sessions, handles, quotas, validation); an executor only performs operations
-//! on objects it created, with arguments the mediator has already checked. Moving a
-//! tenant's executor into its own worker process changes the factory, not this trait.
+//! One executor instance serves one session (one guest process) and lives on its tenant's
+//! worker thread: it is created there and every call comes from there, so a CUDA executor
+//! can keep its own context current for its whole life. The mediator above it owns the
+//! policy (tenants, sessions, handles, quotas, validation); an executor only performs
+//! operations on objects it created, with arguments the mediator has already checked.
+//! Running each executor in its own worker process changes the factory, not this trait.
 
 use std::fmt;
 use std::sync::Arc;
 
 use vgpu_kernels::LaunchShape;
 use vgpu_protocol::{ExecutorKind, Status};
+
+use crate::hostmap::HostMapping;
 
 /// Device memory owned by an executor (a CUDA device pointer, or a CPU buffer id).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -83,6 +85,75 @@ impl std::error::Error for ExecError {}
 
 pub type ExecResult<T> = Result<T, ExecError>;
 
+/// Host-to-device data that stays where the transport found it (a guest's buffers) until
+/// an executor copies it: no intermediate copy in host memory.
+pub trait GuestSource: Send + Sync {
+    /// The bytes of the copy.
+    fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copies bytes `[offset, offset + out.len())` of the data into `out`.
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), String>;
+    /// Where the data lies in guest-physical memory, piece by piece in order (for a
+    /// copy from a registered host buffer); `None` when unknown.
+    fn guest_ranges(&self) -> Option<Vec<(u64, u64)>> {
+        None
+    }
+}
+
+/// Where device-to-host data goes (a guest's writable buffers), written in place.
+pub trait GuestSink: Send + Sync {
+    /// Room for data, in bytes.
+    fn capacity(&self) -> u64;
+    /// Copies `data` to bytes `[offset, offset + data.len())`.
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), String>;
+    /// See [`GuestSource::guest_ranges`]: where the room lies, first `capacity()` bytes.
+    fn guest_ranges(&self) -> Option<Vec<(u64, u64)>> {
+        None
+    }
+}
+
+/// Guest buffers a request's data stays in: its source, or the destination of its answer.
+#[derive(Clone)]
+pub enum GuestIo {
+    Source(Arc<dyn GuestSource>),
+    Sink(Arc<dyn GuestSink>),
+    /// A host buffer being registered: the files that hold its bytes.
+    Map(HostMapping),
+}
+
+impl fmt::Debug for GuestIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GuestIo::Source(s) => write!(f, "GuestIo::Source({} bytes)", s.len()),
+            GuestIo::Sink(s) => write!(f, "GuestIo::Sink({} bytes)", s.capacity()),
+            GuestIo::Map(m) => write!(f, "GuestIo::Map({} bytes)", m.len()),
+        }
+    }
+}
+
+/// The error for a host buffer the executor does not have.
+pub(crate) fn no_host_buffer(id: u64) -> ExecError {
+    ExecError::new(Status::Internal, 0, format!("no host buffer {id}"))
+}
+
+/// A guest's buffers could not be read or written (its memory changed under the copy).
+pub(crate) fn guest_fault(e: String) -> ExecError {
+    ExecError::new(Status::InvalidRequest, 0, format!("guest memory: {e}"))
+}
+
+/// A host buffer of `len` bytes, or OUT_OF_MEMORY.
+pub(crate) fn host_buffer(len: u64) -> ExecResult<Vec<u8>> {
+    let len = usize::try_from(len)
+        .map_err(|_| ExecError::new(Status::OutOfMemory, 0, "copy too large"))?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| ExecError::new(Status::OutOfMemory, 0, "no host memory for the copy"))?;
+    v.resize(len, 0);
+    Ok(v)
+}
+
 /// Runs one tenant's work. Calls on a stream are ordered; `htod`, `dtod`, `memset` and
 /// `launch` may return before the device finishes (their source bytes are no longer
 /// needed when they return); `dtoh` and `sync` wait for the stream. An asynchronous
@@ -133,6 +204,77 @@ pub trait Executor {
         params: &[ExecParam],
     ) -> ExecResult<()>;
     fn sync(&mut self, stream: StreamId) -> ExecResult<()>;
+    /// `htod` of data that is read from `src` as the copy goes. The default reads it
+    /// into one host buffer first; an executor with a staging area reads it straight
+    /// into that.
+    fn htod_from(
+        &mut self,
+        stream: StreamId,
+        dst: BufferId,
+        offset: u64,
+        src: &dyn GuestSource,
+    ) -> ExecResult<()> {
+        let mut data = host_buffer(src.len())?;
+        src.read(0, &mut data).map_err(guest_fault)?;
+        self.htod(stream, dst, offset, &data)
+    }
+    /// `dtoh` of `len` bytes written to `dst` as the copy goes (`dst` has room for them).
+    fn dtoh_into(
+        &mut self,
+        stream: StreamId,
+        src: BufferId,
+        offset: u64,
+        len: u64,
+        dst: &dyn GuestSink,
+    ) -> ExecResult<()> {
+        let mut data = host_buffer(len)?;
+        self.dtoh(stream, src, offset, &mut data)?;
+        dst.write(0, &data).map_err(guest_fault)
+    }
+    /// Maps a host buffer of the session (see [`crate::hostmap`]) under `id`, page-locked
+    /// where the executor can, so that [`Executor::htod_host`] and
+    /// [`Executor::dtoh_host`] copy straight between it and device memory. The default:
+    /// `UNSUPPORTED` (copies then take the ordinary path).
+    fn register_host(&mut self, id: u64, mapping: &HostMapping) -> ExecResult<()> {
+        let _ = (id, mapping);
+        Err(ExecError::new(
+            Status::Unsupported,
+            0,
+            "host buffers are not registered by this executor",
+        ))
+    }
+    /// Unmaps host buffer `id` once no queued work uses it.
+    fn unregister_host(&mut self, id: u64) {
+        let _ = id;
+    }
+    /// `htod` of `len` bytes at `host_offset` of host buffer `host`.
+    #[allow(clippy::too_many_arguments)]
+    fn htod_host(
+        &mut self,
+        stream: StreamId,
+        dst: BufferId,
+        offset: u64,
+        host: u64,
+        host_offset: u64,
+        len: u64,
+    ) -> ExecResult<()> {
+        let _ = (stream, dst, offset, host, host_offset, len);
+        Err(no_host_buffer(host))
+    }
+    /// `dtoh` of `len` bytes into host buffer `host` at `host_offset`.
+    #[allow(clippy::too_many_arguments)]
+    fn dtoh_host(
+        &mut self,
+        stream: StreamId,
+        src: BufferId,
+        offset: u64,
+        host: u64,
+        host_offset: u64,
+        len: u64,
+    ) -> ExecResult<()> {
+        let _ = (stream, src, offset, host, host_offset, len);
+        Err(no_host_buffer(host))
+    }
     /// True once the execution context is unusable (a CUDA sticky error): the mediator
     /// then drops this executor, creates a new one and reports DEVICE_LOST to the
     /// tenant's other sessions.
@@ -141,7 +283,7 @@ pub trait Executor {
     }
 }
 
-/// Creates one executor per tenant and describes the device they share.
+/// Creates one executor per session and describes the device they share.
 pub trait ExecutorFactory: Send + Sync {
     fn device(&self) -> &DeviceInfo;
     /// Called on the tenant's worker thread.
@@ -185,10 +327,11 @@ impl std::str::FromStr for ExecutorChoice {
 /// Where CUDA executors run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Isolation {
-    /// Each VM's executor in its own worker process: its own CUDA context in its own
-    /// address space, so no VM's kernel can read or write another VM's device memory and a
-    /// fault takes down only its own VM. Without a worker that starts, a VM is not served
-    /// (its sessions get `DEVICE_LOST` and the next one tries a new worker).
+    /// Each session's executor (one per guest process) in its own worker process: its own
+    /// CUDA context in its own address space, so no kernel can read or write another
+    /// session's or VM's device memory and a fault takes down only its own session.
+    /// Without a worker that starts, a session is not served (`DEVICE_LOST`; the next one
+    /// tries a new worker).
     #[default]
     Process,
     /// Every executor in this process, for a single VM: CUDA contexts of one process
@@ -309,7 +452,7 @@ pub fn process_isolated(
         .map_err(|e| format!("CUDA executors run only in executor worker processes, and {e}"))?;
     match workers.check() {
         Ok(()) => log::info!(
-            "each VM's CUDA work runs in its own executor worker process ({}; {})",
+            "each session's CUDA work runs in its own executor worker process ({}; {})",
             workers.worker_path().display(),
             workers.sandbox().describe()
         ),

@@ -2,16 +2,18 @@
 //!
 //! A [`Mediator`] holds tenants (one per VM socket or NFS VM directory) with their
 //! memory quota and weight. Each tenant's requests run on its own worker, which owns
-//! the tenant's sessions (handles, modules, a stream, a sticky asynchronous error) and
-//! its [`Executor`]: [`cuda::CudaExecutor`] on a GPU, [`cpu::CpuExecutor`] elsewhere. On a
-//! GPU each tenant's executor runs in its own worker process ([`process`]), so a kernel
-//! that faults takes down only its own tenant's context.
+//! the tenant's sessions (handles, modules, a stream, a sticky asynchronous error), each
+//! with its own [`Executor`]: [`cuda::CudaExecutor`] on a GPU, [`cpu::CpuExecutor`]
+//! elsewhere. On a GPU each session's executor runs in its own worker process
+//! ([`process`]), as native CUDA gives each process its own context: no kernel can reach
+//! another session's memory, and a kernel that faults takes down only its own session.
 //! Transports hand decoded requests to [`Mediator::submit`] and receive completions
 //! through a [`CompletionSink`] without blocking.
 
 pub mod cpu;
 pub mod cuda;
 pub mod executor;
+pub mod hostmap;
 mod mediator;
 pub mod nfs;
 pub mod process;
@@ -22,7 +24,7 @@ mod worker;
 
 pub use executor::{
     select, select_with, DeviceInfo, ExecError, Executor, ExecutorChoice, ExecutorFactory,
-    ExecutorOptions, Isolation,
+    ExecutorOptions, GuestIo, GuestSink, GuestSource, Isolation,
 };
 pub use mediator::{
     request_cost, CompletionQueue, CompletionSink, Hold, HoldError, Limits, Mediator, TenantConfig,

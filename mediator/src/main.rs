@@ -193,7 +193,7 @@ fn serve(choice: ExecutorChoice, options: &ExecutorOptions, args: ServeArgs) -> 
 fn isolation(factory: &dyn ExecutorFactory) -> String {
     match factory.worker_process() {
         Some(worker) => format!(
-            "each tenant in its own worker process ({})",
+            "each session (guest process) in its own worker process ({})",
             worker.display()
         ),
         None => "tenants share this process".into(),

@@ -18,7 +18,7 @@ use vgpu_protocol::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::executor::{DeviceInfo, ExecutorFactory};
+use crate::executor::{DeviceInfo, ExecutorFactory, GuestIo};
 use crate::worker::Worker;
 
 /// Identifies a tenant for the life of the mediator.
@@ -41,6 +41,11 @@ pub struct Limits {
     pub max_sessions: u32,
     pub max_buffers_per_session: u32,
     pub max_modules_per_session: u32,
+    /// Host buffers a session may register (see [`crate::hostmap`]).
+    pub max_host_buffers_per_session: u32,
+    /// Bytes of host buffers a tenant may have registered at once: each is mapped (and on
+    /// CUDA page-locked) on the host for as long as the guest keeps it.
+    pub max_host_bytes: u64,
     /// Host memory the tenant's requests may hold at once, in bytes: the payload a request
     /// carries in (host-to-device data, PTX, parameters) and the data its answer carries
     /// out, from submission until the transport takes the answer, whether the request is
@@ -53,6 +58,9 @@ pub struct Limits {
 /// the VM's other requests hold almost as much.
 pub const DEFAULT_MAX_HELD_BYTES: u64 = 2 * MAX_TRANSFER_BYTES;
 
+/// Default of [`Limits::max_host_bytes`].
+pub const DEFAULT_MAX_HOST_BYTES: u64 = 64 << 30;
+
 /// What every request costs on top of its payload (its header, its place in queues).
 pub const REQUEST_OVERHEAD: u64 = 256;
 
@@ -62,6 +70,8 @@ impl Default for Limits {
             max_sessions: 64,
             max_buffers_per_session: 16384,
             max_modules_per_session: 64,
+            max_host_buffers_per_session: 256,
+            max_host_bytes: DEFAULT_MAX_HOST_BYTES,
             max_held_bytes: DEFAULT_MAX_HELD_BYTES,
         }
     }
@@ -145,6 +155,10 @@ pub struct TenantUsage {
     pub cancelled: u64,
     /// Host bytes the tenant's requests hold now (see [`Limits::max_held_bytes`]).
     pub held_bytes: u64,
+    /// Bytes of host buffers the tenant's sessions have registered.
+    pub host_bytes: u64,
+    /// Copies that went straight between a registered host buffer and the device.
+    pub host_copies: u64,
 }
 
 /// Receives completed requests.
@@ -226,6 +240,8 @@ impl CompletionSink for ChannelSink {
 pub(crate) enum Message {
     Request {
         request: Request,
+        /// Where an HTOD's data or a DTOH's answer stays (the guest's buffers).
+        io: Option<GuestIo>,
         token: u64,
         sink: Arc<dyn CompletionSink>,
         /// Released once the answer is taken from the sink.
@@ -430,6 +446,7 @@ impl Mediator {
                 token,
                 sink,
                 hold,
+                ..
             } = message
             {
                 drop(request);
@@ -496,6 +513,22 @@ impl Mediator {
         sink: Arc<dyn CompletionSink>,
         hold: Hold,
     ) {
+        self.submit_io(tenant, request, None, token, sink, hold)
+    }
+
+    /// Like [`Mediator::submit_held`], for a request whose data stays in the guest's
+    /// buffers: an HTOD (its `data` empty) copies from `GuestIo::Source`, a DTOH writes its
+    /// answer into `GuestIo::Sink` and answers [`Response::placed`]. The transport keeps
+    /// the buffers valid until the answer reaches it.
+    pub fn submit_io(
+        &self,
+        tenant: TenantId,
+        request: Request,
+        io: Option<GuestIo>,
+        token: u64,
+        sink: Arc<dyn CompletionSink>,
+        hold: Hold,
+    ) {
         // The hold knows its tenant's queue: no second look-up on the hot path.
         let shared = hold.shared.clone();
         if shared.id != tenant {
@@ -510,6 +543,7 @@ impl Mediator {
         let reject = sink.clone();
         let message = Message::Request {
             request,
+            io,
             token,
             sink,
             hold,

@@ -1,40 +1,105 @@
-//! Executors in worker processes: each tenant's executor runs in its own
-//! `vgpu-executor-worker` process, so a kernel that faults takes down that process's
-//! CUDA context only. (Separate contexts in one process do not contain a fault: after a
-//! kernel traps, every context of the process fails.)
+//! Executors in worker processes: each executor runs in its own `vgpu-executor-worker`
+//! process, so a kernel that faults takes down that process's CUDA context only.
+//! (Separate contexts in one process do not contain a fault: after a kernel traps, every
+//! context of the process fails.)
 //!
-//! [`ProcessExecutorFactory::create`] starts a worker and returns a [`ProcessExecutor`]
-//! that forwards every [`Executor`] call to it and waits for the answer:
+//! [`ProcessExecutorFactory::create`] hands out a [`ProcessExecutor`] whose worker is
+//! already running (from the pool, below) or starts one. The executor forwards every
+//! [`Executor`] call to its worker:
 //!
-//! - **Channel.** A unix stream socketpair; the worker inherits its end. Messages are
-//!   frames (a little-endian `u32` length, then the payload: an opcode and fixed-width
-//!   little-endian fields; byte strings carry a `u32` length). Every request gets one
-//!   reply: a poisoned flag (the worker's [`Executor::poisoned`]), then either a `u64`
-//!   value or the [`ExecError`] (status, detail, message) exactly as the executor made it.
+//! - **Channel.** A unix stream socketpair; the worker inherits its end. Each message is a
+//!   frame: a little-endian `u32` length (at most `MAX_FRAME`, the largest PTX plus
+//!   64 KiB), then the message encoded with postcard. The parent sends `ToWorker`
+//!   messages (`Init`, then one per executor operation, and `Exit`); the worker answers
+//!   `Init` with `Ready` (or `StartFailed`) and every later request with exactly one
+//!   `Reply`, in request order: the worker's [`Executor::poisoned`] flag and either a
+//!   `u64` value or the [`ExecError`] (status, detail, message) exactly as the executor
+//!   made it. A frame that does not decode, or has bytes left over, is an
+//!   `io::ErrorKind::InvalidData` error. `Init` is always variant 0 with the message
+//!   version (`WIRE_VERSION`) as its first field, so a worker tells a parent of another
+//!   version apart from a malformed message and refuses it.
+//! - **Pipelining.** Requests whose result the caller does not need at once — `launch`,
+//!   `memset`, `dtod`, `htod`, `free`, `unload_module`, `close_stream` — are sent and the
+//!   call returns without waiting for the reply. The parent keeps the unanswered requests
+//!   in a FIFO and reads their replies lazily, in order:
+//!   - A call that needs a value waits. `alloc`, `open_stream` and `load_module` first
+//!     read every earlier reply and, if one of those reported an error, return that error
+//!     without sending their own request (so nothing is created that the caller would
+//!     never learn of); `sync` and `dtoh` send their request at once and then read every
+//!     reply up to their own.
+//!   - The first error of a request that was not waited for is kept and returned as the
+//!     `Err` of the next call that waits, in preference to that call's own result: "an
+//!     asynchronous failure surfaces as an `Err` from a later call". Later errors of
+//!     requests not waited for, before that call, are only logged (at debug level).
+//!   - The poisoned flag is taken from every reply read, so [`Executor::poisoned`] turns
+//!     true once the reply that says so has been read (at the latest by the next call
+//!     that waits).
+//!   - At most [`MAX_IN_FLIGHT`] requests are unanswered; a call that would exceed that
+//!     first reads the oldest replies.
+//!   - A lost worker turns every call into `DEVICE_LOST`, the calls that do not wait
+//!     included, from the moment the loss is seen: a send that fails, or the channel
+//!     ending while a reply is read.
+//!
+//!   Neither side can block the other forever. The worker reads one request, runs it,
+//!   writes its reply with a blocking send, and reads the next. The parent writes without
+//!   blocking: when the socket is full it waits until it is writable *or* readable, and
+//!   reads whatever replies have arrived into its own buffer (bounded by
+//!   [`MAX_IN_FLIGHT`] replies) before trying again. So the worker's reply writes always
+//!   drain while the parent sends, the worker keeps reading requests, and the parent's
+//!   send completes. The parent blocks on the socket only to read a reply to a request
+//!   it has sent in full, and the worker answers every request it receives.
 //! - **Staging.** Copy data does not go through the socket: the parent creates a memfd
-//!   (64 MiB by default), both processes map it `MAP_SHARED`, an HTOD writes the bytes
-//!   there before its request and a DTOH reads them after its reply. Larger copies are
-//!   split into staging-sized pieces, one request each. The CUDA worker page-locks the
-//!   area (`cuMemHostRegister`), so those copies run at pinned speed; if the driver
+//!   (64 MiB by default), both processes map it `MAP_SHARED`, and requests name a region
+//!   of it (offset and length). The area is a ring of regions handed out in request order
+//!   and released in the same order: a copy is split into pieces of at most 1/8 of the
+//!   area (region starts aligned to 256 bytes), and consecutive pieces take consecutive
+//!   regions, wrapping at the end. An HTOD piece is written into its region before its
+//!   request is sent, and the call returns once every piece is sent, so the parent copies
+//!   piece k+1 while the worker copies piece k to the device. The worker replies to an
+//!   HTOD only once the bytes have left staging (the CPU executor copies at once; the
+//!   CUDA executor waits for its stream after the copy), so a region is free again once
+//!   the reply of the request that used it has been read; when the ring is full the
+//!   parent reads replies until the oldest region is free. A DTOH sends piece requests
+//!   into distinct regions for as long as the ring has room, before reading any reply;
+//!   as each reply arrives (in order) it copies that piece out of staging, which frees
+//!   the region for the next piece, and it returns after the last. The CUDA worker page-locks
+//!   the area (`cuMemHostRegister`), so those copies run at pinned speed; if the driver
 //!   refuses, it logs that and copies from pageable memory.
 //! - **Start.** The parent sends the executor kind and, for CUDA, the catalog PTX it
-//!   compiled, so a worker needs no NVRTC; the worker answers with the device it opened.
-//!   The worker is killed if the thread that started it dies (`PR_SET_PDEATHSIG`), and
-//!   exits when its socket closes.
+//!   compiled, so a worker needs no NVRTC; the worker answers with the executor it
+//!   opened. The worker is killed if the thread that started it ends
+//!   (`PR_SET_PDEATHSIG`), and exits when its socket closes.
+//! - **Pool.** [`ProcessExecutorFactory::with_pool`] keeps up to `n` workers started
+//!   (process running, executor open, `Ready` read) so that `create` takes one at once;
+//!   CUDA factories keep [`DEFAULT_CUDA_POOL`], the CPU ones none. One long-lived thread
+//!   of the factory starts them all — because `PR_SET_PDEATHSIG` fires when the thread
+//!   that started a worker ends, a worker from the pool lives at most as long as that
+//!   thread, which is as long as the factory. The thread starts at the first `create`
+//!   (or [`ProcessExecutorFactory::start_pool`]), refills the pool whenever `create`
+//!   takes a worker, and retries a worker that does not start with a growing delay
+//!   (100 ms up to 30 s). Before handing a pooled worker out, `create` checks that the
+//!   process is still running and that its socket is quiet (no hang-up, nothing unasked);
+//!   a dead one is discarded (killed and reaped) and the next one taken, and with the
+//!   pool empty `create` starts a worker on the calling thread exactly as without a pool.
+//!   Dropping the factory (or reconfiguring it) stops the thread, which first gives up a
+//!   worker it is starting, then stops and reaps every idle worker of the pool.
 //! - **Loss.** When the worker dies or the channel breaks, every call returns
 //!   `DEVICE_LOST` and [`Executor::poisoned`] turns true; the mediator then drops the
-//!   executor and the tenant's next session starts a new worker. A worker whose
-//!   executor reports itself poisoned (a sticky CUDA error) is dropped the same way.
-//! - **Stop.** Dropping a [`ProcessExecutor`] asks a healthy worker to exit, waits up to
-//!   [`EXIT_GRACE`], then kills it; a lost or poisoned one is killed at once. The child
-//!   is always reaped.
+//!   executor and the next session starts a new worker. A worker whose executor reports
+//!   itself poisoned (a sticky CUDA error) is dropped the same way.
+//! - **Stop.** Dropping a [`ProcessExecutor`] asks a healthy worker to exit (the worker
+//!   finishes the requests before that first), reads and drops the replies still coming
+//!   while it waits up to [`EXIT_GRACE`], then kills it; a lost or poisoned one is killed
+//!   at once. The child is always reaped.
 //!
-//! A kernel that never finishes blocks its worker, and with it the calling tenant's
-//! thread, in the call that waits for it; other tenants are not affected. There is no
-//! watchdog.
+//! A kernel that never finishes blocks its worker, and with it the thread that calls into
+//! it: at the next call that waits, or at the first call once the socket is full or
+//! [`MAX_IN_FLIGHT`] requests are unanswered. Other executors are not affected; dropping
+//! the executor gives up after [`EXIT_GRACE`] and kills the worker. There is no watchdog.
 //!
 //! The worker binary is found by [`find_worker`].
 
+use std::collections::VecDeque;
 use std::ffi::{c_void, OsStr, OsString};
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -44,18 +109,22 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::ptr::{self, NonNull};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use vgpu_kernels::LaunchShape;
 use vgpu_protocol::{Status, MAX_PTX_BYTES};
 
 use crate::cpu::{CpuExecutor, CpuExecutorFactory};
 use crate::cuda::{CudaExecutor, CudaExecutorFactory};
 use crate::executor::{
-    BufferId, DeviceInfo, ExecError, ExecParam, ExecResult, Executor, ExecutorFactory, KernelRef,
-    ModuleId, StreamId,
+    guest_fault, BufferId, DeviceInfo, ExecError, ExecParam, ExecResult, Executor, ExecutorFactory,
+    GuestSink, GuestSource, KernelRef, ModuleId, StreamId,
 };
+use crate::hostmap::{FilePiece, HostMapping};
 use crate::sandbox::{Sandbox, WorkerUser};
 
 /// Environment variable naming the worker binary.
@@ -76,13 +145,23 @@ pub const DEFAULT_STAGING_BYTES: usize = 64 << 20;
 pub const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a healthy worker may take to exit when its executor is dropped.
 pub const EXIT_GRACE: Duration = Duration::from_secs(5);
+/// Most requests an executor has sent without having read their replies.
+pub const MAX_IN_FLIGHT: usize = 256;
+/// How many started workers a CUDA factory keeps ready by default.
+pub const DEFAULT_CUDA_POOL: usize = 2;
 
 /// Version of the parent-worker messages; a worker refuses a parent of another version.
-const WIRE_VERSION: u32 = 1;
+const WIRE_VERSION: u32 = 2;
 /// Largest frame either side accepts (the largest is a module load of the largest PTX).
 const MAX_FRAME: usize = MAX_PTX_BYTES as usize + (64 << 10);
 /// Smallest staging area (one page).
 const MIN_STAGING_BYTES: usize = 4096;
+/// A copy is split into pieces of at most this fraction of the staging area.
+const STAGING_PIECES: usize = 8;
+/// Staging regions start at multiples of this many bytes.
+const STAGING_ALIGN: usize = 256;
+/// First and longest wait before the pool tries again to start a worker that failed.
+const POOL_RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(30));
 
 /// The CUDA error number a simulated device fault reports (`CUDA_ERROR_LAUNCH_FAILED`).
 const SIMULATED_FAULT_DETAIL: u32 = 719;
@@ -149,113 +228,210 @@ fn is_executable(p: &Path) -> bool {
 // ---------------------------------------------------------------------------------------
 // Messages
 
-const OP_INIT: u8 = 1;
-const OP_OPEN_STREAM: u8 = 2;
-const OP_CLOSE_STREAM: u8 = 3;
-const OP_ALLOC: u8 = 4;
-const OP_FREE: u8 = 5;
-const OP_HTOD: u8 = 6;
-const OP_DTOH: u8 = 7;
-const OP_DTOD: u8 = 8;
-const OP_MEMSET: u8 = 9;
-const OP_LOAD_MODULE: u8 = 10;
-const OP_UNLOAD_MODULE: u8 = 11;
-const OP_LAUNCH: u8 = 12;
-const OP_SYNC: u8 = 13;
-const OP_EXIT: u8 = 14;
+/// Which executor a worker opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum WireKind {
+    Cpu,
+    CpuFaultSim,
+    Cuda,
+}
 
-const KIND_CPU: u8 = 1;
-const KIND_CUDA: u8 = 2;
-const KIND_CPU_FAULT_SIM: u8 = 3;
+/// Where a copy's bytes lie in the staging area.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Staged {
+    at: u64,
+    len: u64,
+}
 
-const KERNEL_BUILTIN: u8 = 0;
-const KERNEL_MODULE: u8 = 1;
-const PARAM_VALUE: u8 = 0;
-const PARAM_BUFFER: u8 = 1;
+/// The kernel a launch runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum WireKernel<'a> {
+    Builtin { name: &'a str },
+    Module { module: u64, name: &'a str },
+}
 
-/// Builds one frame: a length placeholder, then the payload.
-struct Enc(Vec<u8>);
+/// A launch parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum WireParam<'a> {
+    Value(#[serde(serialize_with = "as_bytes")] &'a [u8]),
+    Buffer(u64),
+}
 
-impl Enc {
-    fn new(first: u8) -> Enc {
-        let mut v = Vec::with_capacity(64);
-        v.extend_from_slice(&[0; 4]);
-        v.push(first);
-        Enc(v)
+/// Writes a byte slice as one byte string (length and bytes), not as a sequence of `u8`.
+fn as_bytes<S: serde::Serializer>(v: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_bytes(v)
+}
+
+/// What the parent sends. Byte strings are borrowed from the frame they arrive in.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+enum ToWorker<'a> {
+    /// The first message. Stays variant 0 with `version` as its first field in every
+    /// version (see `serve`).
+    Init {
+        version: u32,
+        kind: WireKind,
+        ordinal: u32,
+        catalog_ptx: &'a str,
+    },
+    OpenStream,
+    CloseStream {
+        stream: u64,
+    },
+    Alloc {
+        bytes: u64,
+    },
+    Free {
+        buffer: u64,
+    },
+    Htod {
+        stream: u64,
+        dst: u64,
+        offset: u64,
+        staged: Staged,
+    },
+    Dtoh {
+        stream: u64,
+        src: u64,
+        offset: u64,
+        staged: Staged,
+    },
+    Dtod {
+        stream: u64,
+        dst: u64,
+        dst_offset: u64,
+        src: u64,
+        src_offset: u64,
+        len: u64,
+    },
+    Memset {
+        stream: u64,
+        dst: u64,
+        offset: u64,
+        len: u64,
+        value: u32,
+        width: u32,
+    },
+    LoadModule {
+        ptx: &'a str,
+    },
+    UnloadModule {
+        module: u64,
+    },
+    Launch {
+        stream: u64,
+        #[serde(borrow)]
+        kernel: WireKernel<'a>,
+        grid: [u32; 3],
+        block: [u32; 3],
+        shared_bytes: u32,
+        #[serde(borrow)]
+        params: Vec<WireParam<'a>>,
+    },
+    Sync {
+        stream: u64,
+    },
+    /// Answered, then the worker exits.
+    Exit,
+    /// Maps host buffer `id`: `files` memory files arrive with this message
+    /// (`SCM_RIGHTS`), and `pieces` say which bytes of which file hold it, in order:
+    /// (file index, offset, length).
+    RegisterHost {
+        id: u64,
+        files: u32,
+        pieces: Vec<(u32, u64, u64)>,
+    },
+    UnregisterHost {
+        id: u64,
+    },
+    HtodHost {
+        stream: u64,
+        dst: u64,
+        offset: u64,
+        host: u64,
+        host_offset: u64,
+        len: u64,
+    },
+    DtohHost {
+        stream: u64,
+        src: u64,
+        offset: u64,
+        host: u64,
+        host_offset: u64,
+        len: u64,
+    },
+}
+
+/// An [`ExecError`] on the wire; the status as its protocol number.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct WireError {
+    status: u32,
+    detail: u32,
+    message: String,
+}
+
+impl From<&ExecError> for WireError {
+    fn from(e: &ExecError) -> WireError {
+        WireError {
+            status: e.status as u32,
+            detail: e.detail,
+            message: e.message.clone(),
+        }
     }
+}
 
-    fn u8(mut self, v: u8) -> Enc {
-        self.0.push(v);
-        self
+impl From<WireError> for ExecError {
+    fn from(e: WireError) -> ExecError {
+        let status = Status::from_u32(e.status).unwrap_or(Status::Internal);
+        ExecError::new(status, e.detail, e.message)
     }
+}
 
-    fn u32(mut self, v: u32) -> Enc {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-
-    fn u64(mut self, v: u64) -> Enc {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-
-    fn bytes(mut self, v: &[u8]) -> Enc {
-        self = self.u32(v.len() as u32);
-        self.0.extend_from_slice(v);
-        self
-    }
-
-    fn str(self, v: &str) -> Enc {
-        self.bytes(v.as_bytes())
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        let len = (self.0.len() - 4) as u32;
-        self.0[..4].copy_from_slice(&len.to_le_bytes());
-        self.0
-    }
+/// What the worker sends.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+enum FromWorker {
+    /// The answer to `Init`: the executor is open.
+    Ready {
+        /// The driver page-locked the staging area.
+        pinned: bool,
+        /// Which executor the worker opened, for the log.
+        executor: String,
+    },
+    /// The answer to `Init`: no executor could be opened; the worker exits.
+    StartFailed { error: WireError },
+    /// The answer to any later request, in request order.
+    Reply {
+        poisoned: bool,
+        result: Result<u64, WireError>,
+    },
 }
 
 fn malformed() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, "malformed executor message")
 }
 
-/// Reads the fields of one payload.
-struct Dec<'a>(&'a [u8]);
+/// Replaces `frame` with the frame of `msg`: its length (filled in even when it exceeds
+/// `MAX_FRAME`; the caller checks), then its bytes.
+fn encode<T: Serialize>(msg: &T, frame: &mut Vec<u8>) -> io::Result<()> {
+    let mut out = std::mem::take(frame);
+    out.clear();
+    out.extend_from_slice(&[0; 4]);
+    let mut out =
+        postcard::to_extend(msg, out).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let len = u32::try_from(out.len() - 4).unwrap_or(u32::MAX);
+    out[..4].copy_from_slice(&len.to_le_bytes());
+    *frame = out;
+    Ok(())
+}
 
-impl<'a> Dec<'a> {
-    fn take(&mut self, n: usize) -> io::Result<&'a [u8]> {
-        if self.0.len() < n {
-            return Err(malformed());
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
-
-    fn u8(&mut self) -> io::Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn u32(&mut self) -> io::Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
-    }
-
-    fn u64(&mut self) -> io::Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
-    }
-
-    fn bytes(&mut self) -> io::Result<&'a [u8]> {
-        let n = self.u32()? as usize;
-        self.take(n)
-    }
-
-    fn str(&mut self) -> io::Result<&'a str> {
-        std::str::from_utf8(self.bytes()?).map_err(|_| malformed())
+/// The message in one frame's payload, which it must fill exactly.
+fn decode<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> io::Result<T> {
+    match postcard::take_from_bytes(payload) {
+        Ok((msg, [])) => Ok(msg),
+        _ => Err(malformed()),
     }
 }
 
-/// Sends a whole frame; never raises SIGPIPE.
+/// Sends a whole frame, blocking; never raises SIGPIPE. (The worker's way of sending.)
 fn send_frame(fd: RawFd, frame: &[u8]) -> io::Result<()> {
     let mut sent = 0;
     while sent < frame.len() {
@@ -274,7 +450,7 @@ fn send_frame(fd: RawFd, frame: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Receives one frame's payload into `buf`.
+/// Receives one frame's payload into `buf`, blocking. (The worker's way of receiving.)
 fn recv_frame(sock: &mut UnixStream, buf: &mut Vec<u8>) -> io::Result<()> {
     let mut len = [0u8; 4];
     sock.read_exact(&mut len)?;
@@ -287,32 +463,382 @@ fn recv_frame(sock: &mut UnixStream, buf: &mut Vec<u8>) -> io::Result<()> {
     sock.read_exact(buf)
 }
 
-fn encode_reply(poisoned: bool, result: &ExecResult<u64>) -> Enc {
-    let e = Enc::new(u8::from(poisoned));
-    match result {
-        Ok(v) => e.u8(1).u64(*v),
-        Err(err) => e
-            .u8(0)
-            .u32(err.status as u32)
-            .u32(err.detail)
-            .str(&err.message),
+/// `poll` on one fd; the events that occurred, 0 on timeout (`timeout_ms` < 0: none).
+fn poll_fd(fd: RawFd, events: libc::c_short, timeout_ms: i32) -> io::Result<libc::c_short> {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+        if r >= 0 {
+            return Ok(if r == 0 { 0 } else { p.revents });
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 
-/// A reply's poisoned flag and result; `rest` holds what follows (the ready message's
-/// device description).
-fn decode_reply<'a>(payload: &'a [u8]) -> io::Result<(bool, ExecResult<u64>, Dec<'a>)> {
-    let mut d = Dec(payload);
-    let poisoned = d.u8()? != 0;
-    let result = if d.u8()? == 1 {
-        Ok(d.u64()?)
-    } else {
-        let status = Status::from_u32(d.u32()?).unwrap_or(Status::Internal);
-        let detail = d.u32()?;
-        let message = d.str()?.to_string();
-        Err(ExecError::new(status, detail, message))
+/// The `poll` timeout until `deadline`: -1 for none, at least 1 ms before it, and a
+/// `TimedOut` error once it has passed.
+fn timeout_ms(deadline: Option<Instant>) -> io::Result<i32> {
+    let Some(deadline) = deadline else {
+        return Ok(-1);
     };
-    Ok((poisoned, result, d))
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::Error::from(io::ErrorKind::TimedOut));
+    }
+    Ok(i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1))
+}
+
+/// A frame could not be sent.
+enum SendError {
+    /// Larger than `MAX_FRAME` (this many payload bytes); nothing was sent.
+    TooLarge(usize),
+    Io(io::Error),
+}
+
+/// The parent's end of the socket. Sends never block while the worker waits for the
+/// parent to read: see "Pipelining" in the module documentation.
+struct Channel {
+    sock: UnixStream,
+    /// Bytes received and not yet taken as messages, from `rx_start`.
+    rx: Vec<u8>,
+    rx_start: usize,
+    /// The last frame sent, kept for its allocation.
+    tx: Vec<u8>,
+}
+
+impl Channel {
+    fn new(sock: UnixStream) -> Channel {
+        Channel {
+            sock,
+            rx: Vec::new(),
+            rx_start: 0,
+            tx: Vec::new(),
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    /// Sends one message; gives up with a `TimedOut` error at `deadline` (`None`: never).
+    fn send(&mut self, msg: &ToWorker<'_>, deadline: Option<Instant>) -> Result<(), SendError> {
+        self.send_with_fds(msg, &[], deadline)
+    }
+
+    /// Sends one message with `fds` attached to its first byte (`SCM_RIGHTS`).
+    fn send_with_fds(
+        &mut self,
+        msg: &ToWorker<'_>,
+        fds: &[RawFd],
+        deadline: Option<Instant>,
+    ) -> Result<(), SendError> {
+        let mut frame = std::mem::take(&mut self.tx);
+        encode(msg, &mut frame).map_err(SendError::Io)?;
+        let len = frame.len() - 4;
+        if len > MAX_FRAME {
+            return Err(SendError::TooLarge(len));
+        }
+        let mut first = 0;
+        if !fds.is_empty() {
+            first = self
+                .send_fds(&frame, fds, deadline)
+                .map_err(SendError::Io)?;
+        }
+        let sent = self.write_all(&frame[first..], deadline);
+        if frame.capacity() <= 1 << 20 {
+            self.tx = frame;
+        }
+        sent.map_err(SendError::Io)
+    }
+
+    /// Sends the start of `frame` with `fds` attached; returns how many bytes went.
+    fn send_fds(
+        &mut self,
+        frame: &[u8],
+        fds: &[RawFd],
+        deadline: Option<Instant>,
+    ) -> io::Result<usize> {
+        if fds.len() > MAX_FDS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} files to send, at most {MAX_FDS}", fds.len()),
+            ));
+        }
+        let fd = self.fd();
+        loop {
+            match sendmsg_fds(fd, frame, fds, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let timeout = timeout_ms(deadline)?;
+                    let events = poll_fd(fd, libc::POLLIN | libc::POLLOUT, timeout)?;
+                    if events & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                        self.fill()?;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Writes without blocking; while the socket is full, waits until it is writable or
+    /// readable and reads what arrived into `rx`.
+    fn write_all(&mut self, frame: &[u8], deadline: Option<Instant>) -> io::Result<()> {
+        let fd = self.fd();
+        let mut sent = 0;
+        while sent < frame.len() {
+            let rest = &frame[sent..];
+            // SAFETY: `rest` is valid for reads of its length.
+            let n = unsafe {
+                libc::send(
+                    fd,
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 {
+                sent += n as usize;
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => {
+                    let timeout = timeout_ms(deadline)?;
+                    let events = poll_fd(fd, libc::POLLIN | libc::POLLOUT, timeout)?;
+                    if events & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                        self.fill()?;
+                    }
+                }
+                _ => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what the socket holds now into `rx`, without blocking: false when nothing
+    /// was there. The end of the channel is an `UnexpectedEof` error.
+    fn fill(&mut self) -> io::Result<bool> {
+        if self.rx_start == self.rx.len() {
+            self.rx.clear();
+            self.rx_start = 0;
+        } else if self.rx_start >= 64 << 10 {
+            self.rx.drain(..self.rx_start);
+            self.rx_start = 0;
+        }
+        self.rx.reserve(64 << 10);
+        let spare = self.rx.spare_capacity_mut();
+        let (ptr, room) = (spare.as_mut_ptr(), spare.len());
+        loop {
+            // SAFETY: `ptr` is valid for writes of `room` bytes (the vector's spare
+            // capacity), and recv writes at most that many.
+            let n = unsafe { libc::recv(self.fd(), ptr.cast(), room, libc::MSG_DONTWAIT) };
+            if n > 0 {
+                // SAFETY: recv initialised `n` bytes of the spare capacity.
+                unsafe { self.rx.set_len(self.rx.len() + n as usize) };
+                return Ok(true);
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the worker closed the channel",
+                ));
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => return Ok(false),
+                _ => return Err(e),
+            }
+        }
+    }
+
+    /// The next whole message in `rx`, if one has arrived.
+    fn parse(&mut self) -> io::Result<Option<FromWorker>> {
+        let buf = &self.rx[self.rx_start..];
+        if buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+        if len == 0 || len > MAX_FRAME {
+            return Err(malformed());
+        }
+        if buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let msg = decode(&buf[4..4 + len])?;
+        self.rx_start += 4 + len;
+        Ok(Some(msg))
+    }
+
+    /// The next message: waits until `deadline` (`None`: for as long as it takes), and
+    /// gives up early, with an `Interrupted` error, once `cancel` is set.
+    fn recv(
+        &mut self,
+        deadline: Option<Instant>,
+        cancel: Option<&AtomicBool>,
+    ) -> io::Result<FromWorker> {
+        loop {
+            if let Some(msg) = self.parse()? {
+                return Ok(msg);
+            }
+            if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+            }
+            let mut timeout = timeout_ms(deadline)?;
+            if cancel.is_some() {
+                timeout = if timeout < 0 { 100 } else { timeout.min(100) };
+            }
+            if poll_fd(self.fd(), libc::POLLIN, timeout)? != 0 {
+                self.fill()?;
+            }
+        }
+    }
+
+    /// True while nothing arrived and the worker has not closed its end: what an idle
+    /// worker's channel looks like.
+    fn quiet(&self) -> bool {
+        self.rx_start == self.rx.len() && matches!(poll_fd(self.fd(), libc::POLLIN, 0), Ok(0))
+    }
+
+    /// Waits up to `wait` for something to arrive and drops it; false once the worker
+    /// closed its end (or the socket failed).
+    fn discard(&mut self, wait: Duration) -> bool {
+        let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX).max(1);
+        match poll_fd(self.fd(), libc::POLLIN, ms) {
+            Ok(0) => true,
+            Ok(_) => {
+                let open = self.fill().is_ok();
+                self.rx.clear();
+                self.rx_start = 0;
+                open
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// Most files one message carries.
+const MAX_FDS: usize = 64;
+
+/// `sendmsg` of `data` with `fds` as `SCM_RIGHTS`; the bytes sent.
+fn sendmsg_fds(fd: RawFd, data: &[u8], fds: &[RawFd], flags: libc::c_int) -> io::Result<usize> {
+    let fd_bytes = std::mem::size_of_val(fds);
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid; the fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: `control` holds CMSG_SPACE(fd_bytes) bytes, so the first header and its
+    // data fit; the pointers come from the CMSG macros on this msghdr.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
+        ptr::copy_nonoverlapping(
+            fds.as_ptr(),
+            libc::CMSG_DATA(cmsg).cast::<RawFd>(),
+            fds.len(),
+        );
+    }
+    // SAFETY: `msg` points at live buffers for the call.
+    let n = unsafe { libc::sendmsg(fd, &msg, flags) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Blocking `recvmsg` into `buf`, keeping the files that arrive (`SCM_RIGHTS`); the
+/// bytes received, 0 at the end of the stream.
+fn recvmsg_fds(fd: RawFd, buf: &mut [u8], files: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) };
+    let mut control = vec![0u64; (space as usize).div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid; the fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    let n = loop {
+        // SAFETY: `msg` points at live buffers for the call.
+        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    // SAFETY: walks the control headers the kernel wrote into `control`.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                let bytes = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..bytes / std::mem::size_of::<RawFd>() {
+                    files.push(OwnedFd::from_raw_fd(ptr::read_unaligned(data.add(i))));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "more files arrived than a message may carry",
+        ));
+    }
+    Ok(n)
+}
+
+/// Receives one frame's payload into `buf`, blocking, with the files that arrive with it
+/// appended to `files`. (The worker's way of receiving.)
+fn recv_frame_fds(fd: RawFd, buf: &mut Vec<u8>, files: &mut Vec<OwnedFd>) -> io::Result<()> {
+    let mut fill = |out: &mut [u8]| -> io::Result<()> {
+        let mut got = 0;
+        while got < out.len() {
+            match recvmsg_fds(fd, &mut out[got..], files)? {
+                0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                n => got += n,
+            }
+        }
+        Ok(())
+    };
+    let mut len = [0u8; 4];
+    fill(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(malformed());
+    }
+    buf.clear();
+    buf.resize(len, 0);
+    fill(buf)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -323,6 +849,10 @@ struct Staging {
     ptr: NonNull<u8>,
     len: usize,
 }
+
+// SAFETY: the mapping belongs to the process, not to a thread, and `Staging` hands out
+// slices only through `&self` / `&mut self`, so moving it to another thread is sound.
+unsafe impl Send for Staging {}
 
 impl Staging {
     fn map(fd: RawFd, len: usize) -> io::Result<Staging> {
@@ -348,17 +878,31 @@ impl Staging {
         self.ptr.as_ptr().cast()
     }
 
-    fn slice(&self, len: usize) -> &[u8] {
-        assert!(len <= self.len);
-        // SAFETY: the mapping is `self.len` bytes, readable, alive while `self` is. The
-        // other process touches it only while this one waits for its message.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), len) }
+    /// The region a request names, checked against the area: `(at, len)`.
+    fn region(&self, staged: Staged) -> io::Result<(usize, usize)> {
+        let at = usize::try_from(staged.at).ok();
+        let len = usize::try_from(staged.len).ok();
+        match (at, len) {
+            (Some(at), Some(len)) if at <= self.len && len <= self.len - at => Ok((at, len)),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "copy outside the staging area",
+            )),
+        }
     }
 
-    fn slice_mut(&mut self, len: usize) -> &mut [u8] {
-        assert!(len <= self.len);
+    fn slice(&self, at: usize, len: usize) -> &[u8] {
+        assert!(at <= self.len && len <= self.len - at);
+        // SAFETY: the range lies in the mapping, readable and alive while `self` is. The
+        // other process writes a region only between the request that names it and its
+        // reply; this one reads a region only outside that window.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(at), len) }
+    }
+
+    fn slice_mut(&mut self, at: usize, len: usize) -> &mut [u8] {
+        assert!(at <= self.len && len <= self.len - at);
         // SAFETY: as in `slice`, and writable; `&mut self` makes this the only slice here.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), len) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(at), len) }
     }
 }
 
@@ -366,6 +910,69 @@ impl Drop for Staging {
     fn drop(&mut self) {
         // SAFETY: mapped in `map`, unmapped once; no slice outlives `self`.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The largest piece a copy is split into, for a staging area of `capacity` bytes.
+fn piece_bytes(capacity: usize) -> usize {
+    (capacity / STAGING_PIECES / STAGING_ALIGN * STAGING_ALIGN).max(STAGING_ALIGN)
+}
+
+/// The staging area as a ring: regions are handed out in order, each contiguous (one that
+/// does not fit before the end starts again at 0), and released in the same order.
+#[derive(Debug)]
+struct Ring {
+    capacity: usize,
+    /// Where the next region may start.
+    head: usize,
+    /// The regions in use, oldest first: `(start, end)`.
+    live: VecDeque<(usize, usize)>,
+}
+
+impl Ring {
+    fn new(capacity: usize) -> Ring {
+        Ring {
+            capacity,
+            head: 0,
+            live: VecDeque::new(),
+        }
+    }
+
+    /// A region of `len` bytes (`0 < len <= capacity`), or `None` while the regions in
+    /// use leave no room for it.
+    fn alloc(&mut self, len: usize) -> Option<usize> {
+        let need = len.next_multiple_of(STAGING_ALIGN).min(self.capacity);
+        let start = match self.live.front() {
+            None => 0,
+            // In use: [tail, head) without a wrap; free: [head, capacity) and [0, tail).
+            Some(&(tail, _)) if self.head > tail => {
+                if self.capacity - self.head >= need {
+                    self.head
+                } else if tail >= need {
+                    0
+                } else {
+                    return None;
+                }
+            }
+            // Wrapped: free is [head, tail).
+            Some(&(tail, _)) if self.head < tail => {
+                if tail - self.head >= need {
+                    self.head
+                } else {
+                    return None;
+                }
+            }
+            // head == tail with regions in use: full.
+            Some(_) => return None,
+        };
+        self.live.push_back((start, start + need));
+        self.head = start + need;
+        Some(start)
+    }
+
+    /// Releases the oldest region.
+    fn release_oldest(&mut self) {
+        self.live.pop_front();
     }
 }
 
@@ -420,114 +1027,21 @@ enum WorkerKind {
     Cuda { ordinal: u32, catalog_ptx: Arc<str> },
 }
 
-/// Makes one [`ProcessExecutor`] (one worker process) per tenant.
-pub struct ProcessExecutorFactory {
+/// Everything needed to start a worker; shared by the factory and its pool thread.
+#[derive(Clone)]
+struct Spawner {
     info: DeviceInfo,
     kind: WorkerKind,
     worker: PathBuf,
     staging_bytes: usize,
     sandbox: Sandbox,
     live: Arc<Mutex<Vec<u32>>>,
-    /// The outcome of the first [`ExecutorFactory::check`], kept so that a start-up
-    /// check and a later `info` start one worker, not two.
-    checked: std::sync::OnceLock<Result<(), String>>,
 }
 
-impl ProcessExecutorFactory {
-    /// CUDA device `ordinal` in workers, described by and loading the catalog of `cuda`
-    /// (a factory for the same device); the worker binary from [`find_worker`].
-    pub fn cuda(ordinal: usize, cuda: &CudaExecutorFactory) -> Result<Self, String> {
-        let ordinal = u32::try_from(ordinal).map_err(|_| "device ordinal too large")?;
-        let kind = WorkerKind::Cuda {
-            ordinal,
-            catalog_ptx: cuda.catalog_ptx().into(),
-        };
-        Self::with_kind(cuda.device().clone(), kind)
-    }
-
-    /// The CPU reference executor in workers: the whole process path without a GPU.
-    pub fn cpu() -> Result<Self, String> {
-        Self::with_kind(CpuExecutorFactory::new().device().clone(), WorkerKind::Cpu)
-    }
-
-    /// The CPU executor in workers, with one difference: a `fill_u32` launch whose value
-    /// is [`SIMULATED_FAULT_VALUE`] is accepted and then fails the next synchronising
-    /// call with `LAUNCH_FAILED` (detail 719) and poisons the executor, the way a kernel
-    /// that traps does on CUDA. For tests of the fault path without a GPU.
-    pub fn cpu_fault_sim() -> Result<Self, String> {
-        Self::with_kind(
-            CpuExecutorFactory::new().device().clone(),
-            WorkerKind::CpuFaultSim,
-        )
-    }
-
-    fn with_kind(info: DeviceInfo, kind: WorkerKind) -> Result<Self, String> {
-        Ok(ProcessExecutorFactory {
-            info,
-            kind,
-            worker: find_worker()?,
-            staging_bytes: DEFAULT_STAGING_BYTES,
-            sandbox: Sandbox {
-                user: WorkerUser::default_for_this_process(),
-                ..Sandbox::default()
-            },
-            live: Arc::default(),
-            checked: std::sync::OnceLock::new(),
-        })
-    }
-
-    /// Confines workers as `sandbox` says instead of the default (the dedicated user when
-    /// running as root, seccomp on, default limits).
-    pub fn with_sandbox(mut self, sandbox: Sandbox) -> Self {
-        self.sandbox = sandbox;
-        self.checked = std::sync::OnceLock::new();
-        self
-    }
-
-    pub fn sandbox(&self) -> &Sandbox {
-        &self.sandbox
-    }
-
-    /// Uses this worker binary instead of the one [`find_worker`] found.
-    pub fn with_worker(mut self, worker: impl Into<PathBuf>) -> Self {
-        self.worker = worker.into();
-        self.checked = std::sync::OnceLock::new();
-        self
-    }
-
-    /// Sets the staging area's size (rounded up to whole pages).
-    pub fn with_staging_bytes(mut self, bytes: usize) -> Self {
-        self.staging_bytes = bytes.max(MIN_STAGING_BYTES).next_multiple_of(4096);
-        self.checked = std::sync::OnceLock::new();
-        self
-    }
-
-    pub fn worker_path(&self) -> &Path {
-        &self.worker
-    }
-
-    pub fn staging_bytes(&self) -> usize {
-        self.staging_bytes
-    }
-
-    /// Process ids of the workers running now.
-    pub fn workers(&self) -> Vec<u32> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Starts a worker and stops it again: the binary runs and opens the device.
-    pub fn probe(&self) -> Result<(), String> {
-        self.spawn().map(drop).map_err(|e| {
-            format!(
-                "executor worker {} did not start: {}",
-                self.worker.display(),
-                e.message
-            )
-        })
-    }
-
-    /// Starts a worker and waits until its executor is ready.
-    pub fn spawn(&self) -> ExecResult<ProcessExecutor> {
+impl Spawner {
+    /// Starts a worker on the calling thread and waits until its executor is ready, or
+    /// until `cancel` is set.
+    fn spawn(&self, cancel: Option<&AtomicBool>) -> ExecResult<ProcessExecutor> {
         let internal = |what: &str, e: io::Error| {
             ExecError::new(Status::Internal, 0, format!("executor worker: {what}: {e}"))
         };
@@ -596,15 +1110,19 @@ impl ProcessExecutorFactory {
         let mut exec = ProcessExecutor {
             child,
             pid,
-            sock: parent_sock,
+            chan: Channel::new(parent_sock),
+            ring: Ring::new(staging.len),
+            piece: piece_bytes(staging.len),
             staging,
+            pending: VecDeque::new(),
+            deferred: None,
+            piece_error: None,
             poisoned: false,
             lost: None,
             live: self.live.clone(),
-            reply: Vec::new(),
             pinned: false,
         };
-        exec.start(&self.kind)?;
+        exec.start(&self.kind, cancel)?;
         log::debug!(
             "executor worker {pid} ready ({}; staging {} MiB{})",
             self.info.name,
@@ -615,17 +1133,353 @@ impl ProcessExecutorFactory {
     }
 }
 
+/// Started workers waiting for `create`, and the thread that starts them.
+struct Pool {
+    /// How many to keep ready; 0: no pool.
+    size: usize,
+    shared: Arc<PoolShared>,
+    filler: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Default)]
+struct PoolShared {
+    state: Mutex<PoolState>,
+    /// Wakes the filler: a worker was taken, or the pool stops.
+    wake: Condvar,
+    /// Set when the pool stops: the filler gives up a worker it is starting.
+    stopping: AtomicBool,
+}
+
+#[derive(Default)]
+struct PoolState {
+    ready: VecDeque<ProcessExecutor>,
+    stop: bool,
+}
+
+impl PoolShared {
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Pool {
+    fn new(size: usize) -> Pool {
+        Pool {
+            size,
+            shared: Arc::default(),
+            filler: Mutex::new(None),
+        }
+    }
+
+    /// Starts the filler thread unless it runs already (or there is no pool).
+    fn start(&self, spawner: &Arc<Spawner>) {
+        if self.size == 0 {
+            return;
+        }
+        let mut filler = self.filler.lock().unwrap_or_else(|e| e.into_inner());
+        if filler.is_some() {
+            return;
+        }
+        let (spawner, shared, size) = (spawner.clone(), self.shared.clone(), self.size);
+        match std::thread::Builder::new()
+            .name("vgpu-worker-pool".into())
+            .spawn(move || fill_pool(&spawner, &shared, size))
+        {
+            Ok(handle) => *filler = Some(handle),
+            Err(e) => log::warn!("executor worker pool: no thread ({e}); workers start on demand"),
+        }
+    }
+
+    /// A started worker, if one is ready; the filler starts another.
+    fn take(&self) -> Option<ProcessExecutor> {
+        let exec = self.shared.lock().ready.pop_front();
+        if exec.is_some() {
+            self.shared.wake.notify_all();
+        }
+        exec
+    }
+
+    fn ready(&self) -> usize {
+        self.shared.lock().ready.len()
+    }
+
+    /// Stops the filler (which stops its idle workers) and leaves a pool that starts
+    /// again on demand.
+    fn stop(&mut self) {
+        let filler = self
+            .filler
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(filler) = filler {
+            self.shared.lock().stop = true;
+            self.shared.stopping.store(true, Ordering::Relaxed);
+            self.shared.wake.notify_all();
+            if filler.join().is_err() {
+                log::error!("executor worker pool: the filler thread panicked");
+            }
+        }
+        let idle = std::mem::take(&mut self.shared.lock().ready);
+        drop(idle);
+        self.shared = Arc::default();
+    }
+}
+
+/// The pool's filler thread: keeps `size` workers ready until the pool stops, then stops
+/// and reaps the idle ones. Every pooled worker is started here, so they all share this
+/// thread's lifetime (`PR_SET_PDEATHSIG`).
+fn fill_pool(spawner: &Spawner, shared: &PoolShared, size: usize) {
+    let mut retry = POOL_RETRY.0;
+    loop {
+        {
+            let mut state = shared.lock();
+            while !state.stop && state.ready.len() >= size {
+                state = shared.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+            if state.stop {
+                break;
+            }
+        }
+        let started = Instant::now();
+        match spawner.spawn(Some(&shared.stopping)) {
+            Ok(exec) => {
+                retry = POOL_RETRY.0;
+                log::debug!(
+                    "executor worker {} started for the pool in {:?}",
+                    exec.pid,
+                    started.elapsed()
+                );
+                let mut state = shared.lock();
+                if state.stop {
+                    drop(state);
+                    drop(exec);
+                    break;
+                }
+                state.ready.push_back(exec);
+            }
+            Err(e) => {
+                let state = shared.lock();
+                if state.stop {
+                    break;
+                }
+                log::warn!("executor worker pool: {e}; trying again in {retry:?}");
+                drop(
+                    shared
+                        .wake
+                        .wait_timeout_while(state, retry, |s| !s.stop)
+                        .unwrap_or_else(|e| e.into_inner()),
+                );
+                retry = (retry * 2).min(POOL_RETRY.1);
+            }
+        }
+    }
+    let idle = std::mem::take(&mut shared.lock().ready);
+    drop(idle);
+}
+
+/// Makes one [`ProcessExecutor`] (one worker process) per executor; see the module
+/// documentation for the pool of ready workers.
+pub struct ProcessExecutorFactory {
+    spawner: Arc<Spawner>,
+    pool: Pool,
+    /// The outcome of the first [`ExecutorFactory::check`], kept so that a start-up
+    /// check and a later `info` start one worker, not two.
+    checked: OnceLock<Result<(), String>>,
+}
+
+impl ProcessExecutorFactory {
+    /// CUDA device `ordinal` in workers, described by and loading the catalog of `cuda`
+    /// (a factory for the same device); the worker binary from [`find_worker`]. Keeps
+    /// [`DEFAULT_CUDA_POOL`] workers ready.
+    pub fn cuda(ordinal: usize, cuda: &CudaExecutorFactory) -> Result<Self, String> {
+        let ordinal = u32::try_from(ordinal).map_err(|_| "device ordinal too large")?;
+        let kind = WorkerKind::Cuda {
+            ordinal,
+            catalog_ptx: cuda.catalog_ptx().into(),
+        };
+        Ok(Self::with_kind(cuda.device().clone(), kind)?.with_pool(DEFAULT_CUDA_POOL))
+    }
+
+    /// The CPU reference executor in workers: the whole process path without a GPU. No
+    /// pool unless [`ProcessExecutorFactory::with_pool`] asks for one.
+    pub fn cpu() -> Result<Self, String> {
+        Self::with_kind(CpuExecutorFactory::new().device().clone(), WorkerKind::Cpu)
+    }
+
+    /// The CPU executor in workers, with one difference: a `fill_u32` launch whose value
+    /// is [`SIMULATED_FAULT_VALUE`] is accepted and then fails the next synchronising
+    /// call with `LAUNCH_FAILED` (detail 719) and poisons the executor, the way a kernel
+    /// that traps does on CUDA. For tests of the fault path without a GPU.
+    pub fn cpu_fault_sim() -> Result<Self, String> {
+        Self::with_kind(
+            CpuExecutorFactory::new().device().clone(),
+            WorkerKind::CpuFaultSim,
+        )
+    }
+
+    fn with_kind(info: DeviceInfo, kind: WorkerKind) -> Result<Self, String> {
+        Ok(ProcessExecutorFactory {
+            spawner: Arc::new(Spawner {
+                info,
+                kind,
+                worker: find_worker()?,
+                staging_bytes: DEFAULT_STAGING_BYTES,
+                sandbox: Sandbox {
+                    user: WorkerUser::default_for_this_process(),
+                    ..Sandbox::default()
+                },
+                live: Arc::default(),
+            }),
+            pool: Pool::new(0),
+            checked: OnceLock::new(),
+        })
+    }
+
+    /// Changes how workers start: the pool's workers (started the old way) are stopped.
+    fn reconfigure(&mut self, change: impl FnOnce(&mut Spawner)) {
+        self.pool.stop();
+        change(Arc::make_mut(&mut self.spawner));
+        self.checked = OnceLock::new();
+    }
+
+    /// Confines workers as `sandbox` says instead of the default (the dedicated user when
+    /// running as root, seccomp on, default limits).
+    pub fn with_sandbox(mut self, sandbox: Sandbox) -> Self {
+        self.reconfigure(|s| s.sandbox = sandbox);
+        self
+    }
+
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.spawner.sandbox
+    }
+
+    /// Uses this worker binary instead of the one [`find_worker`] found.
+    pub fn with_worker(mut self, worker: impl Into<PathBuf>) -> Self {
+        let worker = worker.into();
+        self.reconfigure(|s| s.worker = worker);
+        self
+    }
+
+    /// Sets the staging area's size (rounded up to whole pages).
+    pub fn with_staging_bytes(mut self, bytes: usize) -> Self {
+        let bytes = bytes.max(MIN_STAGING_BYTES).next_multiple_of(4096);
+        self.reconfigure(|s| s.staging_bytes = bytes);
+        self
+    }
+
+    /// Keeps up to `n` started workers ready for [`ExecutorFactory::create`] (0: none).
+    /// They are started by one thread of this factory, from the first `create` (or
+    /// [`ProcessExecutorFactory::start_pool`]) on, and stopped when it is dropped.
+    pub fn with_pool(mut self, n: usize) -> Self {
+        self.pool.stop();
+        self.pool.size = n;
+        self
+    }
+
+    /// Starts filling the pool now rather than at the first `create`.
+    pub fn start_pool(&self) {
+        self.pool.start(&self.spawner);
+    }
+
+    /// How many started workers wait in the pool now.
+    pub fn pool_ready(&self) -> usize {
+        self.pool.ready()
+    }
+
+    /// How many started workers the pool keeps.
+    pub fn pool_size(&self) -> usize {
+        self.pool.size
+    }
+
+    pub fn worker_path(&self) -> &Path {
+        &self.spawner.worker
+    }
+
+    pub fn staging_bytes(&self) -> usize {
+        self.spawner.staging_bytes
+    }
+
+    /// Process ids of the workers running now (those waiting in the pool included).
+    pub fn workers(&self) -> Vec<u32> {
+        self.spawner
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Starts a worker and stops it again: the binary runs and opens the device.
+    pub fn probe(&self) -> Result<(), String> {
+        self.spawn().map(drop).map_err(|e| {
+            format!(
+                "executor worker {} did not start: {}",
+                self.spawner.worker.display(),
+                e.message
+            )
+        })
+    }
+
+    /// Starts a worker on the calling thread (never from the pool) and waits until its
+    /// executor is ready.
+    pub fn spawn(&self) -> ExecResult<ProcessExecutor> {
+        self.spawner.spawn(None)
+    }
+
+    /// What [`ExecutorFactory::create`] returns, as its own type: a worker from the pool
+    /// when one is ready and alive, else one started on the calling thread.
+    pub fn create_executor(&self) -> ExecResult<ProcessExecutor> {
+        let started = Instant::now();
+        if self.pool.size > 0 {
+            self.pool.start(&self.spawner);
+            while let Some(mut exec) = self.pool.take() {
+                if exec.idle_and_alive() {
+                    log::debug!(
+                        "executor worker {} taken from the pool in {:?}",
+                        exec.pid,
+                        started.elapsed()
+                    );
+                    return Ok(exec);
+                }
+                log::warn!(
+                    "executor worker {} ended while waiting in the pool; discarded",
+                    exec.pid
+                );
+                exec.lost = Some("ended while waiting in the pool".into());
+            }
+        }
+        let exec = self.spawn()?;
+        log::debug!(
+            "executor worker {} started for create in {:?} ({})",
+            exec.pid,
+            started.elapsed(),
+            if self.pool.size > 0 {
+                "pool empty"
+            } else {
+                "no pool"
+            }
+        );
+        Ok(exec)
+    }
+}
+
+impl Drop for ProcessExecutorFactory {
+    fn drop(&mut self) {
+        self.pool.stop();
+    }
+}
+
 impl ExecutorFactory for ProcessExecutorFactory {
     fn device(&self) -> &DeviceInfo {
-        &self.info
+        &self.spawner.info
     }
 
     fn create(&self) -> ExecResult<Box<dyn Executor>> {
-        self.spawn().map(|e| Box::new(e) as Box<dyn Executor>)
+        self.create_executor()
+            .map(|e| Box::new(e) as Box<dyn Executor>)
     }
 
     fn worker_process(&self) -> Option<&Path> {
-        Some(&self.worker)
+        Some(&self.spawner.worker)
     }
 
     fn check(&self) -> Result<(), String> {
@@ -633,18 +1487,38 @@ impl ExecutorFactory for ProcessExecutorFactory {
     }
 }
 
+/// A request whose reply has not been read yet.
+#[derive(Debug)]
+enum Pending {
+    /// A request the caller did not wait for; `staged` when it holds a ring region.
+    Deferred { what: &'static str, staged: bool },
+    /// A piece of the DTOH being served: `len` bytes at `at` in staging (a ring region
+    /// unless empty), for `into` onwards in the caller's buffer.
+    Piece { at: usize, len: usize, into: usize },
+    /// The request the caller waits for.
+    Waited,
+}
+
 /// An executor in a worker process; see the module documentation.
 pub struct ProcessExecutor {
     child: Child,
     pid: u32,
-    sock: UnixStream,
+    chan: Channel,
     staging: Staging,
+    ring: Ring,
+    /// The largest piece of a copy.
+    piece: usize,
+    /// The requests sent and not answered yet, oldest first.
+    pending: VecDeque<Pending>,
+    /// The first error of a request nobody waited for, until a call that waits returns it.
+    deferred: Option<ExecError>,
+    /// The first error of a piece of the DTOH being served.
+    piece_error: Option<ExecError>,
     /// The worker's executor reported itself poisoned.
     poisoned: bool,
     /// Why the worker is gone, once it is.
     lost: Option<String>,
     live: Arc<Mutex<Vec<u32>>>,
-    reply: Vec<u8>,
     pinned: bool,
 }
 
@@ -667,45 +1541,66 @@ impl ProcessExecutor {
         self.pinned
     }
 
-    /// Sends the start message and reads the ready reply.
-    fn start(&mut self, kind: &WorkerKind) -> ExecResult<()> {
-        let init = Enc::new(OP_INIT).u32(WIRE_VERSION);
-        let init = match kind {
-            WorkerKind::Cpu => init.u8(KIND_CPU).u32(0).bytes(&[]),
-            WorkerKind::CpuFaultSim => init.u8(KIND_CPU_FAULT_SIM).u32(0).bytes(&[]),
+    /// How many requests have been sent and not answered yet (read lazily; see the module
+    /// documentation).
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Sends the start message and reads the ready reply; gives up once `cancel` is set.
+    fn start(&mut self, kind: &WorkerKind, cancel: Option<&AtomicBool>) -> ExecResult<()> {
+        let (kind, ordinal, catalog_ptx) = match kind {
+            WorkerKind::Cpu => (WireKind::Cpu, 0, ""),
+            WorkerKind::CpuFaultSim => (WireKind::CpuFaultSim, 0, ""),
             WorkerKind::Cuda {
                 ordinal,
                 catalog_ptx,
-            } => init.u8(KIND_CUDA).u32(*ordinal).str(catalog_ptx),
+            } => (WireKind::Cuda, *ordinal, &**catalog_ptx),
         };
-        let _ = self.sock.set_read_timeout(Some(START_TIMEOUT));
-        let sent = send_frame(self.sock.as_raw_fd(), &init.finish());
-        let received = sent.and_then(|()| recv_frame(&mut self.sock, &mut self.reply));
-        let _ = self.sock.set_read_timeout(None);
-        if let Err(e) = received {
-            let e = if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) {
-                io::Error::new(e.kind(), format!("no answer in {START_TIMEOUT:?}"))
-            } else {
-                e
-            };
-            return Err(self.lose("start", e));
+        let init = ToWorker::Init {
+            version: WIRE_VERSION,
+            kind,
+            ordinal,
+            catalog_ptx,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        match self.chan.send(&init, Some(deadline)) {
+            Ok(()) => {}
+            Err(SendError::TooLarge(n)) => {
+                let e = io::Error::other(format!("start message of {n} bytes is too large"));
+                return Err(self.lose("start", e));
+            }
+            Err(SendError::Io(e)) => return Err(self.lose("start", e)),
         }
-        let (_, result, mut rest) = match decode_reply(&self.reply) {
-            Ok(r) => r,
+        let ready = match self.chan.recv(Some(deadline), cancel) {
+            Ok(msg) => msg,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                // The pool stops: not a failure of the worker, which is killed on drop.
+                self.lost = Some(format!("executor worker {}: start cancelled", self.pid));
+                return Err(self.lost_error());
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                let e = io::Error::new(e.kind(), format!("no answer in {START_TIMEOUT:?}"));
+                return Err(self.lose("start", e));
+            }
             Err(e) => return Err(self.lose("start", e)),
         };
-        let pinned = result.map_err(|mut e| {
-            e.message = format!("executor worker {}: {}", self.pid, e.message);
-            e
-        })?;
-        self.pinned = pinned != 0;
-        if let Ok(name) = rest.str() {
-            log::debug!("executor worker {} opened {name}", self.pid);
+        match ready {
+            FromWorker::Ready { pinned, executor } => {
+                self.pinned = pinned;
+                log::debug!("executor worker {} opened {executor}", self.pid);
+                Ok(())
+            }
+            FromWorker::StartFailed { error } => {
+                let mut e = ExecError::from(error);
+                e.message = format!("executor worker {}: {}", self.pid, e.message);
+                Err(e)
+            }
+            FromWorker::Reply { .. } => {
+                let e = io::Error::new(io::ErrorKind::InvalidData, "a reply before the start");
+                Err(self.lose("start", e))
+            }
         }
-        Ok(())
     }
 
     /// Marks the worker lost and returns the `DEVICE_LOST` error for it.
@@ -738,62 +1633,281 @@ impl ProcessExecutor {
         ExecError::new(Status::DeviceLost, 0, self.lost.clone().unwrap_or_default())
     }
 
-    /// One request and its reply.
-    fn call(&mut self, what: &str, request: Enc) -> ExecResult<u64> {
-        if self.lost.is_some() {
-            return Err(self.lost_error());
-        }
-        let frame = request.finish();
-        if frame.len() - 4 > MAX_FRAME {
-            // Only a launch with absurdly many or large parameters gets here; every
-            // executor refuses those as an invalid argument too.
-            return Err(ExecError::new(
-                Status::InvalidArgument,
-                0,
-                format!("{what}: request of {} bytes is too large", frame.len()),
-            ));
-        }
-        if let Err(e) = send_frame(self.sock.as_raw_fd(), &frame) {
-            return Err(self.lose(what, e));
-        }
-        if let Err(e) = recv_frame(&mut self.sock, &mut self.reply) {
-            return Err(self.lose(what, e));
-        }
-        match decode_reply(&self.reply) {
-            Ok((poisoned, result, _)) => {
-                self.poisoned |= poisoned;
-                result
-            }
-            Err(e) => Err(self.lose(what, e)),
+    fn check_live(&self) -> ExecResult<()> {
+        match self.lost {
+            Some(_) => Err(self.lost_error()),
+            None => Ok(()),
         }
     }
 
-    /// A call whose failure the trait cannot report: the loss or poison still shows in
-    /// [`Executor::poisoned`].
-    fn call_quiet(&mut self, what: &str, request: Enc) {
-        if let Err(e) = self.call(what, request) {
+    /// True for a worker that can be handed out: not lost or poisoned, nothing in
+    /// flight, the process running and its channel quiet.
+    fn idle_and_alive(&mut self) -> bool {
+        self.lost.is_none()
+            && !self.poisoned
+            && self.pending.is_empty()
+            && matches!(self.child.try_wait(), Ok(None))
+            && self.chan.quiet()
+    }
+
+    /// Sends one request (the caller records it in `pending`).
+    fn send(&mut self, what: &str, msg: &ToWorker<'_>) -> ExecResult<()> {
+        match self.chan.send(msg, None) {
+            Ok(()) => Ok(()),
+            // Only a launch with absurdly many or large parameters gets here; every
+            // executor refuses those as an invalid argument too.
+            Err(SendError::TooLarge(n)) => Err(ExecError::new(
+                Status::InvalidArgument,
+                0,
+                format!("{what}: request of {n} bytes is too large"),
+            )),
+            Err(SendError::Io(e)) => Err(self.lose(what, e)),
+        }
+    }
+
+    /// Reads the oldest unanswered reply and settles it: a deferred request's error is
+    /// kept for the next call that waits, a DTOH piece is copied into `out`, a staging
+    /// region is released. Returns the result of the request the caller waits for.
+    fn settle_one(&mut self, what: &str, out: Drain<'_>) -> ExecResult<Option<ExecResult<u64>>> {
+        let msg = match self.chan.recv(None, None) {
+            Ok(msg) => msg,
+            Err(e) => return Err(self.lose(what, e)),
+        };
+        let FromWorker::Reply { poisoned, result } = msg else {
+            let e = io::Error::new(io::ErrorKind::InvalidData, "an unexpected message");
+            return Err(self.lose(what, e));
+        };
+        let Some(pending) = self.pending.pop_front() else {
+            let e = io::Error::new(io::ErrorKind::InvalidData, "a reply to no request");
+            return Err(self.lose(what, e));
+        };
+        self.poisoned |= poisoned;
+        let result = result.map_err(ExecError::from);
+        match pending {
+            Pending::Deferred { what, staged } => {
+                if staged {
+                    self.ring.release_oldest();
+                }
+                if let Err(e) = result {
+                    if self.deferred.is_none() {
+                        log::debug!(
+                            "executor worker {}: {what} failed: {e}; reported by the next call that waits",
+                            self.pid
+                        );
+                        self.deferred = Some(e);
+                    } else {
+                        log::debug!("executor worker {}: {what} also failed: {e}", self.pid);
+                    }
+                }
+                Ok(None)
+            }
+            Pending::Piece { at, len, into } => {
+                let taken = result.and_then(|_| out(into, self.staging.slice(at, len)));
+                if let Err(e) = taken {
+                    self.piece_error.get_or_insert(e);
+                }
+                if len > 0 {
+                    self.ring.release_oldest();
+                }
+                Ok(None)
+            }
+            Pending::Waited => Ok(Some(result)),
+        }
+    }
+
+    /// Makes room for one more request, reading the oldest replies while
+    /// [`MAX_IN_FLIGHT`] are unanswered or the ring has no region of `staged` bytes
+    /// free; returns the region (0 when `staged` is 0).
+    fn room(&mut self, what: &str, staged: usize, out: Drain<'_>) -> ExecResult<usize> {
+        loop {
+            if self.pending.len() < MAX_IN_FLIGHT {
+                if staged == 0 {
+                    return Ok(0);
+                }
+                if let Some(at) = self.ring.alloc(staged) {
+                    return Ok(at);
+                }
+            }
+            if self.pending.is_empty() {
+                // Every region in use belongs to an unanswered request.
+                return Err(ExecError::new(
+                    Status::Internal,
+                    0,
+                    format!("{what}: staging ring full with nothing in flight"),
+                ));
+            }
+            self.settle_one(what, out)?;
+        }
+    }
+
+    /// Reads every unanswered reply.
+    fn drain(&mut self, what: &str) -> ExecResult<()> {
+        while !self.pending.is_empty() {
+            self.settle_one(what, &mut discard)?;
+        }
+        Ok(())
+    }
+
+    /// A request the caller does not wait for.
+    fn defer(&mut self, what: &'static str, msg: &ToWorker<'_>) -> ExecResult<()> {
+        self.check_live()?;
+        self.room(what, 0, &mut discard)?;
+        self.send(what, msg)?;
+        self.pending.push_back(Pending::Deferred {
+            what,
+            staged: false,
+        });
+        Ok(())
+    }
+
+    /// A request whose failure the trait cannot report: a loss or poison still shows in
+    /// [`Executor::poisoned`], an error from the worker at the next call that waits.
+    fn defer_quiet(&mut self, what: &'static str, msg: &ToWorker<'_>) {
+        if let Err(e) = self.defer(what, msg) {
             log::debug!("executor worker {}: {what}: {e}", self.pid);
         }
+    }
+
+    /// A request the caller waits for, sent at once: then every reply up to its own is
+    /// read, and an earlier deferred error takes precedence over its result.
+    fn wait(&mut self, what: &str, msg: &ToWorker<'_>) -> ExecResult<u64> {
+        self.check_live()?;
+        self.room(what, 0, &mut discard)?;
+        self.send(what, msg)?;
+        self.pending.push_back(Pending::Waited);
+        let result = loop {
+            if let Some(result) = self.settle_one(what, &mut discard)? {
+                break result;
+            }
+        };
+        match self.deferred.take() {
+            Some(e) => Err(e),
+            None => result,
+        }
+    }
+
+    /// A request that creates something: sent only once every earlier reply was read and
+    /// none reported an error (which is returned instead).
+    fn wait_creating(&mut self, what: &str, msg: &ToWorker<'_>) -> ExecResult<u64> {
+        self.check_live()?;
+        self.drain(what)?;
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
+        self.wait(what, msg)
+    }
+}
+
+/// Where the bytes of a copy come from or go to, `at` bytes into it.
+type Fill<'a> = &'a mut dyn FnMut(usize, &mut [u8]) -> ExecResult<()>;
+type Drain<'a> = &'a mut dyn FnMut(usize, &[u8]) -> ExecResult<()>;
+
+/// A [`Drain`] for replies that carry no bytes.
+fn discard(_: usize, _: &[u8]) -> ExecResult<()> {
+    Ok(())
+}
+
+impl ProcessExecutor {
+    /// An HTOD of `len` bytes that `fill` writes into staging pieces, one piece each;
+    /// not waited for.
+    fn htod_with(
+        &mut self,
+        stream: StreamId,
+        dst: BufferId,
+        offset: u64,
+        len: usize,
+        fill: Fill<'_>,
+    ) -> ExecResult<()> {
+        self.check_live()?;
+        let mut done = 0;
+        loop {
+            let n = (len - done).min(self.piece);
+            let at = self.room("htod", n, &mut discard)?;
+            fill(done, self.staging.slice_mut(at, n))?;
+            let msg = ToWorker::Htod {
+                stream: stream.0,
+                dst: dst.0,
+                offset: offset + done as u64,
+                staged: Staged {
+                    at: at as u64,
+                    len: n as u64,
+                },
+            };
+            self.send("htod", &msg)?;
+            self.pending.push_back(Pending::Deferred {
+                what: "htod",
+                staged: n > 0,
+            });
+            done += n;
+            if done == len {
+                return Ok(());
+            }
+        }
+    }
+
+    /// A DTOH of `len` bytes, handed to `drain` piece by piece in order; waited for.
+    fn dtoh_with(
+        &mut self,
+        stream: StreamId,
+        src: BufferId,
+        offset: u64,
+        len: usize,
+        drain: Drain<'_>,
+    ) -> ExecResult<()> {
+        self.check_live()?;
+        self.piece_error = None;
+        let mut done = 0;
+        loop {
+            let n = (len - done).min(self.piece);
+            let at = self.room("dtoh", n, drain)?;
+            let msg = ToWorker::Dtoh {
+                stream: stream.0,
+                src: src.0,
+                offset: offset + done as u64,
+                staged: Staged {
+                    at: at as u64,
+                    len: n as u64,
+                },
+            };
+            self.send("dtoh", &msg)?;
+            self.pending.push_back(Pending::Piece {
+                at,
+                len: n,
+                into: done,
+            });
+            done += n;
+            // After a failure the pieces sent are still answered, but no more are sent.
+            if done == len || self.deferred.is_some() || self.piece_error.is_some() {
+                break;
+            }
+        }
+        while !self.pending.is_empty() {
+            self.settle_one("dtoh", drain)?;
+        }
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
+        self.piece_error.take().map_or(Ok(()), Err)
     }
 }
 
 impl Executor for ProcessExecutor {
     fn open_stream(&mut self) -> ExecResult<StreamId> {
-        self.call("open_stream", Enc::new(OP_OPEN_STREAM))
+        self.wait_creating("open_stream", &ToWorker::OpenStream)
             .map(StreamId)
     }
 
     fn close_stream(&mut self, stream: StreamId) {
-        self.call_quiet("close_stream", Enc::new(OP_CLOSE_STREAM).u64(stream.0));
+        self.defer_quiet("close_stream", &ToWorker::CloseStream { stream: stream.0 });
     }
 
     fn alloc(&mut self, bytes: u64) -> ExecResult<BufferId> {
-        self.call("alloc", Enc::new(OP_ALLOC).u64(bytes))
+        self.wait_creating("alloc", &ToWorker::Alloc { bytes })
             .map(BufferId)
     }
 
     fn free(&mut self, buffer: BufferId) {
-        self.call_quiet("free", Enc::new(OP_FREE).u64(buffer.0));
+        self.defer_quiet("free", &ToWorker::Free { buffer: buffer.0 });
     }
 
     fn htod(
@@ -803,23 +1917,25 @@ impl Executor for ProcessExecutor {
         offset: u64,
         data: &[u8],
     ) -> ExecResult<()> {
-        let mut done = 0;
-        loop {
-            let n = (data.len() - done).min(self.staging.len);
-            self.staging
-                .slice_mut(n)
-                .copy_from_slice(&data[done..done + n]);
-            let request = Enc::new(OP_HTOD)
-                .u64(stream.0)
-                .u64(dst.0)
-                .u64(offset + done as u64)
-                .u64(n as u64);
-            self.call("htod", request)?;
-            done += n;
-            if done == data.len() {
-                return Ok(());
-            }
-        }
+        self.htod_with(stream, dst, offset, data.len(), &mut |at, out| {
+            out.copy_from_slice(&data[at..at + out.len()]);
+            Ok(())
+        })
+    }
+
+    fn htod_from(
+        &mut self,
+        stream: StreamId,
+        dst: BufferId,
+        offset: u64,
+        src: &dyn GuestSource,
+    ) -> ExecResult<()> {
+        let len = usize::try_from(src.len())
+            .map_err(|_| ExecError::new(Status::InvalidArgument, 0, "copy too large"))?;
+        // Straight from the guest's pages into the staging ring: no copy in between.
+        self.htod_with(stream, dst, offset, len, &mut |at, out| {
+            src.read(at as u64, out).map_err(guest_fault)
+        })
     }
 
     fn dtoh(
@@ -829,21 +1945,123 @@ impl Executor for ProcessExecutor {
         offset: u64,
         out: &mut [u8],
     ) -> ExecResult<()> {
-        let mut done = 0;
+        let len = out.len();
+        self.dtoh_with(stream, src, offset, len, &mut |at, bytes| {
+            out[at..at + bytes.len()].copy_from_slice(bytes);
+            Ok(())
+        })
+    }
+
+    fn dtoh_into(
+        &mut self,
+        stream: StreamId,
+        src: BufferId,
+        offset: u64,
+        len: u64,
+        dst: &dyn GuestSink,
+    ) -> ExecResult<()> {
+        let len = usize::try_from(len)
+            .map_err(|_| ExecError::new(Status::InvalidArgument, 0, "copy too large"))?;
+        // Straight from the staging ring into the guest's pages.
+        self.dtoh_with(stream, src, offset, len, &mut |at, bytes| {
+            dst.write(at as u64, bytes).map_err(guest_fault)
+        })
+    }
+
+    fn register_host(&mut self, id: u64, mapping: &HostMapping) -> ExecResult<()> {
+        self.check_live()?;
+        self.drain("register_host")?;
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
+        // Each memory file once; the pieces name them by index.
+        let mut files: Vec<&Arc<std::fs::File>> = Vec::new();
+        let mut pieces = Vec::with_capacity(mapping.pieces.len());
+        for piece in &mapping.pieces {
+            let index = match files.iter().position(|f| Arc::ptr_eq(f, &piece.file)) {
+                Some(i) => i,
+                None => {
+                    files.push(&piece.file);
+                    files.len() - 1
+                }
+            };
+            pieces.push((index as u32, piece.offset, piece.len));
+        }
+        let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+        let msg = ToWorker::RegisterHost {
+            id,
+            files: fds.len() as u32,
+            pieces,
+        };
+        match self.chan.send_with_fds(&msg, &fds, None) {
+            Ok(()) => {}
+            Err(SendError::TooLarge(n)) => {
+                return Err(ExecError::new(
+                    Status::InvalidArgument,
+                    0,
+                    format!("host buffer {id}: {n}-byte description is too large"),
+                ))
+            }
+            Err(SendError::Io(e)) if e.kind() == io::ErrorKind::InvalidInput => {
+                return Err(ExecError::new(
+                    Status::InvalidArgument,
+                    0,
+                    format!("host buffer {id}: {e}"),
+                ))
+            }
+            Err(SendError::Io(e)) => return Err(self.lose("register_host", e)),
+        }
+        self.pending.push_back(Pending::Waited);
         loop {
-            let n = (out.len() - done).min(self.staging.len);
-            let request = Enc::new(OP_DTOH)
-                .u64(stream.0)
-                .u64(src.0)
-                .u64(offset + done as u64)
-                .u64(n as u64);
-            self.call("dtoh", request)?;
-            out[done..done + n].copy_from_slice(self.staging.slice(n));
-            done += n;
-            if done == out.len() {
-                return Ok(());
+            if let Some(result) = self.settle_one("register_host", &mut discard)? {
+                return result.map(drop);
             }
         }
+    }
+
+    fn unregister_host(&mut self, id: u64) {
+        self.defer_quiet("unregister_host", &ToWorker::UnregisterHost { id });
+    }
+
+    fn htod_host(
+        &mut self,
+        stream: StreamId,
+        dst: BufferId,
+        offset: u64,
+        host: u64,
+        host_offset: u64,
+        len: u64,
+    ) -> ExecResult<()> {
+        // Waited for: the guest may reuse its buffer once this returns.
+        let msg = ToWorker::HtodHost {
+            stream: stream.0,
+            dst: dst.0,
+            offset,
+            host,
+            host_offset,
+            len,
+        };
+        self.wait("htod_host", &msg).map(drop)
+    }
+
+    fn dtoh_host(
+        &mut self,
+        stream: StreamId,
+        src: BufferId,
+        offset: u64,
+        host: u64,
+        host_offset: u64,
+        len: u64,
+    ) -> ExecResult<()> {
+        let msg = ToWorker::DtohHost {
+            stream: stream.0,
+            src: src.0,
+            offset,
+            host,
+            host_offset,
+            len,
+        };
+        self.wait("dtoh_host", &msg).map(drop)
     }
 
     fn dtod(
@@ -855,14 +2073,15 @@ impl Executor for ProcessExecutor {
         src_offset: u64,
         len: u64,
     ) -> ExecResult<()> {
-        let request = Enc::new(OP_DTOD)
-            .u64(stream.0)
-            .u64(dst.0)
-            .u64(dst_offset)
-            .u64(src.0)
-            .u64(src_offset)
-            .u64(len);
-        self.call("dtod", request).map(drop)
+        let msg = ToWorker::Dtod {
+            stream: stream.0,
+            dst: dst.0,
+            dst_offset,
+            src: src.0,
+            src_offset,
+            len,
+        };
+        self.defer("dtod", &msg)
     }
 
     fn memset(
@@ -874,14 +2093,15 @@ impl Executor for ProcessExecutor {
         value: u32,
         width: u32,
     ) -> ExecResult<()> {
-        let request = Enc::new(OP_MEMSET)
-            .u64(stream.0)
-            .u64(dst.0)
-            .u64(offset)
-            .u64(len)
-            .u32(value)
-            .u32(width);
-        self.call("memset", request).map(drop)
+        let msg = ToWorker::Memset {
+            stream: stream.0,
+            dst: dst.0,
+            offset,
+            len,
+            value,
+            width,
+        };
+        self.defer("memset", &msg)
     }
 
     fn load_module(&mut self, ptx: &str) -> ExecResult<ModuleId> {
@@ -897,12 +2117,15 @@ impl Executor for ProcessExecutor {
                 ),
             ));
         }
-        self.call("load_module", Enc::new(OP_LOAD_MODULE).str(ptx))
+        self.wait_creating("load_module", &ToWorker::LoadModule { ptx })
             .map(ModuleId)
     }
 
     fn unload_module(&mut self, module: ModuleId) {
-        self.call_quiet("unload_module", Enc::new(OP_UNLOAD_MODULE).u64(module.0));
+        self.defer_quiet(
+            "unload_module",
+            &ToWorker::UnloadModule { module: module.0 },
+        );
     }
 
     fn launch(
@@ -912,26 +2135,34 @@ impl Executor for ProcessExecutor {
         shape: &LaunchShape,
         params: &[ExecParam],
     ) -> ExecResult<()> {
-        let mut request = Enc::new(OP_LAUNCH).u64(stream.0);
-        request = match kernel {
-            KernelRef::Builtin(spec) => request.u8(KERNEL_BUILTIN).str(spec.name),
-            KernelRef::Module(module, name) => request.u8(KERNEL_MODULE).u64(module.0).str(name),
+        let kernel = match kernel {
+            KernelRef::Builtin(spec) => WireKernel::Builtin { name: spec.name },
+            KernelRef::Module(module, name) => WireKernel::Module {
+                module: module.0,
+                name,
+            },
         };
-        for v in shape.grid.into_iter().chain(shape.block) {
-            request = request.u32(v);
-        }
-        request = request.u32(shape.shared_bytes).u32(params.len() as u32);
-        for p in params {
-            request = match p {
-                ExecParam::Value(v) => request.u8(PARAM_VALUE).bytes(v),
-                ExecParam::Buffer(b) => request.u8(PARAM_BUFFER).u64(b.0),
-            };
-        }
-        self.call("launch", request).map(drop)
+        let params = params
+            .iter()
+            .map(|p| match p {
+                ExecParam::Value(v) => WireParam::Value(v),
+                ExecParam::Buffer(b) => WireParam::Buffer(b.0),
+            })
+            .collect();
+        let msg = ToWorker::Launch {
+            stream: stream.0,
+            kernel,
+            grid: shape.grid,
+            block: shape.block,
+            shared_bytes: shape.shared_bytes,
+            params,
+        };
+        self.defer("launch", &msg)
     }
 
     fn sync(&mut self, stream: StreamId) -> ExecResult<()> {
-        self.call("sync", Enc::new(OP_SYNC).u64(stream.0)).map(drop)
+        self.wait("sync", &ToWorker::Sync { stream: stream.0 })
+            .map(drop)
     }
 
     fn poisoned(&self) -> bool {
@@ -942,12 +2173,17 @@ impl Executor for ProcessExecutor {
 impl Drop for ProcessExecutor {
     fn drop(&mut self) {
         let healthy = self.lost.is_none() && !self.poisoned;
-        let asked =
-            healthy && send_frame(self.sock.as_raw_fd(), &Enc::new(OP_EXIT).finish()).is_ok();
+        // A worker stuck in a kernel reads nothing: the request is given up at the
+        // deadline like the wait for the exit.
+        let deadline = Instant::now() + EXIT_GRACE;
+        let asked = healthy && self.chan.send(&ToWorker::Exit, Some(deadline)).is_ok();
         let mut status = None;
         if asked {
-            let deadline = Instant::now() + EXIT_GRACE;
+            // The worker answers what is still in flight, then the exit request, then
+            // exits; replies are read and dropped meanwhile so that it never waits to
+            // write them.
             let mut nap = Duration::from_micros(100);
+            let mut open = true;
             loop {
                 match self.child.try_wait() {
                     Ok(Some(s)) => {
@@ -955,7 +2191,11 @@ impl Drop for ProcessExecutor {
                         break;
                     }
                     Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(nap);
+                        if open {
+                            open = self.chan.discard(nap);
+                        } else {
+                            std::thread::sleep(nap);
+                        }
                         nap = (nap * 2).min(Duration::from_millis(10));
                     }
                     _ => {
@@ -1010,26 +2250,25 @@ impl Hosted {
             registered: Some(ptr),
         } = self
         {
-            // SAFETY: `ptr` is what register_host registered in this executor.
-            if let Err(e) = unsafe { exec.unregister_host(ptr) } {
+            // SAFETY: `ptr` is what pin_host_memory registered in this executor.
+            if let Err(e) = unsafe { exec.unpin_host_memory(ptr) } {
                 log::debug!("staging area: {e}");
             }
         }
     }
 }
-
 /// Opens the executor the start message asks for.
-fn open_executor(kind: u8, ordinal: u32, ptx: &str, staging: &Staging) -> ExecResult<Hosted> {
+fn open_executor(kind: WireKind, ordinal: u32, ptx: &str, staging: &Staging) -> ExecResult<Hosted> {
     match kind {
-        KIND_CPU => Ok(Hosted::Plain(Box::new(CpuExecutor::default()))),
-        KIND_CPU_FAULT_SIM => Ok(Hosted::Plain(Box::new(FaultSim::default()))),
-        KIND_CUDA => {
+        WireKind::Cpu => Ok(Hosted::Plain(Box::new(CpuExecutor::default()))),
+        WireKind::CpuFaultSim => Ok(Hosted::Plain(Box::new(FaultSim::default()))),
+        WireKind::Cuda => {
             let factory = CudaExecutorFactory::from_ptx(ordinal as usize, ptx)
                 .map_err(|e| ExecError::new(Status::Internal, 0, e))?;
             let mut exec = factory.create_executor()?;
             // SAFETY: the staging mapping outlives the executor: `serve` shuts the
             // executor down (unregistering first) before the mapping is dropped.
-            let registered = match unsafe { exec.register_host(staging.as_ptr(), staging.len) } {
+            let registered = match unsafe { exec.pin_host_memory(staging.as_ptr(), staging.len) } {
                 Ok(()) => Some(staging.as_ptr()),
                 Err(e) => {
                     log::warn!(
@@ -1044,11 +2283,6 @@ fn open_executor(kind: u8, ordinal: u32, ptx: &str, staging: &Staging) -> ExecRe
                 registered,
             })
         }
-        other => Err(ExecError::new(
-            Status::Internal,
-            0,
-            format!("unknown executor kind {other}"),
-        )),
     }
 }
 
@@ -1059,9 +2293,44 @@ pub struct WorkerConfinement {
     pub jit_cpu_seconds: u64,
 }
 
+/// Reads the start message: the executor to open, or why the parent cannot be served.
+fn read_init(frame: &[u8]) -> ExecResult<(WireKind, u32, &str)> {
+    let bad = || ExecError::new(Status::Internal, 0, "malformed start message");
+    // `Init` is variant 0 with the version first in every version of the messages.
+    let (variant, rest) = postcard::take_from_bytes::<u32>(frame).map_err(|_| bad())?;
+    if variant != 0 {
+        return Err(ExecError::new(
+            Status::Internal,
+            0,
+            "expected a start message",
+        ));
+    }
+    let (version, _) = postcard::take_from_bytes::<u32>(rest).map_err(|_| bad())?;
+    if version != WIRE_VERSION {
+        return Err(ExecError::new(
+            Status::Internal,
+            0,
+            format!("message version {version}, this worker speaks {WIRE_VERSION}"),
+        ));
+    }
+    match decode(frame).map_err(|_| bad())? {
+        ToWorker::Init {
+            kind,
+            ordinal,
+            catalog_ptx,
+            ..
+        } => Ok((kind, ordinal, catalog_ptx)),
+        _ => Err(bad()),
+    }
+}
+
 /// Serves one executor to the parent over the inherited socket `socket_fd`, with the
 /// inherited staging memfd `staging_fd` of `staging_bytes`. Returns when the parent asks
 /// the worker to exit or closes the socket. This is `vgpu-executor-worker`'s body.
+///
+/// Requests are served one at a time, in order, each answered before the next is read;
+/// an HTOD is answered once its bytes have left the staging area, a DTOH once they are
+/// in it.
 pub fn serve(
     socket_fd: RawFd,
     staging_fd: RawFd,
@@ -1092,31 +2361,11 @@ pub fn serve(
     drop(memfd);
     let fd = sock.as_raw_fd();
     let mut frame = Vec::new();
+    let mut out = Vec::new();
 
     recv_frame(&mut sock, &mut frame).map_err(|e| format!("no start message: {e}"))?;
-    let opened = (|| {
-        let mut d = Dec(&frame);
-        let bad = |_| ExecError::new(Status::Internal, 0, "malformed start message");
-        if d.u8().map_err(bad)? != OP_INIT {
-            return Err(ExecError::new(
-                Status::Internal,
-                0,
-                "expected a start message",
-            ));
-        }
-        let version = d.u32().map_err(bad)?;
-        if version != WIRE_VERSION {
-            return Err(ExecError::new(
-                Status::Internal,
-                0,
-                format!("message version {version}, this worker speaks {WIRE_VERSION}"),
-            ));
-        }
-        let kind = d.u8().map_err(bad)?;
-        let ordinal = d.u32().map_err(bad)?;
-        let ptx = d.str().map_err(bad)?;
-        open_executor(kind, ordinal, ptx, &staging)
-    })();
+    let opened = read_init(&frame)
+        .and_then(|(kind, ordinal, ptx)| open_executor(kind, ordinal, ptx, &staging));
     // The executor is open (the driver initialised with trusted input); from here on
     // everything is the guest's, so the allow-list goes on before the first request.
     let opened = opened.and_then(|h| {
@@ -1129,33 +2378,44 @@ pub fn serve(
     let mut hosted = match opened {
         Ok(h) => h,
         Err(e) => {
-            let _ = send_frame(fd, &encode_reply(false, &Err(e.clone())).finish());
+            let failed = FromWorker::StartFailed { error: (&e).into() };
+            if encode(&failed, &mut out).is_ok() {
+                let _ = send_frame(fd, &out);
+            }
             return Err(format!("cannot open the executor: {e}"));
         }
     };
-    let pinned = matches!(
-        hosted,
-        Hosted::Cuda {
-            registered: Some(_),
-            ..
-        }
-    );
-    let info = match &hosted {
-        Hosted::Cuda { .. } => "CUDA",
-        Hosted::Plain(_) => "CPU",
+    let ready = FromWorker::Ready {
+        pinned: matches!(
+            hosted,
+            Hosted::Cuda {
+                registered: Some(_),
+                ..
+            }
+        ),
+        executor: match &hosted {
+            Hosted::Cuda { .. } => "CUDA".into(),
+            Hosted::Plain(_) => "CPU".into(),
+        },
     };
-    let ready = encode_reply(false, &Ok(u64::from(pinned))).str(info);
-    send_frame(fd, &ready.finish()).map_err(|e| format!("cannot answer the parent: {e}"))?;
+    encode(&ready, &mut out)
+        .and_then(|()| send_frame(fd, &out))
+        .map_err(|e| format!("cannot answer the parent: {e}"))?;
 
+    // Files that arrived with the request being read (host buffers' memory files).
+    let mut files = Vec::new();
     let result = loop {
-        if let Err(e) = recv_frame(&mut sock, &mut frame) {
+        files.clear();
+        if let Err(e) = recv_frame_fds(fd, &mut frame, &mut files) {
             break if e.kind() == io::ErrorKind::UnexpectedEof {
                 Ok(()) // the parent closed the channel: nothing left to serve
             } else {
                 Err(format!("receiving: {e}"))
             };
         }
-        let (result, exit) = match handle(hosted.exec(), &mut staging, &frame, confinement) {
+        let handled = decode::<ToWorker<'_>>(&frame)
+            .and_then(|msg| handle(hosted.exec(), &mut staging, msg, confinement, &mut files));
+        let (result, exit) = match handled {
             Ok(Some(result)) => (result, false),
             Ok(None) => (Ok(0), true),
             Err(e) => (
@@ -1167,8 +2427,11 @@ pub fn serve(
                 false,
             ),
         };
-        let reply = encode_reply(hosted.exec().poisoned(), &result);
-        if let Err(e) = send_frame(fd, &reply.finish()) {
+        let reply = FromWorker::Reply {
+            poisoned: hosted.exec().poisoned(),
+            result: result.map_err(|e| WireError::from(&e)),
+        };
+        if let Err(e) = encode(&reply, &mut out).and_then(|()| send_frame(fd, &out)) {
             break Err(format!("answering: {e}"));
         }
         if exit {
@@ -1184,110 +2447,184 @@ pub fn serve(
 fn handle(
     exec: &mut dyn Executor,
     staging: &mut Staging,
-    frame: &[u8],
+    msg: ToWorker<'_>,
     confinement: &WorkerConfinement,
+    files: &mut Vec<OwnedFd>,
 ) -> io::Result<Option<ExecResult<u64>>> {
-    let mut d = Dec(frame);
-    let op = d.u8()?;
-    let capacity = staging.len;
-    let staged = |len: u64| -> io::Result<usize> {
-        usize::try_from(len)
-            .ok()
-            .filter(|&n| n <= capacity)
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "copy larger than the staging area",
-                )
-            })
-    };
-    let result = match op {
-        OP_OPEN_STREAM => exec.open_stream().map(|s| s.0),
-        OP_CLOSE_STREAM => {
-            exec.close_stream(StreamId(d.u64()?));
+    let result = match msg {
+        ToWorker::Init { .. } => return Err(malformed()),
+        ToWorker::OpenStream => exec.open_stream().map(|s| s.0),
+        ToWorker::CloseStream { stream } => {
+            exec.close_stream(StreamId(stream));
             Ok(0)
         }
-        OP_ALLOC => exec.alloc(d.u64()?).map(|b| b.0),
-        OP_FREE => {
-            exec.free(BufferId(d.u64()?));
+        ToWorker::Alloc { bytes } => exec.alloc(bytes).map(|b| b.0),
+        ToWorker::Free { buffer } => {
+            exec.free(BufferId(buffer));
             Ok(0)
         }
-        OP_HTOD => {
-            let (stream, dst, offset) = (StreamId(d.u64()?), BufferId(d.u64()?), d.u64()?);
-            let n = staged(d.u64()?)?;
-            exec.htod(stream, dst, offset, staging.slice(n)).map(|()| 0)
+        ToWorker::Htod {
+            stream,
+            dst,
+            offset,
+            staged,
+        } => {
+            let (at, n) = staging.region(staged)?;
+            exec.htod(
+                StreamId(stream),
+                BufferId(dst),
+                offset,
+                staging.slice(at, n),
+            )
+            .map(|()| 0)
         }
-        OP_DTOH => {
-            let (stream, src, offset) = (StreamId(d.u64()?), BufferId(d.u64()?), d.u64()?);
-            let n = staged(d.u64()?)?;
-            exec.dtoh(stream, src, offset, staging.slice_mut(n))
-                .map(|()| 0)
+        ToWorker::Dtoh {
+            stream,
+            src,
+            offset,
+            staged,
+        } => {
+            let (at, n) = staging.region(staged)?;
+            exec.dtoh(
+                StreamId(stream),
+                BufferId(src),
+                offset,
+                staging.slice_mut(at, n),
+            )
+            .map(|()| 0)
         }
-        OP_DTOD => {
-            let (stream, dst, dst_offset) = (StreamId(d.u64()?), BufferId(d.u64()?), d.u64()?);
-            let (src, src_offset, len) = (BufferId(d.u64()?), d.u64()?, d.u64()?);
-            exec.dtod(stream, dst, dst_offset, src, src_offset, len)
-                .map(|()| 0)
-        }
-        OP_MEMSET => {
-            let (stream, dst, offset, len) =
-                (StreamId(d.u64()?), BufferId(d.u64()?), d.u64()?, d.u64()?);
-            let (value, width) = (d.u32()?, d.u32()?);
-            exec.memset(stream, dst, offset, len, value, width)
-                .map(|()| 0)
-        }
-        OP_LOAD_MODULE => {
-            let ptx = d.str()?;
+        ToWorker::Dtod {
+            stream,
+            dst,
+            dst_offset,
+            src,
+            src_offset,
+            len,
+        } => exec
+            .dtod(
+                StreamId(stream),
+                BufferId(dst),
+                dst_offset,
+                BufferId(src),
+                src_offset,
+                len,
+            )
+            .map(|()| 0),
+        ToWorker::Memset {
+            stream,
+            dst,
+            offset,
+            len,
+            value,
+            width,
+        } => exec
+            .memset(StreamId(stream), BufferId(dst), offset, len, value, width)
+            .map(|()| 0),
+        ToWorker::LoadModule { ptx } => {
             let _limit = crate::sandbox::JitCpuLimit::arm(confinement.jit_cpu_seconds);
             exec.load_module(ptx).map(|m| m.0)
         }
-        OP_UNLOAD_MODULE => {
-            exec.unload_module(ModuleId(d.u64()?));
+        ToWorker::UnloadModule { module } => {
+            exec.unload_module(ModuleId(module));
             Ok(0)
         }
-        OP_LAUNCH => {
-            let stream = StreamId(d.u64()?);
-            let kernel = match d.u8()? {
-                KERNEL_BUILTIN => {
-                    let name = d.str()?;
-                    match vgpu_kernels::find(name) {
-                        Some(spec) => Ok(KernelRef::Builtin(spec)),
-                        None => Err(ExecError::new(
-                            Status::KernelNotFound,
-                            0,
-                            format!("no built-in kernel '{name}'"),
-                        )),
-                    }
+        ToWorker::Launch {
+            stream,
+            kernel,
+            grid,
+            block,
+            shared_bytes,
+            params,
+        } => {
+            let kernel = match kernel {
+                WireKernel::Builtin { name } => match vgpu_kernels::find(name) {
+                    Some(spec) => Ok(KernelRef::Builtin(spec)),
+                    None => Err(ExecError::new(
+                        Status::KernelNotFound,
+                        0,
+                        format!("no built-in kernel '{name}'"),
+                    )),
+                },
+                WireKernel::Module { module, name } => {
+                    Ok(KernelRef::Module(ModuleId(module), name))
                 }
-                KERNEL_MODULE => {
-                    let module = ModuleId(d.u64()?);
-                    Ok(KernelRef::Module(module, d.str()?))
-                }
-                _ => return Err(malformed()),
             };
-            let mut dims = [0u32; 6];
-            for v in &mut dims {
-                *v = d.u32()?;
-            }
             let shape = LaunchShape {
-                grid: [dims[0], dims[1], dims[2]],
-                block: [dims[3], dims[4], dims[5]],
-                shared_bytes: d.u32()?,
+                grid,
+                block,
+                shared_bytes,
             };
-            let count = d.u32()? as usize;
-            let mut params = Vec::with_capacity(count.min(1024));
-            for _ in 0..count {
-                params.push(match d.u8()? {
-                    PARAM_VALUE => ExecParam::Value(d.bytes()?.to_vec()),
-                    PARAM_BUFFER => ExecParam::Buffer(BufferId(d.u64()?)),
-                    _ => return Err(malformed()),
-                });
-            }
-            kernel.and_then(|k| exec.launch(stream, k, &shape, &params).map(|()| 0))
+            let params: Vec<ExecParam> = params
+                .into_iter()
+                .map(|p| match p {
+                    WireParam::Value(v) => ExecParam::Value(v.to_vec()),
+                    WireParam::Buffer(b) => ExecParam::Buffer(BufferId(b)),
+                })
+                .collect();
+            kernel.and_then(|k| {
+                exec.launch(StreamId(stream), k, &shape, &params)
+                    .map(|()| 0)
+            })
         }
-        OP_SYNC => exec.sync(StreamId(d.u64()?)).map(|()| 0),
-        OP_EXIT => return Ok(None),
-        _ => return Err(malformed()),
+        ToWorker::Sync { stream } => exec.sync(StreamId(stream)).map(|()| 0),
+        ToWorker::Exit => return Ok(None),
+        ToWorker::RegisterHost {
+            id,
+            files: count,
+            pieces,
+        } => {
+            if files.len() != count as usize {
+                return Err(malformed());
+            }
+            let files: Vec<Arc<std::fs::File>> = files
+                .drain(..)
+                .map(|f| Arc::new(std::fs::File::from(f)))
+                .collect();
+            let mut mapping = HostMapping::default();
+            for (file, offset, len) in pieces {
+                let file = files.get(file as usize).ok_or_else(malformed)?.clone();
+                mapping.pieces.push(FilePiece { file, offset, len });
+            }
+            exec.register_host(id, &mapping).map(|()| 0)
+        }
+        ToWorker::UnregisterHost { id } => {
+            exec.unregister_host(id);
+            Ok(0)
+        }
+        ToWorker::HtodHost {
+            stream,
+            dst,
+            offset,
+            host,
+            host_offset,
+            len,
+        } => exec
+            .htod_host(
+                StreamId(stream),
+                BufferId(dst),
+                offset,
+                host,
+                host_offset,
+                len,
+            )
+            .map(|()| 0),
+        ToWorker::DtohHost {
+            stream,
+            src,
+            offset,
+            host,
+            host_offset,
+            len,
+        } => exec
+            .dtoh_host(
+                StreamId(stream),
+                BufferId(src),
+                offset,
+                host,
+                host_offset,
+                len,
+            )
+            .map(|()| 0),
     };
     Ok(Some(result))
 }
@@ -1402,41 +2739,157 @@ impl Executor for FaultSim {
 mod tests {
     use super::*;
 
+    fn payload(frame: &[u8]) -> &[u8] {
+        let len = u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, frame.len() - 4);
+        &frame[4..]
+    }
+
     #[test]
-    fn frames_round_trip_and_truncation_is_malformed() {
-        let frame = Enc::new(OP_LAUNCH)
-            .u64(7)
-            .str("k")
-            .bytes(&[1, 2])
-            .u32(9)
-            .finish();
-        assert_eq!(
-            u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize,
-            frame.len() - 4
-        );
-        let mut d = Dec(&frame[4..]);
-        assert_eq!(d.u8().unwrap(), OP_LAUNCH);
-        assert_eq!(d.u64().unwrap(), 7);
-        assert_eq!(d.str().unwrap(), "k");
-        assert_eq!(d.bytes().unwrap(), &[1, 2]);
-        assert_eq!(d.u32().unwrap(), 9);
-        assert!(d.u8().is_err());
-        let mut short = Dec(&frame[4..8]);
-        short.u8().unwrap();
-        assert!(short.u64().is_err());
+    fn messages_round_trip_in_frames_and_damage_is_malformed() {
+        let value = [1u8, 2, 3];
+        let msg = ToWorker::Launch {
+            stream: 7,
+            kernel: WireKernel::Module {
+                module: 3,
+                name: "k",
+            },
+            grid: [1, 2, 3],
+            block: [32, 1, 1],
+            shared_bytes: 9,
+            params: vec![WireParam::Value(&value), WireParam::Buffer(1 << 40)],
+        };
+        let mut frame = Vec::new();
+        encode(&msg, &mut frame).unwrap();
+        let body = payload(&frame);
+        assert_eq!(decode::<ToWorker<'_>>(body).unwrap(), msg);
+        // The value is one byte string: its length, then its bytes.
+        assert!(body.windows(4).any(|w| w == [3, 1, 2, 3]), "{body:?}");
+        // Truncated, or with bytes left over: malformed.
+        for bad in [&body[..body.len() - 1], &[body, &[0]].concat()[..]] {
+            let e = decode::<ToWorker<'_>>(bad).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        }
+        let e = decode::<ToWorker<'_>>(&[200]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]
     fn replies_carry_the_error_and_the_poisoned_flag() {
         let e = ExecError::new(Status::OutOfRange, 3, "past the end");
-        let frame = encode_reply(true, &Err(e.clone())).finish();
-        let (poisoned, result, _) = decode_reply(&frame[4..]).unwrap();
-        assert!(poisoned);
-        assert_eq!(result, Err(e));
-        let frame = encode_reply(false, &Ok(42)).str("x").finish();
-        let (poisoned, result, mut rest) = decode_reply(&frame[4..]).unwrap();
-        assert_eq!((poisoned, result), (false, Ok(42)));
-        assert_eq!(rest.str().unwrap(), "x");
+        let reply = FromWorker::Reply {
+            poisoned: true,
+            result: Err((&e).into()),
+        };
+        let mut frame = Vec::new();
+        encode(&reply, &mut frame).unwrap();
+        match decode(payload(&frame)).unwrap() {
+            FromWorker::Reply {
+                poisoned: true,
+                result: Err(w),
+            } => assert_eq!(ExecError::from(w), e),
+            other => panic!("{other:?}"),
+        }
+        let unknown = WireError {
+            status: 0xffff,
+            detail: 1,
+            message: "?".into(),
+        };
+        assert_eq!(ExecError::from(unknown).status, Status::Internal);
+        let ready = FromWorker::Ready {
+            pinned: true,
+            executor: "CUDA".into(),
+        };
+        encode(&ready, &mut frame).unwrap();
+        assert_eq!(decode::<FromWorker>(payload(&frame)).unwrap(), ready);
+    }
+
+    #[test]
+    fn the_start_message_begins_with_its_variant_and_the_version() {
+        let init = ToWorker::Init {
+            version: WIRE_VERSION,
+            kind: WireKind::Cuda,
+            ordinal: 1,
+            catalog_ptx: ".version 8.0",
+        };
+        let mut frame = Vec::new();
+        encode(&init, &mut frame).unwrap();
+        assert_eq!(read_init(payload(&frame)).unwrap().1, 1);
+        let old = ToWorker::Init {
+            version: WIRE_VERSION - 1,
+            kind: WireKind::Cpu,
+            ordinal: 0,
+            catalog_ptx: "",
+        };
+        encode(&old, &mut frame).unwrap();
+        let e = read_init(payload(&frame)).unwrap_err();
+        assert!(e.message.contains("message version 1"), "{e}");
+        encode(&ToWorker::OpenStream, &mut frame).unwrap();
+        let e = read_init(payload(&frame)).unwrap_err();
+        assert!(e.message.contains("expected a start message"), "{e}");
+    }
+
+    #[test]
+    fn the_staging_ring_hands_out_regions_in_order_and_wraps() {
+        let mut ring = Ring::new(4096);
+        assert_eq!(piece_bytes(4096), 512);
+        assert_eq!(piece_bytes(64 << 20), 8 << 20);
+        assert_eq!(ring.alloc(1000), Some(0)); // [0, 1024)
+        assert_eq!(ring.alloc(2048), Some(1024)); // [1024, 3072)
+        assert_eq!(ring.alloc(1), Some(3072)); // [3072, 3328)
+        assert_eq!(ring.alloc(1024), None); // 768 left at the end, none at the start
+        ring.release_oldest();
+        assert_eq!(ring.alloc(1024), Some(0)); // wraps: [0, 1024)
+        assert_eq!(ring.alloc(256), None); // [1024, ...) is still in use
+        ring.release_oldest();
+        assert_eq!(ring.alloc(2048), Some(1024));
+        assert_eq!(ring.alloc(1), None); // full: head meets tail
+        ring.release_oldest();
+        ring.release_oldest();
+        ring.release_oldest();
+        assert_eq!(ring.alloc(4096), Some(0)); // empty again: from the start
+    }
+
+    /// A worker that answers every request with a large reply and reads only one request
+    /// at a time: the parent sends far more than the socket holds without reading a
+    /// reply, and neither side blocks the other.
+    #[test]
+    fn sends_never_deadlock_against_replies() {
+        let (parent, mut child) = UnixStream::pair().unwrap();
+        let requests = 3000;
+        let worker = std::thread::spawn(move || {
+            let mut frame = Vec::new();
+            let mut out = Vec::new();
+            let message = "x".repeat(4000);
+            for _ in 0..requests {
+                recv_frame(&mut child, &mut frame).unwrap();
+                let reply = FromWorker::Reply {
+                    poisoned: false,
+                    result: Err(WireError {
+                        status: Status::Internal as u32,
+                        detail: 0,
+                        message: message.clone(),
+                    }),
+                };
+                encode(&reply, &mut out).unwrap();
+                send_frame(child.as_raw_fd(), &out).unwrap();
+            }
+        });
+        let mut chan = Channel::new(parent);
+        let ptx = "p".repeat(1000);
+        for _ in 0..requests {
+            let msg = ToWorker::LoadModule { ptx: &ptx };
+            assert!(chan.send(&msg, None).is_ok());
+        }
+        for _ in 0..requests {
+            let reply = chan.recv(Some(Instant::now() + Duration::from_secs(30)), None);
+            assert!(matches!(reply, Ok(FromWorker::Reply { .. })));
+        }
+        worker.join().unwrap();
+        assert!(matches!(
+            chan.recv(None, None),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof
+        ));
     }
 
     #[test]

@@ -1,17 +1,28 @@
-//! A tenant's worker: it owns the tenant's executor and sessions and checks every
-//! request against them before anything reaches the executor.
+//! A tenant's worker: it owns the tenant's sessions and checks every request against
+//! them before anything reaches an executor.
+//!
+//! Each session (one guest process) has its own executor, made when the session opens:
+//! with worker processes that is its own CUDA context in its own process, as native CUDA
+//! gives each process. A kernel can dereference any device pointer of its context, so
+//! sessions that shared one could read and write each other's buffers by address; apart,
+//! a pointer of another session means nothing in this session's context. A fault loses
+//! the faulting session's executor only; the VM's other sessions work on. The tenant still
+//! owns the quota, the weight and the accounting across its sessions.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use vgpu_kernels::{KernelError, LaunchShape, ParamKind};
 use vgpu_protocol::{
-    Command, InfoReply, Launch, Param, Request, Response, SelftestKind, Status, BUILTIN_MODULE,
+    Command, HostChunk, InfoReply, Launch, Param, Request, Response, SelftestKind, Status,
+    BUILTIN_MODULE,
 };
 
 use crate::executor::{
-    BufferId, ExecError, ExecParam, Executor, ExecutorFactory, KernelRef, ModuleId, StreamId,
+    BufferId, ExecError, ExecParam, Executor, ExecutorFactory, GuestIo, KernelRef, ModuleId,
+    StreamId,
 };
+use crate::hostmap::HostMapping;
 use crate::mediator::{device_config, Limits, Message, TenantShared, TenantUsage};
 
 /// Most dynamic shared memory a launch may ask for without an opt-in.
@@ -23,20 +34,62 @@ struct Buffer {
 }
 
 struct Session {
+    /// The session's own executor; `None` once it was lost.
+    exec: Option<Box<dyn Executor>>,
     stream: StreamId,
     buffers: HashMap<u64, Buffer>,
     modules: HashMap<u64, ModuleId>,
+    /// Registered host buffers: id -> length.
+    host_bufs: HashMap<u64, u64>,
+    /// Where their chunks lie in guest-physical memory: chunk start -> chunk.
+    host_chunks: BTreeMap<u64, HostChunkAt>,
     /// An asynchronous failure: every later request answers it until the session closes.
     sticky: Option<(Status, u32)>,
-    /// The executor this session lived in was lost.
-    lost: bool,
+}
+
+/// A chunk of a registered host buffer: `len` bytes at `offset` of buffer `id`.
+#[derive(Clone, Copy, Debug)]
+struct HostChunkAt {
+    id: u64,
+    len: u64,
+    offset: u64,
+}
+
+impl Session {
+    /// The host buffer and offset that hold the guest-physical `ranges` in order, as one
+    /// run of bytes; `None` unless one registered buffer holds all of them.
+    fn locate(&self, ranges: &[(u64, u64)]) -> Option<(u64, u64)> {
+        let mut found: Option<(u64, u64)> = None;
+        let mut next = 0u64;
+        for &(mut addr, mut left) in ranges {
+            while left > 0 {
+                let (&start, chunk) = self.host_chunks.range(..=addr).next_back()?;
+                let inside = addr - start;
+                if inside >= chunk.len {
+                    return None;
+                }
+                let at = chunk.offset + inside;
+                match found {
+                    None => found = Some((chunk.id, at)),
+                    Some((id, _)) if id != chunk.id || at != next => return None,
+                    Some(_) => {}
+                }
+                let n = left.min(chunk.len - inside);
+                next = at + n;
+                addr += n;
+                left -= n;
+            }
+        }
+        found
+    }
 }
 
 pub(crate) struct Worker {
     factory: Arc<dyn ExecutorFactory>,
     shared: Arc<TenantShared>,
     limits: Limits,
-    exec: Option<Box<dyn Executor>>,
+    /// Runs the built-in self-tests (no guest code): made when first needed.
+    selftest_exec: Option<Box<dyn Executor>>,
     sessions: HashMap<u64, Session>,
     next_id: u64,
     usage: TenantUsage,
@@ -58,7 +111,7 @@ impl Worker {
             factory,
             shared,
             limits,
-            exec: None,
+            selftest_exec: None,
             sessions: HashMap::new(),
             next_id: 0,
             usage: TenantUsage::default(),
@@ -71,11 +124,12 @@ impl Worker {
             match message {
                 Message::Request {
                     request,
+                    io,
                     token,
                     sink,
                     hold,
                 } => {
-                    let response = self.handle(request);
+                    let response = self.handle(request, io);
                     self.usage.requests += 1;
                     self.publish();
                     sink.complete_held(token, response, hold);
@@ -99,13 +153,13 @@ impl Worker {
         &self.shared.config.name
     }
 
-    /// Closes every session; the executor (and its context) goes with them.
+    /// Closes every session; their executors (and contexts) go with them.
     fn reset(&mut self) {
         let ids: Vec<u64> = self.sessions.keys().copied().collect();
         for id in ids {
             self.close_session(id);
         }
-        self.exec = None;
+        self.selftest_exec = None;
     }
 
     fn new_id(&mut self) -> u64 {
@@ -113,25 +167,32 @@ impl Worker {
         self.next_id
     }
 
-    fn executor(&mut self) -> Result<&mut Box<dyn Executor>, (Status, u32)> {
-        // Poisoned outside a session request (while closing a session, or a worker
-        // process that died while idle): its sessions are lost, the next one starts anew.
-        if self.exec.as_ref().is_some_and(|e| e.poisoned()) {
-            self.lose_executor(0);
-        }
-        if self.exec.is_none() {
-            match self.factory.create() {
-                Ok(e) => self.exec = Some(e),
-                Err(e) => {
-                    log::error!("tenant {}: executor unavailable: {e}", self.name());
-                    return err(Status::DeviceLost, e.detail);
-                }
-            }
-        }
-        Ok(self.exec.as_mut().expect("created above"))
+    /// A new executor (for a worker process: one taken from the pool or started now).
+    fn new_executor(&self) -> Result<Box<dyn Executor>, (Status, u32)> {
+        let started = std::time::Instant::now();
+        let exec = self.factory.create().map_err(|e| {
+            log::error!("tenant {}: executor unavailable: {e}", self.name());
+            (Status::DeviceLost, e.detail)
+        })?;
+        log::debug!(
+            "tenant {}: executor ready in {} us",
+            self.name(),
+            started.elapsed().as_micros()
+        );
+        Ok(exec)
     }
 
-    pub fn handle(&mut self, request: Request) -> Response {
+    /// The session's executor; `DEVICE_LOST` once it was lost.
+    fn exec(&mut self, sid: u64) -> Result<&mut dyn Executor, (Status, u32)> {
+        match self.sessions.get_mut(&sid).and_then(|s| s.exec.as_mut()) {
+            Some(e) => Ok(e.as_mut()),
+            None => err(Status::DeviceLost, 0),
+        }
+    }
+
+    /// Runs a request; its data may stay in the guest's buffers (see
+    /// [`crate::Mediator::submit_io`]).
+    pub fn handle(&mut self, request: Request, io: Option<GuestIo>) -> Response {
         let session = request.session;
         let result = match request.command {
             Command::Info => Ok(self.info()),
@@ -145,7 +206,7 @@ impl Worker {
                     err(Status::InvalidSession, 0)
                 }
             }
-            command => self.in_session(session, command),
+            command => self.in_session(session, command, io),
         };
         result.unwrap_or_else(|(status, detail)| Response::error(status, detail))
     }
@@ -171,19 +232,19 @@ impl Worker {
         if self.sessions.len() >= self.limits.max_sessions as usize {
             return err(Status::LimitExceeded, self.limits.max_sessions);
         }
-        let stream = self
-            .executor()?
-            .open_stream()
-            .map_err(|e| (e.status, e.detail))?;
+        let mut exec = self.new_executor()?;
+        let stream = exec.open_stream().map_err(|e| (e.status, e.detail))?;
         let id = self.new_id();
         self.sessions.insert(
             id,
             Session {
+                exec: Some(exec),
                 stream,
                 buffers: HashMap::new(),
                 modules: HashMap::new(),
+                host_bufs: HashMap::new(),
+                host_chunks: BTreeMap::new(),
                 sticky: None,
-                lost: false,
             },
         );
         self.usage.sessions += 1;
@@ -201,34 +262,24 @@ impl Worker {
             self.usage.allocations -= 1;
         }
         self.usage.modules -= s.modules.len() as u32;
-        if s.lost {
-            return;
-        }
-        if let Some(exec) = self.exec.as_mut() {
-            exec.close_stream(s.stream);
-            for b in s.buffers.values() {
-                exec.free(b.id);
-            }
-            for m in s.modules.values() {
-                exec.unload_module(*m);
-            }
-        }
+        self.usage.host_bytes -= s.host_bufs.values().sum::<u64>();
+        // The executor goes with the session: for a worker process its context and
+        // everything in it; an in-process executor frees what it holds when dropped.
+        drop(s);
         log::debug!("tenant {}: session {id} closed", self.shared.config.name);
     }
 
-    fn in_session(&mut self, id: u64, command: Command) -> Reply {
+    fn in_session(&mut self, id: u64, command: Command, io: Option<GuestIo>) -> Reply {
         let session = self.sessions.get(&id).ok_or((Status::InvalidSession, 0))?;
         if let Some((status, detail)) = session.sticky {
             return err(status, detail);
         }
-        if self.exec.as_ref().is_some_and(|e| e.poisoned()) {
-            self.lose_executor(0);
-        }
-        let session = &self.sessions[&id];
-        if session.lost {
+        // Poisoned since the last request (a worker process that died while idle).
+        if session.exec.as_ref().is_some_and(|e| e.poisoned()) {
+            self.lose_session(id);
             return err(Status::DeviceLost, 0);
         }
-        let result = self.dispatch(id, command);
+        let result = self.dispatch(id, command, io);
         if let Err((status, detail)) = result {
             if matches!(status, Status::LaunchFailed | Status::DeviceLost) {
                 if let Some(s) = self.sessions.get_mut(&id) {
@@ -236,35 +287,40 @@ impl Worker {
                 }
             }
         }
-        if self.exec.as_ref().is_some_and(|e| e.poisoned()) {
-            self.lose_executor(id);
+        let session = &self.sessions[&id];
+        if session.exec.as_ref().is_some_and(|e| e.poisoned()) {
+            self.lose_session(id);
         }
         result
     }
 
-    /// The context is unusable: drop it and mark every session lost (the faulting one
-    /// keeps reporting its own sticky error). The next request that needs an executor makes a
-    /// new one.
-    fn lose_executor(&mut self, faulting: u64) {
+    /// The session's context is unusable: drop its executor (for a worker process, the
+    /// process and its context) and everything it held. The session keeps answering its
+    /// sticky error (`DEVICE_LOST` if it had none) until it is closed; the VM's other
+    /// sessions are untouched.
+    fn lose_session(&mut self, sid: u64) {
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
         log::warn!(
-            "tenant {}: execution context lost after a device fault; restarting it",
-            self.name()
+            "tenant {}: session {sid} lost its execution context after a device fault",
+            self.shared.config.name
         );
-        self.exec = None;
-        self.usage.restarts += 1;
-        for (&id, s) in self.sessions.iter_mut() {
-            s.lost = true;
-            if id == faulting && s.sticky.is_none() {
-                s.sticky = Some((Status::DeviceLost, 0));
-            }
-            for b in s.buffers.values() {
-                self.usage.mem_used -= b.size;
-                self.usage.allocations -= 1;
-            }
-            self.usage.modules -= s.modules.len() as u32;
-            s.buffers.clear();
-            s.modules.clear();
+        s.exec = None;
+        if s.sticky.is_none() {
+            s.sticky = Some((Status::DeviceLost, 0));
         }
+        for b in s.buffers.values() {
+            self.usage.mem_used -= b.size;
+            self.usage.allocations -= 1;
+        }
+        self.usage.modules -= s.modules.len() as u32;
+        self.usage.host_bytes -= s.host_bufs.values().sum::<u64>();
+        s.buffers.clear();
+        s.modules.clear();
+        s.host_bufs.clear();
+        s.host_chunks.clear();
+        self.usage.restarts += 1;
     }
 
     fn buffer(&self, session: u64, handle: u64) -> Result<&Buffer, (Status, u32)> {
@@ -274,7 +330,7 @@ impl Worker {
             .ok_or((Status::InvalidHandle, 0))
     }
 
-    fn dispatch(&mut self, sid: u64, command: Command) -> Reply {
+    fn dispatch(&mut self, sid: u64, command: Command, io: Option<GuestIo>) -> Reply {
         let stream = self.sessions[&sid].stream;
         let exec_err = |e: ExecError| {
             log::debug!("executor: {e}");
@@ -298,7 +354,7 @@ impl Worker {
                 {
                     return err(Status::QuotaExceeded, 0);
                 }
-                let id = self.executor()?.alloc(size).map_err(exec_err)?;
+                let id = self.exec(sid)?.alloc(size).map_err(exec_err)?;
                 let handle = self.new_id();
                 self.sessions
                     .get_mut(&sid)
@@ -319,25 +375,63 @@ impl Worker {
                     .ok_or((Status::InvalidHandle, 0))?;
                 self.usage.mem_used -= b.size;
                 self.usage.allocations -= 1;
-                self.executor()?.free(b.id);
+                self.exec(sid)?.free(b.id);
                 Ok(Response::ok())
             }
             Command::Htod { dst, offset, data } => {
-                let id = self.range(sid, dst, offset, data.len() as u64)?;
-                self.executor()?
-                    .htod(stream, id, offset, &data)
-                    .map_err(exec_err)?;
+                let source = match io {
+                    Some(GuestIo::Source(source)) if data.is_empty() => Some(source),
+                    _ => None,
+                };
+                let len = source.as_ref().map_or(data.len() as u64, |s| s.len());
+                let id = self.range(sid, dst, offset, len)?;
+                // Data in a registered host buffer goes straight from its pages.
+                let host = source
+                    .as_ref()
+                    .and_then(|s| s.guest_ranges())
+                    .and_then(|r| self.sessions[&sid].locate(&r));
+                if host.is_some() {
+                    self.usage.host_copies += 1;
+                }
+                let exec = self.exec(sid)?;
+                match (source, host) {
+                    (Some(_), Some((host, at))) => {
+                        exec.htod_host(stream, id, offset, host, at, len)
+                    }
+                    (Some(source), None) => exec.htod_from(stream, id, offset, source.as_ref()),
+                    (None, _) => exec.htod(stream, id, offset, &data),
+                }
+                .map_err(exec_err)?;
                 Ok(Response::ok())
             }
             Command::Dtoh { src, offset, len } => {
                 let id = self.range(sid, src, offset, len)?;
+                if let Some(GuestIo::Sink(sink)) = io {
+                    let placed = u32::try_from(len)
+                        .ok()
+                        .filter(|_| len <= sink.capacity())
+                        .ok_or((Status::BufferTooSmall, 0))?;
+                    let host = sink
+                        .guest_ranges()
+                        .and_then(|ranges| self.sessions[&sid].locate(&trim_ranges(&ranges, len)));
+                    if host.is_some() {
+                        self.usage.host_copies += 1;
+                    }
+                    let exec = self.exec(sid)?;
+                    match host {
+                        Some((host, at)) => exec.dtoh_host(stream, id, offset, host, at, len),
+                        None => exec.dtoh_into(stream, id, offset, len, sink.as_ref()),
+                    }
+                    .map_err(exec_err)?;
+                    return Ok(Response::placed(placed));
+                }
                 // Counted in the VM's byte budget (`request_cost`); allocated fallibly all
                 // the same: the host may have less than the budgets add up to.
                 let mut out = Vec::new();
                 out.try_reserve_exact(len as usize)
                     .map_err(|_| (Status::OutOfMemory, 0))?;
                 out.resize(len as usize, 0);
-                self.executor()?
+                self.exec(sid)?
                     .dtoh(stream, id, offset, &mut out)
                     .map_err(exec_err)?;
                 Ok(Response::data(out))
@@ -356,7 +450,7 @@ impl Worker {
                 if dst == src && len > 0 && overlap {
                     return err(Status::InvalidArgument, 0);
                 }
-                self.executor()?
+                self.exec(sid)?
                     .dtod(stream, d, dst_offset, s, src_offset, len)
                     .map_err(exec_err)?;
                 Ok(Response::ok())
@@ -369,7 +463,7 @@ impl Worker {
                 width,
             } => {
                 let d = self.range(sid, dst, offset, len)?;
-                self.executor()?
+                self.exec(sid)?
                     .memset(stream, d, offset, len, value, width)
                     .map_err(exec_err)?;
                 Ok(Response::ok())
@@ -379,7 +473,7 @@ impl Worker {
                 {
                     return err(Status::LimitExceeded, self.limits.max_modules_per_session);
                 }
-                let m = self.executor()?.load_module(&ptx).map_err(exec_err)?;
+                let m = self.exec(sid)?.load_module(&ptx).map_err(exec_err)?;
                 let handle = self.new_id();
                 self.sessions
                     .get_mut(&sid)
@@ -398,12 +492,27 @@ impl Worker {
                     .remove(&module)
                     .ok_or((Status::InvalidHandle, 0))?;
                 self.usage.modules -= 1;
-                self.executor()?.unload_module(m);
+                self.exec(sid)?.unload_module(m);
                 Ok(Response::ok())
             }
             Command::Launch(launch) => self.launch(sid, stream, launch),
+            Command::HostRegister { id, chunks } => {
+                let Some(GuestIo::Map(mapping)) = io else {
+                    // Only a transport that can map guest memory registers host buffers.
+                    return err(Status::Unsupported, 0);
+                };
+                self.register_host(sid, id, &chunks, &mapping)
+            }
+            Command::HostUnregister { id } => {
+                let s = self.sessions.get_mut(&sid).expect("checked");
+                let len = s.host_bufs.remove(&id).ok_or((Status::InvalidHandle, 0))?;
+                s.host_chunks.retain(|_, c| c.id != id);
+                self.usage.host_bytes -= len;
+                self.exec(sid)?.unregister_host(id);
+                Ok(Response::ok())
+            }
             Command::Sync => {
-                self.executor()?.sync(stream).map_err(exec_err)?;
+                self.exec(sid)?.sync(stream).map_err(exec_err)?;
                 Ok(Response::ok())
             }
             Command::Info
@@ -413,6 +522,67 @@ impl Worker {
                 unreachable!("handled before dispatch")
             }
         }
+    }
+
+    fn register_host(
+        &mut self,
+        sid: u64,
+        id: u64,
+        chunks: &[HostChunk],
+        mapping: &HostMapping,
+    ) -> Reply {
+        let len: u64 = chunks.iter().map(|c| c.len).sum();
+        if mapping.len() != len {
+            return err(Status::InvalidArgument, 0);
+        }
+        let s = &self.sessions[&sid];
+        if s.host_bufs.contains_key(&id) {
+            return err(Status::InvalidArgument, 0);
+        }
+        if s.host_bufs.len() >= self.limits.max_host_buffers_per_session as usize {
+            return err(
+                Status::LimitExceeded,
+                self.limits.max_host_buffers_per_session,
+            );
+        }
+        if self
+            .usage
+            .host_bytes
+            .checked_add(len)
+            .map_or(true, |total| total > self.limits.max_host_bytes)
+        {
+            return err(Status::LimitExceeded, 0);
+        }
+        // A correct driver never registers a page twice: refuse overlaps.
+        for c in chunks {
+            let overlaps = s
+                .host_chunks
+                .range(..c.addr.saturating_add(c.len))
+                .next_back()
+                .is_some_and(|(&start, old)| start + old.len > c.addr);
+            if overlaps {
+                return err(Status::InvalidArgument, 0);
+            }
+        }
+        self.exec(sid)?
+            .register_host(id, mapping)
+            .map_err(|e| (e.status, e.detail))?;
+        let s = self.sessions.get_mut(&sid).expect("checked");
+        let mut offset = 0;
+        for c in chunks {
+            s.host_chunks.insert(
+                c.addr,
+                HostChunkAt {
+                    id,
+                    len: c.len,
+                    offset,
+                },
+            );
+            offset += c.len;
+        }
+        s.host_bufs.insert(id, len);
+        self.usage.host_bytes += len;
+        Ok(Response::ok())
     }
 
     /// Checks that `[offset, offset + len)` lies inside the session's buffer `handle`.
@@ -437,7 +607,7 @@ impl Worker {
             shared_bytes: launch.shared_bytes,
         };
         check_shape(&shape)?;
-        let session = &self.sessions[&sid];
+        let session = self.sessions.get_mut(&sid).expect("checked by in_session");
         let mut params = Vec::with_capacity(launch.params.len());
         for (i, p) in launch.params.iter().enumerate() {
             params.push(match p {
@@ -453,7 +623,7 @@ impl Worker {
         }
         let kernel = if launch.module == BUILTIN_MODULE {
             let spec = vgpu_kernels::find(&launch.kernel).ok_or((Status::KernelNotFound, 0))?;
-            check_builtin(spec, &launch.params, &params, &shape, session)?;
+            check_builtin(spec, &launch.params, &params, &shape, &*session)?;
             KernelRef::Builtin(spec)
         } else {
             let m = *session
@@ -462,7 +632,10 @@ impl Worker {
                 .ok_or((Status::InvalidHandle, 0))?;
             KernelRef::Module(m, &launch.kernel)
         };
-        let exec = self.executor()?;
+        let exec = match session.exec.as_mut() {
+            Some(e) => e,
+            None => return err(Status::DeviceLost, 0),
+        };
         exec.launch(stream, kernel, &shape, &params)
             .map_err(|e| (e.status, e.detail))?;
         Ok(Response::ok())
@@ -472,13 +645,22 @@ impl Worker {
         let device = self.factory.device().clone();
         let result = match test {
             SelftestKind::DeviceInfo => Ok(crate::selftest::device_line(&device)),
-            SelftestKind::VectorAdd => match self.executor() {
-                Ok(exec) => crate::selftest::vector_add(exec.as_mut(), &device.name),
-                Err(_) => Err(format!("Vector add FAILED: no executor ({})", device.name)),
-            },
+            SelftestKind::VectorAdd => {
+                if self.selftest_exec.as_ref().is_some_and(|e| e.poisoned()) {
+                    self.selftest_exec = None;
+                }
+                if self.selftest_exec.is_none() {
+                    self.selftest_exec = self.new_executor().ok();
+                }
+                match self.selftest_exec.as_mut() {
+                    Some(exec) => crate::selftest::vector_add(exec.as_mut(), &device.name),
+                    None => Err(format!("Vector add FAILED: no executor ({})", device.name)),
+                }
+            }
         };
-        if self.exec.as_ref().is_some_and(|e| e.poisoned()) {
-            self.lose_executor(0);
+        if self.selftest_exec.as_ref().is_some_and(|e| e.poisoned()) {
+            self.selftest_exec = None;
+            self.usage.restarts += 1;
         }
         match result {
             Ok(message) => Response::data(message.into_bytes()),
@@ -488,6 +670,20 @@ impl Worker {
             },
         }
     }
+}
+
+/// The first `len` bytes of `ranges`.
+fn trim_ranges(ranges: &[(u64, u64)], mut len: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(addr, n) in ranges {
+        if len == 0 {
+            break;
+        }
+        let take = n.min(len);
+        out.push((addr, take));
+        len -= take;
+    }
+    out
 }
 
 /// The launch limits every CUDA device of compute capability >= 3.0 shares.

@@ -18,8 +18,8 @@ mod wire;
 
 pub use config::{DeviceConfig, ExecutorKind, InfoReply, CONFIG_MAGIC, CONFIG_SIZE, INFO_SIZE};
 pub use request::{
-    Command, DecodeError, Header, Launch, LaunchArgs, Op, Opcode, Param, ParamDesc, Request,
-    SelftestKind, BUILTIN_MODULE,
+    Command, DecodeError, Header, HostChunk, Launch, LaunchArgs, Op, Opcode, Param, ParamDesc,
+    Request, SelftestKind, BUILTIN_MODULE,
 };
 pub use response::{Response, ResponseHeader};
 pub use status::Status;
@@ -45,5 +45,11 @@ pub const MAX_KERNEL_NAME: usize = 128;
 pub const MAX_PARAMS: usize = 64;
 /// Most parameter bytes a launch may carry (CUDA's classic 4 KiB parameter limit).
 pub const MAX_PARAM_BYTES: u32 = 4096;
+/// Page size of host buffers: chunk addresses and lengths are multiples of it.
+pub const HOST_PAGE_SIZE: u64 = 4096;
+/// Bytes of one host buffer chunk in a HOST_REGISTER payload (address, length).
+pub const HOST_CHUNK_SIZE: usize = 16;
+/// Largest host buffer HOST_REGISTER describes.
+pub const MAX_HOST_BUFFER_BYTES: u64 = 16 << 30;
 /// Largest message a SELFTEST writes.
 pub const MAX_SELFTEST_MESSAGE: usize = 256;

@@ -2,8 +2,9 @@
 
 use crate::wire::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
 use crate::{
-    MAX_KERNEL_NAME, MAX_PARAMS, MAX_PARAM_BYTES, MAX_PTX_BYTES, MAX_TRANSFER_BYTES,
-    PROTOCOL_VERSION, REQUEST_HEADER_SIZE, REQUEST_MAGIC,
+    HOST_CHUNK_SIZE, HOST_PAGE_SIZE, MAX_HOST_BUFFER_BYTES, MAX_KERNEL_NAME, MAX_PARAMS,
+    MAX_PARAM_BYTES, MAX_PTX_BYTES, MAX_TRANSFER_BYTES, PROTOCOL_VERSION, REQUEST_HEADER_SIZE,
+    REQUEST_MAGIC,
 };
 
 /// Module handle that names the built-in kernel catalog in a launch.
@@ -82,6 +83,8 @@ pub enum Opcode {
     Launch = 12,
     Sync = 13,
     Selftest = 14,
+    HostRegister = 15,
+    HostUnregister = 16,
 }
 
 impl Opcode {
@@ -102,6 +105,8 @@ impl Opcode {
             12 => Launch,
             13 => Sync,
             14 => Selftest,
+            15 => HostRegister,
+            16 => HostUnregister,
             _ => return None,
         })
     }
@@ -202,6 +207,18 @@ pub enum Op {
     Selftest {
         test: SelftestKind,
     },
+    /// A host buffer of the session (guest memory its driver handed the process by mmap)
+    /// is described to the device: `chunks` (guest-physical address, length) pairs follow
+    /// as the payload, `len` bytes in all. Issued by the guest driver only.
+    HostRegister {
+        id: u64,
+        len: u64,
+        chunks: u32,
+    },
+    /// The host buffer `id` is gone (the driver frees its pages next).
+    HostUnregister {
+        id: u64,
+    },
 }
 
 impl Op {
@@ -221,6 +238,8 @@ impl Op {
             Op::Launch(_) => Opcode::Launch,
             Op::Sync => Opcode::Sync,
             Op::Selftest { .. } => Opcode::Selftest,
+            Op::HostRegister { .. } => Opcode::HostRegister,
+            Op::HostUnregister { .. } => Opcode::HostUnregister,
         }
     }
 }
@@ -240,6 +259,7 @@ impl Header {
             Op::Htod { len, .. } => len,
             Op::ModuleLoad { ptx_len } => ptx_len as u64,
             Op::Launch(a) => a.payload_len(),
+            Op::HostRegister { chunks, .. } => chunks as u64 * HOST_CHUNK_SIZE as u64,
             _ => 0,
         }
     }
@@ -376,6 +396,32 @@ impl Header {
                 Op::Launch(args)
             }
             Opcode::Sync => Op::Sync,
+            Opcode::HostRegister => {
+                let (id, len, chunks) = (a(0), a(1), a(2));
+                if len == 0 || chunks == 0 || len % HOST_PAGE_SIZE != 0 {
+                    return Err(DecodeError::InvalidArgument(
+                        "host buffer: empty or not whole pages",
+                    ));
+                }
+                if len > MAX_HOST_BUFFER_BYTES {
+                    return Err(DecodeError::TooLarge {
+                        what: "host buffer",
+                        len,
+                        max: MAX_HOST_BUFFER_BYTES,
+                    });
+                }
+                if chunks > len / HOST_PAGE_SIZE {
+                    return Err(DecodeError::InvalidArgument(
+                        "host buffer: more chunks than pages",
+                    ));
+                }
+                Op::HostRegister {
+                    id,
+                    len,
+                    chunks: chunks as u32,
+                }
+            }
+            Opcode::HostUnregister => Op::HostUnregister { id: a(0) },
             Opcode::Selftest => {
                 let raw = a32(0);
                 Op::Selftest {
@@ -458,6 +504,12 @@ impl Header {
                 put_u32(&mut b, ARGS + 40, l.params_bytes);
             }
             Op::Selftest { test } => put_u32(&mut b, ARGS, test as u32),
+            Op::HostRegister { id, len, chunks } => {
+                set(&mut b, 0, id);
+                set(&mut b, 1, len);
+                set(&mut b, 2, chunks as u64);
+            }
+            Op::HostUnregister { id } => set(&mut b, 0, id),
         }
         b
     }
@@ -592,6 +644,50 @@ pub enum Command {
     Selftest {
         test: SelftestKind,
     },
+    /// See [`Op::HostRegister`]: the buffer's guest-physical chunks in the order of its
+    /// bytes.
+    HostRegister {
+        id: u64,
+        chunks: Vec<HostChunk>,
+    },
+    HostUnregister {
+        id: u64,
+    },
+}
+
+/// One physically contiguous piece of a host buffer, in guest-physical memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostChunk {
+    pub addr: u64,
+    pub len: u64,
+}
+
+/// The chunks of a HOST_REGISTER payload, checked: whole pages that add up to `len`.
+fn decode_chunks(len: u64, payload: &[u8]) -> Result<Vec<HostChunk>, DecodeError> {
+    let mut chunks = Vec::with_capacity(payload.len() / HOST_CHUNK_SIZE);
+    let mut total = 0u64;
+    for c in payload.chunks_exact(HOST_CHUNK_SIZE) {
+        let chunk = HostChunk {
+            addr: u64_at(c, 0),
+            len: u64_at(c, 8),
+        };
+        if chunk.len == 0 || chunk.addr % HOST_PAGE_SIZE != 0 || chunk.len % HOST_PAGE_SIZE != 0 {
+            return Err(DecodeError::InvalidArgument(
+                "host buffer chunk: empty or not whole pages",
+            ));
+        }
+        check_range("host buffer chunk", chunk.addr, chunk.len)?;
+        total = total
+            .checked_add(chunk.len)
+            .ok_or(DecodeError::Overflow("host buffer"))?;
+        chunks.push(chunk);
+    }
+    if total != len {
+        return Err(DecodeError::InvalidArgument(
+            "host buffer: the chunks do not add up to its length",
+        ));
+    }
+    Ok(chunks)
 }
 
 /// A complete request: header fields and the command with its payload.
@@ -670,6 +766,12 @@ impl Request {
             }),
             Command::Sync => Op::Sync,
             Command::Selftest { test } => Op::Selftest { test: *test },
+            Command::HostRegister { id, chunks } => Op::HostRegister {
+                id: *id,
+                len: chunks.iter().map(|c| c.len).sum(),
+                chunks: chunks.len() as u32,
+            },
+            Command::HostUnregister { id } => Op::HostUnregister { id: *id },
         };
         Header {
             session: self.session,
@@ -694,6 +796,14 @@ impl Request {
                 }
                 for param in &l.params {
                     p.extend_from_slice(&param.bytes());
+                }
+                p
+            }
+            Command::HostRegister { chunks, .. } => {
+                let mut p = Vec::with_capacity(chunks.len() * HOST_CHUNK_SIZE);
+                for c in chunks {
+                    p.extend_from_slice(&c.addr.to_le_bytes());
+                    p.extend_from_slice(&c.len.to_le_bytes());
                 }
                 p
             }
@@ -769,6 +879,11 @@ impl Request {
             Op::Launch(args) => Command::Launch(decode_launch(&args, payload)?),
             Op::Sync => Command::Sync,
             Op::Selftest { test } => Command::Selftest { test },
+            Op::HostRegister { id, len, .. } => Command::HostRegister {
+                id,
+                chunks: decode_chunks(len, payload)?,
+            },
+            Op::HostUnregister { id } => Command::HostUnregister { id },
         };
         Ok(Request {
             session: header.session,

@@ -55,6 +55,10 @@ pub struct Response {
     pub value0: u64,
     pub value1: u64,
     pub data: Vec<u8>,
+    /// Bytes a host-side transport already placed at the start of the writable payload
+    /// (device-to-host data copied straight into the guest's buffers); `data` is then
+    /// empty. Never on the wire by itself: it becomes the header's `written`.
+    pub placed: u32,
 }
 
 impl Response {
@@ -87,6 +91,15 @@ impl Response {
             value0: 0,
             value1: 0,
             data: Vec::new(),
+            placed: 0,
+        }
+    }
+
+    /// A success whose `bytes` of data were already placed in the writable payload.
+    pub fn placed(bytes: u32) -> Response {
+        Response {
+            placed: bytes,
+            ..Response::ok()
         }
     }
 
@@ -101,7 +114,9 @@ impl Response {
             detail: self.detail,
             value0: self.value0,
             value1: self.value1,
-            written: u32::try_from(self.data.len()).unwrap_or(u32::MAX),
+            written: u32::try_from(self.data.len())
+                .unwrap_or(u32::MAX)
+                .saturating_add(self.placed),
         }
     }
 }

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
-use vgpu_mediator::{request_cost, CompletionQueue, HoldError, Mediator, TenantId};
+use vgpu_mediator::{request_cost, CompletionQueue, GuestIo, HoldError, Mediator, TenantId};
 use vgpu_protocol::{
     Command, Header, Op, Request, Response, ResponseHeader, Status, CONFIG_SIZE,
     REQUEST_HEADER_SIZE, RESPONSE_HEADER_SIZE,
@@ -32,7 +32,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, Gues
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use crate::chain::{write_regions, AccessError, Chain, Region};
+use crate::chain::{host_mapping, write_regions, AccessError, Chain, Gate, GuestData, Region};
 use crate::wait::wait_readable;
 
 /// Virtqueues the device has (QEMU's `num_vqs` must not exceed it).
@@ -150,6 +150,8 @@ pub struct VgpuBackend {
     mem: Option<GuestMemory>,
     event_idx: bool,
     inflight: HashMap<u64, InFlight>,
+    /// Lets the requests in flight read and write the guest's buffers in place.
+    gate: Arc<Gate>,
     next_token: u64,
     /// Chains were left on the queue because too much is in flight (too many requests,
     /// or the VM's byte budget in the mediator is spent); take them once completions free
@@ -185,6 +187,7 @@ impl VgpuBackend {
             mem: None,
             event_idx: false,
             inflight: HashMap::new(),
+            gate: Gate::open(),
             next_token: 1,
             throttled: false,
             ring_broken: false,
@@ -338,8 +341,8 @@ impl VgpuBackend {
                 return Taken::Done;
             }
         };
-        match decode_payload(mem, &chain, &header) {
-            Ok(request) => {
+        match decode_payload(&self.gate, mem, &chain, &header) {
+            Ok((request, io)) => {
                 let token = self.next_token;
                 self.next_token += 1;
                 self.inflight.insert(
@@ -350,9 +353,10 @@ impl VgpuBackend {
                         writable_len: chain.writable_len,
                     },
                 );
-                self.mediator.submit_held(
+                self.mediator.submit_io(
                     self.tenant,
                     request,
+                    io,
                     token,
                     self.completions.clone(),
                     hold,
@@ -460,6 +464,9 @@ impl VgpuBackend {
     }
 
     fn forget_inflight(&mut self) {
+        // Requests still running must not touch the guest's buffers any more.
+        self.gate.close();
+        self.gate = Gate::open();
         self.inflight.clear();
         self.throttled = false;
         self.ring_broken = false;
@@ -511,13 +518,53 @@ fn decode_header(mem: &GuestMemoryMmap, chain: &Chain) -> Result<Header, Refusal
 }
 
 /// Reads the payload of a chain whose header [`decode_header`] accepted and builds the
-/// request.
+/// request. Copy data stays in the guest's buffers: an HTOD's source and a DTOH's
+/// destination go to the executor as [`GuestIo`], read and written in place.
 fn decode_payload(
-    mem: &GuestMemoryMmap,
+    gate: &Arc<Gate>,
+    mem: &GuestMemoryGuard,
     chain: &Chain,
     header: &Header,
-) -> Result<Request, Refusal> {
+) -> Result<(Request, Option<GuestIo>), Refusal> {
     let payload_len = header.payload_len();
+    let in_place = |regions: &[Region], start: u64, len: u64| {
+        GuestData::new(
+            gate.clone(),
+            mem.clone().into_inner(),
+            regions.to_vec(),
+            start,
+            len,
+        )
+        .ok_or_else(|| {
+            Refusal::new(
+                Status::InvalidRequest,
+                format!("{len} bytes at {start} do not fit the chain's buffers"),
+            )
+        })
+    };
+    match header.op {
+        Op::Htod { dst, offset, .. } => {
+            let source = in_place(&chain.readable, REQUEST_HEADER_SIZE as u64, payload_len)?;
+            let request = Request {
+                session: header.session,
+                tag: header.tag,
+                command: Command::Htod {
+                    dst,
+                    offset,
+                    data: Vec::new(),
+                },
+            };
+            return Ok((request, Some(GuestIo::Source(Arc::new(source)))));
+        }
+        Op::Dtoh { .. } => {
+            let room = chain.writable_len - RESPONSE_HEADER_SIZE as u64;
+            let sink = in_place(&chain.writable, 0, room)?;
+            let request = Request::from_parts(header, &[])
+                .map_err(|e| Refusal::new(e.status(), format!("request payload: {e}")))?;
+            return Ok((request, Some(GuestIo::Sink(Arc::new(sink)))));
+        }
+        _ => {}
+    }
     let mut payload = Vec::new();
     payload
         .try_reserve_exact(payload_len as usize)
@@ -530,20 +577,19 @@ fn decode_payload(
     chain
         .append(mem, REQUEST_HEADER_SIZE as u64, payload_len, &mut payload)
         .map_err(|e| Refusal::new(Status::InvalidRequest, e.to_string()))?;
-    match header.op {
-        // Host-to-device data is the big payload: move it into the request as read.
-        Op::Htod { dst, offset, .. } => Ok(Request {
-            session: header.session,
-            tag: header.tag,
-            command: Command::Htod {
-                dst,
-                offset,
-                data: payload,
-            },
-        }),
-        _ => Request::from_parts(header, &payload)
-            .map_err(|e| Refusal::new(e.status(), format!("request payload: {e}"))),
+    let request = Request::from_parts(header, &payload)
+        .map_err(|e| Refusal::new(e.status(), format!("request payload: {e}")))?;
+    // A host buffer: the pieces of the VM's memory files that hold it.
+    if let Command::HostRegister { chunks, .. } = &request.command {
+        let mapping = host_mapping(mem, chunks).ok_or_else(|| {
+            Refusal::new(
+                Status::InvalidArgument,
+                "a host buffer chunk is not inside the VM's memory",
+            )
+        })?;
+        return Ok((request, Some(GuestIo::Map(mapping))));
     }
+    Ok((request, None))
 }
 
 /// Writes the response data at the start of the writable buffers and the response header
@@ -555,7 +601,7 @@ fn write_response(
     response: &Response,
 ) -> Result<u32, AccessError> {
     let capacity = writable_len - RESPONSE_HEADER_SIZE as u64;
-    let (header, data) = if response.data.len() as u64 > capacity {
+    let (header, data) = if response.data.len() as u64 + u64::from(response.placed) > capacity {
         error!(
             "the mediator answered {} bytes for a {capacity}-byte buffer",
             response.data.len()
@@ -573,7 +619,8 @@ fn write_response(
     };
     write_regions(mem, writable, 0, data)?;
     write_regions(mem, writable, capacity, &header.encode())?;
-    Ok(u32::try_from(data.len() + RESPONSE_HEADER_SIZE).unwrap_or(u32::MAX))
+    // `written` counts data placed in the buffers by the executor as well.
+    Ok(header.written.saturating_add(RESPONSE_HEADER_SIZE as u32))
 }
 
 impl VhostUserBackendMut for VgpuBackend {
@@ -760,8 +807,35 @@ mod tests {
     /// A guest-physical range the device may write.
     type Span = (u64, u32);
 
+    /// A memfd of `RAM` bytes.
+    fn ram_file() -> File {
+        // SAFETY: a NUL-terminated name and flags; the fd is owned below.
+        let fd = unsafe { libc::memfd_create(c"vgpu-test-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+        // SAFETY: a new fd owned by nothing else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(RAM).unwrap();
+        file
+    }
+
+    /// A memory table for `ram`: two regions, the second starting at `RAM / 2`.
+    fn map_ram(ram: &File) -> GuestMemoryMmap {
+        let half = (RAM / 2) as usize;
+        let region = |at: u64| {
+            let file = ram.try_clone().unwrap();
+            (
+                GuestAddress(at),
+                half,
+                Some(vm_memory::FileOffset::new(file, at)),
+            )
+        };
+        GuestMemoryMmap::from_ranges_with_files([region(0), region(RAM / 2)]).unwrap()
+    }
+
     /// A guest with one virtqueue in front of a backend served by a CPU mediator.
     struct Guest {
+        /// The guest's RAM: two memory regions of one memfd, so buffers can straddle them.
+        ram: File,
         mem: GuestMemory,
         vring: VringRwLock,
         call: EventFd,
@@ -793,9 +867,8 @@ mod tests {
                     weight: 100,
                 })
                 .unwrap();
-            let mem = GuestMemoryAtomic::new(
-                GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap(),
-            );
+            let ram = ram_file();
+            let mem = GuestMemoryAtomic::new(map_ram(&ram));
             let (desc_table, avail, used) = {
                 let m = mem.memory();
                 let vq = MockSplitQueue::create(&*m, GuestAddress(0), queue_size);
@@ -814,6 +887,7 @@ mod tests {
             let mut backend = VgpuBackend::new(mediator.clone(), tenant).unwrap();
             backend.update_memory(mem.clone()).unwrap();
             Guest {
+                ram,
                 mem,
                 vring,
                 call,
@@ -1141,6 +1215,239 @@ mod tests {
         assert_eq!(header.status, Status::Ok);
         let usage = g.mediator.usage(g.tenant).unwrap();
         assert_eq!((usage.sessions, usage.mem_used), (0, 0));
+    }
+
+    #[test]
+    fn copies_in_place_of_every_size_and_alignment_straddle_regions_and_table_changes() {
+        let mut g = Guest::new(64);
+        let session = g.open_session();
+        let max = (1u64 << 20) + 4099;
+        let (_, header, _) = g.call(&Request::new(session, Command::Alloc { size: max + 64 }), 0);
+        assert_eq!(header.status, Status::Ok);
+        let buffer = header.value0;
+        let mut round = 0u32;
+        for len in [1u64, 3, 8, 4095, 4096, 4097, 65_537, max] {
+            for (dev_offset, straddle) in [(0u64, 0u64), (1, 1), (7, 4093), (61, len / 2)] {
+                round += 1;
+                let data: Vec<u8> = (0..len)
+                    .map(|i| (i as u32).wrapping_mul(31).wrapping_add(round) as u8)
+                    .collect();
+                let htod = Request::new(
+                    session,
+                    Command::Htod {
+                        dst: buffer,
+                        offset: dev_offset,
+                        data: data.clone(),
+                    },
+                )
+                .encode();
+                // The data starts `straddle` bytes before the boundary of the two memory
+                // regions (and at odd addresses), split over two descriptors.
+                let cut = REQUEST_HEADER_SIZE + (len as usize / 3);
+                g.next_data = RAM / 2 - straddle.min(RAM / 4) - REQUEST_HEADER_SIZE as u64 - 16;
+                let (head, writable) = g.post(&[
+                    Buf::Read(htod[..cut].to_vec()),
+                    Buf::Read(htod[cut..].to_vec()),
+                    Buf::Write(32),
+                ]);
+                g.kick();
+                // QEMU replaces the memory table while the copy is queued: same RAM, new
+                // mappings. The old one stays mapped until the copy is done.
+                if round % 2 == 0 {
+                    // As vhost-user-backend does on SET_MEM_TABLE: the atomic every user
+                    // shares gets the new table.
+                    g.mem.lock().unwrap().replace(map_ram(&g.ram));
+                    g.backend.update_memory(g.mem.clone()).unwrap();
+                }
+                assert_eq!(g.finish(head), 32, "len {len} offset {dev_offset}");
+                assert_eq!(g.response(&writable).status, Status::Ok);
+
+                let dtoh = Request::new(
+                    session,
+                    Command::Dtoh {
+                        src: buffer,
+                        offset: dev_offset,
+                        len,
+                    },
+                );
+                g.next_data = RAM / 2 - straddle.min(RAM / 4) - 7;
+                let first = (len as u32 / 2).max(1);
+                let (head, writable) = g.post(&[
+                    Buf::Read(dtoh.encode()),
+                    Buf::Write(first),
+                    Buf::Write(len as u32 - first + 32),
+                ]);
+                let used = g.finish(head);
+                let response = g.response(&writable);
+                assert_eq!(
+                    (used, response.status, response.written),
+                    (len as u32 + 32, Status::Ok, len as u32),
+                    "len {len} offset {dev_offset}"
+                );
+                assert!(
+                    g.read_span(&writable, 0, len as usize) == data,
+                    "len {len} offset {dev_offset} straddle {straddle}: data differs"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn registered_host_buffers_are_copied_in_place_and_checked() {
+        use vgpu_protocol::HostChunk;
+        let mut g = Guest::new(64);
+        let session = g.open_session();
+        let (_, header, _) = g.call(&Request::new(session, Command::Alloc { size: 1 << 20 }), 0);
+        let buffer = header.value0;
+        // A host buffer of 5 pages in two chunks, out of guest-physical order, the second
+        // straddling the two memory regions: bytes 0..3 pages at RAM/2 - 4096, bytes
+        // 3..5 pages at 2 MiB.
+        let page = 4096u64;
+        let chunks = vec![
+            HostChunk {
+                addr: RAM / 2 - page,
+                len: 3 * page,
+            },
+            HostChunk {
+                addr: 2 << 20,
+                len: 2 * page,
+            },
+        ];
+        let register = |id, chunks: Vec<HostChunk>| {
+            Request::new(session, Command::HostRegister { id, chunks })
+        };
+        let (_, header, _) = g.call(&register(7, chunks.clone()), 0);
+        assert_eq!(header.status, Status::Ok);
+        // The same id again, an overlap, memory outside the VM: refused.
+        let (_, header, _) = g.call(&register(7, chunks[1..].to_vec()), 0);
+        assert_eq!(header.status, Status::InvalidArgument);
+        let overlap = vec![HostChunk {
+            addr: (2 << 20) + page,
+            len: page,
+        }];
+        let (_, header, _) = g.call(&register(8, overlap), 0);
+        assert_eq!(header.status, Status::InvalidArgument);
+        let outside = vec![HostChunk {
+            addr: RAM,
+            len: page,
+        }];
+        let (_, header, _) = g.call(&register(9, outside), 0);
+        assert_eq!(header.status, Status::InvalidArgument);
+
+        // The process's data in its host buffer: 1.5 pages from byte 2.5 pages, i.e. the
+        // last half page before the region boundary's chunk ends and the next chunk.
+        let data: Vec<u8> = (0..page * 3 / 2).map(|i| (i % 253) as u8).collect();
+        let host_at = |offset: u64| -> u64 {
+            if offset < 3 * page {
+                RAM / 2 - page + offset
+            } else {
+                (2 << 20) + offset - 3 * page
+            }
+        };
+        let m = g.mem.memory();
+        let split = (page / 2) as usize;
+        m.write_slice(&data[..split], GuestAddress(host_at(page * 5 / 2)))
+            .unwrap();
+        m.write_slice(&data[split..], GuestAddress(host_at(3 * page)))
+            .unwrap();
+        drop(m);
+        let before = g.mediator.usage(g.tenant).unwrap().host_copies;
+        // The driver would place the pinned pages in the chain: two descriptors.
+        let header_bytes = Request::new(
+            session,
+            Command::Htod {
+                dst: buffer,
+                offset: 100,
+                data: data.clone(),
+            },
+        )
+        .header()
+        .encode();
+        let head = g.descs(4);
+        let hdr = g.data(&header_bytes);
+        let resp = g.space(32);
+        g.store(g.desc_table, head, hdr, 80, NEXT, head + 1);
+        g.store(
+            g.desc_table,
+            head + 1,
+            host_at(page * 5 / 2),
+            split as u32,
+            NEXT,
+            head + 2,
+        );
+        g.store(
+            g.desc_table,
+            head + 2,
+            host_at(3 * page),
+            (data.len() - split) as u32,
+            NEXT,
+            head + 3,
+        );
+        g.store(g.desc_table, head + 3, resp, 32, WRITE, 0);
+        g.publish(head);
+        assert_eq!(g.finish(head), 32);
+        assert_eq!(g.response(&[(resp, 32)]).status, Status::Ok);
+        assert_eq!(
+            g.mediator.usage(g.tenant).unwrap().host_copies,
+            before + 1,
+            "the copy did not come straight from the host buffer"
+        );
+        // Back through the ordinary path: the bytes arrived.
+        let (_, header, payload) = g.call(
+            &Request::new(
+                session,
+                Command::Dtoh {
+                    src: buffer,
+                    offset: 100,
+                    len: data.len() as u64,
+                },
+            ),
+            data.len() as u32,
+        );
+        assert_eq!(header.status, Status::Ok);
+        assert_eq!(payload, data);
+
+        // DTOH into the host buffer, its first page and a half.
+        let header_bytes = Request::new(
+            session,
+            Command::Dtoh {
+                src: buffer,
+                offset: 100,
+                len: data.len() as u64,
+            },
+        )
+        .header()
+        .encode();
+        let head = g.descs(3);
+        let hdr = g.data(&header_bytes);
+        let resp = g.space(32);
+        g.store(g.desc_table, head, hdr, 80, NEXT, head + 1);
+        g.store(
+            g.desc_table,
+            head + 1,
+            host_at(0),
+            data.len() as u32,
+            WRITE | NEXT,
+            head + 2,
+        );
+        g.store(g.desc_table, head + 2, resp, 32, WRITE, 0);
+        g.publish(head);
+        assert_eq!(g.finish(head), data.len() as u32 + 32);
+        assert_eq!(g.response(&[(resp, 32)]).status, Status::Ok);
+        assert_eq!(g.mediator.usage(g.tenant).unwrap().host_copies, before + 2);
+        let mut back = vec![0u8; data.len()];
+        g.mem
+            .memory()
+            .read_slice(&mut back, GuestAddress(host_at(0)))
+            .unwrap();
+        assert_eq!(back, data);
+
+        // Unregistered, the same copies take the ordinary path and still work.
+        let (_, header, _) = g.call(&Request::new(session, Command::HostUnregister { id: 7 }), 0);
+        assert_eq!(header.status, Status::Ok);
+        let (_, header, _) = g.call(&Request::new(session, Command::HostUnregister { id: 7 }), 0);
+        assert_eq!(header.status, Status::InvalidHandle);
+        assert_eq!(g.mediator.usage(g.tenant).unwrap().host_bytes, 0);
     }
 
     #[test]

@@ -7,10 +7,12 @@
 //! writable ones are kept with the request until its completion is written back.
 
 use std::ops::Deref;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use virtio_queue::DescriptorChain;
 use vm_memory::{
     Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap,
+    GuestMemoryRegion,
 };
 
 /// A guest-physical byte range. Adjacent descriptors are merged into one region.
@@ -160,6 +162,153 @@ pub(crate) fn write_regions(
     for_each_piece(regions, offset, data.len() as u64, |addr, at, len| {
         mem.write_slice(&data[at..at + len], addr)
     })
+}
+
+/// Whether the guest still lets the device use the buffers of the requests it handed
+/// over. Closed for good when the guest resets the device or its ring stops (the guest
+/// may reuse those pages at once): a copy holds it open while it touches guest memory,
+/// and closing waits for such a copy to finish.
+pub(crate) struct Gate(RwLock<bool>);
+
+impl Gate {
+    pub fn open() -> Arc<Gate> {
+        Arc::new(Gate(RwLock::new(true)))
+    }
+
+    /// Closes the gate once no copy runs; no copy starts after.
+    pub fn close(&self) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = false;
+    }
+
+    fn enter(&self) -> Result<RwLockReadGuard<'_, bool>, String> {
+        let open = self.0.read().unwrap_or_else(|e| e.into_inner());
+        if *open {
+            Ok(open)
+        } else {
+            Err("the guest reset the device or stopped its queue".into())
+        }
+    }
+}
+
+/// A byte range of a chain's readable or writable stream, read or written in place by
+/// an executor: the request's data never goes through a host buffer of its own. It holds
+/// the memory table the chain was checked against, so a table that QEMU replaces while
+/// the copy is queued or running stays mapped until the copy is done.
+pub(crate) struct GuestData {
+    gate: Arc<Gate>,
+    mem: Arc<GuestMemoryMmap>,
+    regions: Vec<Region>,
+    /// Where the data starts in the stream.
+    start: u64,
+    len: u64,
+}
+
+impl GuestData {
+    /// Bytes `[start, start + len)` of the stream `regions` form in `mem`; `None` unless
+    /// the regions hold them.
+    pub fn new(
+        gate: Arc<Gate>,
+        mem: Arc<GuestMemoryMmap>,
+        regions: Vec<Region>,
+        start: u64,
+        len: u64,
+    ) -> Option<GuestData> {
+        let total: u64 = regions.iter().map(|r| r.len).sum();
+        matches!(start.checked_add(len), Some(end) if end <= total).then_some(GuestData {
+            gate,
+            mem,
+            regions,
+            start,
+            len,
+        })
+    }
+
+    fn at(&self, offset: u64, len: usize) -> Result<u64, String> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.len => Ok(self.start + offset),
+            _ => Err(format!(
+                "{len} bytes at offset {offset} exceed the {} bytes of guest buffers",
+                self.len
+            )),
+        }
+    }
+}
+
+impl GuestData {
+    /// The guest-physical pieces of the data, in order.
+    fn ranges(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        // Cannot fail: `new` checked that the regions hold the range.
+        let _ = for_each_piece(&self.regions, self.start, self.len, |addr, _, n| {
+            out.push((addr.0, n as u64));
+            Ok(())
+        });
+        out
+    }
+}
+
+impl vgpu_mediator::GuestSource for GuestData {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn guest_ranges(&self) -> Option<Vec<(u64, u64)>> {
+        Some(self.ranges())
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), String> {
+        let at = self.at(offset, out.len())?;
+        let _open = self.gate.enter()?;
+        for_each_piece(&self.regions, at, out.len() as u64, |addr, i, n| {
+            self.mem.read_slice(&mut out[i..i + n], addr)
+        })
+        .map_err(|e| e.to_string())
+    }
+}
+
+impl vgpu_mediator::GuestSink for GuestData {
+    fn capacity(&self) -> u64 {
+        self.len
+    }
+
+    fn guest_ranges(&self) -> Option<Vec<(u64, u64)>> {
+        Some(self.ranges())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), String> {
+        let at = self.at(offset, data.len())?;
+        let _open = self.gate.enter()?;
+        for_each_piece(&self.regions, at, data.len() as u64, |addr, i, n| {
+            self.mem.write_slice(&data[i..i + n], addr)
+        })
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// The pieces of the VM's memory files that hold a host buffer's guest-physical
+/// `chunks`, in order; `None` if a chunk is not wholly inside file-backed guest memory.
+pub(crate) fn host_mapping(
+    mem: &GuestMemoryMmap,
+    chunks: &[vgpu_protocol::HostChunk],
+) -> Option<vgpu_mediator::hostmap::HostMapping> {
+    let mut pieces = Vec::with_capacity(chunks.len());
+    for chunk in chunks {
+        let (mut addr, mut left) = (chunk.addr, chunk.len);
+        while left > 0 {
+            let region = mem.find_region(GuestAddress(addr))?;
+            let inside = addr - region.start_addr().0;
+            let file = region.file_offset()?;
+            let n = left.min(region.len() - inside);
+            pieces.push(vgpu_mediator::hostmap::FilePiece {
+                file: file.arc().clone(),
+                offset: file.start().checked_add(inside)?,
+                len: n,
+            });
+            addr += n;
+            left -= n;
+        }
+    }
+    Some(vgpu_mediator::hostmap::HostMapping { pieces })
 }
 
 fn push_region(regions: &mut Vec<Region>, addr: GuestAddress, len: u32) {
