@@ -5,6 +5,7 @@
 # "FAIL <vm> <check> <detail>" line (ci/test.sh counts them), then one guest powered off
 # and booted again while the other keeps sending requests, then (with a QEMU that carries
 # the reconnect fix) vhost-vgpu restarted under the running guest, which must reconnect.
+# With --bundle DIR nothing is built: everything comes from a ci/gpu-bundle.sh bundle.
 set -euo pipefail
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,6 +27,12 @@ stopped with SIGTERM and started again on the same sockets while vm0 runs on: th
 QEMU must reconnect, vgpu-vector-add must pass again and vgpu-smi show 0 allocations.
 Without the fix that phase is skipped with a "note:" line.
 
+With --bundle DIR nothing is built and neither cargo, apt nor root is needed: QEMU,
+its libraries and firmware, the guest kernel and the initramfs come from DIR/guests
+(written by ci/gpu-bundle.sh), vhost-vgpu and vgpu-executor-worker from DIR
+(VGPU_EXECUTOR_WORKER is set to the latter). This is how ci/gpu-check.sh boots the
+guests on a GPU machine.
+
 Prints one line per check, "PASS <vm> <check> <detail>" or "FAIL <vm> <check> <detail>",
 and exits non-zero if any check failed.
 
@@ -36,6 +43,8 @@ Options:
   --mem SIZE        RAM of each guest (default 512M)
   --timeout SECS    longest wait for one guest phase (default 300)
   --accel ACCEL     QEMU accelerator: tcg (default) or kvm
+  --bundle DIR      build nothing: take the guests' files from DIR/guests and
+                    vhost-vgpu and vgpu-executor-worker from DIR (see above)
   --narrate         explain each step for a person (used by ci/demo.sh)
   --keep            keep the work directory (logs, initramfs) and print its path
   -h, --help        show this help
@@ -55,6 +64,7 @@ timeout=300
 accel=tcg
 narrate=0
 keep=0
+bundle=
 need_arg() { [[ $2 -ge 2 ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -64,6 +74,7 @@ while [[ $# -gt 0 ]]; do
         --mem) need_arg "$1" $#; mem=$2; shift ;;
         --timeout) need_arg "$1" $#; timeout=$2; shift ;;
         --accel) need_arg "$1" $#; accel=$2; shift ;;
+        --bundle) need_arg "$1" $#; bundle=$2; shift ;;
         --narrate) narrate=1 ;;
         --keep) keep=1 ;;
         -h | --help) usage; exit 0 ;;
@@ -75,6 +86,10 @@ case $executor in cpu | cuda | auto) ;; *) die "--executor wants cpu, cuda or au
 [[ $mib =~ ^[1-9][0-9]*$ ]] || die "--mib wants a positive number, got '$mib'"
 [[ $mixed =~ ^[1-9][0-9]*$ ]] || die "--mixed wants a positive number, got '$mixed'"
 [[ $timeout =~ ^[1-9][0-9]*$ ]] || die "--timeout wants whole seconds, got '$timeout'"
+if [[ -n $bundle ]]; then
+    [[ -d $bundle/guests ]] || die "--bundle: $bundle/guests does not exist (build it with ci/gpu-bundle.sh)"
+    bundle=$(cd "$bundle" && pwd)
+fi
 
 cd "$REPO_DIR"
 # Check lines, show() and the work directory come from ci/e2e-lib.sh; ci/test.sh counts
@@ -91,104 +106,14 @@ say() {
     echo
 }
 
-# Runs a build step quietly; on failure shows the end of its log and stops (this script's
-# own form, without check lines).
-quiet() { # LOG CMD...
-    local log=$1
-    shift
-    if ! "$@" >"$log" 2>&1; then
-        echo "e2e-qemu.sh: '$*' failed; the end of its output:" >&2
-        tail -n 40 "$log" | sed 's/^/    | /' >&2
-        exit 1
-    fi
-}
-
-# ---- 1. build -------------------------------------------------------------------
-step "setup: host packages and the Rust toolchain"
-quiet "$work/setup.log" bash ci/setup.sh
-export PATH="$HOME/.cargo/bin:$PATH"
-
-step "build: vhost-vgpu and the guest library and tools (cargo build --release)"
-say "vhost-vgpu is the host side: a vhost-user backend that QEMU connects to, one socket \
-per VM, handing each request to the mediator and its executor. The guest side is \
-libvgpu (Rust API and C ABI) with the tools vgpu-smi and vgpu-vector-add."
-quiet "$work/cargo.log" cargo build --release --locked -p vgpu-guest -p vhost-vgpu
-target=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release
-for f in vhost-vgpu vgpu-smi vgpu-vector-add libvgpu.so; do
-    [[ -f $target/$f ]] || die "cargo build did not produce $target/$f"
-done
-
-step "guest kernel: Debian's current linux-image-amd64 and its headers"
-kenv=$(bash ci/guest-kernel.sh 2>"$work/guest-kernel.log") || {
-    show "$work/guest-kernel.log" 20 >&2
-    die "ci/guest-kernel.sh failed"
-}
-kver=$(sed -n 's/^KVER=//p' <<<"$kenv")
-kdir=$(sed -n 's/^KDIR=//p' <<<"$kenv")
-kernel=$(sed -n 's/^KERNEL=//p' <<<"$kenv")
-kbuild=$(sed -n 's/^KBUILD=//p' <<<"$kenv")
-[[ -n $kver && -f $kernel && -d $kbuild ]] || die "ci/guest-kernel.sh gave no usable kernel: $kenv"
-echo "   kernel $kver"
-
-step "driver: vgpu.ko against linux-headers-$kver"
-say "vgpu.ko is the guest driver: a virtio driver for device ID 22 that gives each \
-device a /dev/vgpuN and puts user buffers straight into the virtqueue. It is built \
-out of tree against the headers of exactly the kernel the guests boot."
-mkdir -p "$work/src/guest-lib"
-cp -r guest-lib/driver guest-lib/include "$work/src/guest-lib/"
-# Only the sources: objects a developer built in the checkout would be reused otherwise.
-find "$work/src/guest-lib/driver" -type f \( -name '*.mod.c' -o ! \( -name '*.c' -o -name '*.h' -o -name Makefile -o -name Kbuild \) \) -delete
-quiet "$work/driver.log" make -C "$work/src/guest-lib/driver" KDIR="$kbuild"
-ko=$work/src/guest-lib/driver/vgpu.ko
-[[ -f $ko ]] || die "make did not produce vgpu.ko"
-vermagic=$(modinfo -F vermagic "$ko")
-[[ $vermagic == "$kver "* ]] || die "vgpu.ko is built for '$vermagic', the guest runs $kver"
-
-step "C programs against vgpu.h and libvgpu: the C example and ci/guest/vgpu-e2e-check.c"
-c_example=guest-lib/examples/c/vector_scale.c
-[[ -f $c_example ]] || die "$c_example not found"
-mkdir -p "$work/guest/usr/bin" "$work/guest/usr/lib"
-# Copies without debug information: a smaller initramfs boots faster under TCG.
-cp "$target/vgpu-smi" "$target/vgpu-vector-add" "$work/guest/usr/bin/"
-cp "$target/libvgpu.so" "$work/guest/usr/lib/libvgpu.so"
-strip --strip-debug "$work/guest/usr/bin/vgpu-smi" "$work/guest/usr/bin/vgpu-vector-add" \
-    "$work/guest/usr/lib/libvgpu.so"
-# In the guest the programs live in /usr/bin and libvgpu.so in /usr/lib.
-# shellcheck disable=SC2016,SC2054 # $ORIGIN is for the loader; -Wl takes commas
-cflags=(-O2 -Wall -Wextra -I guest-lib/include -L "$work/guest/usr/lib" -lvgpu
-    -Wl,-rpath,'$ORIGIN/../lib')
-quiet "$work/cc.log" cc -o "$work/guest/usr/bin/vgpu-c-example" "$c_example" "${cflags[@]}"
-quiet "$work/cc.log" cc -std=c11 -Werror -o "$work/guest/usr/bin/vgpu-e2e-check" \
-    ci/guest/vgpu-e2e-check.c "${cflags[@]}"
-
-step "QEMU with the generic vhost-user device (qemu-configs/build-qemu.sh)"
-qemu=$(bash qemu-configs/build-qemu.sh --print-path 2>"$work/build-qemu.log") || {
-    show "$work/build-qemu.log" 40 >&2
-    die "qemu-configs/build-qemu.sh failed"
-}
-qemu_device=$(bash qemu-configs/build-qemu.sh --print-device 2>>"$work/build-qemu.log")
-# launch-vm.sh turns chardev reconnect on by default for a QEMU built with the fix.
-reconnect="off (this QEMU lacks the reconnect fix)"
-[[ -f $(dirname "$qemu")/reconnect-ok ]] && reconnect=on
-echo "   $("$qemu" --version | head -n 1), device $qemu_device, chardev reconnect $reconnect"
-
-step "initramfs: busybox, virtio PCI, vgpu.ko, lspci, the guest tools and libraries"
-lspci_bin=$(command -v lspci) || die "lspci not found (package pciutils)"
-pci_ids=
-for f in /usr/share/misc/pci.ids /usr/share/hwdata/pci.ids; do
-    [[ -f $f ]] && { pci_ids=$f; break; }
-done
-[[ -n $pci_ids ]] || die "no pci.ids found (package pci.ids)"
-initrd=$work/initramfs.cpio.gz
-quiet "$work/mkinitramfs.log" bash ci/mkinitramfs.sh "$initrd" --kdir "$kdir" --kver "$kver" \
-    --ko "$ko" \
-    --bin "$lspci_bin:/usr/bin/lspci" --file "$pci_ids:/usr/share/misc/pci.ids" \
-    --bin "$work/guest/usr/bin/vgpu-smi" --bin "$work/guest/usr/bin/vgpu-vector-add" \
-    --bin "$work/guest/usr/lib/libvgpu.so:/usr/lib/libvgpu.so" \
-    --file "$work/guest/usr/bin/vgpu-e2e-check:/usr/bin/vgpu-e2e-check" \
-    --file "$work/guest/usr/bin/vgpu-c-example:/usr/bin/vgpu-c-example" \
-    --init ci/guest/e2e-guest.sh
-echo "   $(du -h "$initrd" | cut -f1) $(basename "$initrd")"
+# ---- 1. build (ci/e2e-build.sh), or take everything from a bundle --------------------
+# shellcheck source=ci/e2e-build.sh
+source "$REPO_DIR/ci/e2e-build.sh"
+if [[ -n $bundle ]]; then
+    e2e_use_bundle "$bundle"
+else
+    e2e_build_all
+fi
 
 # ---- 2. the backend ---------------------------------------------------------------
 step "host: vhost-vgpu --socket-count 2 --executor $executor"
@@ -291,7 +216,8 @@ report() { # VM CHECK...
         show "${vm_log[$vm]}" 25
     fi
 }
-first_checks=(lspci vgpu-smi vector-add "htod-dtoh-${mib}MiB" "mixed-$mixed" c-builtin-kernel)
+first_checks=(lspci vgpu-smi vector-add "htod-dtoh-${mib}MiB" "mixed-$mixed" c-builtin-kernel
+              parallel-1-16MiB parallel-2-16MiB parallel-3-16MiB killed-process bench-32MiB)
 reboot_checks=(reboot-lspci reboot-vgpu-smi reboot-vector-add "reboot-mixed-$mixed")
 
 step "boot vm0 and vm1 at the same time (${accel^^})"

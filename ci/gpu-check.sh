@@ -7,12 +7,15 @@
 # vgpu-bench and vgpu-mediator-tests, the mediator's unit-test binary from
 # `cargo test --no-run`). Every step runs each tenant's CUDA work in its own
 # vgpu-executor-worker process, the one in DIR (VGPU_EXECUTOR_WORKER is set to it).
+# With DIR/guests (a bundle from ci/gpu-bundle.sh) and DIR/vhost-vgpu, the step "guests"
+# boots two QEMU guests (TCG) on one `vhost-vgpu --executor cuda` and runs their checks
+# (`ci/e2e-qemu.sh --bundle DIR`).
 # Prints every step's PASS/FAIL lines, then the totals; exits 1 if anything failed.
 # Only reads the GPU's state: it never changes clocks, persistence, compute mode or MIG,
 # and never resets the card.
 #
 # Step time limits (seconds) can be overridden: SANITY_TIMEOUT, CHECK_TIMEOUT,
-# BENCH_TIMEOUT, TESTS_TIMEOUT.
+# BENCH_TIMEOUT, TESTS_TIMEOUT, NFS_TIMEOUT, GUESTS_TIMEOUT.
 
 set -u -o pipefail
 
@@ -169,6 +172,13 @@ if [[ -x $DIR/vgpu-nfs-client ]]; then
     run_step nfs "${NFS_TIMEOUT:-180}" bash "$(dirname "$0")/gpu-nfs-check.sh" "$DIR"
 else
     skip_step nfs "no $DIR/vgpu-nfs-client"
+fi
+# Real guests: two TCG VMs on one vhost-vgpu with the CUDA executor, from the bundle.
+if [[ -d $DIR/guests ]]; then
+    run_step guests "${GUESTS_TIMEOUT:-420}" \
+        bash "$(dirname "$0")/e2e-qemu.sh" --bundle "$DIR" --executor cuda
+else
+    skip_step guests "no $DIR/guests bundle (ci/gpu-bundle.sh)"
 fi
 # -------------------------------------------------------------------------------------
 

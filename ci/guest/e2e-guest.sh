@@ -24,6 +24,7 @@ mixed=${VGPU_MIXED:-200}
 elements=${VGPU_ELEMENTS:-65536}
 loop_max=${VGPU_LOOP_MAX:-480}
 restart_wait=${VGPU_RESTART_WAIT:-20}
+bench_mib=${VGPU_BENCH_MIB:-32}
 prefix=
 [ "$plan" = reboot ] && prefix=reboot-
 
@@ -109,6 +110,47 @@ if [ "$plan" != reboot ]; then
     else
         check c-builtin-kernel FAIL "vector_scale.c exit $rc: $(last_line /tmp/c.out)"
     fi
+fi
+
+# 7. Several guest processes at once, each a session with its own context on the host and
+#    its requests in flight beside the others', and one more killed with SIGKILL in the
+#    middle of its copies: the others keep their checksums and a new process works after.
+if [ "$plan" != reboot ]; then
+    # The victim runs 48 MiB round trips back to back under its own name, so that it can
+    # be killed by name in whatever request it is in.
+    cp "$(command -v vgpu-e2e-check)" /tmp/vgpu-victim
+    ( while :; do /tmp/vgpu-victim roundtrip 48 >/tmp/victim.out 2>&1; done ) &
+    victim=$!
+    pids=
+    for i in 1 2 3; do
+        VGPU_CHECK="parallel-$i-16MiB" vgpu-e2e-check roundtrip 16 >/tmp/par$i.out 2>&1 &
+        pids="$pids $!"
+    done
+    sleep 2
+    killed=no
+    for _ in 1 2 3; do
+        # Between two round trips no victim runs for a moment: then try again.
+        killall -9 vgpu-victim 2>/dev/null && { killed=yes; break; }
+        sleep 1
+    done
+    kill "$victim" 2>/dev/null
+    wait "$victim" 2>/dev/null
+    killall -9 vgpu-victim 2>/dev/null
+    for p in $pids; do wait "$p"; done
+    for i in 1 2 3; do cat /tmp/par$i.out; done
+    if [ "$killed" != yes ]; then
+        check killed-process FAIL "the process of 48 MiB round trips was not running at the kill: $(last_line /tmp/victim.out)"
+    elif VGPU_CHECK=after-kill vgpu-e2e-check roundtrip 8 >/tmp/after.out 2>&1; then
+        check killed-process PASS "a process of 48 MiB round trips killed with SIGKILL in the middle of its requests; then $(grep -F 'CHECK after-kill' /tmp/after.out | cut -d' ' -f4-)"
+    else
+        check killed-process FAIL "after a process was killed in the middle of its requests: $(last_line /tmp/after.out)"
+    fi
+fi
+
+# 8. Copies from ordinary and from host memory, and a vector add from host memory, timed
+#    (figures, not limits: they are compared in docs/benchmarks.md).
+if [ "$plan" != reboot ]; then
+    VGPU_CHECK="bench-${bench_mib}MiB" vgpu-e2e-check bench "$bench_mib"
 fi
 
 # The same VM after the host restarted vhost-vgpu (no reboot): QEMU reconnects to the new

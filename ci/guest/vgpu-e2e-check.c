@@ -13,6 +13,9 @@
  *                                      the request count so far
  *   vgpu-e2e-check hold MIB            allocates and fills MIB MiB, prints HOLDING and
  *                                      sleeps: the VM powers off with the session open
+ *   vgpu-e2e-check bench MIB           HTOD and DTOH of MIB MiB from ordinary memory and
+ *                                      from host memory (vgpu_host_alloc), and a vector
+ *                                      add end to end from host memory, checked and timed
  */
 #define _POSIX_C_SOURCE 200809L
 #include <inttypes.h>
@@ -139,6 +142,110 @@ static int mode_roundtrip(unsigned mib)
 	free(src);
 	free(dst);
 	return sum_src != sum_dst;
+}
+
+/* ---- bench: copies from ordinary and host memory, vector add from host memory ---- */
+
+/* Seconds of the fastest of 3 runs of one copy. */
+static double best_copy(vgpu_session *s, uint64_t handle, void *p, size_t bytes, int up)
+{
+	double best = 1e9;
+	int i;
+
+	for (i = 0; i < 3; i++) {
+		double t0 = now(), t;
+
+		if (up) {
+			CALL(vgpu_htod(s, handle, 0, p, bytes));
+			CALL(vgpu_sync(s));
+		} else {
+			CALL(vgpu_dtoh(s, handle, 0, p, bytes));
+		}
+		t = now() - t0;
+		if (t < best)
+			best = t;
+	}
+	return best;
+}
+
+static int mode_bench(unsigned mib)
+{
+	size_t bytes = (size_t)mib << 20, n = bytes / 4, i;
+	uint8_t *plain = malloc(bytes);
+	void *host = NULL, *ha = NULL, *hb = NULL, *hc = NULL;
+	uint64_t handle, da, db, dc, x = 0x2545f4914f6cdd1dull;
+	double up_plain, down_plain, up_host, down_host, t0, vadd;
+	float *a, *b, *c;
+	size_t bad = 0;
+	int ok;
+	vgpu_session *s;
+
+	if (!plain) {
+		result(0, "out of memory for %u MiB", mib);
+		return 1;
+	}
+	for (i = 0; i < bytes; i++) {
+		x ^= x << 13;
+		x ^= x >> 7;
+		x ^= x << 17;
+		plain[i] = (uint8_t)x;
+	}
+	s = open_device();
+	CALL(vgpu_alloc(s, bytes, &handle));
+	CALL(vgpu_host_alloc(s, bytes, &host));
+	memcpy(host, plain, bytes);
+	up_plain = best_copy(s, handle, plain, bytes, 1);
+	down_plain = best_copy(s, handle, plain, bytes, 0);
+	up_host = best_copy(s, handle, host, bytes, 1);
+	memset(host, 0, bytes);
+	down_host = best_copy(s, handle, host, bytes, 0);
+	ok = memcmp(host, plain, bytes) == 0;
+	CALL(vgpu_host_free(s, host));
+	CALL(vgpu_free(s, handle));
+
+	/* Vector add of MIB/4 Mi floats from host memory: upload, launch, download. */
+	CALL(vgpu_host_alloc(s, bytes, &ha));
+	CALL(vgpu_host_alloc(s, bytes, &hb));
+	CALL(vgpu_host_alloc(s, bytes, &hc));
+	a = ha;
+	b = hb;
+	c = hc;
+	for (i = 0; i < n; i++) {
+		a[i] = (float)(i % 1000) * 0.5f;
+		b[i] = (float)(i % 777) * 0.25f;
+		c[i] = -1.0f;
+	}
+	CALL(vgpu_alloc(s, bytes, &da));
+	CALL(vgpu_alloc(s, bytes, &db));
+	CALL(vgpu_alloc(s, bytes, &dc));
+	t0 = now();
+	CALL(vgpu_htod(s, da, 0, a, bytes));
+	CALL(vgpu_htod(s, db, 0, b, bytes));
+	{
+		vgpu_arg add[4] = { vgpu_arg_buffer(da), vgpu_arg_buffer(db), vgpu_arg_buffer(dc),
+				    vgpu_arg_u32((uint32_t)n) };
+		CALL(launch(s, "vector_add_f32", (uint32_t)n, add, 4));
+	}
+	CALL(vgpu_dtoh(s, dc, 0, c, bytes));
+	vadd = now() - t0;
+	for (i = 0; i < n; i++)
+		if (c[i] != a[i] + b[i])
+			bad++;
+	CALL(vgpu_free(s, da));
+	CALL(vgpu_free(s, db));
+	CALL(vgpu_free(s, dc));
+	CALL(vgpu_host_free(s, ha));
+	CALL(vgpu_host_free(s, hb));
+	CALL(vgpu_host_free(s, hc));
+	vgpu_close(s);
+	free(plain);
+	result(ok && bad == 0,
+	       "%u MiB: ordinary memory htod %.2f GB/s dtoh %.2f GB/s; host memory htod %.2f GB/s "
+	       "dtoh %.2f GB/s; vector add of %zu floats from host memory %.1f ms end to end, "
+	       "%zu errors",
+	       mib, bytes / up_plain / 1e9, bytes / down_plain / 1e9, bytes / up_host / 1e9,
+	       bytes / down_host / 1e9, n, vadd * 1e3, bad);
+	return !(ok && bad == 0);
 }
 
 /* ---- mixed: alloc, htod, vector_add, scale, fill, reduce, sync, dtoh, free ---- */
@@ -364,10 +471,14 @@ int main(int argc, char **argv)
 		name_check("requests-during-reboot");
 		return mode_loop(number(argv[2]));
 	}
+	if (argc == 3 && strcmp(argv[1], "bench") == 0) {
+		name_check("bench");
+		return mode_bench(number(argv[2]));
+	}
 	if (argc == 3 && strcmp(argv[1], "hold") == 0) {
 		name_check("hold");
 		return mode_hold(number(argv[2]));
 	}
-	fprintf(stderr, "usage: vgpu-e2e-check roundtrip MIB | mixed N | loop MAX_SECONDS | hold MIB\n");
+	fprintf(stderr, "usage: vgpu-e2e-check roundtrip MIB | mixed N | loop MAX_SECONDS | hold MIB | bench MIB\n");
 	return 2;
 }

@@ -6,12 +6,15 @@
  * VGPU_IOC_SUBMIT sends one request over the "requests" virtqueue as one descriptor
  * chain: [header] [device-readable user memory] [device-writable user memory]
  * [response]. User memory is pinned and handed to the device in place. mmap gives
- * zeroed, physically contiguous host buffers so that large copies need few descriptors.
+ * zeroed, physically contiguous host buffers so that large copies need few descriptors;
+ * each is registered with the device (HOST_REGISTER), which may then copy straight
+ * between its pages and the GPU, and unregistered before its pages are freed.
  * The wire format is protocol/README.md; the user interface is include/vgpu_ioctl.h.
  */
 
 #include <linux/cdev.h>
 #include <linux/device.h>
+#include <linux/file.h>
 #include <linux/fs.h>
 #include <linux/idr.h>
 #include <linux/kref.h>
@@ -22,6 +25,7 @@
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 #include <linux/version.h>
+#include <linux/vmalloc.h>
 #include <linux/virtio.h>
 #include <linux/virtio_config.h>
 #include <linux/wait.h>
@@ -44,6 +48,22 @@
 #endif
 
 #define VGPU_MAX_DEVICES 64
+
+/*
+ * Opcodes only the driver sends (protocol/README.md, "Host buffers"); user space
+ * never sees them, so they are not in vgpu_ioctl.h.
+ */
+#define VGPU_OP_HOST_REGISTER		15	/* 0: u64 id, 8: u64 len, 16: u64 chunks */
+#define VGPU_OP_HOST_UNREGISTER		16	/* 0: u64 id */
+#define VGPU_HOST_CHUNK_SIZE		16	/* u64 guest-physical address, u64 length */
+#define VGPU_MAX_HOST_BUFFER_BYTES	(16ULL << 30)
+
+/* vgpu_device.hostreg: what the device last answered to HOST_REGISTER. */
+enum {
+	VGPU_HOSTREG_UNKNOWN,
+	VGPU_HOSTREG_SUPPORTED,
+	VGPU_HOSTREG_UNSUPPORTED,
+};
 
 static unsigned int virtio_id = VGPU_DEFAULT_VIRTIO_ID;
 module_param(virtio_id, uint, 0444);
@@ -82,6 +102,9 @@ struct vgpu_device {
 	struct rw_semaphore notify_sem;
 
 	atomic_t sessions;
+	/* The ring hands the device physical addresses: host buffers can be registered. */
+	bool phys_addressing;
+	atomic_t hostreg;		/* VGPU_HOSTREG_*, logged when it changes */
 };
 
 /* One user range, pinned for the lifetime of a request. */
@@ -105,6 +128,11 @@ struct vgpu_request {
 
 	unsigned int nr_pinned;
 	struct vgpu_pinned *pinned;
+	/* HOST_REGISTER: the chunk list (kvmalloc'd) and the table that places it. */
+	void *payload;
+	struct sg_table payload_sgt;
+	/* HOST_REGISTER / HOST_UNREGISTER: the buffer they are about. */
+	struct vgpu_hostbuf *hb;
 	struct scatterlist **sgs;
 	struct scatterlist hdr_sg;
 	struct scatterlist resp_sg;
@@ -117,11 +145,22 @@ struct vgpu_file {
 	struct vgpu_device *vg;		/* holds a reference */
 	unsigned int epoch;
 	u64 session;
+	atomic64_t hostbuf_ids;		/* last host buffer id handed out */
+	bool hostreg_unsupported;	/* the device cannot register: stop asking */
 };
 
-/* A host buffer handed out by mmap: order-0 pages split from high-order blocks. */
+/*
+ * A host buffer handed out by mmap: order-0 pages split from high-order blocks.
+ * Registered with the device (HOST_REGISTER) under @id in @vf's session; the pages are
+ * freed only once the device has answered HOST_UNREGISTER (or lost the session).
+ */
 struct vgpu_hostbuf {
-	struct kref ref;		/* one per VMA */
+	/* One per VMA, plus one while an abandoned HOST_REGISTER is in the device. */
+	struct kref ref;
+	struct file *file;		/* holds a reference: keeps @vf and its session */
+	struct vgpu_file *vf;
+	u64 id;
+	bool registered;		/* the device may hold it: unregister before freeing */
 	unsigned long npages;
 	struct page *pages[];
 };
@@ -176,6 +215,9 @@ static void vgpu_request_free(struct vgpu_request *req)
 	for (i = 0; i < req->nr_pinned; i++)
 		vgpu_unpin(&req->pinned[i]);
 	kvfree(req->pinned);
+	if (req->payload_sgt.sgl)
+		sg_free_table(&req->payload_sgt);
+	kvfree(req->payload);
 	kvfree(req->sgs);
 	kfree(req);
 	put_device(&vg->dev);
@@ -191,13 +233,25 @@ static void vgpu_fill_header(struct vgpu_request *req, u16 opcode, u64 session)
 
 static int vgpu_execute(struct vgpu_device *vg, struct vgpu_request *req, unsigned int nout,
 			unsigned int nin, bool *abandoned);
+static void vgpu_host_register_reaped(struct vgpu_request *req);
+static void vgpu_host_unregister_done(struct vgpu_request *req, int err);
 
 static void vgpu_reap_fn(struct work_struct *work)
 {
 	struct vgpu_request *req = container_of(work, struct vgpu_request, work);
+	u16 opcode = get_unaligned_le16(req->header + VGPU_HDR_OPCODE);
 	bool abandoned;
 
 	dev_dbg(&req->vg->dev, "abandoned request returned, freeing it\n");
+	/* A host buffer's request: its outcome decides what happens to the buffer. */
+	if (opcode == VGPU_OP_HOST_REGISTER) {
+		vgpu_host_register_reaped(req);
+		return;
+	}
+	if (opcode == VGPU_OP_HOST_UNREGISTER) {
+		vgpu_host_unregister_done(req, req->error);
+		return;
+	}
 	/* The caller of this SESSION_OPEN was killed: nobody will close the session. */
 	if (!req->error && req->used_len >= VGPU_RESPONSE_HEADER_SIZE &&
 	    get_unaligned_le16(req->header + VGPU_HDR_OPCODE) == VGPU_OP_SESSION_OPEN &&
@@ -485,7 +539,9 @@ static long vgpu_ioctl_submit(struct vgpu_file *vf, void __user *argp)
 		goto out;
 	}
 	opcode = get_unaligned_le16(req->header + VGPU_HDR_OPCODE);
-	if (opcode == VGPU_OP_SESSION_OPEN || opcode == VGPU_OP_SESSION_CLOSE) {
+	/* Driver-only operations: a process could name memory it does not own. */
+	if (opcode == VGPU_OP_SESSION_OPEN || opcode == VGPU_OP_SESSION_CLOSE ||
+	    opcode == VGPU_OP_HOST_REGISTER || opcode == VGPU_OP_HOST_UNREGISTER) {
 		err = -EINVAL;
 		goto out;
 	}
@@ -653,15 +709,274 @@ static long vgpu_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 
 /* ---- host buffers (mmap) ---- */
 
-static void vgpu_hostbuf_release(struct kref *ref)
+/* The pages may go: nothing on the device refers to them any more. */
+static void vgpu_hostbuf_free(struct vgpu_hostbuf *hb)
 {
-	struct vgpu_hostbuf *hb = container_of(ref, struct vgpu_hostbuf, ref);
 	unsigned long i;
 
 	/* Pages still pinned by an in-flight request keep their own reference. */
 	for (i = 0; i < hb->npages; i++)
 		__free_page(hb->pages[i]);
+	if (hb->file)
+		fput(hb->file);
 	kvfree(hb);
+}
+
+/* Is @vf's session still the device's? A reset or removal dropped it and all it held. */
+static bool vgpu_session_alive(struct vgpu_file *vf)
+{
+	struct vgpu_device *vg = vf->vg;
+	bool alive;
+
+	spin_lock_irq(&vg->vq_lock);
+	alive = vg->live && vg->epoch == vf->epoch;
+	spin_unlock_irq(&vg->vq_lock);
+	return alive;
+}
+
+static void vgpu_hostreg_report(struct vgpu_device *vg, int state, u32 status)
+{
+	if (atomic_xchg(&vg->hostreg, state) == state)
+		return;
+	if (state == VGPU_HOSTREG_SUPPORTED)
+		dev_info(&vg->dev, "host buffer registration: supported\n");
+	else
+		dev_info(&vg->dev, "host buffer registration: unsupported (status %u)\n", status);
+}
+
+/*
+ * The outcome of a HOST_REGISTER that went to the device (@err from vgpu_execute).
+ * Returns whether the device registered the buffer.
+ */
+static bool vgpu_host_register_result(struct vgpu_request *req, int err)
+{
+	struct vgpu_device *vg = req->vg;
+	u32 status;
+
+	if (!err && req->used_len < VGPU_RESPONSE_HEADER_SIZE)
+		err = -EIO;
+	if (err) {
+		dev_dbg(&vg->dev, "host buffer %llu: not registered (%d)\n", req->hb->id, err);
+		return false;
+	}
+	status = get_unaligned_le32(req->response + VGPU_RESP_STATUS);
+	if (status == VGPU_STATUS_UNSUPPORTED || status == VGPU_STATUS_UNKNOWN_OPCODE) {
+		/* An older device: the session's later buffers take the ordinary path too. */
+		WRITE_ONCE(req->hb->vf->hostreg_unsupported, true);
+		vgpu_hostreg_report(vg, VGPU_HOSTREG_UNSUPPORTED, status);
+		return false;
+	}
+	if (status != VGPU_STATUS_OK) {
+		/* About this buffer (a limit, memory), not about what the device can do. */
+		dev_dbg(&vg->dev, "host buffer %llu: not registered (status %u)\n", req->hb->id,
+			status);
+		return false;
+	}
+	vgpu_hostreg_report(vg, VGPU_HOSTREG_SUPPORTED, status);
+	return true;
+}
+
+static void vgpu_hostbuf_release(struct kref *ref);
+
+/* An abandoned HOST_REGISTER came back: settle the buffer, drop the request's reference. */
+static void vgpu_host_register_reaped(struct vgpu_request *req)
+{
+	struct vgpu_hostbuf *hb = req->hb;
+
+	hb->registered = vgpu_host_register_result(req, req->error);
+	vgpu_request_free(req);
+	kref_put(&hb->ref, vgpu_hostbuf_release);
+}
+
+/* Lays a kernel buffer from kmalloc or vmalloc out in @sgt. */
+static int vgpu_kbuf_sg(struct sg_table *sgt, void *buf, size_t len)
+{
+	unsigned int npages, i;
+	struct page **pages;
+	int err;
+
+	if (!is_vmalloc_addr(buf)) {
+		err = sg_alloc_table(sgt, 1, GFP_KERNEL);
+		if (!err)
+			sg_set_buf(sgt->sgl, buf, len);
+		return err;
+	}
+	/* kvmalloc's vmalloc memory starts on a page. */
+	npages = DIV_ROUND_UP(len, PAGE_SIZE);
+	pages = kvmalloc_array(npages, sizeof(*pages), GFP_KERNEL);
+	if (!pages)
+		return -ENOMEM;
+	for (i = 0; i < npages; i++)
+		pages[i] = vmalloc_to_page(buf + ((size_t)i << PAGE_SHIFT));
+	err = sg_alloc_table_from_pages(sgt, pages, npages, 0, len, GFP_KERNEL);
+	kvfree(pages);
+	return err;
+}
+
+/*
+ * Describes @hb to the device (HOST_REGISTER in @vf's session) and waits for the
+ * answer. The buffer works either way: unregistered, copies from it take the ordinary
+ * path. Sets hb->registered when the device may hold the buffer.
+ */
+static void vgpu_host_register(struct vgpu_file *vf, struct vgpu_hostbuf *hb)
+{
+	struct vgpu_device *vg = vf->vg;
+	struct vgpu_request *req;
+	unsigned long nchunks, i, c;
+	u64 len = (u64)hb->npages << PAGE_SHIFT;
+	phys_addr_t end = 0;
+	bool abandoned;
+	u8 *chunk;
+	int err;
+
+	if (!vg->phys_addressing || len > VGPU_MAX_HOST_BUFFER_BYTES ||
+	    READ_ONCE(vf->hostreg_unsupported) || !vgpu_session_alive(vf))
+		return;
+
+	/* The device sees guest-physical addresses (no IOMMU): coalesce adjacent pages. */
+	nchunks = 0;
+	for (i = 0; i < hb->npages; i++) {
+		if (!i || page_to_phys(hb->pages[i]) != end)
+			nchunks++;
+		end = page_to_phys(hb->pages[i]) + PAGE_SIZE;
+	}
+
+	/* Header, the chunk list, response. */
+	req = vgpu_request_alloc(vg, 1, GFP_KERNEL);
+	if (!req)
+		return;
+	req->epoch = vf->epoch;
+	req->hb = hb;
+	req->payload = kvmalloc_array(nchunks, VGPU_HOST_CHUNK_SIZE, GFP_KERNEL);
+	if (!req->payload)
+		goto out;
+	chunk = req->payload;
+	c = 0;
+	for (i = 0; i < hb->npages; i++) {
+		phys_addr_t addr = page_to_phys(hb->pages[i]);
+
+		if (i && addr == end) {
+			put_unaligned_le64(get_unaligned_le64(chunk - 8) + PAGE_SIZE, chunk - 8);
+		} else {
+			put_unaligned_le64(addr, chunk);
+			put_unaligned_le64(PAGE_SIZE, chunk + 8);
+			chunk += VGPU_HOST_CHUNK_SIZE;
+			c++;
+		}
+		end = addr + PAGE_SIZE;
+	}
+	WARN_ON_ONCE(c != nchunks);
+	err = vgpu_kbuf_sg(&req->payload_sgt, req->payload, nchunks * VGPU_HOST_CHUNK_SIZE);
+	if (err)
+		goto out;
+	if (req->payload_sgt.orig_nents + 2 > vg->queue_size) {
+		dev_dbg(&vg->dev, "host buffer of %lu chunks: list too long to register\n",
+			nchunks);
+		goto out;
+	}
+
+	hb->id = atomic64_inc_return(&vf->hostbuf_ids);
+	vgpu_fill_header(req, VGPU_OP_HOST_REGISTER, vf->session);
+	put_unaligned_le64(hb->id, req->header + VGPU_HDR_ARGS);
+	put_unaligned_le64(len, req->header + VGPU_HDR_ARGS + 8);
+	put_unaligned_le64(nchunks, req->header + VGPU_HDR_ARGS + 16);
+	req->sgs[0] = &req->hdr_sg;
+	req->sgs[1] = req->payload_sgt.sgl;
+	req->sgs[2] = &req->resp_sg;
+
+	/*
+	 * Killed while the device holds it, the request (and its chunk list) goes to the
+	 * completion path, which settles hb->registered: its reference keeps the pages
+	 * (and the unregistration that must follow the answer) until then.
+	 */
+	kref_get(&hb->ref);
+	hb->registered = true;
+	err = vgpu_execute(vg, req, 2, 1, &abandoned);
+	if (abandoned)
+		return;
+	hb->registered = vgpu_host_register_result(req, err);
+	/* Not the last reference: the caller holds one. */
+	kref_put(&hb->ref, vgpu_hostbuf_release);
+out:
+	vgpu_request_free(req);
+}
+
+/* The device answered HOST_UNREGISTER, or never will: the pages may go. */
+static void vgpu_host_unregister_done(struct vgpu_request *req, int err)
+{
+	struct vgpu_hostbuf *hb = req->hb;
+	struct vgpu_device *vg = req->vg;
+	u32 status;
+
+	if (!err && req->used_len < VGPU_RESPONSE_HEADER_SIZE)
+		err = -EIO;
+	if (!err) {
+		status = get_unaligned_le32(req->response + VGPU_RESP_STATUS);
+		/* A restarted backend or a replaced worker lost the session and its buffers. */
+		if (status == VGPU_STATUS_INVALID_SESSION || status == VGPU_STATUS_DEVICE_LOST)
+			dev_dbg(&vg->dev, "host buffer %llu: unregister: no session (status %u)\n",
+				hb->id, status);
+		else if (status != VGPU_STATUS_OK)
+			dev_warn_ratelimited(&vg->dev, "host buffer %llu: unregister: status %u\n",
+					     hb->id, status);
+	} else if (err != -ENODEV) {
+		/* -ENODEV: reset or removed, the host dropped the session's buffers. */
+		dev_warn_ratelimited(&vg->dev, "host buffer %llu: unregister failed (%d)\n",
+				     hb->id, err);
+	}
+	vgpu_request_free(req);
+	vgpu_hostbuf_free(hb);
+}
+
+static void vgpu_unregister_fn(struct work_struct *work)
+{
+	struct vgpu_request *req = container_of(work, struct vgpu_request, work);
+	bool abandoned;
+	int err;
+
+	/* A worker takes no signals: this waits until the device answers or goes away. */
+	err = vgpu_execute(req->vg, req, 1, 1, &abandoned);
+	if (!abandoned)
+		vgpu_host_unregister_done(req, err);
+}
+
+/*
+ * The last reference is gone (last VMA closed, with mmap_lock held; or the completion
+ * path of an abandoned HOST_REGISTER). A registered buffer is unregistered first and
+ * freed once the device has answered.
+ */
+static void vgpu_hostbuf_release(struct kref *ref)
+{
+	struct vgpu_hostbuf *hb = container_of(ref, struct vgpu_hostbuf, ref);
+	struct vgpu_file *vf = hb->vf;
+	struct vgpu_request *req;
+	bool abandoned;
+	int err;
+
+	/* After a reset or removal the host holds none of the session's buffers. */
+	if (!hb->registered || !vgpu_session_alive(vf)) {
+		vgpu_hostbuf_free(hb);
+		return;
+	}
+	/* Small and must not fail: the pages cannot be freed before the answer. */
+	req = vgpu_request_alloc(vf->vg, 0, GFP_KERNEL | __GFP_NOFAIL);
+	req->epoch = vf->epoch;
+	req->hb = hb;
+	vgpu_fill_header(req, VGPU_OP_HOST_UNREGISTER, vf->session);
+	put_unaligned_le64(hb->id, req->header + VGPU_HDR_ARGS);
+	req->sgs[0] = &req->hdr_sg;
+	req->sgs[1] = &req->resp_sg;
+	/* A reset or removal fails it with -ENODEV: this never outwaits the device. */
+	err = vgpu_execute(vf->vg, req, 1, 1, &abandoned);
+	if (abandoned)
+		return;		/* the completion path frees the pages after the answer */
+	if (err == -EINTR) {
+		/* Killed while the queue was full: let a worker send it, then free. */
+		INIT_WORK(&req->work, vgpu_unregister_fn);
+		queue_work(vgpu_wq, &req->work);
+		return;
+	}
+	vgpu_host_unregister_done(req, err);
 }
 
 static struct vgpu_hostbuf *vgpu_hostbuf_alloc(unsigned long npages)
@@ -701,7 +1016,7 @@ static struct vgpu_hostbuf *vgpu_hostbuf_alloc(unsigned long npages)
 
 fail:
 	hb->npages = done;
-	kref_put(&hb->ref, vgpu_hostbuf_release);
+	vgpu_hostbuf_free(hb);
 	return NULL;
 }
 
@@ -716,6 +1031,7 @@ static void vgpu_vm_close(struct vm_area_struct *vma)
 {
 	struct vgpu_hostbuf *hb = vma->vm_private_data;
 
+	/* May sleep until the device answers HOST_UNREGISTER (mmap_lock is held). */
 	kref_put(&hb->ref, vgpu_hostbuf_release);
 }
 
@@ -739,6 +1055,7 @@ static const struct vm_operations_struct vgpu_vm_ops = {
 
 static int vgpu_mmap(struct file *file, struct vm_area_struct *vma)
 {
+	struct vgpu_file *vf = file->private_data;
 	unsigned long npages = vma_pages(vma);
 	struct vgpu_hostbuf *hb;
 	int err;
@@ -750,6 +1067,12 @@ static int vgpu_mmap(struct file *file, struct vm_area_struct *vma)
 	hb = vgpu_hostbuf_alloc(npages);
 	if (!hb)
 		return -ENOMEM;
+	/*
+	 * Every VMA holds the file too, but the completion path of an abandoned
+	 * HOST_REGISTER may outlive them and still needs the session.
+	 */
+	hb->file = get_file(file);
+	hb->vf = vf;
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
 	vm_flags_set(vma, VM_DONTEXPAND | VM_DONTDUMP | VM_DONTCOPY);
 #else
@@ -760,6 +1083,8 @@ static int vgpu_mmap(struct file *file, struct vm_area_struct *vma)
 		kref_put(&hb->ref, vgpu_hostbuf_release);
 		return err;
 	}
+	/* Best effort: an unregistered buffer still works, through the ordinary path. */
+	vgpu_host_register(vf, hb);
 	vma->vm_private_data = hb;
 	vma->vm_ops = &vgpu_vm_ops;
 	return 0;
@@ -974,6 +1299,9 @@ static int vgpu_probe(struct virtio_device *vdev)
 	init_waitqueue_head(&vg->space_wq);
 	init_rwsem(&vg->notify_sem);
 	atomic_set(&vg->sessions, 0);
+	atomic_set(&vg->hostreg, VGPU_HOSTREG_UNKNOWN);
+	/* Without VIRTIO_F_ACCESS_PLATFORM the ring gives the device physical addresses. */
+	vg->phys_addressing = virtio_has_dma_quirk(vdev);
 	vg->vdev = vdev;
 	vdev->priv = vg;
 

@@ -138,6 +138,11 @@ vgpu_status vgpu_htod(vgpu_session *s, uint64_t handle, uint64_t offset,
 vgpu_status vgpu_dtoh(vgpu_session *s, uint64_t handle, uint64_t offset,
 		      void *dst, size_t len);
 
+/* Host memory for fast copies (the analogue of cudaMallocHost): memory the device copies
+ * from and to directly. vgpu_htod / vgpu_dtoh from or into it take the fast path. */
+vgpu_status vgpu_host_alloc(vgpu_session *s, size_t bytes, void **ptr);
+vgpu_status vgpu_host_free(vgpu_session *s, void *ptr);
+
 /* Kernels: PTX modules, or the built-in catalog (module 0): vector_add_f32(a, b, c, n),
  * saxpy_f32(y, x, alpha, n), scale_f32(x, alpha, n), reduce_sum_f32(x, out, n),
  * matmul_f32(a, b, c, m, n, k), fill_u32(x, value, n). */

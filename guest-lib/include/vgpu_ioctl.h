@@ -115,7 +115,8 @@ struct vgpu_seg {
  * request) and VGPU_MAX_PINNED_BYTES of user memory.
  *
  * Returns 0 once the device has answered: the response header (whatever its status)
- * is in *response. Errors: EINVAL (SESSION_OPEN/SESSION_CLOSE opcode, bad segment),
+ * is in *response. Errors: EINVAL (an opcode only the driver sends: SESSION_OPEN,
+ * SESSION_CLOSE, HOST_REGISTER, HOST_UNREGISTER; a bad segment),
  * EFAULT, E2BIG, ENOMEM, ENODEV (device removed or reset: reopen), EIO (the device
  * returned the chain without an answer), EINTR (fatal signal).
  */

@@ -15,7 +15,7 @@ use std::sync::{Mutex, MutexGuard};
 use vgpu_protocol::{Status, BUILTIN_MODULE};
 
 use crate::error::{Error, Result};
-use crate::session::{DeviceBuffer, KernelArg, LaunchConfig, Module, Session};
+use crate::session::{DeviceBuffer, HostBuffer, KernelArg, LaunchConfig, Module, Session};
 use crate::Device;
 
 /// A system call failed (see `vgpu_last_error`).
@@ -40,6 +40,19 @@ pub struct vgpu_session {
     session: Session,
     buffers: Mutex<HashMap<u64, DeviceBuffer<u8>>>,
     modules: Mutex<HashMap<u64, Module>>,
+    /// Host buffers by start address.
+    hosts: Mutex<HashMap<usize, HostBuffer>>,
+}
+
+impl vgpu_session {
+    /// The host buffer that holds `[addr, addr + len)`, if one does, and the offset.
+    fn host_at(&self, addr: usize, len: usize) -> Option<(usize, usize)> {
+        let hosts = lock(&self.hosts);
+        hosts.iter().find_map(|(&start, b)| {
+            let end = start + b.len();
+            (addr >= start && addr.checked_add(len)? <= end).then_some((start, addr - start))
+        })
+    }
 }
 
 /// The value of a kernel argument; which member is set depends on `vgpu_arg.kind`.
@@ -156,6 +169,7 @@ fn open_session(device: Result<Device>, out: *mut *mut vgpu_session) -> Result<(
         session,
         buffers: Mutex::new(HashMap::new()),
         modules: Mutex::new(HashMap::new()),
+        hosts: Mutex::new(HashMap::new()),
     });
     // SAFETY: checked non-NULL; the caller provides a writable pointer.
     unsafe { *out = Box::into_raw(s) };
@@ -276,6 +290,13 @@ pub unsafe extern "C" fn vgpu_htod(
         if src.is_null() {
             return Err(invalid("NULL source"));
         }
+        // Host memory of this session goes in large requests, straight from its pages.
+        if let Some((start, at)) = s.host_at(src as usize, len) {
+            let hosts = lock(&s.hosts);
+            return s
+                .session
+                .htod_host_raw(handle, offset, &hosts[&start], at, len);
+        }
         // SAFETY: readable for len bytes by the caller's promise.
         let src = unsafe { std::slice::from_raw_parts(src.cast::<u8>(), len) };
         s.session.htod_raw(handle, offset, src)
@@ -304,9 +325,59 @@ pub unsafe extern "C" fn vgpu_dtoh(
         if dst.is_null() {
             return Err(invalid("NULL destination"));
         }
+        if let Some((start, at)) = s.host_at(dst as usize, len) {
+            let mut hosts = lock(&s.hosts);
+            let host = hosts.get_mut(&start).expect("found above");
+            return s.session.dtoh_host_raw(handle, offset, host, at, len);
+        }
         // SAFETY: writable for len bytes by the caller's promise.
         let dst = unsafe { std::slice::from_raw_parts_mut(dst.cast::<u8>(), len) };
         s.session.dtoh_raw(handle, offset, dst)
+    })
+}
+
+/// Allocates `bytes` of host memory for fast copies (the analogue of `cudaMallocHost`):
+/// on the guest driver, memory the device copies from and to directly. Zeroed.
+///
+/// # Safety
+/// `s` must be a live session; `out` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn vgpu_host_alloc(
+    s: *mut vgpu_session,
+    bytes: usize,
+    out: *mut *mut c_void,
+) -> c_int {
+    guard(|| {
+        // SAFETY: forwarded caller promise.
+        let s = unsafe { session(s) }?;
+        if out.is_null() {
+            return Err(invalid("NULL output pointer"));
+        }
+        if bytes == 0 {
+            return Err(invalid("zero bytes"));
+        }
+        let mut buffer = s.session.host_buffer(bytes)?;
+        let ptr = buffer.as_mut_slice().as_mut_ptr();
+        lock(&s.hosts).insert(ptr as usize, buffer);
+        // SAFETY: checked non-NULL; writable by the caller's promise.
+        unsafe { *out = ptr.cast() };
+        Ok(())
+    })
+}
+
+/// Frees host memory from [`vgpu_host_alloc`].
+///
+/// # Safety
+/// `s` must be a live session; nothing may use the memory afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn vgpu_host_free(s: *mut vgpu_session, ptr: *mut c_void) -> c_int {
+    guard(|| {
+        // SAFETY: forwarded caller promise.
+        let s = unsafe { session(s) }?;
+        match lock(&s.hosts).remove(&(ptr as usize)) {
+            Some(_) => Ok(()),
+            None => Err(invalid("not host memory of this session")),
+        }
     })
 }
 
@@ -647,7 +718,38 @@ mod tests {
             session: dev.session(),
             buffers: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
+            hosts: Mutex::new(HashMap::new()),
         }))
+    }
+
+    #[test]
+    fn host_memory_copies_to_and_from_the_device_and_is_freed_once() {
+        let dev = FakeDevice::new();
+        let s = open_fake(&dev);
+        let mut h = 0u64;
+        let mut host: *mut c_void = std::ptr::null_mut();
+        // SAFETY (whole test): a live session; `host` is 3 pages long once allocated.
+        unsafe {
+            assert_eq!(vgpu_host_alloc(s, 3 * 4096, &mut host), 0);
+            assert!(!host.is_null());
+            let bytes = std::slice::from_raw_parts_mut(host.cast::<u8>(), 3 * 4096);
+            for (i, b) in bytes.iter_mut().enumerate() {
+                *b = (i % 251) as u8;
+            }
+            assert_eq!(vgpu_alloc(s, 8192, &mut h), 0);
+            // From the middle of the host memory, then back into its last page.
+            assert_eq!(
+                vgpu_htod(s, h, 0, host.cast::<u8>().add(100).cast(), 4096),
+                0
+            );
+            let last = host.cast::<u8>().add(2 * 4096);
+            assert_eq!(vgpu_dtoh(s, h, 0, last.cast(), 4096), 0);
+            let want: Vec<u8> = (100..100 + 4096).map(|i| (i % 251) as u8).collect();
+            assert_eq!(&bytes[2 * 4096..], &want[..]);
+            assert_eq!(vgpu_host_free(s, host), 0);
+            assert_ne!(vgpu_host_free(s, host), 0);
+            vgpu_close(s);
+        }
     }
 
     #[test]

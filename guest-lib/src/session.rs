@@ -571,6 +571,34 @@ impl Session {
         self.inner
             .dtoh(handle, offset, dst, &self.inner.pageable_chunk)
     }
+
+    /// `len` bytes at `at` of a host buffer to a buffer handle, in the host buffer's
+    /// large requests.
+    pub(crate) fn htod_host_raw(
+        &self,
+        handle: u64,
+        offset: u64,
+        src: &HostBuffer,
+        at: usize,
+        len: usize,
+    ) -> Result<()> {
+        self.inner
+            .htod(handle, offset, &src.as_slice()[at..at + len], &src.chunk)
+    }
+
+    /// `len` bytes of a buffer handle into a host buffer at `at`.
+    pub(crate) fn dtoh_host_raw(
+        &self,
+        handle: u64,
+        offset: u64,
+        dst: &mut HostBuffer,
+        at: usize,
+        len: usize,
+    ) -> Result<()> {
+        let HostBuffer { mem, chunk } = dst;
+        self.inner
+            .dtoh(handle, offset, &mut mem.as_mut_slice()[at..at + len], chunk)
+    }
 }
 
 /// Device memory of one session, freed when dropped.

@@ -132,6 +132,7 @@ static void remove_test(void)
 	char link[256] = "", name[64];
 	pthread_t t[3];
 	uint64_t sess;
+	char *hb;
 	int i, fd;
 	ssize_t n = readlink("/sys/class/vgpu/vgpu0/device", link, sizeof(link) - 1);
 
@@ -141,6 +142,9 @@ static void remove_test(void)
 	link[n] = 0;
 	snprintf(name, sizeof(name), "%s", basename(link));
 	hold_fd = open_dev();
+	/* A host buffer mapped across the removal: the host dropped it, unmapping must not wait. */
+	hb = mmap(NULL, 8 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, hold_fd, 0);
+	CHECK(hb != MAP_FAILED, "mmap a host buffer before the unbind");
 	for (i = 0; i < 3; i++)
 		pthread_create(&t[i], NULL, sync_loop, NULL);
 	usleep(300000);
@@ -153,6 +157,15 @@ static void remove_test(void)
 	CHECK(ioctl(hold_fd, VGPU_IOC_INFO, &(struct vgpu_info){0}) == -1 && errno == ENODEV, "INFO on the old file is ENODEV");
 	CHECK(ioctl(hold_fd, VGPU_IOC_SESSION, &sess) == 0, "the old file still answers VGPU_IOC_SESSION");
 	CHECK(access("/dev/vgpu0", F_OK) != 0, "/dev/vgpu0 is gone");
+	if (hb != MAP_FAILED) {
+		hb[4096] = 3;
+		CHECK(hb[4096] == 3, "the host buffer still works after the unbind");
+		CHECK(munmap(hb, 8 << 20) == 0, "unmap the host buffer after the unbind");
+	}
+	hb = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, hold_fd, 0);
+	CHECK(hb != MAP_FAILED, "mmap on the old file still gives a host buffer");
+	if (hb != MAP_FAILED)
+		munmap(hb, 1 << 20);
 	close(hold_fd);
 	CHECK(write_file("/sys/bus/virtio/drivers/vgpu/bind", name) == 0, "rebind %s", name);
 	usleep(300000);
@@ -180,6 +193,18 @@ int main(int argc, char **argv)
 	CHECK(submit(fd, h, NULL, 0, NULL, 0, r) == -1 && errno == EINVAL, "SESSION_OPEN from user space is EINVAL");
 	header(h, VGPU_OP_SESSION_CLOSE, session);
 	CHECK(submit(fd, h, NULL, 0, NULL, 0, r) == -1 && errno == EINVAL, "SESSION_CLOSE from user space is EINVAL");
+	/* HOST_REGISTER (15) and HOST_UNREGISTER (16) are the driver's: they name guest memory. */
+	{
+		uint8_t chunk[16];
+		struct vgpu_seg seg = { (uintptr_t)chunk, sizeof(chunk) };
+		put64(chunk, 0, 0); put64(chunk, 8, 4096);
+		header(h, 15, 0);
+		put64(h, 32, 1); put64(h, 40, 4096); put64(h, 48, 1);
+		CHECK(submit(fd, h, &seg, 1, NULL, 0, r) == -1 && errno == EINVAL, "HOST_REGISTER from user space is EINVAL");
+		header(h, 16, 0);
+		put64(h, 32, 1);
+		CHECK(submit(fd, h, NULL, 0, NULL, 0, r) == -1 && errno == EINVAL, "HOST_UNREGISTER from user space is EINVAL");
+	}
 
 	/* The driver writes the session: a forged one is ignored. */
 	header(h, VGPU_OP_SYNC, 0xdeadbeef);
@@ -245,6 +270,9 @@ int main(int argc, char **argv)
 		CHECK(madvise(b, len, MADV_DONTNEED) == 0, "MADV_DONTNEED on a host buffer");
 		for (i = 0, bad = 0; i < (int)n; i++) bad += b[i] != (uint32_t)(i * 2654435761u);
 		CHECK(bad == 0, "refaulted host buffer keeps its pages: %zu wrong words", bad);
+		/* Split mappings: the buffer goes (and is unregistered) with its last piece. */
+		CHECK(munmap((char *)a + (4 << 20), 4 << 20) == 0 && a[0] == 0 &&
+		      a[(8 << 20) / 4] == (uint32_t)((8 << 20) / 4 * 2654435761u), "partial munmap of a host buffer");
 		munmap(a, len); munmap(b, len);
 		CHECK(mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0) == MAP_FAILED && errno == EINVAL, "private mmap is EINVAL");
 		CHECK(mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 4096) == MAP_FAILED && errno == EINVAL, "mmap at an offset is EINVAL");
@@ -286,6 +314,24 @@ int main(int argc, char **argv)
 			for (;;) copy(cfd, VGPU_OP_DTOH, hh, 0, p, len);
 		}
 		usleep(20000 + (i % 10) * 13000);
+		kill(pid, SIGKILL);
+		waitpid(pid, NULL, 0);
+	}
+	/* Processes killed while they map and unmap host buffers (register, unregister). */
+	for (i = 0; i < 20; i++) {
+		pid_t pid = fork();
+		if (pid == 0) {
+			int cfd = open_dev();
+			for (;;) {
+				size_t len = (size_t)(1 + i % 4) << 20;
+				char *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, cfd, 0);
+				if (p != MAP_FAILED) {
+					p[len - 1] = 1;
+					munmap(p, len);
+				}
+			}
+		}
+		usleep(10000 + (i % 10) * 7000);
 		kill(pid, SIGKILL);
 		waitpid(pid, NULL, 0);
 	}
