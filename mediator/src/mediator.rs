@@ -204,6 +204,16 @@ impl CompletionQueue {
             .collect()
     }
 
+    /// Whether no completion is waiting, without a system call and without blocking: while
+    /// a completion is being added (the queue is busy) it answers `false`.
+    pub fn is_empty(&self) -> bool {
+        match self.done.try_lock() {
+            Ok(done) => done.is_empty(),
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().is_empty(),
+            Err(std::sync::TryLockError::WouldBlock) => false,
+        }
+    }
+
     fn push(&self, token: u64, response: Response, hold: Option<Hold>) {
         self.done
             .lock()

@@ -8,10 +8,18 @@
 //! chain to the guest. Nothing a guest puts in the queue makes `handle_event` fail: a
 //! malformed chain is answered with an error status, or returned with nothing written
 //! when it cannot even hold a response.
+//!
+//! With a polling window ([`VgpuBackend::set_poll`], `--poll-us`), the worker does not go
+//! back to epoll as soon as a kick or a completion has been handled: it keeps looking at
+//! the available ring and at the completion queue until the window passes without work,
+//! with the guest's kicks suppressed meanwhile. Before it sleeps it turns kicks back on and
+//! looks at the ring once more, so a chain published while kicks were off is never left
+//! waiting for a kick that will not come. Interrupts to the guest are unchanged.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,6 +54,10 @@ pub const REQUEST_QUEUE: u16 = 0;
 pub const COMPLETION_EVENT: u16 = NUM_QUEUES as u16 + 1;
 /// How long a stopped ring waits for requests already handed to the mediator.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest time one polling round keeps the worker away from epoll, however busy the ring
+/// (unless the polling window itself is longer). The worker holds the backend while it
+/// polls: vhost-user messages from QEMU wait for the round to end.
+pub const POLL_ROUND_LIMIT: Duration = Duration::from_millis(2);
 
 type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 type GuestMemoryGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
@@ -165,6 +177,11 @@ pub struct VgpuBackend {
     vring: Option<VringRwLock>,
     stop_timeout: Duration,
     exit_pipes: Mutex<Vec<ExitPipe>>,
+    /// How long the worker keeps polling after its last useful work; zero: it does not poll.
+    poll: Duration,
+    /// Kicks were turned off for polling and must be turned back on before the worker
+    /// sleeps.
+    kicks_off: bool,
 }
 
 impl VgpuBackend {
@@ -195,7 +212,21 @@ impl VgpuBackend {
             vring: None,
             stop_timeout: STOP_TIMEOUT,
             exit_pipes: Mutex::new(Vec::new()),
+            poll: Duration::ZERO,
+            kicks_off: false,
         })
+    }
+
+    /// After handling a kick or a completion, keep looking for new chains and finished
+    /// requests until `window` passes without any (each polling round ends after at most
+    /// [`POLL_ROUND_LIMIT`] or `window`, whichever is longer). Zero (the default) turns
+    /// polling off.
+    pub fn set_poll(&mut self, window: Duration) {
+        self.poll = window;
+    }
+
+    fn polling(&self) -> bool {
+        !self.poll.is_zero()
     }
 
     /// How long a stopped ring waits for the requests in flight before it answers them
@@ -223,25 +254,31 @@ impl VgpuBackend {
         self.inflight.len()
     }
 
-    fn process_queue(&mut self, vring: &VringRwLock) {
+    /// Takes the chains the guest made available; returns whether it took any.
+    fn process_queue(&mut self, vring: &VringRwLock) -> bool {
         let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
             warn!(
                 "{}: request queue kicked before any memory table",
                 self.name
             );
-            return;
+            return false;
         };
         if self.ring_broken {
-            return;
+            return false;
         }
-        if self.event_idx {
+        let mut taken = 0;
+        if self.polling() {
+            // Kicks stay off while the worker polls; `rearm` turns them back on.
+            self.suppress_kicks(vring);
+            taken += self.pop_requests(vring, &mem);
+        } else if self.event_idx {
             // The queue reads the available index once per pop; keep going until the guest
             // has added nothing since notifications were re-enabled.
             loop {
                 if let Err(e) = vring.disable_notification() {
                     warn!("{}: disabling notifications: {e}", self.name);
                 }
-                self.pop_requests(vring, &mem);
+                taken += self.pop_requests(vring, &mem);
                 if self.throttled || self.ring_broken {
                     // Notifications stay off; completions resume the queue.
                     break;
@@ -256,13 +293,119 @@ impl VgpuBackend {
                 }
             }
         } else {
-            self.pop_requests(vring, &mem);
+            taken += self.pop_requests(vring, &mem);
         }
         self.signal_guest(vring);
+        taken > 0
     }
 
-    fn pop_requests(&mut self, vring: &VringRwLock, mem: &GuestMemoryGuard) {
+    /// Keeps handling new chains and finished requests until the polling window passes
+    /// without either, or the round's limit is reached. Kicks are off meanwhile; the caller
+    /// turns them back on with [`VgpuBackend::rearm`].
+    fn poll(&mut self, vring: &VringRwLock) {
+        let window = self.poll;
+        let limit = window.max(POLL_ROUND_LIMIT);
+        let start = Instant::now();
+        let mut last_work = start;
+        self.suppress_kicks(vring);
+        loop {
+            let mut worked = false;
+            if !self.completions.is_empty() {
+                worked |= self.process_completions(vring);
+            }
+            if self.kicks_off && !self.throttled && !self.ring_broken && self.ring_has_chains(vring)
+            {
+                worked |= self.process_queue(vring);
+            }
+            // A vDSO clock read, no system call.
+            let now = Instant::now();
+            if worked {
+                last_work = now;
+            } else if now.duration_since(last_work) >= window {
+                break;
+            }
+            if now.duration_since(start) >= limit {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Turns the guest's kicks off for polling, when the ring is in use.
+    fn suppress_kicks(&mut self, vring: &VringRwLock) {
+        if self.kicks_off || self.ring_broken || !ring_live(vring) {
+            return;
+        }
+        // With EVENT_IDX this writes nothing: the guest kicks at most once more (for the
+        // first chain past the avail event last written), and none after that until the
+        // avail event is written again by `rearm`.
+        if let Err(e) = vring.disable_notification() {
+            warn!("{}: disabling notifications: {e}", self.name);
+        }
+        self.kicks_off = true;
+    }
+
+    /// Turns kicks back on before the worker sleeps, then reads the available index once
+    /// more (after a full fence, in `enable_notification`): a chain the guest published
+    /// while kicks were off is taken now, and the check repeated, instead of waiting for a
+    /// kick that will not come. A chain published later is kicked.
+    ///
+    /// Kicks are turned back on even when QEMU stopped or disabled the ring meanwhile: the
+    /// ring's memory outlives the stop (a restarted ring, a migrated guest), and a device
+    /// that starts on it must get kicks.
+    fn rearm(&mut self, vring: &VringRwLock) {
+        if !std::mem::take(&mut self.kicks_off) {
+            return;
+        }
+        loop {
+            match vring.enable_notification() {
+                Ok(true) if !self.throttled && !self.ring_broken && ring_live(vring) => {
+                    let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
+                        return;
+                    };
+                    // Kicks stay on: one that comes meanwhile only wakes the worker once more.
+                    let taken = self.pop_requests(vring, &mem);
+                    self.signal_guest(vring);
+                    if taken == 0 {
+                        // Too much in flight (completions resume the queue) or a ring that
+                        // cannot be read: no point in looking again.
+                        return;
+                    }
+                }
+                // Nothing new; or chains wait for room, which completions make (their
+                // eventfd wakes the worker).
+                Ok(_) => return,
+                Err(e) => {
+                    warn!("{}: enabling notifications: {e}", self.name);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Whether the guest published chains the device has not taken yet: one load of the
+    /// available index, without taking the vring for writing.
+    fn ring_has_chains(&self, vring: &VringRwLock) -> bool {
+        let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
+            return false;
+        };
+        let state = vring.get_ref();
+        let queue = state.get_queue();
+        if !(state.is_enabled() && queue.ready()) {
+            return false;
+        }
+        match queue.avail_idx(&*mem, Ordering::Acquire) {
+            Ok(idx) => idx.0 != queue.next_avail(),
+            // `pop_requests` reports it.
+            Err(_) => true,
+        }
+    }
+
+    /// Takes chains until the ring is empty or too much is in flight; returns how many it
+    /// took (answered, returned or handed to the mediator).
+    fn pop_requests(&mut self, vring: &VringRwLock, mem: &GuestMemoryGuard) -> usize {
         let queue_size = usize::from(vring.get_ref().get_queue().size());
+        let mut taken = 0;
         loop {
             if self.inflight.len() >= queue_size {
                 if !self.throttled {
@@ -273,7 +416,7 @@ impl VgpuBackend {
                     );
                 }
                 self.throttled = true;
-                return;
+                return taken;
             }
             // Not pop_descriptor_chain: it hides a broken available index as "empty",
             // which with EVENT_IDX re-arms forever and spins this thread.
@@ -285,17 +428,18 @@ impl VgpuBackend {
                         self.name
                     );
                     self.ring_broken = true;
-                    return;
+                    return taken;
                 }
             };
             let Some(descriptors) = popped else {
-                return;
+                return taken;
             };
             if let Taken::PutBack = self.handle_chain(vring, mem, descriptors, queue_size) {
                 vring.get_mut().get_queue_mut().go_to_previous_position();
                 self.throttled = true;
-                return;
+                return taken;
             }
+            taken += 1;
         }
     }
 
@@ -385,24 +529,28 @@ impl VgpuBackend {
         self.add_used(vring, head, len);
     }
 
-    fn process_completions(&mut self, vring: &VringRwLock) {
+    /// Answers the finished requests; returns whether it answered any or took new chains.
+    fn process_completions(&mut self, vring: &VringRwLock) -> bool {
         let done = self.completions.drain();
-        self.complete(vring, done);
+        let mut worked = self.complete(vring, done) > 0;
         self.signal_guest(vring);
         if self.throttled {
             self.throttled = false;
-            self.process_queue(vring);
+            worked |= self.process_queue(vring);
         }
+        worked
     }
 
-    /// Writes the responses of finished requests back into their chains.
-    fn complete(&mut self, vring: &VringRwLock, done: Vec<(u64, Response)>) {
+    /// Writes the responses of finished requests back into their chains; returns how many
+    /// chains it returned.
+    fn complete(&mut self, vring: &VringRwLock, done: Vec<(u64, Response)>) -> usize {
         if done.is_empty() {
-            return;
+            return 0;
         }
         let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
-            return;
+            return 0;
         };
+        let mut answered = 0;
         for (token, response) in done {
             let Some(request) = self.inflight.remove(&token) else {
                 debug!(
@@ -419,7 +567,9 @@ impl VgpuBackend {
                 &response,
             );
             self.add_used(vring, request.head, len);
+            answered += 1;
         }
+        answered
     }
 
     /// Writes `response` into a chain's writable buffers; returns the used length.
@@ -470,7 +620,15 @@ impl VgpuBackend {
         self.inflight.clear();
         self.throttled = false;
         self.ring_broken = false;
+        self.kicks_off = false;
     }
+}
+
+/// Whether the device may take chains from the ring: QEMU started it (ready; it stops it
+/// with GET_VRING_BASE) and enabled it.
+fn ring_live(vring: &VringRwLock) -> bool {
+    let state = vring.get_ref();
+    state.is_enabled() && state.get_queue().ready()
 }
 
 /// Reads and checks the request header a checked chain carries, and that the chain's
@@ -762,10 +920,19 @@ impl VhostUserBackendMut for VgpuBackend {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
-        match device_event {
+        let worked = match device_event {
             REQUEST_QUEUE => self.process_queue(vring),
             COMPLETION_EVENT => self.process_completions(vring),
-            other => warn!("{}: unexpected event {other}", self.name),
+            other => {
+                warn!("{}: unexpected event {other}", self.name);
+                false
+            }
+        };
+        if self.polling() {
+            if worked {
+                self.poll(vring);
+            }
+            self.rearm(vring);
         }
         Ok(())
     }
@@ -781,7 +948,7 @@ mod tests {
     use vgpu_protocol::{DeviceConfig, InfoReply, INFO_SIZE};
     use vgpu_protocol::{Launch, Param, BUILTIN_MODULE};
     use virtio_bindings::bindings::virtio_ring::{
-        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
     };
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -830,6 +997,66 @@ mod tests {
             )
         };
         GuestMemoryMmap::from_ranges_with_files([region(0), region(RAM / 2)]).unwrap()
+    }
+
+    /// The rings of a test queue as the guest sees them, usable from another thread.
+    #[derive(Clone)]
+    struct Ring {
+        mem: GuestMemory,
+        avail: u64,
+        used: u64,
+        queue_size: u16,
+    }
+
+    impl Ring {
+        /// Makes the chain at `head` available as entry `idx` (without kicking).
+        fn publish(&self, idx: u16, head: u16) {
+            let m = self.mem.memory();
+            let slot = u64::from(idx % self.queue_size);
+            m.write_obj(head, GuestAddress(self.avail + 4 + 2 * slot))
+                .unwrap();
+            m.store(
+                idx.wrapping_add(1),
+                GuestAddress(self.avail + 2),
+                Ordering::Release,
+            )
+            .unwrap();
+        }
+
+        fn used_idx(&self) -> u16 {
+            self.mem
+                .memory()
+                .load(GuestAddress(self.used + 2), Ordering::Acquire)
+                .unwrap()
+        }
+
+        /// Waits up to 5 s for the used index to reach `idx`.
+        fn wait_used(&self, idx: u16) -> bool {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if self.used_idx() == idx {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_micros(20));
+            }
+            false
+        }
+
+        /// Whether the guest must kick after publishing the entry at `avail_idx` (the
+        /// driver's side of notification suppression).
+        fn wants_kick(&self, event_idx: bool, avail_idx: u16) -> bool {
+            let m = self.mem.memory();
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if event_idx {
+                let at = self.used + 4 + 8 * u64::from(self.queue_size);
+                let avail_event: u16 = m.load(GuestAddress(at), Ordering::Acquire).unwrap();
+                // vring_need_event(avail_event, avail_idx + 1, avail_idx)
+                avail_event == avail_idx
+            } else {
+                let flags: u16 = m.load(GuestAddress(self.used), Ordering::Acquire).unwrap();
+                flags & VRING_USED_F_NO_NOTIFY as u16 == 0
+            }
+        }
     }
 
     /// A guest with one virtqueue in front of a backend served by a CPU mediator.
@@ -971,6 +1198,33 @@ mod tests {
             writable
         }
 
+        fn ring(&self) -> Ring {
+            Ring {
+                mem: self.mem.clone(),
+                avail: self.avail,
+                used: self.used,
+                queue_size: self.queue_size,
+            }
+        }
+
+        /// Turns host polling on with `window`, and EVENT_IDX on both sides with `event_idx`.
+        fn polling(mut self, window: Duration, event_idx: bool) -> Guest {
+            self.backend.set_poll(window);
+            if event_idx {
+                self.backend.set_event_idx(true);
+                self.vring.set_queue_event_idx(true);
+            }
+            self
+        }
+
+        /// An INFO chain laid out but not published: its head and writable spans.
+        fn info_chain(&mut self) -> (u16, Vec<Span>) {
+            let bufs = [Buf::Read(header_bytes(Command::Info)), Buf::Write(192 + 32)];
+            let head = self.descs(bufs.len() as u16);
+            let writable = self.lay_out(self.desc_table, head, &bufs);
+            (head, writable)
+        }
+
         /// Makes the chain at `head` available to the device.
         fn publish(&mut self, head: u16) {
             let m = self.mem.memory();
@@ -1042,9 +1296,11 @@ mod tests {
         }
 
         /// Kicks, lets the mediator answer if needed, and returns the chain's used length.
+        /// (After host polling the completion eventfd may be readable with nothing left to
+        /// answer: one wake-up more.)
         fn finish(&mut self, head: u16) -> u32 {
             self.kick();
-            for _ in 0..2 {
+            for _ in 0..3 {
                 let used = self.used();
                 if let Some(&(id, len)) = used.first() {
                     assert_eq!(used.len(), 1, "one chain posted, {used:?} returned");
@@ -1913,6 +2169,167 @@ mod tests {
         assert_eq!(g.backend.requests_in_flight(), 0);
         assert_eq!(g.response(&writable).status, Status::Ok);
         assert_eq!(g.mediator.usage(g.tenant).unwrap().sessions, 6);
+    }
+
+    /// With host polling, the worker that handled a kick keeps taking chains the guest
+    /// publishes without kicking (kicks are off meanwhile), answers them from the
+    /// completion queue, signals the guest for each, and turns kicks back on before it
+    /// returns.
+    #[test]
+    fn polling_answers_chains_published_without_a_kick() {
+        for event_idx in [false, true] {
+            let mut g = Guest::new(64).polling(Duration::from_millis(500), event_idx);
+            let chains: Vec<(u16, Vec<Span>)> = (0..3).map(|_| g.info_chain()).collect();
+            assert!(g.ring().wants_kick(event_idx, 0));
+            g.publish(chains[0].0);
+            let ring = g.ring();
+            let heads: Vec<u16> = chains.iter().map(|(head, _)| *head).collect();
+            // The guest: once the first chain is answered (the worker, still inside its kick
+            // handler, is polling), publish the others one by one, without kicking.
+            let guest = std::thread::spawn(move || {
+                let mut suppressed = Vec::new();
+                for (idx, &head) in (1u16..).zip(&heads[1..]) {
+                    assert!(ring.wait_used(idx), "chain {} not answered", idx - 1);
+                    suppressed.push(!ring.wants_kick(event_idx, idx));
+                    ring.publish(idx, head);
+                }
+                assert!(ring.wait_used(3), "chain 2 not answered");
+                suppressed
+            });
+            g.kick();
+            let suppressed = guest.join().unwrap();
+            g.avail_idx = 3;
+            assert_eq!(
+                suppressed,
+                [true, true],
+                "event_idx {event_idx}: kicks were on"
+            );
+            let used = g.used();
+            assert_eq!(
+                used,
+                chains
+                    .iter()
+                    .map(|(head, _)| (u32::from(*head), 192 + 32))
+                    .collect::<Vec<_>>(),
+                "event_idx {event_idx}"
+            );
+            for (_, writable) in &chains {
+                assert_eq!(g.response(writable).status, Status::Ok);
+            }
+            assert!(g.call.read().is_ok(), "the guest was not signalled");
+            assert_eq!(g.backend.requests_in_flight(), 0);
+            assert!(!g.backend.kicks_off);
+            assert!(
+                g.ring().wants_kick(event_idx, 3),
+                "event_idx {event_idx}: kicks are still off"
+            );
+        }
+    }
+
+    /// Once the polling window has passed, the worker sleeps with kicks on: a chain
+    /// published later is kicked and answered.
+    #[test]
+    fn a_chain_published_after_the_polling_window_is_answered_on_its_kick() {
+        for event_idx in [false, true] {
+            let mut g = Guest::new(64).polling(Duration::from_micros(200), event_idx);
+            g.expect_healthy();
+            std::thread::sleep(Duration::from_millis(5));
+            assert!(
+                g.ring().wants_kick(event_idx, g.avail_idx),
+                "event_idx {event_idx}: kicks are off after the window"
+            );
+            let (head, writable) = g.info_chain();
+            g.publish(head);
+            assert_eq!(g.finish(head), 192 + 32);
+            assert_eq!(g.response(&writable).status, Status::Ok);
+            assert!(g.ring().wants_kick(event_idx, g.avail_idx));
+            g.expect_healthy();
+        }
+    }
+
+    /// A chain the guest publishes between the worker's last look and the moment kicks are
+    /// turned back on is not left waiting for a kick: turning them on looks once more.
+    #[test]
+    fn a_chain_published_as_polling_ends_is_taken_when_kicks_are_turned_back_on() {
+        for event_idx in [false, true] {
+            let mut g = Guest::new(64).polling(Duration::from_micros(50), event_idx);
+            g.expect_healthy();
+            let vring = g.vring.clone();
+            g.backend.suppress_kicks(&vring);
+            assert!(g.backend.kicks_off);
+            if !event_idx {
+                assert!(!g.ring().wants_kick(false, g.avail_idx));
+            }
+            let (head, writable) = g.info_chain();
+            g.publish(head);
+            g.backend.rearm(&vring);
+            assert!(!g.backend.kicks_off);
+            assert!(g.ring().wants_kick(event_idx, g.avail_idx));
+            // Taken: in flight, or already answered. (The completion eventfd may still be
+            // readable from the polled answer before: a wake-up with nothing to do.)
+            let mut used = g.used();
+            while used.is_empty() {
+                assert_eq!(g.backend.requests_in_flight(), 1);
+                g.complete();
+                used = g.used();
+            }
+            assert_eq!(used, vec![(u32::from(head), 192 + 32)]);
+            assert_eq!(g.response(&writable).status, Status::Ok);
+        }
+    }
+
+    /// The whole queue in flight and more chains waiting: the completion that makes room
+    /// starts a polling round that takes the waiting chains and answers them, and kicks
+    /// end up on.
+    #[test]
+    fn a_full_queue_resumes_and_drains_while_polling() {
+        for event_idx in [false, true] {
+            let mut g = Guest::new(4).polling(Duration::ZERO, event_idx);
+            let (head, writable) = g.post(&[
+                Buf::Read(header_bytes(Command::SessionOpen)),
+                Buf::Write(32),
+            ]);
+            for _ in 0..3 {
+                g.publish(head);
+            }
+            g.kick();
+            g.publish(head);
+            g.publish(head);
+            g.kick();
+            assert_eq!(g.backend.requests_in_flight(), 4);
+            assert!(g.backend.throttled);
+            g.backend.set_poll(Duration::from_millis(100));
+            let mut answered = 0;
+            while answered < 6 {
+                g.complete();
+                answered += g.used().len();
+            }
+            assert_eq!(answered, 6);
+            assert_eq!(g.backend.requests_in_flight(), 0);
+            assert_eq!(g.response(&writable).status, Status::Ok);
+            assert_eq!(g.mediator.usage(g.tenant).unwrap().sessions, 6);
+            assert!(g.ring().wants_kick(event_idx, g.avail_idx));
+        }
+    }
+
+    /// A kick with nothing on the ring, and a completion event with nothing finished, do not
+    /// start polling; a polling round ends when its window passes.
+    #[test]
+    fn polling_starts_after_work_only_and_ends_with_its_window() {
+        let mut g = Guest::new(64).polling(Duration::from_millis(20), false);
+        let started = Instant::now();
+        g.kick();
+        let vrings = [g.vring.clone()];
+        g.backend
+            .handle_event(COMPLETION_EVENT, EventSet::IN, &vrings, 0)
+            .unwrap();
+        assert!(started.elapsed() < Duration::from_millis(20));
+        assert!(g.ring().wants_kick(false, g.avail_idx));
+        let started = Instant::now();
+        g.expect_healthy();
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(20), "no polling: {took:?}");
+        assert!(took < Duration::from_secs(2), "polled for {took:?}");
     }
 
     #[test]

@@ -86,6 +86,12 @@ impl Daemon {
             quota >> 20,
             config.weight
         );
+        if config.poll_us > 0 {
+            info!(
+                "host polling: each vring worker polls for up to {} µs after its last work",
+                config.poll_us
+            );
+        }
 
         let mut daemon = Daemon {
             mediator: mediator.clone(),
@@ -132,6 +138,7 @@ impl Daemon {
                 tenant,
                 mediator: mediator.clone(),
                 stop: daemon.stop.clone(),
+                poll: Duration::from_micros(config.poll_us),
             };
             let thread = thread::Builder::new()
                 .name(format!("vgpu-{name}"))
@@ -286,6 +293,8 @@ struct Socket {
     tenant: TenantId,
     mediator: Arc<Mediator>,
     stop: Arc<Stop>,
+    /// Host-side polling window of the backend (`--poll-us`).
+    poll: Duration,
 }
 
 impl Socket {
@@ -314,8 +323,9 @@ impl Socket {
 
     fn serve_connection(&mut self) -> Result<()> {
         let path = || self.path.clone();
-        let backend = VgpuBackend::new(self.mediator.clone(), self.tenant)
+        let mut backend = VgpuBackend::new(self.mediator.clone(), self.tenant)
             .map_err(|e| Error::CreateBackend(path(), e))?;
+        backend.set_poll(self.poll);
         let completion_fd = backend.completion_fd();
         let backend = Arc::new(RwLock::new(backend));
         let mut daemon = VhostUserDaemon::new(
@@ -494,6 +504,56 @@ mod tests {
         assert!(eventually(|| waiter.is_finished()));
         waiter.join().unwrap().unwrap();
         assert!(!socket.exists());
+    }
+
+    /// A daemon that polls on the host serves a real frontend in every guest mode: with
+    /// and without EVENT_IDX, by interrupt and by polling, one request at a time and many
+    /// in flight.
+    #[test]
+    fn a_polling_daemon_serves_every_guest_mode() {
+        use crate::testvmm::{Notify, VmOptions, DRIVER_FEATURES, F_EVENT_IDX};
+        let dir = TempDir::new().unwrap();
+        let config = VgpuConfig {
+            poll_us: 50,
+            ..cpu_config(&dir, 1)
+        };
+        let daemon = Daemon::start(config).unwrap();
+        let socket = daemon.sockets()[0].clone();
+        for features in [DRIVER_FEATURES, DRIVER_FEATURES & !F_EVENT_IDX] {
+            for notify in [Notify::Interrupt, Notify::Polling] {
+                let options = VmOptions {
+                    features,
+                    notify,
+                    timeout: Duration::from_secs(10),
+                    ..VmOptions::default()
+                };
+                let mut vm = Vm::connect_with(&socket, options).unwrap();
+                assert_eq!(vm.features() & F_EVENT_IDX, features & F_EVENT_IDX);
+                let (header, _) = vm.request(&Request::new(0, Command::SessionOpen)).unwrap();
+                assert_eq!(header.status, Status::Ok);
+                let sync = Request::new(header.value0, Command::Sync);
+                for _ in 0..200 {
+                    let (header, _) = vm.request(&sync).unwrap();
+                    assert_eq!(header.status, Status::Ok);
+                }
+                // Bursts, with pauses longer than the polling window between them.
+                for _ in 0..20 {
+                    for _ in 0..16 {
+                        vm.submit(&sync).unwrap();
+                    }
+                    let mut done = 0;
+                    while done < 16 {
+                        for c in vm.wait().unwrap() {
+                            assert_eq!(c.response().unwrap().0.status, Status::Ok);
+                            done += 1;
+                        }
+                    }
+                    thread::sleep(Duration::from_micros(200));
+                }
+                drop(vm);
+            }
+        }
+        daemon.stop().unwrap();
     }
 
     #[test]

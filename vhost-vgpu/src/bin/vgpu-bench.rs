@@ -2,7 +2,8 @@
 //!
 //! Each virtio figure stands beside the same operation called in-process on the mediator
 //! (`Mediator::call`, no transport) and beside a bare eventfd ping-pong between two
-//! threads, the floor of any interrupt-driven round trip. The output is a markdown
+//! threads, the floor of any interrupt-driven round trip. The null round trip is measured
+//! with the daemon's host-side polling off and on (`--poll-us`). The output is a markdown
 //! report for `docs/benchmarks.md`.
 
 use std::path::PathBuf;
@@ -23,9 +24,11 @@ use vmm_sys_util::eventfd::EventFd;
     about = "Benchmarks the vGPU vhost-user transport through an in-process test VMM",
     long_about = "Benchmarks the vGPU vhost-user transport through an in-process test VMM.\n\n\
         Measures a null operation (SYNC on an idle session) round trip with 1 and 4 VMs, by \
-        interrupt and by polling, and host-to-device / device-to-host bandwidth from 4 KiB \
-        up to --max-size. Beside each figure: the same operation called in-process on the \
-        mediator, and an eventfd ping-pong between two threads. Prints a markdown report."
+        interrupt and by polling in the guest, each with the daemon's host-side polling off \
+        (--poll-us 0) and on (--poll-us N), and host-to-device / device-to-host bandwidth \
+        from 4 KiB up to --max-size. Beside each figure: the same operation called \
+        in-process on the mediator, and an eventfd ping-pong between two threads. Prints a \
+        markdown report."
 )]
 struct Cli {
     /// Executor of the in-process daemon and of the in-process baseline.
@@ -45,6 +48,12 @@ struct Cli {
     /// Seconds each latency row measures for.
     #[arg(long, default_value_t = 1.0)]
     seconds: f64,
+    /// Host-side polling window (the daemon's --poll-us) of the rows marked "poll N µs": a
+    /// second in-process daemon, on the same mediator, is started with it; every other row
+    /// uses a daemon with --poll-us 0. 0 leaves the host-polling rows out. Not used with
+    /// --socket (the external daemon's own setting applies).
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    poll_us: u64,
 }
 
 /// Latency samples of one row.
@@ -118,12 +127,15 @@ fn run(cli: &Cli) -> BenchResult<()> {
     let floor = eventfd_ping_pong(budget);
     let inproc = inprocess_null(&target.mediator, target.baseline_tenant, budget)?;
     println!("## Null-operation round trip (SYNC on an idle session)\n");
-    println!("| path | VMs | notify | p50 µs | p99 µs | req/s | p50 / in-process | p50 / eventfd floor |");
-    println!("|---|---|---|---|---|---|---|---|");
-    let row = |path: &str, vms: usize, notify: &str, l: &Latency| {
+    println!(
+        "| path | VMs | notify | host | p50 µs | p99 µs | req/s | p50 / in-process | \
+         p50 / eventfd floor |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let row = |path: &str, vms: usize, notify: &str, host: &str, l: &Latency| {
         let p50 = l.percentile(0.5);
         println!(
-            "| {path} | {vms} | {notify} | {} | {} | {:.0} | {:.1}x | {:.1}x |",
+            "| {path} | {vms} | {notify} | {host} | {} | {} | {:.0} | {:.1}x | {:.1}x |",
             us(p50),
             us(l.percentile(0.99)),
             l.per_second(),
@@ -131,33 +143,43 @@ fn run(cli: &Cli) -> BenchResult<()> {
             p50.as_secs_f64() / floor.percentile(0.5).as_secs_f64().max(1e-9),
         );
     };
-    row("eventfd ping-pong, 2 threads", 0, "-", &floor);
-    row("`Mediator::call` in-process", 0, "-", &inproc);
-    for notify in [Notify::Interrupt, Notify::Polling] {
-        for vms in [1, 4] {
-            let sockets = target.sockets(vms);
-            if sockets.len() < vms {
-                println!(
-                    "| virtio (vhost-user) | {vms} | {notify:?} | skipped: {} socket(s) | | | | |",
-                    sockets.len()
-                );
-                continue;
+    row("eventfd ping-pong, 2 threads", 0, "-", "-", &floor);
+    row("`Mediator::call` in-process", 0, "-", "-", &inproc);
+    for (host, sockets) in target.host_modes() {
+        for notify in [Notify::Interrupt, Notify::Polling] {
+            for vms in [1, 4] {
+                let notify_name = format!("{notify:?}").to_lowercase();
+                if sockets.len() < vms {
+                    println!(
+                        "| virtio (vhost-user) | {vms} | {notify_name} | {host} | skipped: {} \
+                         socket(s) | | | | |",
+                        sockets.len()
+                    );
+                    continue;
+                }
+                let l = virtio_null(&sockets[..vms], notify, budget)?;
+                row("virtio (vhost-user)", vms, &notify_name, &host, &l);
             }
-            let l = virtio_null(&sockets, notify, budget)?;
-            row(
-                "virtio (vhost-user)",
-                vms,
-                &format!("{notify:?}").to_lowercase(),
-                &l,
-            );
         }
     }
-    let pipelined = virtio_pipelined(&target.sockets(1)[0], budget)?;
-    println!(
-        "\nPipelined, 1 VM, 64 requests in flight, interrupt: {pipelined:.0} req/s \
-         ({:.2} µs per request).\n",
-        1e6 / pipelined
-    );
+    println!();
+    for (host, sockets) in target.host_modes() {
+        let pipelined = virtio_pipelined(&sockets[0], budget)?;
+        println!(
+            "Pipelined, 1 VM, 64 requests in flight, interrupt, host {host}: {pipelined:.0} \
+             req/s ({:.2} µs per request).\n",
+            1e6 / pipelined
+        );
+    }
+    if target.polling.is_some() {
+        println!(
+            "Host \"epoll\": the daemon's vring worker sleeps in epoll between events \
+             (--poll-us 0). Host \"poll N µs\": after each kick or completion it keeps \
+             checking the ring and the completion queue for up to N µs since its last work, \
+             with guest kicks suppressed meanwhile (--poll-us N); it spends a host core while \
+             it does, so with fewer cores than busy threads polling can lose.\n"
+        );
+    }
 
     // Bandwidth.
     println!("## Bandwidth (one request per transfer, guest buffer physically contiguous)\n");
@@ -219,6 +241,9 @@ struct Target {
     baseline_tenant: TenantId,
     sockets: Vec<PathBuf>,
     daemon: Option<vhost_vgpu::Daemon>,
+    /// The daemon with host polling (`--poll-us N`, N > 0), on the same mediator, and its
+    /// window in µs.
+    polling: Option<(vhost_vgpu::Daemon, u64)>,
     _dir: Option<TempDir>,
 }
 
@@ -249,26 +274,58 @@ impl Target {
                 baseline_tenant,
                 sockets,
                 daemon: None,
+                polling: None,
                 _dir: None,
             });
         }
         let dir = TempDir::new()?;
-        let daemon = vhost_vgpu::Daemon::start(vhost_vgpu::VgpuConfig {
+        let config = vhost_vgpu::VgpuConfig {
             socket_count: 4,
             executor: cli.executor,
             mem_quota: Some(quota),
             ..vhost_vgpu::VgpuConfig::new(dir.0.join("vm"))
-        })
-        .map_err(|e| format!("starting the daemon: {e}"))?;
+        };
+        let daemon = vhost_vgpu::Daemon::start(config.clone())
+            .map_err(|e| format!("starting the daemon: {e}"))?;
         let mediator = daemon.mediator();
+        let polling = if cli.poll_us > 0 {
+            let config = vhost_vgpu::VgpuConfig {
+                socket_path: dir.0.join("poll"),
+                poll_us: cli.poll_us,
+                ..config
+            };
+            config
+                .validate()
+                .map_err(|e| format!("--poll-us {}: {e}", cli.poll_us))?;
+            let polling = vhost_vgpu::Daemon::start_with_mediator(&config, mediator.clone())
+                .map_err(|e| format!("starting the polling daemon: {e}"))?;
+            Some((polling, cli.poll_us))
+        } else {
+            None
+        };
         let baseline_tenant = tenant(&mediator)?;
         Ok(Target {
             mediator,
             baseline_tenant,
             sockets: daemon.sockets().to_vec(),
             daemon: Some(daemon),
+            polling,
             _dir: Some(dir),
         })
+    }
+
+    /// The sockets of each host mode, named for the table: the daemon without host
+    /// polling, then the one with it.
+    fn host_modes(&self) -> Vec<(String, Vec<PathBuf>)> {
+        let plain = match self.daemon {
+            Some(_) => "epoll",
+            None => "external",
+        };
+        let mut modes = vec![(plain.to_string(), self.sockets.clone())];
+        if let Some((daemon, poll_us)) = &self.polling {
+            modes.push((format!("poll {poll_us} µs"), daemon.sockets().to_vec()));
+        }
+        modes
     }
 
     fn sockets(&self, n: usize) -> Vec<PathBuf> {
@@ -277,7 +334,15 @@ impl Target {
 
     fn describe(&self) -> String {
         match self.daemon {
-            Some(_) => format!("in-process, {} sockets", self.sockets.len()),
+            Some(_) => match &self.polling {
+                Some((daemon, poll_us)) => format!(
+                    "in-process, {} sockets with --poll-us 0 and {} with --poll-us {poll_us}, \
+                     one mediator",
+                    self.sockets.len(),
+                    daemon.sockets().len()
+                ),
+                None => format!("in-process, {} sockets, --poll-us 0", self.sockets.len()),
+            },
             None => format!(
                 "external, {} socket(s) from {}; in-process baseline on this process's own mediator",
                 self.sockets.len(),
