@@ -1029,7 +1029,7 @@ pub fn validate_ptx(ptx: &str) -> ExecResult<CString> {
 
 /// Checks launch arguments against known parameter sizes; the error's detail is the index
 /// of the first parameter that does not fit.
-fn check_params(params: &[ExecParam], expected: &[usize]) -> ExecResult<()> {
+pub(crate) fn check_params(params: &[ExecParam], expected: &[usize]) -> ExecResult<()> {
     for (i, p) in params.iter().enumerate() {
         let given = match p {
             ExecParam::Value(v) => v.len(),

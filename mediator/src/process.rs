@@ -99,7 +99,7 @@
 //!
 //! The worker binary is found by [`find_worker`].
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_void, OsStr, OsString};
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -163,6 +163,8 @@ const STAGING_ALIGN: usize = 256;
 /// First and longest wait before the pool tries again to start a worker that failed.
 const POOL_RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(30));
 
+/// `CUDA_ERROR_NOT_FOUND`: what a launch of a kernel a module lacks reports.
+const CUDA_ERROR_NOT_FOUND: u32 = 500;
 /// The CUDA error number a simulated device fault reports (`CUDA_ERROR_LAUNCH_FAILED`).
 const SIMULATED_FAULT_DETAIL: u32 = 719;
 /// The `fill_u32` value that makes the fault-simulating CPU executor fault.
@@ -1121,6 +1123,7 @@ impl Spawner {
             lost: None,
             live: self.live.clone(),
             pinned: false,
+            modules: HashMap::new(),
         };
         exec.start(&self.kind, cancel)?;
         log::debug!(
@@ -1520,6 +1523,8 @@ pub struct ProcessExecutor {
     lost: Option<String>,
     live: Arc<Mutex<Vec<u32>>>,
     pinned: bool,
+    /// The kernels of each loaded module with their parameter sizes (from its PTX).
+    modules: HashMap<u64, HashMap<String, Option<Vec<usize>>>>,
 }
 
 fn exit_description(status: ExitStatus) -> String {
@@ -1798,6 +1803,50 @@ impl ProcessExecutor {
     }
 }
 
+/// Pieces at least this large are copied by several threads.
+const PARALLEL_COPY_BYTES: usize = 2 << 20;
+/// Most threads one copy uses.
+const COPY_THREADS: usize = 4;
+
+/// Runs `copy(offset, len)` over `[0, total)`: in one call for small copies, else in
+/// disjoint parts on up to [`COPY_THREADS`] threads. One memcpy stream cannot fill the
+/// bandwidth of a large server's memory; a few can.
+fn copy_in_parallel(
+    total: usize,
+    copy: impl Fn(usize, usize) -> ExecResult<()> + Sync,
+) -> ExecResult<()> {
+    let threads = COPY_THREADS.min(total / (PARALLEL_COPY_BYTES / 2)).max(1);
+    if total < PARALLEL_COPY_BYTES || threads == 1 {
+        return copy(0, total);
+    }
+    let part = total.div_ceil(threads).next_multiple_of(4096);
+    std::thread::scope(|scope| {
+        let copy = &copy;
+        let workers: Vec<_> = (1..threads)
+            .filter(|i| i * part < total)
+            .map(|i| {
+                let from = i * part;
+                let n = part.min(total - from);
+                scope.spawn(move || copy(from, n))
+            })
+            .collect();
+        let mut result = copy(0, part.min(total));
+        for w in workers {
+            let r = w.join().unwrap_or_else(|_| {
+                Err(ExecError::new(
+                    Status::Internal,
+                    0,
+                    "a copy thread panicked",
+                ))
+            });
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    })
+}
+
 /// Where the bytes of a copy come from or go to, `at` bytes into it.
 type Fill<'a> = &'a mut dyn FnMut(usize, &mut [u8]) -> ExecResult<()>;
 type Drain<'a> = &'a mut dyn FnMut(usize, &[u8]) -> ExecResult<()>;
@@ -1932,9 +1981,17 @@ impl Executor for ProcessExecutor {
     ) -> ExecResult<()> {
         let len = usize::try_from(src.len())
             .map_err(|_| ExecError::new(Status::InvalidArgument, 0, "copy too large"))?;
-        // Straight from the guest's pages into the staging ring: no copy in between.
+        // Straight from the guest's pages into the staging ring: no copy in between;
+        // large pieces by several threads, as a driver's pageable copy is.
         self.htod_with(stream, dst, offset, len, &mut |at, out| {
-            src.read(at as u64, out).map_err(guest_fault)
+            // The parts are written from several threads: share the address, not `out`.
+            let base = out.as_mut_ptr() as usize;
+            copy_in_parallel(out.len(), |from, n| {
+                // SAFETY: `out` is valid for writes of its length for the whole call, and
+                // `copy_in_parallel` hands out disjoint ranges of it.
+                let part = unsafe { std::slice::from_raw_parts_mut((base + from) as *mut u8, n) };
+                src.read((at + from) as u64, part).map_err(guest_fault)
+            })
         })
     }
 
@@ -1964,7 +2021,10 @@ impl Executor for ProcessExecutor {
             .map_err(|_| ExecError::new(Status::InvalidArgument, 0, "copy too large"))?;
         // Straight from the staging ring into the guest's pages.
         self.dtoh_with(stream, src, offset, len, &mut |at, bytes| {
-            dst.write(at as u64, bytes).map_err(guest_fault)
+            copy_in_parallel(bytes.len(), |from, n| {
+                dst.write((at + from) as u64, &bytes[from..from + n])
+                    .map_err(guest_fault)
+            })
         })
     }
 
@@ -2117,11 +2177,19 @@ impl Executor for ProcessExecutor {
                 ),
             ));
         }
-        self.wait_creating("load_module", &ToWorker::LoadModule { ptx })
-            .map(ModuleId)
+        let id = self
+            .wait_creating("load_module", &ToWorker::LoadModule { ptx })
+            .map(ModuleId)?;
+        // Its kernels and their parameters, so that a launch is checked here, at once,
+        // rather than failing later in the worker.
+        if let Some(entries) = crate::ptx::entries(ptx) {
+            self.modules.insert(id.0, entries);
+        }
+        Ok(id)
     }
 
     fn unload_module(&mut self, module: ModuleId) {
+        self.modules.remove(&module.0);
         self.defer_quiet(
             "unload_module",
             &ToWorker::UnloadModule { module: module.0 },
@@ -2135,6 +2203,22 @@ impl Executor for ProcessExecutor {
         shape: &LaunchShape,
         params: &[ExecParam],
     ) -> ExecResult<()> {
+        // Launches are not waited for: what can be checked before is checked here, as
+        // the executor would at launch time (a kernel the module lacks, parameters of the
+        // wrong number or size).
+        if let KernelRef::Module(module, name) = kernel {
+            match self.modules.get(&module.0).map(|m| m.get(name)) {
+                Some(None) => {
+                    return Err(ExecError::new(
+                        Status::KernelNotFound,
+                        CUDA_ERROR_NOT_FOUND,
+                        format!("the module has no kernel '{name}'"),
+                    ))
+                }
+                Some(Some(Some(sizes))) => crate::cuda::check_params(params, sizes)?,
+                _ => {}
+            }
+        }
         let kernel = match kernel {
             KernelRef::Builtin(spec) => WireKernel::Builtin { name: spec.name },
             KernelRef::Module(module, name) => WireKernel::Module {

@@ -9,6 +9,29 @@
 
 use std::collections::HashMap;
 
+/// Every kernel entry of `ptx` by name, with its parameter sizes when they can be read;
+/// `None` when an `.entry` directive itself cannot be read (the module's kernels are then
+/// not known for certain).
+pub fn entries(ptx: &str) -> Option<HashMap<String, Option<Vec<usize>>>> {
+    let text = strip_comments(ptx);
+    let mut out: HashMap<String, Option<Vec<usize>>> = HashMap::new();
+    let mut rest = text.as_str();
+    while let Some(at) = find_directive(rest, ".entry") {
+        rest = &rest[at + ".entry".len()..];
+        let (name, params, after) = parse_entry(rest)?;
+        rest = after;
+        match out.get_mut(name) {
+            None => {
+                out.insert(name.to_string(), params);
+            }
+            // Two declarations that disagree: trust neither.
+            Some(known) if *known != params => *known = None,
+            Some(_) => {}
+        }
+    }
+    Some(out)
+}
+
 /// Parameter sizes in bytes of every kernel entry of `ptx`, by name. Entries whose
 /// parameter list cannot be read are left out, so a launch of them is refused.
 pub fn entry_signatures(ptx: &str) -> HashMap<String, Vec<usize>> {
@@ -165,6 +188,20 @@ fn strip_comments(ptx: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_know_every_kernel_and_which_signatures_are_readable() {
+        let ptx = ".visible .entry a(.param .u64 p, .param .u32 n) { ret; }\n\
+                   .visible .entry b(.param .b8 weird[0x10]) { ret; }\n\
+                   .visible .entry c { ret; }";
+        let e = entries(ptx).unwrap();
+        assert_eq!(e["a"], Some(vec![8, 4]));
+        assert_eq!(e["c"], Some(vec![]));
+        assert!(e.contains_key("b"));
+        assert!(!e.contains_key("d"));
+        // An entry whose name cannot be read: the module's kernels are not known.
+        assert_eq!(entries(".entry (.param .u32 x) { ret; }"), None);
+    }
 
     const AXPY: &str = r#"
 .version 8.0
