@@ -4,8 +4,8 @@
 #   ci/gpu-check.sh DIR [vgpu-gpu-check options, e.g. --quick]
 #
 # DIR holds vgpu-mediator, vgpu-executor-worker and vgpu-gpu-check (and, when present,
-# vgpu-bench and vgpu-mediator-tests, the mediator's unit-test binary from
-# `cargo test --no-run`). Every step runs each tenant's CUDA work in its own
+# vgpu-bench and vgpu-executor-tests, the executor crate's unit-test binary from
+# `cargo test -p vgpu-executor --lib --no-run`, whose CUDA tests then run on the GPU). Every step runs each tenant's CUDA work in its own
 # vgpu-executor-worker process, the one in DIR (VGPU_EXECUTOR_WORKER is set to it).
 # With DIR/guests (a bundle from ci/gpu-bundle.sh) and DIR/vhost-vgpu, the step "guests"
 # boots two QEMU guests (TCG) on one `vhost-vgpu --executor cuda` and runs their checks
@@ -153,11 +153,11 @@ if [[ -x $DIR/vgpu-gpu-check ]]; then
         env VGPU_PTX_SIGNATURES_ONLY=1 "$DIR/vgpu-gpu-check" --quick
 fi
 
-if [[ -x $DIR/vgpu-mediator-tests ]]; then
+if [[ -x $DIR/vgpu-executor-tests ]]; then
     # Unit tests, including the ones that skip themselves without a GPU.
-    run_step unit-tests "${TESTS_TIMEOUT:-120}" "$DIR/vgpu-mediator-tests" --test-threads=1
+    run_step unit-tests "${TESTS_TIMEOUT:-120}" "$DIR/vgpu-executor-tests" --test-threads=1
 else
-    skip_step unit-tests "no $DIR/vgpu-mediator-tests"
+    skip_step unit-tests "no $DIR/vgpu-executor-tests"
 fi
 
 # ---- Further GPU checks go here (the lead adds them) --------------------------------

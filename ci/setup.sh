@@ -13,7 +13,7 @@ if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
 fi
 
 # The unprivileged user executor worker processes switch to when the mediator runs as
-# root (see mediator/src/sandbox.rs); without it they fall back to nobody.
+# root (see executor/src/sandbox.rs); without it they fall back to nobody.
 if ! getent passwd vgpu-worker >/dev/null; then
     useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
         --user-group vgpu-worker

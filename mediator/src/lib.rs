@@ -1,4 +1,6 @@
-//! `vgpu-mediator`: shares one GPU between virtual machines.
+//! `vgpu-mediator`: shares one GPU between virtual machines. Policy only: the executors
+//! that run the work live in `vgpu-executor` (re-exported here under the same module
+//! names).
 //!
 //! A [`Mediator`] holds tenants (one per VM socket or NFS VM directory) with their
 //! memory quota and weight. Each tenant's requests run on its own worker, which owns
@@ -10,25 +12,18 @@
 //! Transports hand decoded requests to [`Mediator::submit`] and receive completions
 //! through a [`CompletionSink`] without blocking.
 
-pub mod cpu;
-pub mod cuda;
-pub mod executor;
-pub mod hostmap;
 mod mediator;
 pub mod nfs;
-pub mod process;
-pub mod ptx;
-pub mod sandbox;
-pub mod selftest;
 mod worker;
 
-pub use executor::{
-    select, select_with, DeviceInfo, ExecError, Executor, ExecutorChoice, ExecutorFactory,
-    ExecutorOptions, GuestIo, GuestSink, GuestSource, Isolation,
-};
 pub use mediator::{
     request_cost, CompletionQueue, CompletionSink, Hold, HoldError, Limits, Mediator, TenantConfig,
     TenantId, TenantUsage, DEFAULT_MAX_HELD_BYTES, REQUEST_OVERHEAD,
+};
+pub use vgpu_executor::{cpu, cuda, executor, hostmap, process, ptx, sandbox, selftest};
+pub use vgpu_executor::{
+    select, select_with, DeviceInfo, ExecError, Executor, ExecutorChoice, ExecutorFactory,
+    ExecutorOptions, GuestIo, GuestSink, GuestSource, Isolation,
 };
 pub use worker::MAX_SHARED_BYTES;
 

@@ -1537,6 +1537,42 @@ fn measure<T, E>(
     Ok(median(samples))
 }
 
+/// Counts answers to requests submitted without waiting, and their failures.
+#[derive(Default)]
+struct Answers {
+    ok: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+}
+
+impl Answers {
+    fn reset(&self) {
+        self.ok.store(0, std::sync::atomic::Ordering::SeqCst);
+        self.failed.store(0, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// All `n` answered OK (a later SYNC's answer came after theirs).
+    fn expect(&self, n: u64) -> Result<(), String> {
+        let ok = self.ok.load(std::sync::atomic::Ordering::SeqCst);
+        let failed = self.failed.load(std::sync::atomic::Ordering::SeqCst);
+        if ok == n && failed == 0 {
+            Ok(())
+        } else {
+            Err(format!("{ok} of {n} answered OK, {failed} failed"))
+        }
+    }
+}
+
+impl vgpu_mediator::CompletionSink for Answers {
+    fn complete(&self, _token: u64, response: Response) {
+        let counter = if response.status == Status::Ok {
+            &self.ok
+        } else {
+            &self.failed
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// A session worker with a registered host buffer of `len` bytes and a device buffer.
 struct HostBufferBench {
     exec: Box<dyn Executor>,
@@ -1728,17 +1764,22 @@ fn timings(
             pinned: None,
         });
 
-        // A burst: 1,000 launches back to back, then one sync.
+        // A burst: 1,000 launches back to back, then one sync. The launches are submitted
+        // without waiting for their answers, as a guest keeps requests in flight.
         let bursts = if args.quick { 3 } else { 10 };
+        let answered = Arc::new(Answers::default());
         let med = measure(
             1,
             bursts,
             || (),
             |()| {
+                answered.reset();
                 for _ in 0..1000 {
-                    g.ok(launch.clone(), "LAUNCH")?;
+                    let sink: Arc<dyn vgpu_mediator::CompletionSink> = answered.clone();
+                    m.submit(tenant, Request::new(g.session, launch.clone()), 0, sink);
                 }
-                g.sync()
+                g.sync()?;
+                answered.expect(1000)
             },
         )?;
         native.current()?;

@@ -1,0 +1,27 @@
+//! `vgpu-executor`: what runs a VM's GPU work, below the mediator's policy.
+//!
+//! - [`Executor`]: the seam. One executor per session (one guest process); the mediator
+//!   above checks every request before it reaches one.
+//! - [`cuda`]: the CUDA executor (cudarc's driver API), one context per executor.
+//! - [`cpu`]: the CPU reference executor (built-in kernels on host memory).
+//! - [`process`]: executors in `vgpu-executor-worker` processes, behind a typed,
+//!   pipelined channel, with a pool of ready workers; [`sandbox`] confines them.
+//! - [`hostmap`]: guest host buffers mapped from the VM's memory files.
+//! - [`ptx`]: kernel signatures read from PTX; [`selftest`]: the Phase 1 self-tests.
+//!
+//! Nothing here knows about tenants, quotas or transports.
+
+pub mod cpu;
+pub mod cuda;
+pub mod executor;
+pub mod hostmap;
+pub mod process;
+pub mod ptx;
+pub mod sandbox;
+pub mod selftest;
+
+pub use executor::{
+    select, select_with, BufferId, DeviceInfo, ExecError, ExecParam, ExecResult, Executor,
+    ExecutorChoice, ExecutorFactory, ExecutorOptions, GuestIo, GuestSink, GuestSource, Isolation,
+    KernelRef, ModuleId, StreamId,
+};
