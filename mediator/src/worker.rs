@@ -44,7 +44,7 @@ struct Session {
     /// Where their chunks lie in guest-physical memory: chunk start -> chunk.
     host_chunks: BTreeMap<u64, HostChunkAt>,
     /// An asynchronous failure: every later request answers it until the session closes.
-    sticky: Option<(Status, u32)>,
+    sticky: Option<Refusal>,
 }
 
 /// A chunk of a registered host buffer: `len` bytes at `offset` of buffer `id`.
@@ -95,10 +95,30 @@ pub(crate) struct Worker {
     usage: TenantUsage,
 }
 
-type Reply = Result<Response, (Status, u32)>;
+type Reply = Result<Response, Refusal>;
 
-fn err<T>(status: Status, detail: u32) -> Result<T, (Status, u32)> {
-    Err((status, detail))
+/// Why a request was refused: the status and detail its answer carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{status} (detail {detail})")]
+pub(crate) struct Refusal {
+    pub status: Status,
+    pub detail: u32,
+}
+
+impl Refusal {
+    pub fn new(status: Status, detail: u32) -> Refusal {
+        Refusal { status, detail }
+    }
+}
+
+impl From<ExecError> for Refusal {
+    fn from(e: ExecError) -> Refusal {
+        Refusal::new(e.status, e.detail)
+    }
+}
+
+fn err<T>(status: Status, detail: u32) -> Result<T, Refusal> {
+    Err(Refusal::new(status, detail))
 }
 
 impl Worker {
@@ -168,11 +188,11 @@ impl Worker {
     }
 
     /// A new executor (for a worker process: one taken from the pool or started now).
-    fn new_executor(&self) -> Result<Box<dyn Executor>, (Status, u32)> {
+    fn new_executor(&self) -> Result<Box<dyn Executor>, Refusal> {
         let started = std::time::Instant::now();
         let exec = self.factory.create().map_err(|e| {
             log::error!("tenant {}: executor unavailable: {e}", self.name());
-            (Status::DeviceLost, e.detail)
+            Refusal::new(Status::DeviceLost, e.detail)
         })?;
         log::debug!(
             "tenant {}: executor ready in {} us",
@@ -183,7 +203,7 @@ impl Worker {
     }
 
     /// The session's executor; `DEVICE_LOST` once it was lost.
-    fn exec(&mut self, sid: u64) -> Result<&mut dyn Executor, (Status, u32)> {
+    fn exec(&mut self, sid: u64) -> Result<&mut dyn Executor, Refusal> {
         match self.sessions.get_mut(&sid).and_then(|s| s.exec.as_mut()) {
             Some(e) => Ok(e.as_mut()),
             None => err(Status::DeviceLost, 0),
@@ -208,7 +228,7 @@ impl Worker {
             }
             command => self.in_session(session, command, io),
         };
-        result.unwrap_or_else(|(status, detail)| Response::error(status, detail))
+        result.unwrap_or_else(|r| Response::error(r.status, r.detail))
     }
 
     fn info(&self) -> Response {
@@ -233,7 +253,7 @@ impl Worker {
             return err(Status::LimitExceeded, self.limits.max_sessions);
         }
         let mut exec = self.new_executor()?;
-        let stream = exec.open_stream().map_err(|e| (e.status, e.detail))?;
+        let stream = exec.open_stream().map_err(Refusal::from)?;
         let id = self.new_id();
         self.sessions.insert(
             id,
@@ -270,9 +290,12 @@ impl Worker {
     }
 
     fn in_session(&mut self, id: u64, command: Command, io: Option<GuestIo>) -> Reply {
-        let session = self.sessions.get(&id).ok_or((Status::InvalidSession, 0))?;
-        if let Some((status, detail)) = session.sticky {
-            return err(status, detail);
+        let session = self
+            .sessions
+            .get(&id)
+            .ok_or(Refusal::new(Status::InvalidSession, 0))?;
+        if let Some(sticky) = session.sticky {
+            return Err(sticky);
         }
         // Poisoned since the last request (a worker process that died while idle).
         if session.exec.as_ref().is_some_and(|e| e.poisoned()) {
@@ -280,10 +303,10 @@ impl Worker {
             return err(Status::DeviceLost, 0);
         }
         let result = self.dispatch(id, command, io);
-        if let Err((status, detail)) = result {
+        if let Err(Refusal { status, detail }) = result {
             if matches!(status, Status::LaunchFailed | Status::DeviceLost) {
                 if let Some(s) = self.sessions.get_mut(&id) {
-                    s.sticky = Some((status, detail));
+                    s.sticky = Some(Refusal::new(status, detail));
                 }
             }
         }
@@ -308,7 +331,7 @@ impl Worker {
         );
         s.exec = None;
         if s.sticky.is_none() {
-            s.sticky = Some((Status::DeviceLost, 0));
+            s.sticky = Some(Refusal::new(Status::DeviceLost, 0));
         }
         for b in s.buffers.values() {
             self.usage.mem_used -= b.size;
@@ -323,18 +346,18 @@ impl Worker {
         self.usage.restarts += 1;
     }
 
-    fn buffer(&self, session: u64, handle: u64) -> Result<&Buffer, (Status, u32)> {
+    fn buffer(&self, session: u64, handle: u64) -> Result<&Buffer, Refusal> {
         self.sessions[&session]
             .buffers
             .get(&handle)
-            .ok_or((Status::InvalidHandle, 0))
+            .ok_or(Refusal::new(Status::InvalidHandle, 0))
     }
 
     fn dispatch(&mut self, sid: u64, command: Command, io: Option<GuestIo>) -> Reply {
         let stream = self.sessions[&sid].stream;
         let exec_err = |e: ExecError| {
             log::debug!("executor: {e}");
-            (e.status, e.detail)
+            Refusal::from(e)
         };
         match command {
             Command::Alloc { size } => {
@@ -372,7 +395,7 @@ impl Worker {
                     .expect("checked")
                     .buffers
                     .remove(&handle)
-                    .ok_or((Status::InvalidHandle, 0))?;
+                    .ok_or(Refusal::new(Status::InvalidHandle, 0))?;
                 self.usage.mem_used -= b.size;
                 self.usage.allocations -= 1;
                 self.exec(sid)?.free(b.id);
@@ -410,7 +433,7 @@ impl Worker {
                     let placed = u32::try_from(len)
                         .ok()
                         .filter(|_| len <= sink.capacity())
-                        .ok_or((Status::BufferTooSmall, 0))?;
+                        .ok_or(Refusal::new(Status::BufferTooSmall, 0))?;
                     let host = sink
                         .guest_ranges()
                         .and_then(|ranges| self.sessions[&sid].locate(&trim_ranges(&ranges, len)));
@@ -429,7 +452,7 @@ impl Worker {
                 // the same: the host may have less than the budgets add up to.
                 let mut out = Vec::new();
                 out.try_reserve_exact(len as usize)
-                    .map_err(|_| (Status::OutOfMemory, 0))?;
+                    .map_err(|_| Refusal::new(Status::OutOfMemory, 0))?;
                 out.resize(len as usize, 0);
                 self.exec(sid)?
                     .dtoh(stream, id, offset, &mut out)
@@ -490,7 +513,7 @@ impl Worker {
                     .expect("checked")
                     .modules
                     .remove(&module)
-                    .ok_or((Status::InvalidHandle, 0))?;
+                    .ok_or(Refusal::new(Status::InvalidHandle, 0))?;
                 self.usage.modules -= 1;
                 self.exec(sid)?.unload_module(m);
                 Ok(Response::ok())
@@ -505,7 +528,10 @@ impl Worker {
             }
             Command::HostUnregister { id } => {
                 let s = self.sessions.get_mut(&sid).expect("checked");
-                let len = s.host_bufs.remove(&id).ok_or((Status::InvalidHandle, 0))?;
+                let len = s
+                    .host_bufs
+                    .remove(&id)
+                    .ok_or(Refusal::new(Status::InvalidHandle, 0))?;
                 s.host_chunks.retain(|_, c| c.id != id);
                 self.usage.host_bytes -= len;
                 self.exec(sid)?.unregister_host(id);
@@ -566,7 +592,7 @@ impl Worker {
         }
         self.exec(sid)?
             .register_host(id, mapping)
-            .map_err(|e| (e.status, e.detail))?;
+            .map_err(Refusal::from)?;
         let s = self.sessions.get_mut(&sid).expect("checked");
         let mut offset = 0;
         for c in chunks {
@@ -586,13 +612,7 @@ impl Worker {
     }
 
     /// Checks that `[offset, offset + len)` lies inside the session's buffer `handle`.
-    fn range(
-        &self,
-        sid: u64,
-        handle: u64,
-        offset: u64,
-        len: u64,
-    ) -> Result<BufferId, (Status, u32)> {
+    fn range(&self, sid: u64, handle: u64, offset: u64, len: u64) -> Result<BufferId, Refusal> {
         let b = self.buffer(sid, handle)?;
         match offset.checked_add(len) {
             Some(end) if end <= b.size => Ok(b.id),
@@ -616,20 +636,21 @@ impl Worker {
                     session
                         .buffers
                         .get(h)
-                        .ok_or((Status::InvalidHandle, i as u32))?
+                        .ok_or(Refusal::new(Status::InvalidHandle, i as u32))?
                         .id,
                 ),
             });
         }
         let kernel = if launch.module == BUILTIN_MODULE {
-            let spec = vgpu_kernels::find(&launch.kernel).ok_or((Status::KernelNotFound, 0))?;
+            let spec = vgpu_kernels::find(&launch.kernel)
+                .ok_or(Refusal::new(Status::KernelNotFound, 0))?;
             check_builtin(spec, &launch.params, &params, &shape, &*session)?;
             KernelRef::Builtin(spec)
         } else {
             let m = *session
                 .modules
                 .get(&launch.module)
-                .ok_or((Status::InvalidHandle, 0))?;
+                .ok_or(Refusal::new(Status::InvalidHandle, 0))?;
             KernelRef::Module(m, &launch.kernel)
         };
         let exec = match session.exec.as_mut() {
@@ -637,7 +658,7 @@ impl Worker {
             None => return err(Status::DeviceLost, 0),
         };
         exec.launch(stream, kernel, &shape, &params)
-            .map_err(|e| (e.status, e.detail))?;
+            .map_err(Refusal::from)?;
         Ok(Response::ok())
     }
 
@@ -687,7 +708,7 @@ fn trim_ranges(ranges: &[(u64, u64)], mut len: u64) -> Vec<(u64, u64)> {
 }
 
 /// The launch limits every CUDA device of compute capability >= 3.0 shares.
-fn check_shape(s: &LaunchShape) -> Result<(), (Status, u32)> {
+fn check_shape(s: &LaunchShape) -> Result<(), Refusal> {
     let [gx, gy, gz] = s.grid;
     let [bx, by, bz] = s.block;
     let grid_ok = gx >= 1 && gy >= 1 && gz >= 1 && gx < (1 << 31) && gy <= 65535 && gz <= 65535;
@@ -710,13 +731,13 @@ fn check_builtin(
     params: &[ExecParam],
     shape: &LaunchShape,
     session: &Session,
-) -> Result<(), (Status, u32)> {
+) -> Result<(), Refusal> {
     if raw.len() != spec.params.len() {
         return err(Status::InvalidArgument, raw.len() as u32);
     }
     let mut args = Vec::with_capacity(raw.len());
     for (i, (kind, p)) in spec.params.iter().zip(params).enumerate() {
-        let bad = (Status::InvalidArgument, i as u32);
+        let bad = Refusal::new(Status::InvalidArgument, i as u32);
         args.push(match (kind, p) {
             (ParamKind::Buffer, ExecParam::Buffer(id)) => vgpu_kernels::Arg::Buffer(id.0),
             (ParamKind::U32, ExecParam::Value(v)) => vgpu_kernels::Arg::U32(u32::from_le_bytes(
@@ -731,10 +752,16 @@ fn check_builtin(
     let sizes: HashMap<u64, u64> = session.buffers.values().map(|b| (b.id.0, b.size)).collect();
     spec.validate(&args, shape, &|id| sizes.get(&id).copied())
         .map_err(|e| match e {
-            KernelError::BufferTooSmall { index, .. } => (Status::OutOfRange, index as u32),
-            KernelError::UnknownBuffer { index } => (Status::InvalidHandle, index as u32),
-            KernelError::UnknownKernel => (Status::KernelNotFound, 0),
-            KernelError::ParamKind { index, .. } => (Status::InvalidArgument, index as u32),
-            _ => (Status::InvalidArgument, 0),
+            KernelError::BufferTooSmall { index, .. } => {
+                Refusal::new(Status::OutOfRange, index as u32)
+            }
+            KernelError::UnknownBuffer { index } => {
+                Refusal::new(Status::InvalidHandle, index as u32)
+            }
+            KernelError::UnknownKernel => Refusal::new(Status::KernelNotFound, 0),
+            KernelError::ParamKind { index, .. } => {
+                Refusal::new(Status::InvalidArgument, index as u32)
+            }
+            _ => Refusal::new(Status::InvalidArgument, 0),
         })
 }
