@@ -5,7 +5,10 @@
  * Each device gets a char device /dev/vgpuN; each open file is one session on the host.
  * VGPU_IOC_SUBMIT sends one request over the "requests" virtqueue as one descriptor
  * chain: [header] [device-readable user memory] [device-writable user memory]
- * [response]. User memory is pinned and handed to the device in place. mmap gives
+ * [response]. User memory is pinned and handed to the device in place.
+ * VGPU_IOC_SUBMIT_ASYNC queues a LAUNCH, MEMSET, DTOD or HTOD from a kernel copy of its
+ * bytes and returns at once; the first failure among them is reported by the file's
+ * next VGPU_IOC_SUBMIT. mmap gives
  * zeroed, physically contiguous host buffers so that large copies need few descriptors;
  * each is registered with the device (HOST_REGISTER), which may then copy straight
  * between its pages and the GPU, and unregistered before its pages are freed.
@@ -18,6 +21,7 @@
 #include <linux/fs.h>
 #include <linux/idr.h>
 #include <linux/kref.h>
+#include <linux/llist.h>
 #include <linux/mm.h>
 #include <linux/module.h>
 #include <linux/rwsem.h>
@@ -82,6 +86,14 @@ static DEFINE_IDA(vgpu_ida);
 /* Frees requests abandoned by killed callers and finishes interrupted session closes. */
 static struct workqueue_struct *vgpu_wq;
 
+/* Async requests the device is done with; vgpu_async_free_work frees them. */
+static LLIST_HEAD(vgpu_async_done);
+static void vgpu_async_free_fn(struct work_struct *work);
+static DECLARE_WORK(vgpu_async_free_work, vgpu_async_free_fn);
+
+/* Most in_segs one VGPU_IOC_SUBMIT_ASYNC may have. */
+#define VGPU_ASYNC_MAX_SEGS		64
+
 struct vgpu_device {
 	struct device dev;		/* /sys/class/vgpu/vgpuN; its refcount owns this */
 	struct cdev cdev;
@@ -128,11 +140,14 @@ struct vgpu_request {
 
 	unsigned int nr_pinned;
 	struct vgpu_pinned *pinned;
-	/* HOST_REGISTER: the chunk list (kvmalloc'd) and the table that places it. */
+	/* HOST_REGISTER, async requests: the payload (kvmalloc'd) and its table. */
 	void *payload;
 	struct sg_table payload_sgt;
 	/* HOST_REGISTER / HOST_UNREGISTER: the buffer they are about. */
 	struct vgpu_hostbuf *hb;
+	/* VGPU_IOC_SUBMIT_ASYNC: the file it counts against (holds a reference). */
+	struct vgpu_file *async_vf;
+	struct llist_node free_node;	/* on vgpu_async_done once returned */
 	struct scatterlist **sgs;
 	struct scatterlist hdr_sg;
 	struct scatterlist resp_sg;
@@ -142,11 +157,21 @@ struct vgpu_request {
 };
 
 struct vgpu_file {
+	/* The open file's, plus one per async request until it is freed. */
+	struct kref ref;
 	struct vgpu_device *vg;		/* holds a reference */
 	unsigned int epoch;
 	u64 session;
 	atomic64_t hostbuf_ids;		/* last host buffer id handed out */
 	bool hostreg_unsupported;	/* the device cannot register: stop asking */
+
+	/* VGPU_IOC_SUBMIT_ASYNC */
+	atomic_t async_inflight;	/* queued and not returned yet */
+	wait_queue_head_t async_wq;	/* woken whenever one returns */
+	spinlock_t async_lock;		/* the three below; taken inside vq_lock */
+	bool async_failed;		/* async_error waits for the next VGPU_IOC_SUBMIT */
+	u16 async_opcode;		/* of the failed request */
+	u8 async_error[VGPU_RESPONSE_HEADER_SIZE];
 };
 
 /*
@@ -223,6 +248,31 @@ static void vgpu_request_free(struct vgpu_request *req)
 	put_device(&vg->dev);
 }
 
+/* Lays a kernel buffer from kmalloc or vmalloc out in @sgt. */
+static int vgpu_kbuf_sg(struct sg_table *sgt, void *buf, size_t len)
+{
+	unsigned int npages, i;
+	struct page **pages;
+	int err;
+
+	if (!is_vmalloc_addr(buf)) {
+		err = sg_alloc_table(sgt, 1, GFP_KERNEL);
+		if (!err)
+			sg_set_buf(sgt->sgl, buf, len);
+		return err;
+	}
+	/* kvmalloc's vmalloc memory starts on a page. */
+	npages = DIV_ROUND_UP(len, PAGE_SIZE);
+	pages = kvmalloc_array(npages, sizeof(*pages), GFP_KERNEL);
+	if (!pages)
+		return -ENOMEM;
+	for (i = 0; i < npages; i++)
+		pages[i] = vmalloc_to_page(buf + ((size_t)i << PAGE_SHIFT));
+	err = sg_alloc_table_from_pages(sgt, pages, npages, 0, len, GFP_KERNEL);
+	kvfree(pages);
+	return err;
+}
+
 static void vgpu_fill_header(struct vgpu_request *req, u16 opcode, u64 session)
 {
 	put_unaligned_le32(VGPU_REQUEST_MAGIC, req->header + VGPU_HDR_MAGIC);
@@ -268,6 +318,62 @@ static void vgpu_reap_fn(struct work_struct *work)
 	vgpu_request_free(req);
 }
 
+static void vgpu_file_free(struct kref *ref)
+{
+	struct vgpu_file *vf = container_of(ref, struct vgpu_file, ref);
+
+	put_device(&vf->vg->dev);
+	kfree(vf);
+}
+
+/* Frees the async requests the device gave back (freeing may sleep: not under vq_lock). */
+static void vgpu_async_free_fn(struct work_struct *work)
+{
+	struct llist_node *done = llist_del_all(&vgpu_async_done);
+	struct vgpu_request *req, *tmp;
+
+	llist_for_each_entry_safe(req, tmp, done, free_node) {
+		struct vgpu_file *vf = req->async_vf;
+
+		vgpu_request_free(req);
+		kref_put(&vf->ref, vgpu_file_free);
+	}
+}
+
+/*
+ * An async request came back, or teardown failed it (-ENODEV: the session is gone and
+ * every later submit of the file says so). Called under vq_lock, in the interrupt or in
+ * teardown: keeps the file's first failure for its next VGPU_IOC_SUBMIT, gives the
+ * request's slot back and leaves the freeing to a worker.
+ */
+static void vgpu_async_finish(struct vgpu_request *req)
+{
+	struct vgpu_file *vf = req->async_vf;
+	u32 status = VGPU_STATUS_OK;
+
+	if (!req->error) {
+		if (req->used_len < VGPU_RESPONSE_HEADER_SIZE) {
+			/* Returned without an answer: its outcome is unknown. */
+			memset(req->response, 0, sizeof(req->response));
+			put_unaligned_le32(VGPU_STATUS_INTERNAL, req->response + VGPU_RESP_STATUS);
+		}
+		status = get_unaligned_le32(req->response + VGPU_RESP_STATUS);
+	}
+	if (status != VGPU_STATUS_OK) {
+		spin_lock(&vf->async_lock);
+		if (!vf->async_failed) {
+			vf->async_failed = true;
+			vf->async_opcode = get_unaligned_le16(req->header + VGPU_HDR_OPCODE);
+			memcpy(vf->async_error, req->response, sizeof(vf->async_error));
+		}
+		spin_unlock(&vf->async_lock);
+	}
+	atomic_dec(&vf->async_inflight);
+	wake_up(&vf->async_wq);
+	if (llist_add(&req->free_node, &vgpu_async_done))
+		queue_work(vgpu_wq, &vgpu_async_free_work);
+}
+
 /* The device is done with @req (or will never touch it again). Called under vq_lock. */
 static void vgpu_finish_locked(struct vgpu_device *vg, struct vgpu_request *req, int error,
 			       unsigned int len)
@@ -276,7 +382,9 @@ static void vgpu_finish_locked(struct vgpu_device *vg, struct vgpu_request *req,
 	req->error = error;
 	req->used_len = len;
 	req->returned = true;
-	if (req->abandoned) {
+	if (req->async_vf) {
+		vgpu_async_finish(req);
+	} else if (req->abandoned) {
 		INIT_WORK(&req->work, vgpu_reap_fn);
 		queue_work(vgpu_wq, &req->work);
 	} else {
@@ -303,23 +411,18 @@ static void vgpu_vq_done(struct virtqueue *vq)
 }
 
 /*
- * Queues @req and waits until the device returns it. On success, or on an error with
- * *abandoned false, the caller still owns @req and frees it. With *abandoned true the
- * caller was killed while the device holds the request: the completion path frees it,
- * because the device may still write the pinned pages.
- *
- * Waits are killable only: an ordinary signal must not make a request's outcome unknown
- * (a restarted ALLOC or LAUNCH would run twice).
+ * Puts @req in the ring and notifies the device, waiting (killable) while the ring is
+ * full. Once it returns 0 the device holds the request and only vgpu_finish_locked
+ * hands it back: an async request may be freed before this returns.
  */
-static int vgpu_execute(struct vgpu_device *vg, struct vgpu_request *req, unsigned int nout,
-			unsigned int nin, bool *abandoned)
+static int vgpu_queue(struct vgpu_device *vg, struct vgpu_request *req, unsigned int nout,
+		      unsigned int nin)
 {
 	struct virtqueue *vq = NULL;
 	unsigned long gen = 0;
 	bool kick = false;
 	int err;
 
-	*abandoned = false;
 	for (;;) {
 		down_read(&vg->notify_sem);
 		spin_lock_irq(&vg->vq_lock);
@@ -347,6 +450,25 @@ static int vgpu_execute(struct vgpu_device *vg, struct vgpu_request *req, unsign
 	}
 	if (err == -EIO)	/* broken virtqueue */
 		err = -ENODEV;
+	return err;
+}
+
+/*
+ * Queues @req and waits until the device returns it. On success, or on an error with
+ * *abandoned false, the caller still owns @req and frees it. With *abandoned true the
+ * caller was killed while the device holds the request: the completion path frees it,
+ * because the device may still write the pinned pages.
+ *
+ * Waits are killable only: an ordinary signal must not make a request's outcome unknown
+ * (a restarted ALLOC or LAUNCH would run twice).
+ */
+static int vgpu_execute(struct vgpu_device *vg, struct vgpu_request *req, unsigned int nout,
+			unsigned int nin, bool *abandoned)
+{
+	int err;
+
+	*abandoned = false;
+	err = vgpu_queue(vg, req, nout, nin);
 	if (err)
 		return err;
 
@@ -510,6 +632,30 @@ static long long vgpu_segs_bytes(const struct vgpu_seg *segs, unsigned int n)
 	return total;
 }
 
+/*
+ * A synchronous request of @vf was answered into @resp: puts the file's first unreported
+ * async failure in its place, and writes VGPU_RESP_FLAGS. The device answers a
+ * session's requests in order, so every async request queued before this one has come
+ * back by now.
+ */
+static void vgpu_report_async_error(struct vgpu_file *vf, u8 *resp)
+{
+	u32 flags = 0;
+
+	spin_lock_irq(&vf->async_lock);
+	if (vf->async_failed) {
+		u32 own = get_unaligned_le32(resp + VGPU_RESP_STATUS);
+
+		flags = VGPU_RESP_F_ASYNC_ERROR | min_t(u32, own, 0xff) << 8 |
+			(u32)vf->async_opcode << 16;
+		memcpy(resp + VGPU_RESP_STATUS, vf->async_error + VGPU_RESP_STATUS, 4);
+		memcpy(resp + VGPU_RESP_DETAIL, vf->async_error + VGPU_RESP_DETAIL, 4);
+		vf->async_failed = false;
+	}
+	spin_unlock_irq(&vf->async_lock);
+	put_unaligned_le32(flags, resp + VGPU_RESP_FLAGS);
+}
+
 static long vgpu_ioctl_submit(struct vgpu_file *vf, void __user *argp)
 {
 	struct vgpu_device *vg = vf->vg;
@@ -614,6 +760,7 @@ static long vgpu_ioctl_submit(struct vgpu_file *vf, void __user *argp)
 		err = -EIO;
 		goto out;
 	}
+	vgpu_report_async_error(vf, req->response);
 	if (copy_to_user(u64_to_user_ptr(sub.response), req->response, sizeof(req->response)))
 		err = -EFAULT;
 
@@ -621,6 +768,124 @@ out:
 	kvfree(segs);
 	if (req)
 		vgpu_request_free(req);
+	return err;
+}
+
+/* The operations whose answer is only a status, which may be queued without waiting. */
+static bool vgpu_async_opcode(u16 opcode)
+{
+	return opcode == VGPU_OP_LAUNCH || opcode == VGPU_OP_MEMSET ||
+	       opcode == VGPU_OP_DTOD || opcode == VGPU_OP_HTOD;
+}
+
+/* Copies the readable segments into one kernel buffer and places it in the chain. */
+static int vgpu_async_copy_payload(struct vgpu_request *req, const struct vgpu_seg *segs,
+				   unsigned int nsegs, size_t bytes)
+{
+	size_t pos = 0;
+	unsigned int i;
+
+	req->payload = kvmalloc(bytes, GFP_KERNEL_ACCOUNT);
+	if (!req->payload)
+		return -ENOMEM;
+	for (i = 0; i < nsegs; i++) {
+		if (copy_from_user(req->payload + pos, u64_to_user_ptr(segs[i].addr), segs[i].len))
+			return -EFAULT;
+		pos += segs[i].len;
+	}
+	return vgpu_kbuf_sg(&req->payload_sgt, req->payload, bytes);
+}
+
+/*
+ * VGPU_IOC_SUBMIT_ASYNC: queues a copy of the request and returns. The completion path
+ * (vgpu_async_finish) keeps a failure for the next VGPU_IOC_SUBMIT and frees the
+ * request; nothing here waits for the device to answer.
+ */
+static long vgpu_ioctl_submit_async(struct vgpu_file *vf, void __user *argp)
+{
+	struct vgpu_device *vg = vf->vg;
+	struct vgpu_seg *segs = NULL;
+	struct vgpu_request *req;
+	struct vgpu_submit sub;
+	unsigned int nout = 1;
+	long long bytes;
+	long err;
+
+	if (copy_from_user(&sub, argp, sizeof(sub)))
+		return -EFAULT;
+	if (sub.num_out)
+		return -EINVAL;
+	if (sub.num_in > VGPU_ASYNC_MAX_SEGS)
+		return -E2BIG;
+
+	/* Header, payload, response. */
+	req = vgpu_request_alloc(vg, 1, GFP_KERNEL);
+	if (!req)
+		return -ENOMEM;
+	req->epoch = vf->epoch;
+	if (copy_from_user(req->header, u64_to_user_ptr(sub.header), sizeof(req->header))) {
+		err = -EFAULT;
+		goto out;
+	}
+	if (!vgpu_async_opcode(get_unaligned_le16(req->header + VGPU_HDR_OPCODE))) {
+		err = -EINVAL;
+		goto out;
+	}
+	put_unaligned_le64(vf->session, req->header + VGPU_HDR_SESSION);
+
+	if (sub.num_in) {
+		segs = kmalloc_array(sub.num_in, sizeof(*segs), GFP_KERNEL);
+		if (!segs) {
+			err = -ENOMEM;
+			goto out;
+		}
+		if (copy_from_user(segs, u64_to_user_ptr(sub.in_segs),
+				   array_size(sub.num_in, sizeof(*segs)))) {
+			err = -EFAULT;
+			goto out;
+		}
+	}
+	bytes = vgpu_segs_bytes(segs, sub.num_in);
+	if (bytes < 0) {
+		err = bytes;
+		goto out;
+	}
+	if (bytes > VGPU_ASYNC_MAX_BYTES) {
+		err = -E2BIG;
+		goto out;
+	}
+	req->sgs[0] = &req->hdr_sg;
+	if (bytes) {
+		err = vgpu_async_copy_payload(req, segs, sub.num_in, bytes);
+		if (err)
+			goto out;
+		req->sgs[nout++] = req->payload_sgt.sgl;
+	}
+	req->sgs[nout] = &req->resp_sg;
+
+	/* A slot of the file's VGPU_ASYNC_MAX_INFLIGHT; every return frees one and wakes. */
+	if (wait_event_interruptible(vf->async_wq,
+				     atomic_add_unless(&vf->async_inflight, 1,
+						       VGPU_ASYNC_MAX_INFLIGHT))) {
+		err = -ERESTARTSYS;
+		goto out;
+	}
+	kref_get(&vf->ref);
+	req->async_vf = vf;
+	err = vgpu_queue(vg, req, nout, 1);
+	if (!err) {
+		/* The completion path owns the request now. */
+		kvfree(segs);
+		return 0;
+	}
+	req->async_vf = NULL;
+	kref_put(&vf->ref, vgpu_file_free);	/* not the last: the file holds one */
+	atomic_dec(&vf->async_inflight);
+	wake_up(&vf->async_wq);
+
+out:
+	kvfree(segs);
+	vgpu_request_free(req);
 	return err;
 }
 
@@ -665,7 +930,11 @@ static int vgpu_open(struct inode *inode, struct file *file)
 	vf = kzalloc(sizeof(*vf), GFP_KERNEL);
 	if (!vf)
 		return -ENOMEM;
+	kref_init(&vf->ref);
 	vf->vg = vg;
+	atomic_set(&vf->async_inflight, 0);
+	init_waitqueue_head(&vf->async_wq);
+	spin_lock_init(&vf->async_lock);
 	get_device(&vg->dev);
 	err = vgpu_session_open(vg, vf);
 	if (err) {
@@ -683,10 +952,14 @@ static int vgpu_release(struct inode *inode, struct file *file)
 	struct vgpu_file *vf = file->private_data;
 	struct vgpu_device *vg = vf->vg;
 
+	/*
+	 * Async requests still in the device come before the close in the ring. They hold
+	 * @vf (and the device) until they come back or a reset or removal fails them, so
+	 * nothing here waits for them.
+	 */
 	vgpu_session_close(vg, vf);
 	atomic_dec(&vg->sessions);
-	put_device(&vg->dev);
-	kfree(vf);
+	kref_put(&vf->ref, vgpu_file_free);
 	return 0;
 }
 
@@ -698,6 +971,8 @@ static long vgpu_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 	switch (cmd) {
 	case VGPU_IOC_SUBMIT:
 		return vgpu_ioctl_submit(vf, argp);
+	case VGPU_IOC_SUBMIT_ASYNC:
+		return vgpu_ioctl_submit_async(vf, argp);
 	case VGPU_IOC_INFO:
 		return vgpu_ioctl_info(vf->vg, argp);
 	case VGPU_IOC_SESSION:
@@ -786,31 +1061,6 @@ static void vgpu_host_register_reaped(struct vgpu_request *req)
 	hb->registered = vgpu_host_register_result(req, req->error);
 	vgpu_request_free(req);
 	kref_put(&hb->ref, vgpu_hostbuf_release);
-}
-
-/* Lays a kernel buffer from kmalloc or vmalloc out in @sgt. */
-static int vgpu_kbuf_sg(struct sg_table *sgt, void *buf, size_t len)
-{
-	unsigned int npages, i;
-	struct page **pages;
-	int err;
-
-	if (!is_vmalloc_addr(buf)) {
-		err = sg_alloc_table(sgt, 1, GFP_KERNEL);
-		if (!err)
-			sg_set_buf(sgt->sgl, buf, len);
-		return err;
-	}
-	/* kvmalloc's vmalloc memory starts on a page. */
-	npages = DIV_ROUND_UP(len, PAGE_SIZE);
-	pages = kvmalloc_array(npages, sizeof(*pages), GFP_KERNEL);
-	if (!pages)
-		return -ENOMEM;
-	for (i = 0; i < npages; i++)
-		pages[i] = vmalloc_to_page(buf + ((size_t)i << PAGE_SHIFT));
-	err = sg_alloc_table_from_pages(sgt, pages, npages, 0, len, GFP_KERNEL);
-	kvfree(pages);
-	return err;
 }
 
 /*

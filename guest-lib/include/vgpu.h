@@ -8,8 +8,12 @@
  * modules are its own and are freed when it closes. Every call returns a vgpu_status:
  * the device's status codes (VGPU_OK = 0 and the protocol's errors) or one of the
  * library's own (VGPU_ERROR_*). vgpu_last_error() describes the calling thread's last
- * failure. Launches, memsets and host-to-device copies are accepted asynchronously:
- * vgpu_sync() reports a failure that happened later, and every call after it does too.
+ * failure. Launches and host-to-device copies of at most 64 KiB are queued without
+ * waiting for the device: a failure among them (a bad handle, an unknown kernel) or
+ * one later on the device is the status of the session's next synchronous call
+ * (vgpu_sync, vgpu_dtoh, vgpu_alloc...); a sticky failure (VGPU_LAUNCH_FAILED) is
+ * reported by every call after it too. VGPU_SYNC_SUBMIT=1 in the environment makes
+ * every call wait for the device, so a failure is the failing call's own status.
  * A session may be used from several threads at once.
  */
 #ifndef VGPU_H

@@ -43,6 +43,7 @@
 #define VGPU_RESP_VALUE0		8	/* u64 */
 #define VGPU_RESP_VALUE1		16	/* u64 */
 #define VGPU_RESP_WRITTEN		24	/* u32 */
+#define VGPU_RESP_FLAGS			28	/* u32, from the driver: VGPU_RESP_F_* */
 
 /* Config space field offsets. */
 #define VGPU_CFG_MAGIC			0	/* u32 */
@@ -115,10 +116,12 @@ struct vgpu_seg {
  * request) and VGPU_MAX_PINNED_BYTES of user memory.
  *
  * Returns 0 once the device has answered: the response header (whatever its status)
- * is in *response. Errors: EINVAL (an opcode only the driver sends: SESSION_OPEN,
- * SESSION_CLOSE, HOST_REGISTER, HOST_UNREGISTER; a bad segment),
- * EFAULT, E2BIG, ENOMEM, ENODEV (device removed or reset: reopen), EIO (the device
- * returned the chain without an answer), EINTR (fatal signal).
+ * is in *response; it may carry the failure of an earlier async request instead of
+ * this request's status (VGPU_RESP_FLAGS, see VGPU_IOC_SUBMIT_ASYNC). Errors: EINVAL
+ * (an opcode only the driver sends: SESSION_OPEN, SESSION_CLOSE, HOST_REGISTER,
+ * HOST_UNREGISTER; a bad segment), EFAULT, E2BIG, ENOMEM, ENODEV (device removed or
+ * reset: reopen), EIO (the device returned the chain without an answer), EINTR (fatal
+ * signal).
  */
 struct vgpu_submit {
 	__u64 header;		/* user pointer to VGPU_REQUEST_HEADER_SIZE bytes */
@@ -128,6 +131,41 @@ struct vgpu_submit {
 	__u32 num_in;
 	__u32 num_out;
 };
+
+/*
+ * VGPU_IOC_SUBMIT_ASYNC: the same request, queued without waiting for the device, for
+ * LAUNCH, MEMSET, DTOD and HTOD only (any other opcode, or any out_segs: EINVAL). The
+ * driver copies the header and the in_segs bytes (at most VGPU_ASYNC_MAX_BYTES in all,
+ * else E2BIG: send it with VGPU_IOC_SUBMIT), so the caller may reuse them at once;
+ * response is not used. Returns 0 once the request is queued.
+ *
+ * At most VGPU_ASYNC_MAX_INFLIGHT async requests of one open file are in flight; the
+ * next waits for one to return (a signal interrupts that wait: EINTR or a restart).
+ * An async request answered with a status other than OK is kept (the first one; later
+ * ones are dropped until it is reported) and reported by the file's next
+ * VGPU_IOC_SUBMIT, which then answers with VGPU_RESP_F_ASYNC_ERROR set (below). The
+ * device answers a session's requests in order, so a VGPU_IOC_SUBMIT (SYNC, say) sees
+ * the failures of every async request queued before it.
+ *
+ * Errors: EINVAL, EFAULT, E2BIG, ENOMEM, ENODEV (device removed or reset), EINTR.
+ * A driver without async submission answers ENOTTY.
+ */
+#define VGPU_ASYNC_MAX_BYTES		65536	/* 64 KiB */
+#define VGPU_ASYNC_MAX_INFLIGHT		256
+
+/*
+ * The response's VGPU_RESP_FLAGS (the protocol's reserved field; the driver writes it,
+ * 0 but for this):
+ *   VGPU_RESP_F_ASYNC_ERROR  status and detail are those of an earlier async request
+ *                            of the file that failed, whose opcode is
+ *                            VGPU_RESP_ASYNC_OPCODE(flags). This request ran all the
+ *                            same: its own status is VGPU_RESP_OWN_STATUS(flags) and
+ *                            value0, value1 and written are its own (an ALLOC's buffer
+ *                            exists: free it).
+ */
+#define VGPU_RESP_F_ASYNC_ERROR		1
+#define VGPU_RESP_OWN_STATUS(flags)	(((flags) >> 8) & 0xffu)
+#define VGPU_RESP_ASYNC_OPCODE(flags)	(((flags) >> 16) & 0xffffu)
 
 /* VGPU_IOC_INFO: the device's config space and the queue's size. */
 struct vgpu_info {
@@ -143,6 +181,7 @@ struct vgpu_info {
 #define VGPU_IOC_SUBMIT			_IOWR(VGPU_IOC_MAGIC, 1, struct vgpu_submit)
 #define VGPU_IOC_INFO			_IOR(VGPU_IOC_MAGIC, 2, struct vgpu_info)
 #define VGPU_IOC_SESSION		_IOR(VGPU_IOC_MAGIC, 3, __u64)
+#define VGPU_IOC_SUBMIT_ASYNC		_IOW(VGPU_IOC_MAGIC, 4, struct vgpu_submit)
 
 /*
  * mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) returns a zeroed host

@@ -607,7 +607,7 @@ mod tests {
     use vgpu_protocol::{Opcode, CONFIG_SIZE, REQUEST_HEADER_SIZE, RESPONSE_HEADER_SIZE};
 
     use super::*;
-    use crate::fake::{FakeDevice, NAME};
+    use crate::fake::{AsyncDriver, FakeDevice, NAME};
 
     const VGPU_H: &str = include_str!("../include/vgpu.h");
     const VGPU_IOCTL_H: &str = include_str!("../include/vgpu_ioctl.h");
@@ -711,15 +711,50 @@ mod tests {
         assert_eq!(get("CONFIG_SIZE"), CONFIG_SIZE);
         assert_eq!(get("HDR_SESSION"), 16);
         assert_eq!(get("HDR_OPCODE"), 6);
+        assert_eq!(get("RESP_FLAGS"), 28);
+        assert_eq!(get("RESP_F_ASYNC_ERROR"), 1);
+        assert_eq!(get("ASYNC_MAX_BYTES"), crate::ASYNC_MAX_BYTES);
+        assert_eq!(get("ASYNC_MAX_INFLIGHT"), 256);
     }
 
     fn open_fake(dev: &std::sync::Arc<FakeDevice>) -> *mut vgpu_session {
+        wrap(dev.session())
+    }
+
+    fn wrap(session: Session) -> *mut vgpu_session {
         Box::into_raw(Box::new(vgpu_session {
-            session: dev.session(),
+            session,
             buffers: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
             hosts: Mutex::new(HashMap::new()),
         }))
+    }
+
+    #[test]
+    fn a_queued_launch_fails_at_vgpu_sync() {
+        let dev = FakeDevice::new();
+        let driver = AsyncDriver::new(dev.transport());
+        let s = wrap(Session::from_transport(Box::new(driver)));
+        let dims = [1u32, 1, 1];
+        // SAFETY (whole test): a live session and valid pointers throughout.
+        unsafe {
+            let launch = vgpu_launch_builtin(
+                s,
+                c"no_such_kernel".as_ptr(),
+                dims.as_ptr(),
+                dims.as_ptr(),
+                std::ptr::null(),
+                0,
+            );
+            assert_eq!(launch, 0);
+            assert_eq!(vgpu_sync(s), Status::KernelNotFound as c_int);
+            assert_eq!(
+                last_error(),
+                "LAUNCH: device returned KERNEL_NOT_FOUND (detail 0)"
+            );
+            assert_eq!(vgpu_sync(s), 0);
+            vgpu_close(s);
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! A small in-process device for unit tests: enough of the protocol to check what the
-//! library sends (chunking, argument encoding) and how it maps replies to errors.
+//! library sends (chunking, argument encoding, asynchronous submission) and how it maps
+//! replies to errors.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -10,7 +11,9 @@ use vgpu_protocol::{
 };
 
 use crate::error::{Error, Result};
-use crate::transport::{HostMemory, InProcessTransport, Transport};
+use crate::transport::{
+    opcode_name, AsyncFailure, HostMemory, InProcessTransport, Reply, Transport, ASYNC_MAX_BYTES,
+};
 use crate::Session;
 
 pub const QUOTA: u64 = 64 << 20;
@@ -295,12 +298,102 @@ fn launch(s: &mut FakeSession, l: Launch) -> Result<(), Status> {
     Ok(())
 }
 
+/// Async submission the way the guest driver does it (`VGPU_IOC_SUBMIT_ASYNC`), over a
+/// synchronous transport: an async request runs at once (the fake device answers in
+/// order anyway), a failure is kept (the first; later ones are dropped) and reported
+/// with the next synchronous request, which still runs.
+pub struct AsyncDriver<T> {
+    pub inner: T,
+    failed: Mutex<Option<AsyncFailure>>,
+    /// Like an older driver: every async request goes synchronously.
+    pub unsupported: bool,
+}
+
+impl<T: Transport> AsyncDriver<T> {
+    pub fn new(inner: T) -> AsyncDriver<T> {
+        AsyncDriver {
+            inner,
+            failed: Mutex::default(),
+            unsupported: false,
+        }
+    }
+}
+
+impl<T: Transport> Transport for AsyncDriver<T> {
+    fn submit(
+        &self,
+        header: &[u8; REQUEST_HEADER_SIZE],
+        input: &[&[u8]],
+        output: &mut [&mut [u8]],
+    ) -> Result<ResponseHeader> {
+        let reply = self.submit_reply(header, input, output)?;
+        Ok(match reply.earlier {
+            Some(f) => ResponseHeader {
+                status: f.status,
+                detail: f.detail,
+                ..reply.response
+            },
+            None => reply.response,
+        })
+    }
+
+    fn submit_reply(
+        &self,
+        header: &[u8; REQUEST_HEADER_SIZE],
+        input: &[&[u8]],
+        output: &mut [&mut [u8]],
+    ) -> Result<Reply> {
+        let response = self.inner.submit(header, input, output)?;
+        Ok(Reply {
+            response,
+            earlier: self.failed.lock().unwrap().take(),
+        })
+    }
+
+    fn submit_async(
+        &self,
+        header: &[u8; REQUEST_HEADER_SIZE],
+        input: &[&[u8]],
+    ) -> Result<Option<Reply>> {
+        let op = Header::decode(header).map_err(Error::Protocol)?.op.opcode();
+        if !matches!(
+            op,
+            Opcode::Launch | Opcode::Memset | Opcode::Dtod | Opcode::Htod
+        ) {
+            return Err(Error::invalid(format!("async {}", opcode_name(op))));
+        }
+        let bytes: usize = input.iter().map(|s| s.len()).sum();
+        if self.unsupported || bytes > ASYNC_MAX_BYTES {
+            return self.submit_reply(header, input, &mut []).map(Some);
+        }
+        let r = self.inner.submit(header, input, &mut [])?;
+        if r.status != Status::Ok {
+            self.failed.lock().unwrap().get_or_insert(AsyncFailure {
+                op: opcode_name(op),
+                status: r.status,
+                detail: r.detail,
+            });
+        }
+        Ok(None)
+    }
+
+    fn config(&self) -> Result<DeviceConfig> {
+        self.inner.config()
+    }
+
+    fn host_memory(&self, bytes: usize) -> Result<HostMemory> {
+        self.inner.host_memory(bytes)
+    }
+}
+
 /// What the library put in one chain.
 #[derive(Clone, Debug)]
 pub struct Chain {
     pub header: Header,
     pub input: Vec<usize>,
     pub output: Vec<usize>,
+    /// Sent with [`Transport::submit_async`].
+    pub queued: bool,
 }
 
 impl Chain {
@@ -331,6 +424,31 @@ impl<T: Transport> Recorder<T> {
     }
 }
 
+impl<T: Transport> Recorder<T> {
+    /// Records a chain; refuses a synchronous one over the payload limit.
+    fn record(
+        &self,
+        header: &[u8; REQUEST_HEADER_SIZE],
+        input: &[&[u8]],
+        output: &[&mut [u8]],
+        queued: bool,
+    ) -> Result<()> {
+        let chain = Chain {
+            header: Header::decode(header).map_err(Error::Protocol)?,
+            input: input.iter().map(|s| s.len()).collect(),
+            output: output.iter().map(|s| s.len()).collect(),
+            queued,
+        };
+        let payload: usize = chain.input.iter().chain(&chain.output).sum();
+        if !queued && self.payload_limit.is_some_and(|l| payload > l) {
+            *self.rejected.lock().unwrap() += 1;
+            return Err(Error::ChainTooLong);
+        }
+        self.chains.lock().unwrap().push(chain);
+        Ok(())
+    }
+}
+
 impl<T: Transport> Transport for Recorder<T> {
     fn submit(
         &self,
@@ -338,18 +456,27 @@ impl<T: Transport> Transport for Recorder<T> {
         input: &[&[u8]],
         output: &mut [&mut [u8]],
     ) -> Result<ResponseHeader> {
-        let chain = Chain {
-            header: Header::decode(header).map_err(Error::Protocol)?,
-            input: input.iter().map(|s| s.len()).collect(),
-            output: output.iter().map(|s| s.len()).collect(),
-        };
-        let payload: usize = chain.input.iter().chain(&chain.output).sum();
-        if self.payload_limit.is_some_and(|l| payload > l) {
-            *self.rejected.lock().unwrap() += 1;
-            return Err(Error::ChainTooLong);
-        }
-        self.chains.lock().unwrap().push(chain);
+        self.record(header, input, output, false)?;
         self.inner.submit(header, input, output)
+    }
+
+    fn submit_reply(
+        &self,
+        header: &[u8; REQUEST_HEADER_SIZE],
+        input: &[&[u8]],
+        output: &mut [&mut [u8]],
+    ) -> Result<Reply> {
+        self.record(header, input, output, false)?;
+        self.inner.submit_reply(header, input, output)
+    }
+
+    fn submit_async(
+        &self,
+        header: &[u8; REQUEST_HEADER_SIZE],
+        input: &[&[u8]],
+    ) -> Result<Option<Reply>> {
+        self.record(header, input, &[], true)?;
+        self.inner.submit_async(header, input)
     }
 
     fn config(&self) -> Result<DeviceConfig> {

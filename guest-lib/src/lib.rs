@@ -24,8 +24,11 @@
 //!
 //! A [`Session`] is one open file of the device and one context on the host: its
 //! buffers and modules are its own and are freed when dropped (or, at the latest, when
-//! the session closes). Launches, memsets and host-to-device copies are accepted
-//! asynchronously; [`Session::sync`] reports a failure that happened later.
+//! the session closes). Launches, memsets, device copies and small host-to-device copies
+//! are queued without waiting for the device (many in flight per session); a failure
+//! among them, or one that happened later on the device, is reported by the session's
+//! next synchronous call, such as [`Session::sync`]. `VGPU_SYNC_SUBMIT=1` (or
+//! [`Session::set_sync_submit`]) makes every request wait for its answer.
 //!
 //! Requests travel through a [`Transport`]: [`CharDevTransport`] on a guest, or
 //! [`InProcessTransport`] to drive a device implementation in the same process. The C
@@ -42,7 +45,10 @@ mod fake;
 pub use error::{Error, Result};
 pub use session::{
     BufferArg, Device, DeviceBuffer, HostBuffer, KernelArg, LaunchConfig, Module, Pod, Session,
-    HOST_CHUNK_BYTES, MIN_CHUNK_BYTES, PAGEABLE_CHUNK_BYTES,
+    HOST_CHUNK_BYTES, MIN_CHUNK_BYTES, PAGEABLE_CHUNK_BYTES, SYNC_SUBMIT_ENV,
 };
-pub use transport::{device_path, CharDevTransport, HostMemory, InProcessTransport, Transport};
+pub use transport::{
+    device_path, AsyncFailure, CharDevTransport, HostMemory, InProcessTransport, Reply, Transport,
+    ASYNC_MAX_BYTES,
+};
 pub use vgpu_protocol::{DeviceConfig, ExecutorKind, InfoReply, SelftestKind, Status};

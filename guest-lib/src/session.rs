@@ -3,8 +3,8 @@
 use std::fs;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use log::{debug, trace};
 use vgpu_protocol::{
@@ -15,7 +15,10 @@ use vgpu_protocol::{
 };
 
 use crate::error::{Error, Result};
-use crate::transport::{device_path, opcode_name, CharDevTransport, HostMemory, Transport};
+use crate::transport::{
+    device_path, opcode_name, AsyncFailure, CharDevTransport, HostMemory, Reply, Transport,
+    ASYNC_MAX_BYTES,
+};
 
 /// Size of one copy request from ordinary (pageable) memory. Its pages may be scattered,
 /// so it takes up to 258 descriptors of a chain; the device's queue holds 1024.
@@ -25,6 +28,14 @@ pub const PAGEABLE_CHUNK_BYTES: usize = 1 << 20;
 pub const HOST_CHUNK_BYTES: usize = MAX_TRANSFER_BYTES as usize;
 /// Chunks never shrink below one page when the driver reports a chain too long.
 pub const MIN_CHUNK_BYTES: usize = 4096;
+/// Set to 1, every request of the process's sessions waits for its answer (see
+/// [`Session::set_sync_submit`]).
+pub const SYNC_SUBMIT_ENV: &str = "VGPU_SYNC_SUBMIT";
+
+/// Whether a value of `VGPU_SYNC_SUBMIT` asks for synchronous submission.
+fn sync_submit_requested(value: Option<&str>) -> bool {
+    matches!(value.map(str::trim), Some(v) if !v.is_empty() && v != "0")
+}
 
 /// Plain data that is copied to and from the device as its bytes.
 ///
@@ -110,25 +121,101 @@ struct SessionInner {
     pageable_chunk: AtomicUsize,
     /// The largest payload the device accepts in one request.
     device_limit: OnceLock<usize>,
+    /// Launches, memsets, device copies and small host-to-device copies are queued
+    /// without waiting for their answer.
+    async_submit: AtomicBool,
+    /// An earlier asynchronous failure that arrived with a request that could not
+    /// report it (a free or unload when something drops): the next request reports it.
+    unreported: Mutex<Option<AsyncFailure>>,
 }
 
 impl SessionInner {
-    fn request(&self, op: Op, input: &[&[u8]], output: &mut [&mut [u8]]) -> Result<ResponseHeader> {
+    fn header(&self, op: Op) -> ([u8; REQUEST_HEADER_SIZE], u64) {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
-        let name = opcode_name(op.opcode());
         let header = Header {
             session: 0,
             tag,
             op,
         }
         .encode();
-        let r = self.transport.submit(&header, input, output)?;
+        (header, tag)
+    }
+
+    /// Sends a request and waits for its answer. A failure of an earlier asynchronous
+    /// request that comes with it is the error.
+    fn request(&self, op: Op, input: &[&[u8]], output: &mut [&mut [u8]]) -> Result<ResponseHeader> {
+        let (header, tag) = self.header(op);
+        let reply = self.transport.submit_reply(&header, input, output)?;
+        self.settle(op, tag, reply, true)
+    }
+
+    /// A request without payload whose caller cannot report an earlier asynchronous
+    /// failure (a drop): the next request reports it instead.
+    fn request_quietly(&self, op: Op) -> Result<ResponseHeader> {
+        let (header, tag) = self.header(op);
+        let reply = self.transport.submit_reply(&header, &[], &mut [])?;
+        self.settle(op, tag, reply, false)
+    }
+
+    /// Queues a request whose answer is only a status (LAUNCH, MEMSET, DTOD, an HTOD of
+    /// at most [`ASYNC_MAX_BYTES`]) without waiting for it; a failure is reported by a
+    /// later request. Synchronous when turned off or when the transport cannot queue.
+    fn request_async(&self, op: Op, input: &[&[u8]]) -> Result<()> {
+        if !self.async_submit.load(Ordering::Relaxed) {
+            return self.request(op, input, &mut []).map(drop);
+        }
+        let (header, tag) = self.header(op);
+        match self.transport.submit_async(&header, input)? {
+            None => {
+                trace!("{} tag {tag}: queued", opcode_name(op.opcode()));
+                Ok(())
+            }
+            Some(reply) => self.settle(op, tag, reply, true).map(drop),
+        }
+    }
+
+    /// The outcome of a request that was answered: the oldest unreported asynchronous
+    /// failure when there is one (and `report`), else its own status.
+    fn settle(&self, op: Op, tag: u64, reply: Reply, report: bool) -> Result<ResponseHeader> {
+        let Reply {
+            response: r,
+            earlier,
+        } = reply;
+        let name = opcode_name(op.opcode());
         trace!(
             "{name} tag {tag}: {} detail {} value0 {}",
             r.status,
             r.detail,
             r.value0
         );
+        let failure = {
+            let mut kept = self.unreported.lock().unwrap_or_else(|e| e.into_inner());
+            match (report, kept.take()) {
+                (false, older) => {
+                    *kept = older.or(earlier);
+                    None
+                }
+                (true, Some(older)) => {
+                    *kept = earlier;
+                    Some(older)
+                }
+                (true, None) => earlier,
+            }
+        };
+        if let Some(f) = failure {
+            debug!(
+                "{name} tag {tag} reports an earlier {}: {} (detail {})",
+                f.op, f.status, f.detail
+            );
+            if r.status == Status::Ok {
+                self.undo(op, &r);
+            }
+            return Err(Error::Device {
+                op: f.op,
+                status: f.status,
+                detail: f.detail,
+            });
+        }
         if r.status != Status::Ok {
             return Err(Error::Device {
                 op: name,
@@ -137,6 +224,16 @@ impl SessionInner {
             });
         }
         Ok(r)
+    }
+
+    /// A request ran although its caller gets an earlier failure instead of its result:
+    /// what it made must not outlive the session unseen.
+    fn undo(&self, op: Op, r: &ResponseHeader) {
+        match op {
+            Op::Alloc { .. } => self.free(r.value0),
+            Op::ModuleLoad { .. } => self.unload(r.value0),
+            _ => {}
+        }
     }
 
     fn device_limit(&self) -> usize {
@@ -193,7 +290,12 @@ impl SessionInner {
                 offset,
                 len: len as u64,
             };
-            self.request(op, &[&src[pos..pos + len]], &mut []).map(drop)
+            let data = &src[pos..pos + len];
+            if len <= ASYNC_MAX_BYTES {
+                self.request_async(op, &[data])
+            } else {
+                self.request(op, &[data], &mut []).map(drop)
+            }
         })
     }
 
@@ -218,8 +320,14 @@ impl SessionInner {
     }
 
     fn free(&self, handle: u64) {
-        if let Err(e) = self.request(Op::Free { handle }, &[], &mut []) {
+        if let Err(e) = self.request_quietly(Op::Free { handle }) {
             debug!("free of buffer {handle}: {e}");
+        }
+    }
+
+    fn unload(&self, module: u64) {
+        if let Err(e) = self.request_quietly(Op::ModuleUnload { module }) {
+            debug!("unload of module {module}: {e}");
         }
     }
 }
@@ -240,14 +348,35 @@ pub struct Session {
 impl Session {
     /// A session over any transport (the guest driver, or an in-process device).
     pub fn from_transport(transport: Box<dyn Transport>) -> Session {
+        let sync = sync_submit_requested(std::env::var(SYNC_SUBMIT_ENV).ok().as_deref());
+        if sync {
+            debug!("{SYNC_SUBMIT_ENV} is set: every request waits for its answer");
+        }
         Session {
             inner: Arc::new(SessionInner {
                 transport,
                 next_tag: AtomicU64::new(1),
                 pageable_chunk: AtomicUsize::new(PAGEABLE_CHUNK_BYTES),
                 device_limit: OnceLock::new(),
+                async_submit: AtomicBool::new(!sync),
+                unreported: Mutex::new(None),
             }),
         }
+    }
+
+    /// With `true`, launches, memsets and copies to the device wait for the device's
+    /// answer, so a failure is the call's own error (for debugging; the environment
+    /// variable `VGPU_SYNC_SUBMIT=1` does this for every session of a process). With
+    /// `false` (the default) they are queued, up to 256 at a time per session, and a
+    /// failure is reported by the session's next synchronous call ([`Session::sync`],
+    /// a copy to the host, an allocation...). Applies to every clone of the session.
+    pub fn set_sync_submit(&self, sync: bool) {
+        self.inner.async_submit.store(!sync, Ordering::Relaxed);
+    }
+
+    /// Whether every request waits for its answer (see [`Session::set_sync_submit`]).
+    pub fn sync_submit(&self) -> bool {
+        !self.inner.async_submit.load(Ordering::Relaxed)
     }
 
     /// The device's config space.
@@ -351,7 +480,7 @@ impl Session {
             src_offset: 0,
             len: src.byte_len() as u64,
         };
-        self.inner.request(op, &[], &mut []).map(drop)
+        self.inner.request_async(op, &[])
     }
 
     /// Sets every byte of `dst` to `value`.
@@ -379,7 +508,7 @@ impl Session {
             value,
             width,
         };
-        self.inner.request(op, &[], &mut []).map(drop)
+        self.inner.request_async(op, &[])
     }
 
     /// Loads a PTX module; it is unloaded when the returned [`Module`] drops.
@@ -418,8 +547,9 @@ impl Session {
         }
     }
 
-    /// Launches `kernel` of `module`. Accepted asynchronously: a failure on the device
-    /// shows up at the next [`Session::sync`].
+    /// Launches `kernel` of `module`. Queued without waiting for the device: a failure
+    /// (a bad handle, an unknown kernel, or one while it runs) shows up at the session's
+    /// next synchronous call, [`Session::sync`] or a copy to the host say.
     pub fn launch(
         &self,
         module: &Module,
@@ -434,9 +564,7 @@ impl Session {
         }
         let request = self.launch_request(module.handle, kernel, cfg, args)?;
         let payload = request.payload();
-        self.inner
-            .request(request.header().op, &[&payload], &mut [])
-            .map(drop)
+        self.inner.request_async(request.header().op, &[&payload])
     }
 
     fn launch_request(
@@ -485,7 +613,8 @@ impl Session {
         ))
     }
 
-    /// Waits for all of the session's work; reports an asynchronous failure.
+    /// Waits for all of the session's work; reports an asynchronous failure (the first
+    /// since the last report).
     pub fn sync(&self) -> Result<()> {
         self.inner.request(Op::Sync, &[], &mut []).map(drop)
     }
@@ -663,15 +792,7 @@ impl Module {
 impl Drop for Module {
     fn drop(&mut self) {
         if let Some(s) = &self.session {
-            if let Err(e) = s.request(
-                Op::ModuleUnload {
-                    module: self.handle,
-                },
-                &[],
-                &mut [],
-            ) {
-                debug!("unload of module {}: {e}", self.handle);
-            }
+            s.unload(self.handle);
         }
     }
 }
@@ -814,7 +935,7 @@ mod tests {
     use vgpu_protocol::Opcode;
 
     use super::*;
-    use crate::fake::{Chain, FakeDevice, Recorder, NAME, QUOTA};
+    use crate::fake::{AsyncDriver, Chain, FakeDevice, Recorder, NAME, QUOTA};
     use crate::transport::InProcessTransport;
 
     const MIB: usize = 1 << 20;
@@ -826,9 +947,13 @@ mod tests {
         session: Session,
     }
 
-    fn rig_with(limit: Option<usize>, contiguous: bool) -> Rig {
+    /// A session over the fake device through a driver with async submission (unless
+    /// `async_unsupported`), every chain recorded.
+    fn rig_full(limit: Option<usize>, contiguous: bool, async_unsupported: bool) -> Rig {
         let dev = FakeDevice::new();
-        let mut rec = Recorder::new(dev.transport());
+        let mut driver = AsyncDriver::new(dev.transport());
+        driver.unsupported = async_unsupported;
+        let mut rec = Recorder::new(driver);
         rec.payload_limit = limit;
         rec.contiguous_host_memory = contiguous;
         let (chains, rejected) = (rec.chains.clone(), rec.rejected.clone());
@@ -838,6 +963,10 @@ mod tests {
             rejected,
             session: Session::from_transport(Box::new(rec)),
         }
+    }
+
+    fn rig_with(limit: Option<usize>, contiguous: bool) -> Rig {
+        rig_full(limit, contiguous, false)
     }
 
     fn rig() -> Rig {
@@ -857,6 +986,12 @@ mod tests {
 
         fn clear(&self) {
             self.chains.lock().unwrap().clear();
+        }
+
+        /// (opcode, queued) of every chain, in order.
+        fn order(&self) -> Vec<(Opcode, bool)> {
+            let chains = self.chains.lock().unwrap();
+            chains.iter().map(|c| (c.opcode(), c.queued)).collect()
         }
     }
 
@@ -1364,5 +1499,185 @@ mod tests {
             err.report(),
             "cannot open /nonexistent/vgpu0: No such file or directory (os error 2)"
         );
+    }
+
+    fn scale(r: &Rig, b: &DeviceBuffer<f32>, alpha: f32) -> Result<()> {
+        let n = b.len() as u32;
+        r.session.launch(
+            &r.session.builtin(),
+            "scale_f32",
+            LaunchConfig::for_num_elems(n),
+            &[b.arg(), alpha.into(), n.into()],
+        )
+    }
+
+    #[test]
+    fn launches_memsets_and_small_copies_are_queued_in_order() {
+        use Opcode::*;
+        let r = rig();
+        let mut a = r.session.alloc::<f32>(4).unwrap();
+        let mut b = r.session.alloc::<f32>(4).unwrap();
+        r.session.htod(&[1.0, 2.0, 3.0, 4.0], &mut a).unwrap();
+        r.session.memset_u8(&mut b, 0).unwrap();
+        scale(&r, &a, 2.0).unwrap();
+        r.session.dtod(&a, &mut b).unwrap();
+        scale(&r, &b, 10.0).unwrap();
+        r.session.sync().unwrap();
+        // Queued in the order they were made, and the device ran them in that order.
+        assert_eq!(r.session.dtoh(&b).unwrap(), vec![20.0, 40.0, 60.0, 80.0]);
+        let expected = [
+            (Alloc, false),
+            (Alloc, false),
+            (Htod, true),
+            (Memset, true),
+            (Launch, true),
+            (Dtod, true),
+            (Launch, true),
+            (Sync, false),
+            (Dtoh, false),
+        ];
+        assert_eq!(r.order(), expected);
+        let executed: Vec<Opcode> = {
+            let st = r.dev.state.lock().unwrap();
+            st.log.iter().map(|q| q.header().op.opcode()).collect()
+        };
+        let executed: Vec<Opcode> = executed
+            .into_iter()
+            .filter(|op| !matches!(op, Opcode::SessionOpen | Opcode::Info))
+            .collect();
+        assert_eq!(executed, expected.map(|(op, _)| op));
+    }
+
+    #[test]
+    fn copies_over_64_kib_wait_for_the_device_in_every_piece_over_it() {
+        let r = rig();
+        let n = PAGEABLE_CHUNK_BYTES + ASYNC_MAX_BYTES;
+        let src = pattern(n);
+        let mut big = r.session.alloc::<u8>(n).unwrap();
+        r.session.htod(&src, &mut big).unwrap();
+        // 1 MiB synchronously, the 64 KiB rest queued; exactly 64 KiB is queued too.
+        let htods: Vec<(u64, bool)> = r
+            .sent(Opcode::Htod)
+            .iter()
+            .map(|c| (pieces(std::slice::from_ref(c))[0].1, c.queued))
+            .collect();
+        assert_eq!(
+            htods,
+            vec![
+                (PAGEABLE_CHUNK_BYTES as u64, false),
+                (ASYNC_MAX_BYTES as u64, true)
+            ]
+        );
+        assert_eq!(r.session.dtoh(&big).unwrap(), src);
+        let mut small = r.session.alloc::<u8>(ASYNC_MAX_BYTES + 1).unwrap();
+        r.clear();
+        r.session
+            .htod(&src[..ASYNC_MAX_BYTES + 1], &mut small)
+            .unwrap();
+        assert_eq!(r.order(), [(Opcode::Htod, false)]);
+    }
+
+    #[test]
+    fn an_async_launch_error_is_reported_by_the_next_sync_and_not_lost() {
+        let r = rig();
+        let mut b = r.session.htod_copy(&[1.0f32; 4]).unwrap();
+        let builtin = r.session.builtin();
+        let cfg = LaunchConfig::for_num_elems(4);
+        // Queued: the launch itself cannot know yet.
+        r.session
+            .launch(&builtin, "no_such_kernel", cfg, &[])
+            .unwrap();
+        // Later failures until the report are dropped, as the driver does.
+        r.session
+            .launch(&builtin, "another_unknown", cfg, &[])
+            .unwrap();
+        r.session.memset_u32(&mut b, 7).unwrap();
+        let err = r.session.sync().unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Device {
+                op: "LAUNCH",
+                status: Status::KernelNotFound,
+                detail: 0
+            }
+        ));
+        assert_eq!(
+            err.to_string(),
+            "LAUNCH: device returned KERNEL_NOT_FOUND (detail 0)"
+        );
+        // Reported once; the work queued after the failure ran.
+        r.session.sync().unwrap();
+        assert_eq!(r.session.dtoh(&b).unwrap(), vec![f32::from_bits(7); 4]);
+
+        // A failure that arrives with a free on drop waits for the next call.
+        let other = r.session.alloc::<f32>(4).unwrap();
+        scale(&r, &other, 2.0).unwrap();
+        r.session
+            .launch(&builtin, "no_such_kernel", cfg, &[])
+            .unwrap();
+        drop(other);
+        assert_eq!(r.dev.state.lock().unwrap().buffers(), 1);
+        let err = r.session.dtoh(&b).unwrap_err();
+        assert_eq!(err.status(), Some(Status::KernelNotFound));
+        r.session.sync().unwrap();
+
+        // An ALLOC that ran but reports an earlier failure gives its buffer back.
+        let values = [KernelArg::U32(1); 4];
+        r.session
+            .launch(&builtin, "vector_add_f32", cfg, &values)
+            .unwrap();
+        let err = r.session.alloc::<f32>(4).err().unwrap();
+        assert_eq!(err.status(), Some(Status::InvalidArgument));
+        assert_eq!(r.sent(Opcode::Alloc).len(), 3);
+        assert_eq!(r.sent(Opcode::Free).len(), 2);
+        assert_eq!(r.dev.state.lock().unwrap().buffers(), 1);
+        r.session.sync().unwrap();
+    }
+
+    #[test]
+    fn without_async_support_every_request_waits_and_fails_at_once() {
+        let r = rig_full(None, false, true);
+        let mut b = r.session.alloc::<u32>(4).unwrap();
+        let cfg = LaunchConfig::for_num_elems(1);
+        let err = r
+            .session
+            .launch(&r.session.builtin(), "no_such_kernel", cfg, &[])
+            .unwrap_err();
+        assert_eq!(err.status(), Some(Status::KernelNotFound));
+        r.session.memset_u32(&mut b, 5).unwrap();
+        r.session.sync().unwrap();
+        assert_eq!(r.session.dtoh(&b).unwrap(), vec![5; 4]);
+    }
+
+    #[test]
+    fn sync_submit_makes_each_request_wait_for_its_answer() {
+        assert!(sync_submit_requested(Some("1")));
+        assert!(sync_submit_requested(Some(" yes ")));
+        assert!(!sync_submit_requested(Some("0")));
+        assert!(!sync_submit_requested(Some("")));
+        assert!(!sync_submit_requested(None));
+
+        let r = rig();
+        let clone = r.session.clone();
+        assert!(!clone.sync_submit());
+        r.session.set_sync_submit(true);
+        assert!(clone.sync_submit());
+        let mut b = r.session.alloc::<u32>(4).unwrap();
+        r.clear();
+        r.session.memset_u32(&mut b, 1).unwrap();
+        r.session.htod(&[1, 2, 3, 4], &mut b).unwrap();
+        let err = clone
+            .launch(
+                &clone.builtin(),
+                "no_such_kernel",
+                LaunchConfig::for_num_elems(1),
+                &[],
+            )
+            .unwrap_err();
+        assert_eq!(err.status(), Some(Status::KernelNotFound));
+        assert!(r.order().iter().all(|&(_, queued)| !queued));
+        r.session.set_sync_submit(false);
+        r.session.memset_u32(&mut b, 1).unwrap();
+        assert_eq!(r.order().last(), Some(&(Opcode::Memset, true)));
     }
 }

@@ -8,6 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use log::{debug, warn};
@@ -18,6 +19,28 @@ use vgpu_protocol::{
 
 use crate::error::{Error, Result};
 
+/// Most readable payload one asynchronous request may carry (`VGPU_ASYNC_MAX_BYTES`).
+pub const ASYNC_MAX_BYTES: usize = 64 << 10;
+
+/// An asynchronous request of the session that failed, reported with a later
+/// synchronous one (the way CUDA reports an earlier asynchronous error at the next call).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AsyncFailure {
+    /// The failed request's operation, as the protocol names it (`"LAUNCH"`).
+    pub op: &'static str,
+    pub status: Status,
+    pub detail: u32,
+}
+
+/// The answer to a synchronous request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The request's own response: it ran, whatever `earlier` says.
+    pub response: ResponseHeader,
+    /// The first failure of the session's asynchronous requests since the last report.
+    pub earlier: Option<AsyncFailure>,
+}
+
 /// One session's path to the device.
 ///
 /// A transport is one session: it opens it when created and closes it when dropped, and
@@ -26,13 +49,41 @@ use crate::error::{Error, Result};
 pub trait Transport: Send + Sync {
     /// Sends one request: `header`, then the readable payload `input` (the slices in
     /// order), and lets the device write the writable payload into `output` (in order).
-    /// Returns the response header, whatever its status.
+    /// Returns the response header, whatever its status; an earlier asynchronous
+    /// failure reported with it takes the place of its status and detail.
     fn submit(
         &self,
         header: &[u8; REQUEST_HEADER_SIZE],
         input: &[&[u8]],
         output: &mut [&mut [u8]],
     ) -> Result<ResponseHeader>;
+
+    /// [`Transport::submit`], with an earlier asynchronous failure kept apart from the
+    /// request's own response. The default reports none.
+    fn submit_reply(
+        &self,
+        header: &[u8; REQUEST_HEADER_SIZE],
+        input: &[&[u8]],
+        output: &mut [&mut [u8]],
+    ) -> Result<Reply> {
+        Ok(Reply {
+            response: self.submit(header, input, output)?,
+            earlier: None,
+        })
+    }
+
+    /// Queues a LAUNCH, MEMSET, DTOD or HTOD (at most [`ASYNC_MAX_BYTES`] of `input`)
+    /// without waiting for its answer: `Ok(None)` once queued, and `input` may be reused
+    /// at once. A failure is reported by a later synchronous request
+    /// ([`Reply::earlier`]). A transport that cannot queue sends the request
+    /// synchronously and returns its reply: the default.
+    fn submit_async(
+        &self,
+        header: &[u8; REQUEST_HEADER_SIZE],
+        input: &[&[u8]],
+    ) -> Result<Option<Reply>> {
+        self.submit_reply(header, input, &mut []).map(Some)
+    }
 
     /// The device's config space.
     fn config(&self) -> Result<DeviceConfig>;
@@ -191,6 +242,91 @@ pub(crate) const VGPU_IOC_SUBMIT: u32 =
     ioc(IOC_READ | IOC_WRITE, 1, std::mem::size_of::<VgpuSubmit>());
 pub(crate) const VGPU_IOC_INFO: u32 = ioc(IOC_READ, 2, std::mem::size_of::<VgpuInfo>());
 pub(crate) const VGPU_IOC_SESSION: u32 = ioc(IOC_READ, 3, std::mem::size_of::<u64>());
+pub(crate) const VGPU_IOC_SUBMIT_ASYNC: u32 = ioc(IOC_WRITE, 4, std::mem::size_of::<VgpuSubmit>());
+
+/// The response's `VGPU_RESP_FLAGS` (offset 28): status and detail are an earlier
+/// asynchronous request's, whose opcode is in bits 16..32; the request's own status is
+/// in bits 8..16.
+const RESP_FLAGS: usize = 28;
+const RESP_F_ASYNC_ERROR: u32 = 1;
+
+/// Splits a response of the driver into the request's own answer and an earlier
+/// asynchronous failure (`VGPU_RESP_F_ASYNC_ERROR`).
+fn decode_reply(raw: &[u8; RESPONSE_HEADER_SIZE]) -> Result<Reply> {
+    let mut response = ResponseHeader::decode(raw)?;
+    let flags = u32::from_le_bytes(raw[RESP_FLAGS..].try_into().expect("4 bytes"));
+    if flags & RESP_F_ASYNC_ERROR == 0 {
+        return Ok(Reply {
+            response,
+            earlier: None,
+        });
+    }
+    let earlier = AsyncFailure {
+        op: Opcode::from_u16((flags >> 16) as u16).map_or("asynchronous request", opcode_name),
+        status: response.status,
+        detail: response.detail,
+    };
+    response.status = Status::from_u32((flags >> 8) & 0xff).unwrap_or(Status::Internal);
+    response.detail = 0;
+    Ok(Reply {
+        response,
+        earlier: Some(earlier),
+    })
+}
+
+/// What to do after `VGPU_IOC_SUBMIT_ASYNC` answered with an errno.
+#[derive(Debug, PartialEq, Eq)]
+enum AsyncFallback {
+    /// Nothing was queued (a signal): ask again.
+    Retry,
+    /// A driver without async submission: synchronous from now on.
+    Unsupported,
+    /// Too large to copy: this one synchronously.
+    Synchronous,
+    /// A real error.
+    Fail,
+}
+
+fn async_fallback(err: &io::Error) -> AsyncFallback {
+    match err.raw_os_error() {
+        Some(libc::EINTR) => AsyncFallback::Retry,
+        Some(libc::ENOTTY) | Some(libc::EINVAL) => AsyncFallback::Unsupported,
+        Some(libc::E2BIG) => AsyncFallback::Synchronous,
+        _ => AsyncFallback::Fail,
+    }
+}
+
+/// `VGPU_IOC_SUBMIT_ASYNC` through `queue`, with the fallbacks to `sync`: for the rest
+/// of the session when the driver does not know it (`unsupported` remembers), for one
+/// request when it is too large to copy.
+fn submit_async_or_sync(
+    unsupported: &AtomicBool,
+    mut queue: impl FnMut() -> io::Result<()>,
+    sync: impl FnOnce() -> Result<Reply>,
+) -> Result<Option<Reply>> {
+    if unsupported.load(Ordering::Relaxed) {
+        return sync().map(Some);
+    }
+    loop {
+        let err = match queue() {
+            Ok(()) => return Ok(None),
+            Err(e) => e,
+        };
+        match async_fallback(&err) {
+            AsyncFallback::Retry => continue,
+            AsyncFallback::Unsupported => {
+                if !unsupported.swap(true, Ordering::Relaxed) {
+                    debug!("VGPU_IOC_SUBMIT_ASYNC: {err}; submitting synchronously");
+                }
+                return sync().map(Some);
+            }
+            AsyncFallback::Synchronous => return sync().map(Some),
+            AsyncFallback::Fail => {
+                return Err(Error::from_errno("VGPU_IOC_SUBMIT_ASYNC", err));
+            }
+        }
+    }
+}
 
 /// The path of the `index`th device node.
 pub fn device_path(index: u32) -> PathBuf {
@@ -201,6 +337,8 @@ pub fn device_path(index: u32) -> PathBuf {
 pub struct CharDevTransport {
     file: File,
     path: PathBuf,
+    /// The driver answered `VGPU_IOC_SUBMIT_ASYNC` with ENOTTY or EINVAL (an older one).
+    async_unsupported: AtomicBool,
 }
 
 impl CharDevTransport {
@@ -217,7 +355,11 @@ impl CharDevTransport {
                 source,
             })?;
         debug!("opened {}", path.display());
-        Ok(CharDevTransport { file, path })
+        Ok(CharDevTransport {
+            file,
+            path,
+            async_unsupported: AtomicBool::new(false),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -255,30 +397,28 @@ impl CharDevTransport {
     }
 
     fn ioctl(&self, what: &'static str, request: u32, arg: *mut libc::c_void) -> Result<()> {
+        self.raw_ioctl(request, arg)
+            .map_err(|e| Error::from_errno(what, e))
+    }
+
+    fn raw_ioctl(&self, request: u32, arg: *mut libc::c_void) -> io::Result<()> {
         // SAFETY: `request` is one of the driver's ioctls and `arg` points to the struct
         // its number encodes, alive for the duration of the call.
         let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), request as libc::Ioctl, arg) };
         if rc < 0 {
-            return Err(Error::from_errno(what, io::Error::last_os_error()));
+            return Err(io::Error::last_os_error());
         }
         Ok(())
     }
-}
 
-impl Transport for CharDevTransport {
-    fn submit(
+    /// `VGPU_IOC_SUBMIT`: the response as the driver wrote it.
+    fn submit_raw(
         &self,
         header: &[u8; REQUEST_HEADER_SIZE],
         input: &[&[u8]],
         output: &mut [&mut [u8]],
-    ) -> Result<ResponseHeader> {
-        let in_segs: Vec<VgpuSeg> = input
-            .iter()
-            .map(|s| VgpuSeg {
-                addr: s.as_ptr() as u64,
-                len: s.len() as u64,
-            })
-            .collect();
+    ) -> Result<[u8; RESPONSE_HEADER_SIZE]> {
+        let in_segs = segments(input);
         let out_segs: Vec<VgpuSeg> = output
             .iter_mut()
             .map(|s| VgpuSeg {
@@ -301,7 +441,69 @@ impl Transport for CharDevTransport {
             VGPU_IOC_SUBMIT,
             (&mut submit as *mut VgpuSubmit).cast(),
         )?;
-        Ok(ResponseHeader::decode(&response)?)
+        Ok(response)
+    }
+
+    /// `VGPU_IOC_SUBMIT_ASYNC`: the driver copies `header` and `input` before it returns.
+    fn queue_async(&self, header: &[u8; REQUEST_HEADER_SIZE], input: &[&[u8]]) -> io::Result<()> {
+        let in_segs = segments(input);
+        let mut submit = VgpuSubmit {
+            header: header.as_ptr() as u64,
+            response: 0,
+            in_segs: in_segs.as_ptr() as u64,
+            out_segs: 0,
+            num_in: u32::try_from(in_segs.len())
+                .map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?,
+            num_out: 0,
+        };
+        self.raw_ioctl(
+            VGPU_IOC_SUBMIT_ASYNC,
+            (&mut submit as *mut VgpuSubmit).cast(),
+        )
+    }
+}
+
+fn segments(input: &[&[u8]]) -> Vec<VgpuSeg> {
+    input
+        .iter()
+        .map(|s| VgpuSeg {
+            addr: s.as_ptr() as u64,
+            len: s.len() as u64,
+        })
+        .collect()
+}
+
+impl Transport for CharDevTransport {
+    fn submit(
+        &self,
+        header: &[u8; REQUEST_HEADER_SIZE],
+        input: &[&[u8]],
+        output: &mut [&mut [u8]],
+    ) -> Result<ResponseHeader> {
+        Ok(ResponseHeader::decode(
+            &self.submit_raw(header, input, output)?,
+        )?)
+    }
+
+    fn submit_reply(
+        &self,
+        header: &[u8; REQUEST_HEADER_SIZE],
+        input: &[&[u8]],
+        output: &mut [&mut [u8]],
+    ) -> Result<Reply> {
+        decode_reply(&self.submit_raw(header, input, output)?)
+    }
+
+    fn submit_async(
+        &self,
+        header: &[u8; REQUEST_HEADER_SIZE],
+        input: &[&[u8]],
+    ) -> Result<Option<Reply>> {
+        submit_async_or_sync(
+            &self.async_unsupported,
+            || self.queue_async(header, input),
+            || self.submit_reply(header, input, &mut []),
+        )
     }
 
     fn config(&self) -> Result<DeviceConfig> {
@@ -445,6 +647,106 @@ mod tests {
         assert_eq!(VGPU_IOC_SUBMIT, 0xc028_5601);
         assert_eq!(VGPU_IOC_INFO, 0x8088_5602);
         assert_eq!(VGPU_IOC_SESSION, 0x8008_5603);
+        // _IOW('V', 4, struct vgpu_submit)
+        assert_eq!(VGPU_IOC_SUBMIT_ASYNC, 0x4028_5604);
+    }
+
+    fn raw_response(status: u32, detail: u32, value0: u64, flags: u32) -> [u8; 32] {
+        let mut b = [0u8; RESPONSE_HEADER_SIZE];
+        b[0..4].copy_from_slice(&status.to_le_bytes());
+        b[4..8].copy_from_slice(&detail.to_le_bytes());
+        b[8..16].copy_from_slice(&value0.to_le_bytes());
+        b[24..28].copy_from_slice(&16u32.to_le_bytes());
+        b[28..32].copy_from_slice(&flags.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn a_response_flagged_with_an_async_failure_splits_into_both() {
+        let plain = decode_reply(&raw_response(Status::OutOfRange as u32, 3, 9, 0)).unwrap();
+        assert_eq!(plain.earlier, None);
+        assert_eq!(
+            (plain.response.status, plain.response.detail),
+            (Status::OutOfRange, 3)
+        );
+        // An ALLOC (own status OK, handle 9) that carries a failed LAUNCH's status.
+        let flags = 1 | (Status::Ok as u32) << 8 | (Opcode::Launch as u32) << 16;
+        let raw = raw_response(Status::LaunchFailed as u32, 700, 9, flags);
+        let r = decode_reply(&raw).unwrap();
+        assert_eq!(
+            r.earlier,
+            Some(AsyncFailure {
+                op: "LAUNCH",
+                status: Status::LaunchFailed,
+                detail: 700
+            })
+        );
+        assert_eq!(
+            (r.response.status, r.response.value0, r.response.written),
+            (Status::Ok, 9, 16)
+        );
+        // The request's own failure stays its own.
+        let flags = 1 | (Status::QuotaExceeded as u32) << 8 | (Opcode::Memset as u32) << 16;
+        let r = decode_reply(&raw_response(Status::InvalidHandle as u32, 0, 0, flags)).unwrap();
+        assert_eq!(r.response.status, Status::QuotaExceeded);
+        assert_eq!(r.earlier.unwrap().op, "MEMSET");
+        assert_eq!(r.earlier.unwrap().status, Status::InvalidHandle);
+    }
+
+    #[test]
+    fn async_submission_falls_back_to_sync_for_an_older_driver_and_large_requests() {
+        use std::cell::Cell;
+        let unsupported = AtomicBool::new(false);
+        let (tries, syncs) = (Cell::new(0), Cell::new(0));
+        let reply = Reply {
+            response: ResponseHeader {
+                status: Status::Ok,
+                detail: 0,
+                value0: 0,
+                value1: 0,
+                written: 0,
+            },
+            earlier: None,
+        };
+        let run = |errno: Option<i32>| {
+            submit_async_or_sync(
+                &unsupported,
+                || {
+                    tries.set(tries.get() + 1);
+                    // A signal first, then the answer under test.
+                    match (tries.get() % 2, errno) {
+                        (1, _) => Err(io::Error::from_raw_os_error(libc::EINTR)),
+                        (_, Some(e)) => Err(io::Error::from_raw_os_error(e)),
+                        (_, None) => Ok(()),
+                    }
+                },
+                || {
+                    syncs.set(syncs.get() + 1);
+                    Ok(reply)
+                },
+            )
+        };
+        assert_eq!(run(None).unwrap(), None);
+        // Too large to copy: that one request synchronously, async stays on.
+        assert_eq!(run(Some(libc::E2BIG)).unwrap(), Some(reply));
+        assert!(!unsupported.load(Ordering::Relaxed));
+        assert!(matches!(run(Some(libc::EFAULT)), Err(Error::Io { .. })));
+        assert!(matches!(run(Some(libc::ENODEV)), Err(Error::DeviceGone)));
+        assert_eq!((tries.get(), syncs.get()), (8, 1));
+        // An older driver: ENOTTY, and from then on synchronous without asking again.
+        assert_eq!(run(Some(libc::ENOTTY)).unwrap(), Some(reply));
+        assert!(unsupported.load(Ordering::Relaxed));
+        assert_eq!(run(None).unwrap(), Some(reply));
+        assert_eq!((tries.get(), syncs.get()), (10, 3));
+        // EINVAL (a driver that refuses the operation) falls back the same way.
+        let unsupported = AtomicBool::new(false);
+        let r = submit_async_or_sync(
+            &unsupported,
+            || Err(io::Error::from_raw_os_error(libc::EINVAL)),
+            || Ok(reply),
+        );
+        assert_eq!(r.unwrap(), Some(reply));
+        assert!(unsupported.load(Ordering::Relaxed));
     }
 
     #[test]

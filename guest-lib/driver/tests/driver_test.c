@@ -2,8 +2,8 @@
 /*
  * driver_test: checks vgpu.ko's user interface (include/vgpu_ioctl.h) against a live
  * device: session handling, refused opcodes, chain limits, bad pointers, host buffers,
- * many threads, processes killed mid-request, and (with --remove, as root, last) driver
- * unbind while requests run, then rebind.
+ * async submission and its deferred errors, many threads, processes killed mid-request,
+ * and (with --remove, as root, last) driver unbind while requests run, then rebind.
  *
  *   cc -O2 -Wall -I guest-lib/include guest-lib/driver/tests/driver_test.c -lpthread \
  *      -o driver_test
@@ -53,6 +53,33 @@ static int submit(int fd, uint8_t *h, struct vgpu_seg *in, unsigned nin, struct 
 {
 	struct vgpu_submit s = { (uintptr_t)h, (uintptr_t)resp, (uintptr_t)in, (uintptr_t)out, nin, nout };
 	return ioctl(fd, VGPU_IOC_SUBMIT, &s);
+}
+
+static int submit_async(int fd, uint8_t *h, struct vgpu_seg *in, unsigned nin, struct vgpu_seg *out,
+			unsigned nout)
+{
+	struct vgpu_submit s = { (uintptr_t)h, 0, (uintptr_t)in, (uintptr_t)out, nin, nout };
+	return ioctl(fd, VGPU_IOC_SUBMIT_ASYNC, &s);
+}
+
+/* An async MEMSET (width 1) of [off, off + len) of a buffer; returns ioctl's result. */
+static int memset_async(int fd, uint64_t handle, uint64_t off, uint64_t len, uint8_t value)
+{
+	uint8_t h[80];
+	header(h, VGPU_OP_MEMSET, 0);
+	put64(h, 32, handle); put64(h, 40, off); put64(h, 48, len);
+	put32(h, 56, value); put32(h, 60, 1);
+	return submit_async(fd, h, NULL, 0, NULL, 0);
+}
+
+/* An async HTOD of len bytes at p; returns ioctl's result. */
+static int htod_async(int fd, uint64_t handle, uint64_t off, const void *p, uint64_t len)
+{
+	uint8_t h[80];
+	struct vgpu_seg seg = { (uintptr_t)p, len };
+	header(h, VGPU_OP_HTOD, 0);
+	put64(h, 32, handle); put64(h, 40, off); put64(h, 48, len);
+	return submit_async(fd, h, &seg, 1, NULL, 0);
 }
 
 static int simple(int fd, uint16_t op, uint64_t a0, uint64_t a1, uint64_t a2, uint64_t *value0)
@@ -105,8 +132,8 @@ static int read_int(const char *path)
 	return atoi(buf);
 }
 
-static int hold_fd, hold_errno;
-static long hold_done;
+static int hold_fd, hold_errno, async_errno;
+static long hold_done, async_done;
 
 static void *sync_loop(void *arg)
 {
@@ -126,12 +153,23 @@ static int write_file(const char *path, const char *text)
 	return ok ? 0 : -1;
 }
 
-/* Unbinds the driver while three threads run requests on an open file, then rebinds. */
+/* Async MEMSETs until one fails (the unbind: ENODEV); never waits for an answer. */
+static void *async_loop(void *arg)
+{
+	uint64_t buf = (uint64_t)(uintptr_t)arg;
+
+	while (memset_async(hold_fd, buf, 0, 4096, 1) == 0)
+		async_done++;
+	async_errno = errno;
+	return NULL;
+}
+
+/* Unbinds the driver while threads run requests (and async ones) on an open file, then rebinds. */
 static void remove_test(void)
 {
 	char link[256] = "", name[64];
-	pthread_t t[3];
-	uint64_t sess;
+	pthread_t t[3], ta;
+	uint64_t sess, buf = 0;
 	char *hb;
 	int i, fd;
 	ssize_t n = readlink("/sys/class/vgpu/vgpu0/device", link, sizeof(link) - 1);
@@ -145,13 +183,17 @@ static void remove_test(void)
 	/* A host buffer mapped across the removal: the host dropped it, unmapping must not wait. */
 	hb = mmap(NULL, 8 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, hold_fd, 0);
 	CHECK(hb != MAP_FAILED, "mmap a host buffer before the unbind");
+	CHECK(simple(hold_fd, VGPU_OP_ALLOC, 4096, 0, 0, &buf) == 0, "ALLOC for the async thread");
 	for (i = 0; i < 3; i++)
 		pthread_create(&t[i], NULL, sync_loop, NULL);
+	pthread_create(&ta, NULL, async_loop, (void *)(uintptr_t)buf);
 	usleep(300000);
 	CHECK(write_file("/sys/bus/virtio/drivers/vgpu/unbind", name) == 0, "unbind %s with requests running", name);
 	for (i = 0; i < 3; i++)
 		pthread_join(t[i], NULL);
+	pthread_join(ta, NULL);
 	CHECK(hold_errno == ENODEV, "requests end with ENODEV after %ld", hold_done);
+	CHECK(async_errno == ENODEV, "async requests end with ENODEV after %ld", async_done);
 	errno = 0;
 	CHECK(simple(hold_fd, VGPU_OP_SYNC, 0, 0, 0, NULL) == -1 && errno == ENODEV, "a new request on the old file is ENODEV");
 	CHECK(ioctl(hold_fd, VGPU_IOC_INFO, &(struct vgpu_info){0}) == -1 && errno == ENODEV, "INFO on the old file is ENODEV");
@@ -283,6 +325,85 @@ int main(int argc, char **argv)
 		keep[12345] = 7;
 		CHECK(keep[12345] == 7, "host buffer still usable after its file closed");
 		munmap(keep, 1 << 20);
+	}
+
+	/* Async submission: queued from a copy, failures reported by the next VGPU_IOC_SUBMIT. */
+	{
+		static uint8_t data[VGPU_ASYNC_MAX_BYTES + 1], back[4096];
+		struct vgpu_seg seg = { (uintptr_t)data, 16 };
+		uint64_t buf = 0, extra = 0;
+		uint32_t flags;
+		int ok, rc;
+
+		header(h, VGPU_OP_SYNC, 0);
+		CHECK(submit_async(fd, h, NULL, 0, NULL, 0) == -1 && errno == EINVAL, "async SYNC is EINVAL");
+		header(h, VGPU_OP_ALLOC, 0);
+		put64(h, 32, 4096);
+		CHECK(submit_async(fd, h, NULL, 0, NULL, 0) == -1 && errno == EINVAL, "async ALLOC is EINVAL");
+		header(h, VGPU_OP_HTOD, 0);
+		CHECK(submit_async(fd, h, NULL, 0, &seg, 1) == -1 && errno == EINVAL, "async with a writable segment is EINVAL");
+		CHECK(simple(fd, VGPU_OP_ALLOC, 1 << 20, 0, 0, &buf) == 0, "ALLOC 1 MiB for async requests");
+		CHECK(htod_async(fd, buf, 0, data, sizeof(data)) == -1 && errno == E2BIG, "async HTOD of 64 KiB + 1 is E2BIG");
+		CHECK(htod_async(fd, buf, 0, data, VGPU_ASYNC_MAX_BYTES) == 0, "async HTOD of 64 KiB is queued");
+
+		/* 2000 HTODs from one buffer rewritten at once: each carries its own bytes. */
+		for (i = 0, ok = 0; i < 2000; i++) {
+			memset(data, i & 0xff, 4096);
+			ok += htod_async(fd, buf, (uint64_t)(i % 256) * 4096, data, 4096) == 0;
+		}
+		CHECK(ok == 2000, "2000 async HTODs queued (%d), more than the 256 a file may have in flight", ok);
+		CHECK(simple(fd, VGPU_OP_SYNC, 0, 0, 0, NULL) == VGPU_STATUS_OK, "SYNC after them is OK");
+		for (i = 0, ok = 1; i < 256; i++) {
+			int last = 2000 - 256 + ((i - (2000 - 256) % 256 + 256) % 256);
+			if (copy(fd, VGPU_OP_DTOH, buf, (uint64_t)i * 4096, back, 4096) != 0 ||
+			    back[0] != (uint8_t)last || back[4095] != (uint8_t)last)
+				ok = 0;
+		}
+		CHECK(ok, "each page holds the last async HTOD's bytes, in order");
+
+		/* A failure is kept and reported once, by the next synchronous request. */
+		CHECK(memset_async(fd, 0xbad0bad0, 0, 16, 1) == 0, "async MEMSET of a made-up handle is queued");
+		CHECK(htod_async(fd, buf, 1 << 20, data, 16) == 0, "async HTOD past the end is queued");
+		CHECK(memset_async(fd, buf, 0, 16, 2) == 0, "a good async MEMSET after them is queued");
+		header(h, VGPU_OP_ALLOC, 0);
+		put64(h, 32, 4096);
+		rc = submit(fd, h, NULL, 0, NULL, 0, r);
+		flags = get32(r, VGPU_RESP_FLAGS);
+		extra = get64(r, VGPU_RESP_VALUE0);
+		CHECK(rc == 0 && get32(r, 0) == VGPU_STATUS_INVALID_HANDLE && (flags & VGPU_RESP_F_ASYNC_ERROR) &&
+		      VGPU_RESP_ASYNC_OPCODE(flags) == VGPU_OP_MEMSET && VGPU_RESP_OWN_STATUS(flags) == VGPU_STATUS_OK,
+		      "the next ALLOC reports the first failure: status %u flags %#x", get32(r, 0), flags);
+		CHECK(extra != 0 && simple(fd, VGPU_OP_FREE, extra, 0, 0, NULL) == 0, "that ALLOC ran: its buffer frees");
+		header(h, VGPU_OP_SYNC, 0);
+		CHECK(submit(fd, h, NULL, 0, NULL, 0, r) == 0 && get32(r, 0) == VGPU_STATUS_OK &&
+		      get32(r, VGPU_RESP_FLAGS) == 0, "reported once: the following SYNC is OK");
+		CHECK(copy(fd, VGPU_OP_DTOH, buf, 0, back, 16) == 0 && back[0] == 2 && back[15] == 2,
+		      "the good MEMSET after the failures ran");
+		CHECK(simple(fd, VGPU_OP_FREE, buf, 0, 0, NULL) == 0, "FREE the async buffer");
+
+		/* A file closed, and a process killed, with async requests in flight. */
+		{
+			int fd2 = open_dev();
+			uint64_t b2 = 0;
+			simple(fd2, VGPU_OP_ALLOC, 1 << 20, 0, 0, &b2);
+			for (i = 0, ok = 0; i < 600; i++)
+				ok += memset_async(fd2, b2, 0, 1 << 20, (uint8_t)i) == 0;
+			CHECK(close(fd2) == 0 && ok == 600, "close with async requests in flight");
+		}
+		for (i = 0; i < 10; i++) {
+			pid_t pid = fork();
+			if (pid == 0) {
+				int cfd = open_dev();
+				uint64_t b2 = 0;
+				simple(cfd, VGPU_OP_ALLOC, 1 << 20, 0, 0, &b2);
+				for (;;)
+					memset_async(cfd, b2, 0, 1 << 20, 3);
+			}
+			usleep(20000 + i * 9000);
+			kill(pid, SIGKILL);
+			waitpid(pid, NULL, 0);
+		}
+		CHECK(simple(fd, VGPU_OP_SYNC, 0, 0, 0, NULL) == VGPU_STATUS_OK, "device answers after async killers");
 	}
 
 	/* Many threads on one session, and on sessions of their own. */
