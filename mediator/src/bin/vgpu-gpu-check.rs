@@ -1573,6 +1573,257 @@ impl vgpu_mediator::CompletionSink for Answers {
     }
 }
 
+/// This process's executor worker children and their resident memory, in KiB.
+fn worker_rss() -> Vec<(u32, u64)> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+        };
+        let worker = field("Name:").is_some_and(|n| n.starts_with("vgpu-executor"));
+        let child = field("PPid:").and_then(|p| p.parse::<u32>().ok()) == Some(me);
+        if worker && child {
+            let rss = field("VmRSS:").and_then(|v| v.parse().ok()).unwrap_or(0);
+            out.push((pid, rss));
+        }
+    }
+    out
+}
+
+/// Host memory (MiB) of a session's worker and device memory (MiB) of its context: the
+/// averages over the worker processes that appeared while `n` sessions were opened (the
+/// pool's refills included), against the state before.
+fn session_footprint(m: &Mediator, tenant: TenantId, n: usize) -> Result<(f64, f64), String> {
+    let free = || -> Result<u64, String> {
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: out-parameters; a context is current in this thread (the check's own).
+        let r = unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) };
+        if r == sys::CUresult::CUDA_SUCCESS {
+            Ok(free as u64)
+        } else {
+            Err(format!("cuMemGetInfo: {}", cuda::error_name(r)))
+        }
+    };
+    // A context of this process's own, current here, for cuMemGetInfo.
+    let device =
+        cu::device::get(0).map_err(|e| format!("cuDeviceGet: {}", cuda::error_name(e.0)))?;
+    let ctx = cuda::create_context(device)
+        .map_err(|e| format!("cuCtxCreate: {}", cuda::error_name(e)))?;
+    let before_workers: Vec<u32> = worker_rss().into_iter().map(|(p, _)| p).collect();
+    let before = free()?;
+    let sessions = (0..n)
+        .map(|_| Guest::open(m, tenant))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Something in each context, as a program would have.
+    for g in &sessions {
+        let b = g.alloc(4096)?;
+        g.memset32(b, 0, 4096, 1)?;
+        g.sync()?;
+    }
+    // Workers the pool starts meanwhile are counted too: each new process is one context.
+    std::thread::sleep(Duration::from_secs(2));
+    let after = free()?;
+    let fresh: Vec<u64> = worker_rss()
+        .into_iter()
+        .filter(|(p, _)| !before_workers.contains(p))
+        .map(|(_, rss)| rss)
+        .collect();
+    drop(sessions);
+    // SAFETY: created above, destroyed once.
+    unsafe {
+        let _ = sys::cuCtxDestroy_v2(ctx);
+    }
+    if fresh.is_empty() {
+        return Err("no new worker process found".into());
+    }
+    let host = fresh.iter().sum::<u64>() as f64 / fresh.len() as f64 / 1024.0;
+    let device = before.saturating_sub(after) as f64 / fresh.len() as f64 / (1 << 20) as f64;
+    Ok((host, device))
+}
+
+/// Launches per second of saxpy on 2^22 floats, `iters` launches then a sync per VM: one
+/// VM alone, and the sum over 4 VMs running at once.
+fn saxpy_share(m: &Mediator, iters: usize) -> Result<(f64, f64), String> {
+    let n: usize = 1 << 22;
+    let tenants = (0..4)
+        .map(|i| {
+            m.add_tenant(TenantConfig {
+                name: format!("vm-share-{i}"),
+                mem_quota: 1 << 30,
+                weight: 1,
+            })
+            .map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let run = |t: TenantId| -> Result<Duration, String> {
+        let g = Guest::open(m, t)?;
+        let (y, x) = (g.alloc((n * 4) as u64)?, g.alloc((n * 4) as u64)?);
+        g.memset32(y, 0, (n * 4) as u64, 0)?;
+        g.memset32(x, 0, (n * 4) as u64, 0x3f80_0000)?;
+        g.sync()?;
+        let launch = launch_command(
+            BUILTIN_MODULE,
+            "saxpy_f32",
+            [blocks(n, 256), 1, 1],
+            [256, 1, 1],
+            vec![
+                Param::Buffer(y),
+                Param::Buffer(x),
+                Param::f32(0.5),
+                Param::u32(n as u32),
+            ],
+        );
+        let answers = Arc::new(Answers::default());
+        let started = Instant::now();
+        for _ in 0..iters {
+            let sink: Arc<dyn vgpu_mediator::CompletionSink> = answers.clone();
+            m.submit(t, Request::new(g.session, launch.clone()), 0, sink);
+        }
+        g.sync()?;
+        let took = started.elapsed();
+        answers.expect(iters as u64)?;
+        Ok(took)
+    };
+    let alone = iters as f64 / run(tenants[0])?.as_secs_f64();
+    let took = std::thread::scope(|scope| {
+        let handles: Vec<_> = tenants
+            .iter()
+            .map(|&t| scope.spawn(move || run(t)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a VM thread panicked".into()))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    // All launches over the time until the last VM was done.
+    let wall = took.iter().max().copied().unwrap_or_default();
+    let together = (iters * took.len()) as f64 / wall.as_secs_f64().max(1e-9);
+    for t in tenants {
+        m.remove_tenant(t);
+    }
+    Ok((alone, together))
+}
+
+/// axpy of 2^26 floats end to end, medians: through a session worker from a guest host
+/// buffer, and natively from pinned memory. `None` without worker processes.
+fn vector_add_end_to_end(
+    native: &Native,
+    mediated: &Arc<dyn ExecutorFactory>,
+    ptx: &str,
+    runs: usize,
+) -> Result<Option<(Duration, Duration)>, String> {
+    use vgpu_mediator::executor::BufferId;
+    let n: usize = 1 << 26;
+    let bytes = n * 4;
+    let a = 1.5f32;
+    let shape = vgpu_kernels::LaunchShape {
+        grid: [blocks(n, 256), 1, 1],
+        block: [256, 1, 1],
+        shared_bytes: 0,
+    };
+    let text = |e: vgpu_mediator::ExecError| e.to_string();
+    // Mediated: x at 0, y at `bytes` of one host buffer; y comes back to 2 * bytes.
+    let Some(mut h) = HostBufferBench::new(mediated, 3 * bytes)? else {
+        return Ok(None);
+    };
+    let s = h.stream;
+    let exec = &mut h.exec;
+    let dx = exec.alloc(bytes as u64).map_err(text)?;
+    let dy = exec.alloc(bytes as u64).map_err(text)?;
+    let module = exec.load_module(ptx).map_err(text)?;
+    let params = |dy: BufferId, dx: BufferId| {
+        vec![
+            ExecParam::Buffer(dy),
+            ExecParam::Buffer(dx),
+            ExecParam::Value(a.to_le_bytes().to_vec()),
+            ExecParam::Value((n as u32).to_le_bytes().to_vec()),
+        ]
+    };
+    let med = measure(
+        1,
+        runs,
+        || (),
+        |()| {
+            exec.htod_host(s, dx, 0, 1, 0, bytes as u64).map_err(text)?;
+            exec.htod_host(s, dy, 0, 1, bytes as u64, bytes as u64)
+                .map_err(text)?;
+            exec.launch(
+                s,
+                KernelRef::Module(module, "vgpu_check_axpy"),
+                &shape,
+                &params(dy, dx),
+            )
+            .map_err(text)?;
+            exec.dtoh_host(s, dy, 0, 1, 2 * bytes as u64, bytes as u64)
+                .map_err(text)
+        },
+    )?;
+    drop(h);
+
+    native.current()?;
+    let mut x = Pinned::new(bytes)?;
+    let mut y = Pinned::new(bytes)?;
+    // SAFETY: plain allocations in the current (native) context, freed below.
+    let (nx, ny) = unsafe { (cu::malloc_sync(bytes), cu::malloc_sync(bytes)) };
+    let (nx, ny) = match (nx, ny) {
+        (Ok(x), Ok(y)) => (x, y),
+        _ => return Err("cuMemAlloc for the native axpy failed".into()),
+    };
+    let nat = measure(
+        1,
+        runs,
+        || (),
+        |()| {
+            native_htod(native, nx, x.slice())?;
+            native_htod(native, ny, y.slice())?;
+            let (mut p_y, mut p_x, mut p_a, mut p_n) = (ny, nx, a, n as u32);
+            let mut args: [*mut c_void; 4] = [
+                (&mut p_y as *mut u64).cast(),
+                (&mut p_x as *mut u64).cast(),
+                (&mut p_a as *mut f32).cast(),
+                (&mut p_n as *mut u32).cast(),
+            ];
+            // SAFETY: the kernel takes (u64, u64, f32, u32), matching `args`; the stream
+            // belongs to the current context.
+            unsafe {
+                cu::launch_kernel(
+                    native.axpy,
+                    (blocks(n, 256), 1, 1),
+                    (256, 1, 1),
+                    0,
+                    native.stream,
+                    &mut args,
+                )
+            }
+            .map_err(|e| format!("cuLaunchKernel: {}", cuda::error_name(e.0)))?;
+            native_dtoh(native, ny, y.slice())
+        },
+    )?;
+    // SAFETY: allocated above, freed once.
+    unsafe {
+        let _ = cu::free_sync(nx);
+        let _ = cu::free_sync(ny);
+    }
+    drop((x, y));
+    Ok(Some((med, nat)))
+}
+
 /// A session worker with a registered host buffer of `len` bytes and a device buffer.
 struct HostBufferBench {
     exec: Box<dyn Executor>,
@@ -1621,6 +1872,7 @@ struct Native {
     ctx: sys::CUcontext,
     stream: sys::CUstream,
     empty: sys::CUfunction,
+    axpy: sys::CUfunction,
 }
 
 impl Native {
@@ -1642,7 +1894,16 @@ impl Native {
         // SAFETY: `module` is loaded in the current context.
         let empty = unsafe { cu::module::get_function(module, name) }
             .map_err(err("cuModuleGetFunction"))?;
-        Ok(Native { ctx, stream, empty })
+        let name = CString::new("vgpu_check_axpy").expect("no NUL");
+        // SAFETY: as above.
+        let axpy = unsafe { cu::module::get_function(module, name) }
+            .map_err(err("cuModuleGetFunction"))?;
+        Ok(Native {
+            ctx,
+            stream,
+            empty,
+            axpy,
+        })
     }
 
     fn current(&self) -> Result<(), String> {
@@ -1911,6 +2172,20 @@ fn timings(
         native.current()?;
         // SAFETY: allocated above in this context, freed once.
         let _ = unsafe { cu::free_sync(nptr) };
+        // Vector add (axpy) of 2^26 floats end to end: upload x and y, launch, download y;
+        // from pinned memory natively, from a guest host buffer through a session worker.
+        match vector_add_end_to_end(&native, mediated, ptx, if args.quick { 2 } else { 5 }) {
+            Ok(Some((med, nat))) => table.push(Row {
+                metric: "axpy 2^26 floats, upload+launch+download (ms)".into(),
+                runs: if args.quick { 2 } else { 5 },
+                mediator: Some(ms(med)),
+                native: None,
+                pinned: Some(ms(nat)),
+            }),
+            Ok(None) => {}
+            Err(e) => report.fail("timing-vector-add", e),
+        }
+        native.current()?;
         // Pinned memory belongs to the native context: free it first.
         drop(pinned);
         drop(native);
@@ -1974,6 +2249,7 @@ fn timings(
             });
             // What a guest process waits for at open: a ready worker from the pool (the
             // pool refills in the background between the samples).
+            let mut opened = Vec::new();
             let open = measure(
                 0,
                 compiles,
@@ -1981,17 +2257,52 @@ fn timings(
                 |()| {
                     let r = m.call(tenant, Request::new(0, Command::SessionOpen));
                     expect_ok(&r, "SESSION_OPEN")?;
-                    m.call(tenant, Request::new(r.value0, Command::SessionClose));
+                    opened.push(r.value0);
                     Ok::<_, String>(())
                 },
             )?;
+            for session in opened {
+                m.call(tenant, Request::new(session, Command::SessionClose));
+            }
             table.push(Row {
-                metric: "session open + close, pooled worker (ms)".into(),
+                metric: "session open, a ready worker from the pool (ms)".into(),
                 runs: compiles,
                 mediator: Some(ms(open)),
                 native: None,
                 pinned: None,
             });
+            // What a session costs: its worker's host memory and its context's device
+            // memory, from 4 sessions opened at once.
+            match session_footprint(m, tenant, 4) {
+                Ok((host, device)) => {
+                    table.push(Row {
+                        metric: "host memory per session worker (MiB)".into(),
+                        runs: 4,
+                        mediator: Some(host),
+                        native: None,
+                        pinned: None,
+                    });
+                    table.push(Row {
+                        metric: "device memory per session context (MiB)".into(),
+                        runs: 4,
+                        mediator: Some(device),
+                        native: None,
+                        pinned: None,
+                    });
+                }
+                Err(e) => report.fail("timing-session-footprint", e),
+            }
+            // Sharing: saxpy loops in 4 VMs at once against one VM alone.
+            match saxpy_share(m, if args.quick { 50 } else { 300 }) {
+                Ok((alone, together)) => table.push(Row {
+                    metric: "saxpy 2^22 loops: 4 VMs aggregate / 1 VM (x)".into(),
+                    runs: 4,
+                    mediator: Some(together / alone),
+                    native: None,
+                    pinned: None,
+                }),
+                Err(e) => report.fail("timing-saxpy-share", e),
+            }
             let text = |e: vgpu_mediator::ExecError| e.to_string();
             let mut remote = mediated.create().map_err(text)?;
             let mut local = factory.create_executor().map_err(text)?;
