@@ -51,5 +51,7 @@ pub const HOST_PAGE_SIZE: u64 = 4096;
 pub const HOST_CHUNK_SIZE: usize = 16;
 /// Largest host buffer HOST_REGISTER describes.
 pub const MAX_HOST_BUFFER_BYTES: u64 = 16 << 30;
+/// Most chunks one HOST_REGISTER lists (a 1 MiB payload).
+pub const MAX_HOST_CHUNKS: u64 = 65536;
 /// Largest message a SELFTEST writes.
 pub const MAX_SELFTEST_MESSAGE: usize = 256;

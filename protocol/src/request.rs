@@ -2,9 +2,9 @@
 
 use crate::wire::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
 use crate::{
-    HOST_CHUNK_SIZE, HOST_PAGE_SIZE, MAX_HOST_BUFFER_BYTES, MAX_KERNEL_NAME, MAX_PARAMS,
-    MAX_PARAM_BYTES, MAX_PTX_BYTES, MAX_TRANSFER_BYTES, PROTOCOL_VERSION, REQUEST_HEADER_SIZE,
-    REQUEST_MAGIC,
+    HOST_CHUNK_SIZE, HOST_PAGE_SIZE, MAX_HOST_BUFFER_BYTES, MAX_HOST_CHUNKS, MAX_KERNEL_NAME,
+    MAX_PARAMS, MAX_PARAM_BYTES, MAX_PTX_BYTES, MAX_TRANSFER_BYTES, PROTOCOL_VERSION,
+    REQUEST_HEADER_SIZE, REQUEST_MAGIC,
 };
 
 /// Module handle that names the built-in kernel catalog in a launch.
@@ -414,6 +414,13 @@ impl Header {
                     return Err(DecodeError::InvalidArgument(
                         "host buffer: more chunks than pages",
                     ));
+                }
+                if chunks > MAX_HOST_CHUNKS {
+                    return Err(DecodeError::TooLarge {
+                        what: "host buffer chunk list",
+                        len: chunks,
+                        max: MAX_HOST_CHUNKS,
+                    });
                 }
                 Op::HostRegister {
                     id,
@@ -975,6 +982,59 @@ mod tests {
                 ],
             }),
         )
+    }
+
+    #[test]
+    fn host_register_round_trips_and_checks_its_chunks() {
+        let chunks = vec![
+            HostChunk {
+                addr: 0x20_0000,
+                len: 0x3000,
+            },
+            HostChunk {
+                addr: 0x1000,
+                len: 0x1000,
+            },
+        ];
+        let r = Request::new(3, Command::HostRegister { id: 9, chunks });
+        let b = r.encode();
+        assert_eq!(b.len(), REQUEST_HEADER_SIZE + 2 * HOST_CHUNK_SIZE);
+        assert_eq!(Request::decode(&b), Ok(r.clone()));
+        let u = Request::new(3, Command::HostUnregister { id: 9 });
+        assert_eq!(Request::decode(&u.encode()), Ok(u));
+        // A chunk that is not whole pages, or lengths that do not add up: refused.
+        let mut bad = b.clone();
+        bad[REQUEST_HEADER_SIZE..REQUEST_HEADER_SIZE + 8]
+            .copy_from_slice(&0x20_0100u64.to_le_bytes());
+        assert!(matches!(
+            Request::decode(&bad),
+            Err(DecodeError::InvalidArgument(_))
+        ));
+        let mut header = r.header();
+        header.op = Op::HostRegister {
+            id: 9,
+            len: 0x5000,
+            chunks: 2,
+        };
+        let mut wrong = header.encode().to_vec();
+        wrong.extend_from_slice(&b[REQUEST_HEADER_SIZE..]);
+        assert!(matches!(
+            Request::decode(&wrong),
+            Err(DecodeError::InvalidArgument(_))
+        ));
+        // More chunks than pages, or than the limit, are refused from the header alone.
+        let mut h = header.encode();
+        h[ARGS + 16..ARGS + 24].copy_from_slice(&6u64.to_le_bytes());
+        assert!(Header::decode(&h).is_err());
+        header.op = Op::HostRegister {
+            id: 9,
+            len: (MAX_HOST_CHUNKS + 1) * HOST_PAGE_SIZE,
+            chunks: (MAX_HOST_CHUNKS + 1) as u32,
+        };
+        assert!(matches!(
+            Header::decode(&header.encode()),
+            Err(DecodeError::TooLarge { .. })
+        ));
     }
 
     #[test]
