@@ -695,6 +695,9 @@ pub struct CudaExecutor {
     param_ptrs: Vec<*mut c_void>,
     /// Registered host buffers (page-locked in this context).
     hosts: HashMap<u64, HostMap>,
+    /// Per stream, an event recorded after its latest `htod_staged` copy, and whether it
+    /// has been waited for since.
+    copy_events: HashMap<u64, (sys::CUevent, bool)>,
 }
 
 impl CudaExecutor {
@@ -712,6 +715,7 @@ impl CudaExecutor {
             param_arena: Vec::new(),
             param_ptrs: Vec::new(),
             hosts: HashMap::new(),
+            copy_events: HashMap::new(),
         }
     }
 
@@ -1105,6 +1109,11 @@ impl Executor for CudaExecutor {
         let _ = self.check(r, "cuStreamSynchronize (close)");
         let r = unsafe { sys::cuStreamDestroy_v2(s) };
         let _ = self.check(r, "cuStreamDestroy");
+        if let Some((event, _)) = self.copy_events.remove(&stream.0) {
+            // SAFETY: created in `htod_staged`, destroyed once; its stream is done.
+            let r = unsafe { sys::cuEventDestroy_v2(event) };
+            let _ = self.check(r, "cuEventDestroy");
+        }
     }
 
     fn alloc(&mut self, bytes: u64) -> ExecResult<BufferId> {
@@ -1383,6 +1392,63 @@ impl Executor for CudaExecutor {
 
     fn poisoned(&self) -> bool {
         self.poison.is_some()
+    }
+
+    fn htod_staged(
+        &mut self,
+        stream: StreamId,
+        dst: BufferId,
+        offset: u64,
+        data: &[u8],
+    ) -> ExecResult<()> {
+        self.enter()?;
+        let dptr = self.span(dst, offset, data.len() as u64)?;
+        let s = self.stream(stream)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let event = match self.copy_events.get(&stream.0) {
+            Some(&(e, _)) => e,
+            None => {
+                let mut e = ptr::null_mut();
+                // SAFETY: an out-parameter; the context is current.
+                let r = unsafe {
+                    sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+                };
+                self.check(r, "cuEventCreate")?;
+                self.copy_events.insert(stream.0, (e, false));
+                e
+            }
+        };
+        // SAFETY: the caller keeps `data` (page-locked staging) valid and unchanged until
+        // `fence` returns; the destination lies in a live allocation (span).
+        let r = unsafe { sys::cuMemcpyHtoDAsync_v2(dptr, data.as_ptr().cast(), data.len(), s) };
+        self.check(r, "cuMemcpyHtoDAsync (staged)")?;
+        // SAFETY: a live event and stream of this context.
+        let r = unsafe { sys::cuEventRecord(event, s) };
+        self.check(r, "cuEventRecord")?;
+        self.copy_events.insert(stream.0, (event, true));
+        Ok(())
+    }
+
+    fn fence(&mut self) -> ExecResult<()> {
+        if !self.copy_events.values().any(|&(_, pending)| pending) {
+            return Ok(());
+        }
+        self.enter()?;
+        let pending: Vec<(u64, sys::CUevent)> = self
+            .copy_events
+            .iter()
+            .filter(|(_, &(_, pending))| pending)
+            .map(|(&s, &(e, _))| (s, e))
+            .collect();
+        for (stream, event) in pending {
+            // SAFETY: a live event of this context, recorded after the copy.
+            let r = unsafe { sys::cuEventSynchronize(event) };
+            self.check(r, "cuEventSynchronize (staged copies)")?;
+            self.copy_events.insert(stream, (event, false));
+        }
+        Ok(())
     }
 
     fn register_host(&mut self, id: u64, mapping: &HostMapping) -> ExecResult<()> {

@@ -204,6 +204,23 @@ pub trait Executor {
         params: &[ExecParam],
     ) -> ExecResult<()>;
     fn sync(&mut self, stream: StreamId) -> ExecResult<()>;
+    /// `htod` from memory that the caller keeps valid and unchanged until [`Executor::fence`]
+    /// returns (a page-locked staging area): the copy may still be running when this
+    /// returns, ordered in the stream like any other work. The default: `htod`.
+    fn htod_staged(
+        &mut self,
+        stream: StreamId,
+        dst: BufferId,
+        offset: u64,
+        data: &[u8],
+    ) -> ExecResult<()> {
+        self.htod(stream, dst, offset, data)
+    }
+    /// Waits until every [`Executor::htod_staged`] copy so far has read its source (and
+    /// nothing after it in the streams). The default: nothing to wait for.
+    fn fence(&mut self) -> ExecResult<()> {
+        Ok(())
+    }
     /// `htod` of data that is read from `src` as the copy goes. The default reads it
     /// into one host buffer first; an executor with a staging area reads it straight
     /// into that.

@@ -60,8 +60,10 @@
 //!   regions, wrapping at the end. An HTOD piece is written into its region before its
 //!   request is sent, and the call returns once every piece is sent, so the parent copies
 //!   piece k+1 while the worker copies piece k to the device. The worker replies to an
-//!   HTOD only once the bytes have left staging (the CPU executor copies at once; the
-//!   CUDA executor waits for its stream after the copy), so a region is free again once
+//!   HTOD only once the bytes have left staging (the CPU executor copies at once; from
+//!   page-locked staging the CUDA executor enqueues the copy, records a CUDA event after
+//!   it and goes on with the next requests, and the worker waits for those events —
+//!   not for the whole stream — before it sends the HTODs' replies), so a region is free again once
 //!   the reply of the request that used it has been read; when the ring is full the
 //!   parent reads replies until the oldest region is free. A DTOH sends piece requests
 //!   into distinct regions for as long as the ring has room, before reading any reply;
@@ -2525,16 +2527,21 @@ pub fn serve(
     // requests, after any other request, and whenever 64 KiB of them wait.
     let mut rx = WorkerRx::default();
     let mut files = Vec::new();
-    let mut replies: Vec<u8> = Vec::new();
+    let pinned = matches!(
+        hosted,
+        Hosted::Cuda {
+            registered: Some(_),
+            ..
+        }
+    );
+    // Replies not sent yet, each marked when it answers an HTOD whose copy may still run.
+    let mut replies: Vec<(bool, FromWorker)> = Vec::new();
     let result = loop {
         let range = match rx.next_frame() {
             Ok(Some(range)) => range,
             Ok(None) => {
-                if !replies.is_empty() {
-                    if let Err(e) = send_frame(fd, &replies) {
-                        break Err(format!("answering: {e}"));
-                    }
-                    replies.clear();
+                if let Err(e) = send_replies(fd, hosted.exec(), &mut replies, &mut out) {
+                    break Err(format!("answering: {e}"));
                 }
                 match rx.fill(fd, &mut files) {
                     Ok(()) => continue,
@@ -2546,17 +2553,27 @@ pub fn serve(
             Err(e) => break Err(format!("receiving: {e}")),
         };
         let msg = decode::<ToWorker<'_>>(&rx.data[range]);
-        let batched = matches!(
-            msg,
-            Ok(ToWorker::Launch { .. }
-                | ToWorker::Memset { .. }
-                | ToWorker::Dtod { .. }
-                | ToWorker::Free { .. }
-                | ToWorker::UnloadModule { .. }
-                | ToWorker::CloseStream { .. })
-        );
-        let handled =
-            msg.and_then(|msg| handle(hosted.exec(), &mut staging, msg, confinement, &mut files));
+        let is_htod = matches!(msg, Ok(ToWorker::Htod { .. }));
+        let batched = is_htod
+            || matches!(
+                msg,
+                Ok(ToWorker::Launch { .. }
+                    | ToWorker::Memset { .. }
+                    | ToWorker::Dtod { .. }
+                    | ToWorker::Free { .. }
+                    | ToWorker::UnloadModule { .. }
+                    | ToWorker::CloseStream { .. })
+            );
+        let handled = msg.and_then(|msg| {
+            handle(
+                hosted.exec(),
+                &mut staging,
+                msg,
+                confinement,
+                &mut files,
+                pinned,
+            )
+        });
         if handled.is_err() {
             // A message that did not make sense: files waiting for it mean nothing now.
             files.clear();
@@ -2577,15 +2594,11 @@ pub fn serve(
             poisoned: hosted.exec().poisoned(),
             result: result.map_err(|e| WireError::from(&e)),
         };
-        if let Err(e) = encode(&reply, &mut out) {
-            break Err(format!("answering: {e}"));
-        }
-        replies.extend_from_slice(&out);
-        if !batched || exit || replies.len() >= 64 << 10 {
-            if let Err(e) = send_frame(fd, &replies) {
+        replies.push((is_htod, reply));
+        if !batched || exit || replies.len() >= 1024 {
+            if let Err(e) = send_replies(fd, hosted.exec(), &mut replies, &mut out) {
                 break Err(format!("answering: {e}"));
             }
-            replies.clear();
         }
         if exit {
             break Ok(());
@@ -2596,6 +2609,40 @@ pub fn serve(
     result
 }
 
+/// Sends the replies waiting in `replies`, in one write, once the staged copies they
+/// answer have read their source ([`Executor::fence`]): the parent reuses an HTOD's
+/// staging region as soon as it reads the reply. If the fence fails, those HTODs are
+/// answered with its error and every reply says the executor is poisoned if it is.
+fn send_replies(
+    fd: RawFd,
+    exec: &mut dyn Executor,
+    replies: &mut Vec<(bool, FromWorker)>,
+    frame: &mut Vec<u8>,
+) -> io::Result<()> {
+    if replies.is_empty() {
+        return Ok(());
+    }
+    if replies.iter().any(|(htod, _)| *htod) {
+        if let Err(e) = exec.fence() {
+            let poisoned_now = exec.poisoned();
+            for (htod, reply) in replies.iter_mut() {
+                if let FromWorker::Reply { poisoned, result } = reply {
+                    *poisoned |= poisoned_now;
+                    if *htod && result.is_ok() {
+                        *result = Err(WireError::from(&e));
+                    }
+                }
+            }
+        }
+    }
+    let mut bytes = Vec::new();
+    for (_, reply) in replies.drain(..) {
+        encode(&reply, frame)?;
+        bytes.extend_from_slice(frame);
+    }
+    send_frame(fd, &bytes)
+}
+
 /// Runs one request; `Ok(None)` for the exit request.
 fn handle(
     exec: &mut dyn Executor,
@@ -2603,6 +2650,7 @@ fn handle(
     msg: ToWorker<'_>,
     confinement: &WorkerConfinement,
     files: &mut Vec<OwnedFd>,
+    pinned: bool,
 ) -> io::Result<Option<ExecResult<u64>>> {
     let result = match msg {
         ToWorker::Init { .. } => return Err(malformed()),
@@ -2623,12 +2671,15 @@ fn handle(
             staged,
         } => {
             let (at, n) = staging.region(staged)?;
-            exec.htod(
-                StreamId(stream),
-                BufferId(dst),
-                offset,
-                staging.slice(at, n),
-            )
+            // From page-locked staging the copy may run on: its reply is sent only after a
+            // fence (see `serve`), and the parent reuses the region only after the reply.
+            let data = staging.slice(at, n);
+            let (stream, dst) = (StreamId(stream), BufferId(dst));
+            if pinned {
+                exec.htod_staged(stream, dst, offset, data)
+            } else {
+                exec.htod(stream, dst, offset, data)
+            }
             .map(|()| 0)
         }
         ToWorker::Dtoh {
