@@ -85,6 +85,28 @@ impl std::error::Error for ExecError {}
 
 pub type ExecResult<T> = Result<T, ExecError>;
 
+/// Why executors could not be set up: nothing has run yet, so there is no status for a
+/// guest, only a reason for the operator.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SetupError {
+    /// No usable CUDA driver, device or NVRTC.
+    #[error("CUDA executor unavailable: {0}")]
+    Cuda(String),
+    /// The worker binary is missing, or a worker does not start.
+    #[error("{0}")]
+    Worker(String),
+    /// The worker user or limits cannot be applied.
+    #[error("{0}")]
+    Sandbox(String),
+}
+
+/// For callers that report setup failures as text.
+impl From<SetupError> for String {
+    fn from(e: SetupError) -> String {
+        e.to_string()
+    }
+}
+
 /// Host-to-device data that stays where the transport found it (a guest's buffers) until
 /// an executor copies it: no intermediate copy in host memory.
 pub trait GuestSource: Send + Sync {
@@ -313,7 +335,7 @@ pub trait ExecutorFactory: Send + Sync {
     }
     /// Starts what a VM's executor needs once and stops it again: for `info`-style
     /// checks that must fail when a VM could not be served.
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), SetupError> {
         Ok(())
     }
 }
@@ -371,9 +393,10 @@ pub struct ExecutorOptions {
 
 impl ExecutorOptions {
     /// Checks what can be checked before anything starts (the worker user exists).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SetupError> {
         if let Some(name) = &self.worker_user {
-            crate::sandbox::WorkerUser::lookup(name).map_err(|e| format!("--worker-user: {e}"))?;
+            crate::sandbox::WorkerUser::lookup(name)
+                .map_err(|e| SetupError::Sandbox(format!("--worker-user: {e}")))?;
         }
         Ok(())
     }
@@ -385,7 +408,7 @@ pub const DEFAULT_WORKER_MAX_MEMORY: u64 = 16 << 30;
 
 /// Builds the executor factory for a choice, with each VM's CUDA work in its own worker
 /// process ([`Isolation::Process`]). See [`select_with`].
-pub fn select(choice: ExecutorChoice) -> Result<Arc<dyn ExecutorFactory>, String> {
+pub fn select(choice: ExecutorChoice) -> Result<Arc<dyn ExecutorFactory>, SetupError> {
     select_with(choice, &ExecutorOptions::default())
 }
 
@@ -399,7 +422,7 @@ pub fn select(choice: ExecutorChoice) -> Result<Arc<dyn ExecutorFactory>, String
 pub fn select_with(
     choice: ExecutorChoice,
     options: &ExecutorOptions,
-) -> Result<Arc<dyn ExecutorFactory>, String> {
+) -> Result<Arc<dyn ExecutorFactory>, SetupError> {
     let cpu = || -> Arc<dyn ExecutorFactory> { Arc::new(crate::cpu::CpuExecutorFactory::new()) };
     match choice {
         ExecutorChoice::Cpu => {
@@ -407,7 +430,7 @@ pub fn select_with(
             Ok(cpu())
         }
         ExecutorChoice::Cuda => crate::cuda::CudaExecutorFactory::new(0)
-            .map_err(|e| format!("CUDA executor unavailable: {e}"))
+            .map_err(SetupError::Cuda)
             .and_then(|f| cuda_factory(f, options)),
         ExecutorChoice::Auto => match crate::cuda::CudaExecutorFactory::new(0) {
             Ok(f) => {
@@ -432,7 +455,7 @@ pub fn select_with(
 fn cuda_factory(
     cuda: crate::cuda::CudaExecutorFactory,
     options: &ExecutorOptions,
-) -> Result<Arc<dyn ExecutorFactory>, String> {
+) -> Result<Arc<dyn ExecutorFactory>, SetupError> {
     match options.isolation {
         Isolation::SharedProcess => {
             log::warn!(
@@ -446,7 +469,9 @@ fn cuda_factory(
             let workers = crate::process::ProcessExecutorFactory::cuda(0, &cuda).and_then(|f| {
                 let mut sandbox = f.sandbox().clone();
                 if let Some(name) = &options.worker_user {
-                    sandbox.user = Some(crate::sandbox::WorkerUser::lookup(name)?);
+                    let user = crate::sandbox::WorkerUser::lookup(name)
+                        .map_err(|e| SetupError::Sandbox(format!("--worker-user: {e}")))?;
+                    sandbox.user = Some(user);
                 }
                 sandbox.max_data_bytes = Some(
                     options
@@ -463,10 +488,13 @@ fn cuda_factory(
 /// Fails closed: the worker-process factory or an error, never the in-process one. A
 /// worker that does not start now is reported; each VM's next session tries again.
 pub fn process_isolated(
-    workers: Result<crate::process::ProcessExecutorFactory, String>,
-) -> Result<Arc<dyn ExecutorFactory>, String> {
-    let workers = workers
-        .map_err(|e| format!("CUDA executors run only in executor worker processes, and {e}"))?;
+    workers: Result<crate::process::ProcessExecutorFactory, SetupError>,
+) -> Result<Arc<dyn ExecutorFactory>, SetupError> {
+    let workers = workers.map_err(|e| {
+        SetupError::Worker(format!(
+            "CUDA executors run only in executor worker processes, and {e}"
+        ))
+    })?;
     match workers.check() {
         Ok(()) => log::info!(
             "each session's CUDA work runs in its own executor worker process ({}; {})",

@@ -23,5 +23,5 @@ pub mod selftest;
 pub use executor::{
     select, select_with, BufferId, DeviceInfo, ExecError, ExecParam, ExecResult, Executor,
     ExecutorChoice, ExecutorFactory, ExecutorOptions, GuestIo, GuestSink, GuestSource, Isolation,
-    KernelRef, ModuleId, StreamId,
+    KernelRef, ModuleId, SetupError, StreamId,
 };

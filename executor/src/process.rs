@@ -128,7 +128,7 @@ use crate::cpu::{CpuExecutor, CpuExecutorFactory};
 use crate::cuda::{CudaExecutor, CudaExecutorFactory};
 use crate::executor::{
     guest_fault, BufferId, DeviceInfo, ExecError, ExecParam, ExecResult, Executor, ExecutorFactory,
-    GuestSink, GuestSource, KernelRef, ModuleId, StreamId,
+    GuestSink, GuestSource, KernelRef, ModuleId, SetupError, StreamId,
 };
 use crate::hostmap::{FilePiece, HostMapping};
 use crate::sandbox::{Sandbox, WorkerUser};
@@ -182,7 +182,7 @@ pub const SIMULATED_FAULT_VALUE: u32 = 0xdead;
 /// The worker binary: `$VGPU_EXECUTOR_WORKER` if set (it must exist), else
 /// `vgpu-executor-worker` beside the running executable (for a cargo test binary in
 /// `target/<profile>/deps/`, also in `target/<profile>/`), else the first on `$PATH`.
-pub fn find_worker() -> Result<PathBuf, String> {
+pub fn find_worker() -> Result<PathBuf, SetupError> {
     let exe = std::env::current_exe().ok();
     locate_worker(
         std::env::var_os(WORKER_ENV),
@@ -195,16 +195,16 @@ fn locate_worker(
     env: Option<OsString>,
     exe: Option<&Path>,
     path: Option<OsString>,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, SetupError> {
     if let Some(value) = env.filter(|v| !v.is_empty()) {
         let p = PathBuf::from(value);
         return if is_executable(&p) {
             Ok(p)
         } else {
-            Err(format!(
+            Err(SetupError::Worker(format!(
                 "{WORKER_ENV}={} is not an executable file",
                 p.display()
-            ))
+            )))
         };
     }
     let mut candidates = Vec::new();
@@ -223,9 +223,9 @@ fn locate_worker(
         .into_iter()
         .find(|p| is_executable(p))
         .ok_or_else(|| {
-            format!(
+            SetupError::Worker(format!(
                 "no {WORKER_BINARY} found (beside the executable, on PATH, or named by {WORKER_ENV})"
-            )
+            ))
         })
 }
 
@@ -1322,15 +1322,16 @@ pub struct ProcessExecutorFactory {
     pool: Pool,
     /// The outcome of the first [`ExecutorFactory::check`], kept so that a start-up
     /// check and a later `info` start one worker, not two.
-    checked: OnceLock<Result<(), String>>,
+    checked: OnceLock<Result<(), SetupError>>,
 }
 
 impl ProcessExecutorFactory {
     /// CUDA device `ordinal` in workers, described by and loading the catalog of `cuda`
     /// (a factory for the same device); the worker binary from [`find_worker`]. Keeps
     /// [`DEFAULT_CUDA_POOL`] workers ready.
-    pub fn cuda(ordinal: usize, cuda: &CudaExecutorFactory) -> Result<Self, String> {
-        let ordinal = u32::try_from(ordinal).map_err(|_| "device ordinal too large")?;
+    pub fn cuda(ordinal: usize, cuda: &CudaExecutorFactory) -> Result<Self, SetupError> {
+        let ordinal = u32::try_from(ordinal)
+            .map_err(|_| SetupError::Cuda("device ordinal too large".into()))?;
         let kind = WorkerKind::Cuda {
             ordinal,
             catalog_ptx: cuda.catalog_ptx().into(),
@@ -1340,7 +1341,7 @@ impl ProcessExecutorFactory {
 
     /// The CPU reference executor in workers: the whole process path without a GPU. No
     /// pool unless [`ProcessExecutorFactory::with_pool`] asks for one.
-    pub fn cpu() -> Result<Self, String> {
+    pub fn cpu() -> Result<Self, SetupError> {
         Self::with_kind(CpuExecutorFactory::new().device().clone(), WorkerKind::Cpu)
     }
 
@@ -1348,14 +1349,14 @@ impl ProcessExecutorFactory {
     /// is [`SIMULATED_FAULT_VALUE`] is accepted and then fails the next synchronising
     /// call with `LAUNCH_FAILED` (detail 719) and poisons the executor, the way a kernel
     /// that traps does on CUDA. For tests of the fault path without a GPU.
-    pub fn cpu_fault_sim() -> Result<Self, String> {
+    pub fn cpu_fault_sim() -> Result<Self, SetupError> {
         Self::with_kind(
             CpuExecutorFactory::new().device().clone(),
             WorkerKind::CpuFaultSim,
         )
     }
 
-    fn with_kind(info: DeviceInfo, kind: WorkerKind) -> Result<Self, String> {
+    fn with_kind(info: DeviceInfo, kind: WorkerKind) -> Result<Self, SetupError> {
         Ok(ProcessExecutorFactory {
             spawner: Arc::new(Spawner {
                 info,
@@ -1447,13 +1448,13 @@ impl ProcessExecutorFactory {
     }
 
     /// Starts a worker and stops it again: the binary runs and opens the device.
-    pub fn probe(&self) -> Result<(), String> {
+    pub fn probe(&self) -> Result<(), SetupError> {
         self.spawn().map(drop).map_err(|e| {
-            format!(
+            SetupError::Worker(format!(
                 "executor worker {} did not start: {}",
                 self.spawner.worker.display(),
                 e.message
-            )
+            ))
         })
     }
 
@@ -1520,7 +1521,7 @@ impl ExecutorFactory for ProcessExecutorFactory {
         Some(&self.spawner.worker)
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), SetupError> {
         self.checked.get_or_init(|| self.probe()).clone()
     }
 }
@@ -3135,7 +3136,10 @@ mod tests {
         );
         let missing = dir.join("nope").into_os_string();
         let e = locate_worker(Some(missing), Some(&exe), path).unwrap_err();
-        assert!(e.starts_with(WORKER_ENV), "{e}");
+        assert!(
+            matches!(&e, SetupError::Worker(m) if m.starts_with(WORKER_ENV)),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -519,9 +519,11 @@ fn an_oversized_launch_is_refused_and_the_worker_serves_on() {
 /// of downgrading the isolation.
 #[test]
 fn without_a_worker_that_starts_vms_are_refused_never_run_in_process() {
-    let missing = vgpu_mediator::executor::process_isolated(Err("no worker found".into()));
+    let missing = vgpu_mediator::executor::process_isolated(Err(
+        vgpu_mediator::executor::SetupError::Worker("no worker found".into()),
+    ));
     let e = missing.err().expect("an error, not an in-process factory");
-    assert!(e.contains("worker processes"), "{e}");
+    assert!(e.to_string().contains("worker processes"), "{e}");
 
     let failing = cpu_workers().with_worker("/bin/false");
     let factory = vgpu_mediator::executor::process_isolated(Ok(failing)).expect("a factory");

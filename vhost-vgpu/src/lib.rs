@@ -80,8 +80,8 @@ pub enum Error {
     NfsVms(#[source] vgpu_mediator::nfs::NfsError),
     #[error("starting the NFS file transport")]
     StartNfs(#[source] vgpu_mediator::nfs::NfsError),
-    #[error("{0}")]
-    Executor(String),
+    #[error(transparent)]
+    Executor(#[from] vgpu_mediator::executor::SetupError),
     #[error("adding tenant {0}")]
     AddTenant(String, #[source] io::Error),
     #[error("listening on {0}")]
@@ -545,7 +545,7 @@ mod tests {
         assert!(args(&["-s", "/tmp/vm", "--poll-us", "-1"]).is_err());
         assert!(matches!(
             check(&["-s", "/tmp/vm", "--worker-user", "no-such-user-here"]),
-            Error::Executor(e) if e.contains("no user")
+            Error::Executor(e) if e.to_string().contains("no user")
         ));
         for shared in [
             &["-s", "/tmp/vm", "-c", "2", "--single-vm-shared-process"][..],

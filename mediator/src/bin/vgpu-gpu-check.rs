@@ -115,7 +115,7 @@ fn run(args: &Args, seed: u64, report: &mut Report, table: &mut Table) {
     // The mediator gets what the service gets: executors in worker processes.
     let mediated = match select(ExecutorChoice::Cuda) {
         Ok(f) => f,
-        Err(why) => return report.fail("select", why),
+        Err(why) => return report.fail("select", why.to_string()),
     };
     match mediated.worker_process() {
         Some(worker) => {
@@ -130,7 +130,7 @@ fn run(args: &Args, seed: u64, report: &mut Report, table: &mut Table) {
                 };
                 f.with_worker(worker).with_sandbox(sandbox)
             });
-            let spawned = probe.and_then(|f| {
+            let spawned = probe.map_err(|e| e.to_string()).and_then(|f| {
                 f.spawn()
                     .map(|w| (w, f.sandbox().clone()))
                     .map_err(|e| e.to_string())
