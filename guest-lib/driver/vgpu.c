@@ -8,8 +8,9 @@
  * [response]. User memory is pinned and handed to the device in place.
  * VGPU_IOC_SUBMIT_ASYNC queues a LAUNCH, MEMSET, DTOD or HTOD from a kernel copy of its
  * bytes and returns at once; the first failure among them is reported by the file's
- * next VGPU_IOC_SUBMIT. mmap gives
- * zeroed, physically contiguous host buffers so that large copies need few descriptors;
+ * next VGPU_IOC_SUBMIT. VGPU_IOC_SUBMIT_POLL is VGPU_IOC_SUBMIT that first polls the
+ * ring for its answer for a while (vgpu_poll) before it sleeps. mmap gives zeroed,
+ * physically contiguous host buffers so that large copies need few descriptors;
  * each is registered with the device (HOST_REGISTER), which may then copy straight
  * between its pages and the GPU, and unregistered before its pages are freed.
  * The wire format is protocol/README.md; the user interface is include/vgpu_ioctl.h.
@@ -26,6 +27,8 @@
 #include <linux/module.h>
 #include <linux/rwsem.h>
 #include <linux/scatterlist.h>
+#include <linux/sched/clock.h>
+#include <linux/sched/signal.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 #include <linux/version.h>
@@ -102,12 +105,13 @@ struct vgpu_device {
 	struct mutex state_lock;	/* vdev and vq setup/teardown, config reads */
 	struct virtio_device *vdev;	/* NULL once removed */
 
-	spinlock_t vq_lock;		/* vq, live, epoch, space_gen, inflight */
+	spinlock_t vq_lock;		/* vq, live, epoch, space_gen, inflight, pollers */
 	struct virtqueue *vq;
 	bool live;			/* requests may be queued */
 	unsigned int epoch;		/* bumped by every reset: older sessions are gone */
 	unsigned long space_gen;	/* bumped whenever descriptors are freed */
 	struct list_head inflight;	/* requests the device holds */
+	unsigned int pollers;		/* tasks in vgpu_poll: interrupts may be off */
 	unsigned int queue_size;
 	wait_queue_head_t space_wq;
 	/* Read-held from virtqueue_add_sgs to the notify, so teardown can wait them out. */
@@ -392,22 +396,81 @@ static void vgpu_finish_locked(struct vgpu_device *vg, struct vgpu_request *req,
 	}
 }
 
+/*
+ * Hands back every request the device returned, in the order it returned them. The
+ * interrupt and the pollers both come here, under vq_lock, so each used entry leaves
+ * the ring once and is finished once, whoever finds it. While a task polls, the
+ * device's interrupt stays off (the pollers look anyway); otherwise it is re-armed, and
+ * whatever returned before the re-arm is taken here, so the next return interrupts.
+ * Returns whether anything came back.
+ */
+static bool vgpu_reap_locked(struct vgpu_device *vg, struct virtqueue *vq)
+{
+	struct vgpu_request *req;
+	unsigned int len;
+	bool any = false;
+
+	do {
+		virtqueue_disable_cb(vq);
+		while ((req = virtqueue_get_buf(vq, &len))) {
+			vgpu_finish_locked(vg, req, 0, len);
+			any = true;
+		}
+	} while (!vg->pollers && !virtqueue_enable_cb(vq));
+	if (any)
+		vg->space_gen++;
+	return any;
+}
+
 static void vgpu_vq_done(struct virtqueue *vq)
 {
 	struct vgpu_device *vg = vq->vdev->priv;
-	struct vgpu_request *req;
 	unsigned long flags;
-	unsigned int len;
 
 	spin_lock_irqsave(&vg->vq_lock, flags);
-	do {
-		virtqueue_disable_cb(vq);
-		while ((req = virtqueue_get_buf(vq, &len)))
-			vgpu_finish_locked(vg, req, 0, len);
-	} while (!virtqueue_enable_cb(vq));
-	vg->space_gen++;
+	vgpu_reap_locked(vg, vq);
 	spin_unlock_irqrestore(&vg->vq_lock, flags);
 	wake_up_all(&vg->space_wq);
+}
+
+/*
+ * VGPU_IOC_SUBMIT_POLL: looks for @req's answer in the ring itself, for up to @poll_us
+ * or until the CPU is wanted elsewhere or a fatal signal comes; the caller then waits on
+ * req->done as usual (at once if @req came back). Everything that came back meanwhile,
+ * other files' and async requests too, is finished here as the interrupt would.
+ *
+ * The device's interrupt is off while any task polls (vgpu_reap_locked): a poll runs
+ * with preemption off and ends in bounded time, and the last poller out re-arms the
+ * interrupt, taking what came back before the re-arm. From the moment a reset or
+ * removal begins (!live) the ring is left alone: teardown hands everything back.
+ */
+static void vgpu_poll(struct vgpu_device *vg, struct vgpu_request *req, unsigned int poll_us)
+{
+	bool any, done;
+	u64 deadline;
+
+	preempt_disable();
+	deadline = local_clock() + (u64)poll_us * NSEC_PER_USEC;
+	spin_lock_irq(&vg->vq_lock);
+	vg->pollers++;
+	for (;;) {
+		any = vg->live && vgpu_reap_locked(vg, vg->vq);
+		done = req->returned || !vg->live;
+		spin_unlock_irq(&vg->vq_lock);
+		if (any)
+			wake_up_all(&vg->space_wq);
+		if (done || local_clock() >= deadline || need_resched() ||
+		    fatal_signal_pending(current))
+			break;
+		cpu_relax();
+		spin_lock_irq(&vg->vq_lock);
+	}
+	spin_lock_irq(&vg->vq_lock);
+	any = !--vg->pollers && vg->live && vgpu_reap_locked(vg, vg->vq);
+	spin_unlock_irq(&vg->vq_lock);
+	if (any)
+		wake_up_all(&vg->space_wq);
+	preempt_enable();
 }
 
 /*
@@ -454,16 +517,18 @@ static int vgpu_queue(struct vgpu_device *vg, struct vgpu_request *req, unsigned
 }
 
 /*
- * Queues @req and waits until the device returns it. On success, or on an error with
- * *abandoned false, the caller still owns @req and frees it. With *abandoned true the
- * caller was killed while the device holds the request: the completion path frees it,
- * because the device may still write the pinned pages.
+ * Queues @req and waits until the device returns it, polling for up to @poll_us first
+ * (vgpu_poll). On success, or on an error with *abandoned false, the caller still owns
+ * @req and frees it. With *abandoned true the caller was killed while the device holds
+ * the request: the completion path frees it, because the device may still write the
+ * pinned pages.
  *
  * Waits are killable only: an ordinary signal must not make a request's outcome unknown
  * (a restarted ALLOC or LAUNCH would run twice).
  */
-static int vgpu_execute(struct vgpu_device *vg, struct vgpu_request *req, unsigned int nout,
-			unsigned int nin, bool *abandoned)
+static int vgpu_execute_poll(struct vgpu_device *vg, struct vgpu_request *req,
+			     unsigned int nout, unsigned int nin, unsigned int poll_us,
+			     bool *abandoned)
 {
 	int err;
 
@@ -472,6 +537,8 @@ static int vgpu_execute(struct vgpu_device *vg, struct vgpu_request *req, unsign
 	if (err)
 		return err;
 
+	if (poll_us)
+		vgpu_poll(vg, req, poll_us);
 	wait_for_completion_killable(&req->done);
 	spin_lock_irq(&vg->vq_lock);
 	if (!req->returned) {
@@ -484,6 +551,12 @@ static int vgpu_execute(struct vgpu_device *vg, struct vgpu_request *req, unsign
 	}
 	spin_unlock_irq(&vg->vq_lock);
 	return err;
+}
+
+static int vgpu_execute(struct vgpu_device *vg, struct vgpu_request *req, unsigned int nout,
+			unsigned int nin, bool *abandoned)
+{
+	return vgpu_execute_poll(vg, req, nout, nin, 0, abandoned);
 }
 
 static int vgpu_status_errno(u32 status)
@@ -656,20 +729,31 @@ static void vgpu_report_async_error(struct vgpu_file *vf, u8 *resp)
 	put_unaligned_le32(flags, resp + VGPU_RESP_FLAGS);
 }
 
-static long vgpu_ioctl_submit(struct vgpu_file *vf, void __user *argp)
+/* VGPU_IOC_SUBMIT, or VGPU_IOC_SUBMIT_POLL with @poll. */
+static long vgpu_ioctl_submit(struct vgpu_file *vf, void __user *argp, bool poll)
 {
 	struct vgpu_device *vg = vf->vg;
 	struct vgpu_seg *segs = NULL;
 	struct vgpu_request *req;
-	unsigned int nsegs, i, nout, nin, ndesc;
+	unsigned int nsegs, i, nout, nin, ndesc, poll_us = 0;
 	struct vgpu_submit sub;
 	long long bytes_in, bytes_out;
 	bool abandoned;
 	u16 opcode;
 	long err;
 
-	if (copy_from_user(&sub, argp, sizeof(sub)))
+	if (poll) {
+		struct vgpu_submit_poll sp;
+
+		if (copy_from_user(&sp, argp, sizeof(sp)))
+			return -EFAULT;
+		if (sp.reserved)
+			return -EINVAL;
+		sub = sp.submit;
+		poll_us = min_t(u32, sp.poll_us, VGPU_POLL_MAX_US);
+	} else if (copy_from_user(&sub, argp, sizeof(sub))) {
 		return -EFAULT;
+	}
 	/* Every segment takes at least one descriptor besides header and response. */
 	if (sub.num_in > vg->queue_size || sub.num_out > vg->queue_size ||
 	    sub.num_in + sub.num_out + 2 > vg->queue_size)
@@ -747,7 +831,7 @@ static long vgpu_ioctl_submit(struct vgpu_file *vf, void __user *argp)
 	req->sgs[nout + nin] = &req->resp_sg;
 	nin++;
 
-	err = vgpu_execute(vg, req, nout, nin, &abandoned);
+	err = vgpu_execute_poll(vg, req, nout, nin, poll_us, &abandoned);
 	if (abandoned) {
 		req = NULL;
 		goto out;
@@ -970,7 +1054,9 @@ static long vgpu_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 
 	switch (cmd) {
 	case VGPU_IOC_SUBMIT:
-		return vgpu_ioctl_submit(vf, argp);
+		return vgpu_ioctl_submit(vf, argp, false);
+	case VGPU_IOC_SUBMIT_POLL:
+		return vgpu_ioctl_submit(vf, argp, true);
 	case VGPU_IOC_SUBMIT_ASYNC:
 		return vgpu_ioctl_submit_async(vf, argp);
 	case VGPU_IOC_INFO:

@@ -133,6 +133,28 @@ struct vgpu_submit {
 };
 
 /*
+ * VGPU_IOC_SUBMIT_POLL: VGPU_IOC_SUBMIT for latency-critical callers. After queueing the
+ * request the driver looks for its answer in the ring itself, spinning on the caller's
+ * CPU, for up to poll_us microseconds (more than VGPU_POLL_MAX_US counts as that; 0 does
+ * not poll); then, or as soon as the CPU is wanted by another task, it sleeps until the
+ * device's interrupt as VGPU_IOC_SUBMIT does. It trades the caller's CPU time for the
+ * interrupt's and the wake-up's latency. While a caller polls the device is asked not
+ * to interrupt, and the poller completes whatever comes back (other files' and async
+ * requests too). Results and errors are VGPU_IOC_SUBMIT's; reserved must be 0
+ * (else EINVAL). A driver without it answers ENOTTY: use VGPU_IOC_SUBMIT.
+ *
+ * struct vgpu_submit has no spare field (40 bytes, no padding, its size in the ioctl
+ * number): hence a new number with a longer struct.
+ */
+struct vgpu_submit_poll {
+	struct vgpu_submit submit;
+	__u32 poll_us;		/* longest poll before sleeping, microseconds */
+	__u32 reserved;		/* 0 */
+};
+
+#define VGPU_POLL_MAX_US		1000
+
+/*
  * VGPU_IOC_SUBMIT_ASYNC: the same request, queued without waiting for the device, for
  * LAUNCH, MEMSET, DTOD and HTOD only (any other opcode, or any out_segs: EINVAL). The
  * driver copies the header and the in_segs bytes (at most VGPU_ASYNC_MAX_BYTES in all,
@@ -182,6 +204,7 @@ struct vgpu_info {
 #define VGPU_IOC_INFO			_IOR(VGPU_IOC_MAGIC, 2, struct vgpu_info)
 #define VGPU_IOC_SESSION		_IOR(VGPU_IOC_MAGIC, 3, __u64)
 #define VGPU_IOC_SUBMIT_ASYNC		_IOW(VGPU_IOC_MAGIC, 4, struct vgpu_submit)
+#define VGPU_IOC_SUBMIT_POLL		_IOWR(VGPU_IOC_MAGIC, 5, struct vgpu_submit_poll)
 
 /*
  * mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) returns a zeroed host

@@ -715,6 +715,7 @@ mod tests {
         assert_eq!(get("RESP_F_ASYNC_ERROR"), 1);
         assert_eq!(get("ASYNC_MAX_BYTES"), crate::ASYNC_MAX_BYTES);
         assert_eq!(get("ASYNC_MAX_INFLIGHT"), 256);
+        assert_eq!(get("POLL_MAX_US"), crate::POLL_MAX_US as usize);
     }
 
     fn open_fake(dev: &std::sync::Arc<FakeDevice>) -> *mut vgpu_session {

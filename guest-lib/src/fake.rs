@@ -3,6 +3,7 @@
 //! replies to errors.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vgpu_protocol::{
@@ -13,6 +14,7 @@ use vgpu_protocol::{
 use crate::error::{Error, Result};
 use crate::transport::{
     opcode_name, AsyncFailure, HostMemory, InProcessTransport, Reply, Transport, ASYNC_MAX_BYTES,
+    POLL_MAX_US,
 };
 use crate::Session;
 
@@ -302,11 +304,13 @@ fn launch(s: &mut FakeSession, l: Launch) -> Result<(), Status> {
 /// synchronous transport: an async request runs at once (the fake device answers in
 /// order anyway), a failure is kept (the first; later ones are dropped) and reported
 /// with the next synchronous request, which still runs.
+/// Like the driver's transport, it keeps the polling setting of synchronous requests.
 pub struct AsyncDriver<T> {
     pub inner: T,
     failed: Mutex<Option<AsyncFailure>>,
     /// Like an older driver: every async request goes synchronously.
     pub unsupported: bool,
+    poll_us: AtomicU32,
 }
 
 impl<T: Transport> AsyncDriver<T> {
@@ -315,6 +319,7 @@ impl<T: Transport> AsyncDriver<T> {
             inner,
             failed: Mutex::default(),
             unsupported: false,
+            poll_us: AtomicU32::new(0),
         }
     }
 }
@@ -377,6 +382,14 @@ impl<T: Transport> Transport for AsyncDriver<T> {
         Ok(None)
     }
 
+    fn set_poll_us(&self, us: u32) {
+        self.poll_us.store(us.min(POLL_MAX_US), Ordering::Relaxed);
+    }
+
+    fn poll_us(&self) -> u32 {
+        self.poll_us.load(Ordering::Relaxed)
+    }
+
     fn config(&self) -> Result<DeviceConfig> {
         self.inner.config()
     }
@@ -394,6 +407,8 @@ pub struct Chain {
     pub output: Vec<usize>,
     /// Sent with [`Transport::submit_async`].
     pub queued: bool,
+    /// The transport's polling when it was sent synchronously (0 for a queued one).
+    pub poll_us: u32,
 }
 
 impl Chain {
@@ -438,6 +453,7 @@ impl<T: Transport> Recorder<T> {
             input: input.iter().map(|s| s.len()).collect(),
             output: output.iter().map(|s| s.len()).collect(),
             queued,
+            poll_us: if queued { 0 } else { self.inner.poll_us() },
         };
         let payload: usize = chain.input.iter().chain(&chain.output).sum();
         if !queued && self.payload_limit.is_some_and(|l| payload > l) {
@@ -477,6 +493,14 @@ impl<T: Transport> Transport for Recorder<T> {
     ) -> Result<Option<Reply>> {
         self.record(header, input, &[], true)?;
         self.inner.submit_async(header, input)
+    }
+
+    fn set_poll_us(&self, us: u32) {
+        self.inner.set_poll_us(us);
+    }
+
+    fn poll_us(&self) -> u32 {
+        self.inner.poll_us()
     }
 
     fn config(&self) -> Result<DeviceConfig> {

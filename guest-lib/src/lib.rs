@@ -29,6 +29,8 @@
 //! among them, or one that happened later on the device, is reported by the session's
 //! next synchronous call, such as [`Session::sync`]. `VGPU_SYNC_SUBMIT=1` (or
 //! [`Session::set_sync_submit`]) makes every request wait for its answer.
+//! `VGPU_POLL_US=N` (or [`Session::set_poll_us`]) has a request that waits poll the
+//! device for its answer for up to N µs before it sleeps until the interrupt.
 //!
 //! Requests travel through a [`Transport`]: [`CharDevTransport`] on a guest, or
 //! [`InProcessTransport`] to drive a device implementation in the same process. The C
@@ -45,10 +47,10 @@ mod fake;
 pub use error::{Error, Result};
 pub use session::{
     BufferArg, Device, DeviceBuffer, HostBuffer, KernelArg, LaunchConfig, Module, Pod, Session,
-    HOST_CHUNK_BYTES, MIN_CHUNK_BYTES, PAGEABLE_CHUNK_BYTES, SYNC_SUBMIT_ENV,
+    HOST_CHUNK_BYTES, MIN_CHUNK_BYTES, PAGEABLE_CHUNK_BYTES, POLL_US_ENV, SYNC_SUBMIT_ENV,
 };
 pub use transport::{
     device_path, AsyncFailure, CharDevTransport, HostMemory, InProcessTransport, Reply, Transport,
-    ASYNC_MAX_BYTES,
+    ASYNC_MAX_BYTES, POLL_MAX_US,
 };
 pub use vgpu_protocol::{DeviceConfig, ExecutorKind, InfoReply, SelftestKind, Status};

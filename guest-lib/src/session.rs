@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use log::{debug, trace};
+use log::{debug, trace, warn};
 use vgpu_protocol::{
     Command, DeviceConfig, Header, InfoReply, Launch, Op, Param, Request, ResponseHeader,
     SelftestKind, Status, BUILTIN_MODULE, INFO_SIZE, MAX_KERNEL_NAME, MAX_PARAMS, MAX_PARAM_BYTES,
@@ -17,7 +17,7 @@ use vgpu_protocol::{
 use crate::error::{Error, Result};
 use crate::transport::{
     device_path, opcode_name, AsyncFailure, CharDevTransport, HostMemory, Reply, Transport,
-    ASYNC_MAX_BYTES,
+    ASYNC_MAX_BYTES, POLL_MAX_US,
 };
 
 /// Size of one copy request from ordinary (pageable) memory. Its pages may be scattered,
@@ -32,9 +32,26 @@ pub const MIN_CHUNK_BYTES: usize = 4096;
 /// [`Session::set_sync_submit`]).
 pub const SYNC_SUBMIT_ENV: &str = "VGPU_SYNC_SUBMIT";
 
+/// Set to N (microseconds), every synchronous request of the process's sessions polls
+/// for its answer for up to N µs before it sleeps (see [`Session::set_poll_us`]).
+pub const POLL_US_ENV: &str = "VGPU_POLL_US";
+
 /// Whether a value of `VGPU_SYNC_SUBMIT` asks for synchronous submission.
 fn sync_submit_requested(value: Option<&str>) -> bool {
     matches!(value.map(str::trim), Some(v) if !v.is_empty() && v != "0")
+}
+
+/// The polling a value of `VGPU_POLL_US` asks for, at most [`POLL_MAX_US`]; `None` when
+/// unset, empty or not a number.
+fn poll_us_requested(value: Option<&str>) -> Option<u32> {
+    let v = value.map(str::trim).filter(|v| !v.is_empty())?;
+    match v.parse::<u64>() {
+        Ok(us) => Some(us.min(u64::from(POLL_MAX_US)) as u32),
+        Err(_) => {
+            warn!("{POLL_US_ENV}={v:?} is not a number of microseconds: ignored");
+            None
+        }
+    }
 }
 
 /// Plain data that is copied to and from the device as its bytes.
@@ -349,8 +366,18 @@ impl Session {
     /// A session over any transport (the guest driver, or an in-process device).
     pub fn from_transport(transport: Box<dyn Transport>) -> Session {
         let sync = sync_submit_requested(std::env::var(SYNC_SUBMIT_ENV).ok().as_deref());
+        let poll = poll_us_requested(std::env::var(POLL_US_ENV).ok().as_deref());
+        Session::with_options(transport, sync, poll)
+    }
+
+    /// A session with the settings of `VGPU_SYNC_SUBMIT` and `VGPU_POLL_US`.
+    fn with_options(transport: Box<dyn Transport>, sync: bool, poll_us: Option<u32>) -> Session {
         if sync {
             debug!("{SYNC_SUBMIT_ENV} is set: every request waits for its answer");
+        }
+        if let Some(us) = poll_us {
+            debug!("{POLL_US_ENV} is set: synchronous requests poll for up to {us} us");
+            transport.set_poll_us(us);
         }
         Session {
             inner: Arc::new(SessionInner {
@@ -377,6 +404,24 @@ impl Session {
     /// Whether every request waits for its answer (see [`Session::set_sync_submit`]).
     pub fn sync_submit(&self) -> bool {
         !self.inner.async_submit.load(Ordering::Relaxed)
+    }
+
+    /// Has every later synchronous request (`sync`, copies to the host, `alloc`...) poll
+    /// the device for its answer for up to `us` microseconds (at most [`POLL_MAX_US`])
+    /// before it sleeps until the device's interrupt: lower latency for CPU time, the
+    /// request's thread spinning in the driver meanwhile. 0 (the default) turns it off;
+    /// the environment variable `VGPU_POLL_US=N` sets it for every session of a
+    /// process. Applies to every clone of the session. A driver without polling
+    /// (`VGPU_IOC_SUBMIT_POLL`) and transports other than the driver's ignore it.
+    pub fn set_poll_us(&self, us: u32) {
+        self.inner.transport.set_poll_us(us.min(POLL_MAX_US));
+    }
+
+    /// The polling of synchronous requests in microseconds (see
+    /// [`Session::set_poll_us`]); 0 when off, when the transport cannot poll, or once
+    /// the driver has turned it down.
+    pub fn poll_us(&self) -> u32 {
+        self.inner.transport.poll_us()
     }
 
     /// The device's config space.
@@ -1647,6 +1692,106 @@ mod tests {
         r.session.memset_u32(&mut b, 5).unwrap();
         r.session.sync().unwrap();
         assert_eq!(r.session.dtoh(&b).unwrap(), vec![5; 4]);
+    }
+
+    #[test]
+    fn poll_us_comes_from_the_environment_value() {
+        assert_eq!(poll_us_requested(None), None);
+        assert_eq!(poll_us_requested(Some("")), None);
+        assert_eq!(poll_us_requested(Some("  ")), None);
+        assert_eq!(poll_us_requested(Some("fast")), None);
+        assert_eq!(poll_us_requested(Some("-5")), None);
+        assert_eq!(poll_us_requested(Some("0")), Some(0));
+        assert_eq!(poll_us_requested(Some(" 50 ")), Some(50));
+        assert_eq!(poll_us_requested(Some("1000")), Some(POLL_MAX_US));
+        assert_eq!(poll_us_requested(Some("99999999999")), Some(POLL_MAX_US));
+    }
+
+    /// A session whose transport polls as the `VGPU_POLL_US` value says.
+    fn rig_polling(env: Option<&str>) -> Rig {
+        let dev = FakeDevice::new();
+        let rec = Recorder::new(AsyncDriver::new(dev.transport()));
+        let (chains, rejected) = (rec.chains.clone(), rec.rejected.clone());
+        Rig {
+            dev,
+            chains,
+            rejected,
+            session: Session::with_options(Box::new(rec), false, poll_us_requested(env)),
+        }
+    }
+
+    impl Rig {
+        /// (opcode, queued, poll_us) of every chain, in order.
+        fn polls(&self) -> Vec<(Opcode, bool, u32)> {
+            let chains = self.chains.lock().unwrap();
+            chains
+                .iter()
+                .map(|c| (c.opcode(), c.queued, c.poll_us))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn poll_us_from_the_environment_reaches_the_transport() {
+        let r = rig_polling(Some("50"));
+        assert_eq!(r.session.poll_us(), 50);
+        let b = r.session.alloc::<u32>(4).unwrap();
+        r.session.sync().unwrap();
+        assert_eq!(r.session.dtoh(&b).unwrap().len(), 4);
+        assert_eq!(
+            r.polls(),
+            [
+                (Opcode::Alloc, false, 50),
+                (Opcode::Sync, false, 50),
+                (Opcode::Dtoh, false, 50)
+            ]
+        );
+        assert_eq!(rig_polling(Some("5000")).session.poll_us(), POLL_MAX_US);
+        for env in [None, Some(""), Some("0"), Some("soon")] {
+            assert_eq!(rig_polling(env).session.poll_us(), 0, "{env:?}");
+        }
+        // A transport that cannot poll ignores it.
+        let s = Session::with_options(Box::new(FakeDevice::new().transport()), false, Some(50));
+        assert_eq!(s.poll_us(), 0);
+        s.set_poll_us(50);
+        assert_eq!(s.poll_us(), 0);
+        s.sync().unwrap();
+    }
+
+    #[test]
+    fn set_poll_us_makes_synchronous_requests_of_every_clone_poll() {
+        let r = rig();
+        let clone = r.session.clone();
+        assert_eq!(r.session.poll_us(), 0);
+        let mut b = r.session.alloc::<u32>(4).unwrap();
+        clone.set_poll_us(20);
+        assert_eq!(r.session.poll_us(), 20);
+        r.clear();
+        // Queued requests do not wait, so they do not poll; the waiting ones do.
+        r.session.memset_u32(&mut b, 7).unwrap();
+        r.session.sync().unwrap();
+        assert_eq!(clone.dtoh(&b).unwrap(), vec![7; 4]);
+        assert_eq!(
+            r.polls(),
+            [
+                (Opcode::Memset, true, 0),
+                (Opcode::Sync, false, 20),
+                (Opcode::Dtoh, false, 20)
+            ]
+        );
+        // With synchronous submission a memset waits for its answer, and polls.
+        r.session.set_sync_submit(true);
+        r.clear();
+        r.session.memset_u32(&mut b, 8).unwrap();
+        assert_eq!(r.polls(), [(Opcode::Memset, false, 20)]);
+        r.session.set_sync_submit(false);
+        r.session.set_poll_us(u32::MAX);
+        assert_eq!(clone.poll_us(), POLL_MAX_US);
+        r.session.set_poll_us(0);
+        r.clear();
+        r.session.sync().unwrap();
+        assert_eq!(r.polls(), [(Opcode::Sync, false, 0)]);
+        assert_eq!(clone.poll_us(), 0);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use log::{debug, warn};
@@ -21,6 +21,10 @@ use crate::error::{Error, Result};
 
 /// Most readable payload one asynchronous request may carry (`VGPU_ASYNC_MAX_BYTES`).
 pub const ASYNC_MAX_BYTES: usize = 64 << 10;
+
+/// Longest a synchronous request polls for its answer, in microseconds
+/// (`VGPU_POLL_MAX_US`); longer settings are taken as this.
+pub const POLL_MAX_US: u32 = 1000;
 
 /// An asynchronous request of the session that failed, reported with a later
 /// synchronous one (the way CUDA reports an earlier asynchronous error at the next call).
@@ -83,6 +87,19 @@ pub trait Transport: Send + Sync {
         input: &[&[u8]],
     ) -> Result<Option<Reply>> {
         self.submit_reply(header, input, &mut []).map(Some)
+    }
+
+    /// Has every later synchronous request poll for its answer for up to `us`
+    /// microseconds (at most [`POLL_MAX_US`]) before it sleeps until the device's
+    /// interrupt; 0 turns polling off. A transport that cannot poll ignores it: the
+    /// default.
+    fn set_poll_us(&self, us: u32) {
+        let _ = us;
+    }
+
+    /// The polling set with [`Transport::set_poll_us`]; 0 when off or not supported.
+    fn poll_us(&self) -> u32 {
+        0
     }
 
     /// The device's config space.
@@ -215,6 +232,7 @@ struct VgpuSeg {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct VgpuSubmit {
     header: u64,
     response: u64,
@@ -222,6 +240,13 @@ struct VgpuSubmit {
     out_segs: u64,
     num_in: u32,
     num_out: u32,
+}
+
+#[repr(C)]
+struct VgpuSubmitPoll {
+    submit: VgpuSubmit,
+    poll_us: u32,
+    reserved: u32,
 }
 
 #[repr(C)]
@@ -243,6 +268,11 @@ pub(crate) const VGPU_IOC_SUBMIT: u32 =
 pub(crate) const VGPU_IOC_INFO: u32 = ioc(IOC_READ, 2, std::mem::size_of::<VgpuInfo>());
 pub(crate) const VGPU_IOC_SESSION: u32 = ioc(IOC_READ, 3, std::mem::size_of::<u64>());
 pub(crate) const VGPU_IOC_SUBMIT_ASYNC: u32 = ioc(IOC_WRITE, 4, std::mem::size_of::<VgpuSubmit>());
+pub(crate) const VGPU_IOC_SUBMIT_POLL: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    5,
+    std::mem::size_of::<VgpuSubmitPoll>(),
+);
 
 /// The response's `VGPU_RESP_FLAGS` (offset 28): status and detail are an earlier
 /// asynchronous request's, whose opcode is in bits 16..32; the request's own status is
@@ -328,6 +358,92 @@ fn submit_async_or_sync(
     }
 }
 
+/// Polling of synchronous requests (`VGPU_IOC_SUBMIT_POLL`).
+#[derive(Debug, Default)]
+struct SubmitPoll {
+    /// Microseconds, at most [`POLL_MAX_US`]; 0 is off.
+    us: AtomicU32,
+    /// The driver refused `VGPU_IOC_SUBMIT_POLL` (an older one): plain submits from now on.
+    unsupported: AtomicBool,
+}
+
+impl SubmitPoll {
+    fn set(&self, us: u32) {
+        self.us.store(us.min(POLL_MAX_US), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u32 {
+        self.us.load(Ordering::Relaxed)
+    }
+
+    /// The polling requests get: 0 once the driver has refused it.
+    fn in_effect(&self) -> u32 {
+        if self.unsupported.load(Ordering::Relaxed) {
+            0
+        } else {
+            self.get()
+        }
+    }
+
+    /// Sends `submit` through `ioctl(request, arg)`: as `VGPU_IOC_SUBMIT_POLL` while
+    /// polling is on and the driver has it, else as `VGPU_IOC_SUBMIT`. A driver that
+    /// answers the polling form with ENOTTY does not know it; one that answers EINVAL
+    /// refuses it if the plain form then accepts the same request (both check a request
+    /// before they queue it, so nothing ran twice). Either way the request goes plain,
+    /// and so does every later one.
+    fn submit(
+        &self,
+        submit: VgpuSubmit,
+        mut ioctl: impl FnMut(u32, *mut libc::c_void) -> io::Result<()>,
+    ) -> Result<()> {
+        let us = self.get();
+        if us == 0 || self.unsupported.load(Ordering::Relaxed) {
+            return plain_submit(&mut ioctl, submit);
+        }
+        let mut polled = VgpuSubmitPoll {
+            submit,
+            poll_us: us,
+            reserved: 0,
+        };
+        let err = match ioctl(
+            VGPU_IOC_SUBMIT_POLL,
+            (&mut polled as *mut VgpuSubmitPoll).cast(),
+        ) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        match err.raw_os_error() {
+            Some(libc::ENOTTY) => {
+                self.refused(&err);
+                plain_submit(&mut ioctl, submit)
+            }
+            Some(libc::EINVAL) => {
+                let r = plain_submit(&mut ioctl, submit);
+                if r.is_ok() {
+                    self.refused(&err);
+                }
+                r
+            }
+            _ => Err(Error::from_errno("VGPU_IOC_SUBMIT_POLL", err)),
+        }
+    }
+
+    fn refused(&self, err: &io::Error) {
+        if !self.unsupported.swap(true, Ordering::Relaxed) {
+            debug!("VGPU_IOC_SUBMIT_POLL: {err}; requests wait without polling");
+        }
+    }
+}
+
+/// `VGPU_IOC_SUBMIT` of `submit` through `ioctl(request, arg)`.
+fn plain_submit(
+    ioctl: &mut impl FnMut(u32, *mut libc::c_void) -> io::Result<()>,
+    mut submit: VgpuSubmit,
+) -> Result<()> {
+    ioctl(VGPU_IOC_SUBMIT, (&mut submit as *mut VgpuSubmit).cast())
+        .map_err(|e| Error::from_errno("VGPU_IOC_SUBMIT", e))
+}
+
 /// The path of the `index`th device node.
 pub fn device_path(index: u32) -> PathBuf {
     PathBuf::from(format!("/dev/vgpu{index}"))
@@ -339,6 +455,7 @@ pub struct CharDevTransport {
     path: PathBuf,
     /// The driver answered `VGPU_IOC_SUBMIT_ASYNC` with ENOTTY or EINVAL (an older one).
     async_unsupported: AtomicBool,
+    poll: SubmitPoll,
 }
 
 impl CharDevTransport {
@@ -359,6 +476,7 @@ impl CharDevTransport {
             file,
             path,
             async_unsupported: AtomicBool::new(false),
+            poll: SubmitPoll::default(),
         })
     }
 
@@ -411,7 +529,8 @@ impl CharDevTransport {
         Ok(())
     }
 
-    /// `VGPU_IOC_SUBMIT`: the response as the driver wrote it.
+    /// `VGPU_IOC_SUBMIT`, or `VGPU_IOC_SUBMIT_POLL` while polling is on: the response as
+    /// the driver wrote it.
     fn submit_raw(
         &self,
         header: &[u8; REQUEST_HEADER_SIZE],
@@ -427,7 +546,7 @@ impl CharDevTransport {
             })
             .collect();
         let mut response = [0u8; RESPONSE_HEADER_SIZE];
-        let mut submit = VgpuSubmit {
+        let submit = VgpuSubmit {
             header: header.as_ptr() as u64,
             response: response.as_mut_ptr() as u64,
             in_segs: in_segs.as_ptr() as u64,
@@ -436,11 +555,8 @@ impl CharDevTransport {
             num_out: u32::try_from(out_segs.len()).map_err(|_| Error::ChainTooLong)?,
         };
         // The driver reads `input` and writes `output` only during this call.
-        self.ioctl(
-            "VGPU_IOC_SUBMIT",
-            VGPU_IOC_SUBMIT,
-            (&mut submit as *mut VgpuSubmit).cast(),
-        )?;
+        self.poll
+            .submit(submit, |request, arg| self.raw_ioctl(request, arg))?;
         Ok(response)
     }
 
@@ -504,6 +620,14 @@ impl Transport for CharDevTransport {
             || self.queue_async(header, input),
             || self.submit_reply(header, input, &mut []),
         )
+    }
+
+    fn set_poll_us(&self, us: u32) {
+        self.poll.set(us);
+    }
+
+    fn poll_us(&self) -> u32 {
+        self.poll.in_effect()
     }
 
     fn config(&self) -> Result<DeviceConfig> {
@@ -649,6 +773,170 @@ mod tests {
         assert_eq!(VGPU_IOC_SESSION, 0x8008_5603);
         // _IOW('V', 4, struct vgpu_submit)
         assert_eq!(VGPU_IOC_SUBMIT_ASYNC, 0x4028_5604);
+        // _IOWR('V', 5, struct vgpu_submit_poll)
+        assert_eq!(std::mem::size_of::<VgpuSubmitPoll>(), 48);
+        assert_eq!(std::mem::offset_of!(VgpuSubmitPoll, poll_us), 40);
+        assert_eq!(VGPU_IOC_SUBMIT_POLL, 0xc030_5605);
+    }
+
+    /// What a fake driver saw of one ioctl: its number, the request and the polling.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Seen {
+        request: u32,
+        submit: VgpuSubmit,
+        poll_us: Option<u32>,
+    }
+
+    /// A fake driver's ioctl: records each call and answers with `answer(request)`.
+    fn fake_driver<'a>(
+        seen: &'a std::cell::RefCell<Vec<Seen>>,
+        mut answer: impl FnMut(u32) -> Option<i32> + 'a,
+    ) -> impl FnMut(u32, *mut libc::c_void) -> io::Result<()> + 'a {
+        move |request, arg| {
+            let (submit, poll_us) = if request == VGPU_IOC_SUBMIT_POLL {
+                // SAFETY: SubmitPoll passes a VgpuSubmitPoll with this number.
+                let p = unsafe { &*(arg as *const VgpuSubmitPoll) };
+                assert_eq!(p.reserved, 0);
+                (p.submit, Some(p.poll_us))
+            } else {
+                assert_eq!(request, VGPU_IOC_SUBMIT);
+                // SAFETY: and a VgpuSubmit with this one.
+                (unsafe { *(arg as *const VgpuSubmit) }, None)
+            };
+            seen.borrow_mut().push(Seen {
+                request,
+                submit,
+                poll_us,
+            });
+            match answer(request) {
+                Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+                None => Ok(()),
+            }
+        }
+    }
+
+    fn a_submit() -> VgpuSubmit {
+        VgpuSubmit {
+            header: 0x1000,
+            response: 0x2000,
+            in_segs: 0x3000,
+            out_segs: 0,
+            num_in: 2,
+            num_out: 0,
+        }
+    }
+
+    #[test]
+    fn polling_submits_use_the_poll_ioctl_with_the_setting() {
+        let seen = std::cell::RefCell::new(Vec::new());
+        let poll = SubmitPoll::default();
+        poll.submit(a_submit(), fake_driver(&seen, |_| None))
+            .unwrap();
+        poll.set(50);
+        poll.submit(a_submit(), fake_driver(&seen, |_| None))
+            .unwrap();
+        poll.set(5000);
+        assert_eq!(poll.get(), POLL_MAX_US);
+        poll.submit(a_submit(), fake_driver(&seen, |_| None))
+            .unwrap();
+        poll.set(0);
+        poll.submit(a_submit(), fake_driver(&seen, |_| None))
+            .unwrap();
+        let calls: Vec<_> = seen
+            .borrow()
+            .iter()
+            .map(|s| (s.request, s.poll_us))
+            .collect();
+        assert_eq!(
+            calls,
+            [
+                (VGPU_IOC_SUBMIT, None),
+                (VGPU_IOC_SUBMIT_POLL, Some(50)),
+                (VGPU_IOC_SUBMIT_POLL, Some(POLL_MAX_US)),
+                (VGPU_IOC_SUBMIT, None),
+            ]
+        );
+        assert!(seen.borrow().iter().all(|s| s.submit == a_submit()));
+        assert!(!poll.unsupported.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn polling_falls_back_to_plain_submits_for_an_older_driver() {
+        // ENOTTY: the driver does not know the ioctl. This request goes plain, and so
+        // does every later one without asking again.
+        let seen = std::cell::RefCell::new(Vec::new());
+        let poll = SubmitPoll::default();
+        poll.set(50);
+        let old_driver = |r| (r == VGPU_IOC_SUBMIT_POLL).then_some(libc::ENOTTY);
+        poll.submit(a_submit(), fake_driver(&seen, old_driver))
+            .unwrap();
+        assert!(poll.unsupported.load(Ordering::Relaxed));
+        poll.submit(a_submit(), fake_driver(&seen, old_driver))
+            .unwrap();
+        let calls: Vec<_> = seen.borrow().iter().map(|s| s.request).collect();
+        assert_eq!(
+            calls,
+            [VGPU_IOC_SUBMIT_POLL, VGPU_IOC_SUBMIT, VGPU_IOC_SUBMIT]
+        );
+        assert!(seen.borrow().iter().all(|s| s.submit == a_submit()));
+        assert_eq!((poll.get(), poll.in_effect()), (50, 0));
+
+        // EINVAL for the polling form that the plain form accepts: refused, remembered.
+        let seen = std::cell::RefCell::new(Vec::new());
+        let poll = SubmitPoll::default();
+        poll.set(50);
+        let refusing = |r| (r == VGPU_IOC_SUBMIT_POLL).then_some(libc::EINVAL);
+        poll.submit(a_submit(), fake_driver(&seen, refusing))
+            .unwrap();
+        assert!(poll.unsupported.load(Ordering::Relaxed));
+        assert_eq!(seen.borrow().len(), 2);
+
+        // EINVAL for both forms: the request is bad, polling stays on.
+        let seen = std::cell::RefCell::new(Vec::new());
+        let poll = SubmitPoll::default();
+        poll.set(50);
+        let err = poll
+            .submit(a_submit(), fake_driver(&seen, |_| Some(libc::EINVAL)))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Io {
+                what: "VGPU_IOC_SUBMIT",
+                ..
+            }
+        ));
+        assert!(!poll.unsupported.load(Ordering::Relaxed));
+        assert_eq!(poll.in_effect(), 50);
+        poll.submit(a_submit(), fake_driver(&seen, |_| None))
+            .unwrap();
+        assert_eq!(seen.borrow().last().unwrap().poll_us, Some(50));
+
+        // Any other error is the request's: no second try, polling stays on.
+        for (errno, gone) in [
+            (libc::ENODEV, true),
+            (libc::EFAULT, false),
+            (libc::E2BIG, false),
+        ] {
+            let seen = std::cell::RefCell::new(Vec::new());
+            let err = poll
+                .submit(a_submit(), fake_driver(&seen, |_| Some(errno)))
+                .unwrap_err();
+            assert_eq!(seen.borrow().len(), 1);
+            assert_eq!(matches!(err, Error::DeviceGone), gone);
+            if errno == libc::E2BIG {
+                assert!(matches!(err, Error::ChainTooLong));
+            }
+            if errno == libc::EFAULT {
+                assert!(matches!(
+                    err,
+                    Error::Io {
+                        what: "VGPU_IOC_SUBMIT_POLL",
+                        ..
+                    }
+                ));
+            }
+        }
+        assert!(!poll.unsupported.load(Ordering::Relaxed));
     }
 
     fn raw_response(status: u32, detail: u32, value0: u64, flags: u32) -> [u8; 32] {

@@ -2,12 +2,14 @@
 /*
  * driver_test: checks vgpu.ko's user interface (include/vgpu_ioctl.h) against a live
  * device: session handling, refused opcodes, chain limits, bad pointers, host buffers,
- * async submission and its deferred errors, many threads, processes killed mid-request,
- * and (with --remove, as root, last) driver unbind while requests run, then rebind.
+ * async submission and its deferred errors, polling submission, many threads, processes
+ * killed mid-request, and (with --remove, as root, last) driver unbind while requests
+ * run, then rebind. With --poll N every synchronous request of the test goes through
+ * VGPU_IOC_SUBMIT_POLL with poll_us N.
  *
  *   cc -O2 -Wall -I guest-lib/include guest-lib/driver/tests/driver_test.c -lpthread \
  *      -o driver_test
- *   ./driver_test [--remove]
+ *   ./driver_test [--poll N] [--remove]
  *
  * Prints one line per check and exits non-zero if any failed.
  */
@@ -47,11 +49,25 @@ static void header(uint8_t *h, uint16_t op, uint64_t session)
 	put64(h, VGPU_HDR_SESSION, session);
 }
 
+/* VGPU_IOC_SUBMIT_POLL with poll_us and reserved as given; returns ioctl's result. */
+static int submit_poll(int fd, uint8_t *h, struct vgpu_seg *in, unsigned nin, struct vgpu_seg *out,
+		       unsigned nout, uint8_t *resp, uint32_t poll_us, uint32_t reserved)
+{
+	struct vgpu_submit_poll s = { { (uintptr_t)h, (uintptr_t)resp, (uintptr_t)in, (uintptr_t)out, nin, nout },
+				      poll_us, reserved };
+	return ioctl(fd, VGPU_IOC_SUBMIT_POLL, &s);
+}
+
+/* --poll N: every submit() below polls for N microseconds. */
+static uint32_t poll_all;
+
 /* Returns ioctl's result; *status gets the response status. */
 static int submit(int fd, uint8_t *h, struct vgpu_seg *in, unsigned nin, struct vgpu_seg *out,
 		  unsigned nout, uint8_t *resp)
 {
 	struct vgpu_submit s = { (uintptr_t)h, (uintptr_t)resp, (uintptr_t)in, (uintptr_t)out, nin, nout };
+	if (poll_all)
+		return submit_poll(fd, h, in, nin, out, nout, resp, poll_all, 0);
 	return ioctl(fd, VGPU_IOC_SUBMIT, &s);
 }
 
@@ -122,6 +138,36 @@ static void *hammer(void *arg)
 	return (void *)(intptr_t)bad;
 }
 
+/* 300 SYNCs polling for 200 us, then 300 waiting for the interrupt; returns failures. */
+static void *poll_sync_loop(void *arg)
+{
+	int fd = (int)(intptr_t)arg, i, bad = 0;
+	uint8_t h[80], r[32];
+
+	for (i = 0; i < 600; i++) {
+		header(h, VGPU_OP_SYNC, 0);
+		if (submit_poll(fd, h, NULL, 0, NULL, 0, r, i < 300 ? 200 : 0, 0) ||
+		    get32(r, VGPU_RESP_STATUS) != VGPU_STATUS_OK)
+			bad++;
+	}
+	return (void *)(intptr_t)bad;
+}
+
+/* Async MEMSETs of a 64 KiB buffer while others poll; returns how many failed to queue. */
+static void *async_flood(void *arg)
+{
+	int fd = (int)(intptr_t)arg, i, bad = 0;
+	uint64_t buf = 0;
+
+	if (simple(fd, VGPU_OP_ALLOC, 65536, 0, 0, &buf) != 0)
+		return (void *)(intptr_t)1;
+	for (i = 0; i < 1500; i++)
+		bad += memset_async(fd, buf, 0, 65536, (uint8_t)i) != 0;
+	bad += simple(fd, VGPU_OP_SYNC, 0, 0, 0, NULL) != 0;
+	bad += simple(fd, VGPU_OP_FREE, buf, 0, 0, NULL) != 0;
+	return (void *)(intptr_t)bad;
+}
+
 static int read_int(const char *path)
 {
 	char buf[64] = "";
@@ -135,11 +181,20 @@ static int read_int(const char *path)
 static int hold_fd, hold_errno, async_errno;
 static long hold_done, async_done;
 
+/* SYNCs until one fails (the unbind: ENODEV); polling for arg microseconds if not 0. */
 static void *sync_loop(void *arg)
 {
-	(void)arg;
-	while (simple(hold_fd, VGPU_OP_SYNC, 0, 0, 0, NULL) == 0)
-		hold_done++;
+	uint32_t poll_us = (uint32_t)(uintptr_t)arg;
+	uint8_t h[80], r[32];
+
+	for (;;) {
+		header(h, VGPU_OP_SYNC, 0);
+		if ((poll_us ? submit_poll(hold_fd, h, NULL, 0, NULL, 0, r, poll_us, 0)
+			     : submit(hold_fd, h, NULL, 0, NULL, 0, r)) ||
+		    get32(r, VGPU_RESP_STATUS) != VGPU_STATUS_OK)
+			break;
+		__atomic_fetch_add(&hold_done, 1, __ATOMIC_RELAXED);
+	}
 	hold_errno = errno;
 	return NULL;
 }
@@ -167,8 +222,9 @@ static void *async_loop(void *arg)
 /* Unbinds the driver while threads run requests (and async ones) on an open file, then rebinds. */
 static void remove_test(void)
 {
+	uint8_t h[80], r[32];
 	char link[256] = "", name[64];
-	pthread_t t[3], ta;
+	pthread_t t[4], ta;
 	uint64_t sess, buf = 0;
 	char *hb;
 	int i, fd;
@@ -184,12 +240,13 @@ static void remove_test(void)
 	hb = mmap(NULL, 8 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, hold_fd, 0);
 	CHECK(hb != MAP_FAILED, "mmap a host buffer before the unbind");
 	CHECK(simple(hold_fd, VGPU_OP_ALLOC, 4096, 0, 0, &buf) == 0, "ALLOC for the async thread");
-	for (i = 0; i < 3; i++)
-		pthread_create(&t[i], NULL, sync_loop, NULL);
+	/* The fourth polls: the unbind may come in the middle of a poll. */
+	for (i = 0; i < 4; i++)
+		pthread_create(&t[i], NULL, sync_loop, (void *)(uintptr_t)(i == 3 ? 1000 : 0));
 	pthread_create(&ta, NULL, async_loop, (void *)(uintptr_t)buf);
 	usleep(300000);
 	CHECK(write_file("/sys/bus/virtio/drivers/vgpu/unbind", name) == 0, "unbind %s with requests running", name);
-	for (i = 0; i < 3; i++)
+	for (i = 0; i < 4; i++)
 		pthread_join(t[i], NULL);
 	pthread_join(ta, NULL);
 	CHECK(hold_errno == ENODEV, "requests end with ENODEV after %ld", hold_done);
@@ -213,6 +270,9 @@ static void remove_test(void)
 	usleep(300000);
 	fd = open_dev();
 	CHECK(fd >= 0 && simple(fd, VGPU_OP_SYNC, 0, 0, 0, NULL) == 0, "the rebound device answers");
+	header(h, VGPU_OP_SYNC, 0);
+	CHECK(fd >= 0 && submit_poll(fd, h, NULL, 0, NULL, 0, r, 100, 0) == 0 && get32(r, 0) == VGPU_STATUS_OK,
+	      "the rebound device answers a polling SYNC");
 	if (fd >= 0)
 		close(fd);
 }
@@ -222,8 +282,20 @@ int main(int argc, char **argv)
 	uint8_t h[80], r[32], info_buf[VGPU_INFO_SIZE];
 	struct vgpu_info info;
 	uint64_t session = 0, handle = 0;
-	int fd = open_dev(), i, sessions_before;
+	int fd = open_dev(), i, sessions_before, remove = 0;
 
+	for (i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--remove"))
+			remove = 1;
+		else if (!strcmp(argv[i], "--poll") && i + 1 < argc)
+			poll_all = (uint32_t)strtoul(argv[++i], NULL, 0);
+		else {
+			fprintf(stderr, "usage: %s [--poll N] [--remove]\n", argv[0]);
+			return 2;
+		}
+	}
+	if (poll_all)
+		printf("info every synchronous request polls for %u us (VGPU_IOC_SUBMIT_POLL)\n", poll_all);
 	CHECK(fd >= 0, "open /dev/vgpu0");
 	if (fd < 0) return 1;
 	CHECK(ioctl(fd, VGPU_IOC_SESSION, &session) == 0 && session != 0, "VGPU_IOC_SESSION: %llu", (unsigned long long)session);
@@ -406,6 +478,97 @@ int main(int argc, char **argv)
 		CHECK(simple(fd, VGPU_OP_SYNC, 0, 0, 0, NULL) == VGPU_STATUS_OK, "device answers after async killers");
 	}
 
+	/* Polling submission: the same answers as VGPU_IOC_SUBMIT, and async failures too. */
+	{
+		struct vgpu_seg out = { (uintptr_t)info_buf, sizeof(info_buf) };
+		uint64_t buf = 0, extra = 0;
+		uint32_t flags;
+		int rc, bad;
+
+		header(h, VGPU_OP_SYNC, 0);
+		CHECK(submit_poll(fd, h, NULL, 0, NULL, 0, r, 50, 0) == 0 && get32(r, 0) == VGPU_STATUS_OK &&
+		      get32(r, VGPU_RESP_FLAGS) == 0, "VGPU_IOC_SUBMIT_POLL: SYNC polling 50 us is OK");
+		CHECK(submit_poll(fd, h, NULL, 0, NULL, 0, r, 0, 0) == 0 && get32(r, 0) == VGPU_STATUS_OK,
+		      "VGPU_IOC_SUBMIT_POLL with poll_us 0 is OK");
+		CHECK(submit_poll(fd, h, NULL, 0, NULL, 0, r, 0xffffffffu, 0) == 0 && get32(r, 0) == VGPU_STATUS_OK,
+		      "poll_us beyond VGPU_POLL_MAX_US is taken as the most");
+		CHECK(submit_poll(fd, h, NULL, 0, NULL, 0, r, 50, 1) == -1 && errno == EINVAL,
+		      "VGPU_IOC_SUBMIT_POLL with reserved set is EINVAL");
+		CHECK(submit_poll(fd, NULL, NULL, 0, NULL, 0, r, 50, 0) == -1 && errno == EFAULT,
+		      "VGPU_IOC_SUBMIT_POLL with a NULL header is EFAULT");
+		CHECK(ioctl(fd, VGPU_IOC_SUBMIT_POLL, NULL) == -1 && errno == EFAULT,
+		      "VGPU_IOC_SUBMIT_POLL with a NULL argument is EFAULT");
+		header(h, VGPU_OP_SESSION_CLOSE, 0);
+		CHECK(submit_poll(fd, h, NULL, 0, NULL, 0, r, 50, 0) == -1 && errno == EINVAL,
+		      "SESSION_CLOSE through VGPU_IOC_SUBMIT_POLL is EINVAL");
+		header(h, VGPU_OP_INFO, 0);
+		memset(info_buf, 0, sizeof(info_buf));
+		CHECK(submit_poll(fd, h, NULL, 0, &out, 1, r, 100, 0) == 0 && get32(r, 0) == 0 &&
+		      get32(r, VGPU_RESP_WRITTEN) == 192 && get32(info_buf, 0) == VGPU_CONFIG_MAGIC,
+		      "INFO through VGPU_IOC_SUBMIT_POLL writes 192 bytes");
+
+		CHECK(simple(fd, VGPU_OP_ALLOC, 1 << 20, 0, 0, &buf) == 0, "ALLOC 1 MiB for the polling checks");
+		for (i = 0, bad = 0; i < 300; i++)
+			bad += memset_async(fd, buf, 0, 1 << 20, (uint8_t)i) != 0;
+		CHECK(memset_async(fd, 0xbad0bad0, 0, 16, 1) == 0 && bad == 0,
+		      "300 async MEMSETs and a failing one queued");
+		header(h, VGPU_OP_ALLOC, 0);
+		put64(h, 32, 4096);
+		rc = submit_poll(fd, h, NULL, 0, NULL, 0, r, 1000, 0);
+		flags = get32(r, VGPU_RESP_FLAGS);
+		extra = get64(r, VGPU_RESP_VALUE0);
+		CHECK(rc == 0 && get32(r, 0) == VGPU_STATUS_INVALID_HANDLE && (flags & VGPU_RESP_F_ASYNC_ERROR) &&
+		      VGPU_RESP_ASYNC_OPCODE(flags) == VGPU_OP_MEMSET && VGPU_RESP_OWN_STATUS(flags) == VGPU_STATUS_OK,
+		      "a polling ALLOC reports the async failure: status %u flags %#x", get32(r, 0), flags);
+		CHECK(extra != 0 && simple(fd, VGPU_OP_FREE, extra, 0, 0, NULL) == 0, "that ALLOC ran: its buffer frees");
+		{
+			static uint8_t back[1 << 20];
+			size_t k, wrong = 0;
+			CHECK(copy(fd, VGPU_OP_DTOH, buf, 0, back, sizeof(back)) == 0, "DTOH after the polled ALLOC");
+			for (k = 0; k < sizeof(back); k++)
+				wrong += back[k] != (uint8_t)299;
+			CHECK(wrong == 0, "the last of the 300 MEMSETs is what the buffer holds: %zu wrong bytes", wrong);
+		}
+		CHECK(simple(fd, VGPU_OP_FREE, buf, 0, 0, NULL) == 0, "FREE the polling buffer");
+
+		/*
+		 * Pollers beside sleepers and async floods, on one session and on others: each
+		 * request answered once, none lost (a lost one hangs the test).
+		 */
+		{
+			pthread_t t[8];
+			int fds[3];
+			void *rv;
+			for (i = 0; i < 3; i++) fds[i] = open_dev();
+			pthread_create(&t[0], NULL, poll_sync_loop, (void *)(intptr_t)fd);
+			pthread_create(&t[1], NULL, poll_sync_loop, (void *)(intptr_t)fd);
+			pthread_create(&t[2], NULL, poll_sync_loop, (void *)(intptr_t)fds[0]);
+			pthread_create(&t[3], NULL, async_flood, (void *)(intptr_t)fd);
+			pthread_create(&t[4], NULL, async_flood, (void *)(intptr_t)fds[1]);
+			pthread_create(&t[5], NULL, hammer, (void *)(intptr_t)fd);
+			pthread_create(&t[6], NULL, hammer, (void *)(intptr_t)fds[2]);
+			pthread_create(&t[7], NULL, poll_sync_loop, (void *)(intptr_t)fds[2]);
+			for (i = 0, bad = 0; i < 8; i++) { pthread_join(t[i], &rv); bad += (int)(intptr_t)rv; }
+			for (i = 0; i < 3; i++) close(fds[i]);
+			CHECK(bad == 0, "4 polling threads beside 2 async floods and 2 sleeping threads: %d failures", bad);
+		}
+		/* Processes killed while they poll. */
+		for (i = 0; i < 10; i++) {
+			pid_t pid = fork();
+			if (pid == 0) {
+				int cfd = open_dev();
+				for (;;)
+					poll_sync_loop((void *)(intptr_t)cfd);
+			}
+			usleep(20000 + i * 7000);
+			kill(pid, SIGKILL);
+			waitpid(pid, NULL, 0);
+		}
+		header(h, VGPU_OP_SYNC, 0);
+		CHECK(submit_poll(fd, h, NULL, 0, NULL, 0, r, 100, 0) == 0 && get32(r, 0) == VGPU_STATUS_OK,
+		      "device answers after processes killed while polling");
+	}
+
 	/* Many threads on one session, and on sessions of their own. */
 	{
 		pthread_t t[8];
@@ -467,7 +630,7 @@ int main(int argc, char **argv)
 	CHECK(simple(fd, VGPU_OP_SYNC, 0, 0, 0, NULL) == 0, "device still answers after the kills");
 
 	close(fd);
-	if (argc > 1 && !strcmp(argv[1], "--remove"))
+	if (remove)
 		remove_test();
 	printf("%s: %d failures\n", failures ? "DRIVER TEST FAILED" : "DRIVER TEST PASSED", failures);
 	return failures != 0;
