@@ -1840,8 +1840,15 @@ impl HostBufferBench {
             return Ok(None);
         }
         let text = |e: vgpu_mediator::ExecError| e.to_string();
+        // The system call, not glibc's wrapper (glibc 2.17 has none).
         // SAFETY: a NUL-terminated name and flags.
-        let fd = unsafe { libc::memfd_create(c"vm-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_memfd_create,
+                c"vm-ram".as_ptr(),
+                libc::MFD_CLOEXEC,
+            ) as i32
+        };
         if fd < 0 {
             return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
         }
