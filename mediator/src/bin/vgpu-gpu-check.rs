@@ -1009,7 +1009,7 @@ fn session_isolation_checks(
         let module = attacker.load(&ptx)?;
         peek(&attacker, module, addr, &secret).map(|what| {
             format!(
-                "a kernel of another session of the same VM handed the victim's device                  pointer {addr:#x}: {what}"
+                "a kernel of another session of the same VM handed the victim's device pointer {addr:#x}: {what}"
             )
         })
     });
