@@ -107,6 +107,20 @@ impl From<SetupError> for String {
     }
 }
 
+/// A guest's buffers could not be read or written.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GuestAccessError {
+    /// The guest reset its device or stopped its queue: its pages are its own again.
+    #[error("the guest reset the device or stopped its queue")]
+    Revoked,
+    /// The range lies outside the buffers the guest handed over.
+    #[error("{len} bytes at offset {offset} exceed the {total} bytes of guest buffers")]
+    OutOfRange { offset: u64, len: u64, total: u64 },
+    /// The guest's memory could not be accessed (its memory table changed).
+    #[error("guest memory: {0}")]
+    Memory(String),
+}
+
 /// Host-to-device data that stays where the transport found it (a guest's buffers) until
 /// an executor copies it: no intermediate copy in host memory.
 pub trait GuestSource: Send + Sync {
@@ -116,7 +130,7 @@ pub trait GuestSource: Send + Sync {
         self.len() == 0
     }
     /// Copies bytes `[offset, offset + out.len())` of the data into `out`.
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), String>;
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), GuestAccessError>;
     /// Where the data lies in guest-physical memory, piece by piece in order (for a
     /// copy from a registered host buffer); `None` when unknown.
     fn guest_ranges(&self) -> Option<Vec<(u64, u64)>> {
@@ -129,7 +143,7 @@ pub trait GuestSink: Send + Sync {
     /// Room for data, in bytes.
     fn capacity(&self) -> u64;
     /// Copies `data` to bytes `[offset, offset + data.len())`.
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), String>;
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), GuestAccessError>;
     /// See [`GuestSource::guest_ranges`]: where the room lies, first `capacity()` bytes.
     fn guest_ranges(&self) -> Option<Vec<(u64, u64)>> {
         None
@@ -161,8 +175,8 @@ pub(crate) fn no_host_buffer(id: u64) -> ExecError {
 }
 
 /// A guest's buffers could not be read or written (its memory changed under the copy).
-pub(crate) fn guest_fault(e: String) -> ExecError {
-    ExecError::new(Status::InvalidRequest, 0, format!("guest memory: {e}"))
+pub(crate) fn guest_fault(e: GuestAccessError) -> ExecError {
+    ExecError::new(Status::InvalidRequest, 0, e.to_string())
 }
 
 /// A host buffer of `len` bytes, or OUT_OF_MEMORY.

@@ -22,6 +22,6 @@ pub mod selftest;
 
 pub use executor::{
     select, select_with, BufferId, DeviceInfo, ExecError, ExecParam, ExecResult, Executor,
-    ExecutorChoice, ExecutorFactory, ExecutorOptions, GuestIo, GuestSink, GuestSource, Isolation,
-    KernelRef, ModuleId, SetupError, StreamId,
+    ExecutorChoice, ExecutorFactory, ExecutorOptions, GuestAccessError, GuestIo, GuestSink,
+    GuestSource, Isolation, KernelRef, ModuleId, SetupError, StreamId,
 };

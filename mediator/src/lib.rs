@@ -23,7 +23,7 @@ pub use mediator::{
 pub use vgpu_executor::{cpu, cuda, executor, hostmap, process, ptx, sandbox, selftest};
 pub use vgpu_executor::{
     select, select_with, DeviceInfo, ExecError, Executor, ExecutorChoice, ExecutorFactory,
-    ExecutorOptions, GuestIo, GuestSink, GuestSource, Isolation,
+    ExecutorOptions, GuestAccessError, GuestIo, GuestSink, GuestSource, Isolation, SetupError,
 };
 pub use worker::MAX_SHARED_BYTES;
 

@@ -14,7 +14,7 @@ use vgpu_mediator::executor::{
     BufferId, ExecParam, ExecResult, Executor, KernelRef, ModuleId, StreamId,
 };
 use vgpu_mediator::process::{ProcessExecutorFactory, SIMULATED_FAULT_VALUE, WORKER_ENV};
-use vgpu_mediator::{ExecutorFactory, Mediator, TenantConfig, TenantId};
+use vgpu_mediator::{ExecutorFactory, GuestAccessError, Mediator, TenantConfig, TenantId};
 use vgpu_protocol::{Command, Launch, Param, Request, Response, Status, BUILTIN_MODULE};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_vgpu-executor-worker");
@@ -998,6 +998,10 @@ fn a_reconfigured_factory_restarts_its_pool_with_the_new_settings() {
     assert!(wait_for(Duration::from_secs(10), || factory.pool_ready() == 1));
 }
 
+fn out_of_range(data: &[u8]) -> GuestAccessError {
+    GuestAccessError::Memory(format!("out of range of {} bytes", data.len()))
+}
+
 /// Guest buffers as a transport hands them over: read and written in place.
 struct Guest(std::sync::Mutex<Vec<u8>>);
 
@@ -1005,10 +1009,10 @@ impl vgpu_mediator::GuestSource for Guest {
     fn len(&self) -> u64 {
         self.0.lock().unwrap().len() as u64
     }
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), String> {
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), GuestAccessError> {
         let data = self.0.lock().unwrap();
         let at = offset as usize;
-        out.copy_from_slice(data.get(at..at + out.len()).ok_or("out of range")?);
+        out.copy_from_slice(data.get(at..at + out.len()).ok_or(out_of_range(&data))?);
         Ok(())
     }
 }
@@ -1017,11 +1021,16 @@ impl vgpu_mediator::GuestSink for Guest {
     fn capacity(&self) -> u64 {
         self.0.lock().unwrap().len() as u64
     }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), String> {
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), GuestAccessError> {
         let mut out = self.0.lock().unwrap();
         let at = offset as usize;
+        let total = out.len() as u64;
         out.get_mut(at..at + data.len())
-            .ok_or("out of range")?
+            .ok_or(GuestAccessError::OutOfRange {
+                offset,
+                len: data.len() as u64,
+                total,
+            })?
             .copy_from_slice(data);
         Ok(())
     }

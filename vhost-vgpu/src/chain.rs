@@ -9,6 +9,8 @@
 use std::ops::Deref;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
+use vgpu_mediator::GuestAccessError;
+
 use virtio_queue::DescriptorChain;
 use vm_memory::{
     Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap,
@@ -180,12 +182,12 @@ impl Gate {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = false;
     }
 
-    fn enter(&self) -> Result<RwLockReadGuard<'_, bool>, String> {
+    fn enter(&self) -> Result<RwLockReadGuard<'_, bool>, GuestAccessError> {
         let open = self.0.read().unwrap_or_else(|e| e.into_inner());
         if *open {
             Ok(open)
         } else {
-            Err("the guest reset the device or stopped its queue".into())
+            Err(GuestAccessError::Revoked)
         }
     }
 }
@@ -223,13 +225,14 @@ impl GuestData {
         })
     }
 
-    fn at(&self, offset: u64, len: usize) -> Result<u64, String> {
+    fn at(&self, offset: u64, len: usize) -> Result<u64, GuestAccessError> {
         match offset.checked_add(len as u64) {
             Some(end) if end <= self.len => Ok(self.start + offset),
-            _ => Err(format!(
-                "{len} bytes at offset {offset} exceed the {} bytes of guest buffers",
-                self.len
-            )),
+            _ => Err(GuestAccessError::OutOfRange {
+                offset,
+                len: len as u64,
+                total: self.len,
+            }),
         }
     }
 }
@@ -256,13 +259,13 @@ impl vgpu_mediator::GuestSource for GuestData {
         Some(self.ranges())
     }
 
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), String> {
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), GuestAccessError> {
         let at = self.at(offset, out.len())?;
         let _open = self.gate.enter()?;
         for_each_piece(&self.regions, at, out.len() as u64, |addr, i, n| {
             self.mem.read_slice(&mut out[i..i + n], addr)
         })
-        .map_err(|e| e.to_string())
+        .map_err(|e| GuestAccessError::Memory(e.to_string()))
     }
 }
 
@@ -275,13 +278,13 @@ impl vgpu_mediator::GuestSink for GuestData {
         Some(self.ranges())
     }
 
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), String> {
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), GuestAccessError> {
         let at = self.at(offset, data.len())?;
         let _open = self.gate.enter()?;
         for_each_piece(&self.regions, at, data.len() as u64, |addr, i, n| {
             self.mem.write_slice(&data[i..i + n], addr)
         })
-        .map_err(|e| e.to_string())
+        .map_err(|e| GuestAccessError::Memory(e.to_string()))
     }
 }
 
