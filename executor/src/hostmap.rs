@@ -43,6 +43,21 @@ impl HostMapping {
     }
 }
 
+/// An anonymous memory file of `len` bytes (close-on-exec), the kind that backs a VM's
+/// RAM. Through the system call, not glibc's wrapper: glibc 2.17 has none.
+pub fn memfd(name: &std::ffi::CStr, len: u64) -> io::Result<File> {
+    // SAFETY: a NUL-terminated name and flags.
+    let fd = unsafe { libc::syscall(libc::SYS_memfd_create, name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("memfd_create: bad fd"))?;
+    // SAFETY: a new fd owned by nothing else.
+    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(len)?;
+    Ok(file)
+}
+
 /// A host buffer mapped into this process, unmapped on drop.
 #[derive(Debug)]
 pub struct HostMap {
@@ -166,13 +181,7 @@ mod tests {
     use std::io::{Read, Seek, SeekFrom, Write};
 
     fn memfd(len: u64) -> File {
-        // SAFETY: a NUL-terminated name and flags.
-        let fd = unsafe { libc::memfd_create(c"hostmap-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: a new fd owned by nothing else.
-        let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        f.set_len(len).unwrap();
-        f
+        super::memfd(c"hostmap-test", len).unwrap()
     }
 
     #[test]

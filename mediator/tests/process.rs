@@ -1059,20 +1059,7 @@ fn guest_data_goes_straight_between_guest_buffers_and_the_staging_ring() {
 }
 
 fn memfd(len: u64) -> std::fs::File {
-    // The system call, not glibc's wrapper (glibc 2.17 has none).
-    // SAFETY: a NUL-terminated name and flags.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_memfd_create,
-            c"vm-ram".as_ptr(),
-            libc::MFD_CLOEXEC,
-        ) as i32
-    };
-    assert!(fd >= 0);
-    // SAFETY: a new fd owned by nothing else.
-    let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    f.set_len(len).unwrap();
-    f
+    vgpu_mediator::hostmap::memfd(c"vm-ram", len).unwrap()
 }
 
 #[test]

@@ -976,13 +976,7 @@ mod tests {
 
     /// A memfd of `RAM` bytes.
     fn ram_file() -> File {
-        // SAFETY: a NUL-terminated name and flags; the fd is owned below.
-        let fd = unsafe { libc::memfd_create(c"vgpu-test-ram".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
-        // SAFETY: a new fd owned by nothing else.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(RAM).unwrap();
-        file
+        vgpu_mediator::hostmap::memfd(c"vgpu-test-ram", RAM).unwrap()
     }
 
     /// A memory table for `ram`: two regions, the second starting at `RAM / 2`.

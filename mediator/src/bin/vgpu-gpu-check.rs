@@ -1840,21 +1840,8 @@ impl HostBufferBench {
             return Ok(None);
         }
         let text = |e: vgpu_mediator::ExecError| e.to_string();
-        // The system call, not glibc's wrapper (glibc 2.17 has none).
-        // SAFETY: a NUL-terminated name and flags.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_memfd_create,
-                c"vm-ram".as_ptr(),
-                libc::MFD_CLOEXEC,
-            ) as i32
-        };
-        if fd < 0 {
-            return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: a new fd owned by nothing else.
-        let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        file.set_len(len as u64).map_err(|e| e.to_string())?;
+        let file = vgpu_mediator::hostmap::memfd(c"vm-ram", len as u64)
+            .map_err(|e| format!("memfd_create: {e}"))?;
         let mapping = HostMapping {
             pieces: vec![FilePiece {
                 file: Arc::new(file),

@@ -2,7 +2,7 @@
 //! from the fd it receives in `SET_MEM_TABLE`.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Mutex;
@@ -45,14 +45,7 @@ impl GuestRam {
             return Err(Error::RamLayout { base, size });
         }
         let len = usize::try_from(size).map_err(|_| Error::RamLayout { base, size })?;
-        // SAFETY: the name is a NUL-terminated literal; the returned fd is checked.
-        let fd = unsafe { libc::memfd_create(c"vgpu-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(Error::Memfd(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` was just created and is owned by nobody else.
-        let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd.set_len(size).map_err(Error::Memfd)?;
+        let memfd = vgpu_mediator::hostmap::memfd(c"vgpu-guest-ram", size).map_err(Error::Memfd)?;
         // SAFETY: a fresh shared mapping of the whole memfd; the result is checked.
         let host = unsafe {
             libc::mmap(
