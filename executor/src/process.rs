@@ -107,7 +107,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_void, OsStr, OsString};
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -456,19 +456,6 @@ fn send_frame(fd: RawFd, frame: &[u8]) -> io::Result<()> {
         sent += n as usize;
     }
     Ok(())
-}
-
-/// Receives one frame's payload into `buf`, blocking. (The worker's way of receiving.)
-fn recv_frame(sock: &mut UnixStream, buf: &mut Vec<u8>) -> io::Result<()> {
-    let mut len = [0u8; 4];
-    sock.read_exact(&mut len)?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len == 0 || len > MAX_FRAME {
-        return Err(malformed());
-    }
-    buf.clear();
-    buf.resize(len, 0);
-    sock.read_exact(buf)
 }
 
 /// `poll` on one fd; the events that occurred, 0 on timeout (`timeout_ms` < 0: none).
@@ -1015,28 +1002,7 @@ impl Ring {
 
 /// A memfd of `len` bytes for the staging area.
 fn staging_memfd(len: usize) -> io::Result<OwnedFd> {
-    // The system call, not glibc's wrapper: that one needs glibc 2.27, and the mediator
-    // also runs on hosts with glibc 2.17 (XCP-ng dom0; memfd_create is in Linux 3.17).
-    // SAFETY: a NUL-terminated name and flags.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_memfd_create,
-            c"vgpu-staging".as_ptr(),
-            libc::MFD_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(fd).map_err(|_| io::Error::other("memfd_create: bad fd"))?;
-    // SAFETY: a new fd owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let size = libc::off_t::try_from(len).map_err(|_| io::Error::other("staging too large"))?;
-    // SAFETY: sets the size of our own memfd.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
+    crate::hostmap::memfd(c"vgpu-staging", len as u64).map(OwnedFd::from)
 }
 
 /// `fd` moved above the standard streams if it is one of them (the child's stdio setup
@@ -1693,15 +1659,25 @@ impl ProcessExecutor {
 
     /// Sends one request (the caller records it in `pending`).
     fn send(&mut self, what: &str, msg: &ToWorker<'_>) -> ExecResult<()> {
-        match self.chan.send(msg, None) {
+        self.send_fds(what, msg, &[])
+    }
+
+    /// Sends one request with `fds` attached.
+    fn send_fds(&mut self, what: &str, msg: &ToWorker<'_>, fds: &[RawFd]) -> ExecResult<()> {
+        match self.chan.send_with_fds(msg, fds, None) {
             Ok(()) => Ok(()),
-            // Only a launch with absurdly many or large parameters gets here; every
-            // executor refuses those as an invalid argument too.
+            // Only a launch with absurdly many or large parameters, or a host buffer of
+            // too many pieces, gets here; every executor refuses those as an invalid
+            // argument too.
             Err(SendError::TooLarge(n)) => Err(ExecError::new(
                 Status::InvalidArgument,
                 0,
                 format!("{what}: request of {n} bytes is too large"),
             )),
+            // More files than a message carries: nothing was sent.
+            Err(SendError::Io(e)) if e.kind() == io::ErrorKind::InvalidInput => Err(
+                ExecError::new(Status::InvalidArgument, 0, format!("{what}: {e}")),
+            ),
             Err(SendError::Io(e)) => Err(self.lose(what, e)),
         }
     }
@@ -1812,9 +1788,14 @@ impl ProcessExecutor {
     /// A request the caller waits for, sent at once: then every reply up to its own is
     /// read, and an earlier deferred error takes precedence over its result.
     fn wait(&mut self, what: &str, msg: &ToWorker<'_>) -> ExecResult<u64> {
+        self.wait_fds(what, msg, &[])
+    }
+
+    /// [`ProcessExecutor::wait`], with `fds` attached to the request.
+    fn wait_fds(&mut self, what: &str, msg: &ToWorker<'_>, fds: &[RawFd]) -> ExecResult<u64> {
         self.check_live()?;
         self.room(what, 0, &mut discard)?;
-        self.send(what, msg)?;
+        self.send_fds(what, msg, fds)?;
         self.pending.push_back(Pending::Waited);
         let result = loop {
             if let Some(result) = self.settle_one(what, &mut discard)? {
@@ -1830,12 +1811,22 @@ impl ProcessExecutor {
     /// A request that creates something: sent only once every earlier reply was read and
     /// none reported an error (which is returned instead).
     fn wait_creating(&mut self, what: &str, msg: &ToWorker<'_>) -> ExecResult<u64> {
+        self.wait_creating_fds(what, msg, &[])
+    }
+
+    /// [`ProcessExecutor::wait_creating`], with `fds` attached to the request.
+    fn wait_creating_fds(
+        &mut self,
+        what: &str,
+        msg: &ToWorker<'_>,
+        fds: &[RawFd],
+    ) -> ExecResult<u64> {
         self.check_live()?;
         self.drain(what)?;
         if let Some(e) = self.deferred.take() {
             return Err(e);
         }
-        self.wait(what, msg)
+        self.wait_fds(what, msg, fds)
     }
 }
 
@@ -2065,11 +2056,6 @@ impl Executor for ProcessExecutor {
     }
 
     fn register_host(&mut self, id: u64, mapping: &HostMapping) -> ExecResult<()> {
-        self.check_live()?;
-        self.drain("register_host")?;
-        if let Some(e) = self.deferred.take() {
-            return Err(e);
-        }
         // Each memory file once; the pieces name them by index.
         let mut files: Vec<&Arc<std::fs::File>> = Vec::new();
         let mut pieces = Vec::with_capacity(mapping.pieces.len());
@@ -2089,30 +2075,8 @@ impl Executor for ProcessExecutor {
             files: fds.len() as u32,
             pieces,
         };
-        match self.chan.send_with_fds(&msg, &fds, None) {
-            Ok(()) => {}
-            Err(SendError::TooLarge(n)) => {
-                return Err(ExecError::new(
-                    Status::InvalidArgument,
-                    0,
-                    format!("host buffer {id}: {n}-byte description is too large"),
-                ))
-            }
-            Err(SendError::Io(e)) if e.kind() == io::ErrorKind::InvalidInput => {
-                return Err(ExecError::new(
-                    Status::InvalidArgument,
-                    0,
-                    format!("host buffer {id}: {e}"),
-                ))
-            }
-            Err(SendError::Io(e)) => return Err(self.lose("register_host", e)),
-        }
-        self.pending.push_back(Pending::Waited);
-        loop {
-            if let Some(result) = self.settle_one("register_host", &mut discard)? {
-                return result.map(drop);
-            }
-        }
+        self.wait_creating_fds("register_host", &msg, &fds)
+            .map(drop)
     }
 
     fn unregister_host(&mut self, id: u64) {
@@ -2467,7 +2431,7 @@ pub fn serve(
         return Err("--socket-fd and --staging-fd are the same".into());
     }
     // SAFETY: both fds were inherited for this process alone and are owned from here on.
-    let (mut sock, memfd) = unsafe {
+    let (sock, memfd) = unsafe {
         (
             UnixStream::from_raw_fd(socket_fd),
             OwnedFd::from_raw_fd(staging_fd),
@@ -2480,11 +2444,21 @@ pub fn serve(
         .map_err(|e| format!("cannot map the staging area: {e}"))?;
     drop(memfd);
     let fd = sock.as_raw_fd();
-    let mut frame = Vec::new();
     let mut out = Vec::new();
-
-    recv_frame(&mut sock, &mut frame).map_err(|e| format!("no start message: {e}"))?;
-    let opened = read_init(&frame)
+    // Requests are read in bulk, as many as have arrived, with the files that came with
+    // them (host buffers' memory files), in order: the start message first.
+    let mut rx = WorkerRx::default();
+    let mut files = Vec::new();
+    let init = loop {
+        match rx.next_frame() {
+            Ok(Some(range)) => break range,
+            Ok(None) => rx
+                .fill(fd, &mut files)
+                .map_err(|e| format!("no start message: {e}"))?,
+            Err(e) => return Err(format!("no start message: {e}")),
+        }
+    };
+    let opened = read_init(&rx.data[init])
         .and_then(|(kind, ordinal, ptx)| open_executor(kind, ordinal, ptx, &staging));
     // The executor is open (the driver initialised with trusted input); from here on
     // everything is the guest's, so the allow-list goes on before the first request.
@@ -2522,12 +2496,9 @@ pub fn serve(
         .and_then(|()| send_frame(fd, &out))
         .map_err(|e| format!("cannot answer the parent: {e}"))?;
 
-    // Requests are read in bulk, as many as have arrived, with the files that came with
-    // them (host buffers' memory files), in order. Replies to requests nobody waits for
-    // (launch, memset, ...) are sent together: before the worker would block for more
-    // requests, after any other request, and whenever 64 KiB of them wait.
-    let mut rx = WorkerRx::default();
-    let mut files = Vec::new();
+    // Replies to requests nobody waits for (launch, memset, ...) are sent together:
+    // before the worker would block for more requests, after any other request, and
+    // whenever 1,024 of them wait.
     let pinned = matches!(
         hosted,
         Hosted::Cuda {
@@ -3056,19 +3027,21 @@ mod tests {
         assert_eq!(ring.alloc(4096), Some(0)); // empty again: from the start
     }
 
-    /// A worker that answers every request with a large reply and reads only one request
-    /// at a time: the parent sends far more than the socket holds without reading a
+    /// A worker that answers its requests one by one, each with a large reply, before it
+    /// reads more: the parent sends far more than the socket holds without reading a
     /// reply, and neither side blocks the other.
     #[test]
     fn sends_never_deadlock_against_replies() {
-        let (parent, mut child) = UnixStream::pair().unwrap();
+        let (parent, child) = UnixStream::pair().unwrap();
         let requests = 3000;
         let worker = std::thread::spawn(move || {
-            let mut frame = Vec::new();
+            let (mut rx, mut files) = (WorkerRx::default(), Vec::new());
             let mut out = Vec::new();
             let message = "x".repeat(4000);
             for _ in 0..requests {
-                recv_frame(&mut child, &mut frame).unwrap();
+                while rx.next_frame().unwrap().is_none() {
+                    rx.fill(child.as_raw_fd(), &mut files).unwrap();
+                }
                 let reply = FromWorker::Reply {
                     poisoned: false,
                     result: Err(WireError {
