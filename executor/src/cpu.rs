@@ -10,8 +10,8 @@ use vgpu_kernels::{Arg, CpuMemory, LaunchShape, ParamKind};
 use vgpu_protocol::{ExecutorKind, Status};
 
 use crate::executor::{
-    no_host_buffer, BufferId, DeviceInfo, ExecError, ExecParam, ExecResult, Executor,
-    ExecutorFactory, KernelRef, ModuleId, StreamId,
+    guest_fault, no_host_buffer, outside_host_buffer, BufferId, DeviceInfo, ExecError, ExecParam,
+    ExecResult, Executor, ExecutorFactory, GuestSink, GuestSource, KernelRef, ModuleId, StreamId,
 };
 use crate::hostmap::{HostMap, HostMapping};
 
@@ -359,6 +359,31 @@ impl Executor for CpuExecutor {
         Ok(())
     }
 
+    fn htod_from(
+        &mut self,
+        _: StreamId,
+        dst: BufferId,
+        offset: u64,
+        src: &dyn GuestSource,
+    ) -> ExecResult<()> {
+        // Straight from the guest's buffers into the device buffer.
+        let r = self.range(dst, offset, src.len())?;
+        let out = &mut self.buffers.get_mut(&dst.0).expect("range checked")[r];
+        src.read(0, out).map_err(guest_fault)
+    }
+
+    fn dtoh_into(
+        &mut self,
+        _: StreamId,
+        src: BufferId,
+        offset: u64,
+        len: u64,
+        dst: &dyn GuestSink,
+    ) -> ExecResult<()> {
+        let r = self.range(src, offset, len)?;
+        dst.write(0, &self.buffers[&src.0][r]).map_err(guest_fault)
+    }
+
     fn register_host(&mut self, id: u64, mapping: &HostMapping) -> ExecResult<()> {
         let map = HostMap::map(mapping).map_err(|e| {
             ExecError::new(Status::InvalidArgument, 0, format!("host buffer {id}: {e}"))
@@ -384,7 +409,7 @@ impl Executor for CpuExecutor {
         let map = self.hosts.get(&host).ok_or_else(|| no_host_buffer(host))?;
         let out = &mut self.buffers.get_mut(&dst.0).expect("range checked")[r];
         map.read(host_offset, out)
-            .ok_or_else(|| host_range(host, host_offset, len))
+            .ok_or_else(|| outside_host_buffer(host, host_offset, len))
     }
 
     fn dtoh_host(
@@ -399,17 +424,8 @@ impl Executor for CpuExecutor {
         let r = self.range(src, offset, len)?;
         let map = self.hosts.get(&host).ok_or_else(|| no_host_buffer(host))?;
         map.write(host_offset, &self.buffers[&src.0][r])
-            .ok_or_else(|| host_range(host, host_offset, len))
+            .ok_or_else(|| outside_host_buffer(host, host_offset, len))
     }
-}
-
-/// A copy that does not fit its host buffer.
-fn host_range(host: u64, offset: u64, len: u64) -> ExecError {
-    ExecError::new(
-        Status::OutOfRange,
-        0,
-        format!("{len} bytes at {offset} are outside host buffer {host}"),
-    )
 }
 
 #[cfg(test)]

@@ -26,8 +26,8 @@ use vgpu_kernels::{LaunchShape, ParamKind, CATALOG};
 use vgpu_protocol::{ExecutorKind, Status, MAX_PTX_BYTES};
 
 use crate::executor::{
-    no_host_buffer, BufferId, DeviceInfo, ExecError, ExecParam, ExecResult, Executor,
-    ExecutorFactory, KernelRef, ModuleId, StreamId,
+    no_host_buffer, outside_host_buffer, BufferId, DeviceInfo, ExecError, ExecParam, ExecResult,
+    Executor, ExecutorFactory, KernelRef, ModuleId, StreamId,
 };
 use crate::hostmap::{HostMap, HostMapping};
 
@@ -792,13 +792,8 @@ impl CudaExecutor {
     /// `len` bytes at `offset` of host buffer `id`.
     fn host_span(&self, id: u64, offset: u64, len: u64) -> ExecResult<*mut u8> {
         let map = self.hosts.get(&id).ok_or_else(|| no_host_buffer(id))?;
-        map.at(offset, len).ok_or_else(|| {
-            ExecError::new(
-                Status::OutOfRange,
-                0,
-                format!("{len} bytes at {offset} are outside host buffer {id}"),
-            )
-        })
+        map.at(offset, len)
+            .ok_or_else(|| outside_host_buffer(id, offset, len))
     }
 
     fn span(&self, buffer: BufferId, offset: u64, len: u64) -> ExecResult<sys::CUdeviceptr> {

@@ -174,13 +174,23 @@ pub(crate) fn no_host_buffer(id: u64) -> ExecError {
     ExecError::new(Status::Internal, 0, format!("no host buffer {id}"))
 }
 
+/// The error for a copy that does not fit its host buffer.
+pub(crate) fn outside_host_buffer(id: u64, offset: u64, len: u64) -> ExecError {
+    ExecError::new(
+        Status::OutOfRange,
+        0,
+        format!("{len} bytes at {offset} are outside host buffer {id}"),
+    )
+}
+
 /// A guest's buffers could not be read or written (its memory changed under the copy).
 pub(crate) fn guest_fault(e: GuestAccessError) -> ExecError {
     ExecError::new(Status::InvalidRequest, 0, e.to_string())
 }
 
-/// A host buffer of `len` bytes, or OUT_OF_MEMORY.
-pub(crate) fn host_buffer(len: u64) -> ExecResult<Vec<u8>> {
+/// A zeroed host buffer of `len` bytes, allocated fallibly: OUT_OF_MEMORY when the host
+/// cannot make it.
+pub fn host_buffer(len: u64) -> ExecResult<Vec<u8>> {
     let len = usize::try_from(len)
         .map_err(|_| ExecError::new(Status::OutOfMemory, 0, "copy too large"))?;
     let mut v = Vec::new();
