@@ -56,12 +56,16 @@ struct HostChunkAt {
 }
 
 impl Session {
-    /// The host buffer and offset that hold the guest-physical `ranges` in order, as one
-    /// run of bytes; `None` unless one registered buffer holds all of them.
-    fn locate(&self, ranges: &[(u64, u64)]) -> Option<(u64, u64)> {
+    /// The host buffer and offset that hold the first `len` bytes of the guest-physical
+    /// `ranges`, in order, as one run of bytes; `None` unless one registered buffer holds
+    /// all of them.
+    fn locate(&self, ranges: &[(u64, u64)], len: u64) -> Option<(u64, u64)> {
         let mut found: Option<(u64, u64)> = None;
         let mut next = 0u64;
-        for &(mut addr, mut left) in ranges {
+        let mut wanted = len;
+        for &(mut addr, n) in ranges {
+            let mut left = n.min(wanted);
+            wanted -= left;
             while left > 0 {
                 let (&start, chunk) = self.host_chunks.range(..=addr).next_back()?;
                 let inside = addr - start;
@@ -79,8 +83,11 @@ impl Session {
                 addr += n;
                 left -= n;
             }
+            if wanted == 0 {
+                break;
+            }
         }
-        found
+        found.filter(|_| wanted == 0)
     }
 }
 
@@ -277,12 +284,7 @@ impl Worker {
             return;
         };
         self.usage.sessions -= 1;
-        for b in s.buffers.values() {
-            self.usage.mem_used -= b.size;
-            self.usage.allocations -= 1;
-        }
-        self.usage.modules -= s.modules.len() as u32;
-        self.usage.host_bytes -= s.host_bufs.values().sum::<u64>();
+        uncount(&mut self.usage, &s);
         // The executor goes with the session: for a worker process its context and
         // everything in it; an in-process executor frees what it holds when dropped.
         drop(s);
@@ -333,17 +335,32 @@ impl Worker {
         if s.sticky.is_none() {
             s.sticky = Some(Refusal::new(Status::DeviceLost, 0));
         }
-        for b in s.buffers.values() {
-            self.usage.mem_used -= b.size;
-            self.usage.allocations -= 1;
-        }
-        self.usage.modules -= s.modules.len() as u32;
-        self.usage.host_bytes -= s.host_bufs.values().sum::<u64>();
+        uncount(&mut self.usage, s);
         s.buffers.clear();
         s.modules.clear();
         s.host_bufs.clear();
         s.host_chunks.clear();
         self.usage.restarts += 1;
+    }
+
+    /// The registered host buffer and offset that hold the first `len` bytes of guest
+    /// data at `ranges`, counted as a copy straight from it; `None` (and `ranges` never
+    /// asked for) when the session has no host buffers.
+    fn host_copy(
+        &mut self,
+        sid: u64,
+        len: u64,
+        ranges: impl FnOnce() -> Option<Vec<(u64, u64)>>,
+    ) -> Option<(u64, u64)> {
+        let s = &self.sessions[&sid];
+        if s.host_bufs.is_empty() {
+            return None;
+        }
+        let found = s.locate(&ranges()?, len);
+        if found.is_some() {
+            self.usage.host_copies += 1;
+        }
+        found
     }
 
     fn buffer(&self, session: u64, handle: u64) -> Result<&Buffer, Refusal> {
@@ -409,13 +426,10 @@ impl Worker {
                 let len = source.as_ref().map_or(data.len() as u64, |s| s.len());
                 let id = self.range(sid, dst, offset, len)?;
                 // Data in a registered host buffer goes straight from its pages.
-                let host = source
-                    .as_ref()
-                    .and_then(|s| s.guest_ranges())
-                    .and_then(|r| self.sessions[&sid].locate(&r));
-                if host.is_some() {
-                    self.usage.host_copies += 1;
-                }
+                let host = match &source {
+                    Some(s) => self.host_copy(sid, len, || s.guest_ranges()),
+                    None => None,
+                };
                 let exec = self.exec(sid)?;
                 match (source, host) {
                     (Some(_), Some((host, at))) => {
@@ -434,12 +448,7 @@ impl Worker {
                         .ok()
                         .filter(|_| len <= sink.capacity())
                         .ok_or(Refusal::new(Status::BufferTooSmall, 0))?;
-                    let host = sink
-                        .guest_ranges()
-                        .and_then(|ranges| self.sessions[&sid].locate(&trim_ranges(&ranges, len)));
-                    if host.is_some() {
-                        self.usage.host_copies += 1;
-                    }
+                    let host = self.host_copy(sid, len, || sink.guest_ranges());
                     let exec = self.exec(sid)?;
                     match host {
                         Some((host, at)) => exec.dtoh_host(stream, id, offset, host, at, len),
@@ -450,10 +459,7 @@ impl Worker {
                 }
                 // Counted in the VM's byte budget (`request_cost`); allocated fallibly all
                 // the same: the host may have less than the budgets add up to.
-                let mut out = Vec::new();
-                out.try_reserve_exact(len as usize)
-                    .map_err(|_| Refusal::new(Status::OutOfMemory, 0))?;
-                out.resize(len as usize, 0);
+                let mut out = crate::executor::host_buffer(len).map_err(exec_err)?;
                 self.exec(sid)?
                     .dtoh(stream, id, offset, &mut out)
                     .map_err(exec_err)?;
@@ -693,18 +699,14 @@ impl Worker {
     }
 }
 
-/// The first `len` bytes of `ranges`.
-fn trim_ranges(ranges: &[(u64, u64)], mut len: u64) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    for &(addr, n) in ranges {
-        if len == 0 {
-            break;
-        }
-        let take = n.min(len);
-        out.push((addr, take));
-        len -= take;
+/// Takes what a session holds out of the tenant's accounting.
+fn uncount(usage: &mut TenantUsage, s: &Session) {
+    for b in s.buffers.values() {
+        usage.mem_used -= b.size;
+        usage.allocations -= 1;
     }
-    out
+    usage.modules -= s.modules.len() as u32;
+    usage.host_bytes -= s.host_bufs.values().sum::<u64>();
 }
 
 /// The launch limits every CUDA device of compute capability >= 3.0 shares.
