@@ -1323,3 +1323,175 @@ fn a_launch_with_an_enormous_block_is_refused() {
     assert_eq!(outcome.unwrap().0.status, Status::InvalidArgument);
     assert_eq!(alive.unwrap().0.status, Status::Ok);
 }
+
+/// A hostile guest describes host buffers it has no business describing, through the
+/// real `vhost-vgpu` binary: memory outside its RAM, pages it already registered, torn
+/// chunk lists, too many buffers, copies half inside a registered buffer. Every attempt
+/// is refused or served correctly; the daemon lives on, and the other VM never notices.
+#[test]
+fn a_hostile_guest_cannot_register_host_buffers_it_does_not_own() {
+    use vgpu_protocol::{HostChunk, Op};
+    let dir = std::env::temp_dir().join(format!("vgpu-test-hostbuf-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = dir.join("vm");
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-vgpu"))
+        .arg("--socket-path")
+        .arg(&base)
+        .args([
+            "--socket-count",
+            "2",
+            "--executor",
+            "cpu",
+            "--mem-quota",
+            "256M",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let socket = |i: usize| PathBuf::from(format!("{}{i}", base.display()));
+    let mut vm = Vm::connect(socket(0)).unwrap();
+    let mut other = Vm::connect(socket(1)).unwrap();
+    let s = ok(&mut vm, Command::SessionOpen, 0).0.value0;
+    let page = 4096u64;
+    let (ram_base, ram_end) = (vm.ram().base(), vm.ram().end());
+    let register = |id: u64, chunks: Vec<HostChunk>| Command::HostRegister { id, chunks };
+    let chunk = |addr: u64, len: u64| HostChunk { addr, len };
+
+    // Memory the VM does not have: past its RAM, straddling its end, at address 0 when
+    // RAM starts above it, and near the top of the address space.
+    for bad in [
+        vec![chunk(ram_end, page)],
+        vec![chunk(ram_end - page, 2 * page)],
+        vec![chunk(!(page - 1), page)],
+        vec![chunk(ram_end + (1 << 30), 1 << 20)],
+    ] {
+        let st = status(&mut vm, register(1, bad.clone()), s);
+        assert!(
+            matches!(st, Status::InvalidArgument | Status::InvalidRequest),
+            "{bad:?}: {st:?}"
+        );
+    }
+    if ram_base >= page {
+        assert_ne!(
+            status(&mut vm, register(1, vec![chunk(0, page)]), s),
+            Status::Ok
+        );
+    }
+
+    // A chunk list that does not add up to the length the header claims, and one with
+    // more chunks than pages: refused before any of it is used.
+    let at = vm.ram().alloc(8 * page, page).unwrap();
+    let mut header = Request::new(s, register(2, vec![chunk(at, 2 * page)])).header();
+    header.op = Op::HostRegister {
+        id: 2,
+        len: 4 * page,
+        chunks: 1,
+    };
+    let mut bytes = header.encode().to_vec();
+    bytes.extend_from_slice(&at.to_le_bytes());
+    bytes.extend_from_slice(&(2 * page).to_le_bytes());
+    let req = vm.ram().alloc(bytes.len() as u64, 16).unwrap();
+    vm.ram().write(req, &bytes).unwrap();
+    let resp = vm.ram().alloc(32, 16).unwrap();
+    let (_, st) = hostile_raw(
+        &mut vm,
+        &[
+            rd(req, bytes.len() as u32, Link::To(1)),
+            wr(resp, 32, Link::End),
+        ],
+        Some(resp),
+    );
+    assert!(matches!(st, Some(Status::InvalidArgument)), "{st:?}");
+    header.op = Op::HostRegister {
+        id: 2,
+        len: page,
+        chunks: 2,
+    };
+    let mut torn = header.encode().to_vec();
+    torn.extend_from_slice(&[0u8; 32]);
+    vm.ram().write(req, &torn).unwrap();
+    let (_, st) = hostile_raw(
+        &mut vm,
+        &[
+            rd(req, torn.len() as u32, Link::To(1)),
+            wr(resp, 32, Link::End),
+        ],
+        Some(resp),
+    );
+    assert!(matches!(st, Some(Status::InvalidArgument)), "{st:?}");
+
+    // Its own pages, once: then the same pages, or the same id, again are refused.
+    let data: Vec<u8> = (0..4 * page).map(|i| (i % 241) as u8).collect();
+    vm.ram().write(at, &data).unwrap();
+    ok(&mut vm, register(3, vec![chunk(at, 4 * page)]), s);
+    assert_eq!(
+        status(&mut vm, register(4, vec![chunk(at + page, page)]), s),
+        Status::InvalidArgument
+    );
+    assert_eq!(
+        status(&mut vm, register(3, vec![chunk(at + 4 * page, page)]), s),
+        Status::InvalidArgument
+    );
+    // Up to the per-session limit of buffers, not one more.
+    let mut last = Status::Ok;
+    for id in 100..400u64 {
+        let page_at = vm.ram().alloc(page, page).unwrap();
+        last = status(&mut vm, register(id, vec![chunk(page_at, page)]), s);
+        if last != Status::Ok {
+            break;
+        }
+    }
+    assert_eq!(last, Status::LimitExceeded);
+
+    // A copy that starts in the registered buffer and runs past it: the ordinary path,
+    // and the right bytes either way.
+    let handle = ok(&mut vm, Command::Alloc { size: 8 * page }, s).0.value0;
+    let tail: Vec<u8> = (0..2 * page).map(|i| (i % 239) as u8).collect();
+    vm.ram().write(at + 4 * page, &tail).unwrap();
+    let mut both = data[2 * page as usize..].to_vec();
+    both.extend_from_slice(&tail);
+    let head = Request::new(
+        s,
+        Command::Htod {
+            dst: handle,
+            offset: 0,
+            data: both.clone(),
+        },
+    )
+    .header()
+    .encode();
+    vm.ram().write(req, &head).unwrap();
+    let (_, st) = hostile_raw(
+        &mut vm,
+        &[
+            rd(req, REQUEST_HEADER_SIZE as u32, Link::To(1)),
+            rd(at + 2 * page, both.len() as u32, Link::To(2)),
+            wr(resp, 32, Link::End),
+        ],
+        Some(resp),
+    );
+    assert_eq!(st, Some(Status::Ok));
+    assert_eq!(download(&mut vm, s, handle, both.len() as u64), both);
+
+    // Unregistering what is not there; then everything still works, here and next door.
+    assert_eq!(
+        status(&mut vm, Command::HostUnregister { id: 77 }, s),
+        Status::InvalidHandle
+    );
+    ok(&mut vm, Command::HostUnregister { id: 3 }, s);
+    assert!(daemon.try_wait().unwrap().is_none(), "the daemon died");
+    let o = ok(&mut other, Command::SessionOpen, 0).0.value0;
+    let payload = f32s(&[1.0, 2.0, 3.0]);
+    let h = upload(&mut other, o, &payload);
+    assert_eq!(download(&mut other, o, h, payload.len() as u64), payload);
+    assert_eq!(download(&mut vm, s, handle, both.len() as u64), both);
+
+    drop((vm, other));
+    // SAFETY: signals the child this test started.
+    unsafe { libc::kill(daemon.id() as libc::pid_t, libc::SIGTERM) };
+    let exit = daemon.wait().unwrap();
+    assert!(exit.success(), "vhost-vgpu ended with {exit}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
