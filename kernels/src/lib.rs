@@ -30,6 +30,7 @@ pub const CUDA_SOURCE: &str = concat!(
     include_str!("../cuda/reduce_sum_f32.cu"),
     include_str!("../cuda/matmul_f32.cu"),
     include_str!("../cuda/fill_u32.cu"),
+    include_str!("../cuda/spin_us.cu"),
 );
 
 /// The type of one kernel parameter.
@@ -244,6 +245,40 @@ impl KernelSpec {
         (self.cpu)(args, mem)
     }
 
+    /// The launch shape to run instead of `shape` (after [`KernelSpec::validate`]): the
+    /// grid cut down to the blocks the kernel's element count needs. Every catalog kernel
+    /// walks its elements grid-stride, so the result is the same; a guest's huge grid over
+    /// few elements then costs no more device time than the elements need.
+    pub fn capped_shape(&self, args: &[Arg], shape: &LaunchShape) -> LaunchShape {
+        let threads = shape.block.iter().map(|&d| u64::from(d)).product::<u64>().max(1);
+        let [gx, gy, gz] = shape.grid;
+        let cap = |n: u64, d: u32| n.clamp(1, u64::from(d)) as u32;
+        let elements = |index: usize| u32_at(args, index).map(u64::from).unwrap_or(u64::MAX);
+        // Blocks needed for `n` elements flattened over the whole grid.
+        let linear = |n: u64| {
+            let blocks = n.div_ceil(threads).max(1);
+            let x = cap(blocks, gx);
+            let y = cap(blocks.div_ceil(u64::from(x)), gy);
+            let z = cap(blocks.div_ceil(u64::from(x) * u64::from(y)), gz);
+            [x, y, z]
+        };
+        let grid = match self.name {
+            "vector_add_f32" | "saxpy_f32" => linear(elements(3)),
+            "scale_f32" | "reduce_sum_f32" | "fill_u32" => linear(elements(2)),
+            "matmul_f32" => {
+                // Columns of 16-wide tiles over x, rows of tiles over y * z.
+                let (m, n) = (elements(3), elements(4));
+                let col_tiles = n.div_ceil(16);
+                let row_tiles = m.div_ceil(16);
+                let y = cap(row_tiles, gy);
+                let z = cap(row_tiles.div_ceil(u64::from(y)), gz);
+                [cap(col_tiles, gx), y, z]
+            }
+            _ => shape.grid,
+        };
+        LaunchShape { grid, ..*shape }
+    }
+
     /// Relative error bound of the CUDA result against the CPU reference, for test harnesses
     /// (0 for exact kernels like fill/add/scale; state a justified bound for
     /// reduce/matmul/saxpy — fma contraction).
@@ -366,7 +401,38 @@ pub static CATALOG: &[KernelSpec] = &[
         cpu: cpu_fill_u32,
         rel_tolerance: 0.0,
     },
+    KernelSpec {
+        name: "spin_us",
+        params: &[Buffer, U32],
+        buffers: &[extent(0, 4, &[])],
+        check_shape: spin_shape,
+        cpu: cpu_spin_us,
+        rel_tolerance: 0.0,
+    },
 ];
+
+/// Most blocks a `spin_us` launch may have: a few waves on any GPU, so a launch lasts a
+/// few times its `us` at most.
+pub const SPIN_MAX_BLOCKS: u64 = 1024;
+
+/// `spin_us` runs for its duration whatever its grid: cap the grid, not the work.
+fn spin_shape(shape: &LaunchShape) -> Result<(), KernelError> {
+    let blocks = shape.grid.iter().map(|&d| u64::from(d)).product::<u64>();
+    if blocks <= SPIN_MAX_BLOCKS {
+        Ok(())
+    } else {
+        Err(KernelError::BadLaunchShape(
+            "spin_us takes at most 1024 blocks",
+        ))
+    }
+}
+
+/// The CPU stands in for the GPU's busy wait by sleeping: a device that is busy for `us`.
+fn cpu_spin_us(args: &[Arg], mem: &mut dyn CpuMemory) -> Result<(), KernelError> {
+    let us = u32_at(args, 1)?;
+    std::thread::sleep(std::time::Duration::from_micros(u64::from(us)));
+    write_bytes(mem, args, 0, 0, &us.to_le_bytes())
+}
 
 /// The element-wise kernels flatten the whole grid, so any shape gives the same result.
 fn any_shape(_: &LaunchShape) -> Result<(), KernelError> {

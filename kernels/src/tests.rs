@@ -1162,3 +1162,87 @@ fn catalog_names_are_unique_and_every_buffer_has_one_extent() {
         }
     }
 }
+
+// ---- grid caps and spin_us ----
+
+fn shape(grid: [u32; 3], block: [u32; 3]) -> LaunchShape {
+    LaunchShape {
+        grid,
+        block,
+        shared_bytes: 0,
+    }
+}
+
+#[test]
+fn huge_grids_are_cut_to_the_blocks_the_elements_need() {
+    let huge = [(1 << 31) - 1, 65535, 65535];
+    let add = [Arg::Buffer(1), Arg::Buffer(2), Arg::Buffer(3), Arg::U32(1000)];
+    let s = spec("vector_add_f32").capped_shape(&add, &shape(huge, [256, 1, 1]));
+    assert_eq!(s.grid, [4, 1, 1]);
+    // A grid already smaller than needed is kept: the kernel strides over the rest.
+    let small = shape([2, 1, 1], [32, 1, 1]);
+    assert_eq!(spec("vector_add_f32").capped_shape(&add, &small), small);
+    // Blocks spread over y when x is small.
+    let s = spec("vector_add_f32").capped_shape(&add, &shape([2, 100, 100], [32, 1, 1]));
+    assert_eq!(s.grid, [2, 16, 1]);
+    // No elements: one block.
+    let fill = [Arg::Buffer(1), Arg::U32(7), Arg::U32(0)];
+    let s = spec("fill_u32").capped_shape(&fill, &shape(huge, [1024, 1, 1]));
+    assert_eq!(s.grid, [1, 1, 1]);
+    // matmul: 16-wide column tiles over x, row tiles over y * z.
+    let mm = [
+        Arg::Buffer(1),
+        Arg::Buffer(2),
+        Arg::Buffer(3),
+        Arg::U32(40),
+        Arg::U32(17),
+        Arg::U32(9),
+    ];
+    let s = spec("matmul_f32").capped_shape(&mm, &shape(huge, [16, 16, 1]));
+    assert_eq!(s.grid, [2, 3, 1]);
+    let s = spec("matmul_f32").capped_shape(&mm, &shape([1, 2, 100], [16, 16, 1]));
+    assert_eq!(s.grid, [1, 2, 2]);
+}
+
+#[test]
+fn capped_grids_give_the_same_results() {
+    let n = 3000u32;
+    let x: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
+    let args = [Arg::Buffer(1), Arg::F32(3.0), Arg::U32(n)];
+    let wide = shape([100_000, 3, 1], [64, 1, 1]);
+    let capped = spec("scale_f32").capped_shape(&args, &wide);
+    assert_eq!(capped.grid, [47, 1, 1]);
+    let mut results = Vec::new();
+    for s in [wide, capped] {
+        let mut mem = TestMemory {
+            buffers: HashMap::new(),
+        };
+        mem.put_f32(1, &x);
+        spec("scale_f32").run_cpu(&args, &s, &mut mem).unwrap();
+        results.push(bits(&mem.f32s(1)));
+    }
+    assert_eq!(results[0], results[1]);
+}
+
+#[test]
+fn spin_us_lasts_its_duration_and_caps_its_grid() {
+    let mut mem = TestMemory {
+        buffers: HashMap::new(),
+    };
+    mem.put_u32(1, &[0]);
+    let args = [Arg::Buffer(1), Arg::U32(20_000)];
+    let started = std::time::Instant::now();
+    spec("spin_us")
+        .run_cpu(&args, &shape([1024, 1, 1], [32, 1, 1]), &mut mem)
+        .unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(20));
+    assert_eq!(mem.u32s(1), [20_000]);
+    let too_wide = shape([33, 32, 1], [32, 1, 1]);
+    assert!(matches!(
+        spec("spin_us").validate(&args, &too_wide, &|h| mem.len_of(h)),
+        Err(KernelError::BadLaunchShape(_))
+    ));
+    // Its grid is its own: not cut by an element count.
+    let s = shape([8, 4, 2], [32, 1, 1]);
+    assert_eq!(spec("spin_us").capped_shape(&args, &s), s);
+}

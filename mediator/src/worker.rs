@@ -627,7 +627,7 @@ impl Worker {
     }
 
     fn launch(&mut self, sid: u64, stream: StreamId, launch: Launch) -> Reply {
-        let shape = LaunchShape {
+        let mut shape = LaunchShape {
             grid: launch.grid,
             block: launch.block,
             shared_bytes: launch.shared_bytes,
@@ -650,7 +650,8 @@ impl Worker {
         let kernel = if launch.module == BUILTIN_MODULE {
             let spec = vgpu_kernels::find(&launch.kernel)
                 .ok_or(Refusal::new(Status::KernelNotFound, 0))?;
-            check_builtin(spec, &launch.params, &params, &shape, &*session)?;
+            // The grid cut to what the elements need: a huge grid costs no device time.
+            shape = check_builtin(spec, &launch.params, &params, &shape, &*session)?;
             KernelRef::Builtin(spec)
         } else {
             let m = *session
@@ -726,14 +727,15 @@ fn check_shape(s: &LaunchShape) -> Result<(), Refusal> {
 }
 
 /// Checks a built-in launch against the catalog: parameter kinds and sizes, and that
-/// every buffer holds what the kernel will touch.
+/// every buffer holds what the kernel will touch. Returns the shape to launch: the grid cut
+/// down to the blocks the kernel's elements need.
 fn check_builtin(
     spec: &vgpu_kernels::KernelSpec,
     raw: &[Param],
     params: &[ExecParam],
     shape: &LaunchShape,
     session: &Session,
-) -> Result<(), Refusal> {
+) -> Result<LaunchShape, Refusal> {
     if raw.len() != spec.params.len() {
         return err(Status::InvalidArgument, raw.len() as u32);
     }
@@ -765,5 +767,6 @@ fn check_builtin(
                 Refusal::new(Status::InvalidArgument, index as u32)
             }
             _ => Refusal::new(Status::InvalidArgument, 0),
-        })
+        })?;
+    Ok(spec.capped_shape(&args, shape))
 }
