@@ -85,6 +85,34 @@ impl std::error::Error for ExecError {}
 
 pub type ExecResult<T> = Result<T, ExecError>;
 
+/// The detail of the `DEVICE_LOST` a session gets when the watchdog ended its work for
+/// running past the kernel timeout: CUDA's own number for a launch that timed out
+/// (`CUDA_ERROR_LAUNCH_TIMEOUT`).
+pub const TIMEOUT_DETAIL: u32 = 702;
+
+/// Ends an executor from another thread, whatever it is doing: its worker process is
+/// killed, a call waiting on it returns at once, and it and every later call fail with
+/// `DEVICE_LOST` (detail [`TIMEOUT_DETAIL`] when `timed_out`).
+#[derive(Clone)]
+pub struct Killer(Arc<dyn Fn(bool) + Send + Sync>);
+
+impl Killer {
+    pub fn new(kill: impl Fn(bool) + Send + Sync + 'static) -> Killer {
+        Killer(Arc::new(kill))
+    }
+
+    /// Kills the executor; `timed_out` when the watchdog ends it.
+    pub fn kill(&self, timed_out: bool) {
+        (self.0)(timed_out)
+    }
+}
+
+impl fmt::Debug for Killer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Killer")
+    }
+}
+
 /// Why executors could not be set up: nothing has run yet, so there is no status for a
 /// guest, only a reason for the operator.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -344,6 +372,39 @@ pub trait Executor {
     fn poisoned(&self) -> bool {
         false
     }
+    /// How far this executor's device work has got, for the scheduler; `None` when its
+    /// calls do all their work before they return (their duration is then their device
+    /// time, measured by the caller).
+    fn meter(&self) -> Option<Arc<dyn DeviceMeter>> {
+        None
+    }
+    /// A handle that ends this executor from another thread (the watchdog, a VM reset);
+    /// `None` when it cannot be ended from outside.
+    fn killer(&self) -> Option<Killer> {
+        None
+    }
+}
+
+/// A snapshot of an executor's device work: operations handed to the device (launches,
+/// copies, memsets), those finished (successfully or not), and the device time the
+/// finished ones took, measured on the device (CUDA events), in nanoseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeterReading {
+    pub sent: u64,
+    pub done: u64,
+    pub busy_ns: u64,
+}
+
+impl MeterReading {
+    /// Operations on the device or queued for it.
+    pub fn in_flight(&self) -> u64 {
+        self.sent.saturating_sub(self.done)
+    }
+}
+
+/// Reads how far an executor's device work has got, from any thread.
+pub trait DeviceMeter: Send + Sync {
+    fn read(&self) -> MeterReading;
 }
 
 /// Creates one executor per session and describes the device they share.
