@@ -1525,6 +1525,253 @@ impl Executor for CudaExecutor {
     }
 }
 
+/// A CUDA event that may be handed to the timer's thread: events belong to their context,
+/// not to a thread.
+#[derive(Clone, Copy)]
+struct Event(sys::CUevent);
+
+// SAFETY: a CUDA event handle may be used from any thread that makes its context current.
+unsafe impl Send for Event {}
+
+/// Device operations timed together: the events recorded before the first and after the
+/// last; `None` when recording failed (the operations then count with no device time).
+struct TimedUnit {
+    events: Option<(Event, Event)>,
+    ops: u64,
+}
+
+#[derive(Default)]
+struct TimerQueue {
+    units: std::collections::VecDeque<TimedUnit>,
+    /// Events the thread is done with, for reuse.
+    spare: Vec<Event>,
+    stop: bool,
+    /// The thread has ended.
+    ended: bool,
+}
+
+struct TimerShared {
+    queue: std::sync::Mutex<TimerQueue>,
+    ready: std::sync::Condvar,
+}
+
+impl TimerShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TimerQueue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Times an executor's device operations on the device, for the scheduler: consecutive
+/// operations on a stream form a unit between two CUDA events (recorded before the first
+/// and after the last); a thread waits for each unit's end event and reports the
+/// operations it held with the device time between the events. Recording two events per
+/// batch of operations, not per operation, keeps the cost off the launch path.
+pub struct DeviceTimer {
+    ctx: sys::CUcontext,
+    shared: std::sync::Arc<TimerShared>,
+    /// The unit being filled: its stream, start event and operations so far.
+    open: Option<(sys::CUstream, Option<Event>, u64)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Most operations in one timed unit.
+const UNIT_OPS: u64 = 64;
+
+impl DeviceTimer {
+    /// A timer for `exec`'s operations; `report(ops, device_ns)` is called from the
+    /// timer's thread as units finish, in order.
+    pub fn new(
+        exec: &CudaExecutor,
+        report: impl Fn(u64, u64) + Send + 'static,
+    ) -> ExecResult<DeviceTimer> {
+        let shared = std::sync::Arc::new(TimerShared {
+            queue: std::sync::Mutex::new(TimerQueue::default()),
+            ready: std::sync::Condvar::new(),
+        });
+        let ctx = Event(exec.ctx.cast());
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("device-timer".into())
+            .spawn(move || {
+                let ctx = ctx;
+                time_units(ctx.0.cast(), &thread_shared, report)
+            })
+            .map_err(|e| ExecError::new(Status::Internal, 0, format!("timer thread: {e}")))?;
+        Ok(DeviceTimer {
+            ctx: exec.ctx,
+            shared,
+            open: None,
+            thread: Some(thread),
+        })
+    }
+
+    fn event(&mut self) -> Option<Event> {
+        if let Some(e) = self.shared.lock().spare.pop() {
+            return Some(e);
+        }
+        let mut e = ptr::null_mut();
+        // SAFETY: an out-parameter; the executor's context is current on this thread.
+        let r = unsafe {
+            sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32)
+        };
+        (r == CUresult::CUDA_SUCCESS).then_some(Event(e))
+    }
+
+    fn record(&mut self, stream: sys::CUstream) -> Option<Event> {
+        let e = self.event()?;
+        // SAFETY: a live event and stream of the current context.
+        let r = unsafe { sys::cuEventRecord(e.0, stream) };
+        if r == CUresult::CUDA_SUCCESS {
+            Some(e)
+        } else {
+            self.shared.lock().spare.push(e);
+            None
+        }
+    }
+
+    /// Before a device operation on `stream` of `exec`: opens a unit unless one is open on
+    /// that stream.
+    pub fn before(&mut self, exec: &CudaExecutor, stream: StreamId) {
+        let Ok(s) = exec.stream(stream) else {
+            return;
+        };
+        match self.open {
+            Some((open, _, _)) if open == s => return,
+            Some(_) => self.close(),
+            None => {}
+        }
+        let start = if exec.poison.is_none() && self.current() {
+            self.record(s)
+        } else {
+            None
+        };
+        self.open = Some((s, start, 0));
+    }
+
+    /// After a device operation (whether or not it succeeded).
+    pub fn after(&mut self) {
+        let full = match &mut self.open {
+            Some((_, _, ops)) => {
+                *ops += 1;
+                *ops >= UNIT_OPS
+            }
+            None => false,
+        };
+        if full {
+            self.close();
+        }
+    }
+
+    /// Ends the open unit (before the worker waits for more requests, or serves one that
+    /// is no device operation) and hands it to the timer's thread.
+    pub fn close(&mut self) {
+        let Some((stream, start, ops)) = self.open.take() else {
+            return;
+        };
+        let end = match start {
+            Some(_) if self.current() => self.record(stream),
+            _ => None,
+        };
+        let events = match (start, end) {
+            (Some(s), Some(e)) => Some((s, e)),
+            (Some(s), None) => {
+                self.shared.lock().spare.push(s);
+                None
+            }
+            _ => None,
+        };
+        self.shared
+            .lock()
+            .units
+            .push_back(TimedUnit { events, ops });
+        self.shared.ready.notify_one();
+    }
+
+    fn current(&self) -> bool {
+        // SAFETY: the context lives as long as the executor this timer serves.
+        unsafe { sys::cuCtxSetCurrent(self.ctx) == CUresult::CUDA_SUCCESS }
+    }
+}
+
+impl Drop for DeviceTimer {
+    fn drop(&mut self) {
+        self.close();
+        self.shared.lock().stop = true;
+        self.shared.ready.notify_all();
+        // The thread finishes the units queued; one stuck behind a kernel that never ends
+        // is left to the process's exit rather than waited for.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut q = self.shared.lock();
+        while !q.ended && Instant::now() < deadline {
+            q = self
+                .shared
+                .ready
+                .wait_timeout(q, Duration::from_millis(10))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let ended = q.ended;
+        let spare = std::mem::take(&mut q.spare);
+        drop(q);
+        if ended {
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+            if self.current() {
+                for e in spare {
+                    // SAFETY: events of this context no thread uses any more.
+                    unsafe {
+                        sys::cuEventDestroy_v2(e.0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The timer's thread: waits for each unit's end event in order and reports it.
+fn time_units(ctx: sys::CUcontext, shared: &TimerShared, report: impl Fn(u64, u64)) {
+    // SAFETY: the context outlives this thread's use of it (the timer waits for the
+    // thread before the executor goes, unless the process is exiting).
+    let current = unsafe { sys::cuCtxSetCurrent(ctx) } == CUresult::CUDA_SUCCESS;
+    loop {
+        let unit = {
+            let mut q = shared.lock();
+            loop {
+                if let Some(u) = q.units.pop_front() {
+                    break Some(u);
+                }
+                if q.stop {
+                    break None;
+                }
+                q = shared.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let Some(unit) = unit else {
+            break;
+        };
+        let mut ns = 0;
+        if let (true, Some((start, end))) = (current, unit.events) {
+            // SAFETY: live events of the current context, both recorded.
+            unsafe {
+                if sys::cuEventSynchronize(end.0) == CUresult::CUDA_SUCCESS {
+                    let mut ms = 0f32;
+                    if sys::cuEventElapsedTime_v2(&mut ms, start.0, end.0) == CUresult::CUDA_SUCCESS
+                    {
+                        ns = (f64::from(ms) * 1e6) as u64;
+                    }
+                }
+            }
+        }
+        report(unit.ops, ns);
+        if let Some((start, end)) = unit.events {
+            shared.lock().spare.extend([start, end]);
+        }
+    }
+    shared.lock().ended = true;
+    shared.ready.notify_all();
+}
+
 impl Drop for CudaExecutor {
     fn drop(&mut self) {
         // Host buffers are unregistered while the context lives, then unmapped.

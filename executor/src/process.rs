@@ -115,7 +115,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -125,10 +125,11 @@ use vgpu_kernels::LaunchShape;
 use vgpu_protocol::{Status, MAX_PTX_BYTES};
 
 use crate::cpu::{CpuExecutor, CpuExecutorFactory};
-use crate::cuda::{CudaExecutor, CudaExecutorFactory};
+use crate::cuda::{CudaExecutor, CudaExecutorFactory, DeviceTimer};
 use crate::executor::{
-    guest_fault, BufferId, DeviceInfo, ExecError, ExecParam, ExecResult, Executor, ExecutorFactory,
-    GuestSink, GuestSource, KernelRef, ModuleId, SetupError, StreamId,
+    guest_fault, BufferId, DeviceInfo, DeviceMeter, ExecError, ExecParam, ExecResult, Executor,
+    ExecutorFactory, GuestSink, GuestSource, KernelRef, MeterReading, ModuleId, SetupError,
+    StreamId,
 };
 use crate::hostmap::{FilePiece, HostMapping};
 use crate::sandbox::{Sandbox, WorkerUser};
@@ -868,6 +869,135 @@ impl WorkerRx {
 // ---------------------------------------------------------------------------------------
 // Shared staging memory
 
+/// Where the meter page lies in the staging memfd: the page after the staging area.
+fn meter_offset(staging_bytes: usize) -> usize {
+    staging_bytes.div_ceil(METER_BYTES) * METER_BYTES
+}
+
+/// Size of the meter page.
+const METER_BYTES: usize = 4096;
+
+/// The page of the staging memfd in which a worker publishes how far its device work has
+/// got: device operations finished, and the device time they took in nanoseconds. The
+/// worker writes it, the parent reads it.
+struct MeterPage {
+    ptr: NonNull<AtomicU64>,
+}
+
+// SAFETY: the page holds atomics only, shared by design; the mapping lives until drop.
+unsafe impl Send for MeterPage {}
+// SAFETY: as above: every access goes through the atomics.
+unsafe impl Sync for MeterPage {}
+
+impl MeterPage {
+    fn map(fd: RawFd, staging_bytes: usize) -> io::Result<MeterPage> {
+        let offset = libc::off_t::try_from(meter_offset(staging_bytes))
+            .map_err(|_| io::Error::other("staging area too large"))?;
+        // SAFETY: a fresh shared mapping of one page of `fd`; nothing else is touched.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                METER_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                offset,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(MeterPage { ptr })
+    }
+
+    fn counter(&self, index: usize) -> &AtomicU64 {
+        assert!(index < 2);
+        // SAFETY: the page is mapped, page-aligned and large enough for two atomics,
+        // which are only ever accessed as atomics.
+        unsafe { &*self.ptr.as_ptr().add(index) }
+    }
+
+    /// Device operations finished.
+    fn done(&self) -> &AtomicU64 {
+        self.counter(0)
+    }
+
+    /// Device time the finished operations took, in nanoseconds.
+    fn busy_ns(&self) -> &AtomicU64 {
+        self.counter(1)
+    }
+
+    /// Counts `ops` finished operations that took `ns` on the device.
+    fn finish(&self, ops: u64, ns: u64) {
+        self.busy_ns().fetch_add(ns, Ordering::Release);
+        self.done().fetch_add(ops, Ordering::Release);
+    }
+}
+
+impl Drop for MeterPage {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `map`, unmapped once; no reference outlives `self`.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), METER_BYTES);
+        }
+    }
+}
+
+/// The parent's view of a worker's device work: the operations it sent, and the meter
+/// page for those the worker finished. A lost worker has nothing in flight.
+struct ProcessMeter {
+    page: MeterPage,
+    sent: AtomicU64,
+    lost: AtomicBool,
+}
+
+impl DeviceMeter for ProcessMeter {
+    fn read(&self) -> MeterReading {
+        let sent = self.sent.load(Ordering::Acquire);
+        let done = self.page.done().load(Ordering::Acquire).min(sent);
+        let busy_ns = self.page.busy_ns().load(Ordering::Acquire);
+        let done = if self.lost.load(Ordering::Acquire) {
+            sent
+        } else {
+            done
+        };
+        MeterReading {
+            sent,
+            done,
+            busy_ns,
+        }
+    }
+}
+
+/// Whether a request is a device operation (counted by the meter on both sides).
+fn is_device_op(msg: &ToWorker<'_>) -> bool {
+    matches!(
+        msg,
+        ToWorker::Launch { .. }
+            | ToWorker::Memset { .. }
+            | ToWorker::Dtod { .. }
+            | ToWorker::Htod { .. }
+            | ToWorker::Dtoh { .. }
+            | ToWorker::HtodHost { .. }
+            | ToWorker::DtohHost { .. }
+    )
+}
+
+/// The stream a device operation runs on.
+fn op_stream(msg: &ToWorker<'_>) -> Option<u64> {
+    match *msg {
+        ToWorker::Launch { stream, .. }
+        | ToWorker::Memset { stream, .. }
+        | ToWorker::Dtod { stream, .. }
+        | ToWorker::Htod { stream, .. }
+        | ToWorker::Dtoh { stream, .. }
+        | ToWorker::HtodHost { stream, .. }
+        | ToWorker::DtohHost { stream, .. } => Some(stream),
+        _ => None,
+    }
+}
+
 /// A `MAP_SHARED` mapping of the staging memfd, unmapped on drop.
 struct Staging {
     ptr: NonNull<u8>,
@@ -1051,11 +1181,13 @@ impl Spawner {
         let (parent_sock, child_sock) =
             UnixStream::pair().map_err(|e| internal("socketpair", e))?;
         let child_sock = above_stdio(OwnedFd::from(child_sock)).map_err(|e| internal("fd", e))?;
-        let memfd = staging_memfd(self.staging_bytes)
+        let memfd = staging_memfd(meter_offset(self.staging_bytes) + METER_BYTES)
             .and_then(above_stdio)
             .map_err(|e| internal("staging memfd", e))?;
         let staging = Staging::map(memfd.as_raw_fd(), self.staging_bytes)
             .map_err(|e| internal("staging mmap", e))?;
+        let meter = MeterPage::map(memfd.as_raw_fd(), self.staging_bytes)
+            .map_err(|e| internal("meter mmap", e))?;
 
         let (sock_fd, mem_fd) = (child_sock.as_raw_fd(), memfd.as_raw_fd());
         let parent = std::process::id() as libc::pid_t;
@@ -1125,6 +1257,11 @@ impl Spawner {
             live: self.live.clone(),
             pinned: false,
             modules: HashMap::new(),
+            meter: Arc::new(ProcessMeter {
+                page: meter,
+                sent: AtomicU64::new(0),
+                lost: AtomicBool::new(false),
+            }),
         };
         exec.start(&self.kind, cancel)?;
         log::debug!(
@@ -1527,6 +1664,8 @@ pub struct ProcessExecutor {
     pinned: bool,
     /// The kernels of each loaded module with their parameter sizes (from its PTX).
     modules: HashMap<u64, HashMap<String, Option<Vec<usize>>>>,
+    /// Device operations sent, and finished as the worker reports them.
+    meter: Arc<ProcessMeter>,
 }
 
 fn exit_description(status: ExitStatus) -> String {
@@ -1612,6 +1751,7 @@ impl ProcessExecutor {
 
     /// Marks the worker lost and returns the `DEVICE_LOST` error for it.
     fn lose(&mut self, during: &str, e: io::Error) -> ExecError {
+        self.meter.lost.store(true, Ordering::Release);
         if self.lost.is_none() {
             // A worker that closed its end is usually exiting: give it a moment so the
             // report can say how it ended.
@@ -1665,7 +1805,12 @@ impl ProcessExecutor {
     /// Sends one request with `fds` attached.
     fn send_fds(&mut self, what: &str, msg: &ToWorker<'_>, fds: &[RawFd]) -> ExecResult<()> {
         match self.chan.send_with_fds(msg, fds, None) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if is_device_op(msg) {
+                    self.meter.sent.fetch_add(1, Ordering::AcqRel);
+                }
+                Ok(())
+            }
             // Only a launch with absurdly many or large parameters, or a host buffer of
             // too many pieces, gets here; every executor refuses those as an invalid
             // argument too.
@@ -2252,6 +2397,10 @@ impl Executor for ProcessExecutor {
     fn poisoned(&self) -> bool {
         self.poisoned || self.lost.is_some()
     }
+
+    fn meter(&self) -> Option<Arc<dyn DeviceMeter>> {
+        Some(self.meter.clone())
+    }
 }
 
 impl Drop for ProcessExecutor {
@@ -2341,6 +2490,71 @@ impl Hosted {
         }
     }
 }
+/// The worker's side of the device meter: each device operation, once finished, is
+/// counted in the meter page with its device time. A CUDA executor's operations are timed
+/// on the device by a [`DeviceTimer`]; the CPU executor's by the clock around each one
+/// (it does the work inside the call).
+struct Progress {
+    page: Arc<MeterPage>,
+    timer: Option<DeviceTimer>,
+}
+
+impl Progress {
+    fn new(page: MeterPage, hosted: &Hosted) -> Progress {
+        let page = Arc::new(page);
+        let timer = match hosted {
+            Hosted::Cuda { exec, .. } => {
+                let counts = page.clone();
+                match DeviceTimer::new(exec, move |ops, ns| counts.finish(ops, ns)) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        log::warn!("device work is timed by the host clock: {e}");
+                        None
+                    }
+                }
+            }
+            Hosted::Plain(_) => None,
+        };
+        Progress { page, timer }
+    }
+
+    /// Before a request: for a device operation, the time it starts (and a timed unit
+    /// opened on its stream); any other request ends the open unit first.
+    fn before(&mut self, hosted: &Hosted, msg: &ToWorker<'_>) -> Option<Instant> {
+        if !is_device_op(msg) {
+            self.idle();
+            return None;
+        }
+        if let (Some(timer), Hosted::Cuda { exec, .. }, Some(stream)) =
+            (&mut self.timer, hosted, op_stream(msg))
+        {
+            timer.before(exec, StreamId(stream));
+        }
+        Some(Instant::now())
+    }
+
+    /// After a request; `started` is what [`Progress::before`] returned.
+    fn after(&mut self, started: Option<Instant>) {
+        let Some(started) = started else {
+            return;
+        };
+        match &mut self.timer {
+            Some(timer) => timer.after(),
+            None => self.page.finish(
+                1,
+                started.elapsed().as_nanos().try_into().unwrap_or(u64::MAX),
+            ),
+        }
+    }
+
+    /// Ends the open unit.
+    fn idle(&mut self) {
+        if let Some(timer) = &mut self.timer {
+            timer.close();
+        }
+    }
+}
+
 /// Opens the executor the start message asks for.
 fn open_executor(kind: WireKind, ordinal: u32, ptx: &str, staging: &Staging) -> ExecResult<Hosted> {
     match kind {
@@ -2442,6 +2656,8 @@ pub fn serve(
     }
     let mut staging = Staging::map(memfd.as_raw_fd(), staging_bytes)
         .map_err(|e| format!("cannot map the staging area: {e}"))?;
+    let meter = MeterPage::map(memfd.as_raw_fd(), staging_bytes)
+        .map_err(|e| format!("cannot map the meter page: {e}"))?;
     drop(memfd);
     let fd = sock.as_raw_fd();
     let mut out = Vec::new();
@@ -2492,6 +2708,8 @@ pub fn serve(
             Hosted::Plain(_) => "CPU".into(),
         },
     };
+    // Before the first request: the timer's thread starts while threads may still start.
+    let mut progress = Progress::new(meter, &hosted);
     encode(&ready, &mut out)
         .and_then(|()| send_frame(fd, &out))
         .map_err(|e| format!("cannot answer the parent: {e}"))?;
@@ -2512,6 +2730,8 @@ pub fn serve(
         let range = match rx.next_frame() {
             Ok(Some(range)) => range,
             Ok(None) => {
+                // Nothing more to run for now: the operations so far are timed as a unit.
+                progress.idle();
                 if let Err(e) = send_replies(fd, hosted.exec(), &mut replies, &mut out) {
                     break Err(format!("answering: {e}"));
                 }
@@ -2536,6 +2756,10 @@ pub fn serve(
                     | ToWorker::UnloadModule { .. }
                     | ToWorker::CloseStream { .. })
             );
+        let started = match &msg {
+            Ok(m) => progress.before(&hosted, m),
+            Err(_) => None,
+        };
         let handled = msg.and_then(|msg| {
             handle(
                 hosted.exec(),
@@ -2546,6 +2770,7 @@ pub fn serve(
                 pinned,
             )
         });
+        progress.after(started);
         if handled.is_err() {
             // A message that did not make sense: files waiting for it mean nothing now.
             files.clear();
@@ -2576,6 +2801,7 @@ pub fn serve(
             break Ok(());
         }
     };
+    drop(progress);
     hosted.shut_down();
     drop(staging);
     result

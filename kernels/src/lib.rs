@@ -250,7 +250,12 @@ impl KernelSpec {
     /// walks its elements grid-stride, so the result is the same; a guest's huge grid over
     /// few elements then costs no more device time than the elements need.
     pub fn capped_shape(&self, args: &[Arg], shape: &LaunchShape) -> LaunchShape {
-        let threads = shape.block.iter().map(|&d| u64::from(d)).product::<u64>().max(1);
+        let threads = shape
+            .block
+            .iter()
+            .map(|&d| u64::from(d))
+            .product::<u64>()
+            .max(1);
         let [gx, gy, gz] = shape.grid;
         let cap = |n: u64, d: u32| n.clamp(1, u64::from(d)) as u32;
         let elements = |index: usize| u32_at(args, index).map(u64::from).unwrap_or(u64::MAX);

@@ -1176,7 +1176,12 @@ fn shape(grid: [u32; 3], block: [u32; 3]) -> LaunchShape {
 #[test]
 fn huge_grids_are_cut_to_the_blocks_the_elements_need() {
     let huge = [(1 << 31) - 1, 65535, 65535];
-    let add = [Arg::Buffer(1), Arg::Buffer(2), Arg::Buffer(3), Arg::U32(1000)];
+    let add = [
+        Arg::Buffer(1),
+        Arg::Buffer(2),
+        Arg::Buffer(3),
+        Arg::U32(1000),
+    ];
     let s = spec("vector_add_f32").capped_shape(&add, &shape(huge, [256, 1, 1]));
     assert_eq!(s.grid, [4, 1, 1]);
     // A grid already smaller than needed is kept: the kernel strides over the rest.

@@ -14,12 +14,14 @@
 
 mod mediator;
 pub mod nfs;
+pub mod sched;
 mod worker;
 
 pub use mediator::{
     request_cost, CompletionQueue, CompletionSink, Hold, HoldError, Limits, Mediator, TenantConfig,
     TenantId, TenantUsage, DEFAULT_MAX_HELD_BYTES, REQUEST_OVERHEAD,
 };
+pub use sched::{SchedConfig, SchedStats, Scheduler};
 pub use vgpu_executor::{cpu, cuda, executor, hostmap, process, ptx, sandbox, selftest};
 pub use vgpu_executor::{
     select, select_with, DeviceInfo, ExecError, Executor, ExecutorChoice, ExecutorFactory,

@@ -19,6 +19,7 @@ use vgpu_protocol::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::executor::{DeviceInfo, ExecutorFactory, GuestIo};
+use crate::sched::{SchedConfig, Scheduler};
 use crate::worker::Worker;
 
 /// Identifies a tenant for the life of the mediator.
@@ -159,6 +160,12 @@ pub struct TenantUsage {
     pub host_bytes: u64,
     /// Copies that went straight between a registered host buffer and the device.
     pub host_copies: u64,
+    /// Device time the tenant's work took, in nanoseconds (see [`crate::sched`]).
+    pub device_ns: u64,
+    /// Time the tenant's worker waited for its turn on the device, in nanoseconds.
+    pub sched_wait_ns: u64,
+    /// Sessions the watchdog ended for running past the kernel timeout.
+    pub timeouts: u64,
 }
 
 /// Receives completed requests.
@@ -265,6 +272,8 @@ pub(crate) enum Message {
 pub(crate) struct TenantShared {
     pub id: TenantId,
     pub config: TenantConfig,
+    /// Admits the tenant's device work and measures it.
+    pub sched: Arc<Scheduler>,
     pub usage: Mutex<TenantUsage>,
     /// Bytes reserved by [`Hold`]s.
     pub held: AtomicU64,
@@ -348,6 +357,7 @@ struct TenantHandle {
 pub struct Mediator {
     factory: Arc<dyn ExecutorFactory>,
     limits: Limits,
+    sched: Arc<Scheduler>,
     tenants: Mutex<HashMap<TenantId, TenantHandle>>,
     next_tenant: AtomicU64,
 }
@@ -358,9 +368,19 @@ impl Mediator {
     }
 
     pub fn with_limits(factory: Arc<dyn ExecutorFactory>, limits: Limits) -> Arc<Mediator> {
+        Mediator::with_config(factory, limits, SchedConfig::default())
+    }
+
+    /// A mediator whose scheduler shares the device as `sched` says.
+    pub fn with_config(
+        factory: Arc<dyn ExecutorFactory>,
+        limits: Limits,
+        sched: SchedConfig,
+    ) -> Arc<Mediator> {
         Arc::new(Mediator {
             factory,
             limits,
+            sched: Scheduler::new(sched),
             tenants: Mutex::new(HashMap::new()),
             next_tenant: AtomicU64::new(1),
         })
@@ -374,12 +394,38 @@ impl Mediator {
         self.limits
     }
 
+    /// The scheduler that shares the device between the tenants.
+    pub fn scheduler(&self) -> &Arc<Scheduler> {
+        &self.sched
+    }
+
+    /// Changes a tenant's share of device time from now on; false if there is no such
+    /// tenant or the weight is 0.
+    pub fn set_weight(&self, tenant: TenantId, weight: u32) -> bool {
+        if weight == 0 || self.shared(tenant).is_none() {
+            return false;
+        }
+        let changed = self.sched.set_weight(tenant, weight);
+        if changed {
+            log::info!("tenant {}: weight {weight}", tenant.0);
+        }
+        changed
+    }
+
+    /// A tenant's weight now.
+    pub fn weight(&self, tenant: TenantId) -> Option<u32> {
+        self.shared(tenant)?;
+        self.sched.stats(tenant).map(|s| s.weight)
+    }
+
     /// Adds a tenant and starts its worker.
     pub fn add_tenant(&self, config: TenantConfig) -> io::Result<TenantId> {
         let id = TenantId(self.next_tenant.fetch_add(1, Ordering::Relaxed));
+        self.sched.add(id, config.weight);
         let shared = Arc::new(TenantShared {
             id,
             config: config.clone(),
+            sched: self.sched.clone(),
             usage: Mutex::new(TenantUsage::default()),
             held: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
@@ -389,7 +435,8 @@ impl Mediator {
         // The worker is built on its own thread: its executor never leaves that thread.
         let thread = std::thread::Builder::new()
             .name(format!("tenant-{}", config.name))
-            .spawn(move || Worker::new(factory, worker_shared, limits).run())?;
+            .spawn(move || Worker::new(factory, worker_shared, limits).run())
+            .inspect_err(|_| self.sched.remove(id))?;
         log::info!(
             "tenant {} ({}) added: quota {} MiB, weight {}",
             id.0,
@@ -412,6 +459,8 @@ impl Mediator {
         let handle = self.lock().remove(&tenant);
         if let Some(mut h) = handle {
             h.shared.queue.close();
+            // A worker waiting for its turn on the device stops waiting.
+            self.sched.remove(tenant);
             if let Some(t) = h.thread.take() {
                 let _ = t.join();
             }
@@ -576,6 +625,11 @@ impl Mediator {
         let mut usage = *shared.usage.lock().unwrap_or_else(|e| e.into_inner());
         usage.held_bytes = shared.held.load(Ordering::Acquire);
         usage.cancelled = shared.cancelled.load(Ordering::Relaxed);
+        if let Some(stats) = self.sched.stats(tenant) {
+            usage.device_ns = stats.device_ns;
+            usage.sched_wait_ns = stats.waited_ns;
+            usage.timeouts = stats.timeouts;
+        }
         Some(usage)
     }
 

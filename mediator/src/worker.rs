@@ -250,7 +250,11 @@ impl Worker {
             sessions: self.usage.sessions,
             allocations: self.usage.allocations,
             modules: self.usage.modules,
-            weight: self.shared.config.weight,
+            weight: self
+                .shared
+                .sched
+                .stats(self.shared.id)
+                .map_or(self.shared.config.weight, |s| s.weight),
         };
         Response::data(reply.encode().to_vec())
     }
@@ -262,6 +266,9 @@ impl Worker {
         let mut exec = self.new_executor()?;
         let stream = exec.open_stream().map_err(Refusal::from)?;
         let id = self.new_id();
+        self.shared
+            .sched
+            .attach(self.shared.id, id, exec.meter(), exec.killer());
         self.sessions.insert(
             id,
             Session {
@@ -283,6 +290,7 @@ impl Worker {
         let Some(s) = self.sessions.remove(&id) else {
             return;
         };
+        self.shared.sched.detach(self.shared.id, id);
         self.usage.sessions -= 1;
         uncount(&mut self.usage, &s);
         // The executor goes with the session: for a worker process its context and
@@ -332,6 +340,7 @@ impl Worker {
             self.shared.config.name
         );
         s.exec = None;
+        self.shared.sched.detach(self.shared.id, sid);
         if s.sticky.is_none() {
             s.sticky = Some(Refusal::new(Status::DeviceLost, 0));
         }
@@ -430,6 +439,8 @@ impl Worker {
                     Some(s) => self.host_copy(sid, len, || s.guest_ranges()),
                     None => None,
                 };
+                let sched = self.shared.sched.clone();
+                let _turn = sched.admit(self.shared.id, sid);
                 let exec = self.exec(sid)?;
                 match (source, host) {
                     (Some(_), Some((host, at))) => {
@@ -449,6 +460,8 @@ impl Worker {
                         .filter(|_| len <= sink.capacity())
                         .ok_or(Refusal::new(Status::BufferTooSmall, 0))?;
                     let host = self.host_copy(sid, len, || sink.guest_ranges());
+                    let sched = self.shared.sched.clone();
+                    let _turn = sched.admit(self.shared.id, sid);
                     let exec = self.exec(sid)?;
                     match host {
                         Some((host, at)) => exec.dtoh_host(stream, id, offset, host, at, len),
@@ -460,6 +473,8 @@ impl Worker {
                 // Counted in the VM's byte budget (`request_cost`); allocated fallibly all
                 // the same: the host may have less than the budgets add up to.
                 let mut out = crate::executor::host_buffer(len).map_err(exec_err)?;
+                let sched = self.shared.sched.clone();
+                let _turn = sched.admit(self.shared.id, sid);
                 self.exec(sid)?
                     .dtoh(stream, id, offset, &mut out)
                     .map_err(exec_err)?;
@@ -479,6 +494,8 @@ impl Worker {
                 if dst == src && len > 0 && overlap {
                     return err(Status::InvalidArgument, 0);
                 }
+                let sched = self.shared.sched.clone();
+                let _turn = sched.admit(self.shared.id, sid);
                 self.exec(sid)?
                     .dtod(stream, d, dst_offset, s, src_offset, len)
                     .map_err(exec_err)?;
@@ -492,6 +509,8 @@ impl Worker {
                 width,
             } => {
                 let d = self.range(sid, dst, offset, len)?;
+                let sched = self.shared.sched.clone();
+                let _turn = sched.admit(self.shared.id, sid);
                 self.exec(sid)?
                     .memset(stream, d, offset, len, value, width)
                     .map_err(exec_err)?;
@@ -664,6 +683,7 @@ impl Worker {
             Some(e) => e,
             None => return err(Status::DeviceLost, 0),
         };
+        let _turn = self.shared.sched.admit(self.shared.id, sid);
         exec.launch(stream, kernel, &shape, &params)
             .map_err(Refusal::from)?;
         Ok(Response::ok())
