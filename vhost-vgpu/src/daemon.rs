@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{VgpuBackend, COMPLETION_EVENT};
 use crate::wait::wait_readable;
+use crate::weights::WeightsReloader;
 use crate::{qemu_args, Error, Result, VgpuConfig};
 
 /// A running backend: its sockets, their tenants and the mediator they share.
@@ -39,6 +40,8 @@ pub struct Daemon {
     threads: Vec<(PathBuf, JoinHandle<Result<()>>)>,
     /// The NFS file transport on the same mediator, with `--nfs-root`.
     nfs: Option<NfsServer>,
+    /// Reloads `--weights` (on SIGHUP).
+    weights: Option<WeightsReloader>,
 }
 
 /// Stops a [`Daemon`] from any thread: its sockets stop accepting, connected VMs are
@@ -100,6 +103,11 @@ impl Daemon {
             stop: Arc::new(Stop::new().map_err(Error::StopEvent)?),
             threads: Vec::new(),
             nfs: None,
+            weights: config.weights_file.as_ref().map(|path| WeightsReloader {
+                mediator: mediator.clone(),
+                path: path.clone(),
+                default: config.weight,
+            }),
         };
         // NFS VMs have their own quota (--nfs-mem-quota), and only the listed directories
         // (or the root pair) are tenants unless discovery was asked for.
@@ -151,6 +159,14 @@ impl Daemon {
                 qemu_args(&path, index, config.virtio_id)
             );
         }
+        if let Some(r) = &daemon.weights {
+            let weights = r.reload().map_err(Error::Weights)?;
+            info!(
+                "{}: weights of {} VMs (SIGHUP reads it again)",
+                r.path.display(),
+                weights.len()
+            );
+        }
         info!(
             "QEMU must share guest RAM with the backend: -object \
              memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem"
@@ -176,6 +192,11 @@ impl Daemon {
     /// The NFS file transport, with `--nfs-root`.
     pub fn nfs(&self) -> Option<&NfsServer> {
         self.nfs.as_ref()
+    }
+
+    /// What reloads `--weights`, when given.
+    pub fn weights_reloader(&self) -> Option<WeightsReloader> {
+        self.weights.clone()
     }
 
     pub fn stop_handle(&self) -> StopHandle {
@@ -380,9 +401,10 @@ fn close_exit_events(backend: &RwLock<VgpuBackend>) {
         .close_exit_events();
 }
 
-/// Blocks SIGINT and SIGTERM in the calling thread and in every thread it starts later.
+/// Blocks SIGINT, SIGTERM (stop) and SIGHUP (reload the weights) in the calling thread
+/// and in every thread it starts later.
 pub(crate) fn block_stop_signals() -> io::Result<libc::sigset_t> {
-    let set = vmm_sys_util::signal::create_sigset(&[libc::SIGINT, libc::SIGTERM])
+    let set = vmm_sys_util::signal::create_sigset(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
         .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
     // SAFETY: `set` is an initialised signal set; the old mask is not asked for.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -553,6 +575,31 @@ mod tests {
                 drop(vm);
             }
         }
+        daemon.stop().unwrap();
+    }
+
+    #[test]
+    fn weights_from_the_file_apply_at_start_and_again_on_reload() {
+        let dir = TempDir::new().unwrap();
+        let file = dir.as_path().join("weights");
+        std::fs::write(&file, "vm1 300  # the big one\n").unwrap();
+        let config = VgpuConfig {
+            weights_file: Some(file.clone()),
+            weight: 50,
+            ..cpu_config(&dir, 2)
+        };
+        let daemon = Daemon::start(config).unwrap();
+        let m = daemon.mediator();
+        let [vm0, vm1] = [daemon.tenants()[0], daemon.tenants()[1]];
+        assert_eq!((m.weight(vm0), m.weight(vm1)), (Some(50), Some(300)));
+        // What a guest sees in INFO follows.
+        let info = m.call(vm1, Request::new(0, Command::Info));
+        assert_eq!(info.status, Status::Ok);
+        let info = vgpu_protocol::InfoReply::decode(&info.data).unwrap();
+        assert_eq!(info.weight, 300);
+        std::fs::write(&file, "vm0 10\nvm1 20\n").unwrap();
+        daemon.weights_reloader().unwrap().reload().unwrap();
+        assert_eq!((m.weight(vm0), m.weight(vm1)), (Some(10), Some(20)));
         daemon.stop().unwrap();
     }
 

@@ -28,6 +28,7 @@ mod chain;
 mod daemon;
 pub mod testvmm;
 mod wait;
+pub mod weights;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -46,6 +47,7 @@ pub const MIN_INFLIGHT_BUDGET: u64 = MAX_TRANSFER_BYTES + vgpu_mediator::REQUEST
 pub const MAX_POLL_US: u64 = 1000;
 pub use daemon::{Daemon, StopHandle};
 pub use vgpu_mediator::Mediator;
+pub use weights::WeightsReloader;
 
 /// Failures of the daemon and of its configuration. Each message names the step that failed;
 /// the cause, if any, is the error's source.
@@ -101,6 +103,8 @@ pub enum Error {
     WaitConnection(PathBuf, #[source] io::Error),
     #[error("{0}: its thread panicked")]
     ThreadPanicked(PathBuf),
+    #[error("--weights")]
+    Weights(#[source] weights::WeightsError),
     #[error("setting up SIGINT/SIGTERM handling")]
     Signals(#[source] io::Error),
 }
@@ -145,9 +149,17 @@ pub struct Args {
     #[arg(long, value_name = "SIZE", value_parser = vgpu_mediator::parse_size)]
     pub mem_quota: Option<u64>,
 
-    /// Each VM's relative share of device time.
+    /// Each VM's relative share of device time: under contention each VM gets device time
+    /// in proportion to its weight (measured on the device, per kernel and copy).
     #[arg(long, value_name = "W", default_value_t = 100)]
     pub weight: u32,
+
+    /// Per-VM weights: a file of lines `NAME WEIGHT` (NAME: a socket's file name such as
+    /// vm0, or an NFS VM directory; `#` comments). VMs it does not name get --weight. Read
+    /// again on SIGHUP, so weights change without a restart; a file that does not parse
+    /// keeps the weights in force.
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
 
     /// virtio device ID that the VMs' QEMU gives the device (its `virtio-id=` option). The
     /// backend does not depend on it; it is used in the QEMU options logged at startup.
@@ -239,6 +251,8 @@ pub struct VgpuConfig {
     /// Device-memory quota of each VM; `None`: the device's memory divided by the count.
     pub mem_quota: Option<u64>,
     pub weight: u32,
+    /// Per-VM weights (see `Args::weights`).
+    pub weights_file: Option<PathBuf>,
     pub virtio_id: u32,
     /// Also serve the NFS file protocol in this directory.
     pub nfs_root: Option<PathBuf>,
@@ -267,6 +281,7 @@ impl VgpuConfig {
             executor: ExecutorChoice::Auto,
             mem_quota: None,
             weight: 100,
+            weights_file: None,
             virtio_id: DEFAULT_VIRTIO_ID,
             nfs_root: None,
             nfs_vms: Vec::new(),
@@ -310,6 +325,9 @@ impl VgpuConfig {
         }
         if self.weight == 0 {
             return Err(Error::WeightZero);
+        }
+        if let Some(path) = &self.weights_file {
+            weights::load(path).map_err(Error::Weights)?;
         }
         if !(1..=u32::from(u16::MAX)).contains(&self.virtio_id) {
             return Err(Error::VirtioIdOutOfRange(self.virtio_id));
@@ -371,6 +389,7 @@ impl TryFrom<Args> for VgpuConfig {
             executor: args.executor,
             mem_quota: args.mem_quota,
             weight: args.weight,
+            weights_file: args.weights,
             virtio_id: args.virtio_id,
             nfs_root: args.nfs_root,
             nfs_vms: args.nfs_vms,
@@ -394,6 +413,18 @@ impl TryFrom<Args> for VgpuConfig {
     }
 }
 
+/// An error and its causes on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
+
 /// The QEMU options that attach a VM to `socket` (`index` names the chardev). Without
 /// `reconnect-ms`: a stock QEMU's generic vhost-user device fails to start with it.
 pub fn qemu_args(socket: &Path, index: usize, virtio_id: u32) -> String {
@@ -413,17 +444,35 @@ pub fn start_backend(config: VgpuConfig) -> Result<()> {
     vgpu_mediator::sandbox::protect_daemon();
     let daemon = Daemon::start(config)?;
     let stop = daemon.stop_handle();
+    let reloader = daemon.weights_reloader();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            match daemon::wait_for_signal(&signals) {
-                Ok(signal) => {
-                    log::info!("signal {signal} received: stopping");
-                    stop.stop();
-                }
-                Err(e) => {
-                    log::error!("waiting for SIGINT/SIGTERM: {e}");
-                    return;
+            loop {
+                match daemon::wait_for_signal(&signals) {
+                    Ok(libc::SIGHUP) => match &reloader {
+                        Some(r) => match r.reload() {
+                            Ok(w) => log::info!(
+                                "SIGHUP: weights reloaded from {} ({} VMs named)",
+                                r.path.display(),
+                                w.len()
+                            ),
+                            Err(e) => log::error!(
+                                "SIGHUP: {}; the weights in force stay",
+                                error_chain(&e)
+                            ),
+                        },
+                        None => log::info!("SIGHUP: no --weights file to reload"),
+                    },
+                    Ok(signal) => {
+                        log::info!("signal {signal} received: stopping");
+                        stop.stop();
+                        break;
+                    }
+                    Err(e) => {
+                        log::error!("waiting for signals: {e}");
+                        return;
+                    }
                 }
             }
             // A second signal while stopping (e.g. a long kernel still running) ends the
@@ -541,6 +590,10 @@ mod tests {
         assert!(matches!(
             check(&["-s", "/tmp/vm", "--poll-us", "1001"]),
             Error::PollTooLong(1001)
+        ));
+        assert!(matches!(
+            check(&["-s", "/tmp/vm", "--weights", "/nonexistent/weights"]),
+            Error::Weights(weights::WeightsError::Read(..))
         ));
         assert!(args(&["-s", "/tmp/vm", "--poll-us", "-1"]).is_err());
         assert!(matches!(
