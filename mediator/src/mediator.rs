@@ -6,7 +6,7 @@
 //! [`CompletionSink`], e.g. a [`CompletionQueue`] whose eventfd wakes an epoll loop.
 //! A tenant's requests run in the order they were submitted; tenants run in parallel.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -283,8 +283,9 @@ pub(crate) struct TenantShared {
     pub queue: TenantQueue,
 }
 
-/// A tenant's messages in submission order. Unlike a channel, queued requests can be
-/// taken back out (cancelled) by someone other than the worker.
+/// A tenant's messages: each session's requests in submission order, the sessions taken
+/// in turn by device time (see [`TenantQueue::pop`]). Unlike a channel, queued requests can
+/// be taken back out (cancelled) by someone other than the worker.
 #[derive(Default)]
 pub(crate) struct TenantQueue {
     state: Mutex<QueueState>,
@@ -293,8 +294,17 @@ pub(crate) struct TenantQueue {
 
 #[derive(Default)]
 struct QueueState {
-    messages: VecDeque<Message>,
+    /// Resets, and requests outside any session (INFO, SESSION_OPEN, SELFTEST): first.
+    control: VecDeque<Message>,
+    /// Each session's requests, in order.
+    sessions: BTreeMap<u64, VecDeque<Message>>,
     closed: bool,
+}
+
+impl QueueState {
+    fn is_empty(&self) -> bool {
+        self.control.is_empty() && self.sessions.is_empty()
+    }
 }
 
 impl TenantQueue {
@@ -308,17 +318,58 @@ impl TenantQueue {
         if state.closed {
             return false;
         }
-        state.messages.push_back(message);
+        match &message {
+            Message::Request { request, .. } if request.session != 0 => state
+                .sessions
+                .entry(request.session)
+                .or_default()
+                .push_back(message),
+            _ => state.control.push_back(message),
+        }
         self.ready.notify_one();
         true
     }
 
-    /// The next message; `None` once the queue is closed and empty.
-    pub fn pop(&self) -> Option<Message> {
+    /// The next message; `None` once the queue is closed and empty. Control messages come
+    /// first; then `pick` chooses among the sessions with requests waiting (the one whose
+    /// work took the least device time), and its oldest request comes next: one session's
+    /// flood does not hold up the VM's other sessions.
+    pub fn pop(&self, pick: impl Fn(&[u64]) -> u64) -> Option<Message> {
         let mut state = self.lock();
         loop {
-            if let Some(m) = state.messages.pop_front() {
+            if let Some(m) = state.control.pop_front() {
                 return Some(m);
+            }
+            // Asked even for one session: `pick` keeps count of who runs.
+            let session = match state.sessions.len() {
+                0 => None,
+                _ => {
+                    let waiting: Vec<u64> = state.sessions.keys().copied().collect();
+                    Some(pick(&waiting))
+                }
+            };
+            if let Some(sid) = session {
+                if let Some(queue) = state.sessions.get_mut(&sid) {
+                    let m = queue.pop_front();
+                    if queue.is_empty() {
+                        state.sessions.remove(&sid);
+                    }
+                    if let Some(m) = m {
+                        return Some(m);
+                    }
+                }
+                // `pick` named no waiting session: take the first.
+                let first = state.sessions.keys().next().copied();
+                if let Some(queue) = first.and_then(|s| state.sessions.get_mut(&s)) {
+                    let m = queue.pop_front();
+                    if queue.is_empty() {
+                        state.sessions.remove(&first.unwrap_or_default());
+                    }
+                    if let Some(m) = m {
+                        return Some(m);
+                    }
+                }
+                continue;
             }
             if state.closed {
                 return None;
@@ -337,13 +388,17 @@ impl TenantQueue {
         let mut state = self.lock();
         let mut requests = Vec::new();
         let mut rest = VecDeque::new();
-        for m in state.messages.drain(..) {
+        for m in state.control.drain(..) {
             match m {
                 Message::Request { .. } => requests.push(m),
                 Message::Reset { .. } => rest.push_back(m),
             }
         }
-        state.messages = rest;
+        state.control = rest;
+        for (_, queue) in std::mem::take(&mut state.sessions) {
+            requests.extend(queue);
+        }
+        debug_assert!(state.is_empty() || !state.control.is_empty());
         requests
     }
 }

@@ -17,6 +17,8 @@
 //!   [`SchedConfig::slice`] of its own device time ahead of a waiting one, then it stops
 //!   being admitted, its work drains, and the other takes over. In the long run every busy
 //!   tenant's virtual time advances alike, so device time divides in proportion to weight.
+//!   A tenant idle for [`SchedConfig::idle`] comes back one slice behind the others: the
+//!   device time it did not use is no credit against them.
 //! - **Bounded work in flight.** A tenant has at most [`SchedConfig::max_in_flight`] of
 //!   estimated device time queued (and never fewer than two operations, so the device is
 //!   never idle between them): however long its queue, another tenant waits at most that
@@ -45,6 +47,8 @@ pub const DEFAULT_SLICE: Duration = Duration::from_millis(4);
 pub const DEFAULT_MAX_IN_FLIGHT: Duration = Duration::from_millis(1);
 /// Default of [`SchedConfig::stall`].
 pub const DEFAULT_STALL: Duration = Duration::from_millis(100);
+/// Default of [`SchedConfig::idle`].
+pub const DEFAULT_IDLE: Duration = Duration::from_millis(100);
 /// Default of [`SchedConfig::kernel_timeout`].
 pub const DEFAULT_KERNEL_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -72,6 +76,10 @@ pub struct SchedConfig {
     /// How often a tenant waiting for the device looks again at work that finishes in
     /// worker processes.
     pub poll: Duration,
+    /// A tenant with no work for this long is idle: when it comes back it starts one slice
+    /// behind the busy ones instead of keeping the credit of the time it did not use.
+    /// Shorter gaps (a VM between two requests) keep its place.
+    pub idle: Duration,
     /// Whether admission holds work back; without it device time is only measured (and
     /// the watchdog still runs): for comparisons.
     pub enforce: bool,
@@ -85,6 +93,7 @@ impl Default for SchedConfig {
             stall: DEFAULT_STALL,
             kernel_timeout: DEFAULT_KERNEL_TIMEOUT,
             poll: Duration::from_micros(100),
+            idle: DEFAULT_IDLE,
             enforce: true,
         }
     }
@@ -114,6 +123,11 @@ struct SessionMeter {
     progress_at: Instant,
     /// Device time it took, in nanoseconds.
     device_ns: u64,
+    /// Its place among the tenant's sessions: device time, moved up to the tenant's
+    /// session floor (less a slice) when it comes back from idle.
+    vt: u64,
+    /// When its requests were last picked.
+    picked_at: Option<Instant>,
     killed: bool,
 }
 
@@ -124,6 +138,8 @@ struct Tenant {
     waited_ns: u64,
     timeouts: u64,
     sessions: HashMap<u64, SessionMeter>,
+    /// The least `vt` of the sessions picked, never going back.
+    session_floor: u64,
     /// Admitted operations whose call has not returned yet.
     reserved: u64,
     /// When the oldest of those was admitted.
@@ -256,6 +272,7 @@ impl Scheduler {
                 waited_ns: 0,
                 timeouts: 0,
                 sessions: HashMap::new(),
+                session_floor: 0,
                 reserved: 0,
                 reserved_at: None,
                 waiting: false,
@@ -314,6 +331,8 @@ impl Scheduler {
                     last,
                     progress_at: Instant::now(),
                     device_ns: 0,
+                    vt: 0,
+                    picked_at: None,
                     killed: false,
                 },
             );
@@ -343,6 +362,45 @@ impl Scheduler {
         })
     }
 
+    /// Which of a tenant's `waiting` sessions (not empty) goes next: the one whose work
+    /// took the least device time, a session back from idle starting one slice behind the
+    /// others rather than with the credit of its idle time. Sessions share their VM's
+    /// device time equally this way.
+    pub fn pick_session(&self, tenant: TenantId, waiting: &[u64]) -> u64 {
+        let first = waiting.first().copied().unwrap_or_default();
+        let mut st = self.lock();
+        let now = Instant::now();
+        let slice = self.config.slice;
+        let Some(t) = st.tenants.get_mut(&tenant) else {
+            return first;
+        };
+        refresh_tenant(t, now);
+        let floor = t.session_floor.saturating_sub(slice.as_nanos() as u64);
+        let mut best: Option<(u64, u64)> = None;
+        for &sid in waiting {
+            let Some(s) = t.sessions.get_mut(&sid) else {
+                continue;
+            };
+            let idle = s
+                .picked_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= slice);
+            if idle {
+                s.vt = s.vt.max(floor);
+            }
+            if best.is_none_or(|(_, vt)| s.vt < vt) {
+                best = Some((sid, s.vt));
+            }
+        }
+        let Some((sid, vt)) = best else {
+            return first;
+        };
+        t.session_floor = t.session_floor.max(vt);
+        if let Some(s) = t.sessions.get_mut(&sid) {
+            s.picked_at = Some(now);
+        }
+        sid
+    }
+
     pub fn stats(&self, tenant: TenantId) -> Option<SchedStats> {
         let mut st = self.lock();
         let now = Instant::now();
@@ -366,7 +424,7 @@ impl Scheduler {
         let mut arrived = false;
         loop {
             let now = Instant::now();
-            refresh(&mut st, now, self.config.slice);
+            refresh(&mut st, now, self.config.idle);
             if st.stopping {
                 break;
             }
@@ -378,7 +436,7 @@ impl Scheduler {
             }
             if !arrived {
                 arrived = true;
-                if !me.active(now, self.config.slice) {
+                if !me.active(now, self.config.idle) {
                     arrive(&mut st, tenant, self.config.slice);
                 }
                 if let Some(me) = st.tenants.get_mut(&tenant) {
@@ -438,6 +496,7 @@ impl Scheduler {
                 t.progress_at = now;
                 if let Some(s) = t.sessions.get_mut(&session) {
                     s.device_ns = s.device_ns.saturating_add(ns);
+                    s.vt = s.vt.saturating_add(ns);
                     s.progress_at = now;
                 }
             }
@@ -455,7 +514,7 @@ impl Scheduler {
         let timeout = self.config.kernel_timeout;
         let mut st = self.lock();
         let now = Instant::now();
-        refresh(&mut st, now, self.config.slice);
+        refresh(&mut st, now, self.config.idle);
         let mut ending = Vec::new();
         for (id, t) in st.tenants.iter_mut() {
             for (sid, s) in t.sessions.iter_mut() {
@@ -563,6 +622,7 @@ fn refresh_tenant(t: &mut Tenant, now: Instant) {
             t.progress_at = now;
         }
         s.device_ns = s.device_ns.saturating_add(ns);
+        s.vt = s.vt.saturating_add(ns);
         charged.0 = charged.0.saturating_add(ns);
         charged.1 += ops;
         s.last = MeterReading {

@@ -147,7 +147,10 @@ impl Worker {
 
     pub fn run(mut self) {
         let shared = self.shared.clone();
-        while let Some(message) = shared.queue.pop() {
+        // Among sessions with requests waiting, the one whose work took the least device
+        // time goes next.
+        let pick = |waiting: &[u64]| shared.sched.pick_session(shared.id, waiting);
+        while let Some(message) = shared.queue.pop(pick) {
             match message {
                 Message::Request {
                     request,

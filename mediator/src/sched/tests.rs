@@ -5,6 +5,13 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
+/// The timing tests run one at a time: on a small machine, threads of one starve another's.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn config() -> SchedConfig {
     SchedConfig {
         kernel_timeout: Duration::from_secs(60),
@@ -53,6 +60,7 @@ fn run_for(
 
 #[test]
 fn weights_one_to_three_divide_device_time_one_to_three() {
+    let _serial = serial();
     let sched = Scheduler::new(config());
     let (a, b) = (TenantId(1), TenantId(2));
     sched.add(a, 1);
@@ -68,6 +76,7 @@ fn weights_one_to_three_divide_device_time_one_to_three() {
 
 #[test]
 fn different_operation_sizes_still_get_equal_time() {
+    let _serial = serial();
     let sched = Scheduler::new(config());
     let (a, b) = (TenantId(1), TenantId(2));
     sched.add(a, 100);
@@ -89,6 +98,7 @@ fn different_operation_sizes_still_get_equal_time() {
 
 #[test]
 fn an_idle_tenants_share_goes_to_the_busy_one_and_it_comes_back_without_credit() {
+    let _serial = serial();
     let sched = Scheduler::new(config());
     let (a, b) = (TenantId(1), TenantId(2));
     sched.add(a, 1);
@@ -112,6 +122,7 @@ fn an_idle_tenants_share_goes_to_the_busy_one_and_it_comes_back_without_credit()
 
 #[test]
 fn weights_change_at_run_time() {
+    let _serial = serial();
     let sched = Scheduler::new(config());
     let (a, b) = (TenantId(1), TenantId(2));
     sched.add(a, 1);
@@ -190,6 +201,7 @@ impl FakeDevice {
 
 #[test]
 fn a_flood_of_queued_work_keeps_little_on_the_device_and_another_tenant_waits_little() {
+    let _serial = serial();
     let sched = Scheduler::new(config());
     let dev = FakeDevice::start();
     let (flood, victim) = (TenantId(1), TenantId(2));
@@ -257,6 +269,7 @@ fn a_flood_of_queued_work_keeps_little_on_the_device_and_another_tenant_waits_li
 
 #[test]
 fn the_watchdog_ends_a_session_whose_work_finishes_nothing() {
+    let _serial = serial();
     let sched = Scheduler::new(SchedConfig {
         kernel_timeout: Duration::from_millis(200),
         ..SchedConfig::default()
@@ -306,6 +319,7 @@ fn the_watchdog_ends_a_session_whose_work_finishes_nothing() {
 
 #[test]
 fn a_removed_tenant_stops_waiting() {
+    let _serial = serial();
     let sched = Scheduler::new(config());
     let (a, b) = (TenantId(1), TenantId(2));
     sched.add(a, 1);
@@ -333,6 +347,7 @@ fn a_removed_tenant_stops_waiting() {
 
 #[test]
 fn a_stalled_tenant_does_not_keep_others_off_the_device() {
+    let _serial = serial();
     let sched = Scheduler::new(SchedConfig {
         stall: Duration::from_millis(50),
         ..config()
