@@ -16,6 +16,7 @@ mod mediator;
 pub mod nfs;
 mod worker;
 
+pub use mediator::RESET_GRACE;
 pub use mediator::{
     request_cost, CompletionQueue, CompletionSink, Hold, HoldError, Limits, Mediator, TenantConfig,
     TenantId, TenantUsage, DEFAULT_MAX_HELD_BYTES, REQUEST_OVERHEAD,
