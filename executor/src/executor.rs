@@ -474,11 +474,25 @@ pub struct ExecutorOptions {
     /// Each worker's cap on private host memory (`RLIMIT_DATA`); `None`:
     /// [`DEFAULT_WORKER_MAX_MEMORY`].
     pub worker_max_memory: Option<u64>,
+    /// How long one wait for a worker may last before the worker is killed and its
+    /// session gets `DEVICE_LOST` with detail [`TIMEOUT_DETAIL`] (see
+    /// [`crate::process::ProcessExecutorFactory::with_kernel_timeout`]); at least
+    /// [`MIN_KERNEL_TIMEOUT`]. `None`: [`crate::process::DEFAULT_KERNEL_TIMEOUT`].
+    /// Executors that run in this process have no kernel timeout.
+    pub kernel_timeout: Option<std::time::Duration>,
 }
+
+/// Shortest kernel timeout [`ExecutorOptions`] accepts.
+pub const MIN_KERNEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl ExecutorOptions {
     /// Checks what can be checked before anything starts (the worker user exists).
     pub fn validate(&self) -> Result<(), SetupError> {
+        if self.kernel_timeout.is_some_and(|t| t < MIN_KERNEL_TIMEOUT) {
+            return Err(SetupError::Worker(
+                "--kernel-timeout must be at least 1 second".into(),
+            ));
+        }
         if let Some(name) = &self.worker_user {
             crate::sandbox::WorkerUser::lookup(name)
                 .map_err(|e| SetupError::Sandbox(format!("--worker-user: {e}")))?;
@@ -545,8 +559,8 @@ fn cuda_factory(
         Isolation::SharedProcess => {
             log::warn!(
                 "every CUDA executor runs in this process: NO MEMORY ISOLATION between its \
-                 contexts (a kernel can reach any buffer of the process by address); for \
-                 one VM only"
+                 contexts (a kernel can reach any buffer of the process by address), and no \
+                 kernel timeout; for one VM only"
             );
             Ok(Arc::new(cuda))
         }
@@ -563,7 +577,10 @@ fn cuda_factory(
                         .worker_max_memory
                         .unwrap_or(DEFAULT_WORKER_MAX_MEMORY),
                 );
-                Ok(f.with_sandbox(sandbox))
+                let timeout = options
+                    .kernel_timeout
+                    .unwrap_or(crate::process::DEFAULT_KERNEL_TIMEOUT);
+                Ok(f.with_sandbox(sandbox).with_kernel_timeout(timeout))
             });
             process_isolated(workers)
         }
@@ -582,9 +599,11 @@ pub fn process_isolated(
     })?;
     match workers.check() {
         Ok(()) => log::info!(
-            "each session's CUDA work runs in its own executor worker process ({}; {})",
+            "each session's CUDA work runs in its own executor worker process ({}; {}; \
+             kernel timeout {} s)",
             workers.worker_path().display(),
-            workers.sandbox().describe()
+            workers.sandbox().describe(),
+            workers.kernel_timeout().as_secs_f64()
         ),
         Err(e) => log::error!(
             "{e}; each VM's sessions get DEVICE_LOST until a worker starts (tried again at \

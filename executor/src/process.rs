@@ -97,11 +97,28 @@
 //!   finishes the requests before that first), reads and drops the replies still coming
 //!   while it waits up to [`EXIT_GRACE`], then kills it; a lost or poisoned one is killed
 //!   at once. The child is always reaped.
+//! - **Watchdog.** Every wait for the worker — for a reply, or for room in the socket to
+//!   send — has a deadline: the kernel timeout
+//!   ([`ProcessExecutorFactory::with_kernel_timeout`], [`DEFAULT_KERNEL_TIMEOUT`]) from
+//!   when the wait began. A kernel that runs past it (its launch unanswered, or the SYNC
+//!   or DTOH after it) gets its worker killed: the call and every later one return
+//!   `DEVICE_LOST` with detail [`TIMEOUT_DETAIL`], and [`Executor::poisoned`] turns true.
+//!   The deadline bounds one wait, so the work a SYNC waits for (everything queued on
+//!   the stream before it, for CUDA) must finish within it.
+//! - **Killer.** [`Executor::killer`] hands out a [`Killer`] that ends the worker from
+//!   any thread, while the executor's own thread is blocked in a call on it (a VM reset
+//!   does this): it sends `SIGKILL` to the worker and shuts the parent's end of the
+//!   socket down, so the blocked call returns at once with `DEVICE_LOST` (detail
+//!   [`TIMEOUT_DETAIL`] for a timeout, 0 otherwise), as does every later call. The pid is
+//!   signalled only while the child has not been reaped: reaping and killing take the
+//!   same lock, so a pid the system may have reused is never signalled.
 //!
 //! A kernel that never finishes blocks its worker, and with it the thread that calls into
 //! it: at the next call that waits, or at the first call once the socket is full or
-//! [`MAX_IN_FLIGHT`] requests are unanswered. Other executors are not affected; dropping
-//! the executor gives up after [`EXIT_GRACE`] and kills the worker. There is no watchdog.
+//! [`MAX_IN_FLIGHT`] requests are unanswered, until the kernel timeout (or a
+//! [`Killer`]) ends the worker. Other executors are not affected. Dropping an executor
+//! whose worker is stuck gives up after [`EXIT_GRACE`] and kills the worker; dropping one
+//! that was killed does not wait.
 //!
 //! The worker binary is found by [`find_worker`].
 
@@ -115,7 +132,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -128,8 +145,8 @@ use crate::cpu::{CpuExecutor, CpuExecutorFactory};
 use crate::cuda::{CudaExecutor, CudaExecutorFactory, DeviceTimer};
 use crate::executor::{
     guest_fault, BufferId, DeviceInfo, DeviceMeter, ExecError, ExecParam, ExecResult, Executor,
-    ExecutorFactory, GuestSink, GuestSource, KernelRef, MeterReading, ModuleId, SetupError,
-    StreamId,
+    ExecutorFactory, GuestSink, GuestSource, KernelRef, Killer, MeterReading, ModuleId, SetupError,
+    StreamId, TIMEOUT_DETAIL,
 };
 use crate::hostmap::{FilePiece, HostMapping};
 use crate::sandbox::{Sandbox, WorkerUser};
@@ -152,6 +169,9 @@ pub const DEFAULT_STAGING_BYTES: usize = 64 << 20;
 pub const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a healthy worker may take to exit when its executor is dropped.
 pub const EXIT_GRACE: Duration = Duration::from_secs(5);
+/// Default of [`ProcessExecutorFactory::with_kernel_timeout`]: the longest a call waits
+/// for its worker (a reply, or room to send) before the worker is killed.
+pub const DEFAULT_KERNEL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Most requests an executor has sent without having read their replies.
 pub const MAX_IN_FLIGHT: usize = 256;
 /// How many started workers a CUDA factory keeps ready by default.
@@ -1242,6 +1262,10 @@ impl Spawner {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(pid);
+        // A failed dup leaves a killer that only signals: a blocked call then wakes when
+        // the dying worker's end of the socket closes.
+        let kill_sock = parent_sock.try_clone().ok();
+        let kill = Arc::new(KillSwitch::new(pid, kill_sock));
         let mut exec = ProcessExecutor {
             child,
             pid,
@@ -1262,6 +1286,9 @@ impl Spawner {
                 sent: AtomicU64::new(0),
                 lost: AtomicBool::new(false),
             }),
+            kill,
+            kernel_timeout: DEFAULT_KERNEL_TIMEOUT,
+            lost_detail: 0,
         };
         exec.start(&self.kind, cancel)?;
         log::debug!(
@@ -1426,6 +1453,8 @@ pub struct ProcessExecutorFactory {
     /// The outcome of the first [`ExecutorFactory::check`], kept so that a start-up
     /// check and a later `info` start one worker, not two.
     checked: OnceLock<Result<(), SetupError>>,
+    /// Given to every executor handed out (see "Watchdog" in the module documentation).
+    kernel_timeout: Duration,
 }
 
 impl ProcessExecutorFactory {
@@ -1474,6 +1503,7 @@ impl ProcessExecutorFactory {
             }),
             pool: Pool::new(0),
             checked: OnceLock::new(),
+            kernel_timeout: DEFAULT_KERNEL_TIMEOUT,
         })
     }
 
@@ -1516,6 +1546,21 @@ impl ProcessExecutorFactory {
         self.pool.stop();
         self.pool.size = n;
         self
+    }
+
+    /// Sets the kernel timeout of the executors handed out from now on: the longest one
+    /// wait for a worker (a reply, or room to send a request) lasts before the worker is
+    /// killed and the call returns `DEVICE_LOST` with detail [`TIMEOUT_DETAIL`]. Default
+    /// [`DEFAULT_KERNEL_TIMEOUT`]; at least 1 ms (zero is taken as 1 ms). Workers that
+    /// wait in the pool are kept: the timeout does not change how they start.
+    pub fn with_kernel_timeout(mut self, timeout: Duration) -> Self {
+        self.kernel_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The kernel timeout of the executors handed out.
+    pub fn kernel_timeout(&self) -> Duration {
+        self.kernel_timeout
     }
 
     /// Starts filling the pool now rather than at the first `create`.
@@ -1564,7 +1609,9 @@ impl ProcessExecutorFactory {
     /// Starts a worker on the calling thread (never from the pool) and waits until its
     /// executor is ready.
     pub fn spawn(&self) -> ExecResult<ProcessExecutor> {
-        self.spawner.spawn(None)
+        let mut exec = self.spawner.spawn(None)?;
+        exec.kernel_timeout = self.kernel_timeout;
+        Ok(exec)
     }
 
     /// What [`ExecutorFactory::create`] returns, as its own type: a worker from the pool
@@ -1575,6 +1622,7 @@ impl ProcessExecutorFactory {
             self.pool.start(&self.spawner);
             while let Some(mut exec) = self.pool.take() {
                 if exec.idle_and_alive() {
+                    exec.kernel_timeout = self.kernel_timeout;
                     log::debug!(
                         "executor worker {} taken from the pool in {:?}",
                         exec.pid,
@@ -1641,6 +1689,97 @@ enum Pending {
     Waited,
 }
 
+/// Why a worker was killed from outside its executor's calls (see [`KillSwitch`]).
+const NOT_KILLED: u8 = 0;
+const KILLED: u8 = 1;
+const KILLED_TIMED_OUT: u8 = 2;
+
+/// Ends a worker from any thread: what a [`Killer`] holds. Reaping the child and
+/// signalling it take the same lock, so a pid is signalled only while it is still this
+/// worker's (a reaped pid may belong to another process by now).
+struct KillSwitch {
+    state: Mutex<KillTarget>,
+    /// `NOT_KILLED`, or why the first kill came: `KILLED` or `KILLED_TIMED_OUT`.
+    why: AtomicU8,
+}
+
+struct KillTarget {
+    /// The worker's pid until the child is reaped (or about to be, by a thread that
+    /// holds this lock).
+    pid: Option<libc::pid_t>,
+    /// A duplicate of the parent's end of the channel, shut down by a kill so that a call
+    /// blocked on the socket wakes at once, however long the worker takes to die; dropped
+    /// with the executor.
+    sock: Option<UnixStream>,
+}
+
+impl KillSwitch {
+    fn new(pid: u32, sock: Option<UnixStream>) -> KillSwitch {
+        KillSwitch {
+            state: Mutex::new(KillTarget {
+                pid: libc::pid_t::try_from(pid).ok(),
+                sock,
+            }),
+            why: AtomicU8::new(NOT_KILLED),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, KillTarget> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Kills the worker (if it has not been reaped) and wakes whoever waits on its
+    /// channel. The first kill's reason is kept.
+    fn kill(&self, timed_out: bool) {
+        let why = if timed_out { KILLED_TIMED_OUT } else { KILLED };
+        let _ = self
+            .why
+            .compare_exchange(NOT_KILLED, why, Ordering::AcqRel, Ordering::Acquire);
+        let target = self.lock();
+        if let Some(pid) = target.pid {
+            // SAFETY: sends a signal to our own child, which has not been reaped (the
+            // lock is held by whoever reaps it), so the pid is still that child's.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        if let Some(sock) = &target.sock {
+            let _ = sock.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// `Some(timed_out)` once the worker was killed through this switch.
+    fn killed(&self) -> Option<bool> {
+        match self.why.load(Ordering::Acquire) {
+            NOT_KILLED => None,
+            why => Some(why == KILLED_TIMED_OUT),
+        }
+    }
+
+    /// `Child::try_wait`, with the pid forgotten once the child is reaped.
+    fn try_wait(&self, child: &mut Child) -> io::Result<Option<ExitStatus>> {
+        let mut target = self.lock();
+        let status = child.try_wait();
+        if matches!(status, Ok(Some(_))) {
+            target.pid = None;
+        }
+        status
+    }
+
+    /// Kills the child unless it was reaped, forgets its pid and the channel, and reaps
+    /// it.
+    fn kill_and_reap(&self, child: &mut Child) -> Option<ExitStatus> {
+        {
+            let mut target = self.lock();
+            if let Some(pid) = target.pid.take() {
+                // SAFETY: as in `kill`: our child, not reaped yet.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            target.sock = None;
+        }
+        // Nobody signals the pid any more: reaping outside the lock is safe.
+        child.wait().ok()
+    }
+}
+
 /// An executor in a worker process; see the module documentation.
 pub struct ProcessExecutor {
     child: Child,
@@ -1666,6 +1805,12 @@ pub struct ProcessExecutor {
     modules: HashMap<u64, HashMap<String, Option<Vec<usize>>>>,
     /// Device operations sent, and finished as the worker reports them.
     meter: Arc<ProcessMeter>,
+    /// What [`Executor::killer`] hands out; also reaps the child.
+    kill: Arc<KillSwitch>,
+    /// The longest one wait for the worker lasts before it is killed.
+    kernel_timeout: Duration,
+    /// The detail of the `DEVICE_LOST` that `lost` stands for.
+    lost_detail: u32,
 }
 
 fn exit_description(status: ExitStatus) -> String {
@@ -1752,12 +1897,15 @@ impl ProcessExecutor {
     /// Marks the worker lost and returns the `DEVICE_LOST` error for it.
     fn lose(&mut self, during: &str, e: io::Error) -> ExecError {
         self.meter.lost.store(true, Ordering::Release);
+        if self.lost.is_none() && self.take_kill(during) {
+            return self.lost_error();
+        }
         if self.lost.is_none() {
             // A worker that closed its end is usually exiting: give it a moment so the
             // report can say how it ended.
             let deadline = Instant::now() + Duration::from_millis(200);
             let status = loop {
-                match self.child.try_wait() {
+                match self.kill.try_wait(&mut self.child) {
                     Ok(Some(status)) => break Some(status),
                     Ok(None) if Instant::now() < deadline => {
                         std::thread::sleep(Duration::from_millis(2))
@@ -1777,10 +1925,59 @@ impl ProcessExecutor {
     }
 
     fn lost_error(&self) -> ExecError {
-        ExecError::new(Status::DeviceLost, 0, self.lost.clone().unwrap_or_default())
+        ExecError::new(
+            Status::DeviceLost,
+            self.lost_detail,
+            self.lost.clone().unwrap_or_default(),
+        )
     }
 
-    fn check_live(&self) -> ExecResult<()> {
+    /// Once a [`Killer`] (or the kernel timeout) ended the worker: marks it lost for that
+    /// reason and returns true.
+    fn take_kill(&mut self, during: &str) -> bool {
+        let Some(timed_out) = self.kill.killed() else {
+            return false;
+        };
+        if timed_out {
+            let why = format!(
+                "executor worker {}: the work ran past the kernel timeout of {} s and was \
+                 ended (during {during})",
+                self.pid,
+                self.kernel_timeout.as_secs_f64()
+            );
+            log::warn!("{why}");
+            self.lost = Some(why);
+            self.lost_detail = TIMEOUT_DETAIL;
+        } else {
+            let why = format!(
+                "executor worker {} was ended from outside (a reset) during {during}",
+                self.pid
+            );
+            log::info!("{why}");
+            self.lost = Some(why);
+            self.lost_detail = 0;
+        }
+        true
+    }
+
+    /// Kills the worker because a wait for it ran past the kernel timeout.
+    fn time_out(&mut self, during: &str) -> ExecError {
+        self.kill.kill(true);
+        self.lose(
+            during,
+            io::Error::new(io::ErrorKind::TimedOut, "kernel timeout"),
+        )
+    }
+
+    /// The deadline of a wait for the worker that begins now.
+    fn deadline(&self) -> Option<Instant> {
+        Instant::now().checked_add(self.kernel_timeout)
+    }
+
+    fn check_live(&mut self) -> ExecResult<()> {
+        if self.lost.is_none() {
+            self.take_kill("a call");
+        }
         match self.lost {
             Some(_) => Err(self.lost_error()),
             None => Ok(()),
@@ -1792,8 +1989,9 @@ impl ProcessExecutor {
     fn idle_and_alive(&mut self) -> bool {
         self.lost.is_none()
             && !self.poisoned
+            && self.kill.killed().is_none()
             && self.pending.is_empty()
-            && matches!(self.child.try_wait(), Ok(None))
+            && matches!(self.kill.try_wait(&mut self.child), Ok(None))
             && self.chan.quiet()
     }
 
@@ -1804,7 +2002,10 @@ impl ProcessExecutor {
 
     /// Sends one request with `fds` attached.
     fn send_fds(&mut self, what: &str, msg: &ToWorker<'_>, fds: &[RawFd]) -> ExecResult<()> {
-        match self.chan.send_with_fds(msg, fds, None) {
+        // A worker stuck in a kernel reads nothing: the send waits for room at most as
+        // long as a reply is waited for.
+        let deadline = self.deadline();
+        match self.chan.send_with_fds(msg, fds, deadline) {
             Ok(()) => {
                 if is_device_op(msg) {
                     self.meter.sent.fetch_add(1, Ordering::AcqRel);
@@ -1823,6 +2024,9 @@ impl ProcessExecutor {
             Err(SendError::Io(e)) if e.kind() == io::ErrorKind::InvalidInput => Err(
                 ExecError::new(Status::InvalidArgument, 0, format!("{what}: {e}")),
             ),
+            Err(SendError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                Err(self.time_out(what))
+            }
             Err(SendError::Io(e)) => Err(self.lose(what, e)),
         }
     }
@@ -1831,9 +2035,21 @@ impl ProcessExecutor {
     /// kept for the next call that waits, a DTOH piece is copied into `out`, a staging
     /// region is released. Returns the result of the request the caller waits for.
     fn settle_one(&mut self, what: &str, out: Drain<'_>) -> ExecResult<Option<ExecResult<u64>>> {
-        let msg = match self.chan.recv(None, None) {
-            Ok(msg) => msg,
-            Err(e) => return Err(self.lose(what, e)),
+        // The wait ends the worker once its device work finished nothing for a whole
+        // kernel timeout: a long queue of work that keeps finishing is waited for.
+        let mut done = self.meter.page.done().load(Ordering::Acquire);
+        let msg = loop {
+            match self.chan.recv(self.deadline(), None) {
+                Ok(msg) => break msg,
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    let now = self.meter.page.done().load(Ordering::Acquire);
+                    if now == done {
+                        return Err(self.time_out(what));
+                    }
+                    done = now;
+                }
+                Err(e) => return Err(self.lose(what, e)),
+            }
         };
         let FromWorker::Reply { poisoned, result } = msg else {
             let e = io::Error::new(io::ErrorKind::InvalidData, "an unexpected message");
@@ -2395,7 +2611,12 @@ impl Executor for ProcessExecutor {
     }
 
     fn poisoned(&self) -> bool {
-        self.poisoned || self.lost.is_some()
+        self.poisoned || self.lost.is_some() || self.kill.killed().is_some()
+    }
+
+    fn killer(&self) -> Option<Killer> {
+        let kill = self.kill.clone();
+        Some(Killer::new(move |timed_out| kill.kill(timed_out)))
     }
 
     fn meter(&self) -> Option<Arc<dyn DeviceMeter>> {
@@ -2405,7 +2626,8 @@ impl Executor for ProcessExecutor {
 
 impl Drop for ProcessExecutor {
     fn drop(&mut self) {
-        let healthy = self.lost.is_none() && !self.poisoned;
+        // A killed worker is not asked to exit: it is being killed already.
+        let healthy = self.lost.is_none() && !self.poisoned && self.kill.killed().is_none();
         // A worker stuck in a kernel reads nothing: the request is given up at the
         // deadline like the wait for the exit.
         let deadline = Instant::now() + EXIT_GRACE;
@@ -2418,7 +2640,7 @@ impl Drop for ProcessExecutor {
             let mut nap = Duration::from_micros(100);
             let mut open = true;
             loop {
-                match self.child.try_wait() {
+                match self.kill.try_wait(&mut self.child) {
                     Ok(Some(s)) => {
                         status = Some(s);
                         break;
@@ -2442,10 +2664,9 @@ impl Drop for ProcessExecutor {
             }
         }
         if status.is_none() {
-            // Already exited: kill does nothing harmful; wait reaps it either way.
-            let _ = self.child.kill();
-            status = self.child.wait().ok();
+            status = self.kill.kill_and_reap(&mut self.child);
         }
+        self.kill.lock().sock = None;
         if let Some(s) = status {
             log::debug!("executor worker {} {}", self.pid, exit_description(s));
         }

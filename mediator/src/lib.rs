@@ -17,6 +17,7 @@ pub mod nfs;
 pub mod sched;
 mod worker;
 
+pub use mediator::RESET_GRACE;
 pub use mediator::{
     request_cost, CompletionQueue, CompletionSink, Hold, HoldError, Limits, Mediator, TenantConfig,
     TenantId, TenantUsage, DEFAULT_MAX_HELD_BYTES, REQUEST_OVERHEAD,

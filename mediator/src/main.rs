@@ -28,6 +28,18 @@ struct Cli {
     /// Cap on each CUDA executor worker's private host memory (RLIMIT_DATA).
     #[arg(long, global = true, value_name = "SIZE", value_parser = vgpu_mediator::parse_size)]
     worker_max_memory: Option<u64>,
+    /// Kernel timeout, in seconds: the longest a session's call may wait for its executor
+    /// worker (a kernel, or the work a SYNC waits for) before the watchdog ends that
+    /// worker. The session then gets DEVICE_LOST with detail 702 (CUDA's launch timeout);
+    /// the VM's other sessions and the other VMs keep running. Default 600; at least 1.
+    /// Applies to executors in worker processes (CUDA), not to the in-process CPU one.
+    #[arg(
+        long,
+        global = true,
+        value_name = "SECONDS",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    kernel_timeout: Option<u64>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -93,6 +105,7 @@ fn main() -> ExitCode {
     let options = ExecutorOptions {
         worker_user: cli.worker_user,
         worker_max_memory: cli.worker_max_memory,
+        kernel_timeout: cli.kernel_timeout.map(Duration::from_secs),
         ..ExecutorOptions::default()
     };
     if let Err(e) = options.validate() {
@@ -161,7 +174,11 @@ fn serve(choice: ExecutorChoice, options: &ExecutorOptions, args: ServeArgs) -> 
             return ExitCode::FAILURE;
         }
     };
-    let mediator = Mediator::new(factory.clone());
+    let mediator = Mediator::with_config(
+        factory.clone(),
+        vgpu_mediator::Limits::default(),
+        vgpu_mediator::SchedConfig::with_kernel_timeout(options.kernel_timeout),
+    );
     log::info!(
         "executor: {}; {}",
         selftest::device_line(mediator.device()),
@@ -230,4 +247,33 @@ fn wait_for(set: &libc::sigset_t) -> libc::c_int {
     // SAFETY: a valid, initialised set and an out-parameter.
     while unsafe { libc::sigwait(set, &mut signal) } != 0 {}
     signal
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(list: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("vgpu-mediator").chain(list.iter().copied()))
+    }
+
+    #[test]
+    fn the_kernel_timeout_is_whole_seconds_of_at_least_one() {
+        assert_eq!(cli(&["serve"]).unwrap().kernel_timeout, None);
+        let c = cli(&["serve", "--kernel-timeout", "45"]).unwrap();
+        assert_eq!(c.kernel_timeout, Some(45));
+        assert!(matches!(c.command, Cmd::Serve(_)));
+        assert_eq!(
+            cli(&["--kernel-timeout", "2", "info"])
+                .unwrap()
+                .kernel_timeout,
+            Some(2)
+        );
+        for bad in ["0", "-1", "2.5", "soon"] {
+            assert!(
+                cli(&["serve", "--kernel-timeout", bad]).is_err(),
+                "--kernel-timeout {bad} accepted"
+            );
+        }
+    }
 }

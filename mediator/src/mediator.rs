@@ -12,13 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vgpu_protocol::{
     DeviceConfig, Header, Request, Response, Status, MAX_TRANSFER_BYTES, REQUEST_HEADER_SIZE,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::executor::{DeviceInfo, ExecutorFactory, GuestIo};
+use crate::executor::{DeviceInfo, ExecutorFactory, GuestIo, Killer};
 use crate::sched::{SchedConfig, Scheduler};
 use crate::worker::Worker;
 
@@ -281,6 +282,115 @@ pub(crate) struct TenantShared {
     pub cancelled: AtomicU64,
     /// What the worker has yet to take.
     pub queue: TenantQueue,
+    /// Killers of the worker's executors that can be ended from outside, by session id
+    /// ([`SELFTEST_EXECUTOR`] for the self-test executor): a reset or removal that the
+    /// worker does not answer within [`RESET_GRACE`] ends them.
+    pub killers: Mutex<HashMap<u64, Killer>>,
+}
+
+/// The key of the self-test executor's killer in [`TenantShared::killers`] (session ids
+/// start at 1).
+pub(crate) const SELFTEST_EXECUTOR: u64 = 0;
+
+/// How long a reset or removal lets the tenant's worker get to it before the tenant's
+/// executors are killed.
+pub const RESET_GRACE: Duration = Duration::from_millis(200);
+
+impl TenantShared {
+    /// Kills every executor of the tenant that can be killed; how many.
+    fn kill_executors(&self, timed_out: bool) -> usize {
+        let killers: Vec<Killer> = self
+            .killers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for k in &killers {
+            k.kill(timed_out);
+        }
+        killers.len()
+    }
+
+    /// Waits until `done` (which waits at most the time it is given) says the worker got
+    /// there. Each time it has not within [`RESET_GRACE`], the tenant's executors are
+    /// killed: the worker may be blocked in a call on one of them, e.g. waiting for a
+    /// kernel that does not end, and a killed executor's call returns at once.
+    ///
+    /// Killing only after a grace, not at once: a worker that is idle or finishing a short
+    /// request (the usual reset) closes its sessions the ordinary way, its executor
+    /// workers exit cleanly and nothing is counted as lost; only a worker that is stuck
+    /// has its executors killed, so a reset never waits on a kernel for much longer than
+    /// the grace. Killing again at every grace also ends executors that the worker made
+    /// meanwhile (a session opened by a request that was already running).
+    fn wait_or_kill(&self, what: &str, mut done: impl FnMut(Duration) -> bool) {
+        if done(RESET_GRACE) {
+            return;
+        }
+        let started = Instant::now();
+        let killed = self.kill_executors(false);
+        log::info!(
+            "tenant {} ({}): {what} not reached within {RESET_GRACE:?}: {killed} executors \
+             killed",
+            self.id.0,
+            self.config.name
+        );
+        while !done(RESET_GRACE) {
+            let killed = self.kill_executors(false);
+            log::debug!(
+                "tenant {} ({}): {what} still not reached after {:?}; {killed} executors \
+                 killed",
+                self.id.0,
+                self.config.name,
+                started.elapsed()
+            );
+        }
+    }
+
+    /// Drops every queued request of the tenant: see [`Mediator::cancel_queued`].
+    fn cancel_queued(&self) {
+        let cancelled = self.queue.take_requests();
+        if cancelled.is_empty() {
+            return;
+        }
+        self.cancelled
+            .fetch_add(cancelled.len() as u64, Ordering::Relaxed);
+        log::debug!(
+            "tenant {} ({}): {} queued requests cancelled",
+            self.id.0,
+            self.config.name,
+            cancelled.len()
+        );
+        for message in cancelled {
+            if let Message::Request {
+                request,
+                token,
+                sink,
+                hold,
+                ..
+            } = message
+            {
+                drop(request);
+                drop(hold);
+                sink.complete(token, Response::error(Status::DeviceLost, 0));
+            }
+        }
+    }
+}
+
+/// Waits up to `wait` for `thread` to end; true once it has.
+fn finished_within(thread: &JoinHandle<()>, wait: Duration) -> bool {
+    let end = Instant::now() + wait;
+    let mut nap = Duration::from_micros(100);
+    while !thread.is_finished() {
+        let now = Instant::now();
+        if now >= end {
+            return false;
+        }
+        std::thread::sleep(nap.min(end - now));
+        nap = (nap * 2).min(Duration::from_millis(10));
+    }
+    true
 }
 
 /// A tenant's messages: each session's requests in submission order, the sessions taken
@@ -485,6 +595,7 @@ impl Mediator {
             held: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             queue: TenantQueue::default(),
+            killers: Mutex::new(HashMap::new()),
         });
         let (factory, worker_shared, limits) = (self.factory.clone(), shared.clone(), self.limits);
         // The worker is built on its own thread: its executor never leaves that thread.
@@ -509,14 +620,20 @@ impl Mediator {
         Ok(id)
     }
 
-    /// Frees everything the tenant holds and stops its worker.
+    /// Frees everything the tenant holds and stops its worker. Requests still queued are
+    /// cancelled (answered `DEVICE_LOST` unexecuted); a worker that does not stop within
+    /// [`RESET_GRACE`] (stuck in a call, e.g. on a kernel that does not end) has the
+    /// tenant's executors killed, so this never waits on a kernel.
     pub fn remove_tenant(&self, tenant: TenantId) {
         let handle = self.lock().remove(&tenant);
         if let Some(mut h) = handle {
+            h.shared.cancel_queued();
             h.shared.queue.close();
             // A worker waiting for its turn on the device stops waiting.
             self.sched.remove(tenant);
             if let Some(t) = h.thread.take() {
+                h.shared
+                    .wait_or_kill("removal", |wait| finished_within(&t, wait));
                 let _ = t.join();
             }
             log::info!("tenant {} ({}) removed", tenant.0, h.shared.config.name);
@@ -525,12 +642,22 @@ impl Mediator {
 
     /// Closes all the tenant's sessions and frees its device memory. Requests submitted
     /// before are cancelled (answered `DEVICE_LOST` unexecuted, their payload dropped);
-    /// one already running is waited for. Returns once done.
+    /// one already running is waited for up to [`RESET_GRACE`], after which the tenant's
+    /// executors are killed (the running request and the killed sessions get
+    /// `DEVICE_LOST`). Returns once done.
     pub fn reset_tenant(&self, tenant: TenantId) {
-        self.cancel_queued(tenant);
+        let Some(shared) = self.shared(tenant) else {
+            return;
+        };
+        shared.cancel_queued();
         let (done, wait) = mpsc::channel();
-        if self.send(tenant, Message::Reset { done }) {
-            let _ = wait.recv();
+        if shared.queue.push(Message::Reset { done }) {
+            shared.wait_or_kill("reset", |grace| {
+                !matches!(
+                    wait.recv_timeout(grace),
+                    Err(mpsc::RecvTimeoutError::Timeout)
+                )
+            });
         }
     }
 
@@ -538,35 +665,8 @@ impl Mediator {
     /// `DEVICE_LOST` without being executed and its payload is freed at once. For a VM
     /// that abandoned its requests (a device reset, a ring stopped for good).
     pub fn cancel_queued(&self, tenant: TenantId) {
-        let Some(shared) = self.shared(tenant) else {
-            return;
-        };
-        let cancelled = shared.queue.take_requests();
-        if cancelled.is_empty() {
-            return;
-        }
-        shared
-            .cancelled
-            .fetch_add(cancelled.len() as u64, Ordering::Relaxed);
-        log::debug!(
-            "tenant {} ({}): {} queued requests cancelled",
-            tenant.0,
-            shared.config.name,
-            cancelled.len()
-        );
-        for message in cancelled {
-            if let Message::Request {
-                request,
-                token,
-                sink,
-                hold,
-                ..
-            } = message
-            {
-                drop(request);
-                drop(hold);
-                sink.complete(token, Response::error(Status::DeviceLost, 0));
-            }
+        if let Some(shared) = self.shared(tenant) {
+            shared.cancel_queued();
         }
     }
 
@@ -706,13 +806,6 @@ impl Mediator {
     pub fn device_config(&self, tenant: TenantId) -> Option<DeviceConfig> {
         let quota = self.tenant_config(tenant)?.mem_quota;
         Some(device_config(self.device(), quota, &self.limits))
-    }
-
-    /// Queues a message for the tenant's worker; false when there is no such tenant (any
-    /// more).
-    fn send(&self, tenant: TenantId, message: Message) -> bool {
-        self.shared(tenant)
-            .is_some_and(|shared| shared.queue.push(message))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, TenantHandle>> {

@@ -85,6 +85,16 @@ pub struct SchedConfig {
     pub enforce: bool,
 }
 
+impl SchedConfig {
+    /// The defaults, with the executors' kernel timeout (`None`: the default).
+    pub fn with_kernel_timeout(timeout: Option<Duration>) -> SchedConfig {
+        SchedConfig {
+            kernel_timeout: timeout.unwrap_or(DEFAULT_KERNEL_TIMEOUT),
+            ..SchedConfig::default()
+        }
+    }
+}
+
 impl Default for SchedConfig {
     fn default() -> Self {
         SchedConfig {
@@ -383,11 +393,11 @@ impl Scheduler {
             };
             let idle = s
                 .picked_at
-                .is_none_or(|at| now.saturating_duration_since(at) >= slice);
+                .map_or(true, |at| now.saturating_duration_since(at) >= slice);
             if idle {
                 s.vt = s.vt.max(floor);
             }
-            if best.is_none_or(|(_, vt)| s.vt < vt) {
+            if best.map_or(true, |(_, vt)| s.vt < vt) {
                 best = Some((sid, s.vt));
             }
         }

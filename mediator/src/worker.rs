@@ -23,7 +23,9 @@ use crate::executor::{
     StreamId,
 };
 use crate::hostmap::HostMapping;
-use crate::mediator::{device_config, Limits, Message, TenantShared, TenantUsage};
+use crate::mediator::{
+    device_config, Limits, Message, TenantShared, TenantUsage, SELFTEST_EXECUTOR,
+};
 
 /// Most dynamic shared memory a launch may ask for without an opt-in.
 pub const MAX_SHARED_BYTES: u32 = 48 << 10;
@@ -189,7 +191,35 @@ impl Worker {
         for id in ids {
             self.close_session(id);
         }
+        self.drop_selftest_exec();
+    }
+
+    /// Lets a reset or removal end `exec` from another thread while this thread is blocked
+    /// in a call on it (see [`crate::Mediator::reset_tenant`]): its killer is kept under
+    /// `key` (a session id, or [`SELFTEST_EXECUTOR`]).
+    fn track(&self, key: u64, exec: &dyn Executor) {
+        if let Some(killer) = exec.killer() {
+            self.shared
+                .killers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, killer);
+        }
+    }
+
+    /// Forgets the killer under `key`, once its executor is dropped (a reset that comes
+    /// while it is being dropped still reaches it).
+    fn untrack(&self, key: u64) {
+        self.shared
+            .killers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+    }
+
+    fn drop_selftest_exec(&mut self) {
         self.selftest_exec = None;
+        self.untrack(SELFTEST_EXECUTOR);
     }
 
     fn new_id(&mut self) -> u64 {
@@ -267,8 +297,16 @@ impl Worker {
             return err(Status::LimitExceeded, self.limits.max_sessions);
         }
         let mut exec = self.new_executor()?;
-        let stream = exec.open_stream().map_err(Refusal::from)?;
         let id = self.new_id();
+        self.track(id, exec.as_ref());
+        let stream = match exec.open_stream() {
+            Ok(stream) => stream,
+            Err(e) => {
+                drop(exec);
+                self.untrack(id);
+                return Err(Refusal::from(e));
+            }
+        };
         self.shared
             .sched
             .attach(self.shared.id, id, exec.meter(), exec.killer());
@@ -299,6 +337,7 @@ impl Worker {
         // The executor goes with the session: for a worker process its context and
         // everything in it; an in-process executor frees what it holds when dropped.
         drop(s);
+        self.untrack(id);
         log::debug!("tenant {}: session {id} closed", self.shared.config.name);
     }
 
@@ -339,7 +378,8 @@ impl Worker {
             return;
         };
         log::warn!(
-            "tenant {}: session {sid} lost its execution context after a device fault",
+            "tenant {}: session {sid} lost its execution context (a device fault, the kernel \
+             timeout or a reset)",
             self.shared.config.name
         );
         s.exec = None;
@@ -353,6 +393,7 @@ impl Worker {
         s.host_bufs.clear();
         s.host_chunks.clear();
         self.usage.restarts += 1;
+        self.untrack(sid);
     }
 
     /// The registered host buffer and offset that hold the first `len` bytes of guest
@@ -698,10 +739,13 @@ impl Worker {
             SelftestKind::DeviceInfo => Ok(crate::selftest::device_line(&device)),
             SelftestKind::VectorAdd => {
                 if self.selftest_exec.as_ref().is_some_and(|e| e.poisoned()) {
-                    self.selftest_exec = None;
+                    self.drop_selftest_exec();
                 }
                 if self.selftest_exec.is_none() {
                     self.selftest_exec = self.new_executor().ok();
+                    if let Some(exec) = &self.selftest_exec {
+                        self.track(SELFTEST_EXECUTOR, exec.as_ref());
+                    }
                 }
                 match self.selftest_exec.as_mut() {
                     Some(exec) => crate::selftest::vector_add(exec.as_mut(), &device.name),
@@ -710,7 +754,7 @@ impl Worker {
             }
         };
         if self.selftest_exec.as_ref().is_some_and(|e| e.poisoned()) {
-            self.selftest_exec = None;
+            self.drop_selftest_exec();
             self.usage.restarts += 1;
         }
         match result {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use log::{error, info, warn};
 use vgpu_mediator::nfs::NfsServer;
-use vgpu_mediator::{Limits, Mediator, TenantConfig, TenantId};
+use vgpu_mediator::{Limits, Mediator, SchedConfig, TenantConfig, TenantId};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -67,7 +67,8 @@ impl Daemon {
             max_held_bytes: config.inflight_budget,
             ..Limits::default()
         };
-        Daemon::start_with_mediator(&config, Mediator::with_limits(factory, limits))
+        let sched = SchedConfig::with_kernel_timeout(config.executor_options.kernel_timeout);
+        Daemon::start_with_mediator(&config, Mediator::with_config(factory, limits, sched))
     }
 
     /// Starts serving with an existing mediator (`config.executor` is not used). The daemon

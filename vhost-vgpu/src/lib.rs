@@ -233,6 +233,19 @@ pub struct Args {
     #[arg(long, value_name = "SIZE", value_parser = vgpu_mediator::parse_size)]
     pub worker_max_memory: Option<u64>,
 
+    /// Kernel timeout, in seconds: the longest a session's call may wait for its executor
+    /// worker (a kernel, or the work a SYNC waits for) before the watchdog ends that
+    /// worker. The session then gets DEVICE_LOST with detail 702 (CUDA's launch timeout)
+    /// for that call and every later one; the VM's other sessions and the other VMs keep
+    /// running. Default 600; at least 1. Applies to executors in worker processes (CUDA);
+    /// not to --single-vm-shared-process or the in-process CPU executor.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub kernel_timeout: Option<u64>,
+
     /// Run the VM's CUDA work in this process instead of a worker process. NO MEMORY
     /// ISOLATION: contexts of one process share its address space, so a kernel could reach
     /// any other context's device memory by address. Only with --socket-count 1 and no
@@ -406,6 +419,7 @@ impl TryFrom<Args> for VgpuConfig {
                 },
                 worker_user: args.worker_user,
                 worker_max_memory: args.worker_max_memory,
+                kernel_timeout: args.kernel_timeout.map(std::time::Duration::from_secs),
             },
         };
         config.validate()?;
@@ -536,6 +550,8 @@ mod tests {
             "root",
             "--worker-max-memory",
             "2G",
+            "--kernel-timeout",
+            "30",
         ])
         .unwrap();
         let c = VgpuConfig::try_from(a).unwrap();
@@ -547,6 +563,7 @@ mod tests {
                 isolation: Isolation::Process,
                 worker_user: Some("root".into()),
                 worker_max_memory: Some(2 << 30),
+                kernel_timeout: Some(std::time::Duration::from_secs(30)),
             }
         );
         assert_eq!(c.executor, ExecutorChoice::Cpu);
@@ -652,6 +669,40 @@ mod tests {
             ..VgpuConfig::new("/tmp/vm")
         };
         assert!(matches!(no_root.validate(), Err(Error::NfsWithoutRoot)));
+    }
+
+    #[test]
+    fn the_kernel_timeout_defaults_to_600_seconds_and_is_at_least_one() {
+        let c = VgpuConfig::try_from(args(&["-s", "/tmp/vm"]).unwrap()).unwrap();
+        assert_eq!(c.executor_options.kernel_timeout, None);
+        assert_eq!(
+            vgpu_mediator::process::DEFAULT_KERNEL_TIMEOUT,
+            std::time::Duration::from_secs(600)
+        );
+        let c = VgpuConfig::try_from(args(&["-s", "/tmp/vm", "--kernel-timeout", "1"]).unwrap())
+            .unwrap();
+        assert_eq!(
+            c.executor_options.kernel_timeout,
+            Some(std::time::Duration::from_secs(1))
+        );
+        for bad in ["0", "-5", "1.5", "ten", ""] {
+            assert!(
+                args(&["-s", "/tmp/vm", "--kernel-timeout", bad]).is_err(),
+                "--kernel-timeout {bad} accepted"
+            );
+        }
+        // Set in code below the minimum: refused like the flag.
+        let short = VgpuConfig {
+            executor_options: ExecutorOptions {
+                kernel_timeout: Some(std::time::Duration::from_millis(500)),
+                ..ExecutorOptions::default()
+            },
+            ..VgpuConfig::new("/tmp/vm")
+        };
+        assert!(matches!(
+            short.validate(),
+            Err(Error::Executor(e)) if e.to_string().contains("--kernel-timeout")
+        ));
     }
 
     #[test]
