@@ -5,13 +5,16 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
 use vgpu_kernels::{Arg, CpuMemory, LaunchShape, ParamKind};
 use vgpu_protocol::{ExecutorKind, Status};
 
 use crate::executor::{
     guest_fault, no_host_buffer, outside_host_buffer, BufferId, DeviceInfo, ExecError, ExecParam,
-    ExecResult, Executor, ExecutorFactory, GuestSink, GuestSource, KernelRef, ModuleId, StreamId,
+    ExecResult, Executor, ExecutorFactory, GuestSink, GuestSource, KernelRef, Killer, ModuleId,
+    StreamId, TIMEOUT_DETAIL,
 };
 use crate::hostmap::{HostMap, HostMapping};
 
@@ -152,9 +155,29 @@ pub struct CpuExecutor {
     hosts: HashMap<u64, HostMap>,
     streams: HashSet<u64>,
     next_id: u64,
+    /// Set by its [`Killer`]: 1 ended, 2 ended by the watchdog. A launch running then
+    /// stops early and the executor is lost.
+    killed: Arc<AtomicU8>,
 }
 
 impl CpuExecutor {
+    /// The `DEVICE_LOST` of an executor that was ended, if it was.
+    fn ended(&self) -> ExecResult<()> {
+        match self.killed.load(Ordering::Acquire) {
+            0 => Ok(()),
+            2 => Err(ExecError::new(
+                Status::DeviceLost,
+                TIMEOUT_DETAIL,
+                "the work ran past the kernel timeout",
+            )),
+            _ => Err(ExecError::new(
+                Status::DeviceLost,
+                0,
+                "the executor was ended",
+            )),
+        }
+    }
+
     fn next(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
@@ -202,6 +225,10 @@ impl CpuMemory for CpuExecutor {
             }
             Err(_) => false,
         }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.killed.load(Ordering::Acquire) != 0
     }
 
     fn write(&mut self, buffer: u64, offset: u64, data: &[u8]) -> bool {
@@ -327,6 +354,7 @@ impl Executor for CpuExecutor {
         shape: &LaunchShape,
         params: &[ExecParam],
     ) -> ExecResult<()> {
+        self.ended()?;
         let spec = match kernel {
             KernelRef::Builtin(spec) => spec,
             KernelRef::Module(..) => {
@@ -352,11 +380,31 @@ impl Executor for CpuExecutor {
             });
         }
         spec.run_cpu(&args, shape, self)
-            .map_err(|e| ExecError::new(Status::InvalidArgument, 0, e.to_string()))
+            .map_err(|e| ExecError::new(Status::InvalidArgument, 0, e.to_string()))?;
+        // Ended while it ran: the launch did not finish.
+        self.ended()
     }
 
     fn sync(&mut self, _: StreamId) -> ExecResult<()> {
-        Ok(())
+        self.ended()
+    }
+
+    fn poisoned(&self) -> bool {
+        self.killed.load(Ordering::Acquire) != 0
+    }
+
+    /// Ends a launch that runs (a long `spin_us`) from another thread: the watchdog and
+    /// a VM reset then need no worker process to kill.
+    fn killer(&self) -> Option<Killer> {
+        let killed = self.killed.clone();
+        Some(Killer::new(move |timed_out| {
+            let _ = killed.compare_exchange(
+                0,
+                if timed_out { 2 } else { 1 },
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }))
     }
 
     fn htod_from(

@@ -138,6 +138,11 @@ pub trait CpuMemory {
     fn read(&self, buffer: u64, offset: u64, out: &mut [u8]) -> bool;
     /// Writes `data` into `buffer` at `offset`; false if out of range or unknown.
     fn write(&mut self, buffer: u64, offset: u64, data: &[u8]) -> bool;
+    /// True once the launch should stop early (its executor is being ended): a kernel
+    /// that runs for long ([`spin_us`](CATALOG)) looks at it as it goes.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// The bytes a kernel touches in one buffer parameter: `elem_bytes` times the product of
@@ -433,9 +438,21 @@ fn spin_shape(shape: &LaunchShape) -> Result<(), KernelError> {
 }
 
 /// The CPU stands in for the GPU's busy wait by sleeping: a device that is busy for `us`.
+/// It sleeps in steps of at most 10 ms and stops early, writing nothing, once
+/// [`CpuMemory::cancelled`].
 fn cpu_spin_us(args: &[Arg], mem: &mut dyn CpuMemory) -> Result<(), KernelError> {
     let us = u32_at(args, 1)?;
-    std::thread::sleep(std::time::Duration::from_micros(u64::from(us)));
+    let end = std::time::Instant::now() + std::time::Duration::from_micros(u64::from(us));
+    loop {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        if mem.cancelled() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(std::time::Duration::from_millis(10)));
+    }
     write_bytes(mem, args, 0, 0, &us.to_le_bytes())
 }
 

@@ -138,6 +138,8 @@ struct SessionMeter {
     vt: u64,
     /// When its requests were last picked.
     picked_at: Option<Instant>,
+    /// Without a meter: since when a call of it has been running.
+    busy_since: Option<Instant>,
     killed: bool,
 }
 
@@ -343,6 +345,7 @@ impl Scheduler {
                     device_ns: 0,
                     vt: 0,
                     picked_at: None,
+                    busy_since: None,
                     killed: false,
                 },
             );
@@ -462,6 +465,11 @@ impl Scheduler {
                 me.waiting = false;
                 me.active_at = now;
                 me.reserved += 1;
+                if let Some(s) = me.sessions.get_mut(&session) {
+                    if s.meter.is_none() {
+                        s.busy_since = Some(now);
+                    }
+                }
                 me.reserved_at.get_or_insert(now);
                 me.waited_ns = me
                     .waited_ns
@@ -505,6 +513,7 @@ impl Scheduler {
                 t.charge(ns, 1);
                 t.progress_at = now;
                 if let Some(s) = t.sessions.get_mut(&session) {
+                    s.busy_since = None;
                     s.device_ns = s.device_ns.saturating_add(ns);
                     s.vt = s.vt.saturating_add(ns);
                     s.progress_at = now;
@@ -528,9 +537,12 @@ impl Scheduler {
         let mut ending = Vec::new();
         for (id, t) in st.tenants.iter_mut() {
             for (sid, s) in t.sessions.iter_mut() {
-                let stuck = s.last.in_flight() > 0
-                    && !s.killed
-                    && now.duration_since(s.progress_at) >= timeout;
+                let queued_too_long =
+                    s.last.in_flight() > 0 && now.duration_since(s.progress_at) >= timeout;
+                let running_too_long = s
+                    .busy_since
+                    .is_some_and(|since| now.duration_since(since) >= timeout);
+                let stuck = !s.killed && (queued_too_long || running_too_long);
                 if let (true, Some(killer)) = (stuck, &s.killer) {
                     s.killed = true;
                     t.timeouts += 1;

@@ -372,3 +372,89 @@ fn removing_a_tenant_does_not_wait_for_a_kernel_that_does_not_end() {
     assert_eq!(answer(&sync, started).0.status, Status::DeviceLost);
     assert!(factory.workers().is_empty());
 }
+
+// ---- in the daemon's process -----------------------------------------------------------
+
+/// The CPU executor in this process (`--executor cpu`) with the scheduler's watchdog.
+fn in_process(kernel_timeout: Duration) -> Arc<Mediator> {
+    Mediator::with_config(
+        Arc::new(vgpu_mediator::cpu::CpuExecutorFactory::new()),
+        vgpu_mediator::Limits::default(),
+        vgpu_mediator::SchedConfig {
+            kernel_timeout,
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+fn the_watchdog_ends_a_kernel_of_the_in_process_cpu_executor_and_nothing_else() {
+    let m = in_process(Duration::from_secs(1));
+    let (stuck, other) = (tenant(&m, "stuck"), tenant(&m, "other"));
+    let s = open(&m, stuck);
+    let sibling = open(&m, stuck);
+    let o = open(&m, other);
+    let b = call(&m, stuck, s, Command::Alloc { size: 4 });
+    let launch = Command::Launch(Launch {
+        module: BUILTIN_MODULE,
+        kernel: "spin_us".into(),
+        grid: [1, 1, 1],
+        block: [1, 1, 1],
+        shared_bytes: 0,
+        params: vec![Param::Buffer(b.value0), Param::u32(HOUR_US)],
+    });
+    // This executor runs the kernel inside the call: the answer comes when it ends.
+    let started = Instant::now();
+    let rx = submit(&m, stuck, s, launch);
+    std::thread::sleep(Duration::from_millis(300));
+    // Another VM is served meanwhile (the stuck one stopped keeping it off the device).
+    let t0 = Instant::now();
+    works(&m, other, o, 7);
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
+    let (r, after) = answer(&rx, started);
+    assert_eq!((r.status, r.detail), (Status::DeviceLost, TIMEOUT_DETAIL));
+    assert!(
+        after >= Duration::from_secs(1) && after < Duration::from_secs(4),
+        "ended after {after:?}"
+    );
+    assert_eq!(m.usage(stuck).unwrap().timeouts, 1);
+    // The session keeps answering its loss; the VM's other session and a new one work.
+    assert_eq!(call(&m, stuck, s, Command::Sync).status, Status::DeviceLost);
+    works(&m, stuck, sibling, 8);
+    let fresh = open(&m, stuck);
+    works(&m, stuck, fresh, 9);
+}
+
+#[test]
+fn a_reset_ends_a_kernel_of_the_in_process_cpu_executor_at_once() {
+    let m = in_process(Duration::from_secs(600));
+    let t = tenant(&m, "vm");
+    let s = open(&m, t);
+    let b = call(&m, t, s, Command::Alloc { size: 4 });
+    let launch = Command::Launch(Launch {
+        module: BUILTIN_MODULE,
+        kernel: "spin_us".into(),
+        grid: [1, 1, 1],
+        block: [1, 1, 1],
+        shared_bytes: 0,
+        params: vec![Param::Buffer(b.value0), Param::u32(HOUR_US)],
+    });
+    let _rx = submit(&m, t, s, launch);
+    std::thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    m.reset_tenant(t);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let s = open(&m, t);
+    works(&m, t, s, 3);
+    let started = Instant::now();
+    drop(m);
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
