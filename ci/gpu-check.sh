@@ -4,7 +4,7 @@
 #   ci/gpu-check.sh DIR [vgpu-gpu-check options, e.g. --quick]
 #
 # DIR holds vgpu-mediator, vgpu-executor-worker and vgpu-gpu-check (and, when present,
-# vgpu-bench and vgpu-executor-tests, the executor crate's unit-test binary from
+# vgpu-share-bench, vgpu-bench and vgpu-executor-tests, the executor crate's unit-test binary from
 # `cargo test -p vgpu-executor --lib --no-run`, whose CUDA tests then run on the GPU). Every step runs each tenant's CUDA work in its own
 # vgpu-executor-worker process, the one in DIR (VGPU_EXECUTOR_WORKER is set to it).
 # With DIR/guests (a bundle from ci/gpu-bundle.sh) and DIR/vhost-vgpu, the step "guests"
@@ -163,6 +163,12 @@ fi
 # ---- Further GPU checks go here (the lead adds them) --------------------------------
 # Each one: `run_step NAME TIMEOUT COMMAND...` when its binary is present, otherwise
 # `skip_step NAME WHY`. Lines starting with PASS/FAIL/SKIP are counted.
+if [[ -x $DIR/vgpu-share-bench ]]; then
+    # Sharing: weighted device time, the scheduler's cost, the watchdog.
+    run_step share "${SHARE_TIMEOUT:-300}" "$DIR/vgpu-share-bench" ${SHARE_ARGS:-}
+else
+    skip_step share "no $DIR/vgpu-share-bench"
+fi
 if [[ -x $DIR/vgpu-bench ]]; then
     run_step bench "${BENCH_TIMEOUT:-300}" "$DIR/vgpu-bench"
 else
