@@ -160,7 +160,7 @@ else
     skip_step unit-tests "no $DIR/vgpu-executor-tests"
 fi
 
-# ---- Further GPU checks go here (the lead adds them) --------------------------------
+# ---- Further GPU checks --------------------------------------------
 # Each one: `run_step NAME TIMEOUT COMMAND...` when its binary is present, otherwise
 # `skip_step NAME WHY`. Lines starting with PASS/FAIL/SKIP are counted.
 if [[ -x $DIR/vgpu-share-bench ]]; then
