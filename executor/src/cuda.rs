@@ -525,6 +525,117 @@ fn sanity_memory() -> Result<(), String> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Device memory a session holds: the rules the quotas charge by
+
+/// Allocations up to this size are sub-allocated by the driver from pages it shares
+/// between them ([`alloc_footprint`]).
+pub const SMALL_ALLOC_BYTES: u64 = 1 << 20;
+/// What a small allocation takes at least, and the multiple it is rounded up to.
+pub const SMALL_ALLOC_GRANULE: u64 = 512;
+/// The device page larger allocations are rounded up to.
+pub const DEVICE_PAGE_BYTES: u64 = 2 << 20;
+/// The sane range of a context's measured device memory ([`CudaExecutorFactory::new`]);
+/// a measurement outside it (another process allocated or freed meanwhile) is clamped.
+pub const CONTEXT_BYTES_RANGE: (u64, u64) = (64 << 20, 4 << 30);
+/// What a context is charged when its device memory could not be measured.
+pub const DEFAULT_CONTEXT_BYTES: u64 = 512 << 20;
+
+/// Device bytes a `cuMemAlloc` of `bytes` takes: allocations of at most
+/// [`SMALL_ALLOC_BYTES`] are rounded up to [`SMALL_ALLOC_GRANULE`] (the driver packs them
+/// into shared pages at that alignment: 20,000 one-byte allocations take about 8 MiB),
+/// larger ones to whole [`DEVICE_PAGE_BYTES`] pages (each gets pages of its own). The rule
+/// errs towards charging more: `vgpu-gpu-check` measures it against the device
+/// (`quota-alloc-footprint`).
+pub fn alloc_footprint(bytes: u64) -> u64 {
+    let granule = if bytes <= SMALL_ALLOC_BYTES {
+        SMALL_ALLOC_GRANULE
+    } else {
+        DEVICE_PAGE_BYTES
+    };
+    bytes.checked_next_multiple_of(granule).unwrap_or(u64::MAX)
+}
+
+/// Device bytes a loaded module is charged: the larger of
+/// - `globals`: the sizes of its `.global` and `.const` variables as the driver reports
+///   them (`cuModuleGetGlobal`, names from the PTX): exact, and immune to other work on
+///   the device; and
+/// - `delta`: how much the device's free memory (`cuMemGetInfo`) fell while the module
+///   was loaded, its globals looked up and its kernels loaded, which also covers its code
+///   and constant banks, but in whole pages and including whatever another process
+///   allocated meanwhile. So it counts only up to what such a module can take: its
+///   globals and up to its PTX's length of code, each in whole pages, and one page more.
+pub fn module_footprint(globals: u64, delta: u64, ptx_len: u64) -> u64 {
+    let pages = |n: u64| {
+        n.checked_next_multiple_of(DEVICE_PAGE_BYTES)
+            .unwrap_or(u64::MAX)
+    };
+    let cap = pages(globals)
+        .saturating_add(pages(ptx_len))
+        .saturating_add(DEVICE_PAGE_BYTES);
+    globals.max(delta.min(cap))
+}
+
+/// Device bytes the driver reserves for a kernel's local memory: one slot of its
+/// per-thread local memory (`CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES`) for every thread the
+/// device can hold at once (`resident_threads`: most resident threads per multiprocessor
+/// x multiprocessors). The driver sizes the context's local memory for the most demanding
+/// kernel launched so far and keeps it for the context's life; the per-thread stack every
+/// context has is part of its [`CudaExecutor::context_bytes`].
+pub fn local_footprint(per_thread: u64, resident_threads: u64) -> u64 {
+    per_thread.saturating_mul(resident_threads)
+}
+
+/// The device's free memory (`cuMemGetInfo`); a context must be current.
+fn free_device_memory() -> Result<u64, CUresult> {
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: writes two size_t.
+    let r = unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) };
+    if r == CUresult::CUDA_SUCCESS {
+        Ok(free as u64)
+    } else {
+        Err(r)
+    }
+}
+
+/// Threads the device holds at once: most resident threads per multiprocessor x
+/// multiprocessors.
+fn resident_threads(device: sys::CUdevice, info: &DeviceInfo) -> Result<u64, String> {
+    let per_sm = device_attribute(
+        device,
+        sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR,
+    )?;
+    Ok(u64::try_from(per_sm).unwrap_or(0) * u64::from(info.multiprocessors))
+}
+
+/// A context's measured device memory, clamped to [`CONTEXT_BYTES_RANGE`].
+fn sane_context_bytes(measured: Result<u64, String>) -> u64 {
+    let (low, high) = CONTEXT_BYTES_RANGE;
+    match measured {
+        Ok(bytes) if (low..=high).contains(&bytes) => bytes,
+        Ok(bytes) => {
+            let clamped = bytes.clamp(low, high);
+            log::warn!(
+                "a CUDA context measured {} MiB of device memory, outside {}..={} MiB (other \
+                 work on the device?): charging {} MiB per context",
+                bytes >> 20,
+                low >> 20,
+                high >> 20,
+                clamped >> 20
+            );
+            clamped
+        }
+        Err(e) => {
+            log::warn!(
+                "a CUDA context's device memory could not be measured ({e}): charging {} \
+                 MiB per context",
+                DEFAULT_CONTEXT_BYTES >> 20
+            );
+            DEFAULT_CONTEXT_BYTES
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Factory
 
 /// Describes the device and makes one [`CudaExecutor`] (one CUDA context) per session.
@@ -533,6 +644,10 @@ pub struct CudaExecutorFactory {
     info: DeviceInfo,
     catalog_ptx: CString,
     compile_time: Duration,
+    /// Threads the device holds at once (see [`local_footprint`]).
+    resident_threads: u64,
+    /// Device memory each executor's context holds (see [`CudaExecutor::context_bytes`]).
+    context_bytes: u64,
 }
 
 impl CudaExecutorFactory {
@@ -560,23 +675,65 @@ impl CudaExecutorFactory {
             compile_time.as_secs_f64() * 1e3,
             catalog_ptx.as_bytes().len()
         );
-        let factory = CudaExecutorFactory {
+        let resident_threads = guarded("device query", || resident_threads(device, &info))?;
+        let mut factory = CudaExecutorFactory {
             device,
             info,
             catalog_ptx,
             compile_time,
+            resident_threads,
+            context_bytes: DEFAULT_CONTEXT_BYTES,
         };
         // A context that loads the catalog now makes a broken driver or JIT show at start,
         // where `--executor auto` can still fall back to the CPU.
         let started = Instant::now();
-        guarded("context probe", || {
-            factory.create_executor().map(drop).map_err(|e| e.message)
+        let probe = guarded("context probe", || {
+            factory.create_executor().map_err(|e| e.message)
         })?;
         log::info!(
             "CUDA context with catalog ready in {:.1} ms",
             started.elapsed().as_secs_f64() * 1e3
         );
+        let measured = guarded("context measurement", || Ok(factory.measure_context()))?;
+        drop(probe);
+        factory.context_bytes = sane_context_bytes(measured);
+        log::info!(
+            "a session's CUDA context holds {} MiB of device memory (charged to its VM)",
+            factory.context_bytes >> 20
+        );
         Ok(factory)
+    }
+
+    /// The device memory one more context takes once it has loaded the catalog and run a
+    /// kernel (the driver reserves the context's local memory, its per-thread stack for
+    /// every thread the device holds, at the first launch): the fall of the device's free
+    /// memory around it. Another context must be current (its creation is not measured).
+    fn measure_context(&self) -> Result<u64, String> {
+        let named = |e: CUresult| format!("cuMemGetInfo: {}", error_name(e));
+        let before = free_device_memory().map_err(named)?;
+        let mut exec = self.create_executor().map_err(|e| e.message)?;
+        exec.touch_local_memory().map_err(|e| e.message)?;
+        let after = free_device_memory().map_err(named)?;
+        drop(exec);
+        Ok(before.saturating_sub(after))
+    }
+
+    /// Charges `bytes` per context instead of what [`CudaExecutorFactory::new`] measured
+    /// (a worker process is told what its parent measured).
+    pub fn with_context_bytes(mut self, bytes: u64) -> Self {
+        self.context_bytes = bytes;
+        self
+    }
+
+    /// Device memory each executor's context holds (see [`CudaExecutor::context_bytes`]).
+    pub fn context_bytes(&self) -> u64 {
+        self.context_bytes
+    }
+
+    /// Threads the device holds at once: most resident threads per multiprocessor x
+    /// multiprocessors (see [`local_footprint`]).
+    pub fn resident_threads(&self) -> u64 {
+        self.resident_threads
     }
 
     /// A factory for device `ordinal` around catalog PTX that [`CudaExecutorFactory::new`]
@@ -588,11 +745,14 @@ impl CudaExecutorFactory {
         let (device, info) = guarded("device query", || query_device(ordinal))?;
         let catalog_ptx = CString::new(catalog_ptx)
             .map_err(|_| "the catalog PTX contains a NUL byte".to_string())?;
+        let resident_threads = guarded("device query", || resident_threads(device, &info))?;
         Ok(CudaExecutorFactory {
             device,
             info,
             catalog_ptx,
             compile_time: Duration::ZERO,
+            resident_threads,
+            context_bytes: DEFAULT_CONTEXT_BYTES,
         })
     }
 
@@ -626,6 +786,8 @@ impl CudaExecutorFactory {
             Err(message) => return Err(ExecError::new(Status::Internal, 0, message)),
         };
         let mut exec = CudaExecutor::new(ctx);
+        exec.resident_threads = self.resident_threads;
+        exec.context_bytes = self.context_bytes;
         let catalog = exec.load_image(&self.catalog_ptx).map_err(|mut e| {
             e.message = format!("built-in catalog: {}", e.message);
             e
@@ -672,6 +834,10 @@ struct LoadedModule {
     functions: HashMap<String, ModuleFunction>,
     /// Parameter sizes of each `.entry`, read from the module's PTX.
     signatures: HashMap<String, Vec<usize>>,
+    /// Device bytes it holds ([`module_footprint`]).
+    bytes: u64,
+    /// Per-thread local memory of its kernels, by name, read when it was loaded.
+    local_sizes: HashMap<String, u64>,
 }
 
 /// One tenant's CUDA context: its streams, allocations and modules.
@@ -698,6 +864,12 @@ pub struct CudaExecutor {
     /// Per stream, an event recorded after its latest `htod_staged` copy, and whether it
     /// has been waited for since.
     copy_events: HashMap<u64, (sys::CUevent, bool)>,
+    /// Threads the device holds at once (see [`local_footprint`]).
+    resident_threads: u64,
+    /// Device memory the context holds (see [`Executor::context_bytes`]).
+    context_bytes: u64,
+    /// Per-thread local memory of the built-in kernels, read when first asked.
+    builtin_local_sizes: HashMap<&'static str, u64>,
 }
 
 impl CudaExecutor {
@@ -716,7 +888,96 @@ impl CudaExecutor {
             param_ptrs: Vec::new(),
             hosts: HashMap::new(),
             copy_events: HashMap::new(),
+            resident_threads: 0,
+            context_bytes: 0,
+            builtin_local_sizes: HashMap::new(),
         }
+    }
+
+    /// Per-thread local memory of `function` (`CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES`),
+    /// loading it first if lazy loading has not yet.
+    fn function_local_size(&mut self, function: sys::CUfunction) -> ExecResult<u64> {
+        let mut loaded = false;
+        loop {
+            let mut value: c_int = 0;
+            // SAFETY: `function` is a live handle of the current context; writes one int.
+            let r = unsafe {
+                sys::cuFuncGetAttribute(
+                    &mut value,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES,
+                    function,
+                )
+            };
+            match r {
+                CUresult::CUDA_SUCCESS => return Ok(u64::try_from(value).unwrap_or(0)),
+                CUresult::CUDA_ERROR_FUNCTION_NOT_LOADED
+                    if !loaded && driver_has(b"cuFuncLoad") =>
+                {
+                    loaded = true;
+                    // SAFETY: `function` is a live handle of the current context.
+                    let r = unsafe { sys::cuFuncLoad(function) };
+                    self.check(r, "cuFuncLoad")?;
+                }
+                other => return Err(self.check(other, "cuFuncGetAttribute").unwrap_err()),
+            }
+        }
+    }
+
+    /// The bytes of `module`'s module-scope variables named in its `ptx`, as the driver
+    /// reports them (`cuModuleGetGlobal`; with lazy loading this also makes the driver
+    /// place them). A name the driver does not know counts nothing.
+    fn module_global_bytes(&mut self, module: sys::CUmodule, ptx: &str) -> u64 {
+        let mut total = 0u64;
+        for global in crate::ptx::globals(ptx) {
+            let Ok(name) = CString::new(global.name) else {
+                continue;
+            };
+            let (mut dptr, mut bytes): (sys::CUdeviceptr, usize) = (0, 0);
+            // SAFETY: `module` is loaded in the current context; writes a pointer and a size.
+            let r =
+                unsafe { sys::cuModuleGetGlobal_v2(&mut dptr, &mut bytes, module, name.as_ptr()) };
+            if r == CUresult::CUDA_SUCCESS {
+                total = total.saturating_add(bytes as u64);
+            } else if is_sticky(r) {
+                let _ = self.check(r, "cuModuleGetGlobal");
+                break;
+            }
+        }
+        total
+    }
+
+    /// Launches a built-in kernel that touches nothing (`fill_u32` of 0 elements) and
+    /// waits for it: the driver reserves the context's local memory at its first launch.
+    fn touch_local_memory(&mut self) -> ExecResult<()> {
+        self.enter()?;
+        let function = *self.builtins.get("fill_u32").ok_or_else(|| {
+            ExecError::new(Status::Internal, 0, "no built-in fill_u32 in the catalog")
+        })?;
+        let (mut ptr, mut value, mut n): (u64, u32, u32) = (0, 0, 0);
+        let mut args: [*mut c_void; 3] = [
+            (&mut ptr as *mut u64).cast(),
+            (&mut value as *mut u32).cast(),
+            (&mut n as *mut u32).cast(),
+        ];
+        // SAFETY: fill_u32 takes (pointer, u32, u32), matching `args`, which outlive the
+        // call; with n = 0 it dereferences nothing. The null stream of the current context.
+        let r = unsafe {
+            sys::cuLaunchKernel(
+                function,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                0,
+                ptr::null_mut(),
+                args.as_mut_ptr(),
+                ptr::null_mut(),
+            )
+        };
+        self.check(r, "cuLaunchKernel (fill_u32 of nothing)")?;
+        self.sync_context("cuCtxSynchronize (fill_u32 of nothing)")
     }
 
     /// The sticky error that poisoned this context, if one did.
@@ -1281,7 +1542,32 @@ impl Executor for CudaExecutor {
 
     fn load_module(&mut self, ptx: &str) -> ExecResult<ModuleId> {
         let image = validate_ptx(ptx)?;
+        self.enter()?;
+        let before = free_device_memory().ok();
         let module = self.load_image(&image)?;
+        // Its kernels' local memory, read now (which also loads them with lazy loading, so
+        // that their code is on the device when the free memory is read again).
+        let mut local_sizes = HashMap::new();
+        for name in crate::ptx::entries(ptx).unwrap_or_default().into_keys() {
+            let Ok(cname) = CString::new(name.as_str()) else {
+                continue;
+            };
+            let mut function: sys::CUfunction = ptr::null_mut();
+            // SAFETY: `module` is loaded in the current context; writes one handle.
+            let r = unsafe { sys::cuModuleGetFunction(&mut function, module, cname.as_ptr()) };
+            if r == CUresult::CUDA_SUCCESS {
+                if let Ok(size) = self.function_local_size(function) {
+                    local_sizes.insert(name, size);
+                }
+            }
+        }
+        let globals = self.module_global_bytes(module, ptx);
+        let after = free_device_memory().ok();
+        let delta = match (before, after) {
+            (Some(b), Some(a)) => b.saturating_sub(a),
+            _ => 0,
+        };
+        let bytes = module_footprint(globals, delta, ptx.len() as u64);
         let id = self.next_module;
         self.next_module += 1;
         self.modules.insert(
@@ -1290,8 +1576,15 @@ impl Executor for CudaExecutor {
                 module,
                 functions: HashMap::new(),
                 signatures: crate::ptx::entry_signatures(ptx),
+                bytes,
+                local_sizes,
             },
         );
+        if let Some(code) = self.poison {
+            // A sticky error while its kernels were read: the context goes, and with it
+            // the module.
+            return Err(cuda_error(code, "module load"));
+        }
         Ok(ModuleId(id))
     }
 
@@ -1387,6 +1680,63 @@ impl Executor for CudaExecutor {
 
     fn poisoned(&self) -> bool {
         self.poison.is_some()
+    }
+
+    /// See [`alloc_footprint`].
+    fn alloc_footprint(&self, bytes: u64) -> u64 {
+        alloc_footprint(bytes)
+    }
+
+    /// See [`module_footprint`]: measured when the module was loaded.
+    fn module_bytes(&self, module: ModuleId) -> u64 {
+        self.modules.get(&module.0).map_or(0, |m| m.bytes)
+    }
+
+    /// See [`local_footprint`].
+    fn local_reservation(&mut self, kernel: KernelRef<'_>) -> ExecResult<u64> {
+        self.enter()?;
+        let per_thread = match kernel {
+            KernelRef::Builtin(spec) => match self.builtin_local_sizes.get(spec.name) {
+                Some(&size) => size,
+                None => {
+                    let f = *self.builtins.get(spec.name).ok_or_else(|| {
+                        ExecError::new(
+                            Status::KernelNotFound,
+                            0,
+                            format!("no built-in kernel '{}'", spec.name),
+                        )
+                    })?;
+                    let size = self.function_local_size(f)?;
+                    self.builtin_local_sizes.insert(spec.name, size);
+                    size
+                }
+            },
+            KernelRef::Module(module, name) => {
+                let known = self
+                    .modules
+                    .get(&module.0)
+                    .and_then(|m| m.local_sizes.get(name).copied());
+                match known {
+                    Some(size) => size,
+                    None => {
+                        let (f, _) = self.module_function(module, name)?;
+                        let size = self.function_local_size(f)?;
+                        if let Some(m) = self.modules.get_mut(&module.0) {
+                            m.local_sizes.insert(name.to_string(), size);
+                        }
+                        size
+                    }
+                }
+            }
+        };
+        Ok(local_footprint(per_thread, self.resident_threads))
+    }
+
+    /// Measured once by the factory ([`CudaExecutorFactory::new`]): the device memory a
+    /// context takes with the catalog loaded and its local memory reserved for a kernel
+    /// without local variables, clamped to [`CONTEXT_BYTES_RANGE`].
+    fn context_bytes(&self) -> u64 {
+        self.context_bytes
     }
 
     fn htod_staged(
@@ -1960,6 +2310,53 @@ mod tests {
             check_params(&params, &[8, 4, 4]).unwrap_err().status,
             Status::InvalidArgument
         );
+    }
+
+    #[test]
+    fn allocations_are_charged_in_the_allocators_granules() {
+        assert_eq!(alloc_footprint(0), 0);
+        assert_eq!(alloc_footprint(1), 512);
+        assert_eq!(alloc_footprint(512), 512);
+        assert_eq!(alloc_footprint(513), 1024);
+        // 20,000 one-byte allocations: about 10 MiB, not 20,000 bytes.
+        assert_eq!(20_000 * alloc_footprint(1), 20_000 * 512);
+        assert_eq!(alloc_footprint(1 << 20), 1 << 20);
+        assert_eq!(alloc_footprint((1 << 20) + 1), 2 << 20);
+        assert_eq!(alloc_footprint(3 << 20), 4 << 20);
+        assert_eq!(alloc_footprint(u64::MAX - 5), u64::MAX);
+    }
+
+    #[test]
+    fn a_module_is_charged_its_globals_or_what_the_device_lost_within_reason() {
+        let mib = 1u64 << 20;
+        // The driver's sizes when the free memory did not move (packed into pages the
+        // context had).
+        assert_eq!(module_footprint(4 * mib, 0, 1000), 4 * mib);
+        // Whole pages when they moved.
+        assert_eq!(module_footprint(4 * mib, 6 * mib, 1000), 6 * mib);
+        assert_eq!(module_footprint(0, 2 * mib, 1000), 2 * mib);
+        // Another process's 10 GiB allocation meanwhile is not this module's: at most its
+        // globals and its code in pages, and one page more.
+        assert_eq!(module_footprint(4 * mib, 10 << 30, 1000), 8 * mib);
+        assert_eq!(module_footprint(0, 10 << 30, 3 * mib), 6 * mib);
+        assert_eq!(module_footprint(u64::MAX, 0, 0), u64::MAX);
+    }
+
+    #[test]
+    fn local_memory_is_reserved_for_every_resident_thread() {
+        // An H200: 2048 threads per multiprocessor, 132 multiprocessors.
+        let threads = 2048 * 132;
+        assert_eq!(local_footprint(256 << 10, threads), 66 << 30);
+        assert_eq!(local_footprint(0, threads), 0);
+        assert_eq!(local_footprint(u64::MAX, 2), u64::MAX);
+    }
+
+    #[test]
+    fn a_context_measurement_is_kept_within_its_sane_range() {
+        assert_eq!(sane_context_bytes(Ok(500 << 20)), 500 << 20);
+        assert_eq!(sane_context_bytes(Ok(1 << 20)), CONTEXT_BYTES_RANGE.0);
+        assert_eq!(sane_context_bytes(Ok(100 << 30)), CONTEXT_BYTES_RANGE.1);
+        assert_eq!(sane_context_bytes(Err("no".into())), DEFAULT_CONTEXT_BYTES);
     }
 
     #[test]

@@ -383,6 +383,34 @@ pub trait Executor {
     fn killer(&self) -> Option<Killer> {
         None
     }
+
+    // What the executor's work holds on the device, for quotas that count everything a
+    // VM causes there. The defaults suit an executor whose buffers are exactly their
+    // bytes and which has no context, modules or local memory of its own (the CPU).
+
+    /// Device bytes an allocation of `bytes` really takes (the allocator rounds); known
+    /// before the allocation is made. The default: `bytes`.
+    fn alloc_footprint(&self, bytes: u64) -> u64 {
+        bytes
+    }
+    /// Device bytes the loaded `module` holds (its globals, constants and code), as
+    /// measured when it was loaded. The default: 0.
+    fn module_bytes(&self, module: ModuleId) -> u64 {
+        let _ = module;
+        0
+    }
+    /// Device bytes the driver reserves for `kernel`'s local memory when it is launched,
+    /// and keeps for the life of the context: a session holds the largest of these over
+    /// the kernels it launched. The default: 0.
+    fn local_reservation(&mut self, kernel: KernelRef<'_>) -> ExecResult<u64> {
+        let _ = kernel;
+        Ok(0)
+    }
+    /// Device bytes the executor's own context holds before any work (with the built-in
+    /// catalog loaded). The default: 0.
+    fn context_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// A snapshot of an executor's device work: operations handed to the device (launches,

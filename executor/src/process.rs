@@ -18,6 +18,15 @@
 //!   `io::ErrorKind::InvalidData` error. `Init` is always variant 0 with the message
 //!   version (`WIRE_VERSION`) as its first field, so a worker tells a parent of another
 //!   version apart from a malformed message and refuses it.
+//! - **Device memory.** What the worker's executor holds on the device comes back with
+//!   the answers, so that the mediator charges it without extra round trips: `Ready`
+//!   carries the context's bytes ([`Executor::context_bytes`]; for CUDA what the parent
+//!   measured and sent in `Init`) and the local memory reservation of every built-in
+//!   kernel; a module load is answered with a `Module` reply (in request order like any
+//!   `Reply`) carrying the module's bytes and its kernels' local memory reservations. A
+//!   kernel not reported there is asked about once, with a `LocalReservation` request
+//!   that waits ([`Executor::local_reservation`]); launches never wait. Allocation
+//!   footprints follow from the executor kind ([`crate::cuda::alloc_footprint`] for CUDA).
 //! - **Pipelining.** Requests whose result the caller does not need at once — `launch`,
 //!   `memset`, `dtod`, `htod`, `free`, `unload_module`, `close_stream` — are sent and the
 //!   call returns without waiting for the reply. The parent keeps the unanswered requests
@@ -178,7 +187,7 @@ pub const MAX_IN_FLIGHT: usize = 256;
 pub const DEFAULT_CUDA_POOL: usize = 2;
 
 /// Version of the parent-worker messages; a worker refuses a parent of another version.
-const WIRE_VERSION: u32 = 2;
+const WIRE_VERSION: u32 = 3;
 /// Largest frame either side accepts (the largest is a module load of the largest PTX).
 const MAX_FRAME: usize = MAX_PTX_BYTES as usize + (64 << 10);
 /// Smallest staging area (one page).
@@ -301,6 +310,8 @@ enum ToWorker<'a> {
         kind: WireKind,
         ordinal: u32,
         catalog_ptx: &'a str,
+        /// Device memory each CUDA context is charged, as the parent measured it.
+        context_bytes: u64,
     },
     OpenStream,
     CloseStream {
@@ -388,6 +399,12 @@ enum ToWorker<'a> {
         host_offset: u64,
         len: u64,
     },
+    /// The device bytes a launch of `kernel` makes the driver reserve for local memory
+    /// ([`Executor::local_reservation`]), for a kernel the parent has no number for.
+    LocalReservation {
+        #[serde(borrow)]
+        kernel: WireKernel<'a>,
+    },
 }
 
 /// An [`ExecError`] on the wire; the status as its protocol number.
@@ -424,6 +441,10 @@ enum FromWorker {
         pinned: bool,
         /// Which executor the worker opened, for the log.
         executor: String,
+        /// [`Executor::context_bytes`].
+        context_bytes: u64,
+        /// [`Executor::local_reservation`] of each built-in kernel, by name.
+        builtin_locals: Vec<(String, u64)>,
     },
     /// The answer to `Init`: no executor could be opened; the worker exits.
     StartFailed { error: WireError },
@@ -432,6 +453,21 @@ enum FromWorker {
         poisoned: bool,
         result: Result<u64, WireError>,
     },
+    /// The answer to `LoadModule` (in request order like `Reply`): the module with what
+    /// it holds on the device.
+    Module {
+        poisoned: bool,
+        result: Result<WireModule, WireError>,
+    },
+}
+
+/// A loaded module: its id, [`Executor::module_bytes`], and
+/// [`Executor::local_reservation`] of each of its kernels the worker could read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct WireModule {
+    id: u64,
+    bytes: u64,
+    locals: Vec<(String, u64)>,
 }
 
 fn malformed() -> io::Error {
@@ -1177,7 +1213,11 @@ fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
 enum WorkerKind {
     Cpu,
     CpuFaultSim,
-    Cuda { ordinal: u32, catalog_ptx: Arc<str> },
+    Cuda {
+        ordinal: u32,
+        catalog_ptx: Arc<str>,
+        context_bytes: u64,
+    },
 }
 
 /// Everything needed to start a worker; shared by the factory and its pool thread.
@@ -1289,6 +1329,14 @@ impl Spawner {
             kill,
             kernel_timeout: DEFAULT_KERNEL_TIMEOUT,
             lost_detail: 0,
+            footprint: match self.kind {
+                WorkerKind::Cuda { .. } => crate::cuda::alloc_footprint,
+                WorkerKind::Cpu | WorkerKind::CpuFaultSim => std::convert::identity,
+            },
+            context_bytes: 0,
+            builtin_locals: HashMap::new(),
+            module_costs: HashMap::new(),
+            loaded: None,
         };
         exec.start(&self.kind, cancel)?;
         log::debug!(
@@ -1467,6 +1515,7 @@ impl ProcessExecutorFactory {
         let kind = WorkerKind::Cuda {
             ordinal,
             catalog_ptx: cuda.catalog_ptx().into(),
+            context_bytes: cuda.context_bytes(),
         };
         Ok(Self::with_kind(cuda.device().clone(), kind)?.with_pool(DEFAULT_CUDA_POOL))
     }
@@ -1811,6 +1860,23 @@ pub struct ProcessExecutor {
     kernel_timeout: Duration,
     /// The detail of the `DEVICE_LOST` that `lost` stands for.
     lost_detail: u32,
+    /// [`Executor::alloc_footprint`] of the worker's executor.
+    footprint: fn(u64) -> u64,
+    /// What the worker said its executor's context holds.
+    context_bytes: u64,
+    /// Local memory reservations of the built-in kernels, and of guest kernels by module:
+    /// reported by the worker (with `Ready`, with each module) or asked for once.
+    builtin_locals: HashMap<String, u64>,
+    module_costs: HashMap<u64, ModuleCost>,
+    /// What the worker said about the module it loaded last, until `load_module` takes it.
+    loaded: Option<WireModule>,
+}
+
+/// What a loaded module holds on the device, as its worker reported it.
+#[derive(Debug, Default)]
+struct ModuleCost {
+    bytes: u64,
+    locals: HashMap<String, u64>,
 }
 
 fn exit_description(status: ExitStatus) -> String {
@@ -1840,19 +1906,21 @@ impl ProcessExecutor {
 
     /// Sends the start message and reads the ready reply; gives up once `cancel` is set.
     fn start(&mut self, kind: &WorkerKind, cancel: Option<&AtomicBool>) -> ExecResult<()> {
-        let (kind, ordinal, catalog_ptx) = match kind {
-            WorkerKind::Cpu => (WireKind::Cpu, 0, ""),
-            WorkerKind::CpuFaultSim => (WireKind::CpuFaultSim, 0, ""),
+        let (kind, ordinal, catalog_ptx, context_bytes) = match kind {
+            WorkerKind::Cpu => (WireKind::Cpu, 0, "", 0),
+            WorkerKind::CpuFaultSim => (WireKind::CpuFaultSim, 0, "", 0),
             WorkerKind::Cuda {
                 ordinal,
                 catalog_ptx,
-            } => (WireKind::Cuda, *ordinal, &**catalog_ptx),
+                context_bytes,
+            } => (WireKind::Cuda, *ordinal, &**catalog_ptx, *context_bytes),
         };
         let init = ToWorker::Init {
             version: WIRE_VERSION,
             kind,
             ordinal,
             catalog_ptx,
+            context_bytes,
         };
         let deadline = Instant::now() + START_TIMEOUT;
         match self.chan.send(&init, Some(deadline)) {
@@ -1877,9 +1945,20 @@ impl ProcessExecutor {
             Err(e) => return Err(self.lose("start", e)),
         };
         match ready {
-            FromWorker::Ready { pinned, executor } => {
+            FromWorker::Ready {
+                pinned,
+                executor,
+                context_bytes,
+                builtin_locals,
+            } => {
                 self.pinned = pinned;
-                log::debug!("executor worker {} opened {executor}", self.pid);
+                self.context_bytes = context_bytes;
+                self.builtin_locals = builtin_locals.into_iter().collect();
+                log::debug!(
+                    "executor worker {} opened {executor} ({} MiB of device memory)",
+                    self.pid,
+                    context_bytes >> 20
+                );
                 Ok(())
             }
             FromWorker::StartFailed { error } => {
@@ -1887,7 +1966,7 @@ impl ProcessExecutor {
                 e.message = format!("executor worker {}: {}", self.pid, e.message);
                 Err(e)
             }
-            FromWorker::Reply { .. } => {
+            FromWorker::Reply { .. } | FromWorker::Module { .. } => {
                 let e = io::Error::new(io::ErrorKind::InvalidData, "a reply before the start");
                 Err(self.lose("start", e))
             }
@@ -2051,9 +2130,18 @@ impl ProcessExecutor {
                 Err(e) => return Err(self.lose(what, e)),
             }
         };
-        let FromWorker::Reply { poisoned, result } = msg else {
-            let e = io::Error::new(io::ErrorKind::InvalidData, "an unexpected message");
-            return Err(self.lose(what, e));
+        let (poisoned, result) = match msg {
+            FromWorker::Reply { poisoned, result } => (poisoned, result),
+            FromWorker::Module { poisoned, result } => {
+                // Only a waited-for `load_module` gets this answer; it takes the module.
+                let id = result.as_ref().map(|m| m.id).map_err(Clone::clone);
+                self.loaded = result.ok();
+                (poisoned, id)
+            }
+            _ => {
+                let e = io::Error::new(io::ErrorKind::InvalidData, "an unexpected message");
+                return Err(self.lose(what, e));
+            }
         };
         let Some(pending) = self.pending.pop_front() else {
             let e = io::Error::new(io::ErrorKind::InvalidData, "a reply to no request");
@@ -2538,6 +2626,7 @@ impl Executor for ProcessExecutor {
                 ),
             ));
         }
+        self.loaded = None;
         let id = self
             .wait_creating("load_module", &ToWorker::LoadModule { ptx })
             .map(ModuleId)?;
@@ -2546,11 +2635,21 @@ impl Executor for ProcessExecutor {
         if let Some(entries) = crate::ptx::entries(ptx) {
             self.modules.insert(id.0, entries);
         }
+        // What it holds on the device, as the worker measured it.
+        let cost = match self.loaded.take() {
+            Some(m) if m.id == id.0 => ModuleCost {
+                bytes: m.bytes,
+                locals: m.locals.into_iter().collect(),
+            },
+            _ => ModuleCost::default(),
+        };
+        self.module_costs.insert(id.0, cost);
         Ok(id)
     }
 
     fn unload_module(&mut self, module: ModuleId) {
         self.modules.remove(&module.0);
+        self.module_costs.remove(&module.0);
         self.defer_quiet(
             "unload_module",
             &ToWorker::UnloadModule { module: module.0 },
@@ -2621,6 +2720,63 @@ impl Executor for ProcessExecutor {
 
     fn meter(&self) -> Option<Arc<dyn DeviceMeter>> {
         Some(self.meter.clone())
+    }
+
+    fn alloc_footprint(&self, bytes: u64) -> u64 {
+        (self.footprint)(bytes)
+    }
+
+    fn module_bytes(&self, module: ModuleId) -> u64 {
+        self.module_costs.get(&module.0).map_or(0, |c| c.bytes)
+    }
+
+    /// From what the worker reported at start and with each module; for a kernel it did
+    /// not report, asked once (a request that waits) and remembered. Launches never wait.
+    fn local_reservation(&mut self, kernel: KernelRef<'_>) -> ExecResult<u64> {
+        let known = match kernel {
+            KernelRef::Builtin(spec) => self.builtin_locals.get(spec.name).copied(),
+            KernelRef::Module(module, name) => {
+                if let Some(None) = self.modules.get(&module.0).map(|m| m.get(name)) {
+                    return Err(ExecError::new(
+                        Status::KernelNotFound,
+                        CUDA_ERROR_NOT_FOUND,
+                        format!("the module has no kernel '{name}'"),
+                    ));
+                }
+                self.module_costs
+                    .get(&module.0)
+                    .and_then(|c| c.locals.get(name).copied())
+            }
+        };
+        if let Some(bytes) = known {
+            return Ok(bytes);
+        }
+        let wire = match kernel {
+            KernelRef::Builtin(spec) => WireKernel::Builtin { name: spec.name },
+            KernelRef::Module(module, name) => WireKernel::Module {
+                module: module.0,
+                name,
+            },
+        };
+        let bytes = self.wait(
+            "local_reservation",
+            &ToWorker::LocalReservation { kernel: wire },
+        )?;
+        match kernel {
+            KernelRef::Builtin(spec) => {
+                self.builtin_locals.insert(spec.name.to_string(), bytes);
+            }
+            KernelRef::Module(module, name) => {
+                if let Some(c) = self.module_costs.get_mut(&module.0) {
+                    c.locals.insert(name.to_string(), bytes);
+                }
+            }
+        }
+        Ok(bytes)
+    }
+
+    fn context_bytes(&self) -> u64 {
+        self.context_bytes
     }
 }
 
@@ -2777,13 +2933,14 @@ impl Progress {
 }
 
 /// Opens the executor the start message asks for.
-fn open_executor(kind: WireKind, ordinal: u32, ptx: &str, staging: &Staging) -> ExecResult<Hosted> {
-    match kind {
+fn open_executor(init: &Init<'_>, staging: &Staging) -> ExecResult<Hosted> {
+    match init.kind {
         WireKind::Cpu => Ok(Hosted::Plain(Box::new(CpuExecutor::default()))),
         WireKind::CpuFaultSim => Ok(Hosted::Plain(Box::new(FaultSim::default()))),
         WireKind::Cuda => {
-            let factory = CudaExecutorFactory::from_ptx(ordinal as usize, ptx)
-                .map_err(|e| ExecError::new(Status::Internal, 0, e))?;
+            let factory = CudaExecutorFactory::from_ptx(init.ordinal as usize, init.catalog_ptx)
+                .map_err(|e| ExecError::new(Status::Internal, 0, e))?
+                .with_context_bytes(init.context_bytes);
             let mut exec = factory.create_executor()?;
             // SAFETY: the staging mapping outlives the executor: `serve` shuts the
             // executor down (unregistering first) before the mapping is dropped.
@@ -2812,8 +2969,17 @@ pub struct WorkerConfinement {
     pub jit_cpu_seconds: u64,
 }
 
+/// What the start message asks for.
+#[derive(Debug)]
+struct Init<'a> {
+    kind: WireKind,
+    ordinal: u32,
+    catalog_ptx: &'a str,
+    context_bytes: u64,
+}
+
 /// Reads the start message: the executor to open, or why the parent cannot be served.
-fn read_init(frame: &[u8]) -> ExecResult<(WireKind, u32, &str)> {
+fn read_init(frame: &[u8]) -> ExecResult<Init<'_>> {
     let bad = || ExecError::new(Status::Internal, 0, "malformed start message");
     // `Init` is variant 0 with the version first in every version of the messages.
     let (variant, rest) = postcard::take_from_bytes::<u32>(frame).map_err(|_| bad())?;
@@ -2837,8 +3003,14 @@ fn read_init(frame: &[u8]) -> ExecResult<(WireKind, u32, &str)> {
             kind,
             ordinal,
             catalog_ptx,
+            context_bytes,
             ..
-        } => Ok((kind, ordinal, catalog_ptx)),
+        } => Ok(Init {
+            kind,
+            ordinal,
+            catalog_ptx,
+            context_bytes,
+        }),
         _ => Err(bad()),
     }
 }
@@ -2895,8 +3067,7 @@ pub fn serve(
             Err(e) => return Err(format!("no start message: {e}")),
         }
     };
-    let opened = read_init(&rx.data[init])
-        .and_then(|(kind, ordinal, ptx)| open_executor(kind, ordinal, ptx, &staging));
+    let opened = read_init(&rx.data[init]).and_then(|init| open_executor(&init, &staging));
     // The executor is open (the driver initialised with trusted input); from here on
     // everything is the guest's, so the allow-list goes on before the first request.
     let opened = opened.and_then(|h| {
@@ -2928,6 +3099,8 @@ pub fn serve(
             Hosted::Cuda { .. } => "CUDA".into(),
             Hosted::Plain(_) => "CPU".into(),
         },
+        context_bytes: hosted.exec().context_bytes(),
+        builtin_locals: builtin_locals(hosted.exec()),
     };
     // Before the first request: the timer's thread starts while threads may still start.
     let mut progress = Progress::new(meter, &hosted);
@@ -2981,6 +3154,15 @@ pub fn serve(
             Ok(m) => progress.before(&hosted, m),
             Err(_) => None,
         };
+        // A module load is answered with what the module holds on the device.
+        let module_kernels = match &msg {
+            Ok(ToWorker::LoadModule { ptx }) => Some(
+                crate::ptx::entries(ptx)
+                    .map(|e| e.into_keys().collect::<Vec<_>>())
+                    .unwrap_or_default(),
+            ),
+            _ => None,
+        };
         let handled = msg.and_then(|msg| {
             handle(
                 hosted.exec(),
@@ -3008,9 +3190,18 @@ pub fn serve(
                 false,
             ),
         };
-        let reply = FromWorker::Reply {
-            poisoned: hosted.exec().poisoned(),
-            result: result.map_err(|e| WireError::from(&e)),
+        let reply = match module_kernels {
+            Some(kernels) => {
+                let result = result.map(|id| module_reply(hosted.exec(), id, kernels));
+                FromWorker::Module {
+                    poisoned: hosted.exec().poisoned(),
+                    result: result.map_err(|e| WireError::from(&e)),
+                }
+            }
+            None => FromWorker::Reply {
+                poisoned: hosted.exec().poisoned(),
+                result: result.map_err(|e| WireError::from(&e)),
+            },
         };
         replies.push((is_htod, reply));
         if !batched || exit || replies.len() >= 1024 {
@@ -3026,6 +3217,37 @@ pub fn serve(
     hosted.shut_down();
     drop(staging);
     result
+}
+
+/// [`Executor::local_reservation`] of every built-in kernel the executor can say.
+fn builtin_locals(exec: &mut dyn Executor) -> Vec<(String, u64)> {
+    vgpu_kernels::CATALOG
+        .iter()
+        .filter_map(|spec| {
+            let bytes = exec.local_reservation(KernelRef::Builtin(spec)).ok()?;
+            Some((spec.name.to_string(), bytes))
+        })
+        .collect()
+}
+
+/// The answer to a module load: the module's id, its device bytes, and the local memory
+/// reservation of each of `kernels` the executor can say.
+fn module_reply(exec: &mut dyn Executor, id: u64, kernels: Vec<String>) -> WireModule {
+    let module = ModuleId(id);
+    let locals = kernels
+        .into_iter()
+        .filter_map(|name| {
+            let bytes = exec
+                .local_reservation(KernelRef::Module(module, &name))
+                .ok()?;
+            Some((name, bytes))
+        })
+        .collect();
+    WireModule {
+        id,
+        bytes: exec.module_bytes(module),
+        locals,
+    }
 }
 
 /// Sends the replies waiting in `replies`, in one write, once the staged copies they
@@ -3249,6 +3471,19 @@ fn handle(
                 len,
             )
             .map(|()| 0),
+        ToWorker::LocalReservation { kernel } => match kernel {
+            WireKernel::Builtin { name } => match vgpu_kernels::find(name) {
+                Some(spec) => exec.local_reservation(KernelRef::Builtin(spec)),
+                None => Err(ExecError::new(
+                    Status::KernelNotFound,
+                    0,
+                    format!("no built-in kernel '{name}'"),
+                )),
+            },
+            WireKernel::Module { module, name } => {
+                exec.local_reservation(KernelRef::Module(ModuleId(module), name))
+            }
+        },
     };
     Ok(Some(result))
 }
@@ -3423,9 +3658,29 @@ mod tests {
         let ready = FromWorker::Ready {
             pinned: true,
             executor: "CUDA".into(),
+            context_bytes: 500 << 20,
+            builtin_locals: vec![("fill_u32".into(), 0), ("matmul_f32".into(), 1 << 20)],
         };
         encode(&ready, &mut frame).unwrap();
         assert_eq!(decode::<FromWorker>(payload(&frame)).unwrap(), ready);
+        let loaded = FromWorker::Module {
+            poisoned: false,
+            result: Ok(WireModule {
+                id: 7,
+                bytes: 4 << 20,
+                locals: vec![("big_local".into(), 66 << 30)],
+            }),
+        };
+        encode(&loaded, &mut frame).unwrap();
+        assert_eq!(decode::<FromWorker>(payload(&frame)).unwrap(), loaded);
+        let asked = ToWorker::LocalReservation {
+            kernel: WireKernel::Module {
+                module: 7,
+                name: "big_local",
+            },
+        };
+        encode(&asked, &mut frame).unwrap();
+        assert_eq!(decode::<ToWorker<'_>>(payload(&frame)).unwrap(), asked);
     }
 
     #[test]
@@ -3435,19 +3690,26 @@ mod tests {
             kind: WireKind::Cuda,
             ordinal: 1,
             catalog_ptx: ".version 8.0",
+            context_bytes: 500 << 20,
         };
         let mut frame = Vec::new();
         encode(&init, &mut frame).unwrap();
-        assert_eq!(read_init(payload(&frame)).unwrap().1, 1);
+        let read = read_init(payload(&frame)).unwrap();
+        assert_eq!((read.ordinal, read.context_bytes), (1, 500 << 20));
         let old = ToWorker::Init {
             version: WIRE_VERSION - 1,
             kind: WireKind::Cpu,
             ordinal: 0,
             catalog_ptx: "",
+            context_bytes: 0,
         };
         encode(&old, &mut frame).unwrap();
         let e = read_init(payload(&frame)).unwrap_err();
-        assert!(e.message.contains("message version 1"), "{e}");
+        assert!(
+            e.message
+                .contains(&format!("message version {}", WIRE_VERSION - 1)),
+            "{e}"
+        );
         encode(&ToWorker::OpenStream, &mut frame).unwrap();
         let e = read_init(payload(&frame)).unwrap_err();
         assert!(e.message.contains("expected a start message"), "{e}");

@@ -1,4 +1,5 @@
-//! Kernel signatures read from PTX text: the size of each `.param` of every `.entry`.
+//! What PTX text declares: the size of each `.param` of every `.entry`, and the module
+//! scope variables that take device memory when the module is loaded.
 //!
 //! A launch hands the driver one pointer per parameter and the driver reads as many bytes
 //! through each as the kernel declares: a guest that passes fewer or smaller parameters
@@ -54,6 +55,168 @@ pub fn entry_signatures(ptx: &str) -> HashMap<String, Vec<usize>> {
             }
         }
     }
+    out
+}
+
+/// A variable a module declares in device memory: `.global` (a `__device__` variable) or
+/// `.const` (a `__constant__` one), at module scope.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GlobalVar {
+    pub name: String,
+    /// Its size from the declaration (element size x vector width x array dimensions);
+    /// `None` when the PTX does not say (an array sized by its initializer, an opaque type).
+    pub bytes: Option<u64>,
+}
+
+/// Every `.global` and `.const` variable `ptx` declares with storage (not `.extern`), in
+/// order. Declarations inside parameter lists (`.param .u64 .ptr .global p`) and
+/// instructions (`ld.global`) are not declarations and are skipped; parameterized names
+/// (`v<100>`) are left out.
+pub fn globals(ptx: &str) -> Vec<GlobalVar> {
+    let text = strip_comments(ptx);
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut parens = 0usize;
+    // Where the current statement began: after the last `;`, `{` or `}`.
+    let mut statement = 0usize;
+    let mut i = 0usize;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'(' => parens += 1,
+            b')' => parens = parens.saturating_sub(1),
+            b';' | b'{' | b'}' if parens == 0 => statement = i + 1,
+            b'.' if parens == 0 => {
+                let word = &text[i..];
+                let directive = [".global", ".const"].into_iter().find(|d| {
+                    word.starts_with(d)
+                        && (i == 0 || !is_ident(bytes[i - 1]))
+                        && bytes.get(i + d.len()).map_or(true, |&b| !is_ident(b))
+                });
+                if let Some(d) = directive {
+                    let end = text[i..].find(';').map_or(text.len(), |e| i + e);
+                    let prefix = &text[statement..i];
+                    if !prefix.split_whitespace().any(|w| w == ".extern") {
+                        declaration(&text[i + d.len()..end], &mut out);
+                    }
+                    statement = end + 1;
+                    i = end + 1;
+                    continue;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The bytes of device memory `ptx`'s module-scope variables declare, where their
+/// declarations say (see [`globals`]); saturates instead of overflowing.
+pub fn declared_global_bytes(ptx: &str) -> u64 {
+    globals(ptx)
+        .iter()
+        .filter_map(|g| g.bytes)
+        .fold(0u64, u64::saturating_add)
+}
+
+/// The variables of one declaration after its `.global` / `.const`, up to its `;`:
+/// `.align 4 .b8 big[4194304]`, `.v4 .f32 a, b[2] = {...}`.
+fn declaration(decl: &str, out: &mut Vec<GlobalVar>) {
+    let mut element: Option<u64> = None;
+    let mut width = 1u64;
+    let mut opaque = false;
+    for (n, item) in split_top_level(decl).into_iter().enumerate() {
+        let item = item.split('=').next().unwrap_or("").trim();
+        let mut words = item.split_whitespace().peekable();
+        let mut name = None;
+        while let Some(word) = words.next() {
+            if n == 0 && word.starts_with('.') {
+                match word {
+                    ".align" => {
+                        words.next();
+                    }
+                    ".v2" => width = 2,
+                    ".v4" => width = 4,
+                    ".v8" => width = 8,
+                    w => match type_size(w) {
+                        Some(size) => element = Some(size as u64),
+                        None if w.starts_with(".attribute") => {}
+                        None if matches!(w, ".visible" | ".weak" | ".common") => {}
+                        None => opaque = true,
+                    },
+                }
+            } else {
+                name = Some(word);
+                break;
+            }
+        }
+        let Some(name) = name else { continue };
+        let base_end = name.find(['[', '<']).unwrap_or(name.len());
+        if name[base_end..].starts_with('<') || base_end == 0 {
+            continue;
+        }
+        let base = &name[..base_end];
+        if !base
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'$'))
+        {
+            continue;
+        }
+        let bytes = if opaque {
+            None
+        } else {
+            element.and_then(|e| {
+                dimensions(&name[base_end..])
+                    .and_then(|count| e.checked_mul(width)?.checked_mul(count))
+            })
+        };
+        out.push(GlobalVar {
+            name: base.to_string(),
+            bytes,
+        });
+    }
+}
+
+/// The number of elements `[a][b]...` declares: 1 for none, `None` for an empty or
+/// unreadable dimension.
+fn dimensions(dims: &str) -> Option<u64> {
+    let mut count = 1u64;
+    let mut rest = dims.trim();
+    while let Some(inner) = rest.strip_prefix('[') {
+        let close = inner.find(']')?;
+        let n = parse_number(inner[..close].trim())?;
+        count = count.checked_mul(n)?;
+        rest = inner[close + 1..].trim_start();
+    }
+    rest.is_empty().then_some(count)
+}
+
+/// A PTX integer literal: decimal or `0x` hexadecimal, optionally with a `U` suffix.
+fn parse_number(text: &str) -> Option<u64> {
+    let text = text.strip_suffix(['U', 'u']).unwrap_or(text);
+    match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
+/// `text` split at the commas outside `{}` and `[]`.
+fn split_top_level(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut depth = 0usize;
+    let mut start = 0;
+    for (i, c) in text.char_indices() {
+        match c {
+            '{' | '[' => depth += 1,
+            '}' | ']' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                out.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&text[start..]);
     out
 }
 
@@ -265,6 +428,77 @@ mod tests {
     }
 
     #[test]
+    fn module_scope_variables_are_found_with_their_sizes() {
+        let ptx = r#"
+.version 8.0
+.target sm_90
+.address_size 64
+
+.global .align 4 .b8 big[4194304];
+.visible .global .align 8 .u64 counter;
+.const .align 4 .f32 coeffs[16] = {1.0, 2.0};
+.global .v4 .f32 quads[2][3];
+.global .u32 a, b[0x10], c = 7;
+.extern .global .align 4 .b8 elsewhere[1024];
+.global .b8 sized_by_init[] = {1, 2, 3};
+.global .texref tex;
+.global .u32 many<4>;
+// .global .b8 commented[99];
+
+.visible .entry k(
+	.param .u64 .ptr .global .align 4 k_param_0,
+	.param .u64 .ptr .const k_param_1
+)
+{
+	.reg .b64 %rd<3>;
+	ld.param.u64 %rd1, [k_param_0];
+	ld.global.u64 %rd2, [%rd1];
+	ld.const.u64 %rd2, [coeffs];
+	st.global.u64 [%rd1], %rd2;
+	ret;
+}
+"#;
+        let found: Vec<(String, Option<u64>)> = globals(ptx)
+            .into_iter()
+            .map(|g| (g.name, g.bytes))
+            .collect();
+        let want: Vec<(String, Option<u64>)> = [
+            ("big", Some(4 << 20)),
+            ("counter", Some(8)),
+            ("coeffs", Some(64)),
+            ("quads", Some(96)),
+            ("a", Some(4)),
+            ("b", Some(64)),
+            ("c", Some(4)),
+            ("sized_by_init", None),
+            ("tex", None),
+        ]
+        .into_iter()
+        .map(|(n, b)| (n.to_string(), b))
+        .collect();
+        assert_eq!(found, want);
+        assert_eq!(
+            declared_global_bytes(ptx),
+            (4 << 20) + 8 + 64 + 96 + 4 + 64 + 4
+        );
+    }
+
+    #[test]
+    fn huge_declarations_saturate_instead_of_overflowing() {
+        let ptx = ".global .b64 x[0xffffffffffffffff];\n\
+                   .global .b8 y[4][0xffffffffffffffff];\n\
+                   .global .b8 z[4096];\n\
+                   .global .b8 w[1099511627776];\n\
+                   .global .b8 v[1099511627776];";
+        let g = globals(ptx);
+        assert_eq!(g[0].bytes, None);
+        assert_eq!(g[1].bytes, None);
+        assert_eq!(declared_global_bytes(ptx), 4096 + (2u64 << 40));
+        let many = ".global .b8 x[9223372036854775807];\n".repeat(3);
+        assert_eq!(declared_global_bytes(&many), u64::MAX);
+    }
+
+    #[test]
     fn arbitrary_text_never_panics() {
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         for _ in 0..2000 {
@@ -274,11 +508,12 @@ mod tests {
                     seed ^= seed << 13;
                     seed ^= seed >> 7;
                     seed ^= seed << 17;
-                    const ALPHABET: &[u8] = b".entry(param) ,[]u32b8 align/*/\n";
+                    const ALPHABET: &[u8] = b".entry(param) ,[]u32b8 align/*/\n.global{};=<>";
                     ALPHABET[(seed % ALPHABET.len() as u64) as usize] as char
                 })
                 .collect();
             let _ = entry_signatures(&text);
+            let _ = globals(&text);
         }
     }
 }

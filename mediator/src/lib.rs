@@ -20,7 +20,8 @@ mod worker;
 pub use mediator::RESET_GRACE;
 pub use mediator::{
     request_cost, CompletionQueue, CompletionSink, Hold, HoldError, Limits, Mediator, TenantConfig,
-    TenantId, TenantUsage, DEFAULT_MAX_HELD_BYTES, REQUEST_OVERHEAD,
+    TenantId, TenantUsage, DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_MODULES,
+    REQUEST_OVERHEAD,
 };
 pub use sched::{SchedConfig, SchedStats, Scheduler};
 pub use vgpu_executor::{cpu, cuda, executor, hostmap, process, ptx, sandbox, selftest};

@@ -94,8 +94,9 @@ struct ServeArgs {
     /// Milliseconds between scans of the command files (local changes wake it at once).
     #[arg(long, value_name = "N", default_value_t = 100)]
     poll_ms: u64,
-    /// Device memory each VM may allocate, e.g. 512M or 8G.
-    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = vgpu_mediator::parse_size)]
+    /// Device memory each VM's work may hold (its execution contexts included), e.g. 1G
+    /// or 8G.
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = vgpu_mediator::parse_size)]
     mem_quota: u64,
 }
 

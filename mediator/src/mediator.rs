@@ -31,7 +31,9 @@ pub struct TenantId(pub u64);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TenantConfig {
     pub name: String,
-    /// Device memory the VM may allocate, in bytes.
+    /// Device memory the VM may hold, in bytes: everything its work takes on the device
+    /// (its sessions' contexts, buffers as the allocator rounds them, modules, local
+    /// memory reserved for its kernels), not only the bytes it asked to allocate.
     pub mem_quota: u64,
     /// Relative share of device time.
     pub weight: u32,
@@ -43,6 +45,10 @@ pub struct Limits {
     pub max_sessions: u32,
     pub max_buffers_per_session: u32,
     pub max_modules_per_session: u32,
+    /// Device buffers the tenant may hold at once, over all its sessions.
+    pub max_allocations: u32,
+    /// Modules the tenant may have loaded at once, over all its sessions.
+    pub max_modules: u32,
     /// Host buffers a session may register (see [`crate::hostmap`]).
     pub max_host_buffers_per_session: u32,
     /// Bytes of host buffers a tenant may have registered at once: each is mapped (and on
@@ -63,6 +69,14 @@ pub const DEFAULT_MAX_HELD_BYTES: u64 = 2 * MAX_TRANSFER_BYTES;
 /// Default of [`Limits::max_host_bytes`].
 pub const DEFAULT_MAX_HOST_BYTES: u64 = 64 << 30;
 
+/// Default of [`Limits::max_allocations`]: four sessions' worth of
+/// [`Limits::max_buffers_per_session`].
+pub const DEFAULT_MAX_ALLOCATIONS: u32 = 65536;
+
+/// Default of [`Limits::max_modules`]: four sessions' worth of
+/// [`Limits::max_modules_per_session`].
+pub const DEFAULT_MAX_MODULES: u32 = 256;
+
 /// What every request costs on top of its payload (its header, its place in queues).
 pub const REQUEST_OVERHEAD: u64 = 256;
 
@@ -72,6 +86,8 @@ impl Default for Limits {
             max_sessions: 64,
             max_buffers_per_session: 16384,
             max_modules_per_session: 64,
+            max_allocations: DEFAULT_MAX_ALLOCATIONS,
+            max_modules: DEFAULT_MAX_MODULES,
             max_host_buffers_per_session: 256,
             max_host_bytes: DEFAULT_MAX_HOST_BYTES,
             max_held_bytes: DEFAULT_MAX_HELD_BYTES,
@@ -146,7 +162,19 @@ impl std::fmt::Display for HoldError {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TenantUsage {
     pub sessions: u32,
+    /// Device memory charged to the tenant's quota: the sum of the four below.
     pub mem_used: u64,
+    /// Its buffers, each as the executor's allocator takes it
+    /// ([`crate::Executor::alloc_footprint`]).
+    pub buffer_bytes: u64,
+    /// Its sessions' execution contexts, and the self-test's while it has one
+    /// ([`crate::Executor::context_bytes`]).
+    pub context_bytes: u64,
+    /// Its loaded modules ([`crate::Executor::module_bytes`]).
+    pub module_bytes: u64,
+    /// Local memory the driver reserved for its sessions' kernels: per session, the
+    /// largest [`crate::Executor::local_reservation`] of the kernels it launched.
+    pub local_bytes: u64,
     pub allocations: u32,
     pub modules: u32,
     /// Times the tenant's execution context was lost and recreated.

@@ -8,6 +8,18 @@
 //! a pointer of another session means nothing in this session's context. A fault loses
 //! the faulting session's executor only; the VM's other sessions work on. The tenant still
 //! owns the quota, the weight and the accounting across its sessions.
+//!
+//! The quota counts everything the VM's work holds on the device, each part checked
+//! before the work that takes it and given back exactly when it goes: a session's
+//! context ([`Executor::context_bytes`], at SESSION_OPEN; the self-test's context too, for
+//! as long as it is kept, which is until the VM needs the room), buffers as the
+//! allocator takes them ([`Executor::alloc_footprint`], at ALLOC), modules
+//! ([`Executor::module_bytes`], measured at MODULE_LOAD: a module that does not fit is
+//! unloaded again and refused; one whose PTX alone declares more than fits never reaches
+//! the device), and the local memory the driver reserves for a session's kernels
+//! ([`Executor::local_reservation`]: the largest over the kernels the session launched,
+//! since the driver keeps it for the context's life; a launch that would raise it past
+//! the quota is refused before it reaches the device).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -33,6 +45,14 @@ pub const MAX_SHARED_BYTES: u32 = 48 << 10;
 struct Buffer {
     id: BufferId,
     size: u64,
+    /// Its footprint, charged to the quota.
+    charged: u64,
+}
+
+struct Module {
+    id: ModuleId,
+    /// Its device bytes, charged to the quota.
+    charged: u64,
 }
 
 struct Session {
@@ -40,7 +60,12 @@ struct Session {
     exec: Option<Box<dyn Executor>>,
     stream: StreamId,
     buffers: HashMap<u64, Buffer>,
-    modules: HashMap<u64, ModuleId>,
+    modules: HashMap<u64, Module>,
+    /// Charged for its context.
+    context_bytes: u64,
+    /// Charged for the local memory the driver reserved for its kernels: the largest
+    /// reservation of those it launched.
+    local_bytes: u64,
     /// Registered host buffers: id -> length.
     host_bufs: HashMap<u64, u64>,
     /// Where their chunks lie in guest-physical memory: chunk start -> chunk.
@@ -99,6 +124,11 @@ pub(crate) struct Worker {
     limits: Limits,
     /// Runs the built-in self-tests (no guest code): made when first needed.
     selftest_exec: Option<Box<dyn Executor>>,
+    /// Charged for the self-test executor's context while it exists.
+    selftest_bytes: u64,
+    /// The context bytes of the executor made last: a session (or self-test) whose
+    /// context would not fit is refused before one is made.
+    expected_context_bytes: u64,
     sessions: HashMap<u64, Session>,
     next_id: u64,
     usage: TenantUsage,
@@ -141,10 +171,45 @@ impl Worker {
             shared,
             limits,
             selftest_exec: None,
+            selftest_bytes: 0,
+            expected_context_bytes: 0,
             sessions: HashMap::new(),
             next_id: 0,
             usage: TenantUsage::default(),
         }
+    }
+
+    /// Whether `bytes` more fit in the tenant's quota.
+    fn fits(&self, bytes: u64) -> bool {
+        fits(&self.usage, self.shared.config.mem_quota, bytes)
+    }
+
+    /// Whether `bytes` more fit in the tenant's quota once the self-test executor, kept
+    /// between self-tests, is given up if it is in the way.
+    fn make_room(&mut self, bytes: u64) -> bool {
+        if !self.fits(bytes) && self.selftest_exec.is_some() {
+            self.drop_selftest_exec();
+        }
+        self.fits(bytes)
+    }
+
+    /// The refusal for device memory that does not fit, logged with what was asked.
+    fn over_quota(&self, what: &str, bytes: u64) -> Refusal {
+        log::debug!(
+            "tenant {}: {what} of {bytes} bytes refused: {} of the {}-byte quota in use",
+            self.name(),
+            self.usage.mem_used,
+            self.shared.config.mem_quota
+        );
+        Refusal::new(Status::QuotaExceeded, 0)
+    }
+
+    /// Drops the self-test executor (and its context), giving back its charge.
+    fn drop_selftest_exec(&mut self) {
+        self.selftest_exec = None;
+        self.untrack(SELFTEST_EXECUTOR);
+        release(&mut self.usage, Charge::Context, self.selftest_bytes);
+        self.selftest_bytes = 0;
     }
 
     pub fn run(mut self) {
@@ -215,11 +280,6 @@ impl Worker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&key);
-    }
-
-    fn drop_selftest_exec(&mut self) {
-        self.selftest_exec = None;
-        self.untrack(SELFTEST_EXECUTOR);
     }
 
     fn new_id(&mut self) -> u64 {
@@ -296,7 +356,16 @@ impl Worker {
         if self.sessions.len() >= self.limits.max_sessions as usize {
             return err(Status::LimitExceeded, self.limits.max_sessions);
         }
+        // A context the size of the last one would not fit: refused without making one.
+        if !self.make_room(self.expected_context_bytes) {
+            return Err(self.over_quota("session context", self.expected_context_bytes));
+        }
         let mut exec = self.new_executor()?;
+        let context = exec.context_bytes();
+        self.expected_context_bytes = context;
+        if !self.make_room(context) {
+            return Err(self.over_quota("session context", context));
+        }
         let id = self.new_id();
         self.track(id, exec.as_ref());
         let stream = match exec.open_stream() {
@@ -317,11 +386,14 @@ impl Worker {
                 stream,
                 buffers: HashMap::new(),
                 modules: HashMap::new(),
+                context_bytes: context,
+                local_bytes: 0,
                 host_bufs: HashMap::new(),
                 host_chunks: BTreeMap::new(),
                 sticky: None,
             },
         );
+        charge(&mut self.usage, Charge::Context, context);
         self.usage.sessions += 1;
         log::debug!("tenant {}: session {id} opened", self.name());
         Ok(Response::value(id))
@@ -390,6 +462,8 @@ impl Worker {
         uncount(&mut self.usage, s);
         s.buffers.clear();
         s.modules.clear();
+        s.context_bytes = 0;
+        s.local_bytes = 0;
         s.host_bufs.clear();
         s.host_chunks.clear();
         self.usage.restarts += 1;
@@ -438,14 +512,13 @@ impl Worker {
                 if s.buffers.len() >= self.limits.max_buffers_per_session as usize {
                     return err(Status::LimitExceeded, self.limits.max_buffers_per_session);
                 }
-                let quota = self.shared.config.mem_quota;
-                if self
-                    .usage
-                    .mem_used
-                    .checked_add(size)
-                    .map_or(true, |total| total > quota)
-                {
-                    return err(Status::QuotaExceeded, 0);
+                if self.usage.allocations >= self.limits.max_allocations {
+                    return err(Status::LimitExceeded, self.limits.max_allocations);
+                }
+                // Charged as the allocator takes it, not as asked.
+                let footprint = self.exec(sid)?.alloc_footprint(size);
+                if !self.make_room(footprint) {
+                    return Err(self.over_quota("allocation", footprint));
                 }
                 let id = self.exec(sid)?.alloc(size).map_err(exec_err)?;
                 let handle = self.new_id();
@@ -453,8 +526,15 @@ impl Worker {
                     .get_mut(&sid)
                     .expect("checked")
                     .buffers
-                    .insert(handle, Buffer { id, size });
-                self.usage.mem_used += size;
+                    .insert(
+                        handle,
+                        Buffer {
+                            id,
+                            size,
+                            charged: footprint,
+                        },
+                    );
+                charge(&mut self.usage, Charge::Buffer, footprint);
                 self.usage.allocations += 1;
                 Ok(Response::value(handle))
             }
@@ -466,7 +546,7 @@ impl Worker {
                     .buffers
                     .remove(&handle)
                     .ok_or(Refusal::new(Status::InvalidHandle, 0))?;
-                self.usage.mem_used -= b.size;
+                release(&mut self.usage, Charge::Buffer, b.charged);
                 self.usage.allocations -= 1;
                 self.exec(sid)?.free(b.id);
                 Ok(Response::ok())
@@ -565,13 +645,35 @@ impl Worker {
                 {
                     return err(Status::LimitExceeded, self.limits.max_modules_per_session);
                 }
-                let m = self.exec(sid)?.load_module(&ptx).map_err(exec_err)?;
+                if self.usage.modules >= self.limits.max_modules {
+                    return err(Status::LimitExceeded, self.limits.max_modules);
+                }
+                // Variables the PTX itself declares past the quota never reach the device.
+                let declared = crate::ptx::declared_global_bytes(&ptx);
+                if !self.make_room(declared) {
+                    return Err(self.over_quota("module (declared variables)", declared));
+                }
+                let exec = self.exec(sid)?;
+                let m = exec.load_module(&ptx).map_err(exec_err)?;
+                let bytes = exec.module_bytes(m);
+                if !self.make_room(bytes) {
+                    // Measured once loaded: out again before anything can use it.
+                    self.exec(sid)?.unload_module(m);
+                    return Err(self.over_quota("module", bytes));
+                }
                 let handle = self.new_id();
                 self.sessions
                     .get_mut(&sid)
                     .expect("checked")
                     .modules
-                    .insert(handle, m);
+                    .insert(
+                        handle,
+                        Module {
+                            id: m,
+                            charged: bytes,
+                        },
+                    );
+                charge(&mut self.usage, Charge::Module, bytes);
                 self.usage.modules += 1;
                 Ok(Response::value(handle))
             }
@@ -584,7 +686,8 @@ impl Worker {
                     .remove(&module)
                     .ok_or(Refusal::new(Status::InvalidHandle, 0))?;
                 self.usage.modules -= 1;
-                self.exec(sid)?.unload_module(m);
+                release(&mut self.usage, Charge::Module, m.charged);
+                self.exec(sid)?.unload_module(m.id);
                 Ok(Response::ok())
             }
             Command::Launch(launch) => self.launch(sid, stream, launch),
@@ -717,12 +820,33 @@ impl Worker {
             shape = check_builtin(spec, &launch.params, &params, &shape, &*session)?;
             KernelRef::Builtin(spec)
         } else {
-            let m = *session
+            let m = session
                 .modules
                 .get(&launch.module)
-                .ok_or(Refusal::new(Status::InvalidHandle, 0))?;
+                .ok_or(Refusal::new(Status::InvalidHandle, 0))?
+                .id;
             KernelRef::Module(m, &launch.kernel)
         };
+        let exec = match session.exec.as_mut() {
+            Some(e) => e,
+            None => return err(Status::DeviceLost, 0),
+        };
+        // The local memory the driver will reserve for it, kept for the context's life:
+        // only what exceeds the session's reservation so far is new.
+        let local = exec.local_reservation(kernel).map_err(Refusal::from)?;
+        let extra = local.saturating_sub(session.local_bytes);
+        if extra > 0 && !self.make_room(extra) {
+            log::debug!(
+                "tenant {}: launch of {} refused: its local memory reservation of {local} \
+                 bytes does not fit the quota ({} of {} bytes in use)",
+                self.name(),
+                launch.kernel,
+                self.usage.mem_used,
+                self.shared.config.mem_quota
+            );
+            return err(Status::QuotaExceeded, 0);
+        }
+        let session = self.sessions.get_mut(&sid).expect("checked by in_session");
         let exec = match session.exec.as_mut() {
             Some(e) => e,
             None => return err(Status::DeviceLost, 0),
@@ -730,6 +854,10 @@ impl Worker {
         let _turn = self.shared.sched.admit(self.shared.id, sid);
         exec.launch(stream, kernel, &shape, &params)
             .map_err(Refusal::from)?;
+        if extra > 0 {
+            session.local_bytes = local;
+            charge(&mut self.usage, Charge::Local, extra);
+        }
         Ok(Response::ok())
     }
 
@@ -737,21 +865,7 @@ impl Worker {
         let device = self.factory.device().clone();
         let result = match test {
             SelftestKind::DeviceInfo => Ok(crate::selftest::device_line(&device)),
-            SelftestKind::VectorAdd => {
-                if self.selftest_exec.as_ref().is_some_and(|e| e.poisoned()) {
-                    self.drop_selftest_exec();
-                }
-                if self.selftest_exec.is_none() {
-                    self.selftest_exec = self.new_executor().ok();
-                    if let Some(exec) = &self.selftest_exec {
-                        self.track(SELFTEST_EXECUTOR, exec.as_ref());
-                    }
-                }
-                match self.selftest_exec.as_mut() {
-                    Some(exec) => crate::selftest::vector_add(exec.as_mut(), &device.name),
-                    None => Err(format!("Vector add FAILED: no executor ({})", device.name)),
-                }
-            }
+            SelftestKind::VectorAdd => self.vector_add_selftest(&device.name),
         };
         if self.selftest_exec.as_ref().is_some_and(|e| e.poisoned()) {
             self.drop_selftest_exec();
@@ -759,22 +873,121 @@ impl Worker {
         }
         match result {
             Ok(message) => Response::data(message.into_bytes()),
-            Err(message) => Response {
+            Err((status, message)) => Response {
                 data: message.into_bytes(),
-                ..Response::error(Status::LaunchFailed, 0)
+                ..Response::error(status, 0)
             },
         }
+    }
+
+    /// The Phase 1 vector add on the self-test executor, made when first needed and kept
+    /// for the next self-test: its context is the VM's like a session's and charged while
+    /// it exists (given up when the VM's work needs the room: [`Worker::make_room`]); its
+    /// three buffers must fit too while the test runs.
+    fn vector_add_selftest(&mut self, device: &str) -> Result<String, (Status, String)> {
+        let quota_failure = |what: &str, bytes: u64, quota: u64| {
+            (
+                Status::QuotaExceeded,
+                format!(
+                    "Vector add FAILED: the VM's device memory quota ({} MiB) has no room \
+                     for {what} ({} MiB) ({device})",
+                    quota >> 20,
+                    bytes.div_ceil(1 << 20)
+                ),
+            )
+        };
+        let quota = self.shared.config.mem_quota;
+        if self.selftest_exec.as_ref().is_some_and(|e| e.poisoned()) {
+            self.drop_selftest_exec();
+        }
+        if self.selftest_exec.is_none() {
+            if !self.fits(self.expected_context_bytes) {
+                return Err(quota_failure(
+                    "a context",
+                    self.expected_context_bytes,
+                    quota,
+                ));
+            }
+            let Ok(exec) = self.new_executor() else {
+                return Err((
+                    Status::LaunchFailed,
+                    format!("Vector add FAILED: no executor ({device})"),
+                ));
+            };
+            let context = exec.context_bytes();
+            self.expected_context_bytes = context;
+            if !self.fits(context) {
+                return Err(quota_failure("a context", context, quota));
+            }
+            charge(&mut self.usage, Charge::Context, context);
+            self.selftest_bytes = context;
+            self.track(SELFTEST_EXECUTOR, exec.as_ref());
+            self.selftest_exec = Some(exec);
+        }
+        let exec = self.selftest_exec.as_mut().expect("made above");
+        let buffers = exec
+            .alloc_footprint(crate::selftest::VECTOR_ADD_ELEMENTS as u64 * 4)
+            .saturating_mul(3);
+        if !fits(&self.usage, quota, buffers) {
+            return Err(quota_failure("its buffers", buffers, quota));
+        }
+        crate::selftest::vector_add(exec.as_mut(), device).map_err(|m| (Status::LaunchFailed, m))
     }
 }
 
 /// Takes what a session holds out of the tenant's accounting.
 fn uncount(usage: &mut TenantUsage, s: &Session) {
     for b in s.buffers.values() {
-        usage.mem_used -= b.size;
+        release(usage, Charge::Buffer, b.charged);
         usage.allocations -= 1;
     }
+    for m in s.modules.values() {
+        release(usage, Charge::Module, m.charged);
+    }
     usage.modules -= s.modules.len() as u32;
+    release(usage, Charge::Context, s.context_bytes);
+    release(usage, Charge::Local, s.local_bytes);
     usage.host_bytes -= s.host_bufs.values().sum::<u64>();
+}
+
+/// What device memory is charged for.
+#[derive(Clone, Copy, Debug)]
+enum Charge {
+    Buffer,
+    Context,
+    Module,
+    Local,
+}
+
+impl Charge {
+    fn field(self, usage: &mut TenantUsage) -> &mut u64 {
+        match self {
+            Charge::Buffer => &mut usage.buffer_bytes,
+            Charge::Context => &mut usage.context_bytes,
+            Charge::Module => &mut usage.module_bytes,
+            Charge::Local => &mut usage.local_bytes,
+        }
+    }
+}
+
+/// Whether `bytes` more fit in `quota` on top of what `usage` holds.
+fn fits(usage: &TenantUsage, quota: u64, bytes: u64) -> bool {
+    usage
+        .mem_used
+        .checked_add(bytes)
+        .is_some_and(|total| total <= quota)
+}
+
+/// Charges `bytes` of device memory to the tenant (its total and its part).
+fn charge(usage: &mut TenantUsage, what: Charge, bytes: u64) {
+    usage.mem_used += bytes;
+    *what.field(usage) += bytes;
+}
+
+/// Gives back device memory [`charge`] charged.
+fn release(usage: &mut TenantUsage, what: Charge, bytes: u64) {
+    usage.mem_used -= bytes;
+    *what.field(usage) -= bytes;
 }
 
 /// The launch limits every CUDA device of compute capability >= 3.0 shares.

@@ -875,7 +875,7 @@ fn directories_a_guest_creates_are_no_tenants_by_default() {
     let tenant = server.tenant("root").unwrap();
     assert_eq!(
         m.device_config(tenant).unwrap().mem_quota,
-        256 << 20,
+        vgpu_mediator::nfs::DEFAULT_MEM_QUOTA,
         "the small default"
     );
     assert_eq!(issue(root.path(), "1"), VECTOR_ADD);
@@ -1180,7 +1180,7 @@ fn serve_help_describes_the_vm_list_discovery_and_the_cap() {
     ] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
-    assert!(help.contains("[default: 256M]"), "{help}");
+    assert!(help.contains("[default: 1G]"), "{help}");
     // The cap means nothing without discovery: refused, in one line.
     let root = TempRoot::new("cli-cap");
     let out = std::process::Command::new(bin)

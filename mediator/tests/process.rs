@@ -1126,3 +1126,27 @@ fn a_host_buffer_is_mapped_in_the_worker_from_the_vms_memory_files() {
     assert!(!e.poisoned());
     e.sync(s).unwrap();
 }
+
+#[test]
+fn a_cpu_worker_reports_no_device_memory_beyond_its_buffers() {
+    let mut exec = cpu_workers().spawn().expect("worker");
+    // Reported with the worker's start: nothing asked of it since.
+    assert_eq!(exec.context_bytes(), 0);
+    for spec in vgpu_kernels::CATALOG {
+        assert_eq!(exec.local_reservation(KernelRef::Builtin(spec)), Ok(0));
+    }
+    assert_eq!(exec.in_flight(), 0);
+    assert_eq!(exec.alloc_footprint(1), 1);
+    assert_eq!(exec.alloc_footprint(3 << 20), 3 << 20);
+    let s = exec.open_stream().unwrap();
+    let b = exec.alloc(64).unwrap();
+    exec.free(b);
+    exec.close_stream(s);
+    // A kernel the worker reported nothing about: asked of it (the CPU reserves none).
+    assert_eq!(
+        exec.local_reservation(KernelRef::Module(ModuleId(99), "k")),
+        Ok(0)
+    );
+    assert_eq!(exec.in_flight(), 0);
+    assert!(!exec.poisoned());
+}

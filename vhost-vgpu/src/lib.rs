@@ -144,8 +144,9 @@ pub struct Args {
     #[arg(long, value_name = "auto|cuda|cpu", default_value = "auto")]
     pub executor: ExecutorChoice,
 
-    /// Device memory each VM may allocate, e.g. 512M, 8G, 1.5GiB. Default: the device's
-    /// memory divided by the number of sockets.
+    /// Device memory each VM's work may hold, e.g. 512M, 8G, 1.5GiB: its sessions'
+    /// execution contexts, buffers, modules and kernels' local memory. Default: the
+    /// device's memory divided by the number of sockets.
     #[arg(long, value_name = "SIZE", value_parser = vgpu_mediator::parse_size)]
     pub mem_quota: Option<u64>,
 
@@ -193,12 +194,12 @@ pub struct Args {
     )]
     pub nfs_max_vms: usize,
 
-    /// Device memory each NFS VM may allocate (its own quota, not --mem-quota's), e.g.
-    /// 256M or 2G.
+    /// Device memory each NFS VM's work may hold (its own quota, not --mem-quota's; the
+    /// self-test's execution context counts), e.g. 1G or 2G.
     #[arg(
         long,
         value_name = "SIZE",
-        default_value = "256M",
+        default_value = "1G",
         value_parser = vgpu_mediator::parse_size
     )]
     pub nfs_mem_quota: u64,
@@ -711,7 +712,7 @@ mod tests {
             VgpuConfig::try_from(args(&["-s", "/tmp/vm", "--nfs-root", "/tmp"]).unwrap()).unwrap();
         let nfs = c.nfs_options().unwrap();
         assert!(nfs.vms.is_empty() && !nfs.discover);
-        assert_eq!(nfs.mem_quota, 256 << 20);
+        assert_eq!(nfs.mem_quota, 1 << 30);
         assert_eq!(c.mem_quota, None, "the sockets' quota is separate");
         assert_eq!(
             VgpuConfig::new("/tmp/vm").nfs_options().map(|o| o.root),

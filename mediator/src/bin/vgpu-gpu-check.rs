@@ -24,7 +24,9 @@ use vgpu_mediator::cuda::{self, CudaExecutorFactory};
 use vgpu_mediator::executor::{ExecParam, Executor, KernelRef};
 use vgpu_mediator::process::ProcessExecutorFactory;
 use vgpu_mediator::sandbox::Sandbox;
-use vgpu_mediator::{select, ExecutorChoice, ExecutorFactory, Mediator, TenantConfig, TenantId};
+use vgpu_mediator::{
+    select, ExecutorChoice, ExecutorFactory, Limits, Mediator, TenantConfig, TenantId,
+};
 use vgpu_protocol::{
     Command, ExecutorKind, InfoReply, Launch, Param, Request, Response, SelftestKind, Status,
     BUILTIN_MODULE,
@@ -36,8 +38,9 @@ use vgpu_protocol::{
     version,
     about = "End-to-end checks and timings of the vGPU mediator on a CUDA device",
     long_about = "Runs the CUDA sanity gate, every built-in kernel on fresh random inputs, a \
-                  guest PTX module, the sticky-error isolation between tenants and the error \
-                  paths through the mediator (each session's executor in its own \
+                  guest PTX module, the sticky-error isolation between tenants, the error \
+                  paths and the device memory quotas (measured against the device) through \
+                  the mediator (each session's executor in its own \
                   vgpu-executor-worker process, found through $VGPU_EXECUTOR_WORKER, beside \
                   this binary or on $PATH), then times the mediated path against native CUDA \
                   in the same process. Prints PASS/FAIL/SKIP lines, then the timing table; \
@@ -62,6 +65,9 @@ const POISON_F32: u32 = 0x7fc0_dead;
 /// An unwritten 32-bit integer output.
 const POISON_U32: u32 = 0xdead_beef;
 const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+/// What vm-errors may hold besides its session's context.
+const ERRORS_QUOTA: u64 = 64 << 20;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -169,7 +175,10 @@ fn run(args: &Args, seed: u64, report: &mut Report, table: &mut Table) {
 
     let mediator = Mediator::new(mediated.clone());
     let m = &*mediator;
-    let quota = |gib: u64| gib * GIB;
+    // Every session's context is charged to its VM: each quota has room for the sessions
+    // the checks open at once (a context each) besides what they allocate.
+    let context = factory.context_bytes();
+    let quota = |gib: u64, sessions: u64| gib * GIB + sessions * context;
     let tenant = |name: &str, mem_quota: u64| {
         m.add_tenant(TenantConfig {
             name: name.into(),
@@ -182,10 +191,10 @@ fn run(args: &Args, seed: u64, report: &mut Report, table: &mut Table) {
     let huge_quota = factory.device().total_memory.saturating_mul(4);
     let (main, good, fault, errs, huge) = match (|| {
         Ok::<_, String>((
-            tenant("vm-main", quota(8))?,
-            tenant("vm-good", quota(2))?,
-            tenant("vm-fault", quota(2))?,
-            tenant("vm-errors", 64 << 20)?,
+            tenant("vm-main", quota(8, 8))?,
+            tenant("vm-good", quota(2, 4))?,
+            tenant("vm-fault", quota(2, 4))?,
+            tenant("vm-errors", context + ERRORS_QUOTA)?,
             tenant("vm-huge", huge_quota)?,
         ))
     })() {
@@ -218,6 +227,13 @@ fn run(args: &Args, seed: u64, report: &mut Report, table: &mut Table) {
     for id in [good, fault, errs, huge] {
         m.remove_tenant(id);
     }
+    quota_checks(
+        report,
+        &factory,
+        mediated.worker_process(),
+        &header,
+        &mut rng,
+    );
     timings(
         args, m, main, &factory, &mediated, &guest_ptx, table, report,
     );
@@ -1261,9 +1277,11 @@ fn error_checks(
     };
     check(report, "error-quota-exceeded", || {
         expect_status(
-            &g.call(Command::Alloc { size: 65 << 20 }),
+            &g.call(Command::Alloc {
+                size: ERRORS_QUOTA + MIB,
+            }),
             Status::QuotaExceeded,
-            "ALLOC of 65 MiB on a 64 MiB quota",
+            "ALLOC of 65 MiB on a quota of its context and 64 MiB",
         )
     });
     check(report, "error-bad-handle", || {
@@ -1344,6 +1362,533 @@ fn error_checks(
     check(report, "errors-not-sticky", || {
         vector_add_works(&g, rng, 1 << 16).map(|s| format!("after all the errors: {s}"))
     });
+}
+
+// ---------------------------------------------------------------------------------------
+// Quotas against the device
+
+/// A module with a 4 MiB `__device__` array and a kernel that writes both ends of it.
+const BIG_GLOBAL_KERNEL: &str = r#"
+.visible .global .align 4 .b8 vgpu_check_big[4194304];
+
+.visible .entry vgpu_check_touch_big(
+	.param .u32 vgpu_touch_value
+)
+{
+	.reg .b32 	%r<2>;
+
+	ld.param.u32 	%r1, [vgpu_touch_value];
+	st.global.u32 	[vgpu_check_big], %r1;
+	st.global.u32 	[vgpu_check_big+4194300], %r1;
+	ret;
+}
+"#;
+
+/// A kernel with `per_thread` bytes of local memory per thread (a `.local` array it
+/// writes at index `i` and reads at index `j`, which the compiler cannot fold away).
+fn local_kernel(per_thread: u64) -> String {
+    let words = per_thread / 4;
+    format!(
+        r#"
+.visible .entry vgpu_check_local(
+	.param .u64 vgpu_local_out,
+	.param .u32 vgpu_local_i,
+	.param .u32 vgpu_local_j
+)
+{{
+	.local .align 4 .b8 	vgpu_local_buf[{per_thread}];
+	.reg .b32 	%r<6>;
+	.reg .b64 	%rd<8>;
+
+	ld.param.u64 	%rd1, [vgpu_local_out];
+	ld.param.u32 	%r1, [vgpu_local_i];
+	ld.param.u32 	%r2, [vgpu_local_j];
+	rem.u32 	%r3, %r1, {words};
+	rem.u32 	%r4, %r2, {words};
+	mov.u64 	%rd2, vgpu_local_buf;
+	mul.wide.u32 	%rd3, %r3, 4;
+	add.s64 	%rd4, %rd2, %rd3;
+	st.local.u32 	[%rd4], %r1;
+	mul.wide.u32 	%rd5, %r4, 4;
+	add.s64 	%rd6, %rd2, %rd5;
+	ld.local.u32 	%r5, [%rd6];
+	cvta.to.global.u64 	%rd7, %rd1;
+	st.global.u32 	[%rd7], %r5;
+	ret;
+}}
+"#
+    )
+}
+
+/// The launch of [`local_kernel`]'s kernel, writing its word to `out`.
+fn local_launch(module: u64, out: u64) -> Command {
+    launch_command(
+        module,
+        "vgpu_check_local",
+        [1, 1, 1],
+        [32, 1, 1],
+        vec![Param::Buffer(out), Param::u32(1), Param::u32(1)],
+    )
+}
+
+/// A context of this process's own, current on this thread, for reading how much device
+/// memory is free (`cuMemGetInfo`, device-wide).
+struct FreeMemory {
+    ctx: sys::CUcontext,
+}
+
+impl FreeMemory {
+    fn new() -> Result<FreeMemory, String> {
+        let device =
+            cu::device::get(0).map_err(|e| format!("cuDeviceGet: {}", cuda::error_name(e.0)))?;
+        let ctx = cuda::create_context(device)
+            .map_err(|e| format!("cuCtxCreate: {}", cuda::error_name(e)))?;
+        Ok(FreeMemory { ctx })
+    }
+
+    /// Free device memory now, after a moment for contexts of workers that exited to go.
+    fn read(&self) -> Result<u64, String> {
+        std::thread::sleep(Duration::from_millis(300));
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: `ctx` is live until drop; out-parameters.
+        let r = unsafe {
+            match sys::cuCtxSetCurrent(self.ctx) {
+                sys::CUresult::CUDA_SUCCESS => sys::cuMemGetInfo_v2(&mut free, &mut total),
+                r => r,
+            }
+        };
+        if r == sys::CUresult::CUDA_SUCCESS {
+            Ok(free as u64)
+        } else {
+            Err(format!("cuMemGetInfo: {}", cuda::error_name(r)))
+        }
+    }
+}
+
+impl Drop for FreeMemory {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once.
+        unsafe {
+            let _ = sys::cuCtxDestroy_v2(self.ctx);
+        }
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / MIB as f64
+}
+
+/// Whether `charged` is within 5% of `measured` plus 64 MiB: how closely the quota
+/// follows the device.
+fn within_margin(charged: u64, measured: u64) -> (bool, i64, u64) {
+    let allowed = measured / 20 + 64 * MIB;
+    let margin = charged as i64 - measured as i64;
+    (margin.unsigned_abs() <= allowed, margin, allowed)
+}
+
+/// A tenant of the quota checks' own mediator, removed (and all it holds freed) on drop.
+struct QuotaVm<'a> {
+    m: &'a Mediator,
+    id: TenantId,
+    quota: u64,
+}
+
+impl<'a> QuotaVm<'a> {
+    fn new(m: &'a Mediator, name: &str, quota: u64) -> Result<QuotaVm<'a>, String> {
+        let id = m
+            .add_tenant(TenantConfig {
+                name: name.into(),
+                mem_quota: quota,
+                weight: 1,
+            })
+            .map_err(|e| format!("add_tenant {name}: {e}"))?;
+        Ok(QuotaVm { m, id, quota })
+    }
+
+    fn usage(&self) -> vgpu_mediator::TenantUsage {
+        self.m.usage(self.id).unwrap_or_default()
+    }
+
+    fn open(&self) -> Result<Guest<'a>, String> {
+        Guest::open(self.m, self.id)
+    }
+
+    /// What its usage says, part by part.
+    fn charged(&self) -> String {
+        let u = self.usage();
+        format!(
+            "mem_used {:.1} MiB (contexts {:.1}, buffers {:.1}, modules {:.1}, local {:.1})",
+            mib(u.mem_used),
+            mib(u.context_bytes),
+            mib(u.buffer_bytes),
+            mib(u.module_bytes),
+            mib(u.local_bytes)
+        )
+    }
+}
+
+impl Drop for QuotaVm<'_> {
+    fn drop(&mut self) {
+        self.m.remove_tenant(self.id);
+    }
+}
+
+/// The quotas count what a VM's work really takes on the device: each check runs on a
+/// mediator of its own whose workers start only when a session opens (no pool refilling
+/// in the background), and compares its VM's charges with the device's free memory.
+fn quota_checks(
+    report: &mut Report,
+    factory: &Arc<CudaExecutorFactory>,
+    worker: Option<&std::path::Path>,
+    header: &str,
+    rng: &mut Rng,
+) {
+    let executors: Arc<dyn ExecutorFactory> = match worker {
+        Some(worker) => {
+            match ProcessExecutorFactory::cuda(0, factory).map(|f| {
+                let sandbox = Sandbox {
+                    max_data_bytes: Some(vgpu_mediator::executor::DEFAULT_WORKER_MAX_MEMORY),
+                    ..f.sandbox().clone()
+                };
+                f.with_worker(worker).with_sandbox(sandbox).with_pool(0)
+            }) {
+                Ok(f) => Arc::new(f),
+                Err(e) => return report.fail("quota-setup", e.to_string()),
+            }
+        }
+        None => factory.clone(),
+    };
+    let limits = Limits {
+        max_buffers_per_session: 25_000,
+        max_allocations: 25_000,
+        max_modules_per_session: 256,
+        ..Limits::default()
+    };
+    let qm = Mediator::with_limits(executors, limits);
+    let meter = match FreeMemory::new() {
+        Ok(m) => m,
+        Err(e) => return report.fail("quota-setup", e),
+    };
+    let context = factory.context_bytes();
+    let threads = factory.resident_threads();
+    check(report, "quota-session-context", || {
+        session_context_check(&qm, &meter, context, rng)
+    });
+    check(report, "quota-alloc-footprint", || {
+        alloc_footprint_check(&qm, &meter, context)
+    });
+    check(report, "quota-module-globals", || {
+        module_globals_check(&qm, &meter, context, header)
+    });
+    check(report, "quota-local-memory-refused", || {
+        local_refused_check(&qm, &meter, context, threads, header, rng)
+    });
+    check(report, "quota-local-memory-charged", || {
+        local_charged_check(&qm, &meter, context, threads, header)
+    });
+    check(report, "quota-matches-device", || {
+        matches_device_check(&qm, &meter, context, header, rng)
+    });
+}
+
+/// A session's context as charged against what opening it (and running a kernel in it)
+/// took on the device.
+fn session_context_check(
+    qm: &Mediator,
+    meter: &FreeMemory,
+    context: u64,
+    rng: &mut Rng,
+) -> Result<String, String> {
+    let vm = QuotaVm::new(qm, "vm-quota-context", context + GIB)?;
+    let before = meter.read()?;
+    let g = vm.open()?;
+    let ok = vector_add_works(&g, rng, 4096)?;
+    let after = meter.read()?;
+    let grown = before.saturating_sub(after);
+    let charged = vm.usage().mem_used;
+    let (fine, margin, allowed) = within_margin(charged, grown);
+    let what = format!(
+        "one session ({ok}): {}; the device's used memory grew {:.1} MiB; margin {:+.1} MiB \
+         (allowed +-{:.1}); a context is charged {:.1} MiB",
+        vm.charged(),
+        mib(grown),
+        margin as f64 / MIB as f64,
+        mib(allowed),
+        mib(context)
+    );
+    if fine {
+        Ok(what)
+    } else {
+        Err(what)
+    }
+}
+
+/// Allocations of several sizes, many of each: what the device gives up for them against
+/// what the quota charges ([`cuda::alloc_footprint`]).
+fn alloc_footprint_check(
+    qm: &Mediator,
+    meter: &FreeMemory,
+    context: u64,
+) -> Result<String, String> {
+    let vm = QuotaVm::new(qm, "vm-quota-alloc", context + 4 * GIB)?;
+    let g = vm.open()?;
+    let sizes: [(u64, usize); 7] = [
+        (1, 20_000),
+        (4096, 2_000),
+        (64 << 10, 512),
+        (MIB, 64),
+        (MIB + 1, 64),
+        (3 * MIB, 32),
+        (64 * MIB + 1, 4),
+    ];
+    let mut lines = Vec::new();
+    let mut short = Vec::new();
+    for (size, n) in sizes {
+        let before = meter.read()?;
+        let handles = (0..n)
+            .map(|_| g.alloc(size))
+            .collect::<Result<Vec<_>, _>>()?;
+        g.sync()?;
+        let after = meter.read()?;
+        let taken = before.saturating_sub(after);
+        let charged = cuda::alloc_footprint(size) * n as u64;
+        let buffers = vm.usage().buffer_bytes;
+        for h in handles {
+            g.ok(Command::Free { handle: h }, "FREE")?;
+        }
+        g.sync()?;
+        lines.push(format!(
+            "{size} B x {n}: device {:.0} B each, charged {} B each",
+            taken as f64 / n as f64,
+            cuda::alloc_footprint(size)
+        ));
+        if buffers != charged {
+            short.push(format!(
+                "{size} B x {n}: the VM's buffers are charged {buffers} B, the rule says {charged}"
+            ));
+        }
+        // Whole pages are what the device's free memory moves by.
+        if charged + cuda::DEVICE_PAGE_BYTES < taken {
+            short.push(format!(
+                "{size} B x {n}: the device gave up {taken} B, {charged} B were charged"
+            ));
+        }
+    }
+    let what = format!(
+        "rule: up to {} B rounded to {} B, larger to {} MiB pages; {}",
+        cuda::SMALL_ALLOC_BYTES,
+        cuda::SMALL_ALLOC_GRANULE,
+        cuda::DEVICE_PAGE_BYTES >> 20,
+        lines.join("; ")
+    );
+    if short.is_empty() {
+        Ok(what)
+    } else {
+        Err(format!("{}; {what}", short.join("; ")))
+    }
+}
+
+/// Modules with a 4 MiB `__device__` array each, loaded until refused: the refusal comes
+/// at the quota, and the device never gives the VM more than its quota.
+fn module_globals_check(
+    qm: &Mediator,
+    meter: &FreeMemory,
+    context: u64,
+    header: &str,
+) -> Result<String, String> {
+    let vm = QuotaVm::new(qm, "vm-quota-modules", context + 256 * MIB)?;
+    let ptx = format!("{header}{BIG_GLOBAL_KERNEL}");
+    let before = meter.read()?;
+    let g = vm.open()?;
+    let mut loaded = 0u32;
+    let refused = loop {
+        let r = g.call(Command::ModuleLoad { ptx: ptx.clone() });
+        if r.status != Status::Ok {
+            break r;
+        }
+        loaded += 1;
+        g.launch(
+            r.value0,
+            "vgpu_check_touch_big",
+            [1, 1, 1],
+            [1, 1, 1],
+            vec![Param::u32(loaded)],
+        )?;
+        if loaded >= 200 {
+            return Err(format!(
+                "200 modules of 4 MiB loaded in a quota of {:.0} MiB: none refused; {}",
+                mib(vm.quota),
+                vm.charged()
+            ));
+        }
+    };
+    g.sync()?;
+    let after = meter.read()?;
+    let grown = before.saturating_sub(after);
+    let u = vm.usage();
+    let what = format!(
+        "{loaded} modules with a 4 MiB __device__ array loaded and launched, the next -> {}; \
+         {}; the device's used memory grew {:.1} MiB; quota {:.1} MiB (a context and 256 MiB)",
+        describe(&refused),
+        vm.charged(),
+        mib(grown),
+        mib(vm.quota)
+    );
+    if refused.status == Status::QuotaExceeded && u.mem_used <= vm.quota && grown <= vm.quota {
+        Ok(what)
+    } else {
+        Err(what)
+    }
+}
+
+/// A kernel with 256 KiB of local memory per thread, whose launch would make the driver
+/// reserve tens of GiB: refused before it reaches the device, and the session works on.
+fn local_refused_check(
+    qm: &Mediator,
+    meter: &FreeMemory,
+    context: u64,
+    threads: u64,
+    header: &str,
+    rng: &mut Rng,
+) -> Result<String, String> {
+    let per_thread = 256 << 10;
+    let vm = QuotaVm::new(qm, "vm-quota-local", context + 256 * MIB)?;
+    let g = vm.open()?;
+    let module = g.load(&format!("{header}{}", local_kernel(per_thread)))?;
+    let out = g.alloc(4)?;
+    g.sync()?;
+    let before = meter.read()?;
+    let r = g.call(local_launch(module, out));
+    g.sync()?;
+    let after = meter.read()?;
+    let grown = before.saturating_sub(after);
+    let refused = expect_status(
+        &r,
+        Status::QuotaExceeded,
+        "LAUNCH of a kernel with 256 KiB of local memory per thread",
+    )?;
+    let works = vector_add_works(&g, rng, 4096)?;
+    let u = vm.usage();
+    let what = format!(
+        "{refused} (it would reserve {:.1} GiB: 256 KiB x {threads} resident threads); the \
+         device's used memory grew {:.1} MiB meanwhile; local charged {:.1} MiB; the session \
+         works on: {works}",
+        cuda::local_footprint(per_thread, threads) as f64 / GIB as f64,
+        mib(grown),
+        mib(u.local_bytes)
+    );
+    if grown < 64 * MIB && u.local_bytes == 0 {
+        Ok(what)
+    } else {
+        Err(what)
+    }
+}
+
+/// A kernel with 16 KiB of local memory per thread, in a VM with room for it: what the
+/// device reserves at its launch against what the VM is charged.
+fn local_charged_check(
+    qm: &Mediator,
+    meter: &FreeMemory,
+    context: u64,
+    threads: u64,
+    header: &str,
+) -> Result<String, String> {
+    let per_thread = 16 << 10;
+    let reserve = cuda::local_footprint(per_thread, threads);
+    let vm = QuotaVm::new(qm, "vm-quota-local-fits", context + reserve + GIB)?;
+    let g = vm.open()?;
+    let module = g.load(&format!("{header}{}", local_kernel(per_thread)))?;
+    let out = g.alloc(4)?;
+    g.sync()?;
+    let before = meter.read()?;
+    g.ok(local_launch(module, out), "LAUNCH")?;
+    g.sync()?;
+    // Launched again: the reservation is kept, not charged twice.
+    g.ok(local_launch(module, out), "LAUNCH")?;
+    g.sync()?;
+    let after = meter.read()?;
+    let grown = before.saturating_sub(after);
+    let charged = vm.usage().local_bytes;
+    let (fine, margin, allowed) = within_margin(charged, grown);
+    let what = format!(
+        "16 KiB of local memory per thread x {threads} resident threads: charged {:.1} MiB, \
+         the device's used memory grew {:.1} MiB at its launches; margin {:+.1} MiB (allowed \
+         +-{:.1})",
+        mib(charged),
+        mib(grown),
+        margin as f64 / MIB as f64,
+        mib(allowed)
+    );
+    if fine {
+        Ok(what)
+    } else {
+        Err(what)
+    }
+}
+
+/// Two sessions of one VM with buffers of many sizes, modules with globals and a kernel
+/// with local memory: the VM's `mem_used` against how much the device's used memory grew
+/// from before its first session.
+fn matches_device_check(
+    qm: &Mediator,
+    meter: &FreeMemory,
+    context: u64,
+    header: &str,
+    rng: &mut Rng,
+) -> Result<String, String> {
+    let vm = QuotaVm::new(qm, "vm-quota-total", 2 * context + 2 * GIB)?;
+    let before = meter.read()?;
+    let (a, b) = (vm.open()?, vm.open()?);
+    let mut held = Vec::new();
+    for _ in 0..1000 {
+        held.push(a.alloc(1)?);
+    }
+    for _ in 0..16 {
+        held.push(a.alloc(MIB)?);
+    }
+    for _ in 0..2 {
+        let h = a.alloc(100 * MIB)?;
+        a.memset32(h, 0, 100 * MIB, 7)?;
+        held.push(h);
+    }
+    let big = a.load(&format!("{header}{BIG_GLOBAL_KERNEL}"))?;
+    a.load(&format!("{header}{BIG_GLOBAL_KERNEL}"))?;
+    a.launch(
+        big,
+        "vgpu_check_touch_big",
+        [1, 1, 1],
+        [1, 1, 1],
+        vec![Param::u32(1)],
+    )?;
+    for _ in 0..3 {
+        b.alloc(3 * MIB)?;
+    }
+    b.alloc(512 * MIB)?;
+    let local = b.load(&format!("{header}{}", local_kernel(1 << 10)))?;
+    let out = b.alloc(4)?;
+    b.ok(local_launch(local, out), "LAUNCH")?;
+    let works = vector_add_works(&b, rng, 1 << 16)?;
+    a.sync()?;
+    b.sync()?;
+    let after = meter.read()?;
+    let grown = before.saturating_sub(after);
+    let used = vm.usage().mem_used;
+    let (fine, margin, allowed) = within_margin(used, grown);
+    let what = format!(
+        "2 sessions, {} buffers, 3 modules, local memory ({works}): {}; the device's used \
+         memory grew {:.1} MiB; margin {:+.1} MiB (allowed +-{:.1}: 5% + 64 MiB)",
+        vm.usage().allocations,
+        vm.charged(),
+        mib(grown),
+        margin as f64 / MIB as f64,
+        mib(allowed)
+    );
+    drop((a, b));
+    if fine {
+        Ok(what)
+    } else {
+        Err(what)
+    }
 }
 
 /// Direct calls on a `CudaExecutor`, below the mediator.
@@ -1656,13 +2201,13 @@ fn session_footprint(m: &Mediator, tenant: TenantId, n: usize) -> Result<(f64, f
 
 /// Launches per second of saxpy on 2^22 floats, `iters` launches then a sync per VM: one
 /// VM alone, and the sum over 4 VMs running at once.
-fn saxpy_share(m: &Mediator, iters: usize) -> Result<(f64, f64), String> {
+fn saxpy_share(m: &Mediator, context: u64, iters: usize) -> Result<(f64, f64), String> {
     let n: usize = 1 << 22;
     let tenants = (0..4)
         .map(|i| {
             m.add_tenant(TenantConfig {
                 name: format!("vm-share-{i}"),
-                mem_quota: 1 << 30,
+                mem_quota: context + GIB,
                 weight: 1,
             })
             .map_err(|e| e.to_string())
@@ -2287,7 +2832,11 @@ fn timings(
                 Err(e) => report.fail("timing-session-footprint", e),
             }
             // Sharing: saxpy loops in 4 VMs at once against one VM alone.
-            match saxpy_share(m, if args.quick { 50 } else { 300 }) {
+            match saxpy_share(
+                m,
+                factory.context_bytes(),
+                if args.quick { 50 } else { 300 },
+            ) {
                 Ok((alone, together)) => table.push(Row {
                     metric: "saxpy 2^22 loops: 4 VMs aggregate / 1 VM (x)".into(),
                     runs: 4,
