@@ -575,14 +575,23 @@ pub fn module_footprint(globals: u64, delta: u64, ptx_len: u64) -> u64 {
     globals.max(delta.min(cap))
 }
 
-/// Device bytes the driver reserves for a kernel's local memory: one slot of its
-/// per-thread local memory (`CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES`) for every thread the
-/// device can hold at once (`resident_threads`: most resident threads per multiprocessor
-/// x multiprocessors). The driver sizes the context's local memory for the most demanding
-/// kernel launched so far and keeps it for the context's life; the per-thread stack every
-/// context has is part of its [`CudaExecutor::context_bytes`].
-pub fn local_footprint(per_thread: u64, resident_threads: u64) -> u64 {
-    per_thread.saturating_mul(resident_threads)
+/// The per-thread stack of a new context (`CU_LIMIT_STACK_SIZE`) on current drivers.
+pub const DEFAULT_STACK_BYTES: u64 = 1024;
+
+/// Device bytes the driver reserves for a kernel's local memory beyond what every context
+/// holds from the start: one slot of its per-thread local memory
+/// (`CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES`) for every thread the device can hold at once
+/// (`resident_threads`: most resident threads per multiprocessor x multiprocessors), less
+/// the `base` per thread (the stack, `CU_LIMIT_STACK_SIZE`) that the context's own
+/// reservation already holds and that the larger one replaces: on an H200, a kernel of
+/// 16 KiB per thread grew the device's used memory by 15 KiB x 270,336 threads. The
+/// driver sizes the context's local memory for the most demanding kernel launched so far
+/// and keeps it for the context's life; the base is part of
+/// [`CudaExecutor::context_bytes`].
+pub fn local_footprint(per_thread: u64, base: u64, resident_threads: u64) -> u64 {
+    per_thread
+        .saturating_sub(base)
+        .saturating_mul(resident_threads)
 }
 
 /// The device's free memory (`cuMemGetInfo`); a context must be current.
@@ -787,6 +796,7 @@ impl CudaExecutorFactory {
         };
         let mut exec = CudaExecutor::new(ctx);
         exec.resident_threads = self.resident_threads;
+        exec.query_stack_bytes();
         exec.context_bytes = self.context_bytes;
         let catalog = exec.load_image(&self.catalog_ptx).map_err(|mut e| {
             e.message = format!("built-in catalog: {}", e.message);
@@ -870,6 +880,8 @@ pub struct CudaExecutor {
     context_bytes: u64,
     /// Per-thread local memory of the built-in kernels, read when first asked.
     builtin_local_sizes: HashMap<&'static str, u64>,
+    /// The per-thread stack the context's own local memory holds.
+    stack_bytes: u64,
 }
 
 impl CudaExecutor {
@@ -891,6 +903,21 @@ impl CudaExecutor {
             resident_threads: 0,
             context_bytes: 0,
             builtin_local_sizes: HashMap::new(),
+            stack_bytes: DEFAULT_STACK_BYTES,
+        }
+    }
+
+    /// The context's per-thread stack (`CU_LIMIT_STACK_SIZE`), which its own local memory
+    /// reservation holds; [`DEFAULT_STACK_BYTES`] if the driver does not say.
+    fn query_stack_bytes(&mut self) {
+        if self.enter().is_err() {
+            return;
+        }
+        let mut value = 0usize;
+        // SAFETY: writes one size_t; the context is current.
+        let r = unsafe { sys::cuCtxGetLimit(&mut value, sys::CUlimit::CU_LIMIT_STACK_SIZE) };
+        if r == CUresult::CUDA_SUCCESS {
+            self.stack_bytes = value as u64;
         }
     }
 
@@ -1729,7 +1756,11 @@ impl Executor for CudaExecutor {
                 }
             }
         };
-        Ok(local_footprint(per_thread, self.resident_threads))
+        Ok(local_footprint(
+            per_thread,
+            self.stack_bytes,
+            self.resident_threads,
+        ))
     }
 
     /// Measured once by the factory ([`CudaExecutorFactory::new`]): the device memory a
@@ -2346,9 +2377,12 @@ mod tests {
     fn local_memory_is_reserved_for_every_resident_thread() {
         // An H200: 2048 threads per multiprocessor, 132 multiprocessors.
         let threads = 2048 * 132;
-        assert_eq!(local_footprint(256 << 10, threads), 66 << 30);
-        assert_eq!(local_footprint(0, threads), 0);
-        assert_eq!(local_footprint(u64::MAX, 2), u64::MAX);
+        assert_eq!(local_footprint(256 << 10, 0, threads), 66 << 30);
+        // What the H200 showed: 16 KiB per thread grew it by 15 KiB per resident thread.
+        assert_eq!(local_footprint(16 << 10, 1 << 10, threads), 3960 << 20);
+        assert_eq!(local_footprint(512, 1 << 10, threads), 0);
+        assert_eq!(local_footprint(0, 1 << 10, threads), 0);
+        assert_eq!(local_footprint(u64::MAX, 0, 2), u64::MAX);
     }
 
     #[test]

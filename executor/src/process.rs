@@ -2019,10 +2019,9 @@ impl ProcessExecutor {
         };
         if timed_out {
             let why = format!(
-                "executor worker {}: the work ran past the kernel timeout of {} s and was \
-                 ended (during {during})",
-                self.pid,
-                self.kernel_timeout.as_secs_f64()
+                "executor worker {}: its device work finished nothing for the kernel timeout \
+                 and was ended (during {during})",
+                self.pid
             );
             log::warn!("{why}");
             self.lost = Some(why);

@@ -57,6 +57,8 @@ pub const DEFAULT_KERNEL_TIMEOUT: Duration = Duration::from_secs(600);
 const MIN_IN_FLIGHT_OPS: u64 = 2;
 /// The estimate of an operation's device time before any has been measured.
 const FIRST_OP_ESTIMATE_NS: u64 = 100_000;
+/// How many operations the running estimate of an operation's device time counts as.
+const OP_ESTIMATE_WEIGHT: u64 = 4;
 /// Virtual time is device nanoseconds times this, divided by the weight.
 const VTIME_SCALE: u128 = 1_000_000;
 
@@ -194,9 +196,12 @@ impl Tenant {
     fn charge(&mut self, ns: u64, ops: u64) {
         self.device_ns = self.device_ns.saturating_add(ns);
         self.vtime += self.virtual_ns(ns);
-        // A running average over about the last eight measurements.
-        if let Some(per_op) = ns.checked_div(ops) {
-            self.op_ns = (self.op_ns.saturating_mul(7).saturating_add(per_op)) / 8;
+        // A running average in which each operation counts and the estimate so far counts
+        // as a few: one batch of measured operations mostly replaces a first guess.
+        if ops > 0 {
+            let prior = u128::from(OP_ESTIMATE_WEIGHT);
+            let total = u128::from(self.op_ns) * prior + u128::from(ns);
+            self.op_ns = u64::try_from(total / (prior + u128::from(ops))).unwrap_or(u64::MAX);
         }
     }
 }

@@ -643,6 +643,7 @@ fn builtin_check(spec: &KernelSpec, quick: bool) -> Option<KernelCheck> {
         ("matmul_f32", true) => |m, t, s, r| check_matmul(m, t, s, r, (200, 120, 72)),
         ("fill_u32", false) => |m, t, s, r| check_fill(m, t, s, r, 1_000_000),
         ("fill_u32", true) => |m, t, s, r| check_fill(m, t, s, r, 100_000),
+        ("spin_us", _) => |m, t, s, _| check_spin(m, t, s, 2_000),
         _ => return None,
     })
 }
@@ -831,6 +832,29 @@ fn check_fill(
             "element {i} = {:#010x}, want {value:#010x}",
             out[i]
         )),
+    }
+}
+
+/// `spin_us` on the whole grid it allows: it lasts its duration and writes it.
+fn check_spin(m: &Mediator, t: TenantId, spec: &KernelSpec, us: u32) -> Result<String, String> {
+    let g = Guest::open(m, t)?;
+    let out = poisoned(&g, 1, POISON_U32)?;
+    let params = vec![Param::Buffer(out), Param::u32(us)];
+    let started = Instant::now();
+    g.launch(BUILTIN_MODULE, spec.name, [1024, 1, 1], [256, 1, 1], params)?;
+    g.sync()?;
+    let took = started.elapsed();
+    let got = read_words(&g, out, 1)?;
+    let fine = got[0] == us && took >= Duration::from_micros(u64::from(us));
+    let what = format!(
+        "{us} us on 1024 blocks of 256 threads: launch + SYNC {:.0} us, out[0] = {}",
+        took.as_secs_f64() * 1e6,
+        got[0]
+    );
+    if fine {
+        Ok(what)
+    } else {
+        Err(what)
     }
 }
 
@@ -1773,7 +1797,7 @@ fn local_refused_check(
         "{refused} (it would reserve {:.1} GiB: 256 KiB x {threads} resident threads); the \
          device's used memory grew {:.1} MiB meanwhile; local charged {:.1} MiB; the session \
          works on: {works}",
-        cuda::local_footprint(per_thread, threads) as f64 / GIB as f64,
+        cuda::local_footprint(per_thread, cuda::DEFAULT_STACK_BYTES, threads) as f64 / GIB as f64,
         mib(grown),
         mib(u.local_bytes)
     );
@@ -1794,7 +1818,7 @@ fn local_charged_check(
     header: &str,
 ) -> Result<String, String> {
     let per_thread = 16 << 10;
-    let reserve = cuda::local_footprint(per_thread, threads);
+    let reserve = cuda::local_footprint(per_thread, cuda::DEFAULT_STACK_BYTES, threads);
     let vm = QuotaVm::new(qm, "vm-quota-local-fits", context + reserve + GIB)?;
     let g = vm.open()?;
     let module = g.load(&format!("{header}{}", local_kernel(per_thread)))?;

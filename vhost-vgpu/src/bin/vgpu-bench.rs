@@ -104,8 +104,9 @@ fn run(cli: &Cli) -> BenchResult<()> {
     } else {
         cli.max_size
     };
-    // Enough quota for the largest buffer of the in-process baseline and of the VM.
-    let quota = (2 * max_size).max(64 << 20);
+    // Enough quota for the largest buffer of the in-process baseline and of the VM, and
+    // for the sessions' contexts (charged to the VM on a GPU: at most 4 GiB each).
+    let quota = (2 * max_size).max(64 << 20) + (8 << 30);
     let target = Target::start(cli, quota)?;
 
     println!("# vgpu-bench\n");
