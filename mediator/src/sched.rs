@@ -22,7 +22,9 @@
 //! - **Bounded work in flight.** A tenant has at most [`SchedConfig::max_in_flight`] of
 //!   estimated device time queued (and never fewer than two operations, so the device is
 //!   never idle between them): however long its queue, another tenant waits at most that
-//!   long for the device once it is due.
+//!   long for the device once it is due. A tenant alone may queue eight times as much, so
+//!   a flood of tiny launches keeps the device fed; a tenant that comes then waits that
+//!   long once.
 //! - **Work-conserving.** A tenant alone is admitted whatever its virtual time, and one
 //!   that comes back from idle starts one slice behind the busy ones, not with the credit
 //!   of its idle time.
@@ -57,6 +59,9 @@ pub const DEFAULT_KERNEL_TIMEOUT: Duration = Duration::from_secs(600);
 const MIN_IN_FLIGHT_OPS: u64 = 2;
 /// The estimate of an operation's device time before any has been measured.
 const FIRST_OP_ESTIMATE_NS: u64 = 100_000;
+/// How much more than [`SchedConfig::max_in_flight`] a tenant may queue while no other
+/// tenant is active.
+const ALONE_FACTOR: u128 = 8;
 /// How many operations the running estimate of an operation's device time counts as.
 const OP_ESTIMATE_WEIGHT: u64 = 4;
 /// Virtual time is device nanoseconds times this, divided by the weight.
@@ -104,7 +109,7 @@ impl Default for SchedConfig {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             stall: DEFAULT_STALL,
             kernel_timeout: DEFAULT_KERNEL_TIMEOUT,
-            poll: Duration::from_micros(100),
+            poll: Duration::from_micros(50),
             idle: DEFAULT_IDLE,
             enforce: true,
         }
@@ -677,9 +682,16 @@ fn arrive(st: &mut State, tenant: TenantId, slice: Duration) {
 fn may_go(st: &State, tenant: TenantId, config: &SchedConfig, now: Instant) -> bool {
     let me = &st.tenants[&tenant];
     let mine = me.in_flight();
-    // Its own bound: enough queued to keep the device busy, not enough to make others wait.
+    // Its own bound: enough queued to keep the device busy, not enough to make others wait
+    // long. With no other tenant active, [`ALONE_FACTOR`] times as much: a tenant that
+    // comes then waits that long once, and the bound is back to normal from there on.
+    let alone = st
+        .tenants
+        .iter()
+        .all(|(id, t)| *id == tenant || !t.active(now, config.idle));
+    let bound = config.max_in_flight.as_nanos() * if alone { ALONE_FACTOR } else { 1 };
     let queued_ns = u128::from(mine) * u128::from(me.op_ns.max(1));
-    if mine >= MIN_IN_FLIGHT_OPS && queued_ns >= config.max_in_flight.as_nanos() {
+    if mine >= MIN_IN_FLIGHT_OPS && queued_ns >= bound {
         return false;
     }
     let lead = me.virtual_ns(config.slice.as_nanos() as u64);

@@ -215,13 +215,16 @@ fn a_flood_of_queued_work_keeps_little_on_the_device_and_another_tenant_waits_li
     sched.attach(victim, 1, Some(vm.clone() as Arc<dyn DeviceMeter>), None);
     let stop = Arc::new(AtomicBool::new(false));
     let max_in_flight = Arc::new(AtomicU64::new(0));
+    // Set once the victim is active: alone, the flood may queue more.
+    let shared = Arc::new(AtomicBool::new(false));
     let flooder = {
-        let (sched, dev, fm, stop, max) = (
+        let (sched, dev, fm, stop, max, shared) = (
             sched.clone(),
             dev.clone(),
             fm.clone(),
             stop.clone(),
             max_in_flight.clone(),
+            shared.clone(),
         );
         thread::spawn(move || {
             for _ in 0..10_000 {
@@ -230,7 +233,9 @@ fn a_flood_of_queued_work_keeps_little_on_the_device_and_another_tenant_waits_li
                 }
                 let _turn = sched.admit(flood, 1);
                 dev.send(&fm, Duration::from_micros(100));
-                max.fetch_max(fm.read().in_flight(), Ordering::Relaxed);
+                if shared.load(Ordering::Relaxed) {
+                    max.fetch_max(fm.read().in_flight(), Ordering::Relaxed);
+                }
             }
         })
     };
@@ -248,6 +253,7 @@ fn a_flood_of_queued_work_keeps_little_on_the_device_and_another_tenant_waits_li
             thread::sleep(Duration::from_micros(50));
         }
         waits.push(started.elapsed());
+        shared.store(true, Ordering::Relaxed);
         thread::sleep(Duration::from_millis(3));
     }
     stop.store(true, Ordering::Relaxed);
@@ -256,13 +262,15 @@ fn a_flood_of_queued_work_keeps_little_on_the_device_and_another_tenant_waits_li
     waits.sort();
     let p99 = waits[waits.len() * 99 / 100 - 1];
     // Alone, each takes 2 ms; the flood may add what it has on the device (at most the
-    // bound, about 1 ms) and a poll.
+    // bound, about 1 ms) and a poll. (The first may wait for what the flood queued while it
+    // was alone, up to eight times that: p99 of 40 leaves it out.)
     assert!(
         p99 < Duration::from_millis(4),
         "victim p99 {p99:?}, all {waits:?}"
     );
-    // The flood never had more than the bound on the device: 1 ms of 100 µs operations
-    // (and the one admitted while the count was read).
+    // While the victim was active, the flood never had more than the bound on the device:
+    // 1 ms of 100 µs operations (and the one admitted while the count was read), after
+    // what it had queued alone drained.
     let max = max_in_flight.load(Ordering::Relaxed);
     assert!(max <= 12, "flood had {max} operations in flight");
 }
