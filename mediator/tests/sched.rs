@@ -158,3 +158,35 @@ fn a_flood_of_ten_thousand_queued_launches_does_not_double_another_vms_p99() {
     // The flooder's session still works after its queue was cancelled.
     ok(&m, flood, fs, Command::Sync);
 }
+
+#[test]
+fn a_sessions_flood_does_not_hold_up_the_other_sessions_of_its_vm() {
+    // The CPU executor in this process: each launch runs in the VM's worker thread.
+    let m = Mediator::new(Arc::new(vgpu_mediator::cpu::CpuExecutorFactory::new()));
+    let t = tenant(&m, "vm", 100);
+    let (flood, fout) = session(&m, t);
+    let (other, out) = session(&m, t);
+    // 2,000 launches of 200 µs queued by one session: 400 ms of work in the VM's queue.
+    let count = Arc::new(Count::default());
+    for i in 0..2_000 {
+        m.submit(t, Request::new(flood, spin(fout, 200)), i, count.clone());
+    }
+    thread::sleep(Duration::from_millis(20));
+    let mut waits = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        ok(&m, t, other, spin(out, 1000));
+        ok(&m, t, other, Command::Sync);
+        waits.push(started.elapsed());
+    }
+    let done = count.answered.load(Ordering::Relaxed);
+    m.cancel_queued(t);
+    let worst = waits.iter().max().copied().unwrap_or_default();
+    // Each takes 1 ms and waits for at most the flood's launch that runs (and its turn
+    // by device time), never for the 2,000 queued ahead of it.
+    assert!(
+        worst < Duration::from_millis(50),
+        "the other session waited up to {worst:?}: {waits:?}"
+    );
+    assert!(done < 1_500, "{done} of the flood ran first");
+}
