@@ -1495,3 +1495,170 @@ fn a_hostile_guest_cannot_register_host_buffers_it_does_not_own() {
     assert!(exit.success(), "vhost-vgpu ended with {exit}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_hostile_guest_cannot_hold_the_device_or_take_more_than_its_share() {
+    // The real binary, as a host runs it: the CPU executor in process, a 2 s watchdog.
+    let dir = std::env::temp_dir().join(format!("vgpu-test-hog-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = dir.join("vm");
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-vgpu"))
+        .arg("--socket-path")
+        .arg(&base)
+        .args([
+            "--socket-count",
+            "2",
+            "--executor",
+            "cpu",
+            "--mem-quota",
+            "64M",
+            "--kernel-timeout",
+            "2",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let socket = |i: usize| PathBuf::from(format!("{}{i}", base.display()));
+    let connect = |i: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Vm::connect(socket(i)) {
+                Ok(vm) => return vm,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("VM {i}: {e}"),
+            }
+        }
+    };
+    let mut hog = connect(0);
+    let mut other = connect(1);
+    let s = ok(&mut hog, Command::SessionOpen, 0).0.value0;
+    let out = ok(&mut hog, Command::Alloc { size: 4096 }, s).0.value0;
+
+    // The largest grid there is over 4 elements: cut to one block, done at once.
+    let started = Instant::now();
+    let huge = [(1 << 31) - 1, 65535, 65535];
+    let fill = launch(
+        s,
+        "fill_u32",
+        huge,
+        [1024, 1, 1],
+        vec![Param::Buffer(out), Param::u32(7), Param::u32(4)],
+    );
+    assert_eq!(hog.request(&fill).unwrap().0.status, Status::Ok);
+    ok(&mut hog, Command::Sync, s);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // More blocks than spin_us allows: refused.
+    let wide = launch(
+        s,
+        "spin_us",
+        [1025, 1, 1],
+        [32, 1, 1],
+        vec![Param::Buffer(out), Param::u32(10)],
+    );
+    assert_eq!(
+        hog.request(&wide).unwrap().0.status,
+        Status::InvalidArgument
+    );
+
+    // A kernel of 71 minutes, then as many more as the ring holds queued behind it.
+    let forever = launch(
+        s,
+        "spin_us",
+        [1, 1, 1],
+        [32, 1, 1],
+        vec![Param::Buffer(out), Param::u32(u32::MAX)],
+    );
+    let started = Instant::now();
+    let stuck = hog.submit(&forever).unwrap();
+    let mut flood = 0;
+    let more = launch(
+        s,
+        "spin_us",
+        [1, 1, 1],
+        [32, 1, 1],
+        vec![Param::Buffer(out), Param::u32(1000)],
+    );
+    while hog.submit(&more).is_ok() {
+        flood += 1;
+    }
+    assert!(flood >= 50, "only {flood} launches fit the ring");
+
+    // The other VM is served meanwhile, every answer right and prompt.
+    let t = ok(&mut other, Command::SessionOpen, 0).0.value0;
+    let a: Vec<f32> = (0..4096).map(|i| i as f32).collect();
+    let (da, dc) = (
+        upload(&mut other, t, &f32s(&a)),
+        upload(&mut other, t, &f32s(&a)),
+    );
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < Duration::from_millis(2500) {
+        let t0 = Instant::now();
+        let add = launch(
+            t,
+            "vector_add_f32",
+            [16, 1, 1],
+            [256, 1, 1],
+            vec![
+                Param::Buffer(da),
+                Param::Buffer(da),
+                Param::Buffer(dc),
+                Param::u32(4096),
+            ],
+        );
+        ok(
+            &mut other,
+            Command::Launch(match add.command {
+                Command::Launch(l) => l,
+                _ => unreachable!(),
+            }),
+            t,
+        );
+        let (_, data) = ok(
+            &mut other,
+            Command::Dtoh {
+                src: dc,
+                offset: 0,
+                len: 4 * 4096,
+            },
+            t,
+        );
+        assert!(from_f32s(&data)
+            .iter()
+            .enumerate()
+            .all(|(i, &v)| v == 2.0 * i as f32));
+        slowest = slowest.max(t0.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_secs(1),
+        "the other VM waited {slowest:?}"
+    );
+
+    // The watchdog ended the hog's kernel: DEVICE_LOST with CUDA's launch-timeout number.
+    let (h, _) = hog.wait_for(stuck).unwrap().response().unwrap();
+    assert_eq!((h.status, h.detail), (Status::DeviceLost, 702));
+    let ended = started.elapsed();
+    assert!(
+        ended >= Duration::from_secs(2) && ended < Duration::from_secs(6),
+        "{ended:?}"
+    );
+    // A new session of the hog works; the daemon stops promptly with its flood queued.
+    let fresh = ok(&mut hog, Command::SessionOpen, 0).0.value0;
+    ok(&mut hog, Command::Alloc { size: 16 }, fresh);
+    // SAFETY: sends SIGTERM to the daemon this test started.
+    unsafe {
+        libc::kill(daemon.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let stopping = Instant::now();
+    let status = daemon.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopping.elapsed()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
