@@ -226,6 +226,35 @@ pub struct Scheduler {
     /// Signalled when an operation returns, a weight changes or a tenant goes.
     changed: Condvar,
     watchdog: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set when the scheduler goes: the watchdog thread waits on it between rounds.
+    stop: Arc<StopSignal>,
+}
+
+/// A flag with a condition to wait on, for stopping the watchdog thread.
+#[derive(Default)]
+struct StopSignal {
+    stopped: Mutex<bool>,
+    signal: Condvar,
+}
+
+impl StopSignal {
+    /// Waits up to `period`; true once stopped.
+    fn wait(&self, period: Duration) -> bool {
+        let stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        if *stopped {
+            return true;
+        }
+        *self
+            .signal
+            .wait_timeout(stopped, period)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+    }
+
+    fn stop(&self) {
+        *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.signal.notify_all();
+    }
 }
 
 /// An admitted device operation: held while the executor call runs, released (and, for
@@ -259,11 +288,12 @@ impl Scheduler {
             }),
             changed: Condvar::new(),
             watchdog: Mutex::new(None),
+            stop: Arc::new(StopSignal::default()),
         });
-        let weak = Arc::downgrade(&sched);
+        let (weak, stop) = (Arc::downgrade(&sched), sched.stop.clone());
         match std::thread::Builder::new()
             .name("vgpu-watchdog".into())
-            .spawn(move || watchdog(weak))
+            .spawn(move || watchdog(weak, &stop))
         {
             Ok(thread) => *sched.watchdog.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread),
             Err(e) => {
@@ -580,6 +610,7 @@ impl Drop for Scheduler {
     fn drop(&mut self) {
         self.lock().stopping = true;
         self.changed.notify_all();
+        self.stop.stop();
         let thread = self
             .watchdog
             .lock()
@@ -594,25 +625,17 @@ impl Drop for Scheduler {
 }
 
 /// The watchdog thread: checks a few times per kernel timeout, at least once a second.
-fn watchdog(sched: Weak<Scheduler>) {
+/// It holds the scheduler only while it checks, and stops as soon as the scheduler goes.
+fn watchdog(sched: Weak<Scheduler>, stop: &StopSignal) {
     loop {
-        let Some(s) = sched.upgrade() else {
-            return;
+        let period = {
+            let Some(s) = sched.upgrade() else {
+                return;
+            };
+            s.check_timeouts();
+            (s.config.kernel_timeout / 8).clamp(Duration::from_millis(10), Duration::from_secs(1))
         };
-        let period =
-            (s.config.kernel_timeout / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        s.check_timeouts();
-        let st = s.lock();
-        if st.stopping {
-            return;
-        }
-        // Waits on the scheduler's own condition so that dropping it wakes this at once.
-        let st = s
-            .changed
-            .wait_timeout(st, period)
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
-        if st.stopping {
+        if stop.wait(period) {
             return;
         }
     }

@@ -65,7 +65,7 @@ fn weights_one_to_three_divide_device_time_one_to_three() {
     let (a, b) = (TenantId(1), TenantId(2));
     sched.add(a, 1);
     sched.add(b, 3);
-    let op = Duration::from_micros(500);
+    let op = Duration::from_millis(2);
     let got = run_for(&sched, &[(a, op), (b, op)], Duration::from_millis(1500));
     let ratio = got[1] as f64 / got[0] as f64;
     assert!(
@@ -83,10 +83,7 @@ fn different_operation_sizes_still_get_equal_time() {
     sched.add(b, 100);
     let got = run_for(
         &sched,
-        &[
-            (a, Duration::from_micros(200)),
-            (b, Duration::from_millis(3)),
-        ],
+        &[(a, Duration::from_millis(1)), (b, Duration::from_millis(5))],
         Duration::from_millis(1500),
     );
     let ratio = got[1] as f64 / got[0] as f64;
@@ -127,7 +124,7 @@ fn weights_change_at_run_time() {
     let (a, b) = (TenantId(1), TenantId(2));
     sched.add(a, 1);
     sched.add(b, 1);
-    let op = Duration::from_micros(500);
+    let op = Duration::from_millis(2);
     let got = run_for(&sched, &[(a, op), (b, op)], Duration::from_millis(600));
     let ratio = got[1] as f64 / got[0] as f64;
     assert!((0.8..=1.25).contains(&ratio), "equal: {got:?}");
@@ -199,6 +196,41 @@ impl FakeDevice {
     }
 }
 
+/// Latencies of `n` operations of 2 ms of `tenant`, each waited for, 3 ms apart (sorted);
+/// `after_first` runs after the first, which is left out.
+fn victim_waits(
+    sched: &Scheduler,
+    dev: &FakeDevice,
+    tenant: TenantId,
+    meter: &Arc<FakeMeter>,
+    n: usize,
+    after_first: impl Fn(),
+) -> Vec<Duration> {
+    let mut waits = Vec::new();
+    for i in 0..=n {
+        let started = Instant::now();
+        {
+            let _turn = sched.admit(tenant, 1);
+            dev.send(meter, Duration::from_millis(2));
+        }
+        let target = meter.read().sent;
+        while meter.read().done < target {
+            thread::sleep(Duration::from_micros(50));
+        }
+        if i > 0 {
+            waits.push(started.elapsed());
+        }
+        after_first();
+        thread::sleep(Duration::from_millis(3));
+    }
+    waits.sort();
+    waits
+}
+
+fn p99(waits: &[Duration]) -> Duration {
+    waits[(waits.len() * 99).div_ceil(100) - 1]
+}
+
 #[test]
 fn a_flood_of_queued_work_keeps_little_on_the_device_and_another_tenant_waits_little() {
     let _serial = serial();
@@ -213,9 +245,12 @@ fn a_flood_of_queued_work_keeps_little_on_the_device_and_another_tenant_waits_li
     );
     sched.attach(flood, 1, Some(fm.clone() as Arc<dyn DeviceMeter>), None);
     sched.attach(victim, 1, Some(vm.clone() as Arc<dyn DeviceMeter>), None);
+    let alone = victim_waits(&sched, &dev, victim, &vm, 40, || {});
+    thread::sleep(Duration::from_millis(150));
+
     let stop = Arc::new(AtomicBool::new(false));
     let max_in_flight = Arc::new(AtomicU64::new(0));
-    // Set once the victim is active: alone, the flood may queue more.
+    // Set once the victim is back: alone, the flood may queue more.
     let shared = Arc::new(AtomicBool::new(false));
     let flooder = {
         let (sched, dev, fm, stop, max, shared) = (
@@ -240,33 +275,20 @@ fn a_flood_of_queued_work_keeps_little_on_the_device_and_another_tenant_waits_li
         })
     };
     thread::sleep(Duration::from_millis(100));
-    // The victim: an operation of 2 ms and a wait for it, with pauses between.
-    let mut waits = Vec::new();
-    for _ in 0..40 {
-        let started = Instant::now();
-        {
-            let _turn = sched.admit(victim, 1);
-            dev.send(&vm, Duration::from_millis(2));
-        }
-        let target = vm.read().sent;
-        while vm.read().done < target {
-            thread::sleep(Duration::from_micros(50));
-        }
-        waits.push(started.elapsed());
-        shared.store(true, Ordering::Relaxed);
-        thread::sleep(Duration::from_millis(3));
-    }
+    // The victim's first operation waits for what the flood queued while it was alone (up
+    // to eight times the bound) and is left out.
+    let flooded = victim_waits(&sched, &dev, victim, &vm, 40, || {
+        shared.store(true, Ordering::Relaxed)
+    });
     stop.store(true, Ordering::Relaxed);
     flooder.join().unwrap();
     dev.stop.store(true, Ordering::Relaxed);
-    waits.sort();
-    let p99 = waits[waits.len() * 99 / 100 - 1];
-    // Alone, each takes 2 ms; the flood may add what it has on the device (at most the
-    // bound, about 1 ms) and a poll. (The first may wait for what the flood queued while it
-    // was alone, up to eight times that: p99 of 40 leaves it out.)
+    // The flood may add what it has on the device (at most the bound, about 1 ms) and a
+    // poll to each 2 ms operation: the goal is p99 at most twice that alone.
+    let (p_alone, p_flooded) = (p99(&alone), p99(&flooded));
     assert!(
-        p99 < Duration::from_millis(4),
-        "victim p99 {p99:?}, all {waits:?}"
+        p_flooded <= 2 * p_alone,
+        "victim p99 {p_flooded:?} flooded, {p_alone:?} alone; all {flooded:?}"
     );
     // While the victim was active, the flood never had more than the bound on the device:
     // 1 ms of 100 µs operations (and the one admitted while the count was read), after
