@@ -931,6 +931,9 @@ impl Worker {
         if !fits(&self.usage, quota, buffers) {
             return Err(quota_failure("its buffers", buffers, quota));
         }
+        // Its device work takes its turn like any other (timed by the call: this executor's
+        // session is not attached to the scheduler).
+        let _turn = self.shared.sched.admit(self.shared.id, SELFTEST_EXECUTOR);
         crate::selftest::vector_add(exec.as_mut(), device).map_err(|m| (Status::LaunchFailed, m))
     }
 }
