@@ -37,6 +37,7 @@
 //!   VM's other sessions run on.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -228,6 +229,8 @@ pub struct Scheduler {
     watchdog: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Set when the scheduler goes: the watchdog thread waits on it between rounds.
     stop: Arc<StopSignal>,
+    /// [`SchedConfig::enforce`], changeable at run time.
+    enforce: AtomicBool,
 }
 
 /// A flag with a condition to wait on, for stopping the watchdog thread.
@@ -289,6 +292,7 @@ impl Scheduler {
             changed: Condvar::new(),
             watchdog: Mutex::new(None),
             stop: Arc::new(StopSignal::default()),
+            enforce: AtomicBool::new(config.enforce),
         });
         let (weak, stop) = (Arc::downgrade(&sched), sched.stop.clone());
         match std::thread::Builder::new()
@@ -304,7 +308,17 @@ impl Scheduler {
     }
 
     pub fn config(&self) -> SchedConfig {
-        self.config
+        SchedConfig {
+            enforce: self.enforce.load(Ordering::Relaxed),
+            ..self.config
+        }
+    }
+
+    /// Turns admission on or off from now on (see [`SchedConfig::enforce`]); device time is
+    /// measured either way.
+    pub fn set_enforce(&self, on: bool) {
+        self.enforce.store(on, Ordering::Relaxed);
+        self.changed.notify_all();
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -496,7 +510,8 @@ impl Scheduler {
                     me.waiting = true;
                 }
             }
-            if !self.config.enforce || may_go(&st, tenant, &self.config, now) {
+            let enforce = self.enforce.load(Ordering::Relaxed);
+            if !enforce || may_go(&st, tenant, &self.config, now) {
                 let me = st.tenants.get_mut(&tenant).expect("checked above");
                 if me.in_flight() == 0 {
                     // Its work goes onto the device now: a stall counts from here.

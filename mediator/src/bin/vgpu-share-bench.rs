@@ -32,7 +32,8 @@
 //!   weight becomes 300. Goal: over the second half, the ratio 1 within 10%.
 //! - `sched-overhead`: one VM, 50,000 launches of a one-element kernel submitted without
 //!   waiting, then a SYNC, timed end to end; the scheduler enforcing shares against the
-//!   scheduler only measuring (`SchedConfig::enforce`), five alternating runs each, the
+//!   scheduler only measuring (`Scheduler::set_enforce`, switched between runs of the same
+//!   session in the same worker process), five runs each in the order A B B A ..., the
 //!   best of each. Goal: the enforcing scheduler within 5% of the launch rate of the
 //!   measuring one. Also the median launch + SYNC round trip both ways.
 //! - `watchdog`: VM A launches a kernel that never ends (it spins on a load of memory
@@ -1108,20 +1109,24 @@ impl Bench {
     /// The launch rate of one VM with the scheduler enforcing shares against it only
     /// measuring, and the launch + SYNC round trip both ways.
     fn sched_overhead(&self) -> Result<Outcome, String> {
-        let enforced = self.mediator(true);
-        let measured = self.mediator(false);
+        // One mediator, one session, one worker process: the runs differ only in whether
+        // the scheduler holds work back, switched between them (`Scheduler::set_enforce`).
+        let m = self.mediator(true);
+        let guest = OverheadSide::open(&m)?;
         let mut sides = [
-            OverheadSide::new(&enforced, "enforced")?,
-            OverheadSide::new(&measured, "measure-only")?,
+            OverheadSide::new("enforced", true),
+            OverheadSide::new("measure-only", false),
         ];
+        let sched = m.scheduler().clone();
         // `n` launches submitted without waiting, then a SYNC: the time end to end.
         let burst = |s: &OverheadSide, n: u64| -> Result<Duration, String> {
-            let g = &s.guest;
+            sched.set_enforce(s.enforce);
+            let g = &guest.0;
             let answers = Arc::new(Answers::default());
             let started = Instant::now();
             for _ in 0..n {
                 let sink: Arc<dyn CompletionSink> = answers.clone();
-                g.m.submit(g.tenant, Request::new(g.session, s.launch.clone()), 0, sink);
+                g.m.submit(g.tenant, Request::new(g.session, guest.1.clone()), 0, sink);
             }
             g.sync()?;
             let took = started.elapsed();
@@ -1131,18 +1136,20 @@ impl Bench {
         for s in &sides {
             burst(s, OVERHEAD_LAUNCHES / 10)?;
         }
-        for _ in 0..OVERHEAD_ROUNDS {
-            for s in sides.iter_mut() {
-                let took = burst(s, OVERHEAD_LAUNCHES)?;
-                s.best = s.best.min(took);
+        // A B B A ...: neither side always runs first.
+        for round in 0..OVERHEAD_ROUNDS {
+            for i in [round % 2, 1 - round % 2] {
+                let took = burst(&sides[i], OVERHEAD_LAUNCHES)?;
+                sides[i].best = sides[i].best.min(took);
             }
         }
         // Round trips in alternating chunks, so that neither side gets the warmer machine.
         let round_trip = |s: &OverheadSide, n: usize, samples: &mut Vec<Duration>| {
-            let g = &s.guest;
+            sched.set_enforce(s.enforce);
+            let g = &guest.0;
             for _ in 0..n {
                 let started = Instant::now();
-                g.launch(&s.launch)?;
+                g.launch(&guest.1)?;
                 g.sync()?;
                 samples.push(started.elapsed());
             }
@@ -1152,11 +1159,12 @@ impl Bench {
         for s in &sides {
             round_trip(s, ROUND_TRIP_CHUNK, &mut Vec::new())?;
         }
-        for _ in 0..ROUND_TRIPS / ROUND_TRIP_CHUNK {
-            for (s, samples) in sides.iter().zip(samples.iter_mut()) {
-                round_trip(s, ROUND_TRIP_CHUNK, samples)?;
+        for chunk in 0..ROUND_TRIPS / ROUND_TRIP_CHUNK {
+            for i in [chunk % 2, 1 - chunk % 2] {
+                round_trip(&sides[i], ROUND_TRIP_CHUNK, &mut samples[i])?;
             }
         }
+        sched.set_enforce(true);
         for (s, samples) in sides.iter_mut().zip(samples) {
             s.round_trip = median(samples);
         }
@@ -1461,22 +1469,32 @@ fn vector_add(g: &Guest, rng: &mut Rng, [da, db, dc]: [u64; 3]) -> Result<(), St
 }
 
 /// One configuration of the `sched-overhead` scenario: a VM's session and its launch.
-struct OverheadSide<'a> {
+struct OverheadSide {
     name: &'static str,
-    guest: Guest<'a>,
-    launch: Command,
+    /// Whether the scheduler holds work back in this side's runs.
+    enforce: bool,
     /// The shortest timed run.
     best: Duration,
     /// The median launch + SYNC.
     round_trip: Duration,
 }
 
-impl<'a> OverheadSide<'a> {
-    fn new(m: &'a Mediator, name: &'static str) -> Result<OverheadSide<'a>, String> {
+impl OverheadSide {
+    fn new(name: &'static str, enforce: bool) -> OverheadSide {
+        OverheadSide {
+            name,
+            enforce,
+            best: Duration::MAX,
+            round_trip: Duration::ZERO,
+        }
+    }
+
+    /// The session both sides use, and its launch: `fill_u32` over one element, one block
+    /// that does almost nothing.
+    fn open(m: &Mediator) -> Result<(Guest<'_>, Command), String> {
         let t = add_tenant(m, "vm-overhead", WEIGHT)?;
         let guest = Guest::open(m, t)?;
         let out = guest.alloc(OUT_BYTES)?;
-        // fill_u32 over one element: one block that does almost nothing.
         let launch = launch_command(
             BUILTIN_MODULE,
             "fill_u32",
@@ -1486,12 +1504,6 @@ impl<'a> OverheadSide<'a> {
         );
         guest.launch(&launch)?;
         guest.sync()?;
-        Ok(OverheadSide {
-            name,
-            guest,
-            launch,
-            best: Duration::MAX,
-            round_trip: Duration::ZERO,
-        })
+        Ok((guest, launch))
     }
 }
