@@ -2043,6 +2043,11 @@ impl DeviceTimer {
         }
     }
 
+    /// Whether a unit is open (operations recorded since the last [`DeviceTimer::close`]).
+    pub fn is_open(&self) -> bool {
+        self.open.is_some()
+    }
+
     /// Ends the open unit (before the worker waits for more requests, or serves one that
     /// is no device operation) and hands it to the timer's thread.
     pub fn close(&mut self) {

@@ -2929,7 +2929,35 @@ impl Progress {
             timer.close();
         }
     }
+
+    /// Before the worker blocks for more requests: a unit that is open stays open while
+    /// more arrive within [`UNIT_LINGER`] (a parent sending a stream of launches then fills
+    /// one unit rather than timing each launch alone, which would cost the timer's thread
+    /// more than the launches), and is ended once none does.
+    fn before_blocking(&mut self, fd: RawFd) {
+        if !self.timer.as_ref().is_some_and(DeviceTimer::is_open) {
+            return;
+        }
+        let linger = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: UNIT_LINGER.as_nanos() as libc::c_long,
+        };
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd and a valid timeout; no signal mask is changed.
+        let ready = unsafe { libc::ppoll(&mut p, 1, &linger, ptr::null()) };
+        if ready <= 0 {
+            self.idle();
+        }
+    }
 }
+
+/// How long a timed unit stays open for more operations once the worker has read all it
+/// was sent.
+const UNIT_LINGER: Duration = Duration::from_micros(50);
 
 /// Opens the executor the start message asks for.
 fn open_executor(init: &Init<'_>, staging: &Staging) -> ExecResult<Hosted> {
@@ -3123,11 +3151,12 @@ pub fn serve(
         let range = match rx.next_frame() {
             Ok(Some(range)) => range,
             Ok(None) => {
-                // Nothing more to run for now: the operations so far are timed as a unit.
-                progress.idle();
+                // Nothing more to run for now: the answers go, and the operations so far
+                // are timed as a unit unless more come at once.
                 if let Err(e) = send_replies(fd, hosted.exec(), &mut replies, &mut out) {
                     break Err(format!("answering: {e}"));
                 }
+                progress.before_blocking(fd);
                 match rx.fill(fd, &mut files) {
                     Ok(()) => continue,
                     // The parent closed the channel: nothing left to serve.
