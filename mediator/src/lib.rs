@@ -13,6 +13,7 @@
 //! through a [`CompletionSink`] without blocking.
 
 mod mediator;
+pub mod metrics;
 pub mod nfs;
 pub mod sched;
 mod worker;

@@ -1,6 +1,7 @@
 //! `vgpu-mediator`: the Phase 1 CUDA sanity gate, device information, and the NFS
 //! file-protocol server.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -98,6 +99,12 @@ struct ServeArgs {
     /// or 8G.
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = vgpu_mediator::parse_size)]
     mem_quota: u64,
+    /// Serve Prometheus metrics over HTTP at http://ADDR:PORT/metrics: per VM, requests by
+    /// operation and status, their latency, bytes copied, device memory and quota,
+    /// device time, restarts; and the daemon's CPU time and memory. Off by default. No
+    /// authentication: bind to a loopback or management address (e.g. 127.0.0.1:9477).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = vgpu_mediator::metrics::parse_addr)]
+    metrics: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -185,6 +192,17 @@ fn serve(choice: ExecutorChoice, options: &ExecutorOptions, args: ServeArgs) -> 
         selftest::device_line(mediator.device()),
         isolation(factory.as_ref())
     );
+    // Before the VMs are served: an address that cannot be had stops the start.
+    let metrics = match args.metrics {
+        Some(addr) => match vgpu_mediator::metrics::serve(addr, &mediator) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                eprintln!("vgpu-mediator: --metrics {addr}: cannot listen: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let opts = NfsOptions {
         vms: args.vms,
         discover: args.discover,
@@ -204,6 +222,7 @@ fn serve(choice: ExecutorChoice, options: &ExecutorOptions, args: ServeArgs) -> 
     let signal = wait_for(&signals);
     log::info!("signal {signal}: stopping");
     server.stop();
+    drop(metrics);
     ExitCode::SUCCESS
 }
 
@@ -274,6 +293,29 @@ mod tests {
             assert!(
                 cli(&["serve", "--kernel-timeout", bad]).is_err(),
                 "--kernel-timeout {bad} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn metrics_are_off_unless_an_address_is_given() {
+        let serve_args = |list: &[&str]| match cli(list).unwrap().command {
+            Cmd::Serve(args) => args,
+            _ => panic!("not serve"),
+        };
+        assert_eq!(serve_args(&["serve"]).metrics, None);
+        assert_eq!(
+            serve_args(&["serve", "--metrics", "127.0.0.1:9477"]).metrics,
+            Some("127.0.0.1:9477".parse().unwrap())
+        );
+        assert_eq!(
+            serve_args(&["serve", "--metrics", "[::1]:9477"]).metrics,
+            Some("[::1]:9477".parse().unwrap())
+        );
+        for bad in ["9477", "127.0.0.1", "127.0.0.1:http-alt-99999"] {
+            assert!(
+                cli(&["serve", "--metrics", bad]).is_err(),
+                "--metrics {bad} accepted"
             );
         }
     }

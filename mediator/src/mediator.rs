@@ -20,6 +20,7 @@ use vgpu_protocol::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::executor::{DeviceInfo, ExecutorFactory, GuestIo, Killer};
+use crate::metrics::{opcode, TenantCounters};
 use crate::sched::{SchedConfig, Scheduler};
 use crate::worker::Worker;
 
@@ -292,6 +293,8 @@ pub(crate) enum Message {
         sink: Arc<dyn CompletionSink>,
         /// Released once the answer is taken from the sink.
         hold: Hold,
+        /// When it was submitted: its answer's latency is measured from here.
+        submitted: Instant,
     },
     /// Close every session and free everything (the VM disconnected or reset).
     Reset { done: mpsc::Sender<()> },
@@ -308,6 +311,8 @@ pub(crate) struct TenantShared {
     pub held: AtomicU64,
     /// Requests taken back out of the queue unexecuted.
     pub cancelled: AtomicU64,
+    /// Answers by operation and status, bytes copied, latencies (see [`crate::metrics`]).
+    pub counters: TenantCounters,
     /// What the worker has yet to take.
     pub queue: TenantQueue,
     /// Killers of the worker's executors that can be ended from outside, by session id
@@ -395,11 +400,15 @@ impl TenantShared {
                 token,
                 sink,
                 hold,
+                submitted,
                 ..
             } = message
             {
+                let op = opcode(&request.command);
                 drop(request);
                 drop(hold);
+                self.counters
+                    .record(op, Status::DeviceLost, submitted.elapsed());
                 sink.complete(token, Response::error(Status::DeviceLost, 0));
             }
         }
@@ -622,6 +631,7 @@ impl Mediator {
             usage: Mutex::new(TenantUsage::default()),
             held: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            counters: TenantCounters::new(),
             queue: TenantQueue::default(),
             killers: Mutex::new(HashMap::new()),
         });
@@ -740,7 +750,12 @@ impl Mediator {
             Ok(hold) => self.submit_held(tenant, request, token, sink, hold),
             Err(e) => {
                 log::debug!("tenant {}: request refused: {e}", tenant.0);
-                sink.complete(token, e.response());
+                let response = e.response();
+                if let Some(shared) = self.shared(tenant) {
+                    let op = opcode(&request.command);
+                    shared.counters.record(op, response.status, Duration::ZERO);
+                }
+                sink.complete(token, response);
             }
         }
     }
@@ -783,14 +798,20 @@ impl Mediator {
             return;
         }
         let reject = sink.clone();
+        let op = opcode(&request.command);
+        let submitted = Instant::now();
         let message = Message::Request {
             request,
             io,
             token,
             sink,
             hold,
+            submitted,
         };
         if !shared.queue.push(message) {
+            shared
+                .counters
+                .record(op, Status::DeviceLost, submitted.elapsed());
             reject.complete(token, Response::error(Status::DeviceLost, 0));
         }
     }
@@ -816,7 +837,7 @@ impl Mediator {
         Some(usage)
     }
 
-    fn shared(&self, tenant: TenantId) -> Option<Arc<TenantShared>> {
+    pub(crate) fn shared(&self, tenant: TenantId) -> Option<Arc<TenantShared>> {
         self.lock().get(&tenant).map(|h| h.shared.clone())
     }
 

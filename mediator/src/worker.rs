@@ -38,6 +38,7 @@ use crate::hostmap::HostMapping;
 use crate::mediator::{
     device_config, Limits, Message, TenantShared, TenantUsage, SELFTEST_EXECUTOR,
 };
+use crate::metrics::opcode;
 
 /// Most dynamic shared memory a launch may ask for without an opt-in.
 pub const MAX_SHARED_BYTES: u32 = 48 << 10;
@@ -225,10 +226,16 @@ impl Worker {
                     token,
                     sink,
                     hold,
+                    submitted,
                 } => {
+                    let op = opcode(&request.command);
                     let response = self.handle(request, io);
                     self.usage.requests += 1;
                     self.publish();
+                    // Counted before the answer goes: whoever reads it sees it counted.
+                    self.shared
+                        .counters
+                        .record(op, response.status, submitted.elapsed());
                     sink.complete_held(token, response, hold);
                 }
                 Message::Reset { done } => {
@@ -574,6 +581,7 @@ impl Worker {
                     (None, _) => exec.htod(stream, id, offset, &data),
                 }
                 .map_err(exec_err)?;
+                self.shared.counters.add_htod(len);
                 Ok(Response::ok())
             }
             Command::Dtoh { src, offset, len } => {
@@ -592,6 +600,7 @@ impl Worker {
                         None => exec.dtoh_into(stream, id, offset, len, sink.as_ref()),
                     }
                     .map_err(exec_err)?;
+                    self.shared.counters.add_dtoh(len);
                     return Ok(Response::placed(placed));
                 }
                 // Counted in the VM's byte budget (`request_cost`); allocated fallibly all
@@ -602,6 +611,7 @@ impl Worker {
                 self.exec(sid)?
                     .dtoh(stream, id, offset, &mut out)
                     .map_err(exec_err)?;
+                self.shared.counters.add_dtoh(len);
                 Ok(Response::data(out))
             }
             Command::Dtod {
@@ -854,6 +864,7 @@ impl Worker {
         let _turn = self.shared.sched.admit(self.shared.id, sid);
         exec.launch(stream, kernel, &shape, &params)
             .map_err(Refusal::from)?;
+        self.shared.counters.add_launch();
         if extra > 0 {
             session.local_bytes = local;
             charge(&mut self.usage, Charge::Local, extra);

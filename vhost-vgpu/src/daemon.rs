@@ -16,6 +16,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use log::{error, info, warn};
+use vgpu_mediator::metrics::MetricsServer;
 use vgpu_mediator::nfs::NfsServer;
 use vgpu_mediator::{Limits, Mediator, SchedConfig, TenantConfig, TenantId};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
@@ -42,6 +43,8 @@ pub struct Daemon {
     nfs: Option<NfsServer>,
     /// Reloads `--weights` (on SIGHUP).
     weights: Option<WeightsReloader>,
+    /// The HTTP metrics endpoint, with `--metrics`.
+    metrics: Option<MetricsServer>,
 }
 
 /// Stops a [`Daemon`] from any thread: its sockets stop accepting, connected VMs are
@@ -109,7 +112,14 @@ impl Daemon {
                 path: path.clone(),
                 default: config.weight,
             }),
+            metrics: None,
         };
+        // First: an address that cannot be had stops the start before any VM is served.
+        if let Some(addr) = config.metrics {
+            let server = vgpu_mediator::metrics::serve(addr, &mediator)
+                .map_err(|e| Error::Metrics(addr, e))?;
+            daemon.metrics = Some(server);
+        }
         // NFS VMs have their own quota (--nfs-mem-quota), and only the listed directories
         // (or the root pair) are tenants unless discovery was asked for.
         if let Some(options) = config.nfs_options() {
@@ -195,6 +205,12 @@ impl Daemon {
         self.nfs.as_ref()
     }
 
+    /// Where the metrics endpoint listens, with `--metrics` (the port the system chose
+    /// for port 0).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
     /// What reloads `--weights`, when given.
     pub fn weights_reloader(&self) -> Option<WeightsReloader> {
         self.weights.clone()
@@ -236,6 +252,9 @@ impl Daemon {
         }
         for tenant in self.tenants.drain(..) {
             self.mediator.remove_tenant(tenant);
+        }
+        if let Some(metrics) = self.metrics.take() {
+            metrics.stop();
         }
         result
     }
@@ -716,5 +735,61 @@ mod tests {
         assert!(tenants.iter().all(|(_, q)| *q == 8 << 20), "{tenants:?}");
         daemon.stop().unwrap();
         assert!(mediator.tenants().is_empty());
+    }
+
+    /// Sends a GET and returns the answer's status line and body.
+    fn scrape(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        (head.lines().next().unwrap().to_owned(), body.to_owned())
+    }
+
+    #[test]
+    fn metrics_show_each_socket_vm_and_stop_with_the_daemon() {
+        let dir = TempDir::new().unwrap();
+        let config = VgpuConfig {
+            metrics: Some("127.0.0.1:0".parse().unwrap()),
+            ..cpu_config(&dir, 2)
+        };
+        let daemon = Daemon::start(config).unwrap();
+        let addr = daemon.metrics_addr().expect("listening");
+        let mut vm = Vm::connect(&daemon.sockets()[1]).unwrap();
+        let (header, _) = vm.request(&Request::new(0, Command::SessionOpen)).unwrap();
+        assert_eq!(header.status, Status::Ok);
+
+        let (status, body) = scrape(addr, "/metrics");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(
+            body.contains("vgpu_requests_total{vm=\"vm1\",op=\"session_open\",status=\"ok\"} 1\n")
+        );
+        assert!(body.contains("vgpu_sessions{vm=\"vm1\"} 1\n"));
+        assert!(body.contains("vgpu_sessions{vm=\"vm0\"} 0\n"));
+        assert!(body.contains(&format!(
+            "vgpu_memory_quota_bytes{{vm=\"vm0\"}} {}\n",
+            32 << 20
+        )));
+        assert_eq!(scrape(addr, "/").0, "HTTP/1.1 404 Not Found");
+
+        // The address is taken now: a second daemon does not start.
+        let other = TempDir::new().unwrap();
+        let taken = VgpuConfig {
+            metrics: Some(addr),
+            ..cpu_config(&other, 1)
+        };
+        let e = Daemon::start(taken).err().expect("address in use");
+        assert!(matches!(e, Error::Metrics(a, _) if a == addr), "{e}");
+        assert_eq!(e.to_string(), format!("--metrics {addr}: cannot listen"));
+        assert!(!other.as_path().join("vm0").exists(), "no socket served");
+
+        drop(vm);
+        daemon.stop().unwrap();
+        assert!(std::net::TcpStream::connect(addr).is_err());
     }
 }

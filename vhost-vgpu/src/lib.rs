@@ -31,6 +31,7 @@ mod wait;
 pub mod weights;
 
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
@@ -107,6 +108,8 @@ pub enum Error {
     Weights(#[source] weights::WeightsError),
     #[error("setting up SIGINT/SIGTERM handling")]
     Signals(#[source] io::Error),
+    #[error("--metrics {0}: cannot listen")]
+    Metrics(SocketAddr, #[source] io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -253,6 +256,14 @@ pub struct Args {
     /// --nfs-root.
     #[arg(long)]
     pub single_vm_shared_process: bool,
+
+    /// Serve Prometheus metrics over HTTP at http://ADDR:PORT/metrics: per VM, requests by
+    /// operation and status, their latency, bytes copied, device memory and quota, device
+    /// time, restarts and watchdog timeouts; and the daemon's CPU time and memory. Off by
+    /// default. No authentication: bind to a loopback or management address (e.g.
+    /// 127.0.0.1:9477).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = vgpu_mediator::metrics::parse_addr)]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A checked configuration of the daemon.
@@ -284,6 +295,8 @@ pub struct VgpuConfig {
     pub poll_us: u64,
     /// How CUDA executors run: isolation, worker user and limits.
     pub executor_options: ExecutorOptions,
+    /// Serve Prometheus metrics over HTTP on this address (see `Args::metrics`).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl VgpuConfig {
@@ -305,6 +318,7 @@ impl VgpuConfig {
             inflight_budget: vgpu_mediator::DEFAULT_MAX_HELD_BYTES,
             poll_us: 0,
             executor_options: ExecutorOptions::default(),
+            metrics: None,
         }
     }
 
@@ -422,6 +436,7 @@ impl TryFrom<Args> for VgpuConfig {
                 worker_max_memory: args.worker_max_memory,
                 kernel_timeout: args.kernel_timeout.map(std::time::Duration::from_secs),
             },
+            metrics: args.metrics,
         };
         config.validate()?;
         Ok(config)
@@ -704,6 +719,31 @@ mod tests {
             short.validate(),
             Err(Error::Executor(e)) if e.to_string().contains("--kernel-timeout")
         ));
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_served_where_asked() {
+        let c = VgpuConfig::try_from(args(&["-s", "/tmp/vm"]).unwrap()).unwrap();
+        assert_eq!(c.metrics, None);
+        for (flag, addr) in [
+            ("127.0.0.1:9477", "127.0.0.1:9477"),
+            ("0.0.0.0:9100", "0.0.0.0:9100"),
+            ("[::1]:9477", "[::1]:9477"),
+        ] {
+            let c =
+                VgpuConfig::try_from(args(&["-s", "/tmp/vm", "--metrics", flag]).unwrap()).unwrap();
+            assert_eq!(c.metrics, Some(addr.parse().unwrap()));
+        }
+        let local = args(&["-s", "/tmp/vm", "--metrics", "localhost:9477"]).unwrap();
+        assert!(local
+            .metrics
+            .is_some_and(|a| a.ip().is_loopback() && a.port() == 9477));
+        for bad in ["", "9477", "127.0.0.1", "127.0.0.1:70000", "127.0.0.1:port"] {
+            assert!(
+                args(&["-s", "/tmp/vm", "--metrics", bad]).is_err(),
+                "--metrics {bad:?} accepted"
+            );
+        }
     }
 
     #[test]
