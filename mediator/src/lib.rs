@@ -10,8 +10,10 @@
 //! ([`process`]), as native CUDA gives each process its own context: no kernel can reach
 //! another session's memory, and a kernel that faults takes down only its own session.
 //! Transports hand decoded requests to [`Mediator::submit`] and receive completions
-//! through a [`CompletionSink`] without blocking.
+//! through a [`CompletionSink`] without blocking. A daemon's [`control`] socket shows its
+//! VMs to the host and changes their quota and weight at run time (`vgpu-admin`).
 
+pub mod control;
 mod mediator;
 pub mod metrics;
 pub mod nfs;

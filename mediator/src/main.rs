@@ -4,9 +4,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use vgpu_mediator::control::{self, ControlServer};
 use vgpu_mediator::nfs::{NfsOptions, NfsServer};
 use vgpu_mediator::{
     select_with, selftest, ExecutorChoice, ExecutorFactory, ExecutorOptions, Mediator,
@@ -105,6 +107,12 @@ struct ServeArgs {
     /// authentication: bind to a loopback or management address (e.g. 127.0.0.1:9477).
     #[arg(long, value_name = "ADDR:PORT", value_parser = vgpu_mediator::metrics::parse_addr)]
     metrics: Option<SocketAddr>,
+
+    /// Also listen on a control socket at PATH for vgpu-admin (the VMs, their memory and
+    /// device time; quota and weight changed at run time): owner-only (mode 0600), removed
+    /// at stop. Off by default.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -212,15 +220,33 @@ fn serve(choice: ExecutorChoice, options: &ExecutorOptions, args: ServeArgs) -> 
         mem_quota: args.mem_quota,
         ..NfsOptions::new(args.nfs_root)
     };
-    let server = match NfsServer::start(mediator, opts) {
+    let server = match NfsServer::start(mediator.clone(), opts) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("vgpu-mediator: {}", error_chain(&e));
             return ExitCode::FAILURE;
         }
     };
+    let control = match args.control.as_deref().map(|path| {
+        ControlServer::start(
+            path,
+            mediator,
+            Arc::new(|_, name: &str| control::default_attachment(name)),
+        )
+    }) {
+        Some(Err(e)) => {
+            eprintln!("vgpu-mediator: {}", error_chain(&e));
+            server.stop();
+            return ExitCode::FAILURE;
+        }
+        Some(Ok(c)) => Some(c),
+        None => None,
+    };
     let signal = wait_for(&signals);
     log::info!("signal {signal}: stopping");
+    if let Some(c) = control {
+        c.stop();
+    }
     server.stop();
     drop(metrics);
     ExitCode::SUCCESS
@@ -282,13 +308,16 @@ mod tests {
         assert_eq!(cli(&["serve"]).unwrap().kernel_timeout, None);
         let c = cli(&["serve", "--kernel-timeout", "45"]).unwrap();
         assert_eq!(c.kernel_timeout, Some(45));
-        assert!(matches!(c.command, Cmd::Serve(_)));
+        assert!(matches!(c.command, Cmd::Serve(ref s) if s.control.is_none()));
         assert_eq!(
             cli(&["--kernel-timeout", "2", "info"])
                 .unwrap()
                 .kernel_timeout,
             Some(2)
         );
+        let c = cli(&["serve", "--control", "/run/vgpu-mediator/control"]).unwrap();
+        assert!(matches!(c.command, Cmd::Serve(ref s)
+            if s.control.as_deref() == Some(std::path::Path::new("/run/vgpu-mediator/control"))));
         for bad in ["0", "-1", "2.5", "soon"] {
             assert!(
                 cli(&["serve", "--kernel-timeout", bad]).is_err(),

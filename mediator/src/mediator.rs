@@ -303,7 +303,11 @@ pub(crate) enum Message {
 /// State a worker publishes for everyone else to read.
 pub(crate) struct TenantShared {
     pub id: TenantId,
+    /// As the tenant was added: its quota now is [`TenantShared::quota`], its weight the
+    /// scheduler's.
     pub config: TenantConfig,
+    /// Device memory the tenant may hold now, in bytes ([`Mediator::set_quota`]).
+    pub mem_quota: AtomicU64,
     /// Admits the tenant's device work and measures it.
     pub sched: Arc<Scheduler>,
     pub usage: Mutex<TenantUsage>,
@@ -330,6 +334,11 @@ pub(crate) const SELFTEST_EXECUTOR: u64 = 0;
 pub const RESET_GRACE: Duration = Duration::from_millis(200);
 
 impl TenantShared {
+    /// The tenant's device-memory quota now: what every quota check and INFO use.
+    pub fn quota(&self) -> u64 {
+        self.mem_quota.load(Ordering::Acquire)
+    }
+
     /// Kills every executor of the tenant that can be killed; how many.
     fn kill_executors(&self, timed_out: bool) -> usize {
         let killers: Vec<Killer> = self
@@ -620,6 +629,33 @@ impl Mediator {
         self.sched.stats(tenant).map(|s| s.weight)
     }
 
+    /// Changes a tenant's device-memory quota from now on: every later quota check, INFO
+    /// reply and [`Mediator::device_config`] use it. Lowering it below what the tenant
+    /// holds frees nothing: work that needs more device memory is refused
+    /// (`QUOTA_EXCEEDED`) until the tenant is back under it. False if there is no such
+    /// tenant.
+    pub fn set_quota(&self, tenant: TenantId, bytes: u64) -> bool {
+        let Some(shared) = self.shared(tenant) else {
+            return false;
+        };
+        let old = shared.mem_quota.swap(bytes, Ordering::AcqRel);
+        if old != bytes {
+            log::info!(
+                "tenant {} ({}): memory quota {} MiB (was {} MiB)",
+                tenant.0,
+                shared.config.name,
+                bytes >> 20,
+                old >> 20
+            );
+        }
+        true
+    }
+
+    /// A tenant's device-memory quota now, in bytes.
+    pub fn quota(&self, tenant: TenantId) -> Option<u64> {
+        Some(self.shared(tenant)?.quota())
+    }
+
     /// Adds a tenant and starts its worker.
     pub fn add_tenant(&self, config: TenantConfig) -> io::Result<TenantId> {
         let id = TenantId(self.next_tenant.fetch_add(1, Ordering::Relaxed));
@@ -627,6 +663,7 @@ impl Mediator {
         let shared = Arc::new(TenantShared {
             id,
             config: config.clone(),
+            mem_quota: AtomicU64::new(config.mem_quota),
             sched: self.sched.clone(),
             usage: Mutex::new(TenantUsage::default()),
             held: AtomicU64::new(0),
@@ -841,8 +878,18 @@ impl Mediator {
         self.lock().get(&tenant).map(|h| h.shared.clone())
     }
 
+    /// A tenant's name, quota and weight as they are now ([`Mediator::set_quota`] and
+    /// [`Mediator::set_weight`] change the last two).
     pub fn tenant_config(&self, tenant: TenantId) -> Option<TenantConfig> {
-        self.lock().get(&tenant).map(|h| h.shared.config.clone())
+        let shared = self.shared(tenant)?;
+        Some(TenantConfig {
+            mem_quota: shared.quota(),
+            weight: self
+                .sched
+                .stats(tenant)
+                .map_or(shared.config.weight, |s| s.weight),
+            ..shared.config.clone()
+        })
     }
 
     pub fn tenants(&self) -> Vec<TenantId> {
@@ -853,7 +900,7 @@ impl Mediator {
 
     /// The config space a tenant's device shows.
     pub fn device_config(&self, tenant: TenantId) -> Option<DeviceConfig> {
-        let quota = self.tenant_config(tenant)?.mem_quota;
+        let quota = self.quota(tenant)?;
         Some(device_config(self.device(), quota, &self.limits))
     }
 

@@ -429,6 +429,24 @@ impl Scheduler {
         })
     }
 
+    /// Device time of each of a tenant's sessions with an executor, in nanoseconds, by
+    /// session id (ascending).
+    pub fn session_stats(&self, tenant: TenantId) -> Vec<(u64, u64)> {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let Some(t) = st.tenants.get_mut(&tenant) else {
+            return Vec::new();
+        };
+        refresh_tenant(t, now);
+        let mut rows: Vec<(u64, u64)> = t
+            .sessions
+            .iter()
+            .map(|(&sid, s)| (sid, s.device_ns))
+            .collect();
+        rows.sort_unstable();
+        rows
+    }
+
     /// Which of a tenant's `waiting` sessions (not empty) goes next: the one whose work
     /// took the least device time, a session back from idle starting one slice behind the
     /// others rather than with the credit of its idle time. Sessions share their VM's

@@ -182,7 +182,7 @@ impl Worker {
 
     /// Whether `bytes` more fit in the tenant's quota.
     fn fits(&self, bytes: u64) -> bool {
-        fits(&self.usage, self.shared.config.mem_quota, bytes)
+        fits(&self.usage, self.shared.quota(), bytes)
     }
 
     /// Whether `bytes` more fit in the tenant's quota once the self-test executor, kept
@@ -200,7 +200,7 @@ impl Worker {
             "tenant {}: {what} of {bytes} bytes refused: {} of the {}-byte quota in use",
             self.name(),
             self.usage.mem_used,
-            self.shared.config.mem_quota
+            self.shared.quota()
         );
         Refusal::new(Status::QuotaExceeded, 0)
     }
@@ -339,11 +339,7 @@ impl Worker {
     }
 
     fn info(&self) -> Response {
-        let config = device_config(
-            self.factory.device(),
-            self.shared.config.mem_quota,
-            &self.limits,
-        );
+        let config = device_config(self.factory.device(), self.shared.quota(), &self.limits);
         let reply = InfoReply {
             config,
             mem_used: self.usage.mem_used,
@@ -852,7 +848,7 @@ impl Worker {
                 self.name(),
                 launch.kernel,
                 self.usage.mem_used,
-                self.shared.config.mem_quota
+                self.shared.quota()
             );
             return err(Status::QuotaExceeded, 0);
         }
@@ -907,7 +903,7 @@ impl Worker {
                 ),
             )
         };
-        let quota = self.shared.config.mem_quota;
+        let quota = self.shared.quota();
         if self.selftest_exec.as_ref().is_some_and(|e| e.poisoned()) {
             self.drop_selftest_exec();
         }

@@ -366,6 +366,62 @@ fn variables_a_module_declares_past_the_quota_never_reach_the_device() {
 }
 
 #[test]
+fn a_quota_changed_at_run_time_applies_to_every_check_and_to_info() {
+    let quota = CONTEXT + 8 * PAGE;
+    let (m, t, device) = setup(quota);
+    assert_eq!(m.quota(t), Some(quota));
+    let s = open(&m, t);
+    let a = call(&m, t, s, Command::Alloc { size: 4 * PAGE });
+    assert_eq!(a.status, Status::Ok);
+    let held = consistent(&m, t, &device, quota).mem_used;
+    assert_eq!(held, CONTEXT + 4 * PAGE);
+
+    // Lowered below what the VM holds: nothing is freed, nothing more fits.
+    let lower = CONTEXT + 2 * PAGE;
+    assert!(m.set_quota(t, lower));
+    assert_eq!(m.quota(t), Some(lower));
+    assert_eq!(m.tenant_config(t).unwrap().mem_quota, lower);
+    assert_eq!(m.device_config(t).unwrap().mem_quota, lower);
+    let i = info(&m, t);
+    assert_eq!((i.config.mem_quota, i.mem_used), (lower, held));
+    let r = call(&m, t, s, Command::Alloc { size: 1 });
+    assert_eq!(r.status, Status::QuotaExceeded);
+    assert_eq!(load(&m, t, s, PTX).status, Status::QuotaExceeded);
+    let r = call(&m, t, 0, Command::SessionOpen);
+    assert_eq!(r.status, Status::QuotaExceeded);
+    let u = m.usage(t).unwrap();
+    assert_eq!((u.mem_used, u.allocations, u.sessions), (held, 1, 1));
+    assert_eq!(device.used(), held);
+
+    // Under it again once the VM frees: work fits again within the new quota.
+    let r = call(&m, t, s, Command::Free { handle: a.value0 });
+    assert_eq!(r.status, Status::Ok);
+    assert_eq!(
+        call(&m, t, s, Command::Alloc { size: 2 * PAGE }).status,
+        Status::Ok
+    );
+    assert_eq!(
+        call(&m, t, s, Command::Alloc { size: 1 }).status,
+        Status::QuotaExceeded
+    );
+    consistent(&m, t, &device, lower);
+
+    // Raised: room again.
+    assert!(m.set_quota(t, quota));
+    assert_eq!(info(&m, t).config.mem_quota, quota);
+    assert_eq!(
+        call(&m, t, s, Command::Alloc { size: 1 }).status,
+        Status::Ok
+    );
+    consistent(&m, t, &device, quota);
+
+    // No such tenant.
+    m.remove_tenant(t);
+    assert!(!m.set_quota(t, quota));
+    assert_eq!(m.quota(t), None);
+}
+
+#[test]
 fn allocations_are_charged_as_the_allocator_takes_them() {
     let n = 20_000u64;
     let quota = CONTEXT + n * PAGE;

@@ -815,12 +815,18 @@ impl VhostUserBackendMut for VgpuBackend {
         if size > vhost::vhost_user::message::VHOST_USER_CONFIG_SIZE {
             return Vec::new();
         }
+        // As the VM's tenant is now (its quota may have changed since the device was
+        // made); the config from the device's creation if the tenant is gone.
+        let config = self
+            .mediator
+            .device_config(self.tenant)
+            .map_or(self.config, |c| c.encode());
         let mut out = vec![0u8; size as usize];
         let start = (offset as usize).min(CONFIG_SIZE);
         let end = (offset as usize)
             .saturating_add(size as usize)
             .min(CONFIG_SIZE);
-        out[..end - start].copy_from_slice(&self.config[start..end]);
+        out[..end - start].copy_from_slice(&config[start..end]);
         out
     }
 
@@ -2349,6 +2355,19 @@ mod tests {
         assert_eq!(b.get_config(u32::MAX, 4), vec![0; 4]);
         assert_eq!(b.get_config(0, 256).len(), 256);
         assert!(b.get_config(0, 0).is_empty());
+    }
+
+    #[test]
+    fn the_config_space_follows_a_quota_changed_at_run_time() {
+        let g = Guest::new(64);
+        let quota = |b: &VgpuBackend| {
+            vgpu_protocol::DeviceConfig::decode(&b.get_config(0, CONFIG_SIZE as u32))
+                .unwrap()
+                .mem_quota
+        };
+        let before = quota(&g.backend);
+        assert!(g.mediator.set_quota(g.tenant, before / 2));
+        assert_eq!(quota(&g.backend), before / 2);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use log::{error, info, warn};
+use vgpu_mediator::control::{self, Attachment, Attachments, ControlServer};
 use vgpu_mediator::metrics::MetricsServer;
 use vgpu_mediator::nfs::NfsServer;
 use vgpu_mediator::{Limits, Mediator, SchedConfig, TenantConfig, TenantId};
@@ -45,6 +46,9 @@ pub struct Daemon {
     weights: Option<WeightsReloader>,
     /// The HTTP metrics endpoint, with `--metrics`.
     metrics: Option<MetricsServer>,
+
+    /// The control socket (`vgpu-admin`), with `--control`.
+    control: Option<ControlServer>,
 }
 
 /// Stops a [`Daemon`] from any thread: its sockets stop accepting, connected VMs are
@@ -113,6 +117,7 @@ impl Daemon {
                 default: config.weight,
             }),
             metrics: None,
+            control: None,
         };
         // First: an address that cannot be had stops the start before any VM is served.
         if let Some(addr) = config.metrics {
@@ -178,6 +183,13 @@ impl Daemon {
                 weights.len()
             );
         }
+        if let Some(path) = &config.control {
+            let attachments = daemon.attachments();
+            daemon.control = Some(
+                ControlServer::start(path, mediator.clone(), attachments)
+                    .map_err(Error::Control)?,
+            );
+        }
         info!(
             "QEMU must share guest RAM with the backend: -object \
              memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem"
@@ -209,6 +221,31 @@ impl Daemon {
     /// for port 0).
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
+    /// The control socket's path, with `--control`.
+    pub fn control_path(&self) -> Option<&std::path::Path> {
+        self.control.as_ref().map(ControlServer::path)
+    }
+
+    /// How each VM reaches the daemon, for the control socket: the sockets' tenants are
+    /// virtio VMs, connected while their socket has a connection.
+    fn attachments(&self) -> Attachments {
+        let sockets: HashMap<TenantId, (usize, PathBuf)> = self
+            .tenants
+            .iter()
+            .copied()
+            .zip(self.sockets.iter().cloned().enumerate())
+            .collect();
+        let stop = self.stop.clone();
+        Arc::new(move |tenant, name: &str| match sockets.get(&tenant) {
+            Some((index, path)) => Attachment {
+                transport: "virtio".into(),
+                endpoint: Some(path.display().to_string()),
+                connected: Some(stop.connections().contains_key(index)),
+            },
+            None => control::default_attachment(name),
+        })
     }
 
     /// What reloads `--weights`, when given.
@@ -245,8 +282,11 @@ impl Daemon {
                 }
             }
         }
-        // The socket threads end only once a stop was requested: the NFS transport stops
-        // with them.
+        // The socket threads end only once a stop was requested: the control socket and
+        // the NFS transport stop with them.
+        if let Some(control) = self.control.take() {
+            control.stop();
+        }
         if let Some(nfs) = self.nfs.take() {
             nfs.stop();
         }
@@ -621,6 +661,152 @@ mod tests {
         daemon.weights_reloader().unwrap().reload().unwrap();
         assert_eq!((m.weight(vm0), m.weight(vm1)), (Some(10), Some(20)));
         daemon.stop().unwrap();
+    }
+
+    /// Sends `line` as it is to the control socket; the answer.
+    fn raw_control(path: &Path, line: &[u8]) -> serde_json::Value {
+        use std::io::{Read, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(path).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        // A client that sends more than the server reads may see its write cut short.
+        let _ = stream.write_all(line);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        serde_json::from_str(answer.trim()).unwrap()
+    }
+
+    #[test]
+    fn the_control_socket_lists_the_vms_and_changes_quota_and_weight() {
+        use std::os::unix::fs::PermissionsExt;
+        use vgpu_mediator::control::{self, ListReply, SetReply};
+        use vgpu_protocol::InfoReply;
+
+        let dir = TempDir::new().unwrap();
+        let path = dir.as_path().join("vm.control");
+        let config = VgpuConfig {
+            control: Some(path.clone()),
+            ..cpu_config(&dir, 2)
+        };
+        let daemon = Daemon::start(config).unwrap();
+        assert_eq!(daemon.control_path(), Some(path.as_path()));
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let m = daemon.mediator();
+        let [vm0, vm1] = [daemon.tenants()[0], daemon.tenants()[1]];
+        let ask =
+            |request: serde_json::Value| control::request(&path, &request, Duration::from_secs(10));
+        let list = || -> ListReply {
+            serde_json::from_value(ask(serde_json::json!({"op": "list"})).unwrap()).unwrap()
+        };
+
+        let l = list();
+        assert_eq!(l.device.executor, "cpu");
+        let names: Vec<&str> = l.vms.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["vm0", "vm1"]);
+        for v in &l.vms {
+            assert_eq!((v.transport.as_str(), v.connected), ("virtio", Some(false)));
+            assert_eq!((v.mem_quota, v.weight, v.sessions), (32 << 20, 100, 0));
+        }
+        assert_eq!(
+            l.vms[0].endpoint.as_deref(),
+            Some(daemon.sockets()[0].to_str().unwrap())
+        );
+
+        // A VM with a session and a 1 MiB buffer.
+        let mut vm = Vm::connect(&daemon.sockets()[0]).unwrap();
+        let (header, _) = vm.request(&Request::new(0, Command::SessionOpen)).unwrap();
+        assert_eq!(header.status, Status::Ok);
+        let sid = header.value0;
+        let alloc = |vm: &mut Vm, size: u64| {
+            vm.request(&Request::new(sid, Command::Alloc { size }))
+                .unwrap()
+                .0
+        };
+        assert_eq!(alloc(&mut vm, 1 << 20).status, Status::Ok);
+        let l = list();
+        assert_eq!(l.vms[0].connected, Some(true));
+        assert_eq!((l.vms[0].sessions, l.vms[0].allocations), (1, 1));
+        let used = l.vms[0].mem_used;
+        assert!(used >= 1 << 20, "{used}");
+        assert_eq!(l.vms[0].session_rows.len(), 1);
+
+        // The quota lowered below what the VM holds: nothing is freed, new memory is refused.
+        let set: SetReply = serde_json::from_value(
+            ask(serde_json::json!({"op": "set", "vm": "vm0", "quota": "1M"})).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (set.vm.as_str(), set.mem_quota, set.weight),
+            ("vm0", 1 << 20, 100)
+        );
+        assert_eq!(m.quota(vm0), Some(1 << 20));
+        assert_eq!(alloc(&mut vm, 4096).status, Status::QuotaExceeded);
+        assert_eq!(m.usage(vm0).unwrap().mem_used, used);
+        // What the guest sees (vgpu-smi's "memory quota") follows, and so does the config
+        // space.
+        let (header, data) = vm.request(&Request::new(sid, Command::Info)).unwrap();
+        assert_eq!(header.status, Status::Ok);
+        let info = InfoReply::decode(&data).unwrap();
+        assert_eq!((info.config.mem_quota, info.mem_used), (1 << 20, used));
+        assert_eq!(m.device_config(vm0).unwrap().mem_quota, 1 << 20);
+        // Raised again: room again.
+        ask(serde_json::json!({"op": "set", "vm": "vm0", "quota": 64 << 20})).unwrap();
+        assert_eq!(alloc(&mut vm, 4096).status, Status::Ok);
+
+        // The weight, in the scheduler and in the other VM's INFO.
+        let set: SetReply = serde_json::from_value(
+            ask(serde_json::json!({"op": "set", "vm": "vm1", "weight": 300})).unwrap(),
+        )
+        .unwrap();
+        assert_eq!((set.mem_quota, set.weight), (32 << 20, 300));
+        assert_eq!(m.weight(vm1), Some(300));
+        let info = m.call(vm1, Request::new(0, Command::Info));
+        assert_eq!(InfoReply::decode(&info.data).unwrap().weight, 300);
+        let l = list();
+        assert_eq!(
+            (l.vms[0].mem_quota, l.vms[1].weight),
+            (64 << 20, 300),
+            "the list shows the new values"
+        );
+
+        // Bad requests get errors, and the server serves on.
+        let error = |line: &[u8]| -> String {
+            let v = raw_control(&path, line);
+            v["error"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{v}"))
+                .to_owned()
+        };
+        assert!(error(b"{not json\n").contains("not valid JSON"));
+        assert!(error(b"{\"op\":\"format\"}\n").contains("unknown op"));
+        assert!(error(b"{\"op\":\"set\",\"vm\":\"vm9\",\"weight\":5}\n")
+            .contains("no VM named \"vm9\" (VMs: vm0, vm1)"));
+        assert!(error(b"{\"op\":\"set\",\"vm\":\"vm1\",\"weight\":0}\n").contains("bad weight"));
+        assert!(error(b"{\"op\":\"set\",\"vm\":\"vm1\",\"quota\":\"2X\"}\n").contains("bad quota"));
+        let mut huge = vec![b' '; 1 << 20];
+        huge.push(b'\n');
+        assert!(error(&huge).contains("longer than 65536 bytes"));
+        // A client that goes away without a request, and one that stops half-way.
+        drop(std::os::unix::net::UnixStream::connect(&path).unwrap());
+        assert!(error(b"{\"op\":").contains("not valid JSON"));
+        // A client that sends nothing holds the server for the connection deadline at most.
+        let slow = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let started = Instant::now();
+        assert_eq!(list().vms.len(), 2);
+        assert!(started.elapsed() < control::CONNECTION_DEADLINE * 2);
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut &slow, &mut answer).unwrap();
+        assert!(answer.contains("no complete request within"), "{answer}");
+        assert_eq!(m.weight(vm1), Some(300));
+        assert_eq!(list().vms.len(), 2);
+
+        drop(vm);
+        daemon.stop().unwrap();
+        assert!(!path.exists(), "the control socket is removed at stop");
     }
 
     #[test]

@@ -110,6 +110,8 @@ pub enum Error {
     Signals(#[source] io::Error),
     #[error("--metrics {0}: cannot listen")]
     Metrics(SocketAddr, #[source] io::Error),
+    #[error("--control")]
+    Control(#[source] vgpu_mediator::control::ControlError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -264,6 +266,29 @@ pub struct Args {
     /// 127.0.0.1:9477).
     #[arg(long, value_name = "ADDR:PORT", value_parser = vgpu_mediator::metrics::parse_addr)]
     pub metrics: Option<SocketAddr>,
+
+    /// Control socket for vgpu-admin (the VMs, their memory and device time; quota and
+    /// weight changed at run time). Owner-only (mode 0600: the daemon's user and root),
+    /// removed at stop. Default: the socket path with `.control` appended, e.g.
+    /// /run/vhost-vgpu/vm.control for --socket-path /run/vhost-vgpu/vm.
+    #[arg(long, value_name = "PATH", conflicts_with = "no_control")]
+    pub control: Option<PathBuf>,
+
+    /// No control socket.
+    #[arg(long)]
+    pub no_control: bool,
+}
+
+/// Where `vgpu-admin` looks for the control socket by default: the one of
+/// `vhost-vgpu --socket-path /run/vhost-vgpu/vm` (the systemd unit's).
+pub const DEFAULT_CONTROL_PATH: &str = "/run/vhost-vgpu/vm.control";
+
+/// The control socket of a daemon whose sockets are `socket_path` + N when `--control` is
+/// not given: `socket_path` with `.control` appended (never one of the VMs' sockets).
+pub fn default_control_path(socket_path: &Path) -> PathBuf {
+    let mut path = socket_path.as_os_str().to_owned();
+    path.push(".control");
+    PathBuf::from(path)
 }
 
 /// A checked configuration of the daemon.
@@ -297,6 +322,9 @@ pub struct VgpuConfig {
     pub executor_options: ExecutorOptions,
     /// Serve Prometheus metrics over HTTP on this address (see `Args::metrics`).
     pub metrics: Option<SocketAddr>,
+
+    /// Serve the control socket (`vgpu-admin`) here; `None`: no control socket.
+    pub control: Option<PathBuf>,
 }
 
 impl VgpuConfig {
@@ -319,6 +347,7 @@ impl VgpuConfig {
             poll_us: 0,
             executor_options: ExecutorOptions::default(),
             metrics: None,
+            control: None,
         }
     }
 
@@ -411,7 +440,13 @@ impl TryFrom<Args> for VgpuConfig {
     type Error = Error;
 
     fn try_from(args: Args) -> Result<VgpuConfig> {
+        let control = match (args.no_control, args.control) {
+            (true, _) => None,
+            (false, Some(path)) => Some(path),
+            (false, None) => Some(default_control_path(&args.socket_path)),
+        };
         let config = VgpuConfig {
+            control,
             socket_path: args.socket_path,
             socket_count: args.socket_count,
             executor: args.executor,
@@ -528,8 +563,30 @@ mod tests {
     fn defaults_are_one_socket_auto_executor_and_weight_100() {
         let a = args(&["--socket-path", "/tmp/vm"]).unwrap();
         let c = VgpuConfig::try_from(a).unwrap();
-        assert_eq!(c, VgpuConfig::new("/tmp/vm"));
+        assert_eq!(
+            c,
+            VgpuConfig {
+                control: Some(PathBuf::from("/tmp/vm.control")),
+                ..VgpuConfig::new("/tmp/vm")
+            }
+        );
         assert_eq!(c.socket_paths(), vec![PathBuf::from("/tmp/vm0")]);
+    }
+
+    #[test]
+    fn the_control_socket_is_on_beside_the_sockets_unless_moved_or_turned_off() {
+        let control = |list: &[&str]| VgpuConfig::try_from(args(list).unwrap()).unwrap().control;
+        assert_eq!(control(&["-s", "/tmp/vm"]), Some("/tmp/vm.control".into()));
+        assert_eq!(
+            default_control_path(Path::new("/run/vhost-vgpu/vm")),
+            PathBuf::from(DEFAULT_CONTROL_PATH)
+        );
+        assert_eq!(
+            control(&["-s", "/tmp/vm", "--control", "/tmp/admin.sock"]),
+            Some(PathBuf::from("/tmp/admin.sock"))
+        );
+        assert_eq!(control(&["-s", "/tmp/vm", "--no-control"]), None);
+        assert!(args(&["-s", "/tmp/vm", "--no-control", "--control", "/tmp/c"]).is_err());
     }
 
     #[test]
