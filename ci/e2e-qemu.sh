@@ -122,8 +122,12 @@ tenant with its own memory quota, sessions and handles."
 mkdir -p "$work/sockets"
 export RUST_LOG=${RUST_LOG:-info}
 # The daemon listens on PATH0, PATH1, ...; each VM's tenant is named after its socket.
+# Its metrics on a loopback port, its control socket beside the VMs' sockets.
+metrics_port=$((20000 + $$ % 20000))
+control=$work/sockets/vm.control
 "$target/vhost-vgpu" --socket-path "$work/sockets/vm" --socket-count 2 \
-    --executor "$executor" >"$work/vhost-vgpu.log" 2>&1 &
+    --executor "$executor" --metrics "127.0.0.1:$metrics_port" \
+    >"$work/vhost-vgpu.log" 2>&1 &
 daemon=$!
 pids+=("$daemon")
 sockets=("$work/sockets/vm0" "$work/sockets/vm1")
@@ -246,6 +250,95 @@ copies, four built-in kernels, sync and free; the C program uses only vgpu.h and
 report vm0 "${first_checks[@]}"
 report vm1 "${first_checks[@]}"
 
+step "operate: the daemon's metrics and vgpu-admin, against what vm1 does"
+say "vm1 is idle now (one of its processes holds 16 MiB of device memory). The host \
+reads vhost-vgpu's Prometheus metrics, asks vm1 for one vgpu-vector-add and reads them \
+again: vm1's counters must have grown by exactly that program's work. Then vgpu-admin \
+lists both VMs through the control socket, lowers vm1's memory quota, and vgpu-smi in \
+vm1 must report the new quota."
+# GET /metrics from the daemon, over bash's /dev/tcp.
+scrape() {
+    local fd
+    exec {fd}<>"/dev/tcp/127.0.0.1/$metrics_port" || return 1
+    printf 'GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&"$fd"
+    tr -d '\r' <&"$fd"
+    exec {fd}>&-
+}
+# The sum of the samples of metric NAME whose labels include every one of LABELS
+# (each written as name="value"), in the metrics TEXT.
+metric() { # TEXT NAME LABEL...
+    local text=$1 name=$2
+    shift 2
+    awk -v name="$name" -v want="$*" '
+        BEGIN { n = split(want, labels, " ") }
+        index($0, name "{") == 1 || $1 == name {
+            for (i = 1; i <= n; i++) if (index($0, labels[i]) == 0) next
+            sum += $NF
+        }
+        END { printf "%.0f\n", sum }' <<<"$text"
+}
+elements=65536
+if ! metrics_before=$(scrape) || [[ $metrics_before != *vgpu_requests_total* ]]; then
+    fail "host metrics-scrape no metrics from http://127.0.0.1:$metrics_port/metrics"
+    show "$work/vhost-vgpu.log" 10
+elif ! grep -q '^WAITING-FOR-POWEROFF' "${vm_log[vm1]}"; then
+    fail "host metrics-vector-add vm1 is not waiting for the host"
+else
+    tell vm1 VECTOR-ADD
+    wait_for vm1 '^DONE VECTOR-ADD' 120 || true
+    metrics_after=$(scrape || true)
+    report vm1 host-vector-add
+    delta() { # NAME LABEL...
+        echo $(($(metric "$metrics_after" "$@") - $(metric "$metrics_before" "$@")))
+    }
+    vm='vm="vm1"'
+    launches=$(delta vgpu_kernel_launches_total "$vm")
+    htod=$(delta vgpu_copied_bytes_total "$vm" 'direction="htod"')
+    dtoh=$(delta vgpu_copied_bytes_total "$vm" 'direction="dtoh"')
+    requests=$(delta vgpu_requests_total "$vm")
+    ok=$(delta vgpu_requests_total "$vm" 'status="ok"')
+    allocs=$(delta vgpu_requests_total "$vm" 'op="alloc"' 'status="ok"')
+    timed=$(delta vgpu_request_duration_seconds_count "$vm")
+    used=$(metric "$metrics_after" vgpu_memory_used_bytes "$vm")
+    held=$((16 << 20))
+    detail="vm1 ran one vgpu-vector-add of $elements floats: launches +$launches, HTOD +$htod B, DTOH +$dtoh B, requests +$requests ($ok OK, $allocs allocations, $timed timed), memory used $used B"
+    if [[ $launches -eq 1 && $htod -eq $((2 * 4 * elements)) && $dtoh -eq $((4 * elements)) &&
+          $requests -gt 0 && $ok -eq $requests && $allocs -eq 3 && $timed -eq $requests &&
+          $used -eq $held ]]; then
+        pass "host metrics-match-guest $detail (the 16 MiB still held)"
+    else
+        fail "host metrics-match-guest $detail; expected launches +1, HTOD +$((8 * elements)), DTOH +$((4 * elements)), every request OK and timed, 3 allocations, $held B held"
+        grep -E '^vgpu_(requests_total|copied_bytes_total|kernel_launches_total|memory_used_bytes)\{vm="vm1"' <<<"$metrics_after" | sed 's/^/    | /' | head -20
+    fi
+    # The control socket: both VMs listed, vm1's quota lowered and seen by the guest.
+    if [[ ! -x $target/vgpu-admin ]]; then
+        echo "   note: no $target/vgpu-admin: the vgpu-admin checks are skipped"
+    elif ! "$target/vgpu-admin" --control "$control" >"$work/admin.out" 2>&1; then
+        fail "host vgpu-admin-list $(tail -n 1 "$work/admin.out")"
+    else
+        sed 's/^/    | /' "$work/admin.out"
+        if grep -qE '^vm0 ' "$work/admin.out" && grep -qE '^vm1 ' "$work/admin.out"; then
+            pass "host vgpu-admin-list both VMs listed"
+        else
+            fail "host vgpu-admin-list vm0 and vm1 not both listed"
+        fi
+        quota_mib=200
+        if "$target/vgpu-admin" --control "$control" set vm1 --quota "${quota_mib}M" >"$work/admin-set.out" 2>&1; then
+            tell vm1 SMI
+            wait_for vm1 '^DONE SMI' 60 || true
+            smi_quota=$(tr -d '\r' <"${vm_log[vm1]}" | sed -n 's/^SMI2| *memory quota *//p' | tail -n 1)
+            if [[ $smi_quota == "$quota_mib MiB"* ]]; then
+                pass "host vgpu-admin-quota $(head -n 1 "$work/admin-set.out"); vm1's vgpu-smi: memory quota $smi_quota"
+            else
+                fail "host vgpu-admin-quota vm1's vgpu-smi shows memory quota '${smi_quota:-nothing}' after vgpu-admin set vm1 --quota ${quota_mib}M"
+                tr -d '\r' <"${vm_log[vm1]}" | grep '^SMI2|' | sed 's/^/    | /'
+            fi
+        else
+            fail "host vgpu-admin-quota $(tail -n 1 "$work/admin-set.out")"
+        fi
+    fi
+fi
+
 step "power vm1 off and boot it again while vm0 keeps sending requests"
 say "vm0 now submits batches of mixed requests in a loop. vm1 powers off while one of \
 its processes still holds 16 MiB of device memory: its QEMU exits, the vhost-user \
@@ -356,7 +449,8 @@ restart_backend() {
     # A moment without a backend: QEMU sees the connection closed and retries.
     sleep 2
     "$target/vhost-vgpu" --socket-path "$work/sockets/vm" --socket-count 2 \
-        --executor "$executor" >"$work/vhost-vgpu-2.log" 2>&1 &
+        --executor "$executor" --metrics "127.0.0.1:$metrics_port" \
+        >"$work/vhost-vgpu-2.log" 2>&1 &
     daemon=$!
     pids+=("$daemon")
     for ((i = 0; i < 100; i++)); do

@@ -8,7 +8,8 @@
 #                               then hold 16 MiB of device memory and wait for
 #                               BACKEND-RESTARTED (the checks after the host restarted
 #                               vhost-vgpu, prefixed "backend-restart") or POWEROFF
-#                  first-wait:  all checks, then wait for POWEROFF on the console
+#                  first-wait:  all checks, then wait for POWEROFF on the console (and
+#                               run vgpu-vector-add on VECTOR-ADD, vgpu-smi on SMI)
 #                  reboot:      the checks after a power cycle (prefixed "reboot-")
 #                               (first-wait powers off holding 16 MiB of device memory)
 #   VGPU_MIB       size of the HTOD/DTOH round trip in MiB (default 64)
@@ -237,9 +238,27 @@ case $plan in
         done
         echo "INFO $(head -n 1 /tmp/hold.out)"
         echo "WAITING-FOR-POWEROFF"
+        # Meanwhile the host may ask for one vector add (it compares the daemon's metrics
+        # before and after) or for vgpu-smi (after it changed the VM's quota); each ends
+        # with a DONE line.
         # shellcheck disable=SC3045 # busybox sh has read -t
         while read -r -t "$loop_max" cmd; do
-            [ "$cmd" = POWEROFF ] && break
+            case $cmd in
+                VECTOR-ADD)
+                    if vgpu-vector-add --elements "$elements" >/tmp/va2.out 2>&1; then
+                        check host-vector-add PASS "$(last_line /tmp/va2.out)"
+                    else
+                        check host-vector-add FAIL "$(last_line /tmp/va2.out)"
+                    fi
+                    echo "DONE VECTOR-ADD"
+                    ;;
+                SMI)
+                    vgpu-smi >/tmp/smi2.out 2>&1
+                    sed 's/^/SMI2| /' /tmp/smi2.out
+                    echo "DONE SMI"
+                    ;;
+                POWEROFF) break ;;
+            esac
         done
         echo "POWERING-OFF"
         ;;
