@@ -244,10 +244,8 @@ fn init_driver() -> Result<(), String> {
 fn device_count() -> Result<usize, String> {
     let mut count: c_int = 0;
     // SAFETY: writes one int.
-    cu(
-        unsafe { sys::cuDeviceGetCount(&mut count) },
-        "cuDeviceGetCount",
-    )?;
+    let r = unsafe { sys::cuDeviceGetCount(&mut count) };
+    cu(r, "cuDeviceGetCount")?;
     Ok(usize::try_from(count).unwrap_or(0))
 }
 
@@ -257,10 +255,8 @@ fn device_attribute(
 ) -> Result<i32, String> {
     let mut value: c_int = 0;
     // SAFETY: writes one int for a device handle returned by cuDeviceGet.
-    cu(
-        unsafe { sys::cuDeviceGetAttribute(&mut value, attribute, device) },
-        "cuDeviceGetAttribute",
-    )?;
+    let r = unsafe { sys::cuDeviceGetAttribute(&mut value, attribute, device) };
+    cu(r, "cuDeviceGetAttribute")?;
     Ok(value)
 }
 
@@ -276,17 +272,13 @@ fn query_device(ordinal: usize) -> Result<(sys::CUdevice, DeviceInfo), String> {
     let mut device: sys::CUdevice = 0;
     let ordinal_c = c_int::try_from(ordinal).map_err(|_| "device ordinal too large".to_string())?;
     // SAFETY: writes one device handle.
-    cu(
-        unsafe { sys::cuDeviceGet(&mut device, ordinal_c) },
-        "cuDeviceGet",
-    )?;
+    let r = unsafe { sys::cuDeviceGet(&mut device, ordinal_c) };
+    cu(r, "cuDeviceGet")?;
 
     let mut name = [0 as c_char; 256];
     // SAFETY: the driver writes at most `len` bytes, NUL-terminated, into `name`.
-    cu(
-        unsafe { sys::cuDeviceGetName(name.as_mut_ptr(), name.len() as c_int, device) },
-        "cuDeviceGetName",
-    )?;
+    let r = unsafe { sys::cuDeviceGetName(name.as_mut_ptr(), name.len() as c_int, device) };
+    cu(r, "cuDeviceGetName")?;
     name[name.len() - 1] = 0;
     // SAFETY: NUL-terminated within the array (forced above).
     let name = unsafe { CStr::from_ptr(name.as_ptr()) }
@@ -296,10 +288,8 @@ fn query_device(ordinal: usize) -> Result<(sys::CUdevice, DeviceInfo), String> {
 
     let mut total: usize = 0;
     // SAFETY: writes one size_t.
-    cu(
-        unsafe { sys::cuDeviceTotalMem_v2(&mut total, device) },
-        "cuDeviceTotalMem",
-    )?;
+    let r = unsafe { sys::cuDeviceTotalMem_v2(&mut total, device) };
+    cu(r, "cuDeviceTotalMem")?;
 
     use sys::CUdevice_attribute::*;
     let cc_major = device_attribute(device, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
@@ -502,14 +492,13 @@ pub fn sanity() -> Result<String, String> {
 fn sanity_memory() -> Result<(), String> {
     let mut dptr: sys::CUdeviceptr = 0;
     // SAFETY: writes one device pointer.
-    cu(
-        unsafe { sys::cuMemAlloc_v2(&mut dptr, SANITY_BYTES) },
-        "cuMemAlloc",
-    )?;
+    let r = unsafe { sys::cuMemAlloc_v2(&mut dptr, SANITY_BYTES) };
+    cu(r, "cuMemAlloc")?;
     let mut host = vec![0u8; SANITY_BYTES];
     // SAFETY: `dptr` holds SANITY_BYTES; `host` is as long and outlives the synchronous copy.
     let r = unsafe { sys::cuMemsetD8_v2(dptr, 0xa5, SANITY_BYTES) };
     let r = if r == CUresult::CUDA_SUCCESS {
+        // SAFETY: as above: `host` holds SANITY_BYTES and outlives the synchronous copy.
         unsafe { sys::cuMemcpyDtoH_v2(host.as_mut_ptr().cast(), dptr, SANITY_BYTES) }
     } else {
         r
@@ -1390,6 +1379,7 @@ impl Executor for CudaExecutor {
         // SAFETY: `s` was created in this context and is destroyed once.
         let r = unsafe { sys::cuStreamSynchronize(s) };
         let _ = self.check(r, "cuStreamSynchronize (close)");
+        // SAFETY: as above; nothing uses the stream after this.
         let r = unsafe { sys::cuStreamDestroy_v2(s) };
         let _ = self.check(r, "cuStreamDestroy");
         if let Some((event, _)) = self.copy_events.remove(&stream.0) {

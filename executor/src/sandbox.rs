@@ -45,6 +45,7 @@ impl WorkerUser {
     /// Looks a user up in the password database.
     pub fn lookup(name: &str) -> Result<WorkerUser, String> {
         let cname = CString::new(name).map_err(|_| format!("bad user name '{name}'"))?;
+        // SAFETY: `passwd` is plain data (integers and pointers); all zeroes is valid.
         let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
         let mut buf = vec![0 as libc::c_char; 16384];
         let mut result: *mut libc::passwd = std::ptr::null_mut();
@@ -307,6 +308,7 @@ pub struct JitCpuLimit {
 
 impl JitCpuLimit {
     pub fn arm(seconds: u64) -> JitCpuLimit {
+        // SAFETY: `rusage` is plain integers; all zeroes is valid.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
         // SAFETY: `usage` is a valid out-parameter.
         let used = if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0 {

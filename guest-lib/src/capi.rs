@@ -485,12 +485,15 @@ pub unsafe extern "C" fn vgpu_launch(
     num_args: usize,
 ) -> c_int {
     guard(|| {
-        // SAFETY (all four): forwarded caller promises.
+        // SAFETY: the caller passes a session from vgpu_session_open (forwarded promise).
         let s = unsafe { session(s) }?;
+        // SAFETY: `kernel` is a NUL-terminated string or null (forwarded promise).
         let kernel = unsafe { c_str(kernel, "kernel name") }?;
+        // SAFETY: `grid` and `block` point to three u32 each or are null (forwarded promise).
+        let (grid, block) = unsafe { (dim3(grid, "grid")?, dim3(block, "block")?) };
         let cfg = LaunchConfig {
-            grid: unsafe { dim3(grid, "grid") }?,
-            block: unsafe { dim3(block, "block") }?,
+            grid,
+            block,
             shared_bytes,
         };
         let buffers = lock(&s.buffers);
@@ -737,7 +740,7 @@ mod tests {
         let driver = AsyncDriver::new(dev.transport());
         let s = wrap(Session::from_transport(Box::new(driver)));
         let dims = [1u32, 1, 1];
-        // SAFETY (whole test): a live session and valid pointers throughout.
+        // SAFETY: (whole test) a live session and valid pointers throughout.
         unsafe {
             let launch = vgpu_launch_builtin(
                 s,
@@ -764,7 +767,7 @@ mod tests {
         let s = open_fake(&dev);
         let mut h = 0u64;
         let mut host: *mut c_void = std::ptr::null_mut();
-        // SAFETY (whole test): a live session; `host` is 3 pages long once allocated.
+        // SAFETY: (whole test) a live session; `host` is 3 pages long once allocated.
         unsafe {
             assert_eq!(vgpu_host_alloc(s, 3 * 4096, &mut host), 0);
             assert!(!host.is_null());
@@ -795,7 +798,7 @@ mod tests {
         let data: Vec<f32> = (0..300).map(|i| i as f32).collect();
         let bytes = (data.len() * 4) as u64;
         let mut h = 0u64;
-        // SAFETY (whole test): a live session and valid pointers throughout.
+        // SAFETY: (whole test) a live session and valid pointers throughout.
         unsafe {
             assert_eq!(vgpu_alloc(s, bytes, &mut h), 0);
             assert_eq!(vgpu_htod(s, h, 0, data.as_ptr().cast(), bytes as usize), 0);
@@ -846,7 +849,7 @@ mod tests {
     fn c_errors_are_statuses_with_a_message() {
         let dev = FakeDevice::new();
         let s = open_fake(&dev);
-        // SAFETY (whole test): a live session; the bad pointers are the point.
+        // SAFETY: (whole test) a live session; the bad pointers are the point.
         unsafe {
             assert_eq!(vgpu_free(s, 42), Status::InvalidHandle as c_int);
             assert_eq!(last_error(), "no buffer with handle 42 in this session");

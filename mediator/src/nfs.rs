@@ -767,9 +767,8 @@ impl Dir {
             )
         })?;
         // SAFETY: `fd` was just opened and is owned by nobody else.
-        Ok(Dir {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Dir { fd })
     }
 
     /// `lstat` of a name in the directory; `None` when it does not exist.
@@ -1003,9 +1002,8 @@ impl Inotify {
         // SAFETY: no pointers; the result is checked.
         let fd = check(unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) })?;
         // SAFETY: `fd` was just created and is owned by nobody else.
-        Ok(Inotify {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Inotify { fd })
     }
 
     /// Watches a directory. Watching one already watched is a no-op, and the kernel drops

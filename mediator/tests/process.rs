@@ -815,10 +815,8 @@ fn a_worker_killed_with_requests_in_flight_gives_device_lost_without_hanging() {
         }
         let in_flight = exec.in_flight();
         // SAFETY: signals a child this test started.
-        assert_eq!(
-            unsafe { libc::kill(exec.pid() as libc::pid_t, libc::SIGKILL) },
-            0
-        );
+        let killed = unsafe { libc::kill(exec.pid() as libc::pid_t, libc::SIGKILL) };
+        assert_eq!(killed, 0);
         let mut statuses = Vec::new();
         for i in 0..2000 {
             let r = exec.launch(
