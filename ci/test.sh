@@ -41,7 +41,7 @@ bash ci/setup.sh || { echo "FAIL setup"; echo "0 passed, 1 failed"; exit 1; }
 export PATH="$HOME/.cargo/bin:$PATH"
 
 check fmt cargo fmt --all -- --check
-check clippy cargo clippy --workspace --all-targets --locked -- -D warnings
+check clippy cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 echo "=== cargo test"
 cargo test --workspace --locked 2>&1 | tee "$logdir/cargo-test.log"

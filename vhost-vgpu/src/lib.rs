@@ -26,6 +26,7 @@
 pub mod backend;
 mod chain;
 mod daemon;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testvmm;
 mod wait;
 pub mod weights;
