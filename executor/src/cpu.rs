@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The CPU reference executor: host memory and the built-in catalog, no PTX.
 //!
 //! It is what CI and machines without a GPU run, so it follows the same rules as the

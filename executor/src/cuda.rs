@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The CUDA executor: one CUDA context per session, driven through cudarc's `sys` layer.
 //!
 //! Each executor gets its own context from `cuCtxCreate`, never the primary context. A

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The `Executor` trait: what runs a tenant's GPU work, on CUDA or on the CPU.
 //!
 //! One executor instance serves one session (one guest process) and lives on its tenant's

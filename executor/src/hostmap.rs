@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Host buffers: guest memory a guest process was handed by its driver (the analogue of
 //! `cudaMallocHost`), mapped here straight from the files that back the VM's RAM.
 //!

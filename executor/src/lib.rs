@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vgpu-executor`: what runs a VM's GPU work, below the mediator's policy.
 //!
 //! - [`Executor`]: the seam. One executor per session (one guest process); the mediator

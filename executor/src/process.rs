@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Executors in worker processes: each executor runs in its own `vgpu-executor-worker`
 //! process, so a kernel that faults takes down that process's CUDA context only.
 //! (Separate contexts in one process do not contain a fault: after a kernel traps, every

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What PTX text declares: the size of each `.param` of every `.entry`, and the module
 //! scope variables that take device memory when the module is loaded.
 //!

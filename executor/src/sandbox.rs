@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Confinement of executor worker processes.
 //!
 //! A worker runs one VM's work: guest PTX is JIT-compiled there and guest-chosen sizes

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The Phase 1 self-tests: vector-add validation and a one-line device description.
 
 use vgpu_kernels::{LaunchShape, ParamKind};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The C ABI declared in `include/vgpu.h` (`libvgpu.so`, `libvgpu.a`).
 //!
 //! Every function returns a `vgpu_status`: the protocol's status codes (0 = OK) and a few

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A small in-process device for unit tests: enough of the protocol to check what the
 //! library sends (chunking, argument encoding, asynchronous submission) and how it maps
 //! replies to errors.

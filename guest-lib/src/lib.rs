@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vgpu`: the guest library of the vGPU device.
 //!
 //! Programs in a virtual machine use the host's GPU through `/dev/vgpuN`, the char device

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Devices, sessions, device buffers, modules and launches, shaped like cudarc.
 
 use std::fs;

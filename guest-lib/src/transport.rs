@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! How requests reach the device: the [`Transport`] trait, the guest driver's char device
 //! ([`CharDevTransport`]) and an in-process transport for tests and host-side tools
 //! ([`InProcessTransport`]).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The guest library against the real mediator (CPU executor), in process: the API a
 //! guest program uses, end to end except for the virtqueue.
 

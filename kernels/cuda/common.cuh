@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Helpers shared by the whole catalog. CUDA_SOURCE places this file first, so the
 // kernel files are parts of one translation unit rather than standalone sources.
 // NVRTC provides no standard headers: built-in types and intrinsics only.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Row-major C[m x n] = A[m x k] * B[k x n]. Each 16x16 block computes one 16x16 output
 // tile at a time, staging 16x16 tiles of A and B in shared memory so each global value is
 // loaded once per tile instead of once per product. Output tiles are walked grid-stride

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // out[0] += sum(x). Each thread sums its grid-stride elements, the block combines them
 // in a shared-memory tree, and one atomicAdd per block publishes the block's sum: one
 // atomic per block instead of per element. The summation order depends on the launch

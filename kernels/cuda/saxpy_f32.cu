@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // y = a * x + y, in place. The explicit __fmaf_rn pins one rounding whatever the
 // compiler's --fmad setting, so the CPU reference (f32::mul_add) matches bit for bit.
 // Each element is owned by one thread, so x may alias y.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // x = alpha * x, in place. A single IEEE multiply: bit-exact against the CPU reference.
 extern "C" __global__ void scale_f32(float* x, float alpha, unsigned int n)
 {

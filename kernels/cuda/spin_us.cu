@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Keeps every thread busy for `us` microseconds of wall time (the GPU's global timer),
 // then the first thread of the grid writes `us` to out[0]: a kernel of known duration,
 // for scheduling checks and for exercising the watchdog. The catalog caps its grid at

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // c = a + b, element-wise. Each element is read and written by one thread, so c may
 // alias a or b. A single IEEE add: bit-exact against the CPU reference.
 extern "C" __global__ void vector_add_f32(const float* a, const float* b, float* c,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The built-in kernel catalog: the CUDA C sources every executor can launch without a
 //! guest-supplied module, and one table ([`CATALOG`]) that describes each kernel's
 //! parameters, launch constraints and buffer sizes, and runs its CPU reference.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Typed CPU references of the catalog kernels: the ground truth that `run_cpu` applies
 //! to buffers and that test harnesses compare CUDA results against.
 //!

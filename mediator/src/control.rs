@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The control socket: the host's view of the VMs a daemon serves, and control of their
 //! memory quota and weight at run time (what `vgpu-admin` talks to).
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vgpu-mediator`: shares one GPU between virtual machines. Policy only: the executors
 //! that run the work live in `vgpu-executor` (re-exported here under the same module
 //! names).

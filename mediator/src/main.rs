@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vgpu-mediator`: the Phase 1 CUDA sanity gate, device information, and the NFS
 //! file-protocol server.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The mediator: tenants (VMs) with their quota and weight, each served by a worker that
 //! owns the tenant's executor, sessions and handles.
 //!

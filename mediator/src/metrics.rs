@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Prometheus metrics of the mediator, and the HTTP endpoint that serves them.
 //!
 //! Two kinds of figures:

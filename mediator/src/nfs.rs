@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The Phase 1 file transport: `command.txt` / `response.txt` in a directory that the host
 //! exports to its VMs over NFS (`/var/vgpu` by default).
 //!

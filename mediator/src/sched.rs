@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The scheduler: weighted fair shares of device time between tenants (VMs), a bounded
 //! amount of work on the device per tenant, and the watchdog.
 //!

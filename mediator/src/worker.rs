@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A tenant's worker: it owns the tenant's sessions and checks every request against
 //! them before anything reaches an executor.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A VM's byte budget: what its requests hold in the mediator (payload in, answers out)
 //! is bounded whether they are queued, running or abandoned, and cancelling drops what
 //! is queued at once.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The CPU executor's own memory (security review, finding 6): built-in kernels run in
 //! place in bounded chunks, so a launch over large buffers allocates next to nothing
 //! outside the tenant's quota, and an allocation the host cannot make answers

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The mediator's rules, exercised through its public API with the CPU executor: every
 //! refused request gets its specific status and the mediator serves on afterwards.
 

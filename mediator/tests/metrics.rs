@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The mediator's metrics: requests of known kinds and sizes on two tenants show up in
 //! the text with the right counts, bytes, memory and latencies; the HTTP endpoint serves
 //! them and survives bad requests.

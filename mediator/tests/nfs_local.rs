@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The NFS file transport on a local directory, with the CPU executor: both layouts,
 //! both commands, everything a guest may leave in `command.txt`, and two VMs hammering
 //! their own directories at once. Waits are on what the files read or on the transport's

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Executors in worker processes, with the CPU executor so no GPU is needed: the RPC and
 //! the staging area carry data and errors unchanged, requests that are not waited for are
 //! pipelined and their failures reported by the next call that waits, a dead or faulted

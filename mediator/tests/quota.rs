@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Quotas that count everything a VM's work holds on the device: contexts, buffers as the
 //! allocator takes them, modules, and the local memory the driver reserves for kernels.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Executor workers are confined: an unprivileged user when started as root,
 //! no_new_privs, not dumpable, and a seccomp allow-list that refuses what a compromised
 //! worker would try (exec, new processes, network, ptrace, creating files, signalling

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The scheduler end to end, on CPU executors in worker processes (each session's work
 //! queued in its own process, like a CUDA context on a GPU) with the built-in `spin_us`
 //! kernel standing in for kernels of known duration: weights divide device time, and one

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Asynchronous failures: sticky for the session that caused them, and a lost context
 //! restarted for the tenant without touching other tenants.
 

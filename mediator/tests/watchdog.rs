@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The watchdog, with CPU executors in worker processes: a kernel that runs past the
 //! kernel timeout ends its session's worker (`DEVICE_LOST`, detail 702) and nothing else,
 //! a killer ends a worker while its executor's thread is blocked on it, and a VM reset or

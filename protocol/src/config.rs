@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The device's virtio config space and the INFO reply that extends it.
 
 use crate::request::DecodeError;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vgpu-protocol`: the wire format shared by the guest library, the guest kernel driver
 //! and the host backend of the vGPU device.
 //!

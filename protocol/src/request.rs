@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Request headers, operations and their payloads.
 
 use crate::wire::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The response header written at the end of every chain.
 
 use crate::request::DecodeError;

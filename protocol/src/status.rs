@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Status codes carried in the response header.
 
 use std::fmt;

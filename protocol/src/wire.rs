@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Little-endian field access on byte slices whose length the caller has checked.
 
 pub(crate) fn u16_at(b: &[u8], off: usize) -> u16 {

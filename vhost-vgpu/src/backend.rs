@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The vhost-user backend of one VM's vGPU device.
 //!
 //! The vring worker thread pops request chains, checks each one whole

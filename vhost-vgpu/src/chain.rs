@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Descriptor chains, checked whole before any byte of them is used.
 //!
 //! A request chain is a run of device-readable descriptors followed by a run of

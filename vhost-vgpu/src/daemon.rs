@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The daemon: one thread per socket, each serving its VM again after every disconnect.
 //!
 //! A socket's thread waits for QEMU, then builds a fresh backend and vhost-user daemon for

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vhost-vgpu`: the vhost-user backend that presents the mediated GPU to virtual machines.
 //!
 //! A [`Daemon`] listens on one Unix socket per VM. Each socket is a tenant of one shared

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vhost-vgpu`: parses the command line and runs the backend until SIGINT or SIGTERM.
 
 use std::error::Error as _;

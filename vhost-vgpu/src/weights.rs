@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Per-VM weights from a file (`--weights FILE`), read at start and again on SIGHUP.
 //!
 //! One VM per line: its name (the socket's file name such as `vm0`, or an NFS VM

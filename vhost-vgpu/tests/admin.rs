@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vgpu-admin`, the built binary, against a daemon's control socket.
 
 use std::path::Path;

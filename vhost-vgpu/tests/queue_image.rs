@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The fuzz harness of `vhost-vgpu/fuzz` on stable: its seeds, random RAM images and
 //! mutated seeds go through the backend's chain checks, decoding and completions, and
 //! so do inputs the fuzzer once stopped on.

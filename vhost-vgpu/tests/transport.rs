@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The daemon through its real vhost-user sockets, driven by the test VMM: every
 //! operation, two VMs pipelining at once, a hostile guest beside a well-behaved one, and
 //! disconnects in the middle of work.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vgpu-nfs-client`: the VM side of the Phase 1 file protocol over NFS.
 //!
 //! Writes a command to `DIR/command.txt` and polls `DIR/response.txt` until the mediator

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vgpu-smi`: what each vGPU device is, and this VM's use of it.
 
 use std::process::ExitCode;

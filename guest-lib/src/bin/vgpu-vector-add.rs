@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vgpu-vector-add`: checks the device end to end with the built-in `vector_add_f32`.
 
 use std::process::ExitCode;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vgpu-executor-worker`: serves one tenant's executor to the mediator that started it.
 //! Not meant to be run by hand: the mediator passes it an inherited socket and a shared
 //! staging area (see `vgpu_mediator::process`).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vgpu-gpu-check`: drives the whole mediator stack on a real GPU the way a guest would,
 //! checks every result against the CPU references, and times the mediated path against
 //! native CUDA calls made in the same process.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vgpu-share-bench`: measures on a real GPU whether the mediator's scheduler shares the
 //! device between VMs (tenants) as it promises: device time in proportion to weight,
 //! weights that take effect at once, little cost for the scheduling itself, and a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A tiny HTTP/1.1 server for the metrics: `GET /metrics` and nothing else.
 //!
 //! One request per connection (the answer says `Connection: close`), read with a timeout

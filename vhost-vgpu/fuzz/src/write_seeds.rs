@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Writes the seed inputs of `queue_image` (valid queues of real requests) into a
 //! directory: `cargo run --bin write-seeds -- corpus/queue_image`.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vgpu-admin`: the host's view of the VMs a `vhost-vgpu` (or `vgpu-mediator serve
 //! --control`) daemon serves, and their memory quota and weight changed at run time,
 //! through the daemon's control socket.

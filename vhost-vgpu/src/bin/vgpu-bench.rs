@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vgpu-bench`: what the vhost-user transport costs, measured through the test VMM.
 //!
 //! Each virtio figure stands beside the same operation called in-process on the mediator

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The VMM's side of the vhost-user socket: feature negotiation, config space, the memory
 //! table and vring setup, in the order QEMU sends them.
 

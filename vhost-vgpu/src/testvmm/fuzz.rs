@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Fuzz harness: raw bytes become a guest's whole RAM image (descriptor table, available
 //! ring, used ring, buffers), and the device's request queue is run over it by the real
 //! backend ([`VgpuBackend`]), completions included, with no socket in between.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Hostile descriptor chains made from bytes: a fuzz input or a random buffer decides
 //! every descriptor (address inside, across or outside RAM, length, direction, links,
 //! indirect tables) and the bytes the device finds there, which start as a request header

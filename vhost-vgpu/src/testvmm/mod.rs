@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A test VMM: everything a VM and its guest driver do to the vGPU device, in-process,
 //! for the integration tests, the benchmark and the fuzz harness.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Guest RAM: one memfd mapped `MAP_SHARED`, so the backend maps the very same pages
 //! from the fd it receives in `SET_MEM_TABLE`.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The test VMM against a stand-in backend built on vhost-user-backend, so the VMM's
 //! own handshake, rings and notification modes are proven without the vGPU daemon.
 

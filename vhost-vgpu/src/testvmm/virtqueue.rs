@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The driver side of a split virtqueue, over [`GuestRam`]: descriptor table, available
 //! ring and used ring laid out as the virtio 1.x spec says (section 2.7), with the
 //! notification suppression of `VIRTIO_RING_F_EVENT_IDX`.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A whole test VM: guest RAM, one virtqueue and the vhost-user connection, with a
 //! request API like the guest driver's and a raw API for hand-made chains.
 
