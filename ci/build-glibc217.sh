@@ -139,7 +139,7 @@ cd "$REPO_DIR"
 messages=$target_dir/zigbuild-messages.json
 # Messages as JSON on stdout (the test executables' names), diagnostics on stderr.
 "$zigbuild" zigbuild --release --locked --target "$TARGET" --message-format=json-render-diagnostics \
-    -p vgpu-mediator -p vhost-vgpu -p vgpu-guest "${bin_args[@]}" --lib >"$messages" ||
+    -p vgpu-mediator -p vgpu-nfs -p vhost-vgpu -p vgpu-guest "${bin_args[@]}" --lib >"$messages" ||
     die "cargo zigbuild --target $TARGET failed"
 
 built=$target_dir/x86_64-unknown-linux-gnu/release

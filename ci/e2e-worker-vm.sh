@@ -95,7 +95,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 quiet setup "$work/apt.log" apt_install e2fsprogs
 
 step "build: vgpu-mediator and vgpu-nfs-client (cargo build --release)"
-quiet build "$work/cargo.log" cargo build --release --locked -p vgpu-mediator -p vgpu-guest \
+quiet build "$work/cargo.log" cargo build --release --locked -p vgpu-nfs -p vgpu-guest \
     --bin vgpu-mediator --bin vgpu-nfs-client
 target=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release
 for f in vgpu-mediator vgpu-nfs-client; do

@@ -17,7 +17,6 @@
 pub mod control;
 mod mediator;
 pub mod metrics;
-pub mod nfs;
 pub mod sched;
 mod worker;
 

@@ -19,8 +19,8 @@ use std::time::Duration;
 use log::{error, info, warn};
 use vgpu_mediator::control::{self, Attachment, Attachments, ControlServer};
 use vgpu_mediator::metrics::MetricsServer;
-use vgpu_mediator::nfs::NfsServer;
 use vgpu_mediator::{Limits, Mediator, SchedConfig, TenantConfig, TenantId};
+use vgpu_nfs::NfsServer;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -896,7 +896,7 @@ mod tests {
         let daemon = Daemon::start_with_mediator(&config, mediator.clone()).unwrap();
         // The 200 directories stay unserved while the transport scans them, again and again.
         nfs_passes(&daemon, 3);
-        let quota = vgpu_mediator::nfs::DEFAULT_MEM_QUOTA;
+        let quota = vgpu_nfs::DEFAULT_MEM_QUOTA;
         assert_eq!(
             nfs_tenants(&mediator),
             [("nfs:vm1".to_owned(), quota), ("nfs:vm2".to_owned(), quota)],

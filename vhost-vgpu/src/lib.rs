@@ -37,8 +37,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
-use vgpu_mediator::nfs::NfsOptions;
 use vgpu_mediator::{ExecutorChoice, ExecutorOptions, Isolation};
+use vgpu_nfs::NfsOptions;
 use vgpu_protocol::{CONFIG_SIZE, DEFAULT_VIRTIO_ID, MAX_TRANSFER_BYTES};
 
 pub use backend::{VgpuBackend, NUM_QUEUES, QUEUE_SIZE};
@@ -78,13 +78,13 @@ pub enum Error {
     #[error("--single-vm-shared-process serves one VM only: --socket-count 1 and no --nfs-root")]
     SharedProcessNotSingleVm,
     #[error("--nfs-root")]
-    NfsRoot(#[source] vgpu_mediator::nfs::NfsError),
+    NfsRoot(#[source] vgpu_nfs::NfsError),
     #[error("--nfs-vm, --nfs-discover and --nfs-max-vms need --nfs-root")]
     NfsWithoutRoot,
     #[error("NFS VM list")]
-    NfsVms(#[source] vgpu_mediator::nfs::NfsError),
+    NfsVms(#[source] vgpu_nfs::NfsError),
     #[error("starting the NFS file transport")]
-    StartNfs(#[source] vgpu_mediator::nfs::NfsError),
+    StartNfs(#[source] vgpu_nfs::NfsError),
     #[error(transparent)]
     Executor(#[from] vgpu_mediator::executor::SetupError),
     #[error("adding tenant {0}")]
@@ -196,7 +196,7 @@ pub struct Args {
     #[arg(
         long,
         value_name = "N",
-        default_value_t = vgpu_mediator::nfs::DEFAULT_MAX_VMS,
+        default_value_t = vgpu_nfs::DEFAULT_MAX_VMS,
         requires = "nfs_discover"
     )]
     pub nfs_max_vms: usize,
@@ -343,8 +343,8 @@ impl VgpuConfig {
             nfs_root: None,
             nfs_vms: Vec::new(),
             nfs_discover: false,
-            nfs_max_vms: vgpu_mediator::nfs::DEFAULT_MAX_VMS,
-            nfs_mem_quota: vgpu_mediator::nfs::DEFAULT_MEM_QUOTA,
+            nfs_max_vms: vgpu_nfs::DEFAULT_MAX_VMS,
+            nfs_mem_quota: vgpu_nfs::DEFAULT_MEM_QUOTA,
             inflight_budget: vgpu_mediator::DEFAULT_MAX_HELD_BYTES,
             poll_us: 0,
             executor_options: ExecutorOptions::default(),
@@ -420,7 +420,7 @@ impl VgpuConfig {
         match self.nfs_options() {
             Some(options) => {
                 options.validate().map_err(Error::NfsVms)?;
-                vgpu_mediator::nfs::check_root(&options.root).map_err(Error::NfsRoot)?;
+                vgpu_nfs::check_root(&options.root).map_err(Error::NfsRoot)?;
             }
             None if !self.nfs_vms.is_empty() || self.nfs_discover => {
                 return Err(Error::NfsWithoutRoot)

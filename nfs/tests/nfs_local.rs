@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use vgpu_mediator::cpu::CpuExecutorFactory;
 use vgpu_mediator::executor::ExecResult;
-use vgpu_mediator::nfs::{NfsError, NfsOptions, NfsServer};
 use vgpu_mediator::{selftest, DeviceInfo, Executor, ExecutorFactory, Mediator, TenantId};
+use vgpu_nfs::{NfsError, NfsOptions, NfsServer};
 
 const VECTOR_ADD: &str = "1:Vector add PASSED: 1024 elements, 0 errors (CPU reference executor)";
 const READY: &str = "0:Ready";
@@ -876,7 +876,7 @@ fn directories_a_guest_creates_are_no_tenants_by_default() {
     let tenant = server.tenant("root").unwrap();
     assert_eq!(
         m.device_config(tenant).unwrap().mem_quota,
-        vgpu_mediator::nfs::DEFAULT_MEM_QUOTA,
+        vgpu_nfs::DEFAULT_MEM_QUOTA,
         "the small default"
     );
     assert_eq!(issue(root.path(), "1"), VECTOR_ADD);

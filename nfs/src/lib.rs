@@ -98,7 +98,7 @@ use std::time::{Duration, Instant};
 use vgpu_protocol::{Command, Request, Response, SelftestKind};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::mediator::{CompletionQueue, CompletionSink, Mediator, TenantConfig, TenantId};
+use vgpu_mediator::{CompletionQueue, CompletionSink, Mediator, TenantConfig, TenantId};
 
 /// The export directory when none is given.
 pub const DEFAULT_ROOT: &str = "/var/vgpu";

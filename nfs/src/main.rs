@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use vgpu_mediator::control::{self, ControlServer};
-use vgpu_mediator::nfs::{NfsOptions, NfsServer};
 use vgpu_mediator::{
     select_with, selftest, ExecutorChoice, ExecutorFactory, ExecutorOptions, Mediator,
 };
+use vgpu_nfs::{NfsOptions, NfsServer};
 
 #[derive(Parser)]
 #[command(
@@ -75,7 +75,7 @@ or 2:<error>. To issue the same command again, write 0 and wait for 0:Ready firs
 #[derive(clap::Args)]
 struct ServeArgs {
     /// Directory exported to the VMs; must exist and be writable.
-    #[arg(long, value_name = "DIR", default_value = vgpu_mediator::nfs::DEFAULT_ROOT)]
+    #[arg(long, value_name = "DIR", default_value = vgpu_nfs::DEFAULT_ROOT)]
     nfs_root: PathBuf,
     /// Serve the VM directory DIR/NAME, created if missing (repeatable: one per VM; the
     /// normal way). Without --vm: the pair at the root, for a single VM.
@@ -91,7 +91,7 @@ struct ServeArgs {
     #[arg(
         long,
         value_name = "N",
-        default_value_t = vgpu_mediator::nfs::DEFAULT_MAX_VMS,
+        default_value_t = vgpu_nfs::DEFAULT_MAX_VMS,
         requires = "discover"
     )]
     max_vms: usize,
@@ -180,7 +180,7 @@ fn serve(choice: ExecutorChoice, options: &ExecutorOptions, args: ServeArgs) -> 
     // sigwait below receives them.
     let signals = termination_signals();
     vgpu_mediator::sandbox::protect_daemon();
-    if let Err(e) = vgpu_mediator::nfs::check_root(&args.nfs_root) {
+    if let Err(e) = vgpu_nfs::check_root(&args.nfs_root) {
         eprintln!("vgpu-mediator: {}", error_chain(&e));
         return ExitCode::FAILURE;
     }
