@@ -67,24 +67,21 @@ fn probe(names: &[&str]) -> Option<Probe> {
 }
 
 /// The CUDA driver library cudarc will load, or why there is none.
-fn driver_library() -> Result<&'static Probe, String> {
+fn driver_library() -> Result<&'static Probe, CudaError> {
     static DRIVER: OnceLock<Option<Probe>> = OnceLock::new();
     DRIVER
         .get_or_init(|| probe(&["cuda", "nvcuda"]))
         .as_ref()
-        .ok_or_else(|| "no CUDA driver (libcuda.so.1 not found)".to_string())
+        .ok_or(CudaError::NoDriver)
 }
 
 /// The NVRTC library cudarc will load, or why there is none.
-fn nvrtc_library() -> Result<&'static Probe, String> {
+fn nvrtc_library() -> Result<&'static Probe, CudaError> {
     static NVRTC: OnceLock<Option<Probe>> = OnceLock::new();
     NVRTC
         .get_or_init(|| probe(&["nvrtc"]))
         .as_ref()
-        .ok_or_else(|| {
-            "no NVRTC (libnvrtc.so.* not found; install the CUDA runtime compiler library)"
-                .to_string()
-        })
+        .ok_or(CudaError::NoNvrtc)
 }
 
 /// Whether the loaded driver exports `symbol` (cudarc panics when calling a missing one).
@@ -103,22 +100,91 @@ fn driver_has_param_info() -> bool {
 
 /// Runs `f`, turning a panic inside cudarc (a library or symbol it could not load) into
 /// an error instead of unwinding into the caller.
-fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+fn guarded<T>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, CudaError>,
+) -> Result<T, CudaError> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let why = panic
+        let message = panic
             .downcast_ref::<String>()
             .map(String::as_str)
             .or_else(|| panic.downcast_ref::<&str>().copied())
             .unwrap_or("unknown panic");
-        Err(format!(
-            "{what}: CUDA library call failed: {}",
-            first_line(why, 160)
-        ))
+        Err(CudaError::Panicked {
+            what,
+            message: message.to_string(),
+        })
     })
 }
 
 // ---------------------------------------------------------------------------------------
 // Error mapping
+
+/// Why CUDA could not be set up ([`CudaExecutorFactory::new`],
+/// [`CudaExecutorFactory::from_ptx`], [`compile_ptx`]) or the sanity gate ([`sanity`])
+/// failed. Its `Display` is one line, the operator's whole reason: the CUDA and NVRTC
+/// result codes are kept as values and named there (they are not `std::error::Error`s),
+/// and a [`CudaError::Context`]'s executor error is shown by its message, so none of them
+/// is also a `source()`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CudaError {
+    /// No CUDA driver library that cudarc would load.
+    #[error("no CUDA driver (libcuda.so.1 not found)")]
+    NoDriver,
+    /// No NVRTC library that cudarc would load.
+    #[error("no NVRTC (libnvrtc.so.* not found; install the CUDA runtime compiler library)")]
+    NoNvrtc,
+    /// A driver call (`call`) failed with `code`.
+    #[error("{call} failed: {code:?}")]
+    Driver { call: &'static str, code: CUresult },
+    /// The driver sees no device at all.
+    #[error("no CUDA device (cuDeviceGetCount returned 0)")]
+    NoDevice,
+    /// There is no device `ordinal`.
+    #[error("no CUDA device {ordinal} ({count} present)")]
+    NoSuchDevice { ordinal: usize, count: usize },
+    /// The ordinal does not fit the driver's (or the workers' messages') integer.
+    #[error("device ordinal too large")]
+    OrdinalTooLarge(usize),
+    /// Text handed to CUDA (`what`) contains a NUL byte.
+    #[error("{what} contains a NUL byte")]
+    NulByte { what: &'static str },
+    /// An NVRTC call (`call`) other than the compilation failed with `code`.
+    #[error("{call} failed: {code:?}")]
+    Nvrtc {
+        call: &'static str,
+        code: cudarc::nvrtc::sys::nvrtcResult,
+    },
+    /// NVRTC did not compile the source; `log` is its whole program log (the message
+    /// shows its first error line).
+    #[error("NVRTC compile failed ({code:?}): {}", compile_error_line(.log))]
+    Compile {
+        code: cudarc::nvrtc::sys::nvrtcResult,
+        log: String,
+    },
+    /// A CUDA library call made during `what` panicked inside cudarc (a library or symbol
+    /// it could not load); `message` is the panic's.
+    #[error("{what}: CUDA library call failed: {}", first_line(.message, 160))]
+    Panicked { what: &'static str, message: String },
+    /// A context on the device failed to come up: creating it, loading the catalog into
+    /// it or running its first kernel.
+    #[error("{}", .0.message)]
+    Context(ExecError),
+    /// Device memory did not read back what was written to it.
+    #[error("device memory read back wrong at byte {offset}")]
+    ReadBack { offset: usize },
+}
+
+/// The line of an NVRTC log that says what went wrong: its first line mentioning an
+/// error (else its first line), cut at 300 characters.
+fn compile_error_line(log: &str) -> String {
+    let detail = log
+        .lines()
+        .find(|l| l.contains("error"))
+        .unwrap_or(log)
+        .trim();
+    first_line(detail, 300)
+}
 
 /// The CUDA error's name, e.g. `CUDA_ERROR_LAUNCH_FAILED`.
 pub fn error_name(code: CUresult) -> String {
@@ -208,12 +274,12 @@ pub fn cuda_error(code: CUresult, what: &str) -> ExecError {
     )
 }
 
-/// `Err(name)` for anything but success, for the setup paths that report strings.
-fn cu(code: CUresult, what: &str) -> Result<(), String> {
+/// [`CudaError::Driver`] for anything but success, for the setup paths.
+fn cu(code: CUresult, call: &'static str) -> Result<(), CudaError> {
     if code == CUresult::CUDA_SUCCESS {
         Ok(())
     } else {
-        Err(format!("{what} failed: {}", error_name(code)))
+        Err(CudaError::Driver { call, code })
     }
 }
 
@@ -233,7 +299,7 @@ fn first_line(text: &str, max: usize) -> String {
 // Device and context setup
 
 /// Loads the driver library and calls `cuInit`.
-fn init_driver() -> Result<(), String> {
+fn init_driver() -> Result<(), CudaError> {
     let driver = driver_library()?;
     log::debug!("CUDA driver library: {}", driver.file);
     guarded("cuInit", || {
@@ -242,7 +308,7 @@ fn init_driver() -> Result<(), String> {
     })
 }
 
-fn device_count() -> Result<usize, String> {
+fn device_count() -> Result<usize, CudaError> {
     let mut count: c_int = 0;
     // SAFETY: writes one int.
     let r = unsafe { sys::cuDeviceGetCount(&mut count) };
@@ -253,7 +319,7 @@ fn device_count() -> Result<usize, String> {
 fn device_attribute(
     device: sys::CUdevice,
     attribute: sys::CUdevice_attribute,
-) -> Result<i32, String> {
+) -> Result<i32, CudaError> {
     let mut value: c_int = 0;
     // SAFETY: writes one int for a device handle returned by cuDeviceGet.
     let r = unsafe { sys::cuDeviceGetAttribute(&mut value, attribute, device) };
@@ -262,16 +328,16 @@ fn device_attribute(
 }
 
 /// The device handle and description of `ordinal`. The driver must be initialised.
-fn query_device(ordinal: usize) -> Result<(sys::CUdevice, DeviceInfo), String> {
+fn query_device(ordinal: usize) -> Result<(sys::CUdevice, DeviceInfo), CudaError> {
     let count = device_count()?;
     if count == 0 {
-        return Err("no CUDA device (cuDeviceGetCount returned 0)".into());
+        return Err(CudaError::NoDevice);
     }
     if ordinal >= count {
-        return Err(format!("no CUDA device {ordinal} ({count} present)"));
+        return Err(CudaError::NoSuchDevice { ordinal, count });
     }
     let mut device: sys::CUdevice = 0;
-    let ordinal_c = c_int::try_from(ordinal).map_err(|_| "device ordinal too large".to_string())?;
+    let ordinal_c = c_int::try_from(ordinal).map_err(|_| CudaError::OrdinalTooLarge(ordinal))?;
     // SAFETY: writes one device handle.
     let r = unsafe { sys::cuDeviceGet(&mut device, ordinal_c) };
     cu(r, "cuDeviceGet")?;
@@ -368,7 +434,10 @@ pub fn nvrtc_version() -> Option<String> {
         let (mut major, mut minor): (c_int, c_int) = (0, 0);
         // SAFETY: writes two ints.
         let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
-        r.result().map_err(|e| format!("{e:?}"))?;
+        r.result().map_err(|e| CudaError::Nvrtc {
+            call: "nvrtcVersion",
+            code: e.0,
+        })?;
         Ok(format!("{major}.{minor}"))
     })
     .ok()
@@ -387,33 +456,38 @@ impl Drop for Program {
 /// Compiles CUDA C `source` to PTX with NVRTC for compute capability `cc` (no standard
 /// headers, NVRTC's default floating-point options). A device newer than this NVRTC
 /// knows is compiled for NVRTC's default architecture instead: PTX runs on later GPUs.
-pub fn compile_ptx(source: &str, name: &str, cc: (u16, u16)) -> Result<CString, String> {
+pub fn compile_ptx(source: &str, name: &str, cc: (u16, u16)) -> Result<CString, CudaError> {
     nvrtc_library()?;
-    let src = CString::new(source).map_err(|_| "CUDA source contains a NUL byte".to_string())?;
-    let name = CString::new(name).map_err(|_| "program name contains a NUL byte".to_string())?;
+    let src = CString::new(source).map_err(|_| CudaError::NulByte {
+        what: "CUDA source",
+    })?;
+    let name = CString::new(name).map_err(|_| CudaError::NulByte {
+        what: "program name",
+    })?;
     guarded("NVRTC", || {
         let arch = format!("--gpu-architecture=compute_{}{}", cc.0, cc.1);
         match compile_with(&src, &name, &[arch.as_str()]) {
-            Err((cudarc::nvrtc::sys::nvrtcResult::NVRTC_ERROR_INVALID_OPTION, _)) => {
+            Err(CudaError::Compile {
+                code: cudarc::nvrtc::sys::nvrtcResult::NVRTC_ERROR_INVALID_OPTION,
+                ..
+            }) => {
                 log::warn!(
                     "NVRTC does not know compute_{}{}; compiling for its default",
                     cc.0,
                     cc.1
                 );
-                compile_with(&src, &name, &[]).map_err(|(_, e)| e)
+                compile_with(&src, &name, &[])
             }
-            other => other.map_err(|(_, e)| e),
+            other => other,
         }
     })
 }
 
-fn compile_with(
-    src: &CStr,
-    name: &CStr,
-    options: &[&str],
-) -> Result<CString, (cudarc::nvrtc::sys::nvrtcResult, String)> {
-    let prog = nvrtc::create_program(src, Some(name))
-        .map_err(|e| (e.0, format!("nvrtcCreateProgram failed: {:?}", e.0)))?;
+fn compile_with(src: &CStr, name: &CStr, options: &[&str]) -> Result<CString, CudaError> {
+    let prog = nvrtc::create_program(src, Some(name)).map_err(|e| CudaError::Nvrtc {
+        call: "nvrtcCreateProgram",
+        code: e.0,
+    })?;
     let prog = Program(prog);
     // SAFETY: `prog` is live; the options are converted to C strings by cudarc.
     if let Err(e) = unsafe { nvrtc::compile_program(prog.0, options) } {
@@ -421,29 +495,15 @@ fn compile_with(
         let log = unsafe { nvrtc::get_program_log(prog.0) }
             .map(c_chars_to_string)
             .unwrap_or_default();
-        let detail = log
-            .lines()
-            .find(|l| l.contains("error"))
-            .unwrap_or(&log)
-            .trim()
-            .to_string();
-        return Err((
-            e.0,
-            format!(
-                "NVRTC compile failed ({:?}): {}",
-                e.0,
-                first_line(&detail, 300)
-            ),
-        ));
+        return Err(CudaError::Compile { code: e.0, log });
     }
     // SAFETY: `prog` is live and compiled.
-    let ptx = unsafe { nvrtc::get_ptx(prog.0) }
-        .map_err(|e| (e.0, format!("nvrtcGetPTX failed: {:?}", e.0)))?;
-    CString::new(c_chars_to_string(ptx)).map_err(|_| {
-        (
-            cudarc::nvrtc::sys::nvrtcResult::NVRTC_ERROR_INTERNAL_ERROR,
-            "PTX contains a NUL".into(),
-        )
+    let ptx = unsafe { nvrtc::get_ptx(prog.0) }.map_err(|e| CudaError::Nvrtc {
+        call: "nvrtcGetPTX",
+        code: e.0,
+    })?;
+    CString::new(c_chars_to_string(ptx)).map_err(|_| CudaError::NulByte {
+        what: "the PTX NVRTC produced",
     })
 }
 
@@ -462,14 +522,20 @@ fn c_chars_to_string(chars: Vec<c_char>) -> String {
 
 /// The Phase 1 CUDA sanity gate: a driver, at least one device, and device memory that
 /// can be allocated, written, read back and freed in a fresh context on device 0.
-/// `Ok(one line describing the device)` or `Err(one line saying why not)`; never panics.
-pub fn sanity() -> Result<String, String> {
+/// `Ok(one line describing the device)` or `Err(why not)`, whose `Display` is one line;
+/// never panics.
+///
+/// The `Ok` value stays a `String`: it is not a result to compute with but the gate's
+/// PASS line, printed as it is (`vgpu-mediator sanity`, `vgpu-gpu-check`).
+pub fn sanity() -> Result<String, CudaError> {
     init_driver()?;
     guarded("sanity", || {
         let count = device_count()?;
         let (device, info) = query_device(0)?;
-        let ctx =
-            create_context(device).map_err(|e| format!("cuCtxCreate failed: {}", error_name(e)))?;
+        let ctx = create_context(device).map_err(|code| CudaError::Driver {
+            call: "cuCtxCreate",
+            code,
+        })?;
         let result = sanity_memory();
         // SAFETY: `ctx` was created above and is destroyed once.
         let _ = unsafe { sys::cuCtxDestroy_v2(ctx) };
@@ -490,7 +556,7 @@ pub fn sanity() -> Result<String, String> {
 }
 
 /// Allocates, fills, reads back and frees device memory in the current context.
-fn sanity_memory() -> Result<(), String> {
+fn sanity_memory() -> Result<(), CudaError> {
     let mut dptr: sys::CUdeviceptr = 0;
     // SAFETY: writes one device pointer.
     let r = unsafe { sys::cuMemAlloc_v2(&mut dptr, SANITY_BYTES) };
@@ -509,7 +575,7 @@ fn sanity_memory() -> Result<(), String> {
     cu(r, "device memory write/read")?;
     cu(freed, "cuMemFree")?;
     match host.iter().position(|&b| b != 0xa5) {
-        Some(i) => Err(format!("device memory read back wrong at byte {i}")),
+        Some(offset) => Err(CudaError::ReadBack { offset }),
         None => Ok(()),
     }
 }
@@ -598,7 +664,7 @@ fn free_device_memory() -> Result<u64, CUresult> {
 
 /// Threads the device holds at once: most resident threads per multiprocessor x
 /// multiprocessors.
-fn resident_threads(device: sys::CUdevice, info: &DeviceInfo) -> Result<u64, String> {
+fn resident_threads(device: sys::CUdevice, info: &DeviceInfo) -> Result<u64, CudaError> {
     let per_sm = device_attribute(
         device,
         sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR,
@@ -607,7 +673,7 @@ fn resident_threads(device: sys::CUdevice, info: &DeviceInfo) -> Result<u64, Str
 }
 
 /// A context's measured device memory, clamped to [`CONTEXT_BYTES_RANGE`].
-fn sane_context_bytes(measured: Result<u64, String>) -> u64 {
+fn sane_context_bytes(measured: Result<u64, CudaError>) -> u64 {
     let (low, high) = CONTEXT_BYTES_RANGE;
     match measured {
         Ok(bytes) if (low..=high).contains(&bytes) => bytes,
@@ -653,7 +719,7 @@ impl CudaExecutorFactory {
     /// Initialises CUDA on device `ordinal`, compiles the built-in catalog with NVRTC and
     /// checks that a context can load it. Fails with one line when no driver, device or
     /// NVRTC is usable; never panics.
-    pub fn new(ordinal: usize) -> Result<CudaExecutorFactory, String> {
+    pub fn new(ordinal: usize) -> Result<CudaExecutorFactory, CudaError> {
         init_driver()?;
         let (device, info) = guarded("device query", || query_device(ordinal))?;
         log::debug!("NVRTC library: {}", nvrtc_library()?.file);
@@ -687,7 +753,7 @@ impl CudaExecutorFactory {
         // where `--executor auto` can still fall back to the CPU.
         let started = Instant::now();
         let probe = guarded("context probe", || {
-            factory.create_executor().map_err(|e| e.message)
+            factory.create_executor().map_err(CudaError::Context)
         })?;
         log::info!(
             "CUDA context with catalog ready in {:.1} ms",
@@ -707,12 +773,15 @@ impl CudaExecutorFactory {
     /// kernel (the driver reserves the context's local memory, its per-thread stack for
     /// every thread the device holds, at the first launch): the fall of the device's free
     /// memory around it. Another context must be current (its creation is not measured).
-    fn measure_context(&self) -> Result<u64, String> {
-        let named = |e: CUresult| format!("cuMemGetInfo: {}", error_name(e));
-        let before = free_device_memory().map_err(named)?;
-        let mut exec = self.create_executor().map_err(|e| e.message)?;
-        exec.touch_local_memory().map_err(|e| e.message)?;
-        let after = free_device_memory().map_err(named)?;
+    fn measure_context(&self) -> Result<u64, CudaError> {
+        let failed = |code| CudaError::Driver {
+            call: "cuMemGetInfo",
+            code,
+        };
+        let before = free_device_memory().map_err(failed)?;
+        let mut exec = self.create_executor().map_err(CudaError::Context)?;
+        exec.touch_local_memory().map_err(CudaError::Context)?;
+        let after = free_device_memory().map_err(failed)?;
         drop(exec);
         Ok(before.saturating_sub(after))
     }
@@ -739,11 +808,12 @@ impl CudaExecutorFactory {
     /// compiled elsewhere (an executor worker process gets it from its parent): no NVRTC
     /// and no probe context. The PTX must suit this device and driver, as it does when it
     /// comes from a factory on the same machine.
-    pub fn from_ptx(ordinal: usize, catalog_ptx: &str) -> Result<CudaExecutorFactory, String> {
+    pub fn from_ptx(ordinal: usize, catalog_ptx: &str) -> Result<CudaExecutorFactory, CudaError> {
         init_driver()?;
         let (device, info) = guarded("device query", || query_device(ordinal))?;
-        let catalog_ptx = CString::new(catalog_ptx)
-            .map_err(|_| "the catalog PTX contains a NUL byte".to_string())?;
+        let catalog_ptx = CString::new(catalog_ptx).map_err(|_| CudaError::NulByte {
+            what: "the catalog PTX",
+        })?;
         let resident_threads = guarded("device query", || resident_threads(device, &info))?;
         Ok(CudaExecutorFactory {
             device,
@@ -782,7 +852,7 @@ impl CudaExecutorFactory {
         let ctx = match created {
             Ok(Ok(ctx)) => ctx,
             Ok(Err(code)) => return Err(cuda_error(code, "cuCtxCreate")),
-            Err(message) => return Err(ExecError::new(Status::Internal, 0, message)),
+            Err(e) => return Err(ExecError::new(Status::Internal, 0, e.to_string())),
         };
         let mut exec = CudaExecutor::new(ctx);
         exec.resident_threads = self.resident_threads;
@@ -2194,11 +2264,11 @@ mod tests {
     fn factory_without_a_driver_is_an_error_not_a_panic() {
         let result = CudaExecutorFactory::new(0);
         if driver_library().is_err() {
-            assert_eq!(
-                result.err().as_deref(),
-                Some("no CUDA driver (libcuda.so.1 not found)")
-            );
+            let e = result.err().expect("no driver, no factory");
+            assert_eq!(e, CudaError::NoDriver);
+            assert_eq!(e.to_string(), "no CUDA driver (libcuda.so.1 not found)");
         } else if let Err(e) = result {
+            let e = e.to_string();
             assert!(
                 !e.is_empty() && !e.contains('\n'),
                 "one-line reason, got {e:?}"
@@ -2211,11 +2281,70 @@ mod tests {
         match sanity() {
             Ok(line) => assert!(!line.contains('\n')),
             Err(e) => {
-                assert!(!e.contains('\n'));
+                assert!(!e.to_string().contains('\n'));
                 if driver_library().is_err() {
-                    assert_eq!(e, "no CUDA driver (libcuda.so.1 not found)");
+                    assert_eq!(e.to_string(), "no CUDA driver (libcuda.so.1 not found)");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn setup_errors_say_what_failed_on_one_line() {
+        use cudarc::nvrtc::sys::nvrtcResult;
+        let cases = [
+            (
+                CudaError::Driver {
+                    call: "cuInit",
+                    code: CUresult::CUDA_ERROR_NO_DEVICE,
+                },
+                "cuInit failed: CUDA_ERROR_NO_DEVICE",
+            ),
+            (
+                CudaError::NoSuchDevice {
+                    ordinal: 2,
+                    count: 1,
+                },
+                "no CUDA device 2 (1 present)",
+            ),
+            (
+                CudaError::Nvrtc {
+                    call: "nvrtcGetPTX",
+                    code: nvrtcResult::NVRTC_ERROR_INTERNAL_ERROR,
+                },
+                "nvrtcGetPTX failed: NVRTC_ERROR_INTERNAL_ERROR",
+            ),
+            (
+                CudaError::Compile {
+                    code: nvrtcResult::NVRTC_ERROR_COMPILATION,
+                    log: "\nvgpu.cu(3): warning: x\nvgpu.cu(7): error: expected a \";\"\n\n1 error\n"
+                        .into(),
+                },
+                "NVRTC compile failed (NVRTC_ERROR_COMPILATION): vgpu.cu(7): error: expected a \";\"",
+            ),
+            (
+                CudaError::Panicked {
+                    what: "cuInit",
+                    message: "Expected symbol in library\nmore".into(),
+                },
+                "cuInit: CUDA library call failed: Expected symbol in library",
+            ),
+            (
+                CudaError::Context(cuda_error(
+                    CUresult::CUDA_ERROR_OUT_OF_MEMORY,
+                    "cuCtxCreate",
+                )),
+                "cuCtxCreate: CUDA_ERROR_OUT_OF_MEMORY",
+            ),
+            (
+                CudaError::NulByte {
+                    what: "the catalog PTX",
+                },
+                "the catalog PTX contains a NUL byte",
+            ),
+        ];
+        for (e, text) in cases {
+            assert_eq!(e.to_string(), text, "{e:?}");
         }
     }
 
@@ -2386,7 +2515,10 @@ mod tests {
         assert_eq!(sane_context_bytes(Ok(500 << 20)), 500 << 20);
         assert_eq!(sane_context_bytes(Ok(1 << 20)), CONTEXT_BYTES_RANGE.0);
         assert_eq!(sane_context_bytes(Ok(100 << 30)), CONTEXT_BYTES_RANGE.1);
-        assert_eq!(sane_context_bytes(Err("no".into())), DEFAULT_CONTEXT_BYTES);
+        assert_eq!(
+            sane_context_bytes(Err(CudaError::NoDevice)),
+            DEFAULT_CONTEXT_BYTES
+        );
     }
 
     #[test]

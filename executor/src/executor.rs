@@ -116,23 +116,26 @@ impl fmt::Debug for Killer {
 
 /// Why executors could not be set up: nothing has run yet, so there is no status for a
 /// guest, only a reason for the operator.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+///
+/// Its `Display` is the whole reason on one line, the inner error's included (it is
+/// printed as it is, and `vhost-vgpu` prints each `source()` after it: the inner errors
+/// are therefore fields, not sources, so that the reason is not repeated).
+#[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     /// No usable CUDA driver, device or NVRTC.
     #[error("CUDA executor unavailable: {0}")]
-    Cuda(String),
+    Cuda(crate::cuda::CudaError),
     /// The worker binary is missing, or a worker does not start.
     #[error("{0}")]
     Worker(String),
-    /// The worker user or limits cannot be applied.
-    #[error("{0}")]
-    Sandbox(String),
+    /// The user the workers are to run as cannot be used (`--worker-user`).
+    #[error("--worker-user: {0}")]
+    WorkerUser(crate::sandbox::SandboxError),
 }
 
-/// For callers that report setup failures as text.
-impl From<SetupError> for String {
-    fn from(e: SetupError) -> String {
-        e.to_string()
+impl From<crate::cuda::CudaError> for SetupError {
+    fn from(e: crate::cuda::CudaError) -> SetupError {
+        SetupError::Cuda(e)
     }
 }
 
@@ -463,16 +466,19 @@ pub enum ExecutorChoice {
     Cpu,
 }
 
+/// An `--executor` that is none of the choices.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown executor '{0}' (expected auto, cuda or cpu)")]
+pub struct UnknownExecutor(pub String);
+
 impl std::str::FromStr for ExecutorChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownExecutor;
+    fn from_str(s: &str) -> Result<Self, UnknownExecutor> {
         match s {
             "auto" => Ok(ExecutorChoice::Auto),
             "cuda" => Ok(ExecutorChoice::Cuda),
             "cpu" => Ok(ExecutorChoice::Cpu),
-            _ => Err(format!(
-                "unknown executor '{s}' (expected auto, cuda or cpu)"
-            )),
+            _ => Err(UnknownExecutor(s.to_string())),
         }
     }
 }
@@ -523,8 +529,7 @@ impl ExecutorOptions {
             ));
         }
         if let Some(name) = &self.worker_user {
-            crate::sandbox::WorkerUser::lookup(name)
-                .map_err(|e| SetupError::Sandbox(format!("--worker-user: {e}")))?;
+            crate::sandbox::WorkerUser::lookup(name).map_err(SetupError::WorkerUser)?;
         }
         Ok(())
     }
@@ -597,8 +602,8 @@ fn cuda_factory(
             let workers = crate::process::ProcessExecutorFactory::cuda(0, &cuda).and_then(|f| {
                 let mut sandbox = f.sandbox().clone();
                 if let Some(name) = &options.worker_user {
-                    let user = crate::sandbox::WorkerUser::lookup(name)
-                        .map_err(|e| SetupError::Sandbox(format!("--worker-user: {e}")))?;
+                    let user =
+                        crate::sandbox::WorkerUser::lookup(name).map_err(SetupError::WorkerUser)?;
                     sandbox.user = Some(user);
                 }
                 sandbox.max_data_bytes = Some(

@@ -24,5 +24,5 @@ pub mod selftest;
 pub use executor::{
     select, select_with, BufferId, DeviceInfo, ExecError, ExecParam, ExecResult, Executor,
     ExecutorChoice, ExecutorFactory, ExecutorOptions, GuestAccessError, GuestIo, GuestSink,
-    GuestSource, Isolation, KernelRef, ModuleId, SetupError, StreamId,
+    GuestSource, Isolation, KernelRef, ModuleId, SetupError, StreamId, UnknownExecutor,
 };

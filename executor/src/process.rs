@@ -1501,7 +1501,7 @@ pub struct ProcessExecutorFactory {
     pool: Pool,
     /// The outcome of the first [`ExecutorFactory::check`], kept so that a start-up
     /// check and a later `info` start one worker, not two.
-    checked: OnceLock<Result<(), SetupError>>,
+    checked: OnceLock<ExecResult<()>>,
     /// Given to every executor handed out (see "Watchdog" in the module documentation).
     kernel_timeout: Duration,
 }
@@ -1512,7 +1512,7 @@ impl ProcessExecutorFactory {
     /// [`DEFAULT_CUDA_POOL`] workers ready.
     pub fn cuda(ordinal: usize, cuda: &CudaExecutorFactory) -> Result<Self, SetupError> {
         let ordinal = u32::try_from(ordinal)
-            .map_err(|_| SetupError::Cuda("device ordinal too large".into()))?;
+            .map_err(|_| SetupError::Cuda(crate::cuda::CudaError::OrdinalTooLarge(ordinal)))?;
         let kind = WorkerKind::Cuda {
             ordinal,
             catalog_ptx: cuda.catalog_ptx().into(),
@@ -1647,13 +1647,15 @@ impl ProcessExecutorFactory {
 
     /// Starts a worker and stops it again: the binary runs and opens the device.
     pub fn probe(&self) -> Result<(), SetupError> {
-        self.spawn().map(drop).map_err(|e| {
-            SetupError::Worker(format!(
-                "executor worker {} did not start: {}",
-                self.spawner.worker.display(),
-                e.message
-            ))
-        })
+        self.spawn().map(drop).map_err(|e| self.did_not_start(&e))
+    }
+
+    fn did_not_start(&self, e: &ExecError) -> SetupError {
+        SetupError::Worker(format!(
+            "executor worker {} did not start: {}",
+            self.spawner.worker.display(),
+            e.message
+        ))
     }
 
     /// Starts a worker on the calling thread (never from the pool) and waits until its
@@ -1723,7 +1725,10 @@ impl ExecutorFactory for ProcessExecutorFactory {
     }
 
     fn check(&self) -> Result<(), SetupError> {
-        self.checked.get_or_init(|| self.probe()).clone()
+        match self.checked.get_or_init(|| self.spawn().map(drop)) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.did_not_start(e)),
+        }
     }
 }
 
@@ -2967,7 +2972,7 @@ fn open_executor(init: &Init<'_>, staging: &Staging) -> ExecResult<Hosted> {
         WireKind::CpuFaultSim => Ok(Hosted::Plain(Box::new(FaultSim::default()))),
         WireKind::Cuda => {
             let factory = CudaExecutorFactory::from_ptx(init.ordinal as usize, init.catalog_ptx)
-                .map_err(|e| ExecError::new(Status::Internal, 0, e))?
+                .map_err(|e| ExecError::new(Status::Internal, 0, e.to_string()))?
                 .with_context_bytes(init.context_bytes);
             let mut exec = factory.create_executor()?;
             // SAFETY: the staging mapping outlives the executor: `serve` shuts the
@@ -3043,6 +3048,42 @@ fn read_init(frame: &[u8]) -> ExecResult<Init<'_>> {
     }
 }
 
+/// Why a worker stopped serving its parent other than by being asked to (or by the parent
+/// closing the channel): what `vgpu-executor-worker` prints before it exits with a failure.
+///
+/// Its `Display` is one line, the system's reason included: the `io::Error`s and the
+/// executor error are fields rather than sources, so that the reason is not repeated by a
+/// printer that walks `source()`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// An inherited descriptor (`flag` names the option that passed it) is not open.
+    #[error("{flag} {fd} is not an open file descriptor")]
+    NotOpen { flag: &'static str, fd: RawFd },
+    #[error("--socket-fd and --staging-fd are the same")]
+    SameFd,
+    #[error("--staging-bytes {0} is too small")]
+    StagingTooSmall(usize),
+    #[error("cannot map the staging area: {0}")]
+    MapStaging(io::Error),
+    #[error("cannot map the meter page: {0}")]
+    MapMeter(io::Error),
+    /// The parent's start message did not arrive.
+    #[error("no start message: {0}")]
+    NoStartMessage(io::Error),
+    /// The executor the start message asks for did not open (the parent was told why).
+    #[error("cannot open the executor: {0}")]
+    OpenExecutor(ExecError),
+    /// The parent could not be told that the executor is ready.
+    #[error("cannot answer the parent: {0}")]
+    Ready(io::Error),
+    /// Replies could not be sent.
+    #[error("answering: {0}")]
+    Answer(io::Error),
+    /// Requests could not be read.
+    #[error("receiving: {0}")]
+    Receive(io::Error),
+}
+
 /// Serves one executor to the parent over the inherited socket `socket_fd`, with the
 /// inherited staging memfd `staging_fd` of `staging_bytes`. Returns when the parent asks
 /// the worker to exit or closes the socket. This is `vgpu-executor-worker`'s body.
@@ -3055,15 +3096,15 @@ pub fn serve(
     staging_fd: RawFd,
     staging_bytes: usize,
     confinement: &WorkerConfinement,
-) -> Result<(), String> {
-    for (fd, what) in [(socket_fd, "--socket-fd"), (staging_fd, "--staging-fd")] {
+) -> Result<(), ServeError> {
+    for (fd, flag) in [(socket_fd, "--socket-fd"), (staging_fd, "--staging-fd")] {
         // SAFETY: only queries the fd's flags.
         if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-            return Err(format!("{what} {fd} is not an open file descriptor"));
+            return Err(ServeError::NotOpen { flag, fd });
         }
     }
     if socket_fd == staging_fd {
-        return Err("--socket-fd and --staging-fd are the same".into());
+        return Err(ServeError::SameFd);
     }
     // SAFETY: both fds were inherited for this process alone and are owned from here on.
     let (sock, memfd) = unsafe {
@@ -3073,12 +3114,11 @@ pub fn serve(
         )
     };
     if staging_bytes < MIN_STAGING_BYTES {
-        return Err(format!("--staging-bytes {staging_bytes} is too small"));
+        return Err(ServeError::StagingTooSmall(staging_bytes));
     }
-    let mut staging = Staging::map(memfd.as_raw_fd(), staging_bytes)
-        .map_err(|e| format!("cannot map the staging area: {e}"))?;
-    let meter = MeterPage::map(memfd.as_raw_fd(), staging_bytes)
-        .map_err(|e| format!("cannot map the meter page: {e}"))?;
+    let mut staging =
+        Staging::map(memfd.as_raw_fd(), staging_bytes).map_err(ServeError::MapStaging)?;
+    let meter = MeterPage::map(memfd.as_raw_fd(), staging_bytes).map_err(ServeError::MapMeter)?;
     drop(memfd);
     let fd = sock.as_raw_fd();
     let mut out = Vec::new();
@@ -3091,8 +3131,8 @@ pub fn serve(
             Ok(Some(range)) => break range,
             Ok(None) => rx
                 .fill(fd, &mut files)
-                .map_err(|e| format!("no start message: {e}"))?,
-            Err(e) => return Err(format!("no start message: {e}")),
+                .map_err(ServeError::NoStartMessage)?,
+            Err(e) => return Err(ServeError::NoStartMessage(e)),
         }
     };
     let opened = read_init(&rx.data[init]).and_then(|init| open_executor(&init, &staging));
@@ -3101,7 +3141,7 @@ pub fn serve(
     let opened = opened.and_then(|h| {
         if confinement.seccomp {
             crate::sandbox::install_seccomp()
-                .map_err(|e| ExecError::new(Status::Internal, 0, e))?;
+                .map_err(|e| ExecError::new(Status::Internal, 0, e.to_string()))?;
         }
         Ok(h)
     });
@@ -3112,7 +3152,7 @@ pub fn serve(
             if encode(&failed, &mut out).is_ok() {
                 let _ = send_frame(fd, &out);
             }
-            return Err(format!("cannot open the executor: {e}"));
+            return Err(ServeError::OpenExecutor(e));
         }
     };
     let ready = FromWorker::Ready {
@@ -3134,7 +3174,7 @@ pub fn serve(
     let mut progress = Progress::new(meter, &hosted);
     encode(&ready, &mut out)
         .and_then(|()| send_frame(fd, &out))
-        .map_err(|e| format!("cannot answer the parent: {e}"))?;
+        .map_err(ServeError::Ready)?;
 
     // Replies to requests nobody waits for (launch, memset, ...) are sent together:
     // before the worker would block for more requests, after any other request, and
@@ -3155,17 +3195,17 @@ pub fn serve(
                 // Nothing more to run for now: the answers go, and the operations so far
                 // are timed as a unit unless more come at once.
                 if let Err(e) = send_replies(fd, hosted.exec(), &mut replies, &mut out) {
-                    break Err(format!("answering: {e}"));
+                    break Err(ServeError::Answer(e));
                 }
                 progress.before_blocking(fd);
                 match rx.fill(fd, &mut files) {
                     Ok(()) => continue,
                     // The parent closed the channel: nothing left to serve.
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
-                    Err(e) => break Err(format!("receiving: {e}")),
+                    Err(e) => break Err(ServeError::Receive(e)),
                 }
             }
-            Err(e) => break Err(format!("receiving: {e}")),
+            Err(e) => break Err(ServeError::Receive(e)),
         };
         let msg = decode::<ToWorker<'_>>(&rx.data[range]);
         let is_htod = matches!(msg, Ok(ToWorker::Htod { .. }));
@@ -3235,7 +3275,7 @@ pub fn serve(
         replies.push((is_htod, reply));
         if !batched || exit || replies.len() >= 1024 {
             if let Err(e) = send_replies(fd, hosted.exec(), &mut replies, &mut out) {
-                break Err(format!("answering: {e}"));
+                break Err(ServeError::Answer(e));
             }
         }
         if exit {

@@ -34,6 +34,64 @@ pub const DEFAULT_JIT_CPU_SECONDS: u64 = 120;
 /// Threads and processes the worker user may have at once, by default.
 pub const DEFAULT_MAX_TASKS: u64 = 4096;
 
+/// Why a user could not be looked up, or a worker not confined (its message goes to the
+/// worker's stderr, or into its start failure).
+///
+/// Its `Display` is one line with the system's reason in it: the `io::Error`s and
+/// seccompiler's errors are fields (named `error`, or `.0`) rather than sources, so that a
+/// printer that also walks `source()` does not repeat them.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The name cannot be passed to the password database (a NUL byte).
+    #[error("bad user name '{0}'")]
+    BadUserName(String),
+    /// The password database could not be read.
+    #[error("looking up user '{name}': {error}")]
+    UserLookup { name: String, error: io::Error },
+    #[error("no user '{0}'")]
+    NoSuchUser(String),
+    /// A `prctl` (named by its option) failed.
+    #[error("{option}: {error}")]
+    Prctl {
+        option: &'static str,
+        error: io::Error,
+    },
+    /// A resource limit could not be set.
+    #[error("setrlimit: {0}")]
+    SetLimit(io::Error),
+    /// Switching to the worker user failed: `call` is `setgroups`, `setresgid` or
+    /// `setresuid`.
+    #[error("{call}: {error}")]
+    SwitchUser {
+        call: &'static str,
+        error: io::Error,
+    },
+    /// After dropping privileges the process could still become root again.
+    #[error("could switch back to root after dropping privileges")]
+    RegainedRoot,
+    /// The parent died while the worker switched users.
+    #[error("the mediator that started this worker is gone")]
+    ParentGone,
+    /// The capability sets could not be cleared.
+    #[error("capset: {0}")]
+    Capabilities(io::Error),
+    /// The seccomp allow-list could not be built: `what` is the `rule` or the `filter`.
+    #[error("seccomp {what}: {error}")]
+    SeccompBuild {
+        what: &'static str,
+        error: seccompiler::BackendError,
+    },
+    /// The kernel refused the seccomp filter.
+    #[error("installing the seccomp filter: {0}")]
+    SeccompInstall(seccompiler::Error),
+    /// This build has no allow-list for this architecture.
+    #[error("the seccomp allow-list is written for x86_64 Linux")]
+    SeccompUnsupported,
+    /// The handler that reports denied calls could not be installed.
+    #[error("sigaction(SIGSYS): {0}")]
+    SigsysReporter(io::Error),
+}
+
 /// A user to run as.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkerUser {
@@ -44,8 +102,8 @@ pub struct WorkerUser {
 
 impl WorkerUser {
     /// Looks a user up in the password database.
-    pub fn lookup(name: &str) -> Result<WorkerUser, String> {
-        let cname = CString::new(name).map_err(|_| format!("bad user name '{name}'"))?;
+    pub fn lookup(name: &str) -> Result<WorkerUser, SandboxError> {
+        let cname = CString::new(name).map_err(|_| SandboxError::BadUserName(name.to_string()))?;
         // SAFETY: `passwd` is plain data (integers and pointers); all zeroes is valid.
         let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
         let mut buf = vec![0 as libc::c_char; 16384];
@@ -61,13 +119,13 @@ impl WorkerUser {
             )
         };
         if rc != 0 {
-            return Err(format!(
-                "looking up user '{name}': {}",
-                io::Error::from_raw_os_error(rc)
-            ));
+            return Err(SandboxError::UserLookup {
+                name: name.to_string(),
+                error: io::Error::from_raw_os_error(rc),
+            });
         }
         if result.is_null() {
-            return Err(format!("no user '{name}'"));
+            return Err(SandboxError::NoSuchUser(name.to_string()));
         }
         Ok(WorkerUser {
             name: name.to_string(),
@@ -166,21 +224,42 @@ impl Sandbox {
     }
 }
 
-fn check(rc: libc::c_int, what: &str) -> Result<(), String> {
+/// `Ok` for a system call's 0, else `error(errno)`.
+fn check(
+    rc: libc::c_int,
+    error: impl FnOnce(io::Error) -> SandboxError,
+) -> Result<(), SandboxError> {
     if rc == 0 {
         Ok(())
     } else {
-        Err(format!("{what}: {}", io::Error::last_os_error()))
+        Err(error(io::Error::last_os_error()))
     }
 }
 
-fn set_limit(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> Result<(), String> {
+/// [`check`] for a `prctl` setting `option`.
+fn prctl(rc: libc::c_int, option: &'static str) -> Result<(), SandboxError> {
+    check(rc, |error| SandboxError::Prctl { option, error })
+}
+
+/// [`check`] for a call that switches users.
+fn switch(rc: libc::c_int, call: &'static str) -> Result<(), SandboxError> {
+    check(rc, |error| SandboxError::SwitchUser { call, error })
+}
+
+fn set_limit(
+    resource: libc::__rlimit_resource_t,
+    soft: u64,
+    hard: u64,
+) -> Result<(), SandboxError> {
     let lim = libc::rlimit {
         rlim_cur: soft,
         rlim_max: hard,
     };
     // SAFETY: `lim` is a valid rlimit.
-    check(unsafe { libc::setrlimit(resource, &lim) }, "setrlimit")
+    check(
+        unsafe { libc::setrlimit(resource, &lim) },
+        SandboxError::SetLimit,
+    )
 }
 
 /// Steps 1-3 of the module documentation, in the worker, before anything else.
@@ -189,10 +268,10 @@ pub fn confine(
     gid: Option<u32>,
     max_data_bytes: Option<u64>,
     max_tasks: u64,
-) -> Result<(), String> {
+) -> Result<(), SandboxError> {
     // SAFETY: prctl with integer arguments.
     unsafe {
-        check(
+        prctl(
             libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
             "PR_SET_NO_NEW_PRIVS",
         )?;
@@ -208,15 +287,15 @@ pub fn confine(
         set_limit(libc::RLIMIT_NPROC, max_tasks, max_tasks)?;
         // SAFETY: plain system calls with integer arguments.
         unsafe {
-            check(libc::setgroups(0, std::ptr::null()), "setgroups")?;
-            check(libc::setresgid(gid, gid, gid), "setresgid")?;
-            check(libc::setresuid(uid, uid, uid), "setresuid")?;
+            switch(libc::setgroups(0, std::ptr::null()), "setgroups")?;
+            switch(libc::setresgid(gid, gid, gid), "setresgid")?;
+            switch(libc::setresuid(uid, uid, uid), "setresuid")?;
             if libc::setuid(0) == 0 && uid != 0 {
-                return Err("could switch back to root after dropping privileges".into());
+                return Err(SandboxError::RegainedRoot);
             }
             // A change of credentials clears the parent-death signal the mediator set:
             // set it again, and leave if the parent is already gone.
-            check(
+            prctl(
                 libc::prctl(
                     libc::PR_SET_PDEATHSIG,
                     libc::SIGKILL as libc::c_ulong,
@@ -227,7 +306,7 @@ pub fn confine(
                 "PR_SET_PDEATHSIG",
             )?;
             if libc::getppid() != parent {
-                return Err("the mediator that started this worker is gone".into());
+                return Err(SandboxError::ParentGone);
             }
         }
     }
@@ -235,7 +314,7 @@ pub fn confine(
     // After the switch, which may reset it.
     // SAFETY: prctl with integer arguments.
     unsafe {
-        check(
+        prctl(
             libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0),
             "PR_SET_DUMPABLE",
         )?;
@@ -245,7 +324,7 @@ pub fn confine(
 
 /// Clears every capability set: a worker needs none, and one started by a daemon that
 /// was given some (e.g. ambient CAP_SETUID to switch users) must not keep them.
-fn drop_capabilities() -> Result<(), String> {
+fn drop_capabilities() -> Result<(), SandboxError> {
     #[repr(C)]
     struct Header {
         version: u32,
@@ -270,7 +349,7 @@ fn drop_capabilities() -> Result<(), String> {
     }; 2];
     // SAFETY: prctl with integer arguments; capset reads the header and two data records.
     unsafe {
-        check(
+        prctl(
             libc::prctl(
                 libc::PR_CAP_AMBIENT,
                 libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
@@ -281,7 +360,7 @@ fn drop_capabilities() -> Result<(), String> {
             "PR_CAP_AMBIENT_CLEAR_ALL",
         )?;
         if libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0 {
-            return Err(format!("capset: {}", io::Error::last_os_error()));
+            return Err(SandboxError::Capabilities(io::Error::last_os_error()));
         }
     }
     Ok(())
@@ -349,21 +428,21 @@ pub fn seccomp_supported() -> bool {
 /// Installs the allow-list on every thread of the process (step 4). Needs
 /// [`confine`] first (no_new_privs).
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-pub fn install_seccomp() -> Result<(), String> {
+pub fn install_seccomp() -> Result<(), SandboxError> {
     use seccompiler::{
         SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond,
         SeccompFilter, SeccompRule, TargetArch,
     };
 
     install_sigsys_reporter()?;
-    let cond = |arg: u8, op: Op, value: u64| {
-        Cond::new(arg, Len::Qword, op, value).map_err(|e| format!("seccomp rule: {e}"))
-    };
+    let build = |what| move |error| SandboxError::SeccompBuild { what, error };
+    let cond =
+        |arg: u8, op: Op, value: u64| Cond::new(arg, Len::Qword, op, value).map_err(build("rule"));
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for nr in ALLOWED {
         rules.insert(*nr, Vec::new());
     }
-    let rule = |conds: Vec<Cond>| SeccompRule::new(conds).map_err(|e| format!("seccomp rule: {e}"));
+    let rule = |conds: Vec<Cond>| SeccompRule::new(conds).map_err(build("rule"));
     let flag = |mask: u64, value: u64, arg: u8| cond(arg, Op::MaskedEq(mask), value);
     // Threads only: a clone that makes a new process is refused.
     let thread = libc::CLONE_THREAD as u64;
@@ -394,7 +473,7 @@ pub fn install_seccomp() -> Result<(), String> {
         SeccompAction::Allow,
         TargetArch::x86_64,
     )
-    .map_err(|e| format!("seccomp filter: {e}"))?;
+    .map_err(build("filter"))?;
     // clone3's flags are behind a pointer a filter cannot read: answer it ENOSYS so that
     // glibc falls back to clone, whose flags are checked above. A filter of its own: of
     // all filters' answers the strictest wins, and ERRNO is stricter than ALLOW.
@@ -404,25 +483,23 @@ pub fn install_seccomp() -> Result<(), String> {
         SeccompAction::Errno(libc::ENOSYS as u32),
         TargetArch::x86_64,
     )
-    .map_err(|e| format!("seccomp filter: {e}"))?;
+    .map_err(build("filter"))?;
     for f in [clone3, filter] {
-        let program: seccompiler::BpfProgram =
-            f.try_into().map_err(|e| format!("seccomp filter: {e}"))?;
-        seccompiler::apply_filter_all_threads(&program)
-            .map_err(|e| format!("installing the seccomp filter: {e}"))?;
+        let program: seccompiler::BpfProgram = f.try_into().map_err(build("filter"))?;
+        seccompiler::apply_filter_all_threads(&program).map_err(SandboxError::SeccompInstall)?;
     }
     Ok(())
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-pub fn install_seccomp() -> Result<(), String> {
-    Err("the seccomp allow-list is written for x86_64 Linux".into())
+pub fn install_seccomp() -> Result<(), SandboxError> {
+    Err(SandboxError::SeccompUnsupported)
 }
 
 /// A denied call raises SIGSYS: report its number once on stderr and make it fail with
 /// EPERM, the way a call the process may not make fails.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn install_sigsys_reporter() -> Result<(), String> {
+fn install_sigsys_reporter() -> Result<(), SandboxError> {
     extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
         // siginfo_t for SIGSYS: si_signo, si_errno, si_code (3 ints, padded to 16 bytes),
         // then si_call_addr (pointer), si_syscall (int), si_arch (uint).
@@ -454,7 +531,7 @@ fn install_sigsys_reporter() -> Result<(), String> {
         libc::sigemptyset(&mut sa.sa_mask);
         check(
             libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()),
-            "sigaction(SIGSYS)",
+            SandboxError::SigsysReporter,
         )
     }
 }
@@ -607,6 +684,12 @@ mod tests {
     #[test]
     fn root_resolves_to_an_existing_user() {
         assert_eq!(WorkerUser::lookup("root").unwrap().uid, 0);
-        assert!(WorkerUser::lookup("no-such-user-here").is_err());
+        let e = WorkerUser::lookup("no-such-user-here").unwrap_err();
+        assert!(matches!(&e, SandboxError::NoSuchUser(n) if n == "no-such-user-here"));
+        assert_eq!(e.to_string(), "no user 'no-such-user-here'");
+        assert!(matches!(
+            WorkerUser::lookup("a\0b"),
+            Err(SandboxError::BadUserName(_))
+        ));
     }
 }

@@ -27,6 +27,11 @@ pub fn device_line(device: &DeviceInfo) -> String {
 
 /// Adds two fresh pseudo-random vectors on the executor and compares with the CPU.
 /// `Ok("Vector add PASSED: ...")` or `Err("Vector add FAILED: ...")`.
+///
+/// Both sides stay `String`s: they are the Phase 1 protocol's answer lines, sent to the
+/// VM as they are (the mediator answers the self-test with the one or the other), not a
+/// reason for a caller to act on. A failure is either wrong results or the executor's
+/// own error, already typed as [`crate::ExecError`] where it arises.
 pub fn vector_add(exec: &mut dyn Executor, device_name: &str) -> Result<String, String> {
     let n = VECTOR_ADD_ELEMENTS;
     match run_vector_add(exec, n) {

@@ -169,6 +169,71 @@ pub enum ControlError {
     },
 }
 
+/// Why the server refused a request: the client gets `{"error":"<Display>"}`, one line.
+/// The JSON errors are fields shown in the message, not sources.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("request longer than {MAX_REQUEST_BYTES} bytes: one line of JSON expected")]
+    TooLong,
+    #[error("no complete request within {} s", CONNECTION_DEADLINE.as_secs())]
+    Timeout,
+    #[error("request is not UTF-8")]
+    NotUtf8,
+    #[error("empty request: one line of JSON expected, e.g. {{\"op\":\"list\"}}")]
+    Empty,
+    #[error("request is not valid JSON: {0}")]
+    NotJson(serde_json::Error),
+    #[error("request must be a JSON object such as {{\"op\":\"list\"}}")]
+    NotAnObject,
+    #[error("\"op\" must be a string")]
+    OpNotAString,
+    #[error("request has no \"op\" (\"list\" or \"set\")")]
+    NoOp,
+    #[error("unknown op \"{0}\" (expected \"list\" or \"set\")")]
+    UnknownOp(String),
+    /// A field the operation does not take; `known` are those it does.
+    #[error("unknown field \"{field}\" for {op} (expected {})", known.join(", "))]
+    UnknownField {
+        field: String,
+        op: &'static str,
+        known: &'static [&'static str],
+    },
+    #[error("\"vm\" must be a string (the VM's name)")]
+    VmNotAString,
+    #[error("set needs \"vm\" (the VM's name)")]
+    NoVm,
+    #[error("set needs \"quota\" or \"weight\" (or both)")]
+    NothingToSet,
+    /// No VM has the name; `known` are the names there are.
+    #[error(
+        "no VM named \"{vm}\" (VMs: {})",
+        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+    )]
+    NoSuchVm { vm: String, known: Vec<String> },
+    /// The VM was removed while the request was served.
+    #[error("VM \"{0}\" went away")]
+    VmGone(String),
+    /// A quota given as text that is not a size.
+    #[error("bad quota: {0} (e.g. 512M, 8G)")]
+    QuotaSize(crate::ParseSizeError),
+    /// A quota given as a number that is not a whole number of bytes.
+    #[error("bad quota {0}: a whole number of bytes or a size such as \"512M\"")]
+    QuotaNumber(serde_json::Number),
+    /// A quota that is neither text nor a number.
+    #[error("bad quota: a whole number of bytes or a size such as \"512M\"")]
+    QuotaType,
+    #[error("bad quota: it must be more than 0")]
+    QuotaZero,
+    /// A weight that is not a whole number of at least 1.
+    #[error("bad weight {0}: a whole number of at least 1")]
+    Weight(Value),
+    #[error("bad weight {0}: at most {max}", max = u32::MAX)]
+    WeightTooLarge(u64),
+    /// The answer could not be encoded.
+    #[error("encoding the answer: {0}")]
+    Encode(serde_json::Error),
+}
+
 fn io_error<'a>(path: &'a Path, step: &'static str) -> impl FnOnce(io::Error) -> ControlError + 'a {
     move |source| ControlError::Io {
         path: path.to_path_buf(),
@@ -368,19 +433,8 @@ impl Server {
         }
         let (reply, drain) = match read_request(&mut stream, deadline) {
             Ok(Line::Complete(line)) => (self.handle(&line), false),
-            Ok(Line::TooLong) => (
-                error(format!(
-                    "request longer than {MAX_REQUEST_BYTES} bytes: one line of JSON expected"
-                )),
-                true,
-            ),
-            Err(e) if is_timeout(&e) => (
-                error(format!(
-                    "no complete request within {} s",
-                    CONNECTION_DEADLINE.as_secs()
-                )),
-                false,
-            ),
+            Ok(Line::TooLong) => (error(&RequestError::TooLong), true),
+            Err(e) if is_timeout(&e) => (error(&RequestError::Timeout), false),
             Err(e) => {
                 log::debug!("control socket: reading a request: {e}");
                 return;
@@ -420,28 +474,27 @@ impl Server {
     fn handle(&self, line: &[u8]) -> Value {
         match self.dispatch(line) {
             Ok(v) => v,
-            Err(message) => {
-                log::debug!("control socket: request refused: {message}");
-                error(message)
+            Err(e) => {
+                log::debug!("control socket: request refused: {e}");
+                error(&e)
             }
         }
     }
 
-    fn dispatch(&self, line: &[u8]) -> Result<Value, String> {
-        let text = std::str::from_utf8(line).map_err(|_| "request is not UTF-8".to_string())?;
+    fn dispatch(&self, line: &[u8]) -> Result<Value, RequestError> {
+        let text = std::str::from_utf8(line).map_err(|_| RequestError::NotUtf8)?;
         let text = text.trim();
         if text.is_empty() {
-            return Err("empty request: one line of JSON expected, e.g. {\"op\":\"list\"}".into());
+            return Err(RequestError::Empty);
         }
-        let request: Value =
-            serde_json::from_str(text).map_err(|e| format!("request is not valid JSON: {e}"))?;
+        let request: Value = serde_json::from_str(text).map_err(RequestError::NotJson)?;
         let Value::Object(fields) = request else {
-            return Err("request must be a JSON object such as {\"op\":\"list\"}".into());
+            return Err(RequestError::NotAnObject);
         };
         let op = match fields.get("op") {
             Some(Value::String(op)) => op.as_str(),
-            Some(_) => return Err("\"op\" must be a string".into()),
-            None => return Err("request has no \"op\" (\"list\" or \"set\")".into()),
+            Some(_) => return Err(RequestError::OpNotAString),
+            None => return Err(RequestError::NoOp),
         };
         match op {
             "list" => {
@@ -452,9 +505,7 @@ impl Server {
                 only_fields(&fields, "set", &["op", "vm", "quota", "weight"])?;
                 to_value(self.set(&fields)?)
             }
-            other => Err(format!(
-                "unknown op \"{other}\" (expected \"list\" or \"set\")"
-            )),
+            other => Err(RequestError::UnknownOp(other.to_string())),
         }
     }
 
@@ -536,17 +587,17 @@ impl Server {
         }
     }
 
-    fn set(&self, fields: &Map<String, Value>) -> Result<SetReply, String> {
+    fn set(&self, fields: &Map<String, Value>) -> Result<SetReply, RequestError> {
         let m = &self.mediator;
         let vm = match fields.get("vm") {
             Some(Value::String(vm)) => vm.as_str(),
-            Some(_) => return Err("\"vm\" must be a string (the VM's name)".into()),
-            None => return Err("set needs \"vm\" (the VM's name)".into()),
+            Some(_) => return Err(RequestError::VmNotAString),
+            None => return Err(RequestError::NoVm),
         };
         let quota = fields.get("quota").map(parse_quota).transpose()?;
         let weight = fields.get("weight").map(parse_weight).transpose()?;
         if quota.is_none() && weight.is_none() {
-            return Err("set needs \"quota\" or \"weight\" (or both)".into());
+            return Err(RequestError::NothingToSet);
         }
         let tenants = m.tenants();
         let names: Vec<(TenantId, String)> = tenants
@@ -554,17 +605,12 @@ impl Server {
             .filter_map(|&t| Some((t, m.tenant_config(t)?.name)))
             .collect();
         let Some(&(tenant, _)) = names.iter().find(|(_, n)| n == vm) else {
-            let known: Vec<&str> = names.iter().map(|(_, n)| n.as_str()).collect();
-            return Err(format!(
-                "no VM named \"{vm}\" (VMs: {})",
-                if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                }
-            ));
+            return Err(RequestError::NoSuchVm {
+                vm: vm.to_string(),
+                known: names.into_iter().map(|(_, n)| n).collect(),
+            });
         };
-        let gone = || format!("VM \"{vm}\" went away");
+        let gone = || RequestError::VmGone(vm.to_string());
         if let Some(bytes) = quota {
             if !m.set_quota(tenant, bytes) {
                 return Err(gone());
@@ -594,49 +640,53 @@ fn seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
-fn error(message: impl Into<String>) -> Value {
-    json!({ "error": message.into() })
+/// The answer to a refused request.
+fn error(e: &RequestError) -> Value {
+    json!({ "error": e.to_string() })
 }
 
-fn to_value<T: Serialize>(reply: T) -> Result<Value, String> {
-    serde_json::to_value(reply).map_err(|e| format!("encoding the answer: {e}"))
+fn to_value<T: Serialize>(reply: T) -> Result<Value, RequestError> {
+    serde_json::to_value(reply).map_err(RequestError::Encode)
 }
 
-fn only_fields(fields: &Map<String, Value>, op: &str, known: &[&str]) -> Result<(), String> {
+fn only_fields(
+    fields: &Map<String, Value>,
+    op: &'static str,
+    known: &'static [&'static str],
+) -> Result<(), RequestError> {
     match fields.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(k) => Err(format!(
-            "unknown field \"{k}\" for {op} (expected {})",
-            known.join(", ")
-        )),
+        Some(k) => Err(RequestError::UnknownField {
+            field: k.clone(),
+            op,
+            known,
+        }),
         None => Ok(()),
     }
 }
 
 /// A quota: a size such as `512M` or a number of bytes; more than 0.
-fn parse_quota(value: &Value) -> Result<u64, String> {
+fn parse_quota(value: &Value) -> Result<u64, RequestError> {
     let bytes = match value {
-        Value::String(s) => {
-            crate::parse_size(s).map_err(|e| format!("bad quota: {e} (e.g. 512M, 8G)"))?
-        }
-        Value::Number(n) => n.as_u64().ok_or_else(|| {
-            format!("bad quota {n}: a whole number of bytes or a size such as \"512M\"")
-        })?,
-        _ => return Err("bad quota: a whole number of bytes or a size such as \"512M\"".into()),
+        Value::String(s) => crate::parse_size(s).map_err(RequestError::QuotaSize)?,
+        Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| RequestError::QuotaNumber(n.clone()))?,
+        _ => return Err(RequestError::QuotaType),
     };
     if bytes == 0 {
-        return Err("bad quota: it must be more than 0".into());
+        return Err(RequestError::QuotaZero);
     }
     Ok(bytes)
 }
 
 /// A weight: a whole number from 1 to 2^32 - 1.
-fn parse_weight(value: &Value) -> Result<u32, String> {
-    let bad = || format!("bad weight {value}: a whole number of at least 1");
+fn parse_weight(value: &Value) -> Result<u32, RequestError> {
+    let bad = || RequestError::Weight(value.clone());
     let w = value.as_u64().ok_or_else(bad)?;
     if w == 0 {
         return Err(bad());
     }
-    u32::try_from(w).map_err(|_| format!("bad weight {w}: at most {}", u32::MAX))
+    u32::try_from(w).map_err(|_| RequestError::WeightTooLarge(w))
 }
 
 enum Line {
@@ -798,21 +848,48 @@ mod tests {
 
     #[test]
     fn quotas_and_weights_parse_and_bad_ones_are_refused() {
-        assert_eq!(parse_quota(&json!("512M")), Ok(512 << 20));
-        assert_eq!(parse_quota(&json!(4096)), Ok(4096));
-        assert!(parse_quota(&json!("12Q"))
-            .unwrap_err()
-            .contains("bad quota"));
-        assert!(parse_quota(&json!(0)).is_err());
-        assert!(parse_quota(&json!("0M")).is_err());
-        assert!(parse_quota(&json!(-5)).is_err());
-        assert!(parse_quota(&json!(1.5)).is_err());
-        assert!(parse_quota(&json!(true)).is_err());
-        assert_eq!(parse_weight(&json!(300)), Ok(300));
-        assert!(parse_weight(&json!(0)).is_err());
+        assert_eq!(parse_quota(&json!("512M")).ok(), Some(512 << 20));
+        assert_eq!(parse_quota(&json!(4096)).ok(), Some(4096));
+        assert_eq!(
+            parse_quota(&json!("12Q")).unwrap_err().to_string(),
+            "bad quota: invalid size unit in '12Q' (use K, M, G or T) (e.g. 512M, 8G)"
+        );
+        assert!(matches!(
+            parse_quota(&json!(0)),
+            Err(RequestError::QuotaZero)
+        ));
+        assert!(matches!(
+            parse_quota(&json!("0M")),
+            Err(RequestError::QuotaZero)
+        ));
+        assert_eq!(
+            parse_quota(&json!(-5)).unwrap_err().to_string(),
+            "bad quota -5: a whole number of bytes or a size such as \"512M\""
+        );
+        assert!(matches!(
+            parse_quota(&json!(1.5)),
+            Err(RequestError::QuotaNumber(_))
+        ));
+        assert!(matches!(
+            parse_quota(&json!(true)),
+            Err(RequestError::QuotaType)
+        ));
+        assert_eq!(parse_weight(&json!(300)).ok(), Some(300));
+        assert_eq!(
+            parse_weight(&json!(0)).unwrap_err().to_string(),
+            "bad weight 0: a whole number of at least 1"
+        );
         assert!(parse_weight(&json!(-1)).is_err());
-        assert!(parse_weight(&json!("300")).is_err());
-        assert!(parse_weight(&json!(5_000_000_000u64)).is_err());
+        assert_eq!(
+            parse_weight(&json!("300")).unwrap_err().to_string(),
+            "bad weight \"300\": a whole number of at least 1"
+        );
+        assert_eq!(
+            parse_weight(&json!(5_000_000_000u64))
+                .unwrap_err()
+                .to_string(),
+            "bad weight 5000000000: at most 4294967295"
+        );
     }
 
     #[test]
@@ -864,7 +941,20 @@ mod tests {
         ] {
             let e = error_of(&ask(&s, line));
             assert!(e.contains(expect), "{line}: {e}");
+            assert!(!e.contains('\n'), "{line}: {e}");
         }
+        assert_eq!(
+            error_of(&ask(&s, r#"{"op":"set","vm":"vm9","weight":3}"#)),
+            "no VM named \"vm9\" (VMs: vm0, nfs:vm1)"
+        );
+        assert_eq!(
+            error_of(&ask(&s, r#"{"op":"list","x":1}"#)),
+            "unknown field \"x\" for list (expected op)"
+        );
+        assert_eq!(
+            error_of(&ask(&s, "")),
+            "empty request: one line of JSON expected, e.g. {\"op\":\"list\"}"
+        );
         assert!(error_of(&s.handle(&[0xff, 0xfe])).contains("UTF-8"));
         // Nothing changed by the refused requests.
         assert_eq!(m.weight(ids[0]), Some(250));

@@ -54,7 +54,7 @@ use vgpu_protocol::{Command, Opcode, Status};
 
 use crate::mediator::{Mediator, TenantId, TenantUsage};
 
-pub use http::{parse_addr, serve, MetricsServer, MAX_REQUEST_BYTES, READ_TIMEOUT};
+pub use http::{parse_addr, serve, MetricsServer, ParseAddrError, MAX_REQUEST_BYTES, READ_TIMEOUT};
 
 /// Every operation, in wire order, with its `op` label.
 pub const OPS: [(Opcode, &str); 16] = [

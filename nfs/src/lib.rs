@@ -523,6 +523,26 @@ fn open_root(root: &Path) -> Result<Dir, NfsError> {
     })
 }
 
+/// Why a `command.txt` is not a command: the message after `2:` in `response.txt`. It
+/// never carries the file's text, except an unknown command that is a short run of ASCII
+/// digits.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+enum CommandError {
+    /// An unknown command that may be echoed (1 to 10 ASCII digits).
+    #[error("unknown command '{0}': {HELP}")]
+    UnknownDigits(String),
+    /// Any other unknown command: not echoed.
+    #[error("unknown command: {HELP}")]
+    Unknown,
+    #[error("{COMMAND_FILE} is longer than {MAX_COMMAND_BYTES} bytes: {HELP}")]
+    TooLong,
+    #[error("{COMMAND_FILE} is not a regular file: {HELP}")]
+    NotRegular,
+    /// A regular file with more than one link (perhaps a host file linked in): not read.
+    #[error("{COMMAND_FILE} has more than one link, so it is not read: {HELP}")]
+    HardLinked,
+}
+
 /// The command as the mediator keys it: two reads are "the same command" when equal.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Word {
@@ -535,24 +555,19 @@ enum Word {
 }
 
 impl Word {
-    /// The command, or the error line's message. The message never carries the file's
-    /// text, except an unknown command that is a short run of ASCII digits.
-    fn action(&self) -> Result<FileCommand, String> {
+    /// The command, or why it is none (see [`CommandError`]).
+    fn action(&self) -> Result<FileCommand, CommandError> {
         match self {
             Word::Text(text) => std::str::from_utf8(text)
                 .ok()
                 .and_then(FileCommand::parse)
                 .ok_or_else(|| match echoable(text) {
-                    Some(digits) => format!("unknown command '{digits}': {HELP}"),
-                    None => format!("unknown command: {HELP}"),
+                    Some(digits) => CommandError::UnknownDigits(digits.to_string()),
+                    None => CommandError::Unknown,
                 }),
-            Word::TooLong => Err(format!(
-                "{COMMAND_FILE} is longer than {MAX_COMMAND_BYTES} bytes: {HELP}"
-            )),
-            Word::NotRegular => Err(format!("{COMMAND_FILE} is not a regular file: {HELP}")),
-            Word::HardLinked => Err(format!(
-                "{COMMAND_FILE} has more than one link, so it is not read: {HELP}"
-            )),
+            Word::TooLong => Err(CommandError::TooLong),
+            Word::NotRegular => Err(CommandError::NotRegular),
+            Word::HardLinked => Err(CommandError::HardLinked),
         }
     }
 
@@ -1595,7 +1610,11 @@ mod tests {
 
     #[test]
     fn words_map_to_commands_and_anything_else_to_a_clear_error() {
-        let w = |s: &str| Word::Text(s.as_bytes().to_vec()).action();
+        let w = |s: &str| {
+            Word::Text(s.as_bytes().to_vec())
+                .action()
+                .map_err(|e| e.to_string())
+        };
         assert_eq!(w("0"), Ok(FileCommand::Reset));
         assert_eq!(w("1"), Ok(FileCommand::VectorAdd));
         assert_eq!(w("2"), Ok(FileCommand::DeviceInfo));
@@ -1619,14 +1638,20 @@ mod tests {
                 "{hidden:?}"
             );
         }
-        assert!(Word::NotRegular
-            .action()
-            .unwrap_err()
-            .contains("not a regular file"));
+        assert_eq!(
+            Word::NotRegular.action().unwrap_err().to_string(),
+            format!("command.txt is not a regular file: {HELP}")
+        );
         assert!(Word::HardLinked
             .action()
             .unwrap_err()
+            .to_string()
             .contains("more than one link"));
+        assert_eq!(Word::TooLong.action(), Err(CommandError::TooLong));
+        assert_eq!(
+            CommandError::TooLong.to_string(),
+            format!("command.txt is longer than 256 bytes: {HELP}")
+        );
         // The host's log still says what it was, escaped and cut.
         let long = "x".repeat(50);
         assert_eq!(

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use vgpu_mediator::control::{self, ControlServer};
+use vgpu_mediator::signals::DaemonSignals;
 use vgpu_mediator::{
     select_with, selftest, ExecutorChoice, ExecutorFactory, ExecutorOptions, Mediator,
 };
@@ -176,9 +177,18 @@ fn info(choice: ExecutorChoice, options: &ExecutorOptions) -> ExitCode {
 }
 
 fn serve(choice: ExecutorChoice, options: &ExecutorOptions, args: ServeArgs) -> ExitCode {
-    // Blocked before any thread starts, so every thread inherits the mask and only the
-    // sigwait below receives them.
-    let signals = termination_signals();
+    // Caught and blocked before any thread starts, so every thread inherits the mask and
+    // only this one receives them, once it waits below (see vgpu_mediator::signals).
+    let mut signals = match DaemonSignals::catch(&[libc::SIGINT, libc::SIGTERM]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!(
+                "vgpu-mediator: setting up SIGINT/SIGTERM handling: {}",
+                error_chain(&e)
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     vgpu_mediator::sandbox::protect_daemon();
     if let Err(e) = vgpu_nfs::check_root(&args.nfs_root) {
         eprintln!("vgpu-mediator: {}", error_chain(&e));
@@ -243,14 +253,22 @@ fn serve(choice: ExecutorChoice, options: &ExecutorOptions, args: ServeArgs) -> 
         Some(Ok(c)) => Some(c),
         None => None,
     };
-    let signal = wait_for(&signals);
-    log::info!("signal {signal}: stopping");
+    // The iterator ends only when closed, which nothing does.
+    let received = signals.receive().map(|mut received| received.next());
+    match &received {
+        Ok(signal) => log::info!("signal {}: stopping", signal.unwrap_or_default()),
+        Err(e) => log::error!("receiving signals: {}; stopping", error_chain(e)),
+    }
     if let Some(c) = control {
         c.stop();
     }
     server.stop();
     drop(metrics);
-    ExitCode::SUCCESS
+    if received.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// How tenants' executors are kept apart, for `info` and the log.
@@ -274,26 +292,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     line
-}
-
-/// Blocks SIGINT and SIGTERM in this thread (and the threads it starts later).
-fn termination_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-fn wait_for(set: &libc::sigset_t) -> libc::c_int {
-    let mut signal = 0;
-    // SAFETY: a valid, initialised set and an out-parameter.
-    while unsafe { libc::sigwait(set, &mut signal) } != 0 {}
-    signal
 }
 
 #[cfg(test)]

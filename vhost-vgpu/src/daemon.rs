@@ -462,32 +462,9 @@ fn close_exit_events(backend: &RwLock<VgpuBackend>) {
         .close_exit_events();
 }
 
-/// Blocks SIGINT, SIGTERM (stop) and SIGHUP (reload the weights) in the calling thread
-/// and in every thread it starts later.
-pub(crate) fn block_stop_signals() -> io::Result<libc::sigset_t> {
-    let set = vmm_sys_util::signal::create_sigset(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
-        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-    // SAFETY: `set` is an initialised signal set; the old mask is not asked for.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
-    }
-    Ok(set)
-}
-
-/// Waits for one of the (blocked) signals in `set`.
-pub(crate) fn wait_for_signal(set: &libc::sigset_t) -> io::Result<libc::c_int> {
-    loop {
-        let mut signal: libc::c_int = 0;
-        // SAFETY: both pointers are valid for the duration of the call.
-        let rc = unsafe { libc::sigwait(set, &mut signal) };
-        match rc {
-            0 => return Ok(signal),
-            libc::EINTR => continue,
-            _ => return Err(io::Error::from_raw_os_error(rc)),
-        }
-    }
-}
+/// The signals the daemon acts on: SIGINT and SIGTERM stop it, SIGHUP reloads the
+/// weights. See [`vgpu_mediator::signals`].
+pub(crate) const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 #[cfg(test)]
 mod tests {

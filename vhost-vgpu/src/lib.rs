@@ -37,6 +37,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
+use vgpu_mediator::signals::DaemonSignals;
 use vgpu_mediator::{ExecutorChoice, ExecutorOptions, Isolation};
 use vgpu_nfs::NfsOptions;
 use vgpu_protocol::{CONFIG_SIZE, DEFAULT_VIRTIO_ID, MAX_TRANSFER_BYTES};
@@ -109,7 +110,9 @@ pub enum Error {
     #[error("--weights")]
     Weights(#[source] weights::WeightsError),
     #[error("setting up SIGINT/SIGTERM handling")]
-    Signals(#[source] io::Error),
+    Signals(#[source] vgpu_mediator::signals::SignalsError),
+    #[error("starting the signal thread")]
+    SignalThread(#[source] io::Error),
     #[error("--metrics {0}: cannot listen")]
     Metrics(SocketAddr, #[source] io::Error),
     #[error("--control")]
@@ -505,9 +508,9 @@ pub fn qemu_args(socket: &Path, index: usize, virtio_id: u32) -> String {
 
 /// Runs the daemon until SIGINT or SIGTERM, then removes its sockets. What `vhost-vgpu` runs.
 pub fn start_backend(config: VgpuConfig) -> Result<()> {
-    // Block the signals before any thread exists so that every thread inherits the mask
-    // and only the waiting thread below ever receives them.
-    let signals = daemon::block_stop_signals().map_err(Error::Signals)?;
+    // Caught and blocked before any thread exists, so that every thread inherits the mask
+    // and only the waiting thread below ever receives them (see vgpu_mediator::signals).
+    let mut signals = DaemonSignals::catch(&daemon::SIGNALS).map_err(Error::Signals)?;
     vgpu_mediator::sandbox::protect_daemon();
     let daemon = Daemon::start(config)?;
     let stop = daemon.stop_handle();
@@ -515,41 +518,41 @@ pub fn start_backend(config: VgpuConfig) -> Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            loop {
-                match daemon::wait_for_signal(&signals) {
-                    Ok(libc::SIGHUP) => match &reloader {
-                        Some(r) => match r.reload() {
-                            Ok(w) => log::info!(
-                                "SIGHUP: weights reloaded from {} ({} VMs named)",
-                                r.path.display(),
-                                w.len()
-                            ),
-                            Err(e) => log::error!(
-                                "SIGHUP: {}; the weights in force stay",
-                                error_chain(&e)
-                            ),
-                        },
-                        None => log::info!("SIGHUP: no --weights file to reload"),
+            let mut received = match signals.receive() {
+                Ok(received) => received,
+                Err(e) => {
+                    log::error!("receiving signals: {e}");
+                    return;
+                }
+            };
+            for signal in received.by_ref() {
+                if signal != libc::SIGHUP {
+                    log::info!("signal {signal} received: stopping");
+                    stop.stop();
+                    break;
+                }
+                match &reloader {
+                    Some(r) => match r.reload() {
+                        Ok(w) => log::info!(
+                            "SIGHUP: weights reloaded from {} ({} VMs named)",
+                            r.path.display(),
+                            w.len()
+                        ),
+                        Err(e) => {
+                            log::error!("SIGHUP: {}; the weights in force stay", error_chain(&e))
+                        }
                     },
-                    Ok(signal) => {
-                        log::info!("signal {signal} received: stopping");
-                        stop.stop();
-                        break;
-                    }
-                    Err(e) => {
-                        log::error!("waiting for signals: {e}");
-                        return;
-                    }
+                    None => log::info!("SIGHUP: no --weights file to reload"),
                 }
             }
             // A second signal while stopping (e.g. a long kernel still running) ends the
             // process at once.
-            if let Ok(signal) = daemon::wait_for_signal(&signals) {
+            if let Some(signal) = received.next() {
                 log::warn!("signal {signal} received again: exiting without cleanup");
                 std::process::exit(1);
             }
         })
-        .map_err(Error::Signals)?;
+        .map_err(Error::SignalThread)?;
     daemon.wait()
 }
 

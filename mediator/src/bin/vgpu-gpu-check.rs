@@ -97,11 +97,11 @@ fn main() -> ExitCode {
 fn run(args: &Args, seed: u64, report: &mut Report, table: &mut Table) {
     match cuda::sanity() {
         Ok(line) => report.pass("sanity", line),
-        Err(why) => return report.fail("sanity", why),
+        Err(why) => return report.fail("sanity", why.to_string()),
     }
     let factory = match CudaExecutorFactory::new(0) {
         Ok(f) => Arc::new(f),
-        Err(why) => return report.fail("factory", why),
+        Err(why) => return report.fail("factory", why.to_string()),
     };
     report.pass(
         "factory",
@@ -2761,7 +2761,11 @@ fn timings(
             0,
             compiles,
             || (),
-            |()| cuda::compile_ptx(vgpu_kernels::CUDA_SOURCE, "vgpu_catalog.cu", cc).map(drop),
+            |()| {
+                cuda::compile_ptx(vgpu_kernels::CUDA_SOURCE, "vgpu_catalog.cu", cc)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            },
         )?;
         table.push(Row {
             metric: "NVRTC catalog compile (ms)".into(),

@@ -28,18 +28,33 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once; more are answered 503 at once.
 const MAX_CONNECTIONS: usize = 8;
 
+/// Why [`parse_addr`] refused an address (the text as given is in each). Its `Display`
+/// is the message clap shows, the resolver's reason included (so that is no `source()`).
+#[derive(Debug, thiserror::Error)]
+pub enum ParseAddrError {
+    /// Neither an IP address and port nor a name and port that resolves.
+    #[error("'{text}' is not ADDR:PORT (such as 127.0.0.1:9477 or [::1]:9477): {error}")]
+    NotAnAddress { text: String, error: io::Error },
+    /// The name resolved to nothing.
+    #[error("'{0}' resolves to no address")]
+    NoAddress(String),
+}
+
 /// Parses `--metrics ADDR:PORT`: an IP address and port such as `127.0.0.1:9477` or
 /// `[::1]:9477`, or a host name that resolves, such as `localhost:9477`.
-pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+pub fn parse_addr(s: &str) -> Result<SocketAddr, ParseAddrError> {
     if let Ok(addr) = s.parse::<SocketAddr>() {
         return Ok(addr);
     }
-    let mut addrs = s.to_socket_addrs().map_err(|e| {
-        format!("'{s}' is not ADDR:PORT (such as 127.0.0.1:9477 or [::1]:9477): {e}")
-    })?;
+    let mut addrs = s
+        .to_socket_addrs()
+        .map_err(|error| ParseAddrError::NotAnAddress {
+            text: s.to_string(),
+            error,
+        })?;
     addrs
         .next()
-        .ok_or_else(|| format!("'{s}' resolves to no address"))
+        .ok_or_else(|| ParseAddrError::NoAddress(s.to_string()))
 }
 
 /// The running metrics endpoint; stops (and waits for its thread) when dropped.
@@ -456,12 +471,23 @@ mod tests {
     #[test]
     fn addresses_parse() {
         assert_eq!(
-            parse_addr("127.0.0.1:9477"),
-            Ok("127.0.0.1:9477".parse().unwrap())
+            parse_addr("127.0.0.1:9477").ok(),
+            Some("127.0.0.1:9477".parse().unwrap())
         );
-        assert_eq!(parse_addr("[::1]:80"), Ok("[::1]:80".parse().unwrap()));
+        assert_eq!(
+            parse_addr("[::1]:80").ok(),
+            Some("[::1]:80".parse().unwrap())
+        );
         assert!(parse_addr("localhost:9477").is_ok_and(|a| a.port() == 9477));
-        assert!(parse_addr("127.0.0.1").is_err());
-        assert!(parse_addr("127.0.0.1:99999").is_err());
+        for bad in ["127.0.0.1", "127.0.0.1:99999"] {
+            let e = parse_addr(bad).unwrap_err();
+            assert!(matches!(&e, ParseAddrError::NotAnAddress { text, .. } if text == bad));
+            let message = e.to_string();
+            assert!(
+                message.starts_with(&format!("'{bad}' is not ADDR:PORT (such as 127.0.0.1:9477")),
+                "{message}"
+            );
+            assert!(!message.contains('\n'), "{message}");
+        }
     }
 }

@@ -273,7 +273,7 @@ impl Target {
             .map_err(|e| format!("adding the baseline tenant: {e}"))
         };
         if let Some(socket) = &cli.socket {
-            let mediator = Mediator::new(select(cli.executor)?);
+            let mediator = Mediator::new(select(cli.executor).map_err(|e| e.to_string())?);
             let baseline_tenant = tenant(&mediator)?;
             let indexed: Vec<PathBuf> = (0..4)
                 .map(|i| PathBuf::from(format!("{}{i}", socket.display())))
