@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every check of the project: formatting, lints, the Rust test suites and the
-# end-to-end scripts (real QEMU guests, real NFS, the glibc 2.17 build and its RPMs).
+# Runs every check of the project: formatting, lints (shellcheck over the shell scripts),
+# the Rust test suites and the end-to-end scripts (real QEMU guests, real NFS, the glibc
+# 2.17 build and its RPMs).
 # Ends with one line "N passed, N failed" that counts every check that ran.
 #
 #   bash ci/test.sh            # everything
@@ -12,7 +13,7 @@ e2e=1
 for arg in "$@"; do
     case "$arg" in
         --no-e2e) e2e=0 ;;
-        -h|--help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "ci/test.sh: unknown option '$arg'" >&2; exit 2 ;;
     esac
 done
@@ -39,6 +40,27 @@ check() {
 
 bash ci/setup.sh || { echo "FAIL setup"; echo "0 passed, 1 failed"; exit 1; }
 export PATH="$HOME/.cargo/bin:$PATH"
+
+# The shell scripts of ci/, .ci/ and qemu-configs/: every *.sh and every file whose first
+# line names sh or bash. shellcheck takes the dialect from the shebang (or the sourced
+# files' "# shellcheck shell=" line) and follows `source` (-x) from the repository root.
+shell_scripts() {
+    local f
+    find ci .ci qemu-configs -type f | LC_ALL=C sort | while read -r f; do
+        if [[ $f == *.sh ]] || head -n 1 "$f" | grep -qE '^#!.*[/ ](ba)?sh( |$)'; then
+            echo "$f"
+        fi
+    done
+}
+run_shellcheck() {
+    local scripts
+    mapfile -t scripts < <(shell_scripts)
+    shellcheck --version | sed -n 's/^version: /shellcheck /p'
+    echo "${#scripts[@]} scripts: ${scripts[*]}"
+    shellcheck -x "${scripts[@]}"
+}
+
+check shellcheck run_shellcheck
 
 check fmt cargo fmt --all -- --check
 check clippy cargo clippy --workspace --all-targets --locked -- -D warnings
