@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Runs every check of the project: formatting, lints (shellcheck over the shell scripts),
-# the Rust test suites and the end-to-end scripts (real QEMU guests, real NFS, the glibc
-# 2.17 build and its RPMs).
+# the Rust test suites, systemd-analyze verify over the systemd units and the end-to-end
+# scripts (real QEMU guests, real NFS, the glibc 2.17 build and its RPMs).
 # Ends with one line "N passed, N failed" that counts every check that ran.
 #
 #   bash ci/test.sh            # everything
-#   bash ci/test.sh --no-e2e   # formatting, lints and cargo tests only
+#   bash ci/test.sh --no-e2e   # formatting, lints, cargo tests and the units only
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -75,6 +75,9 @@ if [ "$t_fail" -gt 0 ]; then
 elif [ "$cargo_rc" -ne 0 ]; then
     fail 1 "cargo test (build or harness error)"
 fi
+
+# The systemd units of qemu-configs/ (after cargo test: their ExecStart binaries are built).
+check systemd-units bash ci/verify-units.sh
 
 if [ "$e2e" = 1 ]; then
     for script in ci/e2e-qemu.sh ci/e2e-nfs.sh ci/e2e-glibc.sh ci/e2e-worker-vm.sh; do
