@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check of the project: formatting, lints (shellcheck over the shell scripts),
 # the Rust test suites, systemd-analyze verify over the systemd units and the end-to-end
-# scripts (real QEMU guests, real NFS, the glibc 2.17 build and its RPMs).
+# scripts (real QEMU guests, one through libvirt, real NFS, the glibc 2.17 build and its
+# RPMs).
 # Ends with one line "N passed, N failed" that counts every check that ran.
 #
 #   bash ci/test.sh            # everything
@@ -13,7 +14,7 @@ e2e=1
 for arg in "$@"; do
     case "$arg" in
         --no-e2e) e2e=0 ;;
-        -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "ci/test.sh: unknown option '$arg'" >&2; exit 2 ;;
     esac
 done
@@ -80,7 +81,7 @@ fi
 check systemd-units bash ci/verify-units.sh
 
 if [ "$e2e" = 1 ]; then
-    for script in ci/e2e-qemu.sh ci/e2e-nfs.sh ci/e2e-glibc.sh ci/e2e-worker-vm.sh; do
+    for script in ci/e2e-qemu.sh ci/e2e-libvirt.sh ci/e2e-nfs.sh ci/e2e-glibc.sh ci/e2e-worker-vm.sh; do
         [ -f "$script" ] || continue
         name=$(basename "$script" .sh)
         echo "=== $name"
