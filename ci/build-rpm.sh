@@ -17,7 +17,8 @@ gzip payload, readable by rpm 4.11: CentOS 7, XCP-ng Dom0, RHEL 7 and later):
               /usr/lib/systemd/system/{vhost-vgpu,vgpu-mediator-nfs}.service (the units of
               qemu-configs/ with their binaries in /usr/bin),
               /usr/lib/tmpfiles.d/vhost-vgpu.conf, /var/vgpu; %pre creates the system
-              users vgpu and vgpu-worker (and the group kvm if missing)
+              users vgpu and vgpu-worker and adds QEMU's user qemu, where it exists,
+              to the group vgpu (vhost-vgpu.service's sockets)
   vgpu-guest  /usr/bin/{vgpu-nfs-client,vgpu-smi,vgpu-vector-add},
               /usr/lib64/libvgpu.so, /usr/include/{vgpu.h,vgpu_ioctl.h}
 

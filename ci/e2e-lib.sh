@@ -5,6 +5,7 @@
 #   source ci/e2e-lib.sh
 #   e2e_begin NAME [PREFIX]   # NAME for the final line (e2e-nfs), PREFIX for check lines (nfs)
 #   e2e_workdir STEM          # $work (mktemp STEM.XXXXXX), $pids; kills and reaps them on exit
+#                             # (after e2e_before_cleanup, when the script defines one)
 #
 # Only pass() and fail() print lines starting with "PASS " or "FAIL " (ci/test.sh counts
 # them); evidence is indented. The caller sets $keep (1: keep the work directory).
@@ -63,6 +64,11 @@ e2e_workdir() { # STEM
 # shellcheck disable=SC2317  # called by the EXIT trap
 e2e_cleanup() {
     local rc=$? pid
+    # What a script must undo before its processes go (ci/e2e-libvirt.sh: its domain,
+    # while its libvirtd still runs).
+    if declare -F e2e_before_cleanup >/dev/null; then
+        e2e_before_cleanup || true
+    fi
     for pid in "${pids[@]}"; do
         kill "$pid" 2>/dev/null || true
     done

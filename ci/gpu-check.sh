@@ -15,7 +15,8 @@
 # and never resets the card.
 #
 # Step time limits (seconds) can be overridden: SANITY_TIMEOUT, CHECK_TIMEOUT,
-# BENCH_TIMEOUT, TESTS_TIMEOUT, NFS_TIMEOUT, GUESTS_TIMEOUT.
+# BENCH_TIMEOUT, TESTS_TIMEOUT, SHARE_TIMEOUT, NFS_TIMEOUT, GUESTS_TIMEOUT. SHARE_ARGS:
+# extra arguments of vgpu-share-bench, separated by blanks (e.g. SHARE_ARGS="--quick").
 
 set -u -o pipefail
 
@@ -165,7 +166,9 @@ fi
 # `skip_step NAME WHY`. Lines starting with PASS/FAIL/SKIP are counted.
 if [[ -x $DIR/vgpu-share-bench ]]; then
     # Sharing: weighted device time, the scheduler's cost, the watchdog.
-    run_step share "${SHARE_TIMEOUT:-300}" "$DIR/vgpu-share-bench" ${SHARE_ARGS:-}
+    # SHARE_ARGS is a list separated by blanks: one word per argument, no globbing.
+    read -r -a share_args <<<"${SHARE_ARGS:-}"
+    run_step share "${SHARE_TIMEOUT:-300}" "$DIR/vgpu-share-bench" "${share_args[@]}"
 else
     skip_step share "no $DIR/vgpu-share-bench"
 fi

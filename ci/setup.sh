@@ -5,7 +5,10 @@ set -euo pipefail
 
 # shellcheck source=ci/apt.sh
 source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
-apt_install build-essential pkg-config busybox-static pciutils cpio kmod zstd xz-utils
+# ci/test.sh's lint needs shellcheck; systemd brings systemd-analyze and systemd-tmpfiles
+# (ci/verify-units.sh: nothing is started, no systemd needs to run).
+apt_install build-essential pkg-config busybox-static pciutils cpio kmod zstd xz-utils \
+    shellcheck systemd
 
 if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
     echo "setup: no Rust toolchain found; install rustup (https://rustup.rs) and Rust >= 1.80" >&2

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Runs every check of the project: formatting, lints, the Rust test suites and the
-# end-to-end scripts (real QEMU guests, real NFS, the glibc 2.17 build and its RPMs).
+# Runs every check of the project: formatting, lints (shellcheck over the shell scripts),
+# the Rust test suites, systemd-analyze verify over the systemd units and the end-to-end
+# scripts (real QEMU guests, one through libvirt, real NFS, the glibc 2.17 build and its
+# RPMs).
 # Ends with one line "N passed, N failed" that counts every check that ran.
 #
 #   bash ci/test.sh            # everything
-#   bash ci/test.sh --no-e2e   # formatting, lints and cargo tests only
+#   bash ci/test.sh --no-e2e   # formatting, lints, cargo tests and the units only
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -12,7 +14,7 @@ e2e=1
 for arg in "$@"; do
     case "$arg" in
         --no-e2e) e2e=0 ;;
-        -h|--help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "ci/test.sh: unknown option '$arg'" >&2; exit 2 ;;
     esac
 done
@@ -40,6 +42,27 @@ check() {
 bash ci/setup.sh || { echo "FAIL setup"; echo "0 passed, 1 failed"; exit 1; }
 export PATH="$HOME/.cargo/bin:$PATH"
 
+# The shell scripts of ci/, .ci/ and qemu-configs/: every *.sh and every file whose first
+# line names sh or bash. shellcheck takes the dialect from the shebang (or the sourced
+# files' "# shellcheck shell=" line) and follows `source` (-x) from the repository root.
+shell_scripts() {
+    local f
+    find ci .ci qemu-configs -type f | LC_ALL=C sort | while read -r f; do
+        if [[ $f == *.sh ]] || head -n 1 "$f" | grep -qE '^#!.*[/ ](ba)?sh( |$)'; then
+            echo "$f"
+        fi
+    done
+}
+run_shellcheck() {
+    local scripts
+    mapfile -t scripts < <(shell_scripts)
+    shellcheck --version | sed -n 's/^version: /shellcheck /p'
+    echo "${#scripts[@]} scripts: ${scripts[*]}"
+    shellcheck -x "${scripts[@]}"
+}
+
+check shellcheck run_shellcheck
+
 check fmt cargo fmt --all -- --check
 check clippy cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
@@ -54,8 +77,11 @@ elif [ "$cargo_rc" -ne 0 ]; then
     fail 1 "cargo test (build or harness error)"
 fi
 
+# The systemd units of qemu-configs/ (after cargo test: their ExecStart binaries are built).
+check systemd-units bash ci/verify-units.sh
+
 if [ "$e2e" = 1 ]; then
-    for script in ci/e2e-qemu.sh ci/e2e-nfs.sh ci/e2e-glibc.sh ci/e2e-worker-vm.sh; do
+    for script in ci/e2e-qemu.sh ci/e2e-libvirt.sh ci/e2e-nfs.sh ci/e2e-glibc.sh ci/e2e-worker-vm.sh; do
         [ -f "$script" ] || continue
         name=$(basename "$script" .sh)
         echo "=== $name"

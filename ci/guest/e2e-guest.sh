@@ -1,5 +1,5 @@
 #!/bin/sh
-# The guest side of ci/e2e-qemu.sh: runs inside a test VM (busybox sh, from the
+# The guest side of ci/e2e-qemu.sh and ci/e2e-libvirt.sh: runs inside a test VM (busybox sh, from the
 # initramfs's /init) and prints one line per check:
 #   CHECK <name> PASS|FAIL <detail>
 # which the host turns into its PASS / FAIL lines. Evidence lines start with "SMI| "
@@ -12,6 +12,8 @@
 #                               run vgpu-vector-add on VECTOR-ADD, vgpu-smi on SMI)
 #                  reboot:      the checks after a power cycle (prefixed "reboot-")
 #                               (first-wait powers off holding 16 MiB of device memory)
+#                  libvirt:     lspci, vgpu-smi and vgpu-vector-add, then power off
+#                               (a domain that libvirt started, ci/e2e-libvirt.sh)
 #   VGPU_MIB       size of the HTOD/DTOH round trip in MiB (default 64)
 #   VGPU_MIXED     number of mixed requests (default 200)
 #   VGPU_ELEMENTS  vgpu-vector-add's element count (default 65536)
@@ -91,6 +93,11 @@ if [ $rc -eq 0 ] && [ -n "$va" ]; then
     check vector-add PASS "$va"
 else
     check vector-add FAIL "exit $rc: $(last_line /tmp/va.out)"
+fi
+
+# The libvirt plan stops here: /init powers the guest off, libvirt sees it shut off.
+if [ "$plan" = libvirt ]; then
+    exit 0
 fi
 
 # 4. A 64 MiB host-to-device / device-to-host round trip keeps its checksum.

@@ -72,6 +72,7 @@ while :; do
     sleep 1
 done
 check mount PASS "mount -t nfs4 -o $all (try $tries, after $(since "$t0") s): $(mounted "$dir")"
+# shellcheck disable=SC2012 # a listing for the log (modes, numeric owners); busybox find has no -printf
 echo "INFO $dir: $(ls -ln "$dir" | tr '\n' ' ')"
 
 # vm2's directory is exported to another address only: this client cannot mount it.
@@ -130,6 +131,7 @@ run reboot-command-1 1 "$wait_max" &
 pending=$!
 sleep 2
 if kill -0 $pending 2>/dev/null; then
+    # shellcheck disable=SC2009 # the guest's busybox has no pgrep applet
     echo "INFO command 1 is waiting for the worker: $(ps | grep '[v]gpu-nfs-client' | sed 's/  */ /g')"
 else
     echo "INFO command 1 returned while the worker was down"

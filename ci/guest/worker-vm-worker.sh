@@ -80,6 +80,7 @@ for n in 1 2; do
     chown "6400$n:6400$n" "$root/vm$n"
     chmod 0770 "$root/vm$n"
 done
+# shellcheck disable=SC2012 # a listing for the log (modes, numeric owners); busybox find has no -printf
 echo "INFO $root: $(ls -ln "$root" | tr '\n' ' ')"
 if [ "$boot" != 1 ]; then
     # What the client's root wrote before the power cycle is still there, squashed.
