@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 # shellcheck shell=bash
 # Installs the Debian packages a script needs, once, quietly (sourced, not run).
 #   source ci/apt.sh; apt_install PKG...

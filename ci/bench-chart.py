@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """Draws the chart of docs/benchmarks.md from the timing table vgpu-gpu-check prints.
 
 Usage: bench-chart.py GPU_CHECK_LOG OUT.png [--title TEXT]

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Builds the shipped binaries for the glibc 2.17 baseline (CentOS 7 / XCP-ng Dom0,
 # RHEL 7 and newer) with cargo-zigbuild, and copies them into one directory.
 set -euo pipefail

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Builds the RPMs vgpu-host and vgpu-guest from the glibc 2.17 binaries, with Debian's
 # rpmbuild and packaging/rpm/vgpu.spec.
 set -euo pipefail

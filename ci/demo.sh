@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # The main job, narrated: two QEMU guests at the same time see the vGPU in lspci and
 # run GPU work through one vhost-vgpu backend; then one guest is powered off and booted
 # again while the other keeps working. Uses the GPU through CUDA when this machine has

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 # shellcheck shell=bash disable=SC2154 # $work and $REPO_DIR come from the caller
 # What the QEMU guests of ci/e2e-qemu.sh need, built here or taken from a bundle (sourced,
 # not run). ci/e2e-qemu.sh builds it all before it boots its guests; ci/gpu-bundle.sh

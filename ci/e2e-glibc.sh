@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # The glibc 2.17 build and its packages, end to end: builds the shipped binaries with
 # ci/build-glibc217.sh, checks that none needs a glibc symbol newer than 2.17
 # (ci/glibc-check.sh), runs them here (--help, info, vhost-vgpu's sockets, the NFS file

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 # shellcheck shell=bash
 # What the end-to-end scripts share (sourced, not run): their check lines, their work
 # directory and the cleanup of every process they started.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # End-to-end check through libvirt: a guest defined from qemu-configs/libvirt-domain.xml
 # and started with `virsh start` under Debian's libvirt, its vGPU device on a vhost-vgpu
 # socket that QEMU (running as libvirt-qemu) reaches through the group vgpu, as

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # End-to-end check of the NFS file transport over a real NFS server: Debian's
 # nfs-ganesha (VFS backend) exports vm1/ and vm2/ of a temporary root on the loopback
 # address, one export per VM directory with root squashing (as qemu-configs/xcp-ng.md

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # End-to-end check with real QEMU guests: one vhost-vgpu backend with two sockets, two
 # TCG guests booted at the same time with Debian's current kernel and the vgpu driver,
 # every guest check reported as one "PASS <vm> <check> <detail>" or

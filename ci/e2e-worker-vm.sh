@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # End-to-end check of the GPU worker-VM layout of qemu-configs/xcp-ng.md, with two TCG
 # guests on a private network of their own (QEMU socket networking between the two QEMU
 # processes over 127.0.0.1; the host has no address on it):

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Fails when a binary in a directory needs a glibc symbol version newer than 2.17.
 set -euo pipefail
 

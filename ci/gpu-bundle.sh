@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Packs what the two-guest check of ci/e2e-qemu.sh needs into DIR/guests, for a machine
 # without cargo, apt or KVM (the GPU machine): built with the same steps as
 # ci/e2e-qemu.sh (ci/e2e-build.sh), booted there by `ci/e2e-qemu.sh --bundle DIR`, which

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Runs the GPU checks on the GPU machine, from release binaries copied into DIR.
 #
 #   ci/gpu-check.sh DIR [vgpu-gpu-check options, e.g. --quick]

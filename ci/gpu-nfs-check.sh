@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # The NFS file protocol on a GPU: `vgpu-mediator serve --executor cuda` answers two VM
 # directories at once. The GPU machine has no NFS server, so the directories are local;
 # ci/e2e-nfs.sh covers the same protocol over real NFS.
@@ -8,7 +9,7 @@
 set -uo pipefail
 
 if [[ $# -ne 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '3,8p' "$0" | sed 's/^# \{0,1\}//'
     [[ $# -eq 1 ]] && exit 0 || exit 2
 fi
 DIR=$(cd "$1" && pwd) || exit 2

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Fetches the guest kernel the end-to-end tests boot: Debian's current linux-image-amd64,
 # unpacked into a cache (vmlinuz + lib/modules), plus the matching linux-headers package
 # so out-of-tree modules (the vgpu driver) build against it.

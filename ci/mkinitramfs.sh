@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Builds the small initramfs the end-to-end tests boot: busybox, the kernel modules asked
 # for (with their dependencies), extra binaries with their shared libraries, and an /init
 # that loads virtio PCI, runs one guest script and powers off.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Installs what building and testing need on a Debian machine (run as root).
 # Idempotent: packages already present are not fetched again.
 set -euo pipefail

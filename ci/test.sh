@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Runs every check of the project: formatting, lints (shellcheck over the shell scripts),
 # the Rust test suites, systemd-analyze verify over the systemd units and the end-to-end
 # scripts (real QEMU guests, one through libvirt, real NFS, the glibc 2.17 build and its
@@ -14,7 +15,7 @@ e2e=1
 for arg in "$@"; do
     case "$arg" in
         --no-e2e) e2e=0 ;;
-        -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '3,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "ci/test.sh: unknown option '$arg'" >&2; exit 2 ;;
     esac
 done

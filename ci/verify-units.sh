@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Checks the systemd units of qemu-configs/ without a running systemd (CI and this kind of
 # machine have none as PID 1): systemd-analyze verify over copies whose ExecStart binaries
 # are the ones cargo built, the hardening each unit must keep, the socket directory QEMU's

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Builds a minimal x86_64 QEMU that can create QEMU's generic vhost-user device, from
 # Debian's source package, and caches it outside the repository.
 #

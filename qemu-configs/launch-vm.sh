@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Launches one guest with the vGPU device: QEMU's generic vhost-user PCI device connected
 # to a vhost-vgpu socket, guest RAM in a shared memfd so the backend can map it.
 set -euo pipefail

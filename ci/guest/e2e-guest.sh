@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0
 # The guest side of ci/e2e-qemu.sh and ci/e2e-libvirt.sh: runs inside a test VM (busybox sh, from the
 # initramfs's /init) and prints one line per check:
 #   CHECK <name> PASS|FAIL <detail>

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0
 # The client guest of ci/e2e-worker-vm.sh: runs inside a TCG guest (busybox sh, from the
 # initramfs's /init) playing vm1 of qemu-configs/xcp-ng.md. It mounts vm1's export of the
 # worker guest with the runbook's options, runs vgpu-nfs-client commands 1 and 2, then

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0
 # The worker guest of ci/e2e-worker-vm.sh: runs inside a TCG guest (busybox sh, from the
 # initramfs's /init) playing the GPU worker VM of qemu-configs/xcp-ng.md. It mounts its
 # disk (ext4, label vgpu) at /var/vgpu nodev,nosuid,noexec, starts
