@@ -100,7 +100,7 @@ dist=$target/dist
 step "build: ci/build-glibc217.sh --out $dist"
 t0=$SECONDS
 if bash ci/build-glibc217.sh --out "$dist" --tests "$work/tests" >"$work/build.log" 2>&1; then
-    pass "glibc-build 6 binaries and libvgpu.so for x86_64-unknown-linux-gnu.2.17 ($((SECONDS - t0)) s)"
+    pass "glibc-build 7 binaries and libvgpu.so for x86_64-unknown-linux-gnu.2.17 ($((SECONDS - t0)) s)"
 else
     show "$work/build.log" 30
     fail "glibc-build ci/build-glibc217.sh failed"
@@ -121,11 +121,11 @@ if [[ $rc -ne 0 ]] && ! grep -q '^FAIL ' "$work/glibc-check.log"; then
     fail "glibc ci/glibc-check.sh exited $rc"
 fi
 n=$(grep -c '^PASS glibc ' "$work/glibc-check.log" || true)
-[[ $n -eq 7 ]] || fail "glibc-count $n binaries checked, want 7 (6 binaries and libvgpu.so)"
+[[ $n -eq 8 ]] || fail "glibc-count $n binaries checked, want 8 (7 binaries and libvgpu.so)"
 
 # ---- the binaries run here ----------------------------------------------------------
 step "run: the 2.17 binaries on this machine"
-for b in vgpu-mediator vgpu-executor-worker vhost-vgpu vgpu-nfs-client vgpu-smi vgpu-vector-add; do
+for b in vgpu-mediator vgpu-executor-worker vhost-vgpu vgpu-admin vgpu-nfs-client vgpu-smi vgpu-vector-add; do
     if "$dist/$b" --help >"$work/$b.help" 2>&1 && grep -q '^Usage: ' "$work/$b.help"; then
         pass "glibc-run $b --help: $(grep -m 1 '^Usage: ' "$work/$b.help")"
     else
@@ -305,7 +305,7 @@ rpm_check() { # PACKAGE-FILE KIND WANTED-FILE...
 
 host_rpm=${rpms[0]}
 guest_rpm=${rpms[1]}
-rpm_check "$host_rpm" host /usr/bin/vgpu-mediator /usr/bin/vgpu-executor-worker /usr/bin/vhost-vgpu \
+rpm_check "$host_rpm" host /usr/bin/vgpu-mediator /usr/bin/vgpu-executor-worker /usr/bin/vhost-vgpu /usr/bin/vgpu-admin \
     /usr/lib/systemd/system/vhost-vgpu.service /usr/lib/systemd/system/vgpu-mediator-nfs.service \
     /usr/lib/tmpfiles.d/vhost-vgpu.conf /var/vgpu
 rpm_check "$guest_rpm" guest /usr/bin/vgpu-nfs-client /usr/bin/vgpu-smi /usr/bin/vgpu-vector-add \
@@ -348,7 +348,7 @@ for unit in vhost-vgpu.service vgpu-mediator-nfs.service; do
     exe=$(sed -n 's/^ExecStart=\([^ ]*\).*/\1/p' "$work/host-root/usr/lib/systemd/system/$unit" 2>/dev/null)
     [[ -n $exe && -x $work/host-root$exe ]] || bad+=("$unit:${exe:-no ExecStart}")
 done
-for b in vgpu-mediator vgpu-executor-worker vhost-vgpu; do
+for b in vgpu-mediator vgpu-executor-worker vhost-vgpu vgpu-admin; do
     cmp -s "$work/host-root/usr/bin/$b" "$dist/$b" || bad+=("/usr/bin/$b differs from $dist/$b")
 done
 if [[ ${#bad[@]} -eq 0 ]]; then
