@@ -1027,21 +1027,13 @@ impl DeviceMeter for ProcessMeter {
     }
 }
 
-/// Whether a request is a device operation (counted by the meter on both sides).
+/// Whether a request is a device operation (counted by the meter on both sides): those
+/// that run on a stream.
 fn is_device_op(msg: &ToWorker<'_>) -> bool {
-    matches!(
-        msg,
-        ToWorker::Launch { .. }
-            | ToWorker::Memset { .. }
-            | ToWorker::Dtod { .. }
-            | ToWorker::Htod { .. }
-            | ToWorker::Dtoh { .. }
-            | ToWorker::HtodHost { .. }
-            | ToWorker::DtohHost { .. }
-    )
+    op_stream(msg).is_some()
 }
 
-/// The stream a device operation runs on.
+/// The stream a device operation runs on; `None` for every other request.
 fn op_stream(msg: &ToWorker<'_>) -> Option<u64> {
     match *msg {
         ToWorker::Launch { stream, .. }

@@ -264,15 +264,15 @@ impl StopSignal {
 /// An admitted device operation: held while the executor call runs, released (and, for
 /// an executor without a meter, charged with the call's duration) when dropped.
 #[must_use = "the operation is released when this is dropped"]
-pub struct Admission<'a> {
-    sched: &'a Scheduler,
+pub struct Admission {
+    sched: Arc<Scheduler>,
     tenant: TenantId,
     session: u64,
     started: Instant,
     admitted: bool,
 }
 
-impl Drop for Admission<'_> {
+impl Drop for Admission {
     fn drop(&mut self) {
         if self.admitted {
             self.sched.release(self.tenant, self.session, self.started);
@@ -420,16 +420,6 @@ impl Scheduler {
         self.changed.notify_all();
     }
 
-    /// Device time a session's work took so far, in nanoseconds.
-    pub fn session_device_ns(&self, tenant: TenantId, session: u64) -> u64 {
-        let mut st = self.lock();
-        let now = Instant::now();
-        st.tenants.get_mut(&tenant).map_or(0, |t| {
-            refresh_tenant(t, now);
-            t.sessions.get(&session).map_or(0, |s| s.device_ns)
-        })
-    }
-
     /// Device time of each of a tenant's sessions with an executor, in nanoseconds, by
     /// session id (ascending).
     pub fn session_stats(&self, tenant: TenantId) -> Vec<(u64, u64)> {
@@ -503,7 +493,9 @@ impl Scheduler {
 
     /// Waits until the tenant may hand one more operation of `session` to the device.
     /// Returns at once for a tenant that is gone (the operation then fails on its own).
-    pub fn admit(&self, tenant: TenantId, session: u64) -> Admission<'_> {
+    /// The admission holds the scheduler, so a caller may go on borrowing its own state
+    /// mutably while the operation runs.
+    pub fn admit(self: &Arc<Self>, tenant: TenantId, session: u64) -> Admission {
         let started = Instant::now();
         let mut st = self.lock();
         let mut admitted = false;
@@ -563,7 +555,7 @@ impl Scheduler {
             }
         }
         Admission {
-            sched: self,
+            sched: self.clone(),
             tenant,
             session,
             started: Instant::now(),

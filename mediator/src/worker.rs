@@ -567,8 +567,7 @@ impl Worker {
                     Some(s) => self.host_copy(sid, len, || s.guest_ranges()),
                     None => None,
                 };
-                let sched = self.shared.sched.clone();
-                let _turn = sched.admit(self.shared.id, sid);
+                let _turn = self.shared.sched.admit(self.shared.id, sid);
                 let exec = self.exec(sid)?;
                 match (source, host) {
                     (Some(_), Some((host, at))) => {
@@ -589,8 +588,7 @@ impl Worker {
                         .filter(|_| len <= sink.capacity())
                         .ok_or(Refusal::new(Status::BufferTooSmall, 0))?;
                     let host = self.host_copy(sid, len, || sink.guest_ranges());
-                    let sched = self.shared.sched.clone();
-                    let _turn = sched.admit(self.shared.id, sid);
+                    let _turn = self.shared.sched.admit(self.shared.id, sid);
                     let exec = self.exec(sid)?;
                     match host {
                         Some((host, at)) => exec.dtoh_host(stream, id, offset, host, at, len),
@@ -603,8 +601,7 @@ impl Worker {
                 // Counted in the VM's byte budget (`request_cost`); allocated fallibly all
                 // the same: the host may have less than the budgets add up to.
                 let mut out = crate::executor::host_buffer(len).map_err(exec_err)?;
-                let sched = self.shared.sched.clone();
-                let _turn = sched.admit(self.shared.id, sid);
+                let _turn = self.shared.sched.admit(self.shared.id, sid);
                 self.exec(sid)?
                     .dtoh(stream, id, offset, &mut out)
                     .map_err(exec_err)?;
@@ -625,8 +622,7 @@ impl Worker {
                 if dst == src && len > 0 && overlap {
                     return err(Status::InvalidArgument, 0);
                 }
-                let sched = self.shared.sched.clone();
-                let _turn = sched.admit(self.shared.id, sid);
+                let _turn = self.shared.sched.admit(self.shared.id, sid);
                 self.exec(sid)?
                     .dtod(stream, d, dst_offset, s, src_offset, len)
                     .map_err(exec_err)?;
@@ -640,8 +636,7 @@ impl Worker {
                 width,
             } => {
                 let d = self.range(sid, dst, offset, len)?;
-                let sched = self.shared.sched.clone();
-                let _turn = sched.admit(self.shared.id, sid);
+                let _turn = self.shared.sched.admit(self.shared.id, sid);
                 self.exec(sid)?
                     .memset(stream, d, offset, len, value, width)
                     .map_err(exec_err)?;

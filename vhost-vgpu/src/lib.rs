@@ -483,8 +483,8 @@ impl TryFrom<Args> for VgpuConfig {
     }
 }
 
-/// An error and its causes on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its causes on one line: the failed step, then each cause.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut line = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

@@ -793,14 +793,13 @@ struct Bench {
 }
 
 impl Bench {
-    /// A fresh mediator on the shared factory; `enforce` false only measures device time.
-    fn mediator(&self, enforce: bool) -> Arc<Mediator> {
+    /// A fresh mediator on the shared factory, with the service's scheduler.
+    fn mediator(&self) -> Arc<Mediator> {
         Mediator::with_config(
             self.factory.clone(),
             Limits::default(),
             SchedConfig {
                 kernel_timeout: self.kernel_timeout,
-                enforce,
                 ..SchedConfig::default()
             },
         )
@@ -821,7 +820,7 @@ impl Bench {
     /// device through one mediated session, and prints them.
     fn calibrate(&self) -> Result<Calibration, String> {
         println!("-- calibration");
-        let m = self.mediator(true);
+        let m = self.mediator();
         let t = add_tenant(&m, "vm-calibrate", WEIGHT)?;
         let g = Guest::open(&m, t)?;
         let module = g.load(&self.ptx)?;
@@ -1019,7 +1018,7 @@ impl Bench {
     /// Four VMs of equal weight with kernels of 50 µs to 5 ms: Jain's index of their
     /// device time.
     fn jain_4vm(&self, cal: &Calibration) -> Result<Outcome, String> {
-        let m = self.mediator(true);
+        let m = self.mediator();
         let burns: Vec<&Burn> = cal.burns.iter().collect();
         let names: Vec<String> = burns.iter().map(|b| format!("vm-{}", b.label)).collect();
         let mut load = Vec::new();
@@ -1047,7 +1046,7 @@ impl Bench {
     /// Two VMs of weights 100 and 300 with 500 µs kernels: the ratio of their device time.
     fn weights(&self, cal: &Calibration) -> Result<Outcome, String> {
         let burn = cal.get("500us")?;
-        let m = self.mediator(true);
+        let m = self.mediator();
         let load = [
             (add_tenant(&m, "vm-w100", 100)?, burn.iters),
             (add_tenant(&m, "vm-w300", 300)?, burn.iters),
@@ -1070,7 +1069,7 @@ impl Bench {
     /// second half.
     fn weights_runtime(&self, cal: &Calibration) -> Result<Outcome, String> {
         let burn = cal.get("500us")?;
-        let m = self.mediator(true);
+        let m = self.mediator();
         let (light, heavy) = (
             add_tenant(&m, "vm-w100", 100)?,
             add_tenant(&m, "vm-w300", 300)?,
@@ -1112,7 +1111,7 @@ impl Bench {
     fn sched_overhead(&self) -> Result<Outcome, String> {
         // One mediator, one session, one worker process: the runs differ only in whether
         // the scheduler holds work back, switched between them (`Scheduler::set_enforce`).
-        let m = self.mediator(true);
+        let m = self.mediator();
         let guest = OverheadSide::open(&m)?;
         let mut sides = [
             OverheadSide::new("enforced", true),
@@ -1206,7 +1205,7 @@ impl Bench {
     /// `DEVICE_LOST`/702 after the kernel timeout, B must work on meanwhile, and A must get
     /// a working session afterwards.
     fn watchdog(&self) -> Result<Outcome, String> {
-        let m = self.mediator(true);
+        let m = self.mediator();
         let hung = add_tenant(&m, "vm-hang", WEIGHT)?;
         let steady_vm = add_tenant(&m, "vm-steady", WEIGHT)?;
         let steady = Steady::default();

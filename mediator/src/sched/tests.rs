@@ -200,7 +200,7 @@ impl FakeDevice {
 /// Latencies of `n` operations of 2 ms of `tenant`, each waited for, 3 ms apart (sorted);
 /// `after_first` runs after the first, which is left out.
 fn victim_waits(
-    sched: &Scheduler,
+    sched: &Arc<Scheduler>,
     dev: &FakeDevice,
     tenant: TenantId,
     meter: &Arc<FakeMeter>,
