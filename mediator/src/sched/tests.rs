@@ -246,7 +246,7 @@ fn a_flood_of_queued_work_keeps_little_on_the_device_and_another_tenant_waits_li
     );
     sched.attach(flood, 1, Some(fm.clone() as Arc<dyn DeviceMeter>), None);
     sched.attach(victim, 1, Some(vm.clone() as Arc<dyn DeviceMeter>), None);
-    let alone = victim_waits(&sched, &dev, victim, &vm, 100, || {});
+    let alone = victim_waits(&sched, &dev, victim, &vm, 200, || {});
     thread::sleep(Duration::from_millis(150));
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -278,7 +278,7 @@ fn a_flood_of_queued_work_keeps_little_on_the_device_and_another_tenant_waits_li
     thread::sleep(Duration::from_millis(100));
     // The victim's first operation waits for what the flood queued while it was alone (up
     // to eight times the bound) and is left out.
-    let flooded = victim_waits(&sched, &dev, victim, &vm, 100, || {
+    let flooded = victim_waits(&sched, &dev, victim, &vm, 200, || {
         shared.store(true, Ordering::Relaxed)
     });
     stop.store(true, Ordering::Relaxed);
