@@ -300,17 +300,28 @@ else
     ok=$(delta vgpu_requests_total "$vm" 'status="ok"')
     allocs=$(delta vgpu_requests_total "$vm" 'op="alloc"' 'status="ok"')
     timed=$(delta vgpu_request_duration_seconds_count "$vm")
+    # Buffers: the 16 MiB vm1's long-lived session holds. Contexts are charged on top of
+    # it by the CUDA executor (nothing on the CPU executor); the kinds add up to the total.
     used=$(metric "$metrics_after" vgpu_memory_used_bytes "$vm")
+    buffers=$(metric "$metrics_after" vgpu_memory_charged_bytes "$vm" 'kind="buffers"')
+    contexts=$(metric "$metrics_after" vgpu_memory_charged_bytes "$vm" 'kind="contexts"')
+    kinds=0
+    for kind in buffers contexts modules local; do
+        kinds=$((kinds + $(metric "$metrics_after" vgpu_memory_charged_bytes "$vm" "kind=\"$kind\"")))
+    done
     held=$((16 << 20))
-    detail="vm1 ran one vgpu-vector-add of $elements floats: launches +$launches, HTOD +$htod B, DTOH +$dtoh B, requests +$requests ($ok OK, $allocs allocations, $timed timed), memory used $used B"
+    detail="vm1 ran one vgpu-vector-add of $elements floats: launches +$launches, HTOD +$htod B, DTOH +$dtoh B, requests +$requests ($ok OK, $allocs allocations, $timed timed), memory used $used B ($buffers B buffers, $contexts B contexts)"
     if [[ $launches -eq 1 && $htod -eq $((2 * 4 * elements)) && $dtoh -eq $((4 * elements)) &&
           $requests -gt 0 && $ok -eq $requests && $allocs -eq 3 && $timed -eq $requests &&
-          $used -eq $held ]]; then
+          $buffers -eq $held && $used -eq $kinds ]]; then
         pass "host metrics-match-guest $detail (the 16 MiB still held)"
     else
-        fail "host metrics-match-guest $detail; expected launches +1, HTOD +$((8 * elements)), DTOH +$((4 * elements)), every request OK and timed, 3 allocations, $held B held"
-        grep -E '^vgpu_(requests_total|copied_bytes_total|kernel_launches_total|memory_used_bytes)\{vm="vm1"' <<<"$metrics_after" | sed 's/^/    | /' | head -20
+        fail "host metrics-match-guest $detail; expected launches +1, HTOD +$((8 * elements)), DTOH +$((4 * elements)), every request OK and timed, 3 allocations, $held B of buffers held, the kinds adding up to the total ($kinds B)"
     fi
+    # An excerpt of what a scrape shows, for the log.
+    echo "   /metrics after vm1's vector add (excerpt):"
+    grep -E '^vgpu_(kernel_launches_total|copied_bytes_total|memory_(used|quota)_bytes|device_time_seconds_total|weight|sessions)\{vm="vm1"' <<<"$metrics_after" | sed 's/^/    | /' | head -20
+    grep -E '^vgpu_requests_total\{.*vm="vm1"' <<<"$metrics_after" | sed 's/^/    | /' | head -12
     # The control socket: both VMs listed, vm1's quota lowered and seen by the guest.
     if [[ ! -x $target/vgpu-admin ]]; then
         echo "   note: no $target/vgpu-admin: the vgpu-admin checks are skipped"
@@ -323,7 +334,12 @@ else
         else
             fail "host vgpu-admin-list vm0 and vm1 not both listed"
         fi
-        quota_mib=200
+        # Room for what vm1 holds and for vgpu-smi's own session (a context on CUDA),
+        # then the quota vm1 had, so the reboot below runs as before.
+        sessions=$(metric "$metrics_after" vgpu_sessions "$vm")
+        per_context=$((sessions > 0 ? contexts / sessions : 0))
+        quota_mib=$(((used + per_context + (64 << 20) + (1 << 20) - 1) >> 20))
+        quota_before=$(metric "$metrics_after" vgpu_memory_quota_bytes "$vm")
         if "$target/vgpu-admin" --control "$control" set vm1 --quota "${quota_mib}M" >"$work/admin-set.out" 2>&1; then
             tell vm1 SMI
             wait_for vm1 '^DONE SMI' 60 || true
@@ -337,6 +353,8 @@ else
         else
             fail "host vgpu-admin-quota $(tail -n 1 "$work/admin-set.out")"
         fi
+        "$target/vgpu-admin" --control "$control" set vm1 --quota "$quota_before" >/dev/null ||
+            fail "host vgpu-admin-restore could not give vm1 its quota of $quota_before B back"
     fi
 fi
 

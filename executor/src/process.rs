@@ -170,6 +170,7 @@ const WORKER_ENV_KEPT: &[&str] = &[
     "CUDA_VISIBLE_DEVICES",
     "CUDA_DEVICE_ORDER",
     crate::cuda::PTX_SIGNATURES_ONLY_ENV,
+    "VGPU_UNIT_LINGER_US",
 ];
 /// The worker binary's file name.
 pub const WORKER_BINARY: &str = "vgpu-executor-worker";
@@ -2938,7 +2939,7 @@ impl Progress {
         }
         let linger = libc::timespec {
             tv_sec: 0,
-            tv_nsec: UNIT_LINGER.as_nanos() as libc::c_long,
+            tv_nsec: unit_linger().as_nanos() as libc::c_long,
         };
         let mut p = libc::pollfd {
             fd,
@@ -2956,6 +2957,19 @@ impl Progress {
 /// How long a timed unit stays open for more operations once the worker has read all it
 /// was sent.
 const UNIT_LINGER: Duration = Duration::from_micros(50);
+
+/// [`UNIT_LINGER`], or `VGPU_UNIT_LINGER_US` microseconds (0 to 999,999) from the
+/// environment, for benchmarks that compare settings.
+fn unit_linger() -> Duration {
+    static LINGER: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *LINGER.get_or_init(|| {
+        std::env::var("VGPU_UNIT_LINGER_US")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|&us| us < 1_000_000)
+            .map_or(UNIT_LINGER, Duration::from_micros)
+    })
+}
 
 /// Opens the executor the start message asks for.
 fn open_executor(init: &Init<'_>, staging: &Staging) -> ExecResult<Hosted> {

@@ -566,6 +566,8 @@ static int vgpu_status_errno(u32 status)
 		return 0;
 	case VGPU_STATUS_OUT_OF_MEMORY:
 		return -ENOMEM;
+	case VGPU_STATUS_QUOTA_EXCEEDED:
+		return -EDQUOT;
 	case VGPU_STATUS_LIMIT_EXCEEDED:
 		return -EBUSY;
 	case VGPU_STATUS_DEVICE_LOST:

@@ -78,6 +78,11 @@
 #define VGPU_OP_LAUNCH			12
 #define VGPU_OP_SYNC			13
 #define VGPU_OP_SELFTEST		14
+#define VGPU_OP_MODULE_LOAD_IMAGE	17
+#define VGPU_OP_DEVICE_ATTRIBUTES	18
+#define VGPU_OP_FUNCTION_INFO		19
+#define VGPU_OP_MODULE_GLOBAL		20
+#define VGPU_OP_COMPILE			21
 
 /* Response status codes. */
 #define VGPU_STATUS_OK			0

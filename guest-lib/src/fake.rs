@@ -237,9 +237,13 @@ fn run(
             }
             Response::ok()
         }
-        Command::HostRegister { .. } | Command::HostUnregister { .. } => {
-            return Err(Status::Unsupported)
-        }
+        Command::HostRegister { .. }
+        | Command::HostUnregister { .. }
+        | Command::ModuleLoadImage { .. }
+        | Command::DeviceAttributes { .. }
+        | Command::FunctionInfo { .. }
+        | Command::ModuleGlobal { .. }
+        | Command::Compile { .. } => return Err(Status::Unsupported),
         Command::Info | Command::SessionOpen | Command::SessionClose | Command::Selftest { .. } => {
             unreachable!("answered before the session lookup")
         }

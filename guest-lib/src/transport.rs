@@ -468,9 +468,18 @@ impl CharDevTransport {
             .write(true)
             .custom_flags(libc::O_CLOEXEC)
             .open(&path)
-            .map_err(|source| Error::Open {
-                path: path.clone(),
-                source,
+            .map_err(|source| match source.raw_os_error() {
+                // The driver's answer when the host refused the session because the VM's
+                // memory quota has no room for another context.
+                Some(libc::EDQUOT) => Error::Device {
+                    op: "session open",
+                    status: Status::QuotaExceeded,
+                    detail: 0,
+                },
+                _ => Error::Open {
+                    path: path.clone(),
+                    source,
+                },
             })?;
         debug!("opened {}", path.display());
         Ok(CharDevTransport {
@@ -738,24 +747,7 @@ impl Drop for InProcessTransport {
 
 /// Name of an opcode as the protocol spells it, for messages.
 pub(crate) fn opcode_name(op: Opcode) -> &'static str {
-    match op {
-        Opcode::Info => "INFO",
-        Opcode::SessionOpen => "SESSION_OPEN",
-        Opcode::SessionClose => "SESSION_CLOSE",
-        Opcode::Alloc => "ALLOC",
-        Opcode::Free => "FREE",
-        Opcode::Htod => "HTOD",
-        Opcode::Dtoh => "DTOH",
-        Opcode::Dtod => "DTOD",
-        Opcode::Memset => "MEMSET",
-        Opcode::ModuleLoad => "MODULE_LOAD",
-        Opcode::ModuleUnload => "MODULE_UNLOAD",
-        Opcode::Launch => "LAUNCH",
-        Opcode::Sync => "SYNC",
-        Opcode::Selftest => "SELFTEST",
-        Opcode::HostRegister => "HOST_REGISTER",
-        Opcode::HostUnregister => "HOST_UNREGISTER",
-    }
+    op.name()
 }
 
 #[cfg(test)]

@@ -57,7 +57,7 @@ use crate::mediator::{Mediator, TenantId, TenantUsage};
 pub use http::{parse_addr, serve, MetricsServer, ParseAddrError, MAX_REQUEST_BYTES, READ_TIMEOUT};
 
 /// Every operation, in wire order, with its `op` label.
-pub const OPS: [(Opcode, &str); 16] = [
+pub const OPS: [(Opcode, &str); 21] = [
     (Opcode::Info, "info"),
     (Opcode::SessionOpen, "session_open"),
     (Opcode::SessionClose, "session_close"),
@@ -74,6 +74,11 @@ pub const OPS: [(Opcode, &str); 16] = [
     (Opcode::Selftest, "selftest"),
     (Opcode::HostRegister, "host_register"),
     (Opcode::HostUnregister, "host_unregister"),
+    (Opcode::ModuleLoadImage, "module_load_image"),
+    (Opcode::DeviceAttributes, "device_attributes"),
+    (Opcode::FunctionInfo, "function_info"),
+    (Opcode::ModuleGlobal, "module_global"),
+    (Opcode::Compile, "compile"),
 ];
 
 const STATUSES: usize = Status::ALL.len();
@@ -115,7 +120,7 @@ pub fn status_name(status: Status) -> String {
 }
 
 fn op_index(op: Opcode) -> usize {
-    // Opcodes are 1..=16 in wire order (checked by a test).
+    // Opcodes are 1..=21 in wire order (checked by a test).
     (op as usize).wrapping_sub(1).min(OPS.len() - 1)
 }
 
@@ -138,6 +143,11 @@ pub fn opcode(command: &Command) -> Opcode {
         Command::Selftest { .. } => Opcode::Selftest,
         Command::HostRegister { .. } => Opcode::HostRegister,
         Command::HostUnregister { .. } => Opcode::HostUnregister,
+        Command::ModuleLoadImage { .. } => Opcode::ModuleLoadImage,
+        Command::DeviceAttributes { .. } => Opcode::DeviceAttributes,
+        Command::FunctionInfo { .. } => Opcode::FunctionInfo,
+        Command::ModuleGlobal { .. } => Opcode::ModuleGlobal,
+        Command::Compile { .. } => Opcode::Compile,
     }
 }
 

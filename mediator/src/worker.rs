@@ -715,6 +715,11 @@ impl Worker {
                 self.exec(sid)?.sync(stream).map_err(exec_err)?;
                 Ok(Response::ok())
             }
+            Command::ModuleLoadImage { .. }
+            | Command::DeviceAttributes { .. }
+            | Command::FunctionInfo { .. }
+            | Command::ModuleGlobal { .. }
+            | Command::Compile { .. } => err(Status::Unsupported, 0),
             Command::Info
             | Command::SessionOpen
             | Command::SessionClose

@@ -19,8 +19,8 @@ mod wire;
 
 pub use config::{DeviceConfig, ExecutorKind, InfoReply, CONFIG_MAGIC, CONFIG_SIZE, INFO_SIZE};
 pub use request::{
-    Command, DecodeError, Header, HostChunk, Launch, LaunchArgs, Op, Opcode, Param, ParamDesc,
-    Request, SelftestKind, BUILTIN_MODULE,
+    Command, DecodeError, FunctionInfo, Header, HostChunk, Launch, LaunchArgs, Op, Opcode, Param,
+    ParamDesc, Request, SelftestKind, BUILTIN_MODULE, FUNCTION_ATTRIBUTES,
 };
 pub use response::{Response, ResponseHeader};
 pub use status::Status;
@@ -40,8 +40,19 @@ pub const DEFAULT_VIRTIO_ID: u32 = 22;
 pub const MAX_TRANSFER_BYTES: u64 = 256 << 20;
 /// Largest PTX module accepted by MODULE_LOAD.
 pub const MAX_PTX_BYTES: u32 = 8 << 20;
-/// Largest kernel name, including its terminating NUL.
-pub const MAX_KERNEL_NAME: usize = 128;
+/// Largest kernel or variable name, including its terminating NUL (mangled C++ names of
+/// templates run long).
+pub const MAX_KERNEL_NAME: usize = 1024;
+/// Largest binary module image (cubin, fatbin) MODULE_LOAD_IMAGE accepts.
+pub const MAX_MODULE_IMAGE_BYTES: u32 = 64 << 20;
+/// Most device attributes DEVICE_ATTRIBUTES answers.
+pub const MAX_DEVICE_ATTRIBUTES: u32 = 1024;
+/// Largest option list COMPILE accepts.
+pub const MAX_COMPILE_OPTIONS_BYTES: u32 = 64 << 10;
+/// Largest output (PTX and log) COMPILE writes.
+pub const MAX_COMPILE_OUTPUT_BYTES: u32 = 64 << 20;
+/// Most parameters FUNCTION_INFO describes.
+pub const MAX_FUNCTION_PARAMS: usize = 2048;
 /// Most parameters a launch may carry.
 pub const MAX_PARAMS: usize = 64;
 /// Most parameter bytes a launch may carry (CUDA's classic 4 KiB parameter limit).

@@ -3,9 +3,10 @@
 
 use crate::wire::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
 use crate::{
-    HOST_CHUNK_SIZE, HOST_PAGE_SIZE, MAX_HOST_BUFFER_BYTES, MAX_HOST_CHUNKS, MAX_KERNEL_NAME,
-    MAX_PARAMS, MAX_PARAM_BYTES, MAX_PTX_BYTES, MAX_TRANSFER_BYTES, PROTOCOL_VERSION,
-    REQUEST_HEADER_SIZE, REQUEST_MAGIC,
+    HOST_CHUNK_SIZE, HOST_PAGE_SIZE, MAX_COMPILE_OPTIONS_BYTES, MAX_COMPILE_OUTPUT_BYTES,
+    MAX_DEVICE_ATTRIBUTES, MAX_HOST_BUFFER_BYTES, MAX_HOST_CHUNKS, MAX_KERNEL_NAME,
+    MAX_MODULE_IMAGE_BYTES, MAX_PARAMS, MAX_PARAM_BYTES, MAX_PTX_BYTES, MAX_TRANSFER_BYTES,
+    PROTOCOL_VERSION, REQUEST_HEADER_SIZE, REQUEST_MAGIC,
 };
 
 /// Module handle that names the built-in kernel catalog in a launch.
@@ -86,6 +87,11 @@ pub enum Opcode {
     Selftest = 14,
     HostRegister = 15,
     HostUnregister = 16,
+    ModuleLoadImage = 17,
+    DeviceAttributes = 18,
+    FunctionInfo = 19,
+    ModuleGlobal = 20,
+    Compile = 21,
 }
 
 impl Opcode {
@@ -108,8 +114,40 @@ impl Opcode {
             14 => Selftest,
             15 => HostRegister,
             16 => HostUnregister,
+            17 => ModuleLoadImage,
+            18 => DeviceAttributes,
+            19 => FunctionInfo,
+            20 => ModuleGlobal,
+            21 => Compile,
             _ => return None,
         })
+    }
+
+    /// The operation's name as the protocol documentation spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Opcode::Info => "INFO",
+            Opcode::SessionOpen => "SESSION_OPEN",
+            Opcode::SessionClose => "SESSION_CLOSE",
+            Opcode::Alloc => "ALLOC",
+            Opcode::Free => "FREE",
+            Opcode::Htod => "HTOD",
+            Opcode::Dtoh => "DTOH",
+            Opcode::Dtod => "DTOD",
+            Opcode::Memset => "MEMSET",
+            Opcode::ModuleLoad => "MODULE_LOAD",
+            Opcode::ModuleUnload => "MODULE_UNLOAD",
+            Opcode::Launch => "LAUNCH",
+            Opcode::Sync => "SYNC",
+            Opcode::Selftest => "SELFTEST",
+            Opcode::HostRegister => "HOST_REGISTER",
+            Opcode::HostUnregister => "HOST_UNREGISTER",
+            Opcode::ModuleLoadImage => "MODULE_LOAD_IMAGE",
+            Opcode::DeviceAttributes => "DEVICE_ATTRIBUTES",
+            Opcode::FunctionInfo => "FUNCTION_INFO",
+            Opcode::ModuleGlobal => "MODULE_GLOBAL",
+            Opcode::Compile => "COMPILE",
+        }
     }
 
     /// Whether the operation acts inside a session (the header's session must be open).
@@ -220,6 +258,37 @@ pub enum Op {
     HostUnregister {
         id: u64,
     },
+    /// A module from a binary image (cubin, fatbin) of `len` bytes, the payload.
+    ModuleLoadImage {
+        len: u32,
+    },
+    /// The device's attributes 1..=`count` (`CUdevice_attribute` numbering), written as
+    /// `count` little-endian `i32`; attributes the device does not know are 0.
+    DeviceAttributes {
+        count: u32,
+    },
+    /// What a kernel of `module` needs: the payload is its name and a NUL
+    /// (`name_len` bytes); writes [`FunctionInfo`].
+    FunctionInfo {
+        module: u64,
+        name_len: u16,
+    },
+    /// A device variable of `module` (`__device__`, `__constant__`): the payload is its
+    /// name and a NUL. Answers a buffer handle for copies (freed with the module) in
+    /// value0, its device address in value1, and its size as 8 written bytes.
+    ModuleGlobal {
+        module: u64,
+        name_len: u16,
+    },
+    /// CUDA C++ compiled to PTX by the host's NVRTC: the payload is the source
+    /// (`source_len` bytes, no NUL) then the options, each ended by a NUL
+    /// (`options_len` bytes). Writes the PTX, then the compiler's log; value0 is the
+    /// PTX's length, value1 the log's. `out_len` writable bytes.
+    Compile {
+        source_len: u32,
+        options_len: u32,
+        out_len: u32,
+    },
 }
 
 impl Op {
@@ -241,6 +310,11 @@ impl Op {
             Op::Selftest { .. } => Opcode::Selftest,
             Op::HostRegister { .. } => Opcode::HostRegister,
             Op::HostUnregister { .. } => Opcode::HostUnregister,
+            Op::ModuleLoadImage { .. } => Opcode::ModuleLoadImage,
+            Op::DeviceAttributes { .. } => Opcode::DeviceAttributes,
+            Op::FunctionInfo { .. } => Opcode::FunctionInfo,
+            Op::ModuleGlobal { .. } => Opcode::ModuleGlobal,
+            Op::Compile { .. } => Opcode::Compile,
         }
     }
 }
@@ -261,6 +335,15 @@ impl Header {
             Op::ModuleLoad { ptx_len } => ptx_len as u64,
             Op::Launch(a) => a.payload_len(),
             Op::HostRegister { chunks, .. } => chunks as u64 * HOST_CHUNK_SIZE as u64,
+            Op::ModuleLoadImage { len } => len as u64,
+            Op::FunctionInfo { name_len, .. } | Op::ModuleGlobal { name_len, .. } => {
+                name_len as u64
+            }
+            Op::Compile {
+                source_len,
+                options_len,
+                ..
+            } => source_len as u64 + options_len as u64,
             _ => 0,
         }
     }
@@ -271,6 +354,10 @@ impl Header {
             Op::Dtoh { len, .. } => len,
             Op::Info => crate::INFO_SIZE as u64,
             Op::Selftest { .. } => crate::MAX_SELFTEST_MESSAGE as u64,
+            Op::DeviceAttributes { count } => 4 * count as u64,
+            Op::FunctionInfo { .. } => FunctionInfo::MAX_SIZE as u64,
+            Op::ModuleGlobal { .. } => 8,
+            Op::Compile { out_len, .. } => out_len as u64,
             _ => 0,
         }
     }
@@ -430,6 +517,78 @@ impl Header {
                 }
             }
             Opcode::HostUnregister => Op::HostUnregister { id: a(0) },
+            Opcode::ModuleLoadImage => {
+                let len = a32(0);
+                if len == 0 {
+                    return Err(DecodeError::InvalidArgument("empty module image"));
+                }
+                if len > MAX_MODULE_IMAGE_BYTES {
+                    return Err(DecodeError::TooLarge {
+                        what: "module image",
+                        len: len as u64,
+                        max: MAX_MODULE_IMAGE_BYTES as u64,
+                    });
+                }
+                Op::ModuleLoadImage { len }
+            }
+            Opcode::DeviceAttributes => {
+                let count = a32(0);
+                if count == 0 || count > MAX_DEVICE_ATTRIBUTES {
+                    return Err(DecodeError::TooLarge {
+                        what: "attribute count",
+                        len: count as u64,
+                        max: MAX_DEVICE_ATTRIBUTES as u64,
+                    });
+                }
+                Op::DeviceAttributes { count }
+            }
+            Opcode::FunctionInfo | Opcode::ModuleGlobal => {
+                let (module, name_len) = (a(0), u16_at(b, ARGS + 8));
+                if name_len == 0 || name_len as usize > MAX_KERNEL_NAME {
+                    return Err(DecodeError::TooLarge {
+                        what: "symbol name",
+                        len: name_len as u64,
+                        max: MAX_KERNEL_NAME as u64,
+                    });
+                }
+                if opcode == Opcode::FunctionInfo {
+                    Op::FunctionInfo { module, name_len }
+                } else {
+                    Op::ModuleGlobal { module, name_len }
+                }
+            }
+            Opcode::Compile => {
+                let (source_len, options_len, out_len) = (a32(0), a32(4), a32(8));
+                if source_len == 0 {
+                    return Err(DecodeError::InvalidArgument("empty source"));
+                }
+                if source_len > MAX_PTX_BYTES {
+                    return Err(DecodeError::TooLarge {
+                        what: "source",
+                        len: source_len as u64,
+                        max: MAX_PTX_BYTES as u64,
+                    });
+                }
+                if options_len > MAX_COMPILE_OPTIONS_BYTES {
+                    return Err(DecodeError::TooLarge {
+                        what: "compiler options",
+                        len: options_len as u64,
+                        max: MAX_COMPILE_OPTIONS_BYTES as u64,
+                    });
+                }
+                if out_len > MAX_COMPILE_OUTPUT_BYTES {
+                    return Err(DecodeError::TooLarge {
+                        what: "compiler output",
+                        len: out_len as u64,
+                        max: MAX_COMPILE_OUTPUT_BYTES as u64,
+                    });
+                }
+                Op::Compile {
+                    source_len,
+                    options_len,
+                    out_len,
+                }
+            }
             Opcode::Selftest => {
                 let raw = a32(0);
                 Op::Selftest {
@@ -518,6 +677,21 @@ impl Header {
                 set(&mut b, 2, chunks as u64);
             }
             Op::HostUnregister { id } => set(&mut b, 0, id),
+            Op::ModuleLoadImage { len } => put_u32(&mut b, ARGS, len),
+            Op::DeviceAttributes { count } => put_u32(&mut b, ARGS, count),
+            Op::FunctionInfo { module, name_len } | Op::ModuleGlobal { module, name_len } => {
+                set(&mut b, 0, module);
+                put_u16(&mut b, ARGS + 8, name_len);
+            }
+            Op::Compile {
+                source_len,
+                options_len,
+                out_len,
+            } => {
+                put_u32(&mut b, ARGS, source_len);
+                put_u32(&mut b, ARGS + 4, options_len);
+                put_u32(&mut b, ARGS + 8, out_len);
+            }
         }
         b
     }
@@ -594,6 +768,68 @@ impl Param {
     }
 }
 
+/// Number of function attributes FUNCTION_INFO answers: `CUfunction_attribute` 0 to 9
+/// (max threads per block, static shared, constant and local bytes, registers, PTX and
+/// binary versions, cache mode, max dynamic shared bytes, preferred shared carveout).
+pub const FUNCTION_ATTRIBUTES: usize = 10;
+
+/// What FUNCTION_INFO writes: the kernel's attributes and its parameters' layout, as the
+/// driver reports them (`cuFuncGetAttribute`, `cuFuncGetParamInfo`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FunctionInfo {
+    pub attributes: [i32; FUNCTION_ATTRIBUTES],
+    /// (offset, size) of each parameter, in order.
+    pub params: Vec<(u32, u32)>,
+}
+
+impl FunctionInfo {
+    /// The most bytes FUNCTION_INFO writes.
+    pub const MAX_SIZE: usize = 4 * FUNCTION_ATTRIBUTES + 4 + 8 * crate::MAX_FUNCTION_PARAMS;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let n = self.params.len().min(crate::MAX_FUNCTION_PARAMS);
+        let mut b = Vec::with_capacity(4 * FUNCTION_ATTRIBUTES + 4 + 8 * n);
+        for a in self.attributes {
+            b.extend_from_slice(&a.to_le_bytes());
+        }
+        b.extend_from_slice(&(n as u32).to_le_bytes());
+        for &(offset, size) in &self.params[..n] {
+            b.extend_from_slice(&offset.to_le_bytes());
+            b.extend_from_slice(&size.to_le_bytes());
+        }
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<FunctionInfo, DecodeError> {
+        let head = 4 * FUNCTION_ATTRIBUTES + 4;
+        if b.len() < head {
+            return Err(DecodeError::Truncated {
+                needed: head,
+                got: b.len(),
+            });
+        }
+        let mut info = FunctionInfo::default();
+        for (i, a) in info.attributes.iter_mut().enumerate() {
+            *a = u32_at(b, 4 * i) as i32;
+        }
+        let n = u32_at(b, 4 * FUNCTION_ATTRIBUTES) as usize;
+        if n > crate::MAX_FUNCTION_PARAMS {
+            return Err(DecodeError::ParamLayout("too many parameters"));
+        }
+        let needed = head + 8 * n;
+        if b.len() < needed {
+            return Err(DecodeError::Truncated {
+                needed,
+                got: b.len(),
+            });
+        }
+        info.params = (0..n)
+            .map(|i| (u32_at(b, head + 8 * i), u32_at(b, head + 8 * i + 4)))
+            .collect();
+        Ok(info)
+    }
+}
+
 /// A launch with its payload decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Launch {
@@ -660,6 +896,30 @@ pub enum Command {
     },
     HostUnregister {
         id: u64,
+    },
+    /// See [`Op::ModuleLoadImage`].
+    ModuleLoadImage {
+        image: Vec<u8>,
+    },
+    /// See [`Op::DeviceAttributes`].
+    DeviceAttributes {
+        count: u32,
+    },
+    /// See [`Op::FunctionInfo`].
+    FunctionInfo {
+        module: u64,
+        name: String,
+    },
+    /// See [`Op::ModuleGlobal`].
+    ModuleGlobal {
+        module: u64,
+        name: String,
+    },
+    /// See [`Op::Compile`].
+    Compile {
+        source: String,
+        options: Vec<String>,
+        out_len: u32,
     },
 }
 
@@ -780,6 +1040,27 @@ impl Request {
                 chunks: chunks.len() as u32,
             },
             Command::HostUnregister { id } => Op::HostUnregister { id: *id },
+            Command::ModuleLoadImage { image } => Op::ModuleLoadImage {
+                len: image.len() as u32,
+            },
+            Command::DeviceAttributes { count } => Op::DeviceAttributes { count: *count },
+            Command::FunctionInfo { module, name } => Op::FunctionInfo {
+                module: *module,
+                name_len: (name.len() + 1) as u16,
+            },
+            Command::ModuleGlobal { module, name } => Op::ModuleGlobal {
+                module: *module,
+                name_len: (name.len() + 1) as u16,
+            },
+            Command::Compile {
+                source,
+                options,
+                out_len,
+            } => Op::Compile {
+                source_len: source.len() as u32,
+                options_len: options.iter().map(|o| o.len() as u32 + 1).sum(),
+                out_len: *out_len,
+            },
         };
         Header {
             session: self.session,
@@ -812,6 +1093,22 @@ impl Request {
                 for c in chunks {
                     p.extend_from_slice(&c.addr.to_le_bytes());
                     p.extend_from_slice(&c.len.to_le_bytes());
+                }
+                p
+            }
+            Command::ModuleLoadImage { image } => image.clone(),
+            Command::FunctionInfo { name, .. } | Command::ModuleGlobal { name, .. } => {
+                let mut p = name.as_bytes().to_vec();
+                p.push(0);
+                p
+            }
+            Command::Compile {
+                source, options, ..
+            } => {
+                let mut p = source.as_bytes().to_vec();
+                for o in options {
+                    p.extend_from_slice(o.as_bytes());
+                    p.push(0);
                 }
                 p
             }
@@ -892,6 +1189,30 @@ impl Request {
                 chunks: decode_chunks(len, payload)?,
             },
             Op::HostUnregister { id } => Command::HostUnregister { id },
+            Op::ModuleLoadImage { .. } => Command::ModuleLoadImage {
+                image: payload.to_vec(),
+            },
+            Op::DeviceAttributes { count } => Command::DeviceAttributes { count },
+            Op::FunctionInfo { module, .. } => Command::FunctionInfo {
+                module,
+                name: decode_symbol(payload)?,
+            },
+            Op::ModuleGlobal { module, .. } => Command::ModuleGlobal {
+                module,
+                name: decode_symbol(payload)?,
+            },
+            Op::Compile {
+                source_len,
+                out_len,
+                ..
+            } => {
+                let (source, options) = payload.split_at(source_len as usize);
+                Command::Compile {
+                    source: decode_ptx(source)?,
+                    options: decode_options(options)?,
+                    out_len,
+                }
+            }
         };
         Ok(Request {
             session: header.session,
@@ -908,17 +1229,51 @@ fn decode_ptx(payload: &[u8]) -> Result<String, DecodeError> {
     String::from_utf8(payload.to_vec()).map_err(|_| DecodeError::InvalidString)
 }
 
-fn decode_launch(args: &LaunchArgs, payload: &[u8]) -> Result<Launch, DecodeError> {
-    let name_len = args.name_len as usize;
-    let name_field = &payload[..name_len];
-    if name_field[name_len - 1] != 0 {
+/// A NUL-terminated symbol name (a kernel's, a variable's): letters, digits, `_`, `$`,
+/// `.`, as PTX allows, mangled C++ names included.
+fn symbol_name(field: &[u8]) -> Result<&[u8], DecodeError> {
+    match field.split_last() {
+        Some((0, name)) => {
+            let valid = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'$' | b'.');
+            if name.is_empty() || !name.iter().all(valid) {
+                return Err(DecodeError::InvalidString);
+            }
+            Ok(name)
+        }
+        _ => Err(DecodeError::StringNotTerminated),
+    }
+}
+
+fn decode_symbol(payload: &[u8]) -> Result<String, DecodeError> {
+    let name = symbol_name(payload)?;
+    String::from_utf8(name.to_vec()).map_err(|_| DecodeError::InvalidString)
+}
+
+/// Compiler options: each one printable ASCII ended by a NUL.
+fn decode_options(payload: &[u8]) -> Result<Vec<String>, DecodeError> {
+    if payload.is_empty() {
+        return Ok(Vec::new());
+    }
+    if payload.last() != Some(&0) {
         return Err(DecodeError::StringNotTerminated);
     }
-    let name = &name_field[..name_len - 1];
-    let valid = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'$' | b'.');
-    if name.is_empty() || !name.iter().all(valid) {
-        return Err(DecodeError::InvalidString);
+    let body = &payload[..payload.len() - 1];
+    if body.len() > MAX_COMPILE_OPTIONS_BYTES as usize {
+        return Err(DecodeError::InvalidArgument("compiler options too long"));
     }
+    body.split(|&c| c == 0)
+        .map(|o| {
+            if o.is_empty() || !o.iter().all(|c| (b' '..=b'~').contains(c)) {
+                return Err(DecodeError::InvalidString);
+            }
+            Ok(String::from_utf8(o.to_vec()).expect("printable ASCII"))
+        })
+        .collect()
+}
+
+fn decode_launch(args: &LaunchArgs, payload: &[u8]) -> Result<Launch, DecodeError> {
+    let name_len = args.name_len as usize;
+    let name = symbol_name(&payload[..name_len])?;
     let descs_end = name_len + args.num_params as usize * PARAM_DESC_SIZE;
     let descs = &payload[name_len..descs_end];
     let mut values = &payload[descs_end..];
@@ -1036,6 +1391,115 @@ mod tests {
             Header::decode(&header.encode()),
             Err(DecodeError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn driver_api_requests_round_trip() {
+        let requests = [
+            Command::ModuleLoadImage {
+                image: vec![0x7f, b'E', b'L', b'F', 0, 1, 2],
+            },
+            Command::DeviceAttributes { count: 140 },
+            Command::FunctionInfo {
+                module: 3,
+                name: "_Z9vectorAddPKfS0_Pfi".into(),
+            },
+            Command::ModuleGlobal {
+                module: 3,
+                name: "coefficients".into(),
+            },
+            Command::Compile {
+                source: "extern \"C\" __global__ void k() {}".into(),
+                options: vec!["--gpu-architecture=compute_90".into(), "-lineinfo".into()],
+                out_len: 1 << 20,
+            },
+            Command::Compile {
+                source: "x".into(),
+                options: vec![],
+                out_len: 16,
+            },
+        ];
+        for command in requests {
+            let r = Request::new(5, command);
+            assert_eq!(Request::decode(&r.encode()), Ok(r.clone()), "{r:?}");
+        }
+        let info = FunctionInfo {
+            attributes: [1024, 0, 0, 0, 18, 90, 90, 0, 48 << 10, -1],
+            params: vec![(0, 8), (8, 8), (16, 4)],
+        };
+        assert_eq!(FunctionInfo::decode(&info.encode()), Ok(info.clone()));
+        assert!(FunctionInfo::decode(&info.encode()[..50]).is_err());
+    }
+
+    #[test]
+    fn driver_api_requests_check_their_payloads() {
+        // A symbol without its NUL, with a character no PTX name has, or empty.
+        for bad in [&b"abc"[..], b"a b\0", b"\0"] {
+            let mut h = Request::new(
+                1,
+                Command::ModuleGlobal {
+                    module: 1,
+                    name: "abc".into(),
+                },
+            )
+            .header();
+            h.op = Op::ModuleGlobal {
+                module: 1,
+                name_len: bad.len() as u16,
+            };
+            let mut b = h.encode().to_vec();
+            b.extend_from_slice(bad);
+            assert!(Request::decode(&b).is_err(), "{bad:?}");
+        }
+        // Options must be NUL-terminated printable text; empty images and sources, too
+        // many attributes and oversized output are refused from the header.
+        let mut h = Request::new(
+            1,
+            Command::Compile {
+                source: "k".into(),
+                options: vec![],
+                out_len: 8,
+            },
+        )
+        .header();
+        h.op = Op::Compile {
+            source_len: 1,
+            options_len: 3,
+            out_len: 8,
+        };
+        let mut b = h.encode().to_vec();
+        b.extend_from_slice(b"k-O1");
+        assert_eq!(Request::decode(&b), Err(DecodeError::StringNotTerminated));
+        let mut b = h.encode().to_vec();
+        b.extend_from_slice(b"k\x01\0\0");
+        assert!(Request::decode(&b[..b.len() - 1]).is_err());
+        for op in [
+            Op::ModuleLoadImage { len: 0 },
+            Op::ModuleLoadImage {
+                len: MAX_MODULE_IMAGE_BYTES + 1,
+            },
+            Op::DeviceAttributes { count: 0 },
+            Op::DeviceAttributes {
+                count: MAX_DEVICE_ATTRIBUTES + 1,
+            },
+            Op::Compile {
+                source_len: 0,
+                options_len: 0,
+                out_len: 8,
+            },
+            Op::Compile {
+                source_len: 1,
+                options_len: 0,
+                out_len: MAX_COMPILE_OUTPUT_BYTES + 1,
+            },
+        ] {
+            let h = Header {
+                session: 1,
+                tag: 1,
+                op,
+            };
+            assert!(Header::decode(&h.encode()).is_err(), "{op:?}");
+        }
     }
 
     #[test]
