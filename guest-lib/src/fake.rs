@@ -242,12 +242,81 @@ fn run(
         | Command::ModuleLoadImage { .. }
         | Command::DeviceAttributes { .. }
         | Command::FunctionInfo { .. }
-        | Command::ModuleGlobal { .. }
-        | Command::Compile { .. } => return Err(Status::Unsupported),
+        | Command::ModuleGlobal { .. } => return Err(Status::Unsupported),
+        Command::Compile {
+            source,
+            options,
+            out_len,
+        } => compile(&source, &options, out_len),
         Command::Info | Command::SessionOpen | Command::SessionClose | Command::Selftest { .. } => {
             unreachable!("answered before the session lookup")
         }
     })
+}
+
+/// Options the host refuses because they read the host's files.
+pub const HOST_FILE_OPTIONS: [&str; 6] = [
+    "-I",
+    "--include-path",
+    "--pre-include",
+    "-include",
+    "--pch",
+    "--use-pch",
+];
+
+/// NVRTC_ERROR_COMPILATION, the detail of a compile error.
+pub const NVRTC_ERROR_COMPILATION: u32 = 6;
+
+/// A stand-in for the host's compiler. Its "PTX" names the options and repeats the
+/// source as comments (so a large source needs more room than the first buffer); the
+/// log has a line per `#warning`. A source with `#error` fails with the compiler's
+/// NVRTC_ERROR_COMPILATION and a log; an option that reads host files is refused with
+/// its index.
+fn compile(source: &str, options: &[String], out_len: u32) -> Response {
+    let host_file = |o: &String| HOST_FILE_OPTIONS.iter().any(|p| o.starts_with(p));
+    if let Some(i) = options.iter().position(host_file) {
+        return Response::error(Status::InvalidArgument, i as u32);
+    }
+    let too_small = |needed: usize| Response {
+        value0: needed as u64,
+        ..Response::error(Status::BufferTooSmall, 0)
+    };
+    if source.contains("#error") {
+        let log = "fake.cu(1): catastrophic error: #error directive\n".to_string();
+        if log.len() > out_len as usize {
+            return too_small(log.len());
+        }
+        return Response {
+            value1: log.len() as u64,
+            data: log.into_bytes(),
+            ..Response::error(Status::ModuleInvalid, NVRTC_ERROR_COMPILATION)
+        };
+    }
+    let mut ptx = format!(
+        "//\n// fake PTX\n//\n.version 9.0\n.target sm_90\n.address_size 64\n// options: {}\n",
+        options.join(" ")
+    );
+    let mut log = String::new();
+    for line in source.lines() {
+        ptx.push_str("// ");
+        ptx.push_str(line);
+        ptx.push('\n');
+        if line.trim_start().starts_with("#warning") {
+            log.push_str("fake.cu: warning: #warning directive\n");
+        }
+    }
+    let needed = ptx.len() + log.len();
+    if needed > out_len as usize {
+        return too_small(needed);
+    }
+    let (ptx_len, log_len) = (ptx.len() as u64, log.len() as u64);
+    let mut data = ptx.into_bytes();
+    data.extend_from_slice(log.as_bytes());
+    Response {
+        value0: ptx_len,
+        value1: log_len,
+        ..Response::data(data)
+    }
 }
 
 fn floats(b: &[u8]) -> Vec<f32> {

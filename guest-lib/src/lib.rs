@@ -38,6 +38,7 @@
 //! ABI of `include/vgpu.h` lives in [`capi`].
 
 pub mod capi;
+mod compile;
 mod error;
 mod session;
 mod transport;
@@ -45,6 +46,7 @@ mod transport;
 #[cfg(test)]
 mod fake;
 
+pub use compile::{CompileError, Compiled, COMPILE_OUTPUT_BYTES};
 pub use error::{Error, Result};
 pub use session::{
     BufferArg, Device, DeviceBuffer, HostBuffer, KernelArg, LaunchConfig, Module, Pod, Session,

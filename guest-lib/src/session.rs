@@ -774,6 +774,24 @@ impl Session {
         self.inner
             .dtoh(handle, offset, &mut mem.as_mut_slice()[at..at + len], chunk)
     }
+
+    /// Sends a request and returns its response header whatever its status, for
+    /// requests whose refusals carry results (COMPILE: the size it needs, the compiler's
+    /// log). Only a request that did not get an answer, or an earlier asynchronous
+    /// failure reported with it, is an error.
+    pub(crate) fn request_answer(
+        &self,
+        op: Op,
+        input: &[&[u8]],
+        output: &mut [&mut [u8]],
+    ) -> Result<ResponseHeader> {
+        let (header, tag) = self.inner.header(op);
+        let mut reply = self.inner.transport.submit_reply(&header, input, output)?;
+        let own = reply.response;
+        // Settled as a success, so that only an earlier failure is an error.
+        reply.response.status = Status::Ok;
+        self.inner.settle(op, tag, reply, true).map(|_| own)
+    }
 }
 
 /// Device memory of one session, freed when dropped.
