@@ -501,7 +501,7 @@ fn an_oversized_launch_is_refused_and_the_worker_serves_on() {
     };
     let huge = [
         ExecParam::Buffer(b),
-        ExecParam::Value(vec![0; 9 << 20]),
+        ExecParam::Value(vec![0; 65 << 20]),
         ExecParam::Value(vec![0; 4]),
     ];
     let e = exec
