@@ -3,6 +3,13 @@
 //!
 //! It is what CI and machines without a GPU run, so it follows the same rules as the
 //! CUDA executor: the same catalog, the same validation, results a test can trust.
+//!
+//! Its buffers have synthetic device addresses, as a GPU's would be: each buffer's
+//! [`BufferId`] is an address from a per-executor counter that starts at
+//! [`CPU_ADDRESS_BASE`] and moves on by the buffer's size in whole pages plus a gap of
+//! [`CPU_ADDRESS_GAP`], so addresses are never 0, page-aligned (so 256-byte aligned),
+//! unique in the executor for its whole life (never reused after a free) and stable. No
+//! kernel dereferences them: the catalog's reference kernels address buffers by id.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -10,12 +17,12 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use vgpu_kernels::{Arg, CpuMemory, LaunchShape, ParamKind};
-use vgpu_protocol::{ExecutorKind, Status};
+use vgpu_protocol::{ExecutorKind, FunctionInfo, Status, FUNCTION_ATTRIBUTES};
 
 use crate::executor::{
-    guest_fault, no_host_buffer, outside_host_buffer, BufferId, DeviceInfo, ExecError, ExecParam,
-    ExecResult, Executor, ExecutorFactory, GuestSink, GuestSource, KernelRef, Killer, ModuleId,
-    StreamId, TIMEOUT_DETAIL,
+    builtin_function_info, guest_fault, no_host_buffer, outside_host_buffer, BufferId, DeviceInfo,
+    ExecError, ExecParam, ExecResult, Executor, ExecutorFactory, GuestSink, GuestSource, KernelRef,
+    Killer, ModuleId, StreamId, TIMEOUT_DETAIL,
 };
 use crate::hostmap::{HostMap, HostMapping};
 
@@ -29,17 +36,104 @@ pub struct CpuExecutorFactory {
 impl CpuExecutorFactory {
     pub fn new() -> CpuExecutorFactory {
         CpuExecutorFactory {
-            info: DeviceInfo {
-                kind: ExecutorKind::Cpu,
-                name: CPU_DEVICE_NAME.to_owned(),
-                total_memory: device_memory(host_memory(), cgroup_memory_limit()),
-                cc_major: 0,
-                cc_minor: 0,
-                multiprocessors: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-            },
+            info: cpu_device_info(),
         }
     }
 }
+
+/// What the CPU executor reports as its device (INFO, the config space).
+pub fn cpu_device_info() -> DeviceInfo {
+    DeviceInfo {
+        kind: ExecutorKind::Cpu,
+        name: CPU_DEVICE_NAME.to_owned(),
+        total_memory: device_memory(host_memory(), cgroup_memory_limit()),
+        cc_major: 0,
+        cc_minor: 0,
+        multiprocessors: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+    }
+}
+
+/// Where the CPU executor's synthetic device addresses start.
+pub const CPU_ADDRESS_BASE: u64 = 0x7000_0000_0000;
+/// The unused addresses between two of the CPU executor's buffers.
+pub const CPU_ADDRESS_GAP: u64 = 64 << 10;
+/// The CPU executor's buffers take addresses in whole pages of this size.
+const CPU_ADDRESS_PAGE: u64 = 4096;
+
+/// How many attributes [`cpu_device_attributes`] describes
+/// (`CU_DEVICE_ATTRIBUTE_MAX` of CUDA 13); those after it are 0.
+pub const CPU_DEVICE_ATTRIBUTES: usize = 162;
+
+/// The CPU executor's answer to DEVICE_ATTRIBUTES: a device that takes the launches the
+/// mediator allows every device (`CUdevice_attribute` numbering, index 0 unused):
+///
+/// | attribute | value |
+/// |---|---|
+/// | 1 max threads per block, 2-4 max block x/y/z | 1024, 1024, 1024, 64 |
+/// | 5-7 max grid x/y/z | 2^31 - 1, 65535, 65535 |
+/// | 8 shared memory per block, 97 its opt-in maximum | 49152 (the mediator's limit) |
+/// | 9 total constant memory | 65536 |
+/// | 10 warp size | 32 |
+/// | 11 max pitch | 2^31 - 1 |
+/// | 12 registers per block, 82 per multiprocessor | 65536 |
+/// | 13 clock rate, 36 memory clock rate (kHz) | 1,000,000 |
+/// | 14 texture alignment, 51 texture pitch alignment | 512, 32 |
+/// | 16 multiprocessor count | the host's CPUs, as INFO reports |
+/// | 31 concurrent kernels | 1 |
+/// | 37 memory bus width (bits) | 64 |
+/// | 39 max threads per multiprocessor | 2048 |
+/// | 41 unified addressing | 1 |
+/// | 75, 76 compute capability major, minor | as INFO reports (0, 0) |
+/// | 81 shared memory per multiprocessor | 65536 |
+/// | 106 max blocks per multiprocessor | 32 |
+///
+/// Everything else is 0: not integrated (18), no mapped or registered host memory (19,
+/// 99), default compute mode (20), no textures or surfaces, no ECC (32), PCI bus, device
+/// and domain ids 0 (33, 34, 50), no managed memory (83), no memory pools (115), no
+/// cooperative launch (95), no stream priorities (78), no async copy engine (40).
+pub fn cpu_device_attributes(info: &DeviceInfo) -> Vec<i32> {
+    let mut a = vec![0i32; CPU_DEVICE_ATTRIBUTES + 1];
+    let count = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+    for (attribute, value) in [
+        (1, 1024),
+        (2, 1024),
+        (3, 1024),
+        (4, 64),
+        (5, i32::MAX),
+        (6, 65535),
+        (7, 65535),
+        (8, 49152),
+        (9, 65536),
+        (10, 32),
+        (11, i32::MAX),
+        (12, 65536),
+        (13, 1_000_000),
+        (14, 512),
+        (16, count(info.multiprocessors)),
+        (31, 1),
+        (36, 1_000_000),
+        (37, 64),
+        (39, 2048),
+        (41, 1),
+        (51, 32),
+        (75, i32::from(info.cc_major)),
+        (76, i32::from(info.cc_minor)),
+        (81, 65536),
+        (82, 65536),
+        (97, 49152),
+        (106, 32),
+    ] {
+        a[attribute] = value;
+    }
+    a
+}
+
+/// The CPU executor's function attributes of a built-in kernel (`CUfunction_attribute`
+/// 0 to 9): 1024 threads per block, no static shared, constant or local memory, no
+/// registers or PTX/binary version to speak of, no cache mode, 49152 bytes of dynamic
+/// shared memory, and no preferred carveout (-1).
+pub const CPU_FUNCTION_ATTRIBUTES: [i32; FUNCTION_ATTRIBUTES] =
+    [1024, 0, 0, 0, 0, 0, 0, 0, 49152, -1];
 
 impl Default for CpuExecutorFactory {
     fn default() -> Self {
@@ -151,7 +245,12 @@ impl ExecutorFactory for CpuExecutorFactory {
 /// Kernels run in place in bounded chunks ([`vgpu_kernels::CPU_CHUNK_ELEMS`]).
 #[derive(Default)]
 pub struct CpuExecutor {
+    /// By synthetic device address.
     buffers: HashMap<u64, Vec<u8>>,
+    /// Addresses handed out so far, from [`CPU_ADDRESS_BASE`].
+    address_used: u64,
+    /// [`cpu_device_attributes`], made when first asked for.
+    attributes: Vec<i32>,
     /// Registered host buffers, mapped from the VM's memory files.
     hosts: HashMap<u64, HostMap>,
     streams: HashSet<u64>,
@@ -266,9 +365,18 @@ impl Executor for CpuExecutor {
         self.buffers
             .try_reserve(1)
             .map_err(|_| out_of_memory("the buffer table", 64))?;
-        let id = self.next();
-        self.buffers.insert(id, v);
-        Ok(BufferId(id))
+        // Its address, and where the next buffer's starts: past its pages and a gap.
+        let next = bytes
+            .max(1)
+            .checked_next_multiple_of(CPU_ADDRESS_PAGE)
+            .and_then(|span| self.address_used.checked_add(span))
+            .and_then(|end| end.checked_add(CPU_ADDRESS_GAP))
+            .filter(|&used| CPU_ADDRESS_BASE.checked_add(used).is_some())
+            .ok_or_else(|| out_of_memory("device addresses", bytes))?;
+        let address = CPU_ADDRESS_BASE + self.address_used;
+        self.address_used = next;
+        self.buffers.insert(address, v);
+        Ok(BufferId(address))
     }
 
     fn free(&mut self, buffer: BufferId) {
@@ -388,6 +496,28 @@ impl Executor for CpuExecutor {
 
     fn sync(&mut self, _: StreamId) -> ExecResult<()> {
         self.ended()
+    }
+
+    /// See [`cpu_device_attributes`]; attributes past its table are 0.
+    fn device_attributes(&mut self, count: u32) -> ExecResult<Vec<i32>> {
+        if self.attributes.is_empty() {
+            self.attributes = cpu_device_attributes(&cpu_device_info());
+        }
+        Ok((1..=count as usize)
+            .map(|a| self.attributes.get(a).copied().unwrap_or(0))
+            .collect())
+    }
+
+    /// Built-in kernels only: [`CPU_FUNCTION_ATTRIBUTES`] and the catalog's layout.
+    fn function_info(&mut self, kernel: KernelRef<'_>) -> ExecResult<FunctionInfo> {
+        match kernel {
+            KernelRef::Builtin(spec) => Ok(builtin_function_info(spec, CPU_FUNCTION_ATTRIBUTES)),
+            KernelRef::Module(..) => Err(ExecError::new(
+                Status::Unsupported,
+                0,
+                "no modules on the CPU executor",
+            )),
+        }
     }
 
     fn poisoned(&self) -> bool {

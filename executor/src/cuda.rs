@@ -24,13 +24,17 @@ use std::time::{Duration, Instant};
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::nvrtc::result as nvrtc;
 use vgpu_kernels::{LaunchShape, ParamKind, CATALOG};
-use vgpu_protocol::{ExecutorKind, Status, MAX_PTX_BYTES};
+use vgpu_protocol::{
+    ExecutorKind, FunctionInfo, Status, FUNCTION_ATTRIBUTES, MAX_DEVICE_ATTRIBUTES,
+    MAX_FUNCTION_PARAMS, MAX_PTX_BYTES,
+};
 
 use crate::executor::{
-    no_host_buffer, outside_host_buffer, BufferId, DeviceInfo, ExecError, ExecParam, ExecResult,
-    Executor, ExecutorFactory, KernelRef, ModuleId, StreamId,
+    builtin_param_layout, no_host_buffer, outside_host_buffer, BufferId, CompileOutput, DeviceInfo,
+    ExecError, ExecParam, ExecResult, Executor, ExecutorFactory, KernelRef, ModuleId, StreamId,
 };
 use crate::hostmap::{HostMap, HostMapping};
+use crate::image::{self, ImageKind};
 
 /// Size of the JIT error log captured when a PTX module fails to load.
 const JIT_LOG_BYTES: usize = 8192;
@@ -507,6 +511,94 @@ fn compile_with(src: &CStr, name: &CStr, options: &[&str]) -> Result<CString, Cu
     })
 }
 
+type NvrtcCode = cudarc::nvrtc::sys::nvrtcResult;
+
+/// What the guest's programs are called: in a directory that cannot exist (`/dev/null`
+/// is no directory), so that a quoted `#include` finds nothing beside the source.
+pub const GUEST_PROGRAM_NAME: &CStr = c"/dev/null/guest.cu";
+
+/// One NVRTC compilation: its result code (0 for success), the PTX when there is one,
+/// and the log.
+struct NvrtcRun {
+    code: u32,
+    ptx: Option<Vec<u8>>,
+    log: Vec<u8>,
+}
+
+impl NvrtcRun {
+    /// COMPILE's answer for an output room of `room` bytes.
+    fn into_output(self, room: usize) -> CompileOutput {
+        match self.ptx {
+            Some(ptx) => {
+                let needed = ptx.len() as u64 + self.log.len() as u64;
+                if needed > room as u64 {
+                    CompileOutput::TooLarge { needed }
+                } else {
+                    CompileOutput::Ptx { ptx, log: self.log }
+                }
+            }
+            None => {
+                let mut log = self.log;
+                let log_len = log.len() as u64;
+                log.truncate(room);
+                CompileOutput::Failed {
+                    code: self.code,
+                    log,
+                    log_len,
+                }
+            }
+        }
+    }
+}
+
+/// Compiles `src` with `options`; never fails as a call: a failure is in the result.
+fn run_nvrtc(src: &CStr, name: &CStr, options: &[String]) -> NvrtcRun {
+    let failed = |code: NvrtcCode, log: Vec<u8>| NvrtcRun {
+        code: code as u32,
+        ptx: None,
+        log,
+    };
+    let prog = match nvrtc::create_program(src, Some(name)) {
+        Ok(p) => Program(p),
+        Err(e) => return failed(e.0, Vec::new()),
+    };
+    // SAFETY: `prog` is live; the options are converted to C strings by cudarc (they are
+    // printable ASCII, checked by the protocol).
+    let compiled = unsafe { nvrtc::compile_program(prog.0, options) };
+    // SAFETY: `prog` is live.
+    let log = unsafe { nvrtc::get_program_log(prog.0) }
+        .map(|chars| c_chars_to_string(chars).into_bytes())
+        .unwrap_or_default();
+    if let Err(e) = compiled {
+        return failed(e.0, log);
+    }
+    // SAFETY: `prog` is live and compiled.
+    match unsafe { nvrtc::get_ptx(prog.0) } {
+        Ok(chars) => {
+            let ptx: Vec<u8> = chars
+                .into_iter()
+                .take_while(|&c| c != 0)
+                .map(|c| c as u8)
+                .collect();
+            NvrtcRun {
+                code: 0,
+                ptx: Some(ptx),
+                log,
+            }
+        }
+        // Options that ask for no PTX (a real `sm_` architecture).
+        Err(e) => failed(e.0, log),
+    }
+}
+
+/// Whether a compiler option names the target architecture (`--gpu-architecture=...`,
+/// `-arch=...`, in either spelling).
+pub fn names_architecture(option: &str) -> bool {
+    let name = option.trim_start_matches('-');
+    let name = name.split('=').next().unwrap_or(name);
+    matches!(name, "gpu-architecture" | "arch")
+}
+
 /// Text up to the first NUL of a C character buffer.
 fn c_chars_to_string(chars: Vec<c_char>) -> String {
     let bytes: Vec<u8> = chars
@@ -854,7 +946,8 @@ impl CudaExecutorFactory {
             Ok(Err(code)) => return Err(cuda_error(code, "cuCtxCreate")),
             Err(e) => return Err(ExecError::new(Status::Internal, 0, e.to_string())),
         };
-        let mut exec = CudaExecutor::new(ctx);
+        let mut exec =
+            CudaExecutor::new(ctx, self.device, (self.info.cc_major, self.info.cc_minor));
         exec.resident_threads = self.resident_threads;
         exec.query_stack_bytes();
         exec.context_bytes = self.context_bytes;
@@ -893,17 +986,19 @@ impl ExecutorFactory for CudaExecutorFactory {
 // ---------------------------------------------------------------------------------------
 // Executor
 
-/// A function of a guest module, with its parameter sizes when the driver reports them.
+/// A function of a guest module, with its parameters' (offset, size) as the driver
+/// reports them, or as the module's PTX declares them.
 struct ModuleFunction {
     function: sys::CUfunction,
-    param_sizes: Vec<usize>,
+    params: Vec<(usize, usize)>,
 }
 
 struct LoadedModule {
     module: sys::CUmodule,
     functions: HashMap<String, ModuleFunction>,
-    /// Parameter sizes of each `.entry`, read from the module's PTX.
-    signatures: HashMap<String, Vec<usize>>,
+    /// (offset, size) of the parameters of each `.entry`, read from the module's PTX
+    /// (none for a binary image).
+    signatures: HashMap<String, Vec<(usize, usize)>>,
     /// Device bytes it holds ([`module_footprint`]).
     bytes: u64,
     /// Per-thread local memory of its kernels, by name, read when it was loaded.
@@ -916,12 +1011,23 @@ struct LoadedModule {
 /// at every call (cheap, and correct even if something else changed the thread's context).
 pub struct CudaExecutor {
     ctx: sys::CUcontext,
+    /// The device the context is on, and its compute capability.
+    device: sys::CUdevice,
+    cc: (u16, u16),
     catalog: sys::CUmodule,
     builtins: HashMap<&'static str, sys::CUfunction>,
     streams: HashMap<u64, sys::CUstream>,
     next_stream: u64,
     /// Device pointer -> size in bytes. A `BufferId` is the device pointer.
     buffers: HashMap<u64, u64>,
+    /// Module variables handed out ([`Executor::module_global`]): device pointer ->
+    /// (size in bytes, module id). Copies and launches take them like buffers.
+    globals: HashMap<u64, (u64, u64)>,
+    /// The device's attributes 1..=n read so far ([`Executor::device_attributes`]).
+    attributes: Vec<i32>,
+    /// Whether [`Executor::compile`] runs NVRTC here: only in a worker process
+    /// ([`CudaExecutor::enable_compile`]).
+    compiler: bool,
     modules: HashMap<u64, LoadedModule>,
     next_module: u64,
     /// The sticky error that made the context unusable.
@@ -945,14 +1051,19 @@ pub struct CudaExecutor {
 }
 
 impl CudaExecutor {
-    fn new(ctx: sys::CUcontext) -> CudaExecutor {
+    fn new(ctx: sys::CUcontext, device: sys::CUdevice, cc: (u16, u16)) -> CudaExecutor {
         CudaExecutor {
             ctx,
+            device,
+            cc,
             catalog: ptr::null_mut(),
             builtins: HashMap::new(),
             streams: HashMap::new(),
             next_stream: 1,
             buffers: HashMap::new(),
+            globals: HashMap::new(),
+            attributes: Vec::new(),
+            compiler: false,
             modules: HashMap::new(),
             next_module: 1,
             poison: None,
@@ -984,19 +1095,27 @@ impl CudaExecutor {
     /// Per-thread local memory of `function` (`CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES`),
     /// loading it first if lazy loading has not yet.
     fn function_local_size(&mut self, function: sys::CUfunction) -> ExecResult<u64> {
+        let value = self.function_attribute(
+            function,
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES,
+        )?;
+        Ok(u64::try_from(value).unwrap_or(0))
+    }
+
+    /// An attribute of `function` (`cuFuncGetAttribute`), loading the function first if
+    /// lazy loading has not yet.
+    fn function_attribute(
+        &mut self,
+        function: sys::CUfunction,
+        attribute: sys::CUfunction_attribute,
+    ) -> ExecResult<i32> {
         let mut loaded = false;
         loop {
             let mut value: c_int = 0;
             // SAFETY: `function` is a live handle of the current context; writes one int.
-            let r = unsafe {
-                sys::cuFuncGetAttribute(
-                    &mut value,
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES,
-                    function,
-                )
-            };
+            let r = unsafe { sys::cuFuncGetAttribute(&mut value, attribute, function) };
             match r {
-                CUresult::CUDA_SUCCESS => return Ok(u64::try_from(value).unwrap_or(0)),
+                CUresult::CUDA_SUCCESS => return Ok(value),
                 CUresult::CUDA_ERROR_FUNCTION_NOT_LOADED
                     if !loaded && driver_has(b"cuFuncLoad") =>
                 {
@@ -1010,13 +1129,47 @@ impl CudaExecutor {
         }
     }
 
-    /// The bytes of `module`'s module-scope variables named in its `ptx`, as the driver
-    /// reports them (`cuModuleGetGlobal`; with lazy loading this also makes the driver
-    /// place them). A name the driver does not know counts nothing.
-    fn module_global_bytes(&mut self, module: sys::CUmodule, ptx: &str) -> u64 {
+    /// FUNCTION_INFO's attributes of `function`: `CUfunction_attribute` 0 to 9, 0 for
+    /// one the driver does not answer.
+    fn function_attributes(
+        &mut self,
+        function: sys::CUfunction,
+    ) -> ExecResult<[i32; FUNCTION_ATTRIBUTES]> {
+        use sys::CUfunction_attribute::*;
+        let names = [
+            CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK,
+            CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+            CU_FUNC_ATTRIBUTE_CONST_SIZE_BYTES,
+            CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES,
+            CU_FUNC_ATTRIBUTE_NUM_REGS,
+            CU_FUNC_ATTRIBUTE_PTX_VERSION,
+            CU_FUNC_ATTRIBUTE_BINARY_VERSION,
+            CU_FUNC_ATTRIBUTE_CACHE_MODE_CA,
+            CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+        ];
+        let mut out = [0i32; FUNCTION_ATTRIBUTES];
+        for (slot, attribute) in out.iter_mut().zip(names) {
+            *slot = match self.function_attribute(function, attribute) {
+                Ok(v) => v,
+                Err(e) if self.poison.is_some() => return Err(e),
+                Err(_) => 0,
+            };
+        }
+        Ok(out)
+    }
+
+    /// The bytes of `module`'s module-scope variables `names`, as the driver reports them
+    /// (`cuModuleGetGlobal`; with lazy loading this also makes the driver place them). A
+    /// name the driver does not know counts nothing.
+    fn module_global_bytes(
+        &mut self,
+        module: sys::CUmodule,
+        names: impl IntoIterator<Item = String>,
+    ) -> u64 {
         let mut total = 0u64;
-        for global in crate::ptx::globals(ptx) {
-            let Ok(name) = CString::new(global.name) else {
+        for name in names {
+            let Ok(name) = CString::new(name) else {
                 continue;
             };
             let (mut dptr, mut bytes): (sys::CUdeviceptr, usize) = (0, 0);
@@ -1033,6 +1186,101 @@ impl CudaExecutor {
         total
     }
 
+    /// The per-thread local memory of each of `names` that is a kernel of `module`,
+    /// read now (which also loads them with lazy loading, so that their code is on the
+    /// device when the free memory is read again).
+    fn module_local_sizes(
+        &mut self,
+        module: sys::CUmodule,
+        names: impl IntoIterator<Item = String>,
+    ) -> HashMap<String, u64> {
+        let mut local_sizes = HashMap::new();
+        for name in names {
+            let Ok(cname) = CString::new(name.as_str()) else {
+                continue;
+            };
+            let mut function: sys::CUfunction = ptr::null_mut();
+            // SAFETY: `module` is loaded in the current context; writes one handle.
+            let r = unsafe { sys::cuModuleGetFunction(&mut function, module, cname.as_ptr()) };
+            if r == CUresult::CUDA_SUCCESS {
+                if let Ok(size) = self.function_local_size(function) {
+                    local_sizes.insert(name, size);
+                }
+            } else if is_sticky(r) {
+                let _ = self.check(r, "cuModuleGetFunction");
+                break;
+            }
+        }
+        local_sizes
+    }
+
+    /// Loads every function of `module` (`cuModuleEnumerateFunctions`, CUDA 12.4 drivers
+    /// and later), so that with lazy loading their code is on the device when the free
+    /// memory is read: for an image whose kernels could not all be named.
+    fn load_every_function(&mut self, module: sys::CUmodule) {
+        if !(driver_has(b"cuModuleGetFunctionCount")
+            && driver_has(b"cuModuleEnumerateFunctions")
+            && driver_has(b"cuFuncLoad"))
+        {
+            return;
+        }
+        let mut count: c_uint = 0;
+        // SAFETY: `module` is loaded in the current context; writes one count.
+        let r = unsafe { sys::cuModuleGetFunctionCount(&mut count, module) };
+        if r != CUresult::CUDA_SUCCESS {
+            let _ = self.check(r, "cuModuleGetFunctionCount");
+            return;
+        }
+        let count = count.min(image::MAX_SYMBOLS as c_uint);
+        let mut functions: Vec<sys::CUfunction> = vec![ptr::null_mut(); count as usize];
+        // SAFETY: `functions` holds `count` handles for the driver to write.
+        let r = unsafe { sys::cuModuleEnumerateFunctions(functions.as_mut_ptr(), count, module) };
+        if r != CUresult::CUDA_SUCCESS {
+            let _ = self.check(r, "cuModuleEnumerateFunctions");
+            return;
+        }
+        for function in functions.into_iter().filter(|f| !f.is_null()) {
+            // SAFETY: a live function handle of `module`, in the current context.
+            let r = unsafe { sys::cuFuncLoad(function) };
+            if is_sticky(r) {
+                let _ = self.check(r, "cuFuncLoad");
+                return;
+            }
+        }
+    }
+
+    /// Lets [`Executor::compile`] run NVRTC in this process: for an executor in a worker
+    /// process, where the guest's source can cost only its own session (or for tests).
+    pub fn enable_compile(&mut self) {
+        self.compiler = true;
+    }
+
+    /// The device's attribute `attribute` (any number: the driver answers
+    /// `CUDA_ERROR_INVALID_VALUE` for one it does not know, which is 0 here).
+    fn raw_device_attribute(&mut self, attribute: c_int) -> ExecResult<i32> {
+        type GetAttribute = unsafe extern "C" fn(*mut c_int, c_int, sys::CUdevice) -> c_int;
+        let driver =
+            driver_library().map_err(|e| ExecError::new(Status::Internal, 0, e.to_string()))?;
+        // SAFETY: cuDeviceGetAttribute's C signature; the attribute is passed as the plain
+        // integer the C enum is, so numbers this build's bindings do not name are fine.
+        let get =
+            unsafe { driver.lib.get::<GetAttribute>(b"cuDeviceGetAttribute") }.map_err(|e| {
+                ExecError::new(Status::Internal, 0, format!("cuDeviceGetAttribute: {e}"))
+            })?;
+        let mut value: c_int = 0;
+        // SAFETY: writes one int for the executor's device handle.
+        let r = unsafe { get(&mut value, attribute, self.device) };
+        match r {
+            0 => Ok(value),
+            // CUDA_ERROR_INVALID_VALUE: an attribute this driver does not know.
+            1 => Ok(0),
+            code => Err(ExecError::new(
+                Status::Internal,
+                code as u32,
+                format!("cuDeviceGetAttribute({attribute}): CUDA error {code}"),
+            )),
+        }
+    }
     /// Launches a built-in kernel that touches nothing (`fill_u32` of 0 elements) and
     /// waits for it: the driver reserves the context's local memory at its first launch.
     fn touch_local_memory(&mut self) -> ExecResult<()> {
@@ -1144,10 +1392,17 @@ impl CudaExecutor {
             .ok_or_else(|| outside_host_buffer(id, offset, len))
     }
 
-    fn span(&self, buffer: BufferId, offset: u64, len: u64) -> ExecResult<sys::CUdeviceptr> {
-        let size = *self
-            .buffers
+    /// The size of a buffer or module variable of this context.
+    fn buffer_size(&self, buffer: BufferId) -> Option<u64> {
+        self.buffers
             .get(&buffer.0)
+            .copied()
+            .or_else(|| self.globals.get(&buffer.0).map(|&(size, _)| size))
+    }
+
+    fn span(&self, buffer: BufferId, offset: u64, len: u64) -> ExecResult<sys::CUdeviceptr> {
+        let size = self
+            .buffer_size(buffer)
             .ok_or_else(|| ExecError::new(Status::InvalidHandle, 0, "unknown device buffer"))?;
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(buffer.0 + offset),
@@ -1167,6 +1422,17 @@ impl CudaExecutor {
 
     /// Loads a NUL-terminated PTX image, capturing the JIT error log on failure.
     fn load_image(&mut self, image: &CStr) -> ExecResult<sys::CUmodule> {
+        // SAFETY: a C string is a valid PTX image for the driver to read up to its NUL.
+        unsafe { self.load_data(image.as_ptr().cast()) }
+    }
+
+    /// Loads a module image as `cuModuleLoadDataEx` takes it, capturing the JIT error
+    /// log on failure.
+    ///
+    /// # Safety
+    /// `image` must point at a module image the driver can read to its end: PTX ended
+    /// by a NUL, or a cubin or fatbin (the driver reads as far as its headers say).
+    unsafe fn load_data(&mut self, image: *const c_void) -> ExecResult<sys::CUmodule> {
         self.enter()?;
         let mut log = vec![0u8; JIT_LOG_BYTES];
         let mut options = [
@@ -1176,12 +1442,12 @@ impl CudaExecutor {
         // The size option is passed by value in the pointer slot, as cuda.h specifies.
         let mut values: [*mut c_void; 2] = [log.as_mut_ptr().cast(), JIT_LOG_BYTES as *mut c_void];
         let mut module: sys::CUmodule = ptr::null_mut();
-        // SAFETY: `image` is NUL-terminated; `options` and `values` have 2 entries each;
-        // `log` outlives the call and is JIT_LOG_BYTES long.
+        // SAFETY: the caller vouches for `image`; `options` and `values` have 2 entries
+        // each; `log` outlives the call and is JIT_LOG_BYTES long.
         let r = unsafe {
             sys::cuModuleLoadDataEx(
                 &mut module,
-                image.as_ptr().cast(),
+                image,
                 options.len() as c_uint,
                 options.as_mut_ptr(),
                 values.as_mut_ptr(),
@@ -1201,18 +1467,19 @@ impl CudaExecutor {
         Err(e)
     }
 
-    /// The function `name` of a guest module, looked up once.
+    /// The function `name` of a guest module, looked up once, with its parameters'
+    /// (offset, size).
     fn module_function(
         &mut self,
         module: ModuleId,
         name: &str,
-    ) -> ExecResult<(sys::CUfunction, Vec<usize>)> {
+    ) -> ExecResult<(sys::CUfunction, Vec<(usize, usize)>)> {
         let loaded = self
             .modules
             .get(&module.0)
             .ok_or_else(|| ExecError::new(Status::InvalidHandle, 0, "unknown module"))?;
         if let Some(f) = loaded.functions.get(name) {
-            return Ok((f.function, f.param_sizes.clone()));
+            return Ok((f.function, f.params.clone()));
         }
         let handle = loaded.module;
         let signature = loaded.signatures.get(name).cloned();
@@ -1229,7 +1496,7 @@ impl CudaExecutor {
         // The driver's word when it has one, else the PTX's; a kernel with neither is
         // never launched: the driver would read as many parameters as the kernel declares,
         // past what the guest passed.
-        let param_sizes = param_sizes(function).or(signature).ok_or_else(|| {
+        let params = param_layout(function).or(signature).ok_or_else(|| {
             ExecError::new(
                 Status::Unsupported,
                 0,
@@ -1245,11 +1512,11 @@ impl CudaExecutor {
                 name.to_string(),
                 ModuleFunction {
                     function,
-                    param_sizes: param_sizes.clone(),
+                    params: params.clone(),
                 },
             );
         }
-        Ok((function, param_sizes))
+        Ok((function, params))
     }
 
     /// Lays the launch parameters out in `param_arena` (8-byte aligned) and points
@@ -1261,7 +1528,7 @@ impl CudaExecutor {
             let size = match p {
                 ExecParam::Value(v) => v.len(),
                 ExecParam::Buffer(id) => {
-                    if !self.buffers.contains_key(&id.0) {
+                    if self.buffer_size(*id).is_none() {
                         return Err(ExecError::new(
                             Status::InvalidHandle,
                             i as u32,
@@ -1304,8 +1571,8 @@ impl CudaExecutor {
     }
 }
 
-/// The sizes of `function`'s parameters, or `None` when the driver cannot say.
-fn param_sizes(function: sys::CUfunction) -> Option<Vec<usize>> {
+/// The (offset, size) of `function`'s parameters, or `None` when the driver cannot say.
+fn param_layout(function: sys::CUfunction) -> Option<Vec<(usize, usize)>> {
     static IGNORED: OnceLock<bool> = OnceLock::new();
     if !driver_has_param_info()
         || *IGNORED.get_or_init(|| std::env::var_os(PTX_SIGNATURES_ONLY_ENV).is_some())
@@ -1321,7 +1588,7 @@ fn param_sizes(function: sys::CUfunction) -> Option<Vec<usize>> {
         let r = unsafe { sys::cuFuncGetParamInfo(function, index, &mut offset, &mut size) };
         match r {
             CUresult::CUDA_SUCCESS => {
-                sizes.push(size);
+                sizes.push((offset, size));
                 index += 1;
             }
             // The documented answer for an index past the last parameter.
@@ -1635,21 +1902,10 @@ impl Executor for CudaExecutor {
         let module = self.load_image(&image)?;
         // Its kernels' local memory, read now (which also loads them with lazy loading, so
         // that their code is on the device when the free memory is read again).
-        let mut local_sizes = HashMap::new();
-        for name in crate::ptx::entries(ptx).unwrap_or_default().into_keys() {
-            let Ok(cname) = CString::new(name.as_str()) else {
-                continue;
-            };
-            let mut function: sys::CUfunction = ptr::null_mut();
-            // SAFETY: `module` is loaded in the current context; writes one handle.
-            let r = unsafe { sys::cuModuleGetFunction(&mut function, module, cname.as_ptr()) };
-            if r == CUresult::CUDA_SUCCESS {
-                if let Ok(size) = self.function_local_size(function) {
-                    local_sizes.insert(name, size);
-                }
-            }
-        }
-        let globals = self.module_global_bytes(module, ptx);
+        let kernels = crate::ptx::entries(ptx).unwrap_or_default().into_keys();
+        let local_sizes = self.module_local_sizes(module, kernels);
+        let globals =
+            self.module_global_bytes(module, crate::ptx::globals(ptx).into_iter().map(|g| g.name));
         let after = free_device_memory().ok();
         let delta = match (before, after) {
             (Some(b), Some(a)) => b.saturating_sub(a),
@@ -1663,7 +1919,7 @@ impl Executor for CudaExecutor {
             LoadedModule {
                 module,
                 functions: HashMap::new(),
-                signatures: crate::ptx::entry_signatures(ptx),
+                signatures: crate::ptx::entry_layouts(ptx),
                 bytes,
                 local_sizes,
             },
@@ -1680,6 +1936,7 @@ impl Executor for CudaExecutor {
         let Some(loaded) = self.modules.remove(&module.0) else {
             return;
         };
+        self.globals.retain(|_, &mut (_, owner)| owner != module.0);
         if self.enter().is_err() {
             return;
         }
@@ -1725,7 +1982,10 @@ impl Executor for CudaExecutor {
                 }
                 (f, builtin_sizes(spec.params))
             }
-            KernelRef::Module(module, name) => self.module_function(module, name)?,
+            KernelRef::Module(module, name) => {
+                let (f, layout) = self.module_function(module, name)?;
+                (f, layout.into_iter().map(|(_, size)| size).collect())
+            }
         };
         check_params(params, &sizes)?;
         self.marshal_params(params)?;
@@ -1764,6 +2024,207 @@ impl Executor for CudaExecutor {
         // SAFETY: `s` is a live stream of this context.
         let r = unsafe { sys::cuStreamSynchronize(s) };
         self.check(r, "cuStreamSynchronize")
+    }
+
+    /// PTX text goes through [`Executor::load_module`]; a cubin or fatbin is handed to the
+    /// driver from an 8-byte aligned copy with NULs after it, and charged like a PTX
+    /// module ([`module_footprint`]) by the variables it names ([`crate::image`]). An
+    /// image whose variables cannot all be named (compressed fatbin entries) is charged
+    /// all the device's free memory fell by while it loaded and its functions were loaded.
+    fn load_module_image(&mut self, bytes: &[u8]) -> ExecResult<ModuleId> {
+        match image::kind(bytes) {
+            ImageKind::Ptx => return self.load_module(image::as_ptx(bytes).unwrap_or("")),
+            ImageKind::FatbinWrapper => {
+                return Err(ExecError::new(
+                    Status::InvalidArgument,
+                    0,
+                    "a fatbin wrapper holds a pointer into the guest's process, not a module",
+                ))
+            }
+            ImageKind::Elf | ImageKind::Fatbin | ImageKind::Unknown => {}
+        }
+        if bytes.is_empty() || bytes.len() > vgpu_protocol::MAX_MODULE_IMAGE_BYTES as usize {
+            return Err(ExecError::new(
+                Status::InvalidArgument,
+                0,
+                format!("a module image of {} bytes", bytes.len()),
+            ));
+        }
+        // Aligned for the ELF reader, and ended by NULs for anything read as text.
+        let words = bytes.len().div_ceil(8) + 8;
+        let mut copy: Vec<u64> = Vec::new();
+        copy.try_reserve_exact(words)
+            .map_err(|_| ExecError::new(Status::OutOfMemory, 0, "no host memory for the image"))?;
+        copy.resize(words, 0);
+        // SAFETY: `copy` holds `words * 8 >= bytes.len()` bytes; u64 has no invalid bit
+        // patterns, and the two do not overlap.
+        unsafe {
+            ptr::copy_nonoverlapping(bytes.as_ptr(), copy.as_mut_ptr().cast::<u8>(), bytes.len())
+        };
+        self.enter()?;
+        let before = free_device_memory().ok();
+        // SAFETY: `copy` is the image followed by 64 NUL bytes and outlives the call (the
+        // driver copies what it loads). What the driver reads of it is the guest's: this
+        // runs in the session's own worker process.
+        let module = unsafe { self.load_data(copy.as_ptr().cast()) }?;
+        drop(copy);
+        let symbols = image::symbols(bytes);
+        let local_sizes = self.module_local_sizes(module, symbols.functions.iter().cloned());
+        if !symbols.complete {
+            self.load_every_function(module);
+        }
+        let globals =
+            self.module_global_bytes(module, symbols.globals.iter().map(|(n, _)| n.clone()));
+        let after = free_device_memory().ok();
+        let delta = match (before, after) {
+            (Some(b), Some(a)) => b.saturating_sub(a),
+            _ => 0,
+        };
+        let charged = if symbols.complete {
+            module_footprint(globals, delta, bytes.len() as u64)
+        } else {
+            globals.max(delta)
+        };
+        let id = self.next_module;
+        self.next_module += 1;
+        self.modules.insert(
+            id,
+            LoadedModule {
+                module,
+                functions: HashMap::new(),
+                signatures: HashMap::new(),
+                bytes: charged,
+                local_sizes,
+            },
+        );
+        if let Some(code) = self.poison {
+            return Err(cuda_error(code, "module load"));
+        }
+        Ok(ModuleId(id))
+    }
+
+    /// Read from the driver once (all of [`MAX_DEVICE_ATTRIBUTES`] at the first call)
+    /// and kept: the device's attributes do not change.
+    fn device_attributes(&mut self, count: u32) -> ExecResult<Vec<i32>> {
+        let count = count.min(MAX_DEVICE_ATTRIBUTES) as usize;
+        if self.attributes.len() < count {
+            self.enter()?;
+            let mut table = Vec::with_capacity(MAX_DEVICE_ATTRIBUTES as usize);
+            for attribute in 1..=MAX_DEVICE_ATTRIBUTES as c_int {
+                table.push(self.raw_device_attribute(attribute)?);
+            }
+            self.attributes = table;
+        }
+        Ok(self.attributes[..count].to_vec())
+    }
+
+    /// The driver's attributes; the parameters as the driver lays them out
+    /// (`cuFuncGetParamInfo`) or, before CUDA 12.4 drivers, as the module's PTX declares
+    /// them; a built-in kernel's from the catalog.
+    fn function_info(&mut self, kernel: KernelRef<'_>) -> ExecResult<FunctionInfo> {
+        self.enter()?;
+        let (function, params) = match kernel {
+            KernelRef::Builtin(spec) => {
+                let f = *self.builtins.get(spec.name).ok_or_else(|| {
+                    ExecError::new(
+                        Status::KernelNotFound,
+                        0,
+                        format!("no built-in kernel '{}'", spec.name),
+                    )
+                })?;
+                (f, builtin_param_layout(spec.params))
+            }
+            KernelRef::Module(module, name) => {
+                let (f, layout) = self.module_function(module, name)?;
+                let params = layout
+                    .into_iter()
+                    .take(MAX_FUNCTION_PARAMS)
+                    .map(|(offset, size)| {
+                        (
+                            u32::try_from(offset).unwrap_or(u32::MAX),
+                            u32::try_from(size).unwrap_or(u32::MAX),
+                        )
+                    })
+                    .collect();
+                (f, params)
+            }
+        };
+        let attributes = self.function_attributes(function)?;
+        Ok(FunctionInfo { attributes, params })
+    }
+
+    /// `cuModuleGetGlobal`; the variable is then accepted by copies and launches until
+    /// its module is unloaded.
+    fn module_global(&mut self, module: ModuleId, name: &str) -> ExecResult<(BufferId, u64)> {
+        self.enter()?;
+        let handle = self
+            .modules
+            .get(&module.0)
+            .ok_or_else(|| ExecError::new(Status::InvalidHandle, 0, "unknown module"))?
+            .module;
+        let cname = CString::new(name).map_err(|_| {
+            ExecError::new(
+                Status::KernelNotFound,
+                0,
+                "variable name contains a NUL byte",
+            )
+        })?;
+        let (mut dptr, mut bytes): (sys::CUdeviceptr, usize) = (0, 0);
+        // SAFETY: `handle` is loaded in the current context; writes a pointer and a size.
+        let r = unsafe { sys::cuModuleGetGlobal_v2(&mut dptr, &mut bytes, handle, cname.as_ptr()) };
+        self.check(r, "cuModuleGetGlobal").map_err(|mut e| {
+            e.message = format!("variable '{}': {}", first_line(name, 128), e.message);
+            e
+        })?;
+        if dptr == 0 {
+            return Err(ExecError::new(
+                Status::Internal,
+                0,
+                format!("variable '{}' has no device address", first_line(name, 128)),
+            ));
+        }
+        self.globals.insert(dptr, (bytes as u64, module.0));
+        Ok((BufferId(dptr), bytes as u64))
+    }
+
+    /// NVRTC, in this process: only once [`CudaExecutor::enable_compile`] allowed it (a
+    /// worker process, whose per-request CPU limit and kernel timeout bound the
+    /// compilation). The program is named `/dev/null/guest.cu`, a directory that cannot
+    /// exist, so that the source's quoted includes find no file beside it.
+    fn compile(
+        &mut self,
+        source: &str,
+        options: &[String],
+        out_len: u32,
+    ) -> ExecResult<CompileOutput> {
+        if !self.compiler {
+            return Err(ExecError::new(
+                Status::Unsupported,
+                0,
+                "CUDA C++ is compiled only in executor worker processes",
+            ));
+        }
+        nvrtc_library().map_err(|e| ExecError::new(Status::Unsupported, 0, e.to_string()))?;
+        let src = CString::new(source)
+            .map_err(|_| ExecError::new(Status::InvalidArgument, 0, "source contains a NUL"))?;
+        let default_arch = !options.iter().any(|o| names_architecture(o));
+        let mut all: Vec<String> = options.to_vec();
+        if default_arch {
+            all.push(format!(
+                "--gpu-architecture=compute_{}{}",
+                self.cc.0, self.cc.1
+            ));
+        }
+        let mut out = guarded("NVRTC", || Ok(run_nvrtc(&src, GUEST_PROGRAM_NAME, &all)))
+            .map_err(|e| ExecError::new(Status::Internal, 0, e.to_string()))?;
+        if default_arch && out.code == NvrtcCode::NVRTC_ERROR_INVALID_OPTION as u32 {
+            // A device newer than this NVRTC knows: its default architecture, whose PTX
+            // runs on later devices.
+            all.pop();
+            out = guarded("NVRTC", || Ok(run_nvrtc(&src, GUEST_PROGRAM_NAME, &all)))
+                .map_err(|e| ExecError::new(Status::Internal, 0, e.to_string()))?;
+        }
+        Ok(out.into_output(out_len as usize))
     }
 
     fn poisoned(&self) -> bool {
@@ -2555,6 +3016,360 @@ mod tests {
         exec.free(a);
         exec.free(b);
         exec.close_stream(s);
+    }
+
+    #[test]
+    fn options_that_name_an_architecture_are_recognised() {
+        for o in [
+            "--gpu-architecture=compute_90",
+            "-arch=sm_80",
+            "-gpu-architecture=compute_75",
+            "--arch=compute_90",
+        ] {
+            assert!(names_architecture(o), "{o}");
+        }
+        for o in ["-std=c++17", "-DARCH=1", "--architecture-x", "-lineinfo"] {
+            assert!(!names_architecture(o), "{o}");
+        }
+    }
+
+    #[test]
+    fn compiler_output_is_answered_within_the_room_there_is() {
+        let run = |ptx: Option<&[u8]>, log: &[u8]| NvrtcRun {
+            code: if ptx.is_some() { 0 } else { 6 },
+            ptx: ptx.map(<[u8]>::to_vec),
+            log: log.to_vec(),
+        };
+        assert_eq!(
+            run(Some(b"ptx"), b"log").into_output(6),
+            CompileOutput::Ptx {
+                ptx: b"ptx".to_vec(),
+                log: b"log".to_vec()
+            }
+        );
+        assert_eq!(
+            run(Some(b"ptx"), b"log").into_output(5),
+            CompileOutput::TooLarge { needed: 6 }
+        );
+        assert_eq!(
+            run(None, b"a long log").into_output(4),
+            CompileOutput::Failed {
+                code: 6,
+                log: b"a lo".to_vec(),
+                log_len: 10
+            }
+        );
+    }
+
+    /// Kernels and variables of every kind the driver-API requests deal with.
+    const DRIVER_API_SOURCE: &str = r#"
+__device__ unsigned int table[64];
+__constant__ float scale_by;
+
+extern "C" __global__ void store_ptr(unsigned long long *p) {
+    *p = (unsigned long long)p;
+}
+
+extern "C" __global__ void bump(unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) table[i] += 1;
+}
+
+extern "C" __global__ void mixed(char c, double *out, short h, float4 v, int n) {
+    if (threadIdx.x == 0) out[0] = c + h + v.x + v.w + n + scale_by;
+}
+"#;
+
+    /// An executor of `factory` that may compile, and the PTX of [`DRIVER_API_SOURCE`]
+    /// it compiled.
+    fn compiled(factory: &CudaExecutorFactory) -> (CudaExecutor, Vec<u8>) {
+        let mut exec = factory.create_executor().expect("executor");
+        exec.enable_compile();
+        match exec
+            .compile(DRIVER_API_SOURCE, &[], 1 << 20)
+            .expect("compile")
+        {
+            CompileOutput::Ptx { ptx, .. } => (exec, ptx),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A cubin of [`DRIVER_API_SOURCE`] for the device, from NVRTC; `None` when this
+    /// NVRTC cannot make one for it.
+    fn cubin_of(cc: (u16, u16)) -> Option<Vec<u8>> {
+        use cudarc::nvrtc::sys as nv;
+        let src = CString::new(DRIVER_API_SOURCE).unwrap();
+        let prog = Program(nvrtc::create_program(&src, Some(c"cubin.cu")).ok()?);
+        let arch = format!("--gpu-architecture=sm_{}{}", cc.0, cc.1);
+        // SAFETY: `prog` is live; the option is a plain ASCII string.
+        unsafe { nvrtc::compile_program(prog.0, &[arch.as_str()]) }.ok()?;
+        let mut size = 0usize;
+        // SAFETY: `prog` is live and compiled; writes one size.
+        if unsafe { nv::nvrtcGetCUBINSize(prog.0, &mut size) } != nv::nvrtcResult::NVRTC_SUCCESS
+            || size == 0
+        {
+            return None;
+        }
+        let mut cubin = vec![0u8; size];
+        // SAFETY: `cubin` holds the `size` bytes NVRTC said it writes.
+        let r = unsafe { nv::nvrtcGetCUBIN(prog.0, cubin.as_mut_ptr().cast()) };
+        (r == nv::nvrtcResult::NVRTC_SUCCESS).then_some(cubin)
+    }
+
+    #[test]
+    fn gpu_an_allocations_address_is_what_a_kernel_sees() {
+        let Some(factory) = gpu_factory() else { return };
+        let (mut exec, ptx) = compiled(&factory);
+        let module = exec
+            .load_module(std::str::from_utf8(&ptx).unwrap())
+            .unwrap();
+        let s = exec.open_stream().unwrap();
+        let b = exec.alloc(8).unwrap();
+        assert_ne!(b.0, 0);
+        assert_eq!(b.0 % 256, 0);
+        let shape = LaunchShape {
+            grid: [1, 1, 1],
+            block: [1, 1, 1],
+            shared_bytes: 0,
+        };
+        exec.launch(
+            s,
+            KernelRef::Module(module, "store_ptr"),
+            &shape,
+            &[ExecParam::Buffer(b)],
+        )
+        .unwrap();
+        let mut out = [0u8; 8];
+        exec.dtoh(s, b, 0, &mut out).unwrap();
+        assert_eq!(u64::from_le_bytes(out), b.0);
+    }
+
+    #[test]
+    fn gpu_a_binary_image_loads_and_is_charged_its_variables() {
+        let Some(factory) = gpu_factory() else { return };
+        let mut exec = factory.create_executor().expect("executor");
+        let cc = (factory.device().cc_major, factory.device().cc_minor);
+        let image = match cubin_of(cc) {
+            Some(cubin) => {
+                // What the mediator reads from it before the driver does.
+                assert_eq!(image::kind(&cubin), ImageKind::Elf);
+                let symbols = image::symbols(&cubin);
+                assert!(symbols.complete);
+                for k in ["store_ptr", "bump", "mixed"] {
+                    assert!(symbols.functions.iter().any(|f| f == k), "{symbols:?}");
+                }
+                assert!(
+                    symbols.globals.contains(&("table".to_string(), 256)),
+                    "{symbols:?}"
+                );
+                cubin
+            }
+            None => {
+                eprintln!(
+                    "note: NVRTC made no cubin for sm_{}{}; loading PTX",
+                    cc.0, cc.1
+                );
+                let mut e = factory.create_executor().expect("executor");
+                e.enable_compile();
+                match e.compile(DRIVER_API_SOURCE, &[], 1 << 20).unwrap() {
+                    CompileOutput::Ptx { ptx, .. } => ptx,
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        let module = exec.load_module_image(&image).unwrap();
+        assert!(exec.module_bytes(module) >= 256);
+        let s = exec.open_stream().unwrap();
+        let b = exec.alloc(8).unwrap();
+        let shape = LaunchShape {
+            grid: [1, 1, 1],
+            block: [1, 1, 1],
+            shared_bytes: 0,
+        };
+        exec.launch(
+            s,
+            KernelRef::Module(module, "store_ptr"),
+            &shape,
+            &[ExecParam::Buffer(b)],
+        )
+        .unwrap();
+        let mut out = [0u8; 8];
+        exec.dtoh(s, b, 0, &mut out).unwrap();
+        assert_eq!(u64::from_le_bytes(out), b.0);
+        // Bytes that are no image are refused as invalid, and the context serves on.
+        // (A damaged cubin may make the driver read past it: the worker process is what
+        // contains that, so it is not tried in the test's own process.)
+        let e = exec.load_module_image(&[0xff; 64]).unwrap_err();
+        assert!(
+            matches!(e.status, Status::ModuleInvalid | Status::InvalidArgument),
+            "{e}"
+        );
+        assert!(!exec.poisoned());
+        let e = exec.load_module_image(&[0xb1, 0x43, 0x62, 0x46, 0, 0, 0, 0]);
+        assert_eq!(e.unwrap_err().status, Status::InvalidArgument);
+        exec.unload_module(module);
+        exec.sync(s).unwrap();
+    }
+
+    #[test]
+    fn gpu_function_info_reports_offsets_sizes_and_attributes() {
+        let Some(factory) = gpu_factory() else { return };
+        let (mut exec, ptx) = compiled(&factory);
+        let module = exec
+            .load_module(std::str::from_utf8(&ptx).unwrap())
+            .unwrap();
+        let info = exec
+            .function_info(KernelRef::Module(module, "mixed"))
+            .unwrap();
+        // char, pointer, short, float4 (16-byte aligned), int.
+        assert_eq!(
+            info.params,
+            vec![(0, 1), (8, 8), (16, 2), (32, 16), (48, 4)]
+        );
+        assert!(info.attributes[0] > 0, "{:?}", info.attributes);
+        let e = exec
+            .function_info(KernelRef::Module(module, "no_such_kernel"))
+            .unwrap_err();
+        assert_eq!(e.status, Status::KernelNotFound);
+        let spec = vgpu_kernels::find("vector_add_f32").unwrap();
+        let builtin = exec.function_info(KernelRef::Builtin(spec)).unwrap();
+        assert_eq!(builtin.params, vec![(0, 8), (8, 8), (16, 8), (24, 4)]);
+        assert!(builtin.attributes[0] > 0);
+        assert!(
+            builtin.attributes[4] > 0,
+            "registers: {:?}",
+            builtin.attributes
+        );
+    }
+
+    #[test]
+    fn gpu_a_module_variable_round_trips_through_copies() {
+        let Some(factory) = gpu_factory() else { return };
+        let (mut exec, ptx) = compiled(&factory);
+        let module = exec
+            .load_module(std::str::from_utf8(&ptx).unwrap())
+            .unwrap();
+        let s = exec.open_stream().unwrap();
+        let (table, size) = exec.module_global(module, "table").unwrap();
+        assert_eq!(size, 256);
+        assert_ne!(table.0, 0);
+        let data: Vec<u8> = (0..64u32).flat_map(|i| (i * 10).to_le_bytes()).collect();
+        exec.htod(s, table, 0, &data).unwrap();
+        let shape = LaunchShape {
+            grid: [1, 1, 1],
+            block: [64, 1, 1],
+            shared_bytes: 0,
+        };
+        exec.launch(
+            s,
+            KernelRef::Module(module, "bump"),
+            &shape,
+            &[ExecParam::Value(64u32.to_le_bytes().to_vec())],
+        )
+        .unwrap();
+        let mut out = vec![0u8; 256];
+        exec.dtoh(s, table, 0, &mut out).unwrap();
+        let expected: Vec<u8> = (0..64u32)
+            .flat_map(|i| (i * 10 + 1).to_le_bytes())
+            .collect();
+        assert_eq!(out, expected);
+        // Memset and device copies at offsets, bounded by its size.
+        let b = exec.alloc(256).unwrap();
+        exec.memset(s, table, 16, 16, 7, 4).unwrap();
+        exec.dtod(s, b, 0, table, 0, 256).unwrap();
+        exec.dtoh(s, b, 0, &mut out).unwrap();
+        assert!(out[16..32].chunks_exact(4).all(|c| c == 7u32.to_le_bytes()));
+        assert_eq!(
+            exec.dtoh(s, table, 200, &mut [0u8; 57]).unwrap_err().status,
+            Status::OutOfRange
+        );
+        // A constant, and a name the module does not have.
+        assert_eq!(exec.module_global(module, "scale_by").unwrap().1, 4);
+        let e = exec.module_global(module, "no_such_variable").unwrap_err();
+        assert_eq!(e.status, Status::KernelNotFound);
+        // Gone with its module.
+        exec.unload_module(module);
+        assert_eq!(
+            exec.htod(s, table, 0, &data[..4]).unwrap_err().status,
+            Status::InvalidHandle
+        );
+        exec.free(b);
+        exec.sync(s).unwrap();
+    }
+
+    #[test]
+    fn gpu_compile_answers_ptx_a_failure_log_or_the_room_it_needs() {
+        let Some(factory) = gpu_factory() else { return };
+        let mut exec = factory.create_executor().expect("executor");
+        // Not in a worker process: refused.
+        let e = exec.compile(DRIVER_API_SOURCE, &[], 1 << 20).unwrap_err();
+        assert_eq!(e.status, Status::Unsupported);
+        exec.enable_compile();
+        let (ptx, log) = match exec.compile(DRIVER_API_SOURCE, &[], 1 << 20).unwrap() {
+            CompileOutput::Ptx { ptx, log } => (ptx, log),
+            other => panic!("{other:?}"),
+        };
+        let text = std::str::from_utf8(&ptx).unwrap();
+        assert!(text.contains(".entry store_ptr"), "{text}");
+        assert!(!ptx.contains(&0));
+        // The device's own architecture unless the options name one.
+        let cc = factory.device();
+        let own = format!(".target sm_{}{}", cc.cc_major, cc.cc_minor);
+        if !text.contains(&own) {
+            eprintln!("note: NVRTC compiled for its default, not {own}");
+        }
+        let options = ["--gpu-architecture=compute_80".to_string()];
+        match exec.compile(DRIVER_API_SOURCE, &options, 1 << 20).unwrap() {
+            CompileOutput::Ptx { ptx, .. } => {
+                assert!(std::str::from_utf8(&ptx).unwrap().contains(".target sm_80"))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Too little room: only the size comes back.
+        let needed = (ptx.len() + log.len()) as u64;
+        assert_eq!(
+            exec.compile(DRIVER_API_SOURCE, &[], 16).unwrap(),
+            CompileOutput::TooLarge { needed }
+        );
+        // A compile error: NVRTC_ERROR_COMPILATION with the log.
+        match exec
+            .compile("__global__ void k() { undeclared(); }", &[], 1 << 16)
+            .unwrap()
+        {
+            CompileOutput::Failed { code, log, log_len } => {
+                assert_eq!(code, NvrtcCode::NVRTC_ERROR_COMPILATION as u32);
+                let log = String::from_utf8(log).unwrap();
+                assert!(log.contains("undeclared"), "{log}");
+                assert_eq!(log_len, log.len() as u64);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A quoted include finds nothing beside the source.
+        match exec
+            .compile("#include \"Cargo.toml\"\n", &[], 1 << 16)
+            .unwrap()
+        {
+            CompileOutput::Failed { .. } => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(!exec.poisoned());
+    }
+
+    #[test]
+    fn gpu_device_attributes_are_the_drivers() {
+        let Some(factory) = gpu_factory() else { return };
+        let mut exec = factory.create_executor().expect("executor");
+        let a = exec.device_attributes(MAX_DEVICE_ATTRIBUTES).unwrap();
+        assert_eq!(a.len(), MAX_DEVICE_ATTRIBUTES as usize);
+        let info = factory.device();
+        assert_eq!(a[0], 1024, "max threads per block");
+        assert_eq!(a[9], 32, "warp size");
+        assert_eq!(a[15] as u32, info.multiprocessors);
+        assert_eq!(a[74] as u16, info.cc_major);
+        assert_eq!(a[75] as u16, info.cc_minor);
+        // Numbers no driver knows yet are 0.
+        assert!(a[900..].iter().all(|&v| v == 0));
+        assert_eq!(exec.device_attributes(16).unwrap(), a[..16].to_vec());
     }
 
     #[test]

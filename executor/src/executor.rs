@@ -11,16 +11,19 @@
 use std::fmt;
 use std::sync::Arc;
 
-use vgpu_kernels::LaunchShape;
-use vgpu_protocol::{ExecutorKind, Status};
+use vgpu_kernels::{LaunchShape, ParamKind};
+use vgpu_protocol::{ExecutorKind, FunctionInfo, Status, FUNCTION_ATTRIBUTES};
 
 use crate::hostmap::HostMapping;
 
-/// Device memory owned by an executor (a CUDA device pointer, or a CPU buffer id).
+/// Device memory owned by an executor: its device address in the executor's context,
+/// exactly what a kernel sees for it (a CUDA device pointer; the CPU executor's buffers
+/// have synthetic addresses, see [`crate::cpu`]). A module's variable
+/// ([`Executor::module_global`]) is one too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BufferId(pub u64);
 
-/// A loaded PTX module.
+/// A loaded module (PTX, or a binary image).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ModuleId(pub u64);
 
@@ -273,7 +276,48 @@ pub trait Executor {
         width: u32,
     ) -> ExecResult<()>;
     fn load_module(&mut self, ptx: &str) -> ExecResult<ModuleId>;
+    /// Unloads the module; its variables ([`Executor::module_global`]) go with it.
     fn unload_module(&mut self, module: ModuleId);
+    /// Loads a binary module image (cubin, fatbin) as `cuModuleLoadData` takes it. The
+    /// bytes are the guest's: the driver parses them, so this runs only where a crash
+    /// costs the session alone (a worker process). The default: `UNSUPPORTED`.
+    fn load_module_image(&mut self, image: &[u8]) -> ExecResult<ModuleId> {
+        let _ = image;
+        Err(unsupported("binary module images"))
+    }
+    /// The device's attributes 1..=`count` (`CUdevice_attribute` numbering); 0 for those
+    /// the device does not know. The default: `UNSUPPORTED`.
+    fn device_attributes(&mut self, count: u32) -> ExecResult<Vec<i32>> {
+        let _ = count;
+        Err(unsupported("device attributes"))
+    }
+    /// A kernel's attributes (`CUfunction_attribute` 0 to 9) and parameter layout. The
+    /// default: `UNSUPPORTED`.
+    fn function_info(&mut self, kernel: KernelRef<'_>) -> ExecResult<FunctionInfo> {
+        let _ = kernel;
+        Err(unsupported("function information"))
+    }
+    /// The variable `name` of `module` (`__device__`, `__constant__`): its memory, which
+    /// copies and launches then accept like a buffer's (never freed by [`Executor::free`];
+    /// it goes with the module), and its size in bytes. The default: `UNSUPPORTED`.
+    fn module_global(&mut self, module: ModuleId, name: &str) -> ExecResult<(BufferId, u64)> {
+        let _ = (module, name);
+        Err(unsupported("module variables"))
+    }
+    /// Compiles CUDA C++ `source` to PTX with NVRTC, with `options` as given (the caller
+    /// has refused those that read files) and the device's architecture unless they name
+    /// one. Output that would not fit `out_len` bytes is not returned, only its size. The
+    /// source is the guest's: this runs only where a crash or a runaway compilation costs
+    /// the session alone (a worker process). The default: `UNSUPPORTED`.
+    fn compile(
+        &mut self,
+        source: &str,
+        options: &[String],
+        out_len: u32,
+    ) -> ExecResult<CompileOutput> {
+        let _ = (source, options, out_len);
+        Err(unsupported("compiling CUDA C++"))
+    }
     fn launch(
         &mut self,
         stream: StreamId,
@@ -414,6 +458,59 @@ pub trait Executor {
     /// catalog loaded). The default: 0.
     fn context_bytes(&self) -> u64 {
         0
+    }
+}
+
+/// What [`Executor::compile`] produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CompileOutput {
+    /// The PTX (no NUL) and the compiler's log.
+    Ptx { ptx: Vec<u8>, log: Vec<u8> },
+    /// The source did not compile: NVRTC's result code (`nvrtcResult`), its log cut to
+    /// the room there was, and the whole log's length.
+    Failed {
+        code: u32,
+        log: Vec<u8>,
+        log_len: u64,
+    },
+    /// The PTX and the log together need `needed` bytes, more than there was room for.
+    TooLarge { needed: u64 },
+}
+
+/// The error of an operation an executor does not offer.
+pub(crate) fn unsupported(what: &str) -> ExecError {
+    ExecError::new(
+        Status::Unsupported,
+        0,
+        format!("{what}: not offered by this executor"),
+    )
+}
+
+/// Byte offsets and sizes of a built-in kernel's parameters as its CUDA signature lays
+/// them out: buffers are 8-byte pointers, values their size, each at an offset aligned
+/// to its size.
+pub fn builtin_param_layout(params: &[ParamKind]) -> Vec<(u32, u32)> {
+    let mut end = 0u32;
+    params
+        .iter()
+        .map(|k| {
+            let size = k.size() as u32;
+            let at = end.next_multiple_of(size);
+            end = at + size;
+            (at, size)
+        })
+        .collect()
+}
+
+/// FUNCTION_INFO's answer for a built-in kernel: `attributes` with the catalog's
+/// parameter layout ([`builtin_param_layout`]).
+pub fn builtin_function_info(
+    spec: &vgpu_kernels::KernelSpec,
+    attributes: [i32; FUNCTION_ATTRIBUTES],
+) -> FunctionInfo {
+    FunctionInfo {
+        attributes,
+        params: builtin_param_layout(spec.params),
     }
 }
 

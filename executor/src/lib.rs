@@ -8,7 +8,8 @@
 //! - [`process`]: executors in `vgpu-executor-worker` processes, behind a typed,
 //!   pipelined channel, with a pool of ready workers; [`sandbox`] confines them.
 //! - [`hostmap`]: guest host buffers mapped from the VM's memory files.
-//! - [`ptx`]: kernel signatures read from PTX; [`selftest`]: the Phase 1 self-tests.
+//! - [`ptx`]: kernel signatures read from PTX; [`image`]: what binary module images
+//!   (cubin, fatbin) declare; [`selftest`]: the Phase 1 self-tests.
 //!
 //! Nothing here knows about tenants, quotas or transports.
 
@@ -16,13 +17,14 @@ pub mod cpu;
 pub mod cuda;
 pub mod executor;
 pub mod hostmap;
+pub mod image;
 pub mod process;
 pub mod ptx;
 pub mod sandbox;
 pub mod selftest;
 
 pub use executor::{
-    select, select_with, BufferId, DeviceInfo, ExecError, ExecParam, ExecResult, Executor,
-    ExecutorChoice, ExecutorFactory, ExecutorOptions, GuestAccessError, GuestIo, GuestSink,
-    GuestSource, Isolation, KernelRef, ModuleId, SetupError, StreamId, UnknownExecutor,
+    select, select_with, BufferId, CompileOutput, DeviceInfo, ExecError, ExecParam, ExecResult,
+    Executor, ExecutorChoice, ExecutorFactory, ExecutorOptions, GuestAccessError, GuestIo,
+    GuestSink, GuestSource, Isolation, KernelRef, ModuleId, SetupError, StreamId, UnknownExecutor,
 };

@@ -149,14 +149,17 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vgpu_kernels::LaunchShape;
-use vgpu_protocol::{Status, MAX_PTX_BYTES};
+use vgpu_protocol::{
+    FunctionInfo, Status, FUNCTION_ATTRIBUTES, MAX_COMPILE_OPTIONS_BYTES, MAX_COMPILE_OUTPUT_BYTES,
+    MAX_MODULE_IMAGE_BYTES, MAX_PTX_BYTES,
+};
 
 use crate::cpu::{CpuExecutor, CpuExecutorFactory};
 use crate::cuda::{CudaExecutor, CudaExecutorFactory, DeviceTimer};
 use crate::executor::{
-    guest_fault, BufferId, DeviceInfo, DeviceMeter, ExecError, ExecParam, ExecResult, Executor,
-    ExecutorFactory, GuestSink, GuestSource, KernelRef, Killer, MeterReading, ModuleId, SetupError,
-    StreamId, TIMEOUT_DETAIL,
+    guest_fault, BufferId, CompileOutput, DeviceInfo, DeviceMeter, ExecError, ExecParam,
+    ExecResult, Executor, ExecutorFactory, GuestSink, GuestSource, KernelRef, Killer, MeterReading,
+    ModuleId, SetupError, StreamId, TIMEOUT_DETAIL,
 };
 use crate::hostmap::{FilePiece, HostMapping};
 use crate::sandbox::{Sandbox, WorkerUser};
@@ -189,9 +192,25 @@ pub const MAX_IN_FLIGHT: usize = 256;
 pub const DEFAULT_CUDA_POOL: usize = 2;
 
 /// Version of the parent-worker messages; a worker refuses a parent of another version.
-const WIRE_VERSION: u32 = 3;
-/// Largest frame either side accepts (the largest is a module load of the largest PTX).
-const MAX_FRAME: usize = MAX_PTX_BYTES as usize + (64 << 10);
+const WIRE_VERSION: u32 = 4;
+/// Largest frame either side accepts: a module load of the largest PTX or binary image,
+/// a compilation's source and options, or its output, with room for the rest of the
+/// message.
+const MAX_FRAME: usize = max_usize(
+    max_usize(MAX_PTX_BYTES as usize, MAX_MODULE_IMAGE_BYTES as usize),
+    max_usize(
+        MAX_PTX_BYTES as usize + MAX_COMPILE_OPTIONS_BYTES as usize,
+        MAX_COMPILE_OUTPUT_BYTES as usize,
+    ),
+) + (64 << 10);
+
+const fn max_usize(a: usize, b: usize) -> usize {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
 /// Smallest staging area (one page).
 const MIN_STAGING_BYTES: usize = 4096;
 /// A copy is split into pieces of at most this fraction of the staging area.
@@ -407,6 +426,32 @@ enum ToWorker<'a> {
         #[serde(borrow)]
         kernel: WireKernel<'a>,
     },
+    /// [`Executor::load_module_image`]; answered with `Module`.
+    LoadModuleImage {
+        #[serde(serialize_with = "as_bytes", borrow)]
+        image: &'a [u8],
+    },
+    /// [`Executor::device_attributes`]; answered with `Answer`.
+    DeviceAttributes {
+        count: u32,
+    },
+    /// [`Executor::function_info`]; answered with `Answer`.
+    FunctionInfo {
+        #[serde(borrow)]
+        kernel: WireKernel<'a>,
+    },
+    /// [`Executor::module_global`]; answered with `Answer`.
+    ModuleGlobal {
+        module: u64,
+        name: &'a str,
+    },
+    /// [`Executor::compile`]; answered with `Answer`.
+    Compile {
+        source: &'a str,
+        #[serde(borrow)]
+        options: Vec<&'a str>,
+        out_len: u32,
+    },
 }
 
 /// An [`ExecError`] on the wire; the status as its protocol number.
@@ -455,12 +500,60 @@ enum FromWorker {
         poisoned: bool,
         result: Result<u64, WireError>,
     },
-    /// The answer to `LoadModule` (in request order like `Reply`): the module with what
-    /// it holds on the device.
+    /// The answer to `LoadModule` and `LoadModuleImage` (in request order like `Reply`):
+    /// the module with what it holds on the device.
     Module {
         poisoned: bool,
         result: Result<WireModule, WireError>,
     },
+    /// The answer to a request that asks for more than a number (in request order like
+    /// `Reply`).
+    Answer {
+        poisoned: bool,
+        result: Result<WireAnswer, WireError>,
+    },
+}
+
+/// What `Answer` carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum WireAnswer {
+    /// [`Executor::device_attributes`].
+    Attributes(Vec<i32>),
+    /// [`Executor::function_info`].
+    Function {
+        attributes: [i32; FUNCTION_ATTRIBUTES],
+        params: Vec<(u32, u32)>,
+    },
+    /// [`Executor::module_global`]: its device address and size.
+    Global {
+        address: u64,
+        size: u64,
+    },
+    /// [`Executor::compile`], by its variants.
+    Compiled {
+        ptx: Vec<u8>,
+        log: Vec<u8>,
+    },
+    CompileFailed {
+        code: u32,
+        log: Vec<u8>,
+        log_len: u64,
+    },
+    CompileTooLarge {
+        needed: u64,
+    },
+}
+
+impl From<CompileOutput> for WireAnswer {
+    fn from(c: CompileOutput) -> WireAnswer {
+        match c {
+            CompileOutput::Ptx { ptx, log } => WireAnswer::Compiled { ptx, log },
+            CompileOutput::Failed { code, log, log_len } => {
+                WireAnswer::CompileFailed { code, log, log_len }
+            }
+            CompileOutput::TooLarge { needed } => WireAnswer::CompileTooLarge { needed },
+        }
+    }
 }
 
 /// A loaded module: its id, [`Executor::module_bytes`], and
@@ -1331,6 +1424,8 @@ impl Spawner {
             builtin_locals: HashMap::new(),
             module_costs: HashMap::new(),
             loaded: None,
+            answer: None,
+            attributes: Vec::new(),
         };
         exec.start(&self.kind, cancel)?;
         log::debug!(
@@ -1869,6 +1964,10 @@ pub struct ProcessExecutor {
     module_costs: HashMap<u64, ModuleCost>,
     /// What the worker said about the module it loaded last, until `load_module` takes it.
     loaded: Option<WireModule>,
+    /// The worker's last `Answer`, until the call that asked takes it.
+    answer: Option<WireAnswer>,
+    /// The device attributes the worker reported, kept: they do not change.
+    attributes: Vec<i32>,
 }
 
 /// What a loaded module holds on the device, as its worker reported it.
@@ -1965,7 +2064,7 @@ impl ProcessExecutor {
                 e.message = format!("executor worker {}: {}", self.pid, e.message);
                 Err(e)
             }
-            FromWorker::Reply { .. } | FromWorker::Module { .. } => {
+            FromWorker::Reply { .. } | FromWorker::Module { .. } | FromWorker::Answer { .. } => {
                 let e = io::Error::new(io::ErrorKind::InvalidData, "a reply before the start");
                 Err(self.lose("start", e))
             }
@@ -2136,6 +2235,12 @@ impl ProcessExecutor {
                 self.loaded = result.ok();
                 (poisoned, id)
             }
+            FromWorker::Answer { poisoned, result } => {
+                // Only a waited-for request gets this answer; it takes it.
+                let done = result.as_ref().map(|_| 0).map_err(Clone::clone);
+                self.answer = result.ok();
+                (poisoned, done)
+            }
             _ => {
                 let e = io::Error::new(io::ErrorKind::InvalidData, "an unexpected message");
                 return Err(self.lose(what, e));
@@ -2253,6 +2358,31 @@ impl ProcessExecutor {
             Some(e) => Err(e),
             None => result,
         }
+    }
+
+    /// A request answered with `Answer`, waited for: the answer.
+    fn ask(&mut self, what: &str, msg: &ToWorker<'_>) -> ExecResult<WireAnswer> {
+        self.answer = None;
+        self.wait(what, msg)?;
+        self.answer.take().ok_or_else(|| {
+            ExecError::new(
+                Status::Internal,
+                0,
+                format!("executor worker {}: {what}: no answer", self.pid),
+            )
+        })
+    }
+
+    /// The worker's answer was not of the kind asked for.
+    fn wrong_answer(&self, what: &str) -> ExecError {
+        ExecError::new(
+            Status::Internal,
+            0,
+            format!(
+                "executor worker {}: {what}: an answer of another kind",
+                self.pid
+            ),
+        )
     }
 
     /// A request that creates something: sent only once every earlier reply was read and
@@ -2411,6 +2541,25 @@ impl ProcessExecutor {
             return Err(e);
         }
         self.piece_error.take().map_or(Ok(()), Err)
+    }
+}
+
+impl ProcessExecutor {
+    /// Takes what the worker said about module `id`, just loaded: what it holds on the
+    /// device and, from its PTX where it has some, its kernels and their parameters, so
+    /// that a launch is checked here, at once, rather than failing later in the worker.
+    fn loaded_module(&mut self, id: ModuleId, ptx: Option<&str>) {
+        if let Some(entries) = ptx.and_then(crate::ptx::entries) {
+            self.modules.insert(id.0, entries);
+        }
+        let cost = match self.loaded.take() {
+            Some(m) if m.id == id.0 => ModuleCost {
+                bytes: m.bytes,
+                locals: m.locals.into_iter().collect(),
+            },
+            _ => ModuleCost::default(),
+        };
+        self.module_costs.insert(id.0, cost);
     }
 }
 
@@ -2628,21 +2777,84 @@ impl Executor for ProcessExecutor {
         let id = self
             .wait_creating("load_module", &ToWorker::LoadModule { ptx })
             .map(ModuleId)?;
-        // Its kernels and their parameters, so that a launch is checked here, at once,
-        // rather than failing later in the worker.
-        if let Some(entries) = crate::ptx::entries(ptx) {
-            self.modules.insert(id.0, entries);
-        }
-        // What it holds on the device, as the worker measured it.
-        let cost = match self.loaded.take() {
-            Some(m) if m.id == id.0 => ModuleCost {
-                bytes: m.bytes,
-                locals: m.locals.into_iter().collect(),
-            },
-            _ => ModuleCost::default(),
-        };
-        self.module_costs.insert(id.0, cost);
+        self.loaded_module(id, Some(ptx));
         Ok(id)
+    }
+
+    fn load_module_image(&mut self, image: &[u8]) -> ExecResult<ModuleId> {
+        if image.len() > MAX_MODULE_IMAGE_BYTES as usize {
+            return Err(ExecError::new(
+                Status::InvalidArgument,
+                0,
+                format!(
+                    "a module image of {} bytes exceeds the {MAX_MODULE_IMAGE_BYTES}-byte limit",
+                    image.len()
+                ),
+            ));
+        }
+        self.loaded = None;
+        let id = self
+            .wait_creating("load_module_image", &ToWorker::LoadModuleImage { image })
+            .map(ModuleId)?;
+        self.loaded_module(id, crate::image::as_ptx(image));
+        Ok(id)
+    }
+
+    /// The parent keeps a cache of what the worker knows; see `attributes`.
+    fn device_attributes(&mut self, count: u32) -> ExecResult<Vec<i32>> {
+        if self.attributes.len() < count as usize {
+            match self.ask("device_attributes", &ToWorker::DeviceAttributes { count })? {
+                WireAnswer::Attributes(a) if a.len() == count as usize => self.attributes = a,
+                _ => return Err(self.wrong_answer("device_attributes")),
+            }
+        }
+        Ok(self.attributes[..count as usize].to_vec())
+    }
+
+    fn function_info(&mut self, kernel: KernelRef<'_>) -> ExecResult<FunctionInfo> {
+        let kernel = match kernel {
+            KernelRef::Builtin(spec) => WireKernel::Builtin { name: spec.name },
+            KernelRef::Module(module, name) => WireKernel::Module {
+                module: module.0,
+                name,
+            },
+        };
+        match self.ask("function_info", &ToWorker::FunctionInfo { kernel })? {
+            WireAnswer::Function { attributes, params } => Ok(FunctionInfo { attributes, params }),
+            _ => Err(self.wrong_answer("function_info")),
+        }
+    }
+
+    fn module_global(&mut self, module: ModuleId, name: &str) -> ExecResult<(BufferId, u64)> {
+        let msg = ToWorker::ModuleGlobal {
+            module: module.0,
+            name,
+        };
+        match self.ask("module_global", &msg)? {
+            WireAnswer::Global { address, size } => Ok((BufferId(address), size)),
+            _ => Err(self.wrong_answer("module_global")),
+        }
+    }
+
+    fn compile(
+        &mut self,
+        source: &str,
+        options: &[String],
+        out_len: u32,
+    ) -> ExecResult<CompileOutput> {
+        let msg = ToWorker::Compile {
+            source,
+            options: options.iter().map(String::as_str).collect(),
+            out_len,
+        };
+        match self.ask("compile", &msg)? {
+            WireAnswer::Compiled { ptx, log } => Ok(CompileOutput::Ptx { ptx, log }),
+            WireAnswer::CompileFailed { code, log, log_len } => {
+                Ok(CompileOutput::Failed { code, log, log_len })
+            }
+            WireAnswer::CompileTooLarge { needed } => Ok(CompileOutput::TooLarge { needed }),
+            _ => Err(self.wrong_answer("compile")),
+        }
     }
 
     fn unload_module(&mut self, module: ModuleId) {
@@ -2981,6 +3193,8 @@ fn open_executor(init: &Init<'_>, staging: &Staging) -> ExecResult<Hosted> {
                 .map_err(|e| ExecError::new(Status::Internal, 0, e.to_string()))?
                 .with_context_bytes(init.context_bytes);
             let mut exec = factory.create_executor()?;
+            // This process is the session's own: the guest's sources may be compiled here.
+            exec.enable_compile();
             // SAFETY: the staging mapping outlives the executor: `serve` shuts the
             // executor down (unregistering first) before the mapping is dropped.
             let registered = match unsafe { exec.pin_host_memory(staging.as_ptr(), staging.len) } {
@@ -3236,10 +3450,12 @@ pub fn serve(
                     .map(|e| e.into_keys().collect::<Vec<_>>())
                     .unwrap_or_default(),
             ),
+            Ok(ToWorker::LoadModuleImage { image }) => Some(crate::image::symbols(image).functions),
             _ => None,
         };
-        let handled = msg.and_then(|msg| {
-            handle(
+        let handled = msg.and_then(|msg| match answer(hosted.exec(), &msg, confinement) {
+            Some(answered) => Ok(Served::Answer(answered)),
+            None => handle(
                 hosted.exec(),
                 &mut staging,
                 msg,
@@ -3247,36 +3463,43 @@ pub fn serve(
                 &mut files,
                 pinned,
             )
+            .map(|r| r.map_or(Served::Exit, Served::Value)),
         });
         progress.after(started);
         if handled.is_err() {
             // A message that did not make sense: files waiting for it mean nothing now.
             files.clear();
         }
-        let (result, exit) = match handled {
-            Ok(Some(result)) => (result, false),
-            Ok(None) => (Ok(0), true),
+        let (served, exit) = match handled {
+            Ok(Served::Exit) => (Served::Value(Ok(0)), true),
+            Ok(served) => (served, false),
             Err(e) => (
-                Err(ExecError::new(
+                Served::Value(Err(ExecError::new(
                     Status::Internal,
                     0,
                     format!("executor worker: {e}"),
-                )),
+                ))),
                 false,
             ),
         };
-        let reply = match module_kernels {
-            Some(kernels) => {
+        let poisoned = hosted.exec().poisoned();
+        let reply = match (served, module_kernels) {
+            (Served::Answer(result), _) => FromWorker::Answer {
+                poisoned,
+                result: result.map_err(|e| WireError::from(&e)),
+            },
+            (Served::Value(result), Some(kernels)) => {
                 let result = result.map(|id| module_reply(hosted.exec(), id, kernels));
                 FromWorker::Module {
                     poisoned: hosted.exec().poisoned(),
                     result: result.map_err(|e| WireError::from(&e)),
                 }
             }
-            None => FromWorker::Reply {
-                poisoned: hosted.exec().poisoned(),
+            (Served::Value(result), None) => FromWorker::Reply {
+                poisoned,
                 result: result.map_err(|e| WireError::from(&e)),
             },
+            (Served::Exit, _) => unreachable!("turned into a reply above"),
         };
         replies.push((is_htod, reply));
         if !batched || exit || replies.len() >= 1024 {
@@ -3357,6 +3580,66 @@ fn send_replies(
         bytes.extend_from_slice(frame);
     }
     send_frame(fd, &bytes)
+}
+
+/// What serving one request gave.
+enum Served {
+    /// A number (or nothing) for `Reply`, or a module's id for `Module`.
+    Value(ExecResult<u64>),
+    /// Data for `Answer`.
+    Answer(ExecResult<WireAnswer>),
+    /// The exit request.
+    Exit,
+}
+
+/// Runs a request answered with `Answer`; `None` for any other request.
+fn answer(
+    exec: &mut dyn Executor,
+    msg: &ToWorker<'_>,
+    confinement: &WorkerConfinement,
+) -> Option<ExecResult<WireAnswer>> {
+    Some(match *msg {
+        ToWorker::DeviceAttributes { count } => {
+            exec.device_attributes(count).map(WireAnswer::Attributes)
+        }
+        ToWorker::FunctionInfo { kernel } => {
+            let kernel = match kernel {
+                WireKernel::Builtin { name } => match vgpu_kernels::find(name) {
+                    Some(spec) => Ok(KernelRef::Builtin(spec)),
+                    None => Err(ExecError::new(
+                        Status::KernelNotFound,
+                        0,
+                        format!("no built-in kernel '{name}'"),
+                    )),
+                },
+                WireKernel::Module { module, name } => {
+                    Ok(KernelRef::Module(ModuleId(module), name))
+                }
+            };
+            kernel
+                .and_then(|k| exec.function_info(k))
+                .map(|info| WireAnswer::Function {
+                    attributes: info.attributes,
+                    params: info.params,
+                })
+        }
+        ToWorker::ModuleGlobal { module, name } => exec
+            .module_global(ModuleId(module), name)
+            .map(|(b, size)| WireAnswer::Global { address: b.0, size }),
+        ToWorker::Compile {
+            source,
+            ref options,
+            out_len,
+        } => {
+            // NVRTC reads the guest's source here: its CPU time is bounded like a JIT
+            // compilation's (the kernel timeout bounds the wait for it too).
+            let _limit = crate::sandbox::JitCpuLimit::arm(confinement.jit_cpu_seconds);
+            let options: Vec<String> = options.iter().map(|o| o.to_string()).collect();
+            exec.compile(source, &options, out_len)
+                .map(WireAnswer::from)
+        }
+        _ => return None,
+    })
 }
 
 /// Runs one request; `Ok(None)` for the exit request.
@@ -3444,6 +3727,15 @@ fn handle(
             let _limit = crate::sandbox::JitCpuLimit::arm(confinement.jit_cpu_seconds);
             exec.load_module(ptx).map(|m| m.0)
         }
+        ToWorker::LoadModuleImage { image } => {
+            // The driver parses the guest's image (and JIT-compiles any PTX in it) here.
+            let _limit = crate::sandbox::JitCpuLimit::arm(confinement.jit_cpu_seconds);
+            exec.load_module_image(image).map(|m| m.0)
+        }
+        ToWorker::DeviceAttributes { .. }
+        | ToWorker::FunctionInfo { .. }
+        | ToWorker::ModuleGlobal { .. }
+        | ToWorker::Compile { .. } => return Err(malformed()),
         ToWorker::UnloadModule { module } => {
             exec.unload_module(ModuleId(module));
             Ok(0)
@@ -3664,6 +3956,14 @@ impl Executor for FaultSim {
         self.check()?;
         self.inner.sync(s)
     }
+    fn device_attributes(&mut self, count: u32) -> ExecResult<Vec<i32>> {
+        self.check()?;
+        self.inner.device_attributes(count)
+    }
+    fn function_info(&mut self, kernel: KernelRef<'_>) -> ExecResult<FunctionInfo> {
+        self.check()?;
+        self.inner.function_info(kernel)
+    }
     fn poisoned(&self) -> bool {
         self.poisoned
     }
@@ -3756,6 +4056,79 @@ mod tests {
         };
         encode(&asked, &mut frame).unwrap();
         assert_eq!(decode::<ToWorker<'_>>(payload(&frame)).unwrap(), asked);
+    }
+
+    #[test]
+    fn driver_api_requests_and_answers_round_trip() {
+        let image = [0x7f, b'E', b'L', b'F', 2, 1, 0, 9];
+        let requests = [
+            ToWorker::LoadModuleImage { image: &image },
+            ToWorker::DeviceAttributes { count: 1024 },
+            ToWorker::FunctionInfo {
+                kernel: WireKernel::Builtin {
+                    name: "vector_add_f32",
+                },
+            },
+            ToWorker::ModuleGlobal {
+                module: 3,
+                name: "table",
+            },
+            ToWorker::Compile {
+                source: "__global__ void k() {}",
+                options: vec!["-std=c++17", "-DN=4"],
+                out_len: 1 << 20,
+            },
+        ];
+        let mut frame = Vec::new();
+        for msg in requests {
+            encode(&msg, &mut frame).unwrap();
+            assert_eq!(decode::<ToWorker<'_>>(payload(&frame)).unwrap(), msg);
+        }
+        // The image is one byte string, borrowed from the frame.
+        encode(&ToWorker::LoadModuleImage { image: &image }, &mut frame).unwrap();
+        assert!(payload(&frame).ends_with(&[8, 0x7f, b'E', b'L', b'F', 2, 1, 0, 9]));
+        let answers = [
+            WireAnswer::Attributes(vec![1024, -1, 0]),
+            WireAnswer::Function {
+                attributes: [1024, 0, 0, 0, 32, 90, 90, 0, 49152, -1],
+                params: vec![(0, 8), (8, 4)],
+            },
+            WireAnswer::Global {
+                address: 0x7f00_0000_1000,
+                size: 64,
+            },
+            WireAnswer::Compiled {
+                ptx: b".version 8.0".to_vec(),
+                log: vec![],
+            },
+            WireAnswer::CompileFailed {
+                code: 6,
+                log: b"error".to_vec(),
+                log_len: 900,
+            },
+            WireAnswer::CompileTooLarge { needed: 70000 },
+        ];
+        for a in answers {
+            let reply = FromWorker::Answer {
+                poisoned: false,
+                result: Ok(a),
+            };
+            encode(&reply, &mut frame).unwrap();
+            assert_eq!(decode::<FromWorker>(payload(&frame)).unwrap(), reply);
+        }
+        let failed = FromWorker::Answer {
+            poisoned: true,
+            result: Err((&ExecError::new(Status::KernelNotFound, 500, "no")).into()),
+        };
+        encode(&failed, &mut frame).unwrap();
+        assert_eq!(decode::<FromWorker>(payload(&frame)).unwrap(), failed);
+    }
+
+    #[test]
+    fn a_frame_holds_the_largest_image_and_compiler_output() {
+        assert!(MAX_FRAME > MAX_MODULE_IMAGE_BYTES as usize + 1024);
+        assert!(MAX_FRAME > MAX_COMPILE_OUTPUT_BYTES as usize + 1024);
+        assert!(MAX_FRAME > (MAX_PTX_BYTES + MAX_COMPILE_OPTIONS_BYTES) as usize + 1024);
     }
 
     #[test]

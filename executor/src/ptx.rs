@@ -244,6 +244,48 @@ fn is_ident(b: u8) -> bool {
 /// `NAME ( params )` after `.entry`: the name, the sizes (None when a parameter cannot
 /// be read) and the text after the list.
 fn parse_entry(text: &str) -> Option<(&str, Option<Vec<usize>>, &str)> {
+    let (name, shapes, rest) = parse_entry_shapes(text)?;
+    let sizes = shapes.map(|v| v.into_iter().map(|(size, _)| size).collect());
+    Some((name, sizes, rest))
+}
+
+/// (offset, size) in the parameter space of each `.param` of every kernel entry of
+/// `ptx`, by name: each parameter at the next multiple of its alignment (its `.align`,
+/// else its element's size). Entries whose parameter list cannot be read are left out.
+pub fn entry_layouts(ptx: &str) -> HashMap<String, Vec<(usize, usize)>> {
+    let text = strip_comments(ptx);
+    let mut out = HashMap::new();
+    let mut rest = text.as_str();
+    while let Some(at) = find_directive(rest, ".entry") {
+        rest = &rest[at + ".entry".len()..];
+        let Some((name, shapes, after)) = parse_entry_shapes(rest) else {
+            continue;
+        };
+        rest = after;
+        match shapes {
+            Some(shapes) => {
+                let mut end = 0usize;
+                let layout = shapes
+                    .into_iter()
+                    .map(|(size, align)| {
+                        let at = end.next_multiple_of(align.max(1));
+                        end = at + size;
+                        (at, size)
+                    })
+                    .collect();
+                out.insert(name.to_string(), layout);
+            }
+            None => {
+                out.remove(name);
+            }
+        }
+    }
+    out
+}
+
+/// [`parse_entry`] with each parameter's (size, alignment).
+#[allow(clippy::type_complexity)]
+fn parse_entry_shapes(text: &str) -> Option<(&str, Option<Vec<(usize, usize)>>, &str)> {
     let text = text.trim_start();
     let name_end = text
         .bytes()
@@ -266,25 +308,32 @@ fn parse_entry(text: &str) -> Option<(&str, Option<Vec<usize>>, &str)> {
     if params.is_empty() {
         return Some((name, Some(Vec::new()), rest));
     }
-    let sizes: Option<Vec<usize>> = params.split(',').map(param_size).collect();
-    Some((name, sizes, rest))
+    let shapes: Option<Vec<(usize, usize)>> = params.split(',').map(param_shape).collect();
+    Some((name, shapes, rest))
 }
 
-/// The size of one `.param` declaration, e.g. `.param .u64 .ptr .global .align 8 p`,
-/// `.param .align 16 .b8 s[24]`, `.param .f32 x`.
-fn param_size(decl: &str) -> Option<usize> {
+/// The size and alignment of one `.param` declaration, e.g.
+/// `.param .u64 .ptr .global .align 8 p`, `.param .align 16 .b8 s[24]`, `.param .f32 x`.
+fn param_shape(decl: &str) -> Option<(usize, usize)> {
     let mut words = decl.split_whitespace().peekable();
     if words.next()? != ".param" {
         return None;
     }
     let mut element = None;
     let mut last = None;
+    let mut align = None;
+    let mut pointer = false;
     while let Some(word) = words.next() {
         match word {
             ".align" => {
-                words.next()?.parse::<u32>().ok()?;
+                let n = words.next()?.parse::<u32>().ok()?;
+                // After `.ptr` it is the alignment of what the pointer points to.
+                if !pointer {
+                    align = Some(n as usize);
+                }
             }
-            ".ptr" | ".global" | ".local" | ".shared" | ".const" => {}
+            ".ptr" => pointer = true,
+            ".global" | ".local" | ".shared" | ".const" => {}
             w if w.starts_with('.') => {
                 if element.is_some() {
                     return None;
@@ -307,7 +356,8 @@ fn param_size(decl: &str) -> Option<usize> {
             n
         }
     };
-    element.checked_mul(count).filter(|&n| n <= 32 << 10)
+    let size = element.checked_mul(count).filter(|&n| n <= 32 << 10)?;
+    Some((size, align.unwrap_or(element)))
 }
 
 fn type_size(t: &str) -> Option<usize> {
@@ -400,6 +450,20 @@ mod tests {
         assert_eq!(s["by_value"], vec![24, 1]);
         assert_eq!(s["nothing"], Vec::<usize>::new());
         assert_eq!(s.len(), 3);
+    }
+
+    #[test]
+    fn entry_layouts_place_each_parameter_at_its_alignment() {
+        let ptx = ".visible .entry mixed(.param .u8 c, .param .u64 .ptr .global .align 8 p, \
+                   .param .u16 h, .param .align 16 .b8 s[24], .param .f32 x) { ret; }\n\
+                   .entry bad(.param .weird w) { ret; }";
+        let l = entry_layouts(ptx);
+        assert_eq!(l["mixed"], vec![(0, 1), (8, 8), (16, 2), (32, 24), (56, 4)]);
+        assert!(!l.contains_key("bad"));
+        assert_eq!(
+            entry_layouts(AXPY)["axpy"],
+            vec![(0, 4), (8, 8), (16, 8), (24, 4)]
+        );
     }
 
     #[test]

@@ -702,6 +702,7 @@ mod tests {
             .map(|s| (s.name().to_string(), *s as i64))
             .collect();
         assert_eq!(statuses, protocol);
+        // Every opcode but HOST_REGISTER and HOST_UNREGISTER, which only the driver sends.
         let ops = c_constants(VGPU_IOCTL_H, "VGPU_OP_");
         assert_eq!(ops.len(), 19);
         for (n, v) in ops {

@@ -14,6 +14,7 @@
 //! through a [`CompletionSink`] without blocking. A daemon's [`control`] socket shows its
 //! VMs to the host and changes their quota and weight at run time (`vgpu-admin`).
 
+pub mod compile;
 pub mod control;
 mod mediator;
 pub mod metrics;
@@ -33,7 +34,7 @@ pub use vgpu_executor::{
     select, select_with, DeviceInfo, ExecError, Executor, ExecutorChoice, ExecutorFactory,
     ExecutorOptions, GuestAccessError, GuestIo, GuestSink, GuestSource, Isolation, SetupError,
 };
-pub use worker::MAX_SHARED_BYTES;
+pub use worker::{COMPILE_SOURCE_REFUSED, MAX_SHARED_BYTES};
 
 /// Why [`parse_size`] refused a size (the text as given is in each).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

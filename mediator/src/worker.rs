@@ -21,6 +21,13 @@
 //! ([`Executor::local_reservation`]: the largest over the kernels the session launched,
 //! since the driver keeps it for the context's life; a launch that would raise it past
 //! the quota is refused before it reaches the device).
+//!
+//! A module loaded from a binary image (MODULE_LOAD_IMAGE) is charged like a PTX module:
+//! what its image declares is checked before it loads ([`vgpu_executor::image`]) and what
+//! it holds is measured once it has. A module's variables (MODULE_GLOBAL) are handed out
+//! as handles that copies and launches take like buffers; their memory is the module's,
+//! charged with it, so they are not charged again, FREE refuses them
+//! (`INVALID_ARGUMENT`), and they go with their module.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -32,8 +39,8 @@ use vgpu_protocol::{
 };
 
 use crate::executor::{
-    BufferId, ExecError, ExecParam, Executor, ExecutorFactory, GuestIo, KernelRef, ModuleId,
-    StreamId,
+    BufferId, CompileOutput, ExecError, ExecParam, Executor, ExecutorFactory, GuestIo, KernelRef,
+    ModuleId, StreamId,
 };
 use crate::hostmap::HostMapping;
 use crate::mediator::{
@@ -55,6 +62,14 @@ struct Module {
     id: ModuleId,
     /// Its device bytes, charged to the quota.
     charged: u64,
+    /// Handles of its variables handed out (MODULE_GLOBAL), by name.
+    globals: HashMap<String, u64>,
+}
+
+/// A module's variable, handed out as a handle that copies and launches take.
+struct Global {
+    id: BufferId,
+    size: u64,
 }
 
 struct Session {
@@ -63,6 +78,8 @@ struct Session {
     stream: StreamId,
     buffers: HashMap<u64, Buffer>,
     modules: HashMap<u64, Module>,
+    /// Variables of its modules handed out, by handle (not charged: their module is).
+    globals: HashMap<u64, Global>,
     /// Charged for its context.
     context_bytes: u64,
     /// Charged for the local memory the driver reserved for its kernels: the largest
@@ -85,6 +102,14 @@ struct HostChunkAt {
 }
 
 impl Session {
+    /// The memory and size of buffer or module variable `handle`.
+    fn memory(&self, handle: u64) -> Option<(BufferId, u64)> {
+        match self.buffers.get(&handle) {
+            Some(b) => Some((b.id, b.size)),
+            None => self.globals.get(&handle).map(|g| (g.id, g.size)),
+        }
+    }
+
     /// The host buffer and offset that hold the first `len` bytes of the guest-physical
     /// `ranges`, in order, as one run of bytes; `None` unless one registered buffer holds
     /// all of them.
@@ -134,6 +159,9 @@ pub(crate) struct Worker {
     sessions: HashMap<u64, Session>,
     next_id: u64,
     usage: TenantUsage,
+    /// The device's attributes as a session's executor last reported them: every
+    /// session's executor is on the same device, so one table serves them all.
+    attributes: Vec<i32>,
 }
 
 type Reply = Result<Response, Refusal>;
@@ -162,6 +190,12 @@ fn err<T>(status: Status, detail: u32) -> Result<T, Refusal> {
     Err(Refusal::new(status, detail))
 }
 
+/// The refusal for an executor's error, logged.
+fn refused(e: ExecError) -> Refusal {
+    log::debug!("executor: {e}");
+    Refusal::from(e)
+}
+
 impl Worker {
     pub fn new(
         factory: Arc<dyn ExecutorFactory>,
@@ -178,6 +212,7 @@ impl Worker {
             sessions: HashMap::new(),
             next_id: 0,
             usage: TenantUsage::default(),
+            attributes: Vec::new(),
         }
     }
 
@@ -390,6 +425,7 @@ impl Worker {
                 stream,
                 buffers: HashMap::new(),
                 modules: HashMap::new(),
+                globals: HashMap::new(),
                 context_bytes: context,
                 local_bytes: 0,
                 host_bufs: HashMap::new(),
@@ -466,6 +502,7 @@ impl Worker {
         uncount(&mut self.usage, s);
         s.buffers.clear();
         s.modules.clear();
+        s.globals.clear();
         s.context_bytes = 0;
         s.local_bytes = 0;
         s.host_bufs.clear();
@@ -494,19 +531,15 @@ impl Worker {
         found
     }
 
-    fn buffer(&self, session: u64, handle: u64) -> Result<&Buffer, Refusal> {
+    /// The memory and size of the session's buffer or module variable `handle`.
+    fn buffer(&self, session: u64, handle: u64) -> Result<(BufferId, u64), Refusal> {
         self.sessions[&session]
-            .buffers
-            .get(&handle)
+            .memory(handle)
             .ok_or(Refusal::new(Status::InvalidHandle, 0))
     }
 
     fn dispatch(&mut self, sid: u64, command: Command, io: Option<GuestIo>) -> Reply {
         let stream = self.sessions[&sid].stream;
-        let exec_err = |e: ExecError| {
-            log::debug!("executor: {e}");
-            Refusal::from(e)
-        };
         match command {
             Command::Alloc { size } => {
                 if size == 0 {
@@ -524,7 +557,7 @@ impl Worker {
                 if !self.make_room(footprint) {
                     return Err(self.over_quota("allocation", footprint));
                 }
-                let id = self.exec(sid)?.alloc(size).map_err(exec_err)?;
+                let id = self.exec(sid)?.alloc(size).map_err(refused)?;
                 let handle = self.new_id();
                 self.sessions
                     .get_mut(&sid)
@@ -540,13 +573,19 @@ impl Worker {
                     );
                 charge(&mut self.usage, Charge::Buffer, footprint);
                 self.usage.allocations += 1;
-                Ok(Response::value(handle))
+                // The handle, and the buffer's device address: what a kernel sees for it.
+                Ok(Response {
+                    value1: id.0,
+                    ..Response::value(handle)
+                })
             }
             Command::Free { handle } => {
-                let b = self
-                    .sessions
-                    .get_mut(&sid)
-                    .expect("checked")
+                let s = self.sessions.get_mut(&sid).expect("checked");
+                if s.globals.contains_key(&handle) {
+                    // A module's variable goes with its module.
+                    return err(Status::InvalidArgument, 0);
+                }
+                let b = s
                     .buffers
                     .remove(&handle)
                     .ok_or(Refusal::new(Status::InvalidHandle, 0))?;
@@ -576,7 +615,7 @@ impl Worker {
                     (Some(source), None) => exec.htod_from(stream, id, offset, source.as_ref()),
                     (None, _) => exec.htod(stream, id, offset, &data),
                 }
-                .map_err(exec_err)?;
+                .map_err(refused)?;
                 self.shared.counters.add_htod(len);
                 Ok(Response::ok())
             }
@@ -594,17 +633,17 @@ impl Worker {
                         Some((host, at)) => exec.dtoh_host(stream, id, offset, host, at, len),
                         None => exec.dtoh_into(stream, id, offset, len, sink.as_ref()),
                     }
-                    .map_err(exec_err)?;
+                    .map_err(refused)?;
                     self.shared.counters.add_dtoh(len);
                     return Ok(Response::placed(placed));
                 }
                 // Counted in the VM's byte budget (`request_cost`); allocated fallibly all
                 // the same: the host may have less than the budgets add up to.
-                let mut out = crate::executor::host_buffer(len).map_err(exec_err)?;
+                let mut out = crate::executor::host_buffer(len).map_err(refused)?;
                 let _turn = self.shared.sched.admit(self.shared.id, sid);
                 self.exec(sid)?
                     .dtoh(stream, id, offset, &mut out)
-                    .map_err(exec_err)?;
+                    .map_err(refused)?;
                 self.shared.counters.add_dtoh(len);
                 Ok(Response::data(out))
             }
@@ -625,7 +664,7 @@ impl Worker {
                 let _turn = self.shared.sched.admit(self.shared.id, sid);
                 self.exec(sid)?
                     .dtod(stream, d, dst_offset, s, src_offset, len)
-                    .map_err(exec_err)?;
+                    .map_err(refused)?;
                 Ok(Response::ok())
             }
             Command::Memset {
@@ -639,54 +678,24 @@ impl Worker {
                 let _turn = self.shared.sched.admit(self.shared.id, sid);
                 self.exec(sid)?
                     .memset(stream, d, offset, len, value, width)
-                    .map_err(exec_err)?;
+                    .map_err(refused)?;
                 Ok(Response::ok())
             }
-            Command::ModuleLoad { ptx } => {
-                if self.sessions[&sid].modules.len() >= self.limits.max_modules_per_session as usize
-                {
-                    return err(Status::LimitExceeded, self.limits.max_modules_per_session);
-                }
-                if self.usage.modules >= self.limits.max_modules {
-                    return err(Status::LimitExceeded, self.limits.max_modules);
-                }
-                // Variables the PTX itself declares past the quota never reach the device.
-                let declared = crate::ptx::declared_global_bytes(&ptx);
-                if !self.make_room(declared) {
-                    return Err(self.over_quota("module (declared variables)", declared));
-                }
-                let exec = self.exec(sid)?;
-                let m = exec.load_module(&ptx).map_err(exec_err)?;
-                let bytes = exec.module_bytes(m);
-                if !self.make_room(bytes) {
-                    // Measured once loaded: out again before anything can use it.
-                    self.exec(sid)?.unload_module(m);
-                    return Err(self.over_quota("module", bytes));
-                }
-                let handle = self.new_id();
-                self.sessions
-                    .get_mut(&sid)
-                    .expect("checked")
-                    .modules
-                    .insert(
-                        handle,
-                        Module {
-                            id: m,
-                            charged: bytes,
-                        },
-                    );
-                charge(&mut self.usage, Charge::Module, bytes);
-                self.usage.modules += 1;
-                Ok(Response::value(handle))
-            }
+            Command::ModuleLoad { ptx } => self.load_module(sid, ModuleSource::Ptx(&ptx)),
+            Command::ModuleLoadImage { image } => match vgpu_executor::image::as_ptx(&image) {
+                // PTX text is a PTX module, whichever way it came.
+                Some(ptx) => self.load_module(sid, ModuleSource::Ptx(ptx)),
+                None => self.load_module(sid, ModuleSource::Image(&image)),
+            },
             Command::ModuleUnload { module } => {
-                let m = self
-                    .sessions
-                    .get_mut(&sid)
-                    .expect("checked")
+                let s = self.sessions.get_mut(&sid).expect("checked");
+                let m = s
                     .modules
                     .remove(&module)
                     .ok_or(Refusal::new(Status::InvalidHandle, 0))?;
+                for handle in m.globals.values() {
+                    s.globals.remove(handle);
+                }
                 self.usage.modules -= 1;
                 release(&mut self.usage, Charge::Module, m.charged);
                 self.exec(sid)?.unload_module(m.id);
@@ -712,14 +721,24 @@ impl Worker {
                 Ok(Response::ok())
             }
             Command::Sync => {
-                self.exec(sid)?.sync(stream).map_err(exec_err)?;
+                self.exec(sid)?.sync(stream).map_err(refused)?;
                 Ok(Response::ok())
             }
-            Command::ModuleLoadImage { .. }
-            | Command::DeviceAttributes { .. }
-            | Command::FunctionInfo { .. }
-            | Command::ModuleGlobal { .. }
-            | Command::Compile { .. } => err(Status::Unsupported, 0),
+            Command::DeviceAttributes { count } => self.device_attributes(sid, count),
+            Command::FunctionInfo { module, name } => {
+                let kernel = self.kernel_ref(sid, module, &name)?;
+                let info = match self.sessions.get_mut(&sid).and_then(|s| s.exec.as_mut()) {
+                    Some(exec) => exec.function_info(kernel).map_err(refused)?,
+                    None => return err(Status::DeviceLost, 0),
+                };
+                Ok(Response::data(info.encode()))
+            }
+            Command::ModuleGlobal { module, name } => self.module_global(sid, module, &name),
+            Command::Compile {
+                source,
+                options,
+                out_len,
+            } => self.compile(sid, &source, &options, out_len),
             Command::Info
             | Command::SessionOpen
             | Command::SessionClose
@@ -727,6 +746,185 @@ impl Worker {
                 unreachable!("handled before dispatch")
             }
         }
+    }
+
+    /// MODULE_LOAD, and MODULE_LOAD_IMAGE: the limits, what the module declares, then
+    /// the load and what it holds, each checked against the quota.
+    fn load_module(&mut self, sid: u64, source: ModuleSource<'_>) -> Reply {
+        if self.sessions[&sid].modules.len() >= self.limits.max_modules_per_session as usize {
+            return err(Status::LimitExceeded, self.limits.max_modules_per_session);
+        }
+        if self.usage.modules >= self.limits.max_modules {
+            return err(Status::LimitExceeded, self.limits.max_modules);
+        }
+        // Variables the module itself declares past the quota never reach the device.
+        let declared = match source {
+            ModuleSource::Ptx(ptx) => crate::ptx::declared_global_bytes(ptx),
+            ModuleSource::Image(image) => vgpu_executor::image::declared_global_bytes(image),
+        };
+        if !self.make_room(declared) {
+            return Err(self.over_quota("module (declared variables)", declared));
+        }
+        let exec = self.exec(sid)?;
+        let loaded = match source {
+            ModuleSource::Ptx(ptx) => exec.load_module(ptx),
+            ModuleSource::Image(image) => exec.load_module_image(image),
+        };
+        let m = loaded.map_err(refused)?;
+        let bytes = exec.module_bytes(m);
+        if !self.make_room(bytes) {
+            // Measured once loaded: out again before anything can use it.
+            self.exec(sid)?.unload_module(m);
+            return Err(self.over_quota("module", bytes));
+        }
+        let handle = self.new_id();
+        self.sessions
+            .get_mut(&sid)
+            .expect("checked")
+            .modules
+            .insert(
+                handle,
+                Module {
+                    id: m,
+                    charged: bytes,
+                    globals: HashMap::new(),
+                },
+            );
+        charge(&mut self.usage, Charge::Module, bytes);
+        self.usage.modules += 1;
+        Ok(Response::value(handle))
+    }
+
+    /// DEVICE_ATTRIBUTES: `count` little-endian `i32`, from the tenant's table when it
+    /// has them (all its sessions' executors are on one device).
+    fn device_attributes(&mut self, sid: u64, count: u32) -> Reply {
+        if self.attributes.len() < count as usize {
+            let table = self.exec(sid)?.device_attributes(count).map_err(refused)?;
+            if table.len() != count as usize {
+                return err(Status::Internal, 0);
+            }
+            self.attributes = table;
+        }
+        let data = self.attributes[..count as usize]
+            .iter()
+            .flat_map(|a| a.to_le_bytes())
+            .collect();
+        Ok(Response {
+            value0: u64::from(count),
+            ..Response::data(data)
+        })
+    }
+
+    /// The kernel `name` of the session's `module`, or of the built-in catalog.
+    fn kernel_ref<'n>(
+        &self,
+        sid: u64,
+        module: u64,
+        name: &'n str,
+    ) -> Result<KernelRef<'n>, Refusal> {
+        if module == BUILTIN_MODULE {
+            let spec = vgpu_kernels::find(name).ok_or(Refusal::new(Status::KernelNotFound, 0))?;
+            return Ok(KernelRef::Builtin(spec));
+        }
+        let m = self.sessions[&sid]
+            .modules
+            .get(&module)
+            .ok_or(Refusal::new(Status::InvalidHandle, 0))?;
+        Ok(KernelRef::Module(m.id, name))
+    }
+
+    /// MODULE_GLOBAL: a handle for the variable (the same one each time it is asked
+    /// for), its device address and, as 8 bytes, its size. The catalog declares no
+    /// variables.
+    fn module_global(&mut self, sid: u64, module: u64, name: &str) -> Reply {
+        if module == BUILTIN_MODULE {
+            return err(Status::KernelNotFound, 0);
+        }
+        let s = &self.sessions[&sid];
+        let m = s
+            .modules
+            .get(&module)
+            .ok_or(Refusal::new(Status::InvalidHandle, 0))?;
+        let answer = |handle: u64, g: &Global| Response {
+            value0: handle,
+            value1: g.id.0,
+            ..Response::data(g.size.to_le_bytes().to_vec())
+        };
+        if let Some(&handle) = m.globals.get(name) {
+            return Ok(answer(handle, &s.globals[&handle]));
+        }
+        // Each is a handle the mediator keeps: as many as a session may have buffers.
+        if s.globals.len() >= self.limits.max_buffers_per_session as usize {
+            return err(Status::LimitExceeded, self.limits.max_buffers_per_session);
+        }
+        let module_id = m.id;
+        let (id, size) = self
+            .exec(sid)?
+            .module_global(module_id, name)
+            .map_err(refused)?;
+        let handle = self.new_id();
+        let s = self.sessions.get_mut(&sid).expect("checked");
+        let global = Global { id, size };
+        let response = answer(handle, &global);
+        s.globals.insert(handle, global);
+        if let Some(m) = s.modules.get_mut(&module) {
+            m.globals.insert(name.to_string(), handle);
+        }
+        Ok(response)
+    }
+
+    /// COMPILE: options and source checked ([`crate::compile`]), then NVRTC in the
+    /// session's worker. Its answer: the PTX then the log (value0 and value1 their
+    /// lengths); `BUFFER_TOO_SMALL` with the bytes needed in value0; `MODULE_INVALID`
+    /// with NVRTC's result in detail and the log (value1 its whole length).
+    fn compile(&mut self, sid: u64, source: &str, options: &[String], out_len: u32) -> Reply {
+        if let Err(index) = crate::compile::check_options(options) {
+            return err(Status::InvalidArgument, index as u32);
+        }
+        if let Err(line) = crate::compile::check_source(source) {
+            return Ok(Response {
+                value0: u64::from(line),
+                ..Response::error(Status::InvalidArgument, COMPILE_SOURCE_REFUSED)
+            });
+        }
+        let output = self
+            .exec(sid)?
+            .compile(source, options, out_len)
+            .map_err(refused)?;
+        Ok(match output {
+            CompileOutput::Ptx { ptx, log } => {
+                let (ptx_len, log_len) = (ptx.len() as u64, log.len() as u64);
+                let mut data = ptx;
+                data.extend_from_slice(&log);
+                if data.len() as u64 > u64::from(out_len) {
+                    return Ok(Response {
+                        value0: data.len() as u64,
+                        ..Response::error(Status::BufferTooSmall, 0)
+                    });
+                }
+                Response {
+                    value0: ptx_len,
+                    value1: log_len,
+                    ..Response::data(data)
+                }
+            }
+            CompileOutput::Failed {
+                code,
+                mut log,
+                log_len,
+            } => {
+                log.truncate(out_len as usize);
+                Response {
+                    value1: log_len,
+                    data: log,
+                    ..Response::error(Status::ModuleInvalid, code)
+                }
+            }
+            CompileOutput::TooLarge { needed } => Response {
+                value0: needed,
+                ..Response::error(Status::BufferTooSmall, 0)
+            },
+        })
     }
 
     fn register_host(
@@ -792,9 +990,9 @@ impl Worker {
 
     /// Checks that `[offset, offset + len)` lies inside the session's buffer `handle`.
     fn range(&self, sid: u64, handle: u64, offset: u64, len: u64) -> Result<BufferId, Refusal> {
-        let b = self.buffer(sid, handle)?;
+        let (id, size) = self.buffer(sid, handle)?;
         match offset.checked_add(len) {
-            Some(end) if end <= b.size => Ok(b.id),
+            Some(end) if end <= size => Ok(id),
             _ => err(Status::OutOfRange, 0),
         }
     }
@@ -813,10 +1011,9 @@ impl Worker {
                 Param::Value(v) => ExecParam::Value(v.clone()),
                 Param::Buffer(h) => ExecParam::Buffer(
                     session
-                        .buffers
-                        .get(h)
+                        .memory(*h)
                         .ok_or(Refusal::new(Status::InvalidHandle, i as u32))?
-                        .id,
+                        .0,
                 ),
             });
         }
@@ -946,6 +1143,18 @@ impl Worker {
     }
 }
 
+/// Where a module comes from.
+#[derive(Clone, Copy)]
+enum ModuleSource<'a> {
+    Ptx(&'a str),
+    /// A binary image (cubin, fatbin).
+    Image(&'a [u8]),
+}
+
+/// The detail of the `INVALID_ARGUMENT` for a COMPILE whose source names a host file
+/// (value0 is then the line); otherwise the detail is the refused option's index.
+pub const COMPILE_SOURCE_REFUSED: u32 = u32::MAX;
+
 /// Takes what a session holds out of the tenant's accounting.
 fn uncount(usage: &mut TenantUsage, s: &Session) {
     for b in s.buffers.values() {
@@ -1044,7 +1253,12 @@ fn check_builtin(
             _ => return Err(bad),
         });
     }
-    let sizes: HashMap<u64, u64> = session.buffers.values().map(|b| (b.id.0, b.size)).collect();
+    let sizes: HashMap<u64, u64> = session
+        .buffers
+        .values()
+        .map(|b| (b.id.0, b.size))
+        .chain(session.globals.values().map(|g| (g.id.0, g.size)))
+        .collect();
     spec.validate(&args, shape, &|id| sizes.get(&id).copied())
         .map_err(|e| match e {
             KernelError::BufferTooSmall { index, .. } => {

@@ -4,7 +4,8 @@
 //! pipelined and their failures reported by the next call that waits, a dead or faulted
 //! worker costs only its own tenant, no worker outlives its executor, and the pool hands
 //! out live, started workers and stops them with its factory. Every case of
-//! `mediator.rs` also runs here, through workers (module `suite`).
+//! `mediator.rs` and `driver_api.rs` also runs here, through workers (modules `suite` and
+//! `driver_api_suite`).
 
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
@@ -36,6 +37,10 @@ fn cpu_workers() -> ProcessExecutorFactory {
 /// The mediator cases, run on CPU executors in worker processes.
 #[path = "mediator.rs"]
 mod suite;
+
+/// The driver-API cases, run on CPU executors in worker processes.
+#[path = "driver_api.rs"]
+mod driver_api_suite;
 
 fn executor_factory() -> Arc<dyn ExecutorFactory> {
     Arc::new(cpu_workers())
@@ -501,7 +506,7 @@ fn an_oversized_launch_is_refused_and_the_worker_serves_on() {
     };
     let huge = [
         ExecParam::Buffer(b),
-        ExecParam::Value(vec![0; 9 << 20]),
+        ExecParam::Value(vec![0; 65 << 20]),
         ExecParam::Value(vec![0; 4]),
     ];
     let e = exec

@@ -150,6 +150,9 @@ impl Executor for Mock {
         self.device.modules_loaded.fetch_add(1, Ordering::SeqCst);
         Ok(ModuleId(self.next_module))
     }
+    fn load_module_image(&mut self, _image: &[u8]) -> ExecResult<ModuleId> {
+        self.load_module("")
+    }
     fn unload_module(&mut self, m: ModuleId) {
         if self.modules.remove(&m.0) {
             self.device.give(MODULE);
@@ -364,6 +367,56 @@ fn variables_a_module_declares_past_the_quota_never_reach_the_device() {
     let ptx = format!("{PTX}.global .align 4 .b8 big[{}];\n", 4 * MIB);
     assert_eq!(load(&m, t, s, &ptx).status, Status::Ok);
     consistent(&m, t, &device, quota);
+}
+
+/// A fatbin holding one PTX entry.
+fn fatbin_of(ptx: &str) -> Vec<u8> {
+    let mut entry = [0u8; 64];
+    entry[..2].copy_from_slice(&1u16.to_le_bytes());
+    entry[4..8].copy_from_slice(&64u32.to_le_bytes());
+    entry[8..16].copy_from_slice(&(ptx.len() as u64).to_le_bytes());
+    let mut b = 0xBA55_ED50u32.to_le_bytes().to_vec();
+    b.extend_from_slice(&1u16.to_le_bytes());
+    b.extend_from_slice(&16u16.to_le_bytes());
+    b.extend_from_slice(&(64 + ptx.len() as u64).to_le_bytes());
+    b.extend_from_slice(&entry);
+    b.extend_from_slice(ptx.as_bytes());
+    b
+}
+
+#[test]
+fn module_images_are_charged_like_ptx_modules() {
+    let quota = 256 * MIB;
+    let (m, t, device) = setup(quota);
+    let s = open(&m, t);
+    let image = |declared: u64| Command::ModuleLoadImage {
+        image: fatbin_of(&format!("{PTX}.global .align 4 .b8 big[{declared}];\n")),
+    };
+    // 200 MiB of variables on top of a 100 MiB context: refused from the image.
+    assert_eq!(
+        call(&m, t, s, image(200 * MIB)).status,
+        Status::QuotaExceeded
+    );
+    assert_eq!(device.modules_loaded.load(Ordering::SeqCst), 0);
+    // One that declares what fits is loaded and charged what the module holds.
+    let first = call(&m, t, s, image(4 * MIB));
+    assert_eq!(first.status, Status::Ok);
+    let u = consistent(&m, t, &device, quota);
+    assert_eq!((u.modules, u.module_bytes), (1, MODULE));
+    // PTX text sent as an image is a PTX module; both count against the module limits.
+    let text = Command::ModuleLoadImage {
+        image: PTX.as_bytes().to_vec(),
+    };
+    assert_eq!(call(&m, t, s, text).status, Status::Ok);
+    let u = consistent(&m, t, &device, quota);
+    assert_eq!((u.modules, u.module_bytes), (2, 2 * MODULE));
+    // Unloading gives its bytes back.
+    let unload = Command::ModuleUnload {
+        module: first.value0,
+    };
+    assert_eq!(call(&m, t, s, unload).status, Status::Ok);
+    let u = consistent(&m, t, &device, quota);
+    assert_eq!((u.modules, u.module_bytes), (1, MODULE));
 }
 
 #[test]
