@@ -703,7 +703,7 @@ mod tests {
             .collect();
         assert_eq!(statuses, protocol);
         let ops = c_constants(VGPU_IOCTL_H, "VGPU_OP_");
-        assert_eq!(ops.len(), 14);
+        assert_eq!(ops.len(), 19);
         for (n, v) in ops {
             let op = Opcode::from_u16(v as u16).unwrap();
             assert_eq!(crate::transport::opcode_name(op), n);
