@@ -296,11 +296,11 @@ pub unsafe extern "C" fn vgpu_htod(
             let hosts = lock(&s.hosts);
             return s
                 .session
-                .htod_host_raw(handle, offset, &hosts[&start], at, len);
+                .raw_htod_from_host(handle, offset, &hosts[&start], at, len);
         }
         // SAFETY: readable for len bytes by the caller's promise.
         let src = unsafe { std::slice::from_raw_parts(src.cast::<u8>(), len) };
-        s.session.htod_raw(handle, offset, src)
+        s.session.raw_htod(handle, offset, src)
     })
 }
 
@@ -329,11 +329,11 @@ pub unsafe extern "C" fn vgpu_dtoh(
         if let Some((start, at)) = s.host_at(dst as usize, len) {
             let mut hosts = lock(&s.hosts);
             let host = hosts.get_mut(&start).expect("found above");
-            return s.session.dtoh_host_raw(handle, offset, host, at, len);
+            return s.session.raw_dtoh_into_host(handle, offset, host, at, len);
         }
         // SAFETY: writable for len bytes by the caller's promise.
         let dst = unsafe { std::slice::from_raw_parts_mut(dst.cast::<u8>(), len) };
-        s.session.dtoh_raw(handle, offset, dst)
+        s.session.raw_dtoh(handle, offset, dst)
     })
 }
 

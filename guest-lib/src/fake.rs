@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vgpu_protocol::{
-    Command, DeviceConfig, ExecutorKind, Header, InfoReply, Launch, Opcode, Param, Request,
-    Response, ResponseHeader, Status, REQUEST_HEADER_SIZE,
+    Command, DeviceConfig, ExecutorKind, FunctionInfo, Header, InfoReply, Launch, Opcode, Param,
+    Request, Response, ResponseHeader, Status, REQUEST_HEADER_SIZE,
 };
 
 use crate::error::{Error, Result};
@@ -21,10 +21,37 @@ use crate::Session;
 
 pub const QUOTA: u64 = 64 << 20;
 pub const NAME: &str = "Fake vGPU (test)";
+/// Device address of the first allocation; each later one follows the previous,
+/// 256-byte aligned.
+pub const ADDRESS_BASE: u64 = 0x7f00_0000_0000;
+/// The device variable every loaded module of the fake device has, and its size.
+pub const GLOBAL_NAME: &str = "counter";
+pub const GLOBAL_SIZE: u64 = 16;
+
+/// Attribute `n` of the fake device is `n * 10`.
+pub fn attribute(n: u32) -> i32 {
+    n as i32 * 10
+}
+
+/// The FUNCTION_INFO of the fake device's built-in kernels: pointers of 8 bytes and
+/// 4-byte scalars, packed as a C compiler would.
+pub fn builtin_info(name: &str) -> Option<FunctionInfo> {
+    let params = match name {
+        "vector_add_f32" => vec![(0, 8), (8, 8), (16, 8), (24, 4)],
+        "scale_f32" => vec![(0, 8), (8, 4), (12, 4)],
+        _ => return None,
+    };
+    Some(FunctionInfo {
+        attributes: [1024, 0, 0, 0, 16, 80, 80, 0, 48 << 10, -1],
+        params,
+    })
+}
 
 #[derive(Default)]
 struct FakeSession {
     buffers: HashMap<u64, Vec<u8>>,
+    /// Buffers that are module globals: FREE refuses them, their unload frees them.
+    globals: HashMap<u64, u64>,
     modules: HashSet<u64>,
     sticky: Option<(Status, u32)>,
 }
@@ -33,6 +60,7 @@ struct FakeSession {
 pub struct State {
     sessions: HashMap<u64, FakeSession>,
     next_id: u64,
+    next_address: u64,
     /// Every request the device executed, in order.
     pub log: Vec<Request>,
     /// The error the next SYNC of any session reports (an asynchronous failure).
@@ -138,8 +166,11 @@ impl FakeDevice {
         if let Some((status, detail)) = s.sticky {
             return Response::error(status, detail);
         }
-        let id = &mut st.next_id;
-        match run(s, id, used, fail_sync, command) {
+        let ids = Ids {
+            next_id: &mut st.next_id,
+            next_address: &mut st.next_address,
+        };
+        match run(s, ids, used, fail_sync, command) {
             Ok(r) => r,
             Err(status) => Response::error(status, 0),
         }
@@ -154,23 +185,45 @@ fn range(buf: &[u8], offset: u64, len: u64) -> Result<std::ops::Range<usize>, St
     Ok(offset as usize..end as usize)
 }
 
+/// The device's counters: handles, and device addresses for new buffers.
+struct Ids<'a> {
+    next_id: &'a mut u64,
+    next_address: &'a mut u64,
+}
+
+impl Ids<'_> {
+    fn buffer(&mut self, size: u64) -> (u64, u64) {
+        *self.next_id += 1;
+        let address = ADDRESS_BASE + *self.next_address;
+        *self.next_address += size.div_ceil(256).max(1) * 256;
+        (*self.next_id, address)
+    }
+}
+
 fn run(
     s: &mut FakeSession,
-    next_id: &mut u64,
+    mut ids: Ids<'_>,
     used: u64,
     fail_sync: Option<(Status, u32)>,
     command: Command,
 ) -> Result<Response, Status> {
+    let next_id = &mut *ids.next_id;
     Ok(match command {
         Command::Alloc { size } => {
             if used + size > QUOTA {
                 return Err(Status::QuotaExceeded);
             }
-            *next_id += 1;
-            s.buffers.insert(*next_id, vec![0xA5; size as usize]);
-            Response::value(*next_id)
+            let (handle, address) = ids.buffer(size);
+            s.buffers.insert(handle, vec![0xA5; size as usize]);
+            Response {
+                value1: address,
+                ..Response::value(handle)
+            }
         }
         Command::Free { handle } => {
+            if s.globals.contains_key(&handle) {
+                return Err(Status::InvalidHandle);
+            }
             s.buffers.remove(&handle).ok_or(Status::InvalidHandle)?;
             Response::ok()
         }
@@ -220,11 +273,69 @@ fn run(
             s.modules.insert(*next_id);
             Response::value(*next_id)
         }
+        // A cubin (ELF) or fatbin loads; anything else is not an image.
+        Command::ModuleLoadImage { image } => {
+            if !image.starts_with(b"\x7fELF") && !image.starts_with(&0xBA55_ED50u32.to_le_bytes()) {
+                return Err(Status::ModuleInvalid);
+            }
+            *next_id += 1;
+            s.modules.insert(*next_id);
+            Response::value(*next_id)
+        }
         Command::ModuleUnload { module } => {
             if !s.modules.remove(&module) {
                 return Err(Status::InvalidHandle);
             }
+            let gone: Vec<u64> = s
+                .globals
+                .iter()
+                .filter(|&(_, &m)| m == module)
+                .map(|(&h, _)| h)
+                .collect();
+            for h in gone {
+                s.globals.remove(&h);
+                s.buffers.remove(&h);
+            }
             Response::ok()
+        }
+        Command::DeviceAttributes { count } => Response::data(
+            (1..=count)
+                .flat_map(|n| attribute(n).to_le_bytes())
+                .collect(),
+        ),
+        Command::FunctionInfo { module, name } => {
+            if module != 0 {
+                return Err(if s.modules.contains(&module) {
+                    Status::KernelNotFound
+                } else {
+                    Status::InvalidHandle
+                });
+            }
+            Response::data(builtin_info(&name).ok_or(Status::KernelNotFound)?.encode())
+        }
+        Command::ModuleGlobal { module, name } => {
+            if !s.modules.contains(&module) {
+                return Err(Status::InvalidHandle);
+            }
+            if name != GLOBAL_NAME {
+                return Err(Status::KernelNotFound);
+            }
+            // One buffer per module and name, as a loaded module has its variables.
+            let existing = s.globals.iter().find(|&(_, &m)| m == module);
+            let handle = match existing {
+                Some((&h, _)) => h,
+                None => {
+                    let (h, _) = ids.buffer(GLOBAL_SIZE);
+                    s.buffers.insert(h, vec![0; GLOBAL_SIZE as usize]);
+                    s.globals.insert(h, module);
+                    h
+                }
+            };
+            Response {
+                value0: handle,
+                value1: ADDRESS_BASE + (1 << 40) + handle * 256,
+                ..Response::data(GLOBAL_SIZE.to_le_bytes().to_vec())
+            }
         }
         Command::Launch(l) => {
             launch(s, l)?;
@@ -237,12 +348,9 @@ fn run(
             }
             Response::ok()
         }
-        Command::HostRegister { .. }
-        | Command::HostUnregister { .. }
-        | Command::ModuleLoadImage { .. }
-        | Command::DeviceAttributes { .. }
-        | Command::FunctionInfo { .. }
-        | Command::ModuleGlobal { .. } => return Err(Status::Unsupported),
+        Command::HostRegister { .. } | Command::HostUnregister { .. } => {
+            return Err(Status::Unsupported)
+        }
         Command::Compile {
             source,
             options,

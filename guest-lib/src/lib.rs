@@ -35,11 +35,14 @@
 //!
 //! Requests travel through a [`Transport`]: [`CharDevTransport`] on a guest, or
 //! [`InProcessTransport`] to drive a device implementation in the same process. The C
-//! ABI of `include/vgpu.h` lives in [`capi`].
+//! ABI of `include/vgpu.h` lives in [`capi`]. Driver-API shims use the handle-level
+//! `Session::raw_*` calls, [`Session::device_attributes`], [`Session::function_info`]
+//! and [`Session::module_global`].
 
 pub mod capi;
 mod compile;
 mod error;
+mod raw;
 mod session;
 mod transport;
 
@@ -48,6 +51,7 @@ mod fake;
 
 pub use compile::{CompileError, Compiled, COMPILE_OUTPUT_BYTES};
 pub use error::{Error, Result};
+pub use raw::ModuleGlobal;
 pub use session::{
     BufferArg, Device, DeviceBuffer, HostBuffer, KernelArg, LaunchConfig, Module, Pod, Session,
     HOST_CHUNK_BYTES, MIN_CHUNK_BYTES, PAGEABLE_CHUNK_BYTES, POLL_US_ENV, SYNC_SUBMIT_ENV,
@@ -56,4 +60,7 @@ pub use transport::{
     device_path, AsyncFailure, CharDevTransport, HostMemory, InProcessTransport, Reply, Transport,
     ASYNC_MAX_BYTES, POLL_MAX_US,
 };
-pub use vgpu_protocol::{DeviceConfig, ExecutorKind, InfoReply, SelftestKind, Status};
+pub use vgpu_protocol::{
+    DeviceConfig, ExecutorKind, FunctionInfo, InfoReply, Param, SelftestKind, Status,
+    BUILTIN_MODULE, FUNCTION_ATTRIBUTES,
+};

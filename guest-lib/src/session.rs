@@ -132,11 +132,11 @@ impl Device {
     }
 }
 
-struct SessionInner {
-    transport: Box<dyn Transport>,
+pub(crate) struct SessionInner {
+    pub(crate) transport: Box<dyn Transport>,
     next_tag: AtomicU64,
     /// Current chunk for pageable memory; halves when the driver says E2BIG.
-    pageable_chunk: AtomicUsize,
+    pub(crate) pageable_chunk: AtomicUsize,
     /// The largest payload the device accepts in one request.
     device_limit: OnceLock<usize>,
     /// Launches, memsets, device copies and small host-to-device copies are queued
@@ -161,7 +161,12 @@ impl SessionInner {
 
     /// Sends a request and waits for its answer. A failure of an earlier asynchronous
     /// request that comes with it is the error.
-    fn request(&self, op: Op, input: &[&[u8]], output: &mut [&mut [u8]]) -> Result<ResponseHeader> {
+    pub(crate) fn request(
+        &self,
+        op: Op,
+        input: &[&[u8]],
+        output: &mut [&mut [u8]],
+    ) -> Result<ResponseHeader> {
         let (header, tag) = self.header(op);
         let reply = self.transport.submit_reply(&header, input, output)?;
         self.settle(op, tag, reply, true)
@@ -178,7 +183,7 @@ impl SessionInner {
     /// Queues a request whose answer is only a status (LAUNCH, MEMSET, DTOD, an HTOD of
     /// at most [`ASYNC_MAX_BYTES`]) without waiting for it; a failure is reported by a
     /// later request. Synchronous when turned off or when the transport cannot queue.
-    fn request_async(&self, op: Op, input: &[&[u8]]) -> Result<()> {
+    pub(crate) fn request_async(&self, op: Op, input: &[&[u8]]) -> Result<()> {
         if !self.async_submit.load(Ordering::Relaxed) {
             return self.request(op, input, &mut []).map(drop);
         }
@@ -249,7 +254,7 @@ impl SessionInner {
     fn undo(&self, op: Op, r: &ResponseHeader) {
         match op {
             Op::Alloc { .. } => self.free(r.value0),
-            Op::ModuleLoad { .. } => self.unload(r.value0),
+            Op::ModuleLoad { .. } | Op::ModuleLoadImage { .. } => self.unload(r.value0),
             _ => {}
         }
     }
@@ -300,7 +305,13 @@ impl SessionInner {
         Ok(())
     }
 
-    fn htod(&self, dst: u64, offset: u64, src: &[u8], chunk: &AtomicUsize) -> Result<()> {
+    pub(crate) fn htod(
+        &self,
+        dst: u64,
+        offset: u64,
+        src: &[u8],
+        chunk: &AtomicUsize,
+    ) -> Result<()> {
         self.chunked(src.len(), chunk, |pos, len| {
             let offset = offset_at(offset, pos)?;
             let op = Op::Htod {
@@ -317,7 +328,13 @@ impl SessionInner {
         })
     }
 
-    fn dtoh(&self, src: u64, offset: u64, dst: &mut [u8], chunk: &AtomicUsize) -> Result<()> {
+    pub(crate) fn dtoh(
+        &self,
+        src: u64,
+        offset: u64,
+        dst: &mut [u8],
+        chunk: &AtomicUsize,
+    ) -> Result<()> {
         self.chunked(dst.len(), chunk, |pos, len| {
             let offset = offset_at(offset, pos)?;
             let op = Op::Dtoh {
@@ -350,6 +367,59 @@ impl SessionInner {
     }
 }
 
+/// A symbol name as the protocol carries it: letters, digits, `_`, `$`, `.`, shorter
+/// than [`MAX_KERNEL_NAME`] so that its NUL fits.
+pub(crate) fn check_symbol(what: &str, name: &str) -> Result<()> {
+    let valid = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'$' | b'.');
+    if name.is_empty() || name.len() >= MAX_KERNEL_NAME || !name.bytes().all(valid) {
+        return Err(Error::invalid(format!("{what} {name:?}")));
+    }
+    Ok(())
+}
+
+/// The LAUNCH request for `kernel` of `module` with `params`, checked against the
+/// protocol's limits.
+pub(crate) fn launch_request(
+    module: u64,
+    kernel: &str,
+    cfg: LaunchConfig,
+    params: Vec<Param>,
+) -> Result<Request> {
+    check_symbol("kernel name", kernel)?;
+    if params.len() > MAX_PARAMS {
+        return Err(Error::invalid(format!(
+            "{} kernel arguments (at most {MAX_PARAMS})",
+            params.len()
+        )));
+    }
+    let mut bytes = 0usize;
+    for p in &params {
+        bytes += match p {
+            Param::Value(v) if v.is_empty() => {
+                return Err(Error::invalid("an empty by-value argument"))
+            }
+            Param::Value(v) => v.len(),
+            Param::Buffer(_) => 8,
+        };
+    }
+    if bytes > MAX_PARAM_BYTES as usize {
+        return Err(Error::invalid(format!(
+            "{bytes} bytes of kernel arguments (at most {MAX_PARAM_BYTES})"
+        )));
+    }
+    Ok(Request::new(
+        0,
+        Command::Launch(Launch {
+            module,
+            kernel: kernel.to_owned(),
+            grid: cfg.grid,
+            block: cfg.block,
+            shared_bytes: cfg.shared_bytes,
+            params,
+        }),
+    ))
+}
+
 fn offset_at(base: u64, pos: usize) -> Result<u64> {
     base.checked_add(pos as u64)
         .ok_or_else(|| Error::invalid("offset overflows"))
@@ -360,7 +430,7 @@ fn offset_at(base: u64, pos: usize) -> Result<u64> {
 /// session closes when the last clone and the last buffer or module made in it drop.
 #[derive(Clone)]
 pub struct Session {
-    inner: Arc<SessionInner>,
+    pub(crate) inner: Arc<SessionInner>,
 }
 
 impl Session {
@@ -620,10 +690,6 @@ impl Session {
         cfg: LaunchConfig,
         args: &[KernelArg<'_>],
     ) -> Result<Request> {
-        let valid = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'$' | b'.');
-        if kernel.is_empty() || kernel.len() >= MAX_KERNEL_NAME || !kernel.bytes().all(valid) {
-            return Err(Error::invalid(format!("kernel name {kernel:?}")));
-        }
         if args.len() > MAX_PARAMS {
             return Err(Error::invalid(format!(
                 "{} kernel arguments (at most {MAX_PARAMS})",
@@ -634,29 +700,7 @@ impl Session {
             .iter()
             .map(|a| a.param(&self.inner))
             .collect::<Result<Vec<Param>>>()?;
-        let bytes: usize = params
-            .iter()
-            .map(|p| match p {
-                Param::Value(v) => v.len(),
-                Param::Buffer(_) => 8,
-            })
-            .sum();
-        if bytes > MAX_PARAM_BYTES as usize {
-            return Err(Error::invalid(format!(
-                "{bytes} bytes of kernel arguments (at most {MAX_PARAM_BYTES})"
-            )));
-        }
-        Ok(Request::new(
-            0,
-            Command::Launch(Launch {
-                module,
-                kernel: kernel.to_owned(),
-                grid: cfg.grid,
-                block: cfg.block,
-                shared_bytes: cfg.shared_bytes,
-                params,
-            }),
-        ))
+        launch_request(module, kernel, cfg, params)
     }
 
     /// Waits for all of the session's work; reports an asynchronous failure (the first
@@ -733,46 +777,6 @@ impl Session {
         } else {
             Err(Error::ForeignHandle("buffer"))
         }
-    }
-
-    // Byte-level access by handle, for the C ABI.
-
-    pub(crate) fn htod_raw(&self, handle: u64, offset: u64, src: &[u8]) -> Result<()> {
-        self.inner
-            .htod(handle, offset, src, &self.inner.pageable_chunk)
-    }
-
-    pub(crate) fn dtoh_raw(&self, handle: u64, offset: u64, dst: &mut [u8]) -> Result<()> {
-        self.inner
-            .dtoh(handle, offset, dst, &self.inner.pageable_chunk)
-    }
-
-    /// `len` bytes at `at` of a host buffer to a buffer handle, in the host buffer's
-    /// large requests.
-    pub(crate) fn htod_host_raw(
-        &self,
-        handle: u64,
-        offset: u64,
-        src: &HostBuffer,
-        at: usize,
-        len: usize,
-    ) -> Result<()> {
-        self.inner
-            .htod(handle, offset, &src.as_slice()[at..at + len], &src.chunk)
-    }
-
-    /// `len` bytes of a buffer handle into a host buffer at `at`.
-    pub(crate) fn dtoh_host_raw(
-        &self,
-        handle: u64,
-        offset: u64,
-        dst: &mut HostBuffer,
-        at: usize,
-        len: usize,
-    ) -> Result<()> {
-        let HostBuffer { mem, chunk } = dst;
-        self.inner
-            .dtoh(handle, offset, &mut mem.as_mut_slice()[at..at + len], chunk)
     }
 
     /// Sends a request and returns its response header whatever its status, for
@@ -951,9 +955,9 @@ impl From<f32> for KernelArg<'_> {
 
 /// Host memory for fast copies (see [`Session::host_buffer`]); unmapped when dropped.
 pub struct HostBuffer {
-    mem: HostMemory,
+    pub(crate) mem: HostMemory,
     /// Current chunk for copies from this buffer; halves when the driver says E2BIG.
-    chunk: AtomicUsize,
+    pub(crate) chunk: AtomicUsize,
 }
 
 impl HostBuffer {

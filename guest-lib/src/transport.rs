@@ -201,6 +201,11 @@ impl HostMemory {
         self.contiguous
     }
 
+    /// The start of the mapping, for views of parts of it.
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: the mapping is `map_len >= len` readable bytes, alive while self is.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
