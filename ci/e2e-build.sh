@@ -57,9 +57,11 @@ e2e_build_cargo() {
     say "vhost-vgpu is the host side: a vhost-user backend that QEMU connects to, one socket \
 per VM, handing each request to the mediator and its executor. The guest side is \
 libvgpu (Rust API and C ABI) with the tools vgpu-smi and vgpu-vector-add."
-    e2e_build_quiet "$work/cargo.log" cargo build --release --locked -p vgpu-guest -p vhost-vgpu
+    e2e_build_quiet "$work/cargo.log" cargo build --release --locked -p vgpu-guest -p vhost-vgpu \
+        -p vgpu-libcuda -p vgpu-libnvrtc -p vgpu-cudarc-check
     target=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release
-    for f in vhost-vgpu vgpu-smi vgpu-vector-add libvgpu.so; do
+    for f in vhost-vgpu vgpu-smi vgpu-vector-add libvgpu.so libvgpu_cuda.so libvgpu_nvrtc.so \
+        vgpu-cudarc-check; do
         [[ -f $target/$f ]] || die "cargo build did not produce $target/$f"
     done
 }
@@ -114,6 +116,20 @@ e2e_build_c_programs() {
     e2e_build_quiet "$work/cc.log" cc -o "$work/guest/usr/bin/vgpu-c-example" "$c_example" "${cflags[@]}"
     e2e_build_quiet "$work/cc.log" cc -std=c11 -Werror -o "$work/guest/usr/bin/vgpu-e2e-check" \
         ci/guest/vgpu-e2e-check.c "${cflags[@]}"
+    # The CUDA driver API: libcuda.so.1 and libnvrtc.so.13 in /usr/lib/vgpu, a C program
+    # built against the driver API's declarations and linked with -lcuda, and a program
+    # written against cudarc (which loads libcuda.so at run time).
+    mkdir -p "$work/guest/usr/lib/vgpu"
+    cp "$target/libvgpu_cuda.so" "$work/guest/usr/lib/vgpu/libcuda.so.1"
+    cp "$target/libvgpu_nvrtc.so" "$work/guest/usr/lib/vgpu/libnvrtc.so.13"
+    cp "$target/vgpu-cudarc-check" "$work/guest/usr/bin/"
+    strip --strip-debug "$work/guest/usr/lib/vgpu/libcuda.so.1" \
+        "$work/guest/usr/lib/vgpu/libnvrtc.so.13" "$work/guest/usr/bin/vgpu-cudarc-check"
+    ln -sf libcuda.so.1 "$work/guest/usr/lib/vgpu/libcuda.so"
+    ln -sf libnvrtc.so.13 "$work/guest/usr/lib/vgpu/libnvrtc.so"
+    e2e_build_quiet "$work/cc.log" cc -std=c11 -O2 -Wall -Wextra -Werror \
+        -o "$work/guest/usr/bin/cuda-driver-check" ci/guest/cuda-driver-check.c \
+        -I guest-lib/include/cuda -L "$work/guest/usr/lib/vgpu" -lcuda
 }
 
 # $reconnect: on when the QEMU in $qemu carries the reconnect fix (launch-vm.sh then turns
@@ -161,6 +177,12 @@ e2e_build_initramfs() {
         --bin "$work/guest/usr/lib/libvgpu.so:/usr/lib/libvgpu.so" \
         --file "$work/guest/usr/bin/vgpu-e2e-check:/usr/bin/vgpu-e2e-check" \
         --file "$work/guest/usr/bin/vgpu-c-example:/usr/bin/vgpu-c-example" \
+        --bin "$work/guest/usr/lib/vgpu/libcuda.so.1:/usr/lib/vgpu/libcuda.so.1" \
+        --bin "$work/guest/usr/lib/vgpu/libnvrtc.so.13:/usr/lib/vgpu/libnvrtc.so.13" \
+        --file "$work/guest/usr/lib/vgpu/libcuda.so.1:/usr/lib/vgpu/libcuda.so" \
+        --file "$work/guest/usr/lib/vgpu/libnvrtc.so.13:/usr/lib/vgpu/libnvrtc.so" \
+        --file "$work/guest/usr/bin/cuda-driver-check:/usr/bin/cuda-driver-check" \
+        --bin "$work/guest/usr/bin/vgpu-cudarc-check" \
         --init ci/guest/e2e-guest.sh
     e2e_print_initrd
 }

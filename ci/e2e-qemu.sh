@@ -214,6 +214,10 @@ report() { # VM CHECK...
         esac
         if [[ $c == *vgpu-smi ]]; then
             tr -d '\r' <"${vm_log[$vm]}" | sed -n 's/^SMI| /    | /p'
+        elif [[ $c == cuda-driver-api ]]; then
+            tr -d '\r' <"${vm_log[$vm]}" | sed -n 's/^CUDA| /    | /p'
+        elif [[ $c == cudarc-context-api ]]; then
+            tr -d '\r' <"${vm_log[$vm]}" | sed -n 's/^CUDARC| /    | /p'
         fi
     done
     if [[ $bad -eq 1 ]]; then
@@ -222,7 +226,7 @@ report() { # VM CHECK...
     fi
 }
 first_checks=(lspci vgpu-smi vector-add "htod-dtoh-${mib}MiB" "mixed-$mixed" c-builtin-kernel
-              parallel-1-16MiB parallel-2-16MiB parallel-3-16MiB killed-process bench-32MiB)
+              cuda-driver-api cudarc-context-api parallel-1-16MiB parallel-2-16MiB parallel-3-16MiB killed-process bench-32MiB)
 reboot_checks=(reboot-lspci reboot-vgpu-smi reboot-vector-add "reboot-mixed-$mixed")
 
 step "boot vm0 and vm1 at the same time (${accel^^})"

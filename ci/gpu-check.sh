@@ -10,13 +10,14 @@
 # vgpu-executor-worker process, the one in DIR (VGPU_EXECUTOR_WORKER is set to it).
 # With DIR/guests (a bundle from ci/gpu-bundle.sh) and DIR/vhost-vgpu, the step "guests"
 # boots two QEMU guests (TCG) on one `vhost-vgpu --executor cuda` and runs their checks
-# (`ci/e2e-qemu.sh --bundle DIR`).
+# (`ci/e2e-qemu.sh --bundle DIR`); with DIR/cudarc-examples too, the step "programs" runs
+# unmodified CUDA programs natively and in a guest (ci/gpu-programs.sh).
 # Prints every step's PASS/FAIL lines, then the totals; exits 1 if anything failed.
 # Only reads the GPU's state: it never changes clocks, persistence, compute mode or MIG,
 # and never resets the card.
 #
 # Step time limits (seconds) can be overridden: SANITY_TIMEOUT, CHECK_TIMEOUT,
-# BENCH_TIMEOUT, TESTS_TIMEOUT, SHARE_TIMEOUT, NFS_TIMEOUT, GUESTS_TIMEOUT. SHARE_ARGS:
+# BENCH_TIMEOUT, TESTS_TIMEOUT, SHARE_TIMEOUT, NFS_TIMEOUT, GUESTS_TIMEOUT, PROGRAMS_TIMEOUT. SHARE_ARGS:
 # extra arguments of vgpu-share-bench, separated by blanks (e.g. SHARE_ARGS="--quick").
 
 set -u -o pipefail
@@ -189,6 +190,13 @@ if [[ -d $DIR/guests ]]; then
         bash "$(dirname "$0")/e2e-qemu.sh" --bundle "$DIR" --executor cuda
 else
     skip_step guests "no $DIR/guests bundle (ci/gpu-bundle.sh)"
+fi
+# Unmodified CUDA programs natively and in a guest: cudarc's examples, the driver-API C
+# program, cudarc's CudaContext API and nvcc-built runtime programs (ci/gpu-programs.sh).
+if [[ -d $DIR/guests && -d $DIR/cudarc-examples ]]; then
+    run_step programs "${PROGRAMS_TIMEOUT:-600}" bash "$(dirname "$0")/gpu-programs.sh" "$DIR"
+else
+    skip_step programs "no $DIR/guests or $DIR/cudarc-examples"
 fi
 # -------------------------------------------------------------------------------------
 

@@ -62,6 +62,18 @@ else
     dmesg | grep -i -E 'vgpu|virtio' | tail -n 20 | sed 's/^/INFO dmesg: /'
 fi
 
+# The programs plan (ci/gpu-programs.sh): run the CUDA programs of an initramfs the host
+# appended to this one, then power off.
+if [ "$plan" = programs ]; then
+    if [ -f /opt/programs/run.sh ]; then
+        sh /opt/programs/run.sh /opt/programs guest 2>&1 | sed 's/^/PROG| /'
+        echo "PROGRAMS-DONE"
+    else
+        echo "PROGRAMS-DONE no /opt/programs/run.sh in the initramfs"
+    fi
+    exit 0
+fi
+
 # 1. lspci -nn shows the device.
 line=$(lspci -nn 2>&1 | grep -F '[1af4:1056]' | head -n 1)
 if [ -n "$line" ]; then
@@ -118,6 +130,29 @@ if [ "$plan" != reboot ]; then
         check c-builtin-kernel PASS "vector_scale.c (scale_f32 via libvgpu): $(last_line /tmp/c.out)"
     else
         check c-builtin-kernel FAIL "vector_scale.c exit $rc: $(last_line /tmp/c.out)"
+    fi
+fi
+
+# 6b. Unmodified CUDA programs over the guest libcuda.so.1 (in /usr/lib/vgpu): a C
+#     program of the driver API linked with -lcuda, and a program written against cudarc's
+#     CudaContext API (it loads libcuda.so at run time). Both run vector_add_f32 from the
+#     built-in catalog, the only kernels every executor has.
+if [ "$plan" != reboot ] && [ -x /usr/bin/cuda-driver-check ]; then
+    LD_LIBRARY_PATH=/usr/lib/vgpu cuda-driver-check vgpu:builtin "$elements" >/tmp/cu.out 2>&1
+    rc=$?
+    sed 's/^/CUDA| /' /tmp/cu.out
+    if [ $rc -eq 0 ] && grep -q '^Driver API check PASSED' /tmp/cu.out; then
+        check cuda-driver-api PASS "$(last_line /tmp/cu.out)"
+    else
+        check cuda-driver-api FAIL "exit $rc: $(last_line /tmp/cu.out)"
+    fi
+    LD_LIBRARY_PATH=/usr/lib/vgpu vgpu-cudarc-check vgpu:builtin "$elements" >/tmp/cudarc.out 2>&1
+    rc=$?
+    sed 's/^/CUDARC| /' /tmp/cudarc.out
+    if [ $rc -eq 0 ] && grep -q '^cudarc check PASSED' /tmp/cudarc.out; then
+        check cudarc-context-api PASS "$(last_line /tmp/cudarc.out)"
+    else
+        check cudarc-context-api FAIL "exit $rc: $(last_line /tmp/cudarc.out)"
     fi
 fi
 

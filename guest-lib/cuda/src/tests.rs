@@ -615,7 +615,6 @@ fn vector_add(launch: impl Fn(CUfunction, &[*mut c_void]) -> CUresult) {
 }
 
 #[test]
-#[ignore = "needs host FUNCTION_INFO"]
 fn vector_add_runs_through_cu_launch_kernel() {
     vector_add(|f, args| {
         // SAFETY: four parameter pointers to live values.
@@ -638,7 +637,6 @@ fn vector_add_runs_through_cu_launch_kernel() {
 }
 
 #[test]
-#[ignore = "needs host FUNCTION_INFO"]
 fn vector_add_runs_with_an_extra_argument_buffer_and_through_launch_kernel_ex() {
     vector_add(|f, args| {
         // The parameters packed at their offsets (8, 8, 8, 4).
@@ -693,7 +691,6 @@ fn vector_add_runs_with_an_extra_argument_buffer_and_through_launch_kernel_ex() 
 }
 
 #[test]
-#[ignore = "needs host FUNCTION_INFO"]
 fn a_librarys_kernel_launches_and_describes_its_parameters() {
     let ctx = context(0);
     // SAFETY: (this test) every pointer passed is a valid local or NULL on purpose.
