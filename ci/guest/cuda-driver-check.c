@@ -136,7 +136,7 @@ int main(int argc, char **argv)
 		if (words[i] != 0xdeadbeef)
 			mismatch("cuMemsetD32", i, words[i], 0xdeadbeef);
 	halves = (unsigned short *)words;
-	CHECK(cuMemsetD16(dc + 2, 0x1234, 2 * n - 2)); /* from the second half-word on */
+	CHECK(cuMemsetD16(dc + 2, 0x1234, 2 * n - 1)); /* from the second half-word on */
 	CHECK(cuMemcpyDtoH(words, dc, bytes));
 	if (halves[0] != 0xbeef)
 		mismatch("cuMemsetD16 (before the range)", 0, halves[0], 0xbeef);
