@@ -161,7 +161,7 @@ e2e_build_qemu() {
 }
 
 e2e_build_initramfs() {
-    local lspci_bin pci_ids f
+    local lspci_bin pci_ids f libm
     step "initramfs: busybox, virtio PCI, vgpu.ko, lspci, the guest tools and libraries"
     lspci_bin=$(command -v lspci) || die "lspci not found (package pciutils)"
     pci_ids=
@@ -169,6 +169,10 @@ e2e_build_initramfs() {
         [[ -f $f ]] && { pci_ids=$f; break; }
     done
     [[ -n $pci_ids ]] || die "no pci.ids found (package pci.ids)"
+    # The C maths library too: programs built with Rust or C against this machine's C
+    # library load it (cudarc's examples among them), though no tool here does.
+    libm=$(ldconfig -p | awk '/libm\.so\.6 .*x86-64/ { print $NF; exit }')
+    [[ -f $libm ]] || die "libm.so.6 not found (ldconfig -p)"
     initrd=$work/initramfs.cpio.gz
     e2e_build_quiet "$work/mkinitramfs.log" bash ci/mkinitramfs.sh "$initrd" --kdir "$kdir" --kver "$kver" \
         --ko "$ko" \
@@ -182,7 +186,7 @@ e2e_build_initramfs() {
         --file "$work/guest/usr/lib/vgpu/libcuda.so.1:/usr/lib/vgpu/libcuda.so" \
         --file "$work/guest/usr/lib/vgpu/libnvrtc.so.13:/usr/lib/vgpu/libnvrtc.so" \
         --file "$work/guest/usr/bin/cuda-driver-check:/usr/bin/cuda-driver-check" \
-        --bin "$work/guest/usr/bin/vgpu-cudarc-check" \
+        --bin "$work/guest/usr/bin/vgpu-cudarc-check" --bin "$libm:$libm" \
         --init ci/guest/e2e-guest.sh
     e2e_print_initrd
 }
