@@ -89,7 +89,8 @@ pub const CPU_DEVICE_ATTRIBUTES: usize = 162;
 ///
 /// Everything else is 0: not integrated (18), no mapped or registered host memory (19,
 /// 99), default compute mode (20), no textures or surfaces, no ECC (32), PCI bus, device
-/// and domain ids 0 (33, 34, 50), no managed memory (83), no memory pools (115), no
+/// and domain ids 0 (33, 34, 50), no NUMA node of the device or the host (-1: 131, 134),
+/// no managed memory (83), no memory pools (115), no
 /// cooperative launch (95), no stream priorities (78), no async copy engine (40).
 pub fn cpu_device_attributes(info: &DeviceInfo) -> Vec<i32> {
     let mut a = vec![0i32; CPU_DEVICE_ATTRIBUTES + 1];
@@ -122,6 +123,8 @@ pub fn cpu_device_attributes(info: &DeviceInfo) -> Vec<i32> {
         (82, 65536),
         (97, 49152),
         (106, 32),
+        (131, -1),
+        (134, -1),
     ] {
         a[attribute] = value;
     }

@@ -799,10 +799,11 @@ impl Worker {
     /// has them (all its sessions' executors are on one device).
     fn device_attributes(&mut self, sid: u64, count: u32) -> Reply {
         if self.attributes.len() < count as usize {
-            let table = self.exec(sid)?.device_attributes(count).map_err(refused)?;
+            let mut table = self.exec(sid)?.device_attributes(count).map_err(refused)?;
             if table.len() != count as usize {
                 return err(Status::Internal, 0);
             }
+            hide_host_topology(&mut table);
             self.attributes = table;
         }
         let data = self.attributes[..count as usize]
@@ -1274,4 +1275,21 @@ fn check_builtin(
             _ => Refusal::new(Status::InvalidArgument, 0),
         })?;
     Ok(spec.capped_shape(&args, shape))
+}
+
+/// Device attributes that describe where the GPU sits in the host, not what it can do:
+/// PCI bus (33), device (34) and domain (50), the multi-GPU board group (85), the
+/// device's and the host's NUMA node (131, 134). A guest gets 0 (-1 for the NUMA ids, the
+/// driver's "none"): its device is the virtio function in its own PCI topology.
+const HOST_TOPOLOGY_ATTRIBUTES: [(usize, i32); 6] =
+    [(33, 0), (34, 0), (50, 0), (85, 0), (131, -1), (134, -1)];
+
+/// Replaces the host-topology attributes of a DEVICE_ATTRIBUTES table (index 0 is
+/// attribute 1).
+fn hide_host_topology(table: &mut [i32]) {
+    for (attribute, value) in HOST_TOPOLOGY_ATTRIBUTES {
+        if let Some(a) = table.get_mut(attribute - 1) {
+            *a = value;
+        }
+    }
 }

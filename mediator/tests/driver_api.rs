@@ -149,6 +149,12 @@ fn device_attributes_answer_the_cpu_devices_table() {
     assert_eq!(attr(75) as u16, info.config.cc_major);
     assert_eq!(attr(76) as u16, info.config.cc_minor);
     assert_eq!((attr(18), attr(19), attr(41), attr(83)), (0, 0, 1, 0));
+    // Where the GPU sits in the host is not the guest's to see: PCI bus, device, domain,
+    // board group 0; NUMA nodes -1 ("none").
+    assert_eq!(
+        (attr(33), attr(34), attr(50), attr(85), attr(131), attr(134)),
+        (0, 0, 0, 0, -1, -1)
+    );
     // Past the attributes CUDA names: 0.
     assert!(a[200..].iter().all(|&v| v == 0));
     // The same table for a short question, and for another session.
