@@ -243,6 +243,40 @@ fn seed_layouts() -> Vec<(Vec<u8>, Vec<u64>)> {
                 },
             ),
         ],
+        // The driver-API requests: attributes, a built-in kernel's layout, a variable,
+        // a binary image and a compile.
+        vec![
+            Request::new(0, Command::SessionOpen),
+            Request::new(session, Command::DeviceAttributes { count: 140 }),
+            Request::new(
+                session,
+                Command::FunctionInfo {
+                    module: vgpu_protocol::BUILTIN_MODULE,
+                    name: "vector_add_f32".into(),
+                },
+            ),
+            Request::new(
+                session,
+                Command::ModuleGlobal {
+                    module: 7,
+                    name: "coefficients".into(),
+                },
+            ),
+            Request::new(
+                session,
+                Command::ModuleLoadImage {
+                    image: b"\x7fELF\x02\x01\x01".to_vec(),
+                },
+            ),
+            Request::new(
+                session,
+                Command::Compile {
+                    source: "extern \"C\" __global__ void k() {}".into(),
+                    options: vec!["-default-device".into()],
+                    out_len: 4096,
+                },
+            ),
+        ],
     ];
     requests
         .iter()
@@ -331,13 +365,14 @@ mod tests {
             let (outcome, ram) = run_image(seed);
             assert_eq!(outcome.popped, u16::from(seed[1]), "seed {i}");
             assert_eq!(outcome.used, outcome.popped, "seed {i}");
-            for &at in responses {
+            for (k, &at) in responses.iter().enumerate() {
                 let h = ResponseHeader::decode(&ram[at as usize..at as usize + 32]).unwrap();
-                // The CPU executor runs no PTX; everything else succeeds.
-                let want = if i >= 6 && at == responses[2] {
-                    Status::Unsupported
-                } else {
-                    Status::Ok
+                // The CPU executor runs no PTX, loads no images and compiles nothing, so
+                // it has no module variables either; everything else succeeds.
+                let want = match (i / 2, k) {
+                    (3, 2) | (4, 4) | (4, 5) => Status::Unsupported,
+                    (4, 3) => Status::InvalidHandle,
+                    _ => Status::Ok,
                 };
                 assert_eq!(h.status, want, "seed {i}, response at {at:#x}");
             }
