@@ -90,6 +90,9 @@ echo "   $(find "$tree" -type f | wc -l) files, $(du -sh "$tree" | cut -f1)"
 # ---- natively ---------------------------------------------------------------------------
 step "native: the programs on the host's CUDA driver"
 sh "$tree/run.sh" "$tree" native 2>&1 | tee "$work/native.out" | grep -v '^    |' || true
+# What the programs measured themselves, for the comparison with the guest below.
+grep -E '^    \| .*(between its events|PASSED|Found|in [0-9.]+ms)' "$work/native.out" |
+    sed 's/^    | /   native: /' || true
 
 # ---- in a guest -----------------------------------------------------------------------
 e2e_use_bundle "$dir"
@@ -143,6 +146,8 @@ done
 grep -q '^PROGRAMS-DONE' "$guest_log" || fail "guest did not finish its programs in ${timeout}s"
 tr -d '\r' <"$guest_log" | sed -n 's/^PROG| //p' >"$work/guest.out"
 grep -v '^    |' "$work/guest.out" || true
+grep -E '^    \| .*(between its events|PASSED|Found|in [0-9.]+ms)' "$work/guest.out" |
+    sed 's/^    | /   guest: /' || true
 
 # ---- results ------------------------------------------------------------------------
 step "results"
