@@ -26,10 +26,13 @@ use crate::{Fail, Res};
 
 /// Device attributes asked for: `CUdevice_attribute` 1..=147 (CUDA 13.0).
 pub const ATTRIBUTES: u32 = 147;
-/// Limits `cuCtxGetLimit` answers: `CU_LIMIT_STACK_SIZE` .. `CU_LIMIT_PERSISTING_L2_CACHE_SIZE`.
-pub const LIMITS: usize = 7;
-/// What a context's limits start as, as NVIDIA's driver sets them.
-const LIMIT_DEFAULTS: [usize; LIMITS] = [1024, 1 << 20, 8 << 20, 2, 2048, 32, 0];
+/// The `CUlimit`s of CUDA 13.0: `CU_LIMIT_STACK_SIZE` .. `CU_LIMIT_CIG_SHMEM_FALLBACK_ENABLED`.
+pub const LIMITS: usize = 10;
+/// What a context's limits start as, as NVIDIA's driver sets them (those a device does
+/// not support, and the query-only ones, are answered by `api::context` instead): stack
+/// 1 KiB, printf FIFO 1 MiB, malloc heap 8 MiB, sync depth 2, 2048 pending launches, L2
+/// fetch granularity 64 bytes, no persisting L2, the CIG fallback on.
+const LIMIT_DEFAULTS: [usize; LIMITS] = [1024, 1 << 20, 8 << 20, 2, 2048, 64, 0, 0, 0, 1];
 /// Device addresses made up for a host that answers none (built-in kernels only take
 /// buffers; nothing else can use them): above user space, so never a host pointer.
 const SYNTHETIC_BASE: u64 = 0xfffe_0000_0000_0000;
@@ -373,10 +376,6 @@ impl Context {
             mem.remove(a);
         }
     }
-
-    pub fn limit(&self, limit: usize) -> Option<usize> {
-        lock(&self.limits).get(limit).copied()
-    }
 }
 
 /// A loaded module (or the built-in catalog) of a context.
@@ -405,6 +404,8 @@ pub struct Function {
     pub info: Option<FunctionInfo>,
     pub max_dynamic_shared: AtomicI32,
     pub carveout: AtomicI32,
+    /// `cuFuncSetCacheConfig`'s preference (`CU_FUNC_CACHE_PREFER_*`; none by default).
+    pub cache_config: AtomicU32,
 }
 
 impl Function {
@@ -930,6 +931,7 @@ impl Driver {
             info,
             max_dynamic_shared: AtomicI32::new(max_dynamic),
             carveout: AtomicI32::new(carveout),
+            cache_config: AtomicU32::new(0),
         });
         functions.insert(name.to_owned(), f.id);
         self.functions.insert(f.id, f.clone());

@@ -237,7 +237,23 @@ fn primary_contexts_are_refcounted_and_the_current_context_is_a_per_thread_stack
         ok!(cuCtxSetLimit(2, 64 << 20));
         ok!(cuCtxGetLimit(&mut v, 2));
         assert_eq!(v, 64 << 20);
-        assert_eq!(cuCtxGetLimit(&mut v, 9), CUDA_ERROR_UNSUPPORTED_LIMIT);
+        // The CPU executor's device (compute capability 0.0) has no device runtime and
+        // no persisting L2; it is no CIG context.
+        assert_eq!(cuCtxGetLimit(&mut v, 3), CUDA_ERROR_UNSUPPORTED_LIMIT);
+        assert_eq!(cuCtxSetLimit(4, 4096), CUDA_ERROR_UNSUPPORTED_LIMIT);
+        assert_eq!(cuCtxGetLimit(&mut v, 6), CUDA_ERROR_UNSUPPORTED_LIMIT);
+        ok!(cuCtxSetLimit(5, 4096));
+        ok!(cuCtxGetLimit(&mut v, 5));
+        assert_eq!(v, 128, "the L2 fetch granularity is clamped");
+        ok!(cuCtxGetLimit(&mut v, 7));
+        assert_eq!(v, 65536, "all of the SM's shared memory");
+        assert_eq!(cuCtxSetLimit(7, 1024), CUDA_ERROR_INVALID_VALUE);
+        ok!(cuCtxGetLimit(&mut v, 8));
+        assert_eq!(v, 0);
+        ok!(cuCtxGetLimit(&mut v, 9));
+        assert_eq!(v, 1);
+        assert_eq!(cuCtxGetLimit(&mut v, 10), CUDA_ERROR_UNSUPPORTED_LIMIT);
+        assert_eq!(cuCtxGetLimit(&mut v, -1), CUDA_ERROR_UNSUPPORTED_LIMIT);
         let mut c: c_uint = 9;
         ok!(cuCtxSetCacheConfig(2));
         ok!(cuCtxGetCacheConfig(&mut c));
@@ -577,6 +593,106 @@ fn modules_load_the_builtin_catalog_by_image_or_file_name() {
         ok!(cuModuleUnload(m));
         ok!(cuModuleUnload(m2));
         assert_eq!(cuModuleUnload(m), CUDA_ERROR_INVALID_HANDLE);
+        ok!(cuCtxDestroy_v2(ctx));
+    }
+}
+
+/// 40 bytes of dynamic shared memory per thread.
+extern "C" fn forty_bytes_a_thread(block: c_int) -> usize {
+    40 * block as usize
+}
+
+#[test]
+fn the_occupancy_calculator_answers_from_the_devices_and_kernels_attributes() {
+    let ctx = context(0);
+    // SAFETY: (this test) every pointer passed is a valid local or NULL on purpose.
+    unsafe {
+        let mut m = null_mut();
+        ok!(cuModuleLoadData(&mut m, c"vgpu:builtin".as_ptr().cast()));
+        let mut f = null_mut();
+        ok!(cuModuleGetFunction(&mut f, m, c"vector_add_f32".as_ptr()));
+        let mut sms = 0;
+        ok!(cuDeviceGetAttribute(&mut sms, 16, 0));
+        // The CPU executor's device: 2048 threads and 64 KiB of shared memory per SM,
+        // 48 KiB per block, 256-byte allocation (compute capability 0.0); built-in
+        // kernels use no registers or static shared memory.
+        let mut n = -1;
+        ok!(cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            &mut n, f, 256, 0
+        ));
+        assert_eq!(n, 8, "by warps");
+        ok!(cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(
+            &mut n, f, 256, 40000, 1
+        ));
+        assert_eq!(n, 1, "40192 bytes of 65536");
+        ok!(cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            &mut n, f, 32, 50000
+        ));
+        assert_eq!(n, 0, "over the function's 48 KiB");
+        assert_eq!(
+            cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(&mut n, f, 256, 0, 2),
+            CUDA_ERROR_INVALID_VALUE
+        );
+        assert_eq!(
+            cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut n, f, 0, 0),
+            CUDA_ERROR_INVALID_VALUE
+        );
+        assert_eq!(
+            cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut n, null_mut(), 32, 0),
+            CUDA_ERROR_INVALID_HANDLE
+        );
+        assert_eq!(
+            cuOccupancyMaxActiveBlocksPerMultiprocessor(null_mut(), f, 32, 0),
+            CUDA_ERROR_INVALID_VALUE
+        );
+
+        let (mut grid, mut block) = (-1, -1);
+        ok!(cuOccupancyMaxPotentialBlockSize(
+            &mut grid, &mut block, f, None, 0, 0
+        ));
+        assert_eq!((grid, block), (2 * sms, 1024));
+        // 40 bytes a thread: 1024 threads take 40960 bytes, 1 block; 800: 2 blocks,
+        // 1600 threads; 544: 21760 bytes, 3 blocks (3 by warps too), 1632 threads,
+        // which nothing smaller beats (96 threads tie at 17 blocks).
+        ok!(cuOccupancyMaxPotentialBlockSizeWithFlags(
+            &mut grid,
+            &mut block,
+            f,
+            Some(forty_bytes_a_thread),
+            0,
+            0,
+            0
+        ));
+        assert_eq!((grid, block), (3 * sms, 544));
+        ok!(cuOccupancyMaxPotentialBlockSize(
+            &mut grid, &mut block, f, None, 0, 100
+        ));
+        // At most 100 threads: 100 (4 warps): 16 blocks, 1600 threads; 96: 21 blocks,
+        // 2016; 64: 32 blocks, 2048, all of the SM's.
+        assert_eq!((grid, block), (32 * sms, 64));
+        assert_eq!(
+            cuOccupancyMaxPotentialBlockSize(null_mut(), &mut block, f, None, 0, 0),
+            CUDA_ERROR_INVALID_VALUE
+        );
+
+        let mut bytes = 0usize;
+        ok!(cuOccupancyAvailableDynamicSMemPerBlock(
+            &mut bytes, f, 1, 1024
+        ));
+        assert_eq!(bytes, 48 << 10);
+        ok!(cuOccupancyAvailableDynamicSMemPerBlock(
+            &mut bytes, f, 2, 1024
+        ));
+        assert_eq!(bytes, 32 << 10);
+        assert_eq!(
+            cuOccupancyAvailableDynamicSMemPerBlock(&mut bytes, f, 3, 1024),
+            CUDA_ERROR_INVALID_VALUE
+        );
+        assert_eq!(cuFuncSetCacheConfig(f, 4), CUDA_ERROR_INVALID_VALUE);
+        ok!(cuFuncSetCacheConfig(f, 2));
+        // Cluster occupancy is not calculated.
+        assert_eq!(cuOccupancyMaxActiveClusters(), CUDA_ERROR_NOT_SUPPORTED);
+        ok!(cuModuleUnload(m));
         ok!(cuCtxDestroy_v2(ctx));
     }
 }

@@ -9,6 +9,7 @@ pub mod launch;
 pub mod memory;
 pub mod misc;
 pub mod module;
+pub mod occupancy;
 pub mod stream;
 
 pub use context::*;
@@ -17,6 +18,7 @@ pub use launch::*;
 pub use memory::*;
 pub use misc::*;
 pub use module::*;
+pub use occupancy::*;
 pub use stream::*;
 
 use std::ffi::{c_char, c_void, CStr};

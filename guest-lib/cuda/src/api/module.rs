@@ -281,10 +281,21 @@ pub extern "C" fn cuFuncSetAttribute(hfunc: CUfunction, attrib: c_int, value: c_
     })
 }
 
-/// Accepted: the host's cache configuration stands.
+/// Remembers a function's cache preference (over the context's, as NVIDIA's driver
+/// does): the occupancy calculator takes it into account; the host's cache configuration
+/// stands.
+fn set_cache_config(h: *mut c_void, config: c_uint) -> Res<()> {
+    let f = function(h)?;
+    if config > 3 {
+        return Err(invalid());
+    }
+    f.cache_config.store(config, Ordering::Relaxed);
+    Ok(())
+}
+
 #[no_mangle]
-pub extern "C" fn cuFuncSetCacheConfig(hfunc: CUfunction, _config: c_uint) -> CUresult {
-    guard("cuFuncSetCacheConfig", || function(hfunc).map(drop))
+pub extern "C" fn cuFuncSetCacheConfig(hfunc: CUfunction, config: c_uint) -> CUresult {
+    guard("cuFuncSetCacheConfig", || set_cache_config(hfunc, config))
 }
 
 /// Accepted: the host's shared memory configuration stands.
@@ -534,14 +545,16 @@ pub extern "C" fn cuKernelSetAttribute(
     })
 }
 
-/// Accepted: the host's cache configuration stands.
+/// As `cuFuncSetCacheConfig`.
 #[no_mangle]
 pub extern "C" fn cuKernelSetCacheConfig(
     kernel: CUkernel,
-    _config: c_uint,
+    config: c_uint,
     _dev: CUdevice,
 ) -> CUresult {
-    guard("cuKernelSetCacheConfig", || function(kernel).map(drop))
+    guard("cuKernelSetCacheConfig", || {
+        set_cache_config(kernel, config)
+    })
 }
 
 #[no_mangle]
