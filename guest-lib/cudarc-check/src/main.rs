@@ -51,7 +51,9 @@ fn run(module: &str, n: usize) -> Result<String, String> {
     // A second stream: the copy of b runs there; cudarc's event tracking orders the
     // launch on the first stream after it.
     let side = stream.fork().map_err(e("fork"))?;
-    let b_dev = side.clone_htod(&b).map_err(e("clone_htod on a forked stream"))?;
+    let b_dev = side
+        .clone_htod(&b)
+        .map_err(e("clone_htod on a forked stream"))?;
     let mut c_dev = stream.alloc_zeros::<f32>(n).map_err(e("alloc_zeros"))?;
     stream.join(&side).map_err(e("join"))?;
 
@@ -61,7 +63,9 @@ fn run(module: &str, n: usize) -> Result<String, String> {
         Ptx::from_file(module)
     };
     let m = ctx.load_module(ptx).map_err(e("load_module"))?;
-    let f = m.load_function("vector_add_f32").map_err(e("load_function"))?;
+    let f = m
+        .load_function("vector_add_f32")
+        .map_err(e("load_function"))?;
     let start = ctx
         .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
         .map_err(e("new_event"))?;
