@@ -16,6 +16,7 @@
 
 mod api;
 mod errors;
+mod export_tables;
 #[rustfmt::skip]
 mod generated;
 mod image;
@@ -69,7 +70,7 @@ fn init_logging() {
 /// `CUDA_ERROR_UNKNOWN`; nothing unwinds into the caller.
 pub(crate) fn guard(name: &'static str, f: impl FnOnce() -> Res<()>) -> CUresult {
     init_logging();
-    match catch_unwind(AssertUnwindSafe(f)) {
+    match catch_unwind(AssertUnwindSafe(|| export_tables::export_body(f))) {
         Ok(Ok(())) => CUDA_SUCCESS,
         Ok(Err(Fail(code))) => {
             debug!("{name}: {}", errors::name(code).unwrap_or("unknown result"));

@@ -717,6 +717,7 @@ impl Driver {
     pub fn destroy_context(&self, ctx: &Arc<Context>) {
         self.contexts.remove(ctx.id);
         forget_current(ctx.id);
+        crate::export_tables::context_destroyed(ctx.id);
         let owned = std::mem::take(&mut *lock(&ctx.owned));
         for m in owned.modules {
             if let Some(m) = self.modules.remove(m) {

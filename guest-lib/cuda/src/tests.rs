@@ -13,6 +13,7 @@ use vgpu_mediator::{Mediator, TenantConfig, TenantId};
 use vgpu_protocol::{Command, Request, Status};
 
 use crate::api::*;
+use crate::export_tables::{self, integrity, Uuid};
 use crate::generated::*;
 use crate::state::Backend;
 use crate::types::*;
@@ -973,5 +974,415 @@ fn entry_points_resolve_by_name_and_version_and_errors_have_names() {
         // An unimplemented export: NOT_SUPPORTED, whatever it is passed.
         assert_eq!(cuArrayDestroy(), CUDA_ERROR_NOT_SUPPORTED);
         assert_eq!(cuGraphCreate(), CUDA_ERROR_NOT_SUPPORTED);
+    }
+}
+
+// ---- NVIDIA's runtime's private tables (cuGetExportTable) ----
+
+/// The table `u`, as NVIDIA's runtime gets it.
+fn export_table(u: &Uuid) -> *const usize {
+    setup();
+    let mut t = null();
+    // SAFETY: a valid out-parameter and UUID.
+    ok!(unsafe { cuGetExportTable(&mut t, u) });
+    assert!(!t.is_null());
+    t.cast()
+}
+
+/// Entry `i` of a table, as a function of type `F`.
+///
+/// # Safety
+/// `t` must hold at least `i + 1` words and entry `i` must be a function of type `F`.
+unsafe fn entry<F: Copy>(t: *const usize, i: usize) -> F {
+    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<usize>());
+    // SAFETY: word `i` exists and is a function of type `F` (the caller's promise).
+    unsafe { std::mem::transmute_copy(&*t.add(i)) }
+}
+
+type Put = unsafe extern "C" fn(
+    CUcontext,
+    *mut c_void,
+    *mut c_void,
+    Option<unsafe extern "C" fn(CUcontext, *mut c_void, *mut c_void)>,
+) -> CUresult;
+type Delete = unsafe extern "C" fn(CUcontext, *mut c_void) -> CUresult;
+type Get = unsafe extern "C" fn(*mut *mut c_void, CUcontext, *mut c_void) -> CUresult;
+type LoadWrapped = unsafe extern "C" fn(*mut CUmodule, *const c_void) -> CUresult;
+type LoadWrappedExt = unsafe extern "C" fn(
+    *mut CUmodule,
+    *const c_void,
+    *mut c_void,
+    *mut c_void,
+    c_uint,
+) -> CUresult;
+type LoadFatbin = unsafe extern "C" fn(
+    *const c_void,
+    *mut CUmodule,
+    *mut c_void,
+    *mut c_void,
+    c_uint,
+) -> CUresult;
+
+#[test]
+fn each_known_table_answers_with_its_size_and_others_are_refused() {
+    setup();
+    let sized: [(Uuid, usize); 5] = [
+        (export_tables::CUDART_INTERFACE_UUID, 13),
+        (export_tables::TOOLS_TLS_UUID, 4),
+        (export_tables::TOOLS_RUNTIME_CALLBACK_HOOKS_UUID, 7),
+        (export_tables::CONTEXT_CHECKS_UUID, 4),
+        (export_tables::INTEGRITY_CHECK_UUID, 3),
+    ];
+    for (u, words) in sized {
+        let t = export_table(&u);
+        // SAFETY: a table states its byte size in its first word.
+        assert_eq!(unsafe { *t }, words * 8, "{}", export_tables::hex(&u));
+    }
+    // Context-local storage has no size word: its first entry is a function.
+    let t = export_table(&export_tables::CONTEXT_LOCAL_STORAGE_UUID);
+    // SAFETY: the table's first word.
+    assert_eq!(unsafe { *t }, export_tables::storage_put_address());
+    // SAFETY: (the rest) valid locals or NULL on purpose.
+    unsafe {
+        let mut t: *const c_void = 1 as *const c_void;
+        assert_eq!(
+            cuGetExportTable(&mut t, &export_tables::CUDA13_FIRST_UUID),
+            CUDA_ERROR_NOT_FOUND,
+            "declined on purpose"
+        );
+        assert!(t.is_null());
+        t = 1 as *const c_void;
+        let heap_access: Uuid = 0x195bcbf4_d67d_024a_acc5_1d29cea631aeu128.to_be_bytes();
+        assert_eq!(
+            cuGetExportTable(&mut t, &heap_access),
+            CUDA_ERROR_NOT_SUPPORTED
+        );
+        assert!(t.is_null());
+        assert_eq!(
+            cuGetExportTable(null_mut(), &export_tables::CUDART_INTERFACE_UUID),
+            CUDA_ERROR_INVALID_VALUE
+        );
+        assert_eq!(cuGetExportTable(&mut t, null()), CUDA_ERROR_INVALID_VALUE);
+        // An entry nobody understands answers an error rather than a guess.
+        let cudart = export_table(&export_tables::CUDART_INTERFACE_UUID);
+        let unknown: unsafe extern "C" fn() -> CUresult = entry(cudart, 3);
+        assert_eq!(unknown(), CUDA_ERROR_NOT_SUPPORTED);
+        assert_eq!(unknown(), CUDA_ERROR_NOT_SUPPORTED);
+        let load_compilers: unsafe extern "C" fn() -> CUresult = entry(cudart, 12);
+        ok!(load_compilers());
+        let fn7: unsafe extern "C" fn(usize) -> CUresult = entry(cudart, 7);
+        ok!(fn7(42));
+    }
+}
+
+static DESTROYED: std::sync::Mutex<Vec<(usize, usize, usize)>> = std::sync::Mutex::new(Vec::new());
+
+unsafe extern "C" fn record_destroyed(ctx: CUcontext, key: *mut c_void, value: *mut c_void) {
+    DESTROYED
+        .lock()
+        .unwrap()
+        .push((ctx as usize, key as usize, value as usize));
+}
+
+#[test]
+fn context_local_storage_keeps_values_per_context_until_the_context_goes() {
+    let t = export_table(&export_tables::CONTEXT_LOCAL_STORAGE_UUID);
+    // SAFETY: (this test) the table's entries have these types; every pointer passed is
+    // a valid local or NULL on purpose.
+    unsafe {
+        let (put, delete, get): (Put, Delete, Get) = (entry(t, 0), entry(t, 1), entry(t, 2));
+        let (key, other_key) = (
+            0x5e70_0001usize as *mut c_void,
+            0x5e70_0002usize as *mut c_void,
+        );
+        let ctx = context(0);
+        let mine = context(1);
+        ok!(cuCtxPopCurrent_v2(null_mut()));
+        let mut cur = null_mut();
+        ok!(cuCtxGetCurrent(&mut cur));
+        assert_eq!(cur, ctx);
+
+        // NULL is the current context.
+        ok!(put(null_mut(), key, 0xa1 as *mut c_void, None));
+        let mut v = null_mut();
+        ok!(get(&mut v, ctx, key));
+        assert_eq!(v as usize, 0xa1);
+        ok!(get(&mut v, null_mut(), key));
+        assert_eq!(v as usize, 0xa1);
+        assert_eq!(
+            get(&mut v, mine, key),
+            CUDA_ERROR_INVALID_HANDLE,
+            "per context"
+        );
+        assert_eq!(get(&mut v, ctx, other_key), CUDA_ERROR_INVALID_HANDLE);
+        assert_eq!(get(null_mut(), ctx, key), CUDA_ERROR_INVALID_VALUE);
+        ok!(put(ctx, key, 0xa2 as *mut c_void, None));
+        ok!(get(&mut v, ctx, key));
+        assert_eq!(v as usize, 0xa2, "replaced");
+        ok!(delete(ctx, key));
+        assert_eq!(get(&mut v, ctx, key), CUDA_ERROR_INVALID_HANDLE);
+        // An absent key is no error.
+        ok!(delete(ctx, key));
+        assert_eq!(
+            put(0x1234 as CUcontext, key, null_mut(), None),
+            CUDA_ERROR_INVALID_CONTEXT
+        );
+        let k = key as usize;
+        std::thread::spawn(move || {
+            let mut v = null_mut();
+            let r = get(&mut v, null_mut(), k as *mut c_void);
+            assert_eq!(r, CUDA_ERROR_INVALID_CONTEXT, "nothing current");
+        })
+        .join()
+        .unwrap();
+
+        // Destroying a context forgets its values and runs their destructors once,
+        // after the call returned; a deleted value's destructor never runs.
+        ok!(put(mine, key, 0xb1 as *mut c_void, Some(record_destroyed)));
+        ok!(put(
+            mine,
+            other_key,
+            0xb2 as *mut c_void,
+            Some(record_destroyed)
+        ));
+        ok!(delete(mine, other_key));
+        ok!(put(ctx, key, 0xc1 as *mut c_void, Some(record_destroyed)));
+        ok!(cuCtxDestroy_v2(mine));
+        let ran: Vec<_> = DESTROYED
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|d| d.0 == mine as usize)
+            .copied()
+            .collect();
+        assert_eq!(ran, [(mine as usize, key as usize, 0xb1)]);
+        assert_eq!(get(&mut v, mine, key), CUDA_ERROR_INVALID_CONTEXT);
+        ok!(get(&mut v, ctx, key));
+        assert_eq!(v as usize, 0xc1, "the other context's value stays");
+        ok!(cuCtxDestroy_v2(ctx));
+        assert!(DESTROYED
+            .lock()
+            .unwrap()
+            .contains(&(ctx as usize, key as usize, 0xc1)));
+    }
+}
+
+#[test]
+fn the_runtimes_primary_context_is_the_drivers_and_storage_takes_it_before_it_is_active() {
+    let cudart = export_table(&export_tables::CUDART_INTERFACE_UUID);
+    let storage = export_table(&export_tables::CONTEXT_LOCAL_STORAGE_UUID);
+    // SAFETY: (this test) the tables' entries have these types; every pointer passed is
+    // a valid local or NULL on purpose.
+    unsafe {
+        let primary: unsafe extern "C" fn(*mut CUcontext, CUdevice) -> CUresult = entry(cudart, 2);
+        let (put, delete): (Put, Delete) = (entry(storage, 0), entry(storage, 1));
+        let mut from_table = null_mut();
+        ok!(primary(&mut from_table, 0));
+        assert!(!from_table.is_null());
+        assert_eq!(primary(&mut from_table, 7), CUDA_ERROR_INVALID_DEVICE);
+        assert_eq!(primary(null_mut(), 0), CUDA_ERROR_INVALID_VALUE);
+        // The handle names the primary context whether or not it is active.
+        ok!(put(
+            from_table,
+            0x5e70_0003 as *mut c_void,
+            null_mut(),
+            None
+        ));
+        ok!(delete(from_table, 0x5e70_0003 as *mut c_void));
+        let mut retained = null_mut();
+        ok!(cuDevicePrimaryCtxRetain(&mut retained, 0));
+        assert_eq!(retained, from_table);
+        ok!(cuDevicePrimaryCtxRelease_v2(0));
+    }
+}
+
+#[test]
+fn cudarts_fatbin_wrapper_loads_a_module_that_launches() {
+    let cudart = export_table(&export_tables::CUDART_INTERFACE_UUID);
+    let ctx = context(0);
+    // A `__fatBinC_Wrapper_t` (magic, version, data, filename) around an image the
+    // image code recognises: the built-in catalog's name.
+    let wrapper =
+        |data: *const u8| -> Vec<u64> { vec![u64::from(0x4662_43b1u32) | 1 << 32, data as u64, 0] };
+    let builtin = wrapper(c"vgpu:builtin".as_ptr().cast());
+    // A fatbin: magic, version 1, 16-byte header, 64 bytes after it.
+    let mut fatbin = 0xBA55_ED50u32.to_le_bytes().to_vec();
+    fatbin.extend_from_slice(&1u16.to_le_bytes());
+    fatbin.extend_from_slice(&16u16.to_le_bytes());
+    fatbin.extend_from_slice(&64u64.to_le_bytes());
+    fatbin.extend_from_slice(&[0x5a; 64]);
+    let wrapped_fatbin = wrapper(fatbin.as_ptr());
+    // SAFETY: (this test) the table's entries have these types; every pointer passed is
+    // a valid local or NULL on purpose.
+    unsafe {
+        let (load, load_ext1, load_fatbin): (LoadWrapped, LoadWrappedExt, LoadFatbin) =
+            (entry(cudart, 1), entry(cudart, 6), entry(cudart, 8));
+        let mut m = null_mut();
+        ok!(load(&mut m, builtin.as_ptr().cast()));
+        let mut f = null_mut();
+        ok!(cuModuleGetFunction(&mut f, m, c"vector_add_f32".as_ptr()));
+        let mut m2 = null_mut();
+        ok!(load_ext1(
+            &mut m2,
+            builtin.as_ptr().cast(),
+            null_mut(),
+            null_mut(),
+            0
+        ));
+        assert_ne!(m, m2);
+        assert_eq!(
+            load_ext1(
+                &mut m2,
+                builtin.as_ptr().cast(),
+                1 as *mut c_void,
+                null_mut(),
+                0
+            ),
+            CUDA_ERROR_NOT_SUPPORTED,
+            "arguments nobody understands"
+        );
+
+        // The kernel runs: c = a + b.
+        let n = 256usize;
+        let a: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let (da, dc) = (alloc(4 * n), alloc(4 * n));
+        write(da, &floats(&a));
+        let count = n as u32;
+        let args: [*mut c_void; 4] = [
+            (&da as *const u64).cast_mut().cast(),
+            (&da as *const u64).cast_mut().cast(),
+            (&dc as *const u64).cast_mut().cast(),
+            (&count as *const u32).cast_mut().cast(),
+        ];
+        ok!(cuLaunchKernel(
+            f,
+            1,
+            1,
+            1,
+            256,
+            1,
+            1,
+            0,
+            null_mut(),
+            args.as_ptr().cast_mut(),
+            null_mut()
+        ));
+        let doubled: Vec<f32> = a.iter().map(|x| 2.0 * x).collect();
+        assert_eq!(read(dc, 4 * n), floats(&doubled));
+
+        // A real fatbin, wrapped or not, goes to the device as an image: the CPU
+        // executor has no binary images (a GPU loads it).
+        assert_eq!(
+            load(&mut m2, wrapped_fatbin.as_ptr().cast()),
+            CUDA_ERROR_NOT_SUPPORTED
+        );
+        assert_eq!(
+            load_fatbin(fatbin.as_ptr().cast(), &mut m2, null_mut(), null_mut(), 0),
+            CUDA_ERROR_NOT_SUPPORTED
+        );
+        // Anything else is no image of the runtime's.
+        assert_eq!(
+            load(&mut m2, c".version 8.0".as_ptr().cast()),
+            CUDA_ERROR_INVALID_IMAGE
+        );
+        assert_eq!(
+            load(null_mut(), builtin.as_ptr().cast()),
+            CUDA_ERROR_INVALID_VALUE
+        );
+        assert_eq!(load(&mut m2, null()), CUDA_ERROR_INVALID_VALUE);
+        ok!(cuCtxDestroy_v2(ctx));
+        assert_eq!(
+            load(&mut m2, builtin.as_ptr().cast()),
+            CUDA_ERROR_INVALID_CONTEXT,
+            "a module needs a current context"
+        );
+    }
+}
+
+#[test]
+fn the_tools_hooks_and_checks_answer_as_nvidias_driver_does() {
+    let hooks = export_table(&export_tables::TOOLS_RUNTIME_CALLBACK_HOOKS_UUID);
+    let checks = export_table(&export_tables::CONTEXT_CHECKS_UUID);
+    // SAFETY: (this test) the tables' entries have these types; every pointer passed is
+    // a valid local.
+    unsafe {
+        for (i, words) in [(2, 1024), (6, 14)] {
+            let buffer: unsafe extern "C" fn(*mut *mut c_void, *mut usize) = entry(hooks, i);
+            let (mut p, mut n) = (null_mut(), 0usize);
+            buffer(&mut p, &mut n);
+            assert_eq!(n, words);
+            let zeroed = std::slice::from_raw_parts(p.cast::<u64>(), words);
+            assert!(zeroed.iter().all(|&w| w == 0), "no tool subscribed");
+            let (mut again, mut n2) = (null_mut(), 0usize);
+            buffer(&mut again, &mut n2);
+            assert_eq!((again, n2), (p, n), "the same memory each time");
+        }
+        let hook1: unsafe extern "C" fn(c_uint, *mut c_void) -> usize = entry(hooks, 1);
+        assert_eq!(hook1(3, null_mut()), 0);
+        let check: unsafe extern "C" fn(CUcontext, *mut u32, *mut *const c_void) -> CUresult =
+            entry(checks, 2);
+        let mut result = 7u32;
+        ok!(check(null_mut(), &mut result, null_mut()));
+        assert_eq!(result, 0);
+        let flags: unsafe extern "C" fn() -> u32 = entry(checks, 3);
+        assert_eq!(flags(), 0);
+    }
+}
+
+#[test]
+fn the_integrity_check_hashes_what_the_runtime_sees_through_the_driver_api() {
+    let table = export_table(&export_tables::INTEGRITY_CHECK_UUID);
+    let cudart = export_table(&export_tables::CUDART_INTERFACE_UUID);
+    // SAFETY: (this test) the table's entry has this type; every pointer passed is a
+    // valid local.
+    unsafe {
+        let check: unsafe extern "C" fn(c_uint, u64, *mut [u64; 2]) -> CUresult = entry(table, 1);
+        let mut r = [0u64; 2];
+        ok!(check(13000, 1_790_000_000, &mut r));
+        assert_eq!(r, [0x3341_181c_03cb_675c, 0x8ed3_83aa_1f4c_d1e8]);
+        ok!(check(13001, 1_790_000_000, &mut r));
+        assert_eq!(r, [0x1841_181c_03cb_675c, 0x8ed3_83aa_1f4c_d1e8]);
+        assert_eq!(check(13002, 0, null_mut()), CUDA_ERROR_INVALID_VALUE);
+
+        // What the runtime computes on its side, from what the driver API tells it.
+        let mut version = 0;
+        ok!(cuDriverGetVersion(&mut version));
+        let mut count = 0;
+        ok!(cuDeviceGetCount(&mut count));
+        let devices: Vec<integrity::Device> = (0..count)
+            .map(|dev| {
+                let mut uuid = [0u8; 16];
+                ok!(cuDeviceGetUuid_v2(&mut uuid, dev));
+                let attribute = |a| {
+                    let mut v = -1;
+                    ok!(cuDeviceGetAttribute(&mut v, a, dev));
+                    v
+                };
+                integrity::Device {
+                    uuid,
+                    pci_domain: attribute(50),
+                    pci_bus: attribute(33),
+                    pci_device: attribute(34),
+                }
+            })
+            .collect();
+        let seconds = 1_790_000_123;
+        let expected = integrity::answer(
+            &integrity::Inputs {
+                driver_version: version as u32,
+                version: 13002,
+                process: std::process::id(),
+                thread: libc::pthread_self() as u32,
+                cudart_table: cudart as usize,
+                integrity_table: table as usize,
+                function: *table.add(1),
+                unix_seconds: seconds,
+            },
+            &devices,
+        );
+        ok!(check(13002, seconds, &mut r));
+        assert_eq!(r, expected);
+        ok!(check(13002, seconds + 1, &mut r));
+        assert_ne!(r, expected, "the time stamp counts");
     }
 }

@@ -3,8 +3,6 @@
 
 use std::ffi::{c_char, c_int, c_void};
 
-use log::warn;
-
 use super::{c_str, invalid, out, out_opt};
 use crate::errors::{c_message, c_name};
 use crate::procaddr;
@@ -108,24 +106,15 @@ pub unsafe extern "C" fn cuGetProcAddress(
     })
 }
 
-/// NVIDIA's private tables are not offered; the UUID asked for is logged, to learn what
-/// callers (NVIDIA's runtime) need.
+/// NVIDIA's private tables for its CUDA runtime (see `export_tables`); an unknown UUID
+/// is `CUDA_ERROR_NOT_SUPPORTED`, logged at warn level.
 #[no_mangle]
 pub unsafe extern "C" fn cuGetExportTable(
     table: *mut *const c_void,
     uuid: *const [u8; 16],
 ) -> CUresult {
-    guard("cuGetExportTable", || {
-        // SAFETY: NULL or a CUuuid, by NVIDIA's contract.
-        match unsafe { uuid.as_ref() } {
-            Some(u) => {
-                let hex: String = u.iter().map(|b| format!("{b:02x}")).collect();
-                warn!("cuGetExportTable {hex}: not supported");
-            }
-            None => warn!("cuGetExportTable without a UUID: not supported"),
-        }
-        // SAFETY: NULL or writable, by NVIDIA's contract.
-        unsafe { out_opt(table, std::ptr::null()) };
-        Err(Fail(CUDA_ERROR_NOT_SUPPORTED))
+    // SAFETY: NVIDIA's contract: `table` writable, `uuid` a CUuuid.
+    guard("cuGetExportTable", || unsafe {
+        crate::export_tables::get(table, uuid)
     })
 }
