@@ -22,6 +22,9 @@ second initramfs appended to the bundle's.
   --timeout SECS   longest wait for the guest (default 600)
   --keep           keep the work directory
   -h, --help       show this help
+
+VGPU_PROGRAMS_LOGS=DIR: copy the guest's console, the native run's output and
+vhost-vgpu's log there.
 EOF
 }
 
@@ -148,6 +151,12 @@ tr -d '\r' <"$guest_log" | sed -n 's/^PROG| //p' >"$work/guest.out"
 grep -v '^    |' "$work/guest.out" || true
 grep -E '^    \| .*(between its events|PASSED|Found|in [0-9.]+ms)' "$work/guest.out" |
     sed 's/^    | /   guest: /' || true
+
+# The whole logs, where the caller wants them (VGPU_PROGRAMS_LOGS=DIR).
+if [[ -n ${VGPU_PROGRAMS_LOGS:-} ]]; then
+    mkdir -p "$VGPU_PROGRAMS_LOGS"
+    cp "$guest_log" "$work/native.out" "$work/vhost-vgpu.log" "$VGPU_PROGRAMS_LOGS/" || true
+fi
 
 # ---- results ------------------------------------------------------------------------
 step "results"

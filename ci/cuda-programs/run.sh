@@ -31,7 +31,13 @@ run() {
     (cd "$dir" && "$@") >/tmp/prog.out 2>&1
     rc=$?
     t1=$(uptime_ms)
-    sed 's/^/    | /' /tmp/prog.out | tail -n 12
+    # All of a failing program's output (its libraries' logs say what failed), the end
+    # of a passing one's.
+    if [ $rc -eq 0 ]; then
+        sed 's/^/    | /' /tmp/prog.out | tail -n 12
+    else
+        sed 's/^/    | /' /tmp/prog.out | tail -n 300
+    fi
     last=$(grep -v '^[[:space:]]*$' /tmp/prog.out | tail -n 1)
     if [ $rc -eq 0 ]; then
         echo "RESULT $name PASS $((t1 - t0)) $last"
@@ -40,13 +46,18 @@ run() {
     fi
 }
 
-# nvcc's programs: in a guest through the loader they were linked with.
+# nvcc's programs: in a guest through the loader they were linked with, the guest
+# libcuda's log at debug level (which of NVIDIA's private tables and entries the CUDA
+# runtime used, and how).
 nvcc_run() {
     name=$1
     shift
     if [ "$mode" = guest ]; then
+        level=$VGPU_CUDA_LOG
+        VGPU_CUDA_LOG=${VGPU_CUDA_LOG_NVCC:-debug}
         run "$name" "$base" "$base/native-lib/ld-linux-x86-64.so.2" \
             --library-path "$base/native-lib:/usr/lib/vgpu" "$@"
+        VGPU_CUDA_LOG=$level
     else
         run "$name" "$base" "$@"
     fi
