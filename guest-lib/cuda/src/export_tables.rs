@@ -346,16 +346,21 @@ unsafe extern "C" fn get_module_from_cubin(
 }
 
 /// `CUresult get_primary_context(CUcontext *ctx, CUdevice dev)`: the device's primary
-/// context's handle, neither retained nor made (the runtime retains it through
-/// `cuDevicePrimaryCtxRetain`, which answers the same handle).
+/// context, made if it is not active yet. NVIDIA's runtime makes the handle it gets
+/// here current (`cuCtxSetCurrent`) without retaining it through the public API, so the
+/// context must exist once this answers: an inactive one is retained here, once, for the
+/// runtime (it lives until the process ends or a reset).
 unsafe extern "C" fn get_primary_context(pctx: *mut CUcontext, dev: CUdevice) -> CUresult {
     debug!("CUDART_INTERFACE[2] get_primary_context(ctx={pctx:?}, dev={dev})");
     guard("CUDART_INTERFACE[2] get_primary_context", || {
         let d = driver()?;
         let slot = d.device(dev)?;
         let active = d.contexts.get(slot.primary_id).is_some();
+        if !active {
+            d.retain_primary(slot)?;
+        }
         debug!(
-            "CUDART_INTERFACE[2]: device {dev}'s primary context is {:#x} (active: {active})",
+            "CUDART_INTERFACE[2]: device {dev}'s primary context is {:#x} (was active: {active})",
             slot.primary_id
         );
         // SAFETY: NULL or writable by the runtime's contract.

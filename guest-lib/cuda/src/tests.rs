@@ -1168,7 +1168,7 @@ fn context_local_storage_keeps_values_per_context_until_the_context_goes() {
 }
 
 #[test]
-fn the_runtimes_primary_context_is_the_drivers_and_storage_takes_it_before_it_is_active() {
+fn the_runtimes_primary_context_is_the_drivers_active_and_holds_storage() {
     let cudart = export_table(&export_tables::CUDART_INTERFACE_UUID);
     let storage = export_table(&export_tables::CONTEXT_LOCAL_STORAGE_UUID);
     // SAFETY: (this test) the tables' entries have these types; every pointer passed is
@@ -1179,6 +1179,9 @@ fn the_runtimes_primary_context_is_the_drivers_and_storage_takes_it_before_it_is
         let mut from_table = null_mut();
         ok!(primary(&mut from_table, 0));
         assert!(!from_table.is_null());
+        // The runtime makes it current without retaining it: it must be active.
+        ok!(cuCtxSetCurrent(from_table));
+        ok!(cuCtxSetCurrent(null_mut()));
         assert_eq!(primary(&mut from_table, 7), CUDA_ERROR_INVALID_DEVICE);
         assert_eq!(primary(null_mut(), 0), CUDA_ERROR_INVALID_VALUE);
         // The handle names the primary context whether or not it is active.
