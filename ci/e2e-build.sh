@@ -171,7 +171,8 @@ e2e_build_initramfs() {
     [[ -n $pci_ids ]] || die "no pci.ids found (package pci.ids)"
     # The C maths library too: programs built with Rust or C against this machine's C
     # library load it (cudarc's examples among them), though no tool here does.
-    libm=$(ldconfig -p | awk '/libm\.so\.6 .*x86-64/ { print $NF; exit }')
+    # (awk reads to the end: ldconfig must not die of SIGPIPE under pipefail.)
+    libm=$(ldconfig -p | awk '/libm\.so\.6 .*x86-64/ && !found { print $NF; found = 1 }')
     [[ -f $libm ]] || die "libm.so.6 not found (ldconfig -p)"
     initrd=$work/initramfs.cpio.gz
     e2e_build_quiet "$work/mkinitramfs.log" bash ci/mkinitramfs.sh "$initrd" --kdir "$kdir" --kver "$kver" \
