@@ -216,7 +216,7 @@ declare -A fill=(
     [MEMORY_MIB]=$mem_mib
     [KERNEL]=$work/boot/vmlinuz
     [INITRD]=$work/boot/initramfs.cpio.gz
-    [CMDLINE]="console=ttyS0 panic=-1 quiet VGPU_PLAN=libvirt"
+    [CMDLINE]="console=ttyS0 panic=-1 quiet no_timer_check VGPU_PLAN=libvirt"
     [SERIAL_LOG]=$serial
     [SOCKET]=${socket//,/,,}
     [DEVICE]=$qemu_device
