@@ -2,9 +2,10 @@
 # SPDX-License-Identifier: Apache-2.0
 # Unmodified CUDA programs on a GPU machine, natively and in a QEMU guest (TCG) over
 # vhost-vgpu --executor cuda: cudarc's own examples (driver API and NVRTC),
-# ci/guest/cuda-driver-check.c and vgpu-cudarc-check with a PTX module, and two CUDA
-# runtime programs that nvcc builds here with -cudart shared (ci/cuda-programs). Prints a
-# PASS/FAIL line per program in the guest and a table of both runs last.
+# ci/guest/cuda-driver-check.c and vgpu-cudarc-check with a PTX module, and CUDA runtime
+# programs that nvcc builds here (ci/cuda-programs: two with -cudart shared, one with
+# -cudart static). Prints a PASS/FAIL line per program in the guest and a table of both
+# runs last.
 set -euo pipefail
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -73,6 +74,9 @@ for p in vector_add matmul_tiled; do
     quiet "nvcc-$p" "$work/nvcc.log" "$nvcc" -O2 -cudart shared -arch=native \
         -o "$tree/bin/$p" "ci/cuda-programs/$p.cu"
 done
+# And with the runtime linked in, nvcc's default.
+quiet nvcc-vector_add_static "$work/nvcc.log" "$nvcc" -O2 -cudart static -arch=native \
+    -o "$tree/bin/vector_add_static" ci/cuda-programs/vector_add.cu
 quiet nvcc-ptx "$work/nvcc.log" "$nvcc" -ptx -arch=compute_90 -include kernels/cuda/common.cuh \
     -o "$tree/vector_add_f32.ptx" kernels/cuda/vector_add_f32.cu
 cuda_inc=$(dirname "$(dirname "$(readlink -f "$nvcc")")")/include
@@ -85,7 +89,7 @@ fi
 # be older than the one they were linked with).
 while read -r lib; do
     [[ -f $lib ]] && cp -L "$lib" "$tree/native-lib/"
-done < <(ldd "$tree/bin/vector_add" "$tree/bin/matmul_tiled" | awk '/=>/ { print $3 } /ld-linux/ && !/=>/ { print $1 }' | sort -u)
+done < <(ldd "$tree/bin/vector_add" "$tree/bin/matmul_tiled" "$tree/bin/vector_add_static" | awk '/=>/ { print $3 } /ld-linux/ && !/=>/ { print $1 }' | sort -u)
 [[ -f $tree/native-lib/ld-linux-x86-64.so.2 ]] || die "no ld-linux-x86-64.so.2 among the nvcc programs' libraries"
 rm -f "$tree/native-lib/libcuda.so"*
 echo "   $(find "$tree" -type f | wc -l) files, $(du -sh "$tree" | cut -f1)"

@@ -7,7 +7,8 @@
 #   run.sh BASE native|guest
 #
 # BASE holds cudarc/ (cudarc's examples, with examples/sin.ptx beside them), bin/
-# (cuda-driver-check, vgpu-cudarc-check, vector_add and matmul_tiled built by nvcc),
+# (cuda-driver-check, vgpu-cudarc-check, vector_add, vector_add_static and matmul_tiled
+# built by nvcc),
 # vector_add_f32.ptx, and for a guest native-lib/ (the loader and libraries the nvcc
 # programs were linked with, libcudart.so.13 among them). In a guest, the vGPU's
 # libcuda.so.1 and libnvrtc.so.13 come from /usr/lib/vgpu.
@@ -72,5 +73,6 @@ done
 run cuda-driver-check "$base" "$base/bin/cuda-driver-check" "$base/vector_add_f32.ptx" 1048576
 run vgpu-cudarc-check "$base" "$base/bin/vgpu-cudarc-check" "$base/vector_add_f32.ptx" 1048576
 nvcc_run nvcc/vector_add "$base/bin/vector_add" 4194304
+nvcc_run nvcc/vector_add_static "$base/bin/vector_add_static" 4194304
 nvcc_run nvcc/matmul_tiled "$base/bin/matmul_tiled" 256
 echo "RUN-DONE"
