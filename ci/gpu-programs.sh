@@ -15,8 +15,9 @@ usage() {
 Usage: $(basename "$0") DIR [--timeout SECS] [--keep]
 
 DIR is a GPU bundle: DIR/guests from ci/gpu-bundle.sh, vhost-vgpu and
-vgpu-executor-worker, cuda-driver-check and vgpu-cudarc-check (the guest builds), and
-DIR/cudarc-examples (cudarc's example binaries built with cargo, sin.ptx beside them).
+vgpu-executor-worker, and from ci/gpu-programs-bundle.sh cuda-driver-check,
+vgpu-cudarc-check and DIR/cudarc-examples (cudarc's example binaries, sin.ptx beside
+them).
 Needs nvcc (PATH or /usr/local/cuda/bin) and python3. The guest's programs come in a
 second initramfs appended to the bundle's.
 
