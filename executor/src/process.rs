@@ -3084,6 +3084,10 @@ impl Hosted {
 struct Progress {
     page: Arc<MeterPage>,
     timer: Option<DeviceTimer>,
+    /// Device operations served one after another since the last request of another
+    /// kind: a parent streaming launches has a streak; one that waits for each (launch,
+    /// SYNC, launch...) does not.
+    streak: u32,
 }
 
 impl Progress {
@@ -3102,16 +3106,22 @@ impl Progress {
             }
             Hosted::Plain(_) => None,
         };
-        Progress { page, timer }
+        Progress {
+            page,
+            timer,
+            streak: 0,
+        }
     }
 
     /// Before a request: for a device operation, the time it starts (and a timed unit
     /// opened on its stream); any other request ends the open unit first.
     fn before(&mut self, hosted: &Hosted, msg: &ToWorker<'_>) -> Option<Instant> {
         if !is_device_op(msg) {
+            self.streak = 0;
             self.idle();
             return None;
         }
+        self.streak = self.streak.saturating_add(1);
         if let (Some(timer), Hosted::Cuda { exec, .. }, Some(stream)) =
             (&mut self.timer, hosted, op_stream(msg))
         {
@@ -3142,16 +3152,24 @@ impl Progress {
     }
 
     /// Before the worker blocks for more requests: a unit that is open stays open while
-    /// more arrive within [`UNIT_LINGER`] (a parent sending a stream of launches then fills
-    /// one unit rather than timing each launch alone, which would cost the timer's thread
-    /// more than the launches), and is ended once none does.
+    /// more arrive within [`UNIT_LINGER`] when the parent is streaming device operations
+    /// (a stream of launches then fills one unit rather than timing each launch alone,
+    /// which would cost the timer's thread more than the launches), and is ended at once
+    /// otherwise, or once none arrives. A parent that waits for each operation (a launch,
+    /// then SYNC) has no streak, so its unit ends at once and nothing it waits for is held
+    /// by the linger.
     fn before_blocking(&mut self, fd: RawFd) {
         if !self.timer.as_ref().is_some_and(DeviceTimer::is_open) {
             return;
         }
+        let wait = if self.streak >= STREAK_TO_LINGER {
+            unit_linger()
+        } else {
+            Duration::ZERO
+        };
         let linger = libc::timespec {
             tv_sec: 0,
-            tv_nsec: unit_linger().as_nanos() as libc::c_long,
+            tv_nsec: wait.as_nanos() as libc::c_long,
         };
         let mut p = libc::pollfd {
             fd,
@@ -3167,8 +3185,11 @@ impl Progress {
 }
 
 /// How long a timed unit stays open for more operations once the worker has read all it
-/// was sent.
+/// was sent, when the parent streams them.
 const UNIT_LINGER: Duration = Duration::from_micros(50);
+
+/// Device operations in a row that make a stream worth lingering for.
+const STREAK_TO_LINGER: u32 = 2;
 
 /// [`UNIT_LINGER`], or `VGPU_UNIT_LINGER_US` microseconds (0 to 999,999) from the
 /// environment, for benchmarks that compare settings.
