@@ -14,6 +14,7 @@
 //! through a [`CompletionSink`] without blocking. A daemon's [`control`] socket shows its
 //! VMs to the host and changes their quota and weight at run time (`vgpu-admin`).
 
+pub mod check;
 pub mod compile;
 pub mod control;
 mod mediator;

@@ -21,6 +21,10 @@ use clap::Parser;
 use cudarc::driver::result as cu;
 use cudarc::driver::sys;
 use vgpu_kernels::{reference, KernelSpec, CATALOG};
+use vgpu_mediator::check::{
+    blocks, describe, expect_ok, expect_status, f32_bytes, launch_command, median, ptx_header, us,
+    Answers, Guest, Rng,
+};
 use vgpu_mediator::cuda::{self, CudaExecutorFactory};
 use vgpu_mediator::executor::{ExecParam, Executor, KernelRef};
 use vgpu_mediator::process::ProcessExecutorFactory;
@@ -29,8 +33,7 @@ use vgpu_mediator::{
     select, ExecutorChoice, ExecutorFactory, Limits, Mediator, TenantConfig, TenantId,
 };
 use vgpu_protocol::{
-    Command, ExecutorKind, InfoReply, Launch, Param, Request, Response, SelftestKind, Status,
-    BUILTIN_MODULE,
+    Command, ExecutorKind, InfoReply, Param, Request, SelftestKind, Status, BUILTIN_MODULE,
 };
 
 #[derive(Parser)]
@@ -286,32 +289,6 @@ fn check(report: &mut Report, name: &str, f: impl FnOnce() -> Result<String, Str
 // ---------------------------------------------------------------------------------------
 // Inputs and comparisons
 
-/// splitmix64: fresh inputs every run, reproducible with --seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn f32_in(&mut self, lo: f32, hi: f32) -> f32 {
-        let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        lo + (hi - lo) * unit
-    }
-
-    fn f32s(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f32_in(lo, hi)).collect()
-    }
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 fn words(b: &[u8]) -> Vec<u32> {
     b.chunks_exact(4)
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -399,154 +376,6 @@ fn poisoned(g: &Guest, n: usize, poison: u32) -> Result<u64, String> {
 
 fn read_words(g: &Guest, h: u64, n: usize) -> Result<Vec<u32>, String> {
     Ok(words(&g.dtoh(h, 0, (n + GUARD) as u64 * 4)?))
-}
-
-// ---------------------------------------------------------------------------------------
-// A guest session driven through the mediator
-
-struct Guest<'a> {
-    m: &'a Mediator,
-    tenant: TenantId,
-    session: u64,
-}
-
-fn describe(r: &Response) -> String {
-    match r.status {
-        Status::LaunchFailed | Status::OutOfMemory | Status::Internal if r.detail != 0 => {
-            format!(
-                "{} (detail {} = {})",
-                r.status,
-                r.detail,
-                cuda::error_name_of(r.detail)
-            )
-        }
-        _ => format!("{} (detail {})", r.status, r.detail),
-    }
-}
-
-fn expect_ok(r: &Response, what: &str) -> Result<(), String> {
-    if r.status == Status::Ok {
-        Ok(())
-    } else {
-        Err(format!("{what} returned {}", describe(r)))
-    }
-}
-
-fn expect_status(r: &Response, want: Status, what: &str) -> Result<String, String> {
-    if r.status == want {
-        Ok(format!("{what} -> {}", describe(r)))
-    } else {
-        Err(format!("{what} returned {}, expected {want}", describe(r)))
-    }
-}
-
-fn launch_command(
-    module: u64,
-    kernel: &str,
-    grid: [u32; 3],
-    block: [u32; 3],
-    params: Vec<Param>,
-) -> Command {
-    Command::Launch(Launch {
-        module,
-        kernel: kernel.into(),
-        grid,
-        block,
-        shared_bytes: 0,
-        params,
-    })
-}
-
-fn blocks(n: usize, per_block: usize) -> u32 {
-    n.div_ceil(per_block) as u32
-}
-
-impl<'a> Guest<'a> {
-    fn open(m: &'a Mediator, tenant: TenantId) -> Result<Guest<'a>, String> {
-        let r = m.call(tenant, Request::new(0, Command::SessionOpen));
-        expect_ok(&r, "SESSION_OPEN")?;
-        Ok(Guest {
-            m,
-            tenant,
-            session: r.value0,
-        })
-    }
-
-    fn call(&self, command: Command) -> Response {
-        self.m
-            .call(self.tenant, Request::new(self.session, command))
-    }
-
-    fn ok(&self, command: Command, what: &str) -> Result<Response, String> {
-        let r = self.call(command);
-        expect_ok(&r, what)?;
-        Ok(r)
-    }
-
-    fn alloc(&self, size: u64) -> Result<u64, String> {
-        Ok(self.ok(Command::Alloc { size }, "ALLOC")?.value0)
-    }
-
-    fn htod(&self, dst: u64, offset: u64, data: Vec<u8>) -> Result<(), String> {
-        self.ok(Command::Htod { dst, offset, data }, "HTOD")
-            .map(drop)
-    }
-
-    fn dtoh(&self, src: u64, offset: u64, len: u64) -> Result<Vec<u8>, String> {
-        let data = self.ok(Command::Dtoh { src, offset, len }, "DTOH")?.data;
-        if data.len() as u64 != len {
-            return Err(format!(
-                "DTOH returned {} bytes, expected {len}",
-                data.len()
-            ));
-        }
-        Ok(data)
-    }
-
-    fn memset32(&self, dst: u64, offset: u64, len: u64, value: u32) -> Result<(), String> {
-        self.ok(
-            Command::Memset {
-                dst,
-                offset,
-                len,
-                value,
-                width: 4,
-            },
-            "MEMSET",
-        )
-        .map(drop)
-    }
-
-    fn launch(
-        &self,
-        module: u64,
-        kernel: &str,
-        grid: [u32; 3],
-        block: [u32; 3],
-        params: Vec<Param>,
-    ) -> Result<(), String> {
-        self.ok(
-            launch_command(module, kernel, grid, block, params),
-            &format!("LAUNCH {kernel}"),
-        )
-        .map(drop)
-    }
-
-    fn sync(&self) -> Result<(), String> {
-        self.ok(Command::Sync, "SYNC").map(drop)
-    }
-
-    fn load(&self, ptx: &str) -> Result<u64, String> {
-        Ok(self
-            .ok(Command::ModuleLoad { ptx: ptx.into() }, "MODULE_LOAD")?
-            .value0)
-    }
-}
-
-impl Drop for Guest<'_> {
-    fn drop(&mut self) {
-        let _ = self.call(Command::SessionClose);
-    }
 }
 
 /// Adds `a + b` for `n` fresh elements and checks the result: the tenant is working.
@@ -1074,25 +903,6 @@ fn session_isolation_checks(
             .map(|ok| format!("the victim session works on: {ok}"))
     });
     drop(host);
-}
-
-/// The `.version`, `.target` and `.address_size` lines NVRTC wrote for this device.
-fn ptx_header(catalog_ptx: &str) -> String {
-    let mut header = String::new();
-    for prefix in [".version", ".target", ".address_size"] {
-        if let Some(line) = catalog_ptx
-            .lines()
-            .map(str::trim)
-            .find(|l| l.starts_with(prefix))
-        {
-            header.push_str(line);
-            header.push('\n');
-        }
-    }
-    if !header.contains(".address_size") {
-        header.push_str(".address_size 64\n");
-    }
-    header
 }
 
 fn guest_module_check(
@@ -2081,11 +1891,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort_unstable();
-    samples.get(samples.len() / 2).copied().unwrap_or_default()
-}
-
 /// Median of `runs` timed calls of `op` after `warmup` untimed ones; `prepare` runs
 /// untimed before each call and hands it its input.
 fn measure<T, E>(
@@ -2105,42 +1910,6 @@ fn measure<T, E>(
         samples.push(started.elapsed());
     }
     Ok(median(samples))
-}
-
-/// Counts answers to requests submitted without waiting, and their failures.
-#[derive(Default)]
-struct Answers {
-    ok: std::sync::atomic::AtomicU64,
-    failed: std::sync::atomic::AtomicU64,
-}
-
-impl Answers {
-    fn reset(&self) {
-        self.ok.store(0, std::sync::atomic::Ordering::SeqCst);
-        self.failed.store(0, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    /// All `n` answered OK (a later SYNC's answer came after theirs).
-    fn expect(&self, n: u64) -> Result<(), String> {
-        let ok = self.ok.load(std::sync::atomic::Ordering::SeqCst);
-        let failed = self.failed.load(std::sync::atomic::Ordering::SeqCst);
-        if ok == n && failed == 0 {
-            Ok(())
-        } else {
-            Err(format!("{ok} of {n} answered OK, {failed} failed"))
-        }
-    }
-}
-
-impl vgpu_mediator::CompletionSink for Answers {
-    fn complete(&self, _token: u64, response: Response) {
-        let counter = if response.status == Status::Ok {
-            &self.ok
-        } else {
-            &self.failed
-        };
-        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    }
 }
 
 /// This process's executor worker children and their resident memory, in KiB.
@@ -2899,10 +2668,6 @@ fn timings(
         Ok(()) => report.pass("timings", format!("{} measurements", table.len())),
         Err(why) => report.fail("timings", why),
     }
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
 }
 
 fn native_launch(n: &Native, sync: bool) -> Result<(), String> {

@@ -55,13 +55,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use vgpu_kernels::reference;
+use vgpu_mediator::check::{
+    blocks, describe, f32_bytes, launch_command, median, ptx_header, us, Answers, Guest, Rng,
+};
 use vgpu_mediator::cuda::CudaExecutorFactory;
 use vgpu_mediator::executor::TIMEOUT_DETAIL;
 use vgpu_mediator::{
     select, CompletionSink, ExecutorChoice, ExecutorFactory, Limits, Mediator, SchedConfig,
     TenantConfig, TenantId,
 };
-use vgpu_protocol::{Command, Launch, Param, Request, Response, Status, BUILTIN_MODULE};
+use vgpu_protocol::{Command, Param, Request, Response, Status, BUILTIN_MODULE};
 
 #[derive(Parser)]
 #[command(
@@ -389,141 +392,6 @@ fn catch<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// A guest session driven through the mediator
-
-struct Guest<'a> {
-    m: &'a Mediator,
-    tenant: TenantId,
-    session: u64,
-}
-
-fn describe(r: &Response) -> String {
-    format!("{} (detail {})", r.status, r.detail)
-}
-
-fn expect_ok(r: &Response, what: &str) -> Result<(), String> {
-    if r.status == Status::Ok {
-        Ok(())
-    } else {
-        Err(format!("{what} returned {}", describe(r)))
-    }
-}
-
-fn launch_command(
-    module: u64,
-    kernel: &str,
-    grid: [u32; 3],
-    block: [u32; 3],
-    params: Vec<Param>,
-) -> Command {
-    Command::Launch(Launch {
-        module,
-        kernel: kernel.into(),
-        grid,
-        block,
-        shared_bytes: 0,
-        params,
-    })
-}
-
-fn blocks(n: usize, per_block: usize) -> u32 {
-    n.div_ceil(per_block) as u32
-}
-
-impl<'a> Guest<'a> {
-    fn open(m: &'a Mediator, tenant: TenantId) -> Result<Guest<'a>, String> {
-        let r = m.call(tenant, Request::new(0, Command::SessionOpen));
-        expect_ok(&r, "SESSION_OPEN")?;
-        Ok(Guest {
-            m,
-            tenant,
-            session: r.value0,
-        })
-    }
-
-    fn call(&self, command: Command) -> Response {
-        self.m
-            .call(self.tenant, Request::new(self.session, command))
-    }
-
-    fn ok(&self, command: Command, what: &str) -> Result<Response, String> {
-        let r = self.call(command);
-        expect_ok(&r, what)?;
-        Ok(r)
-    }
-
-    fn alloc(&self, size: u64) -> Result<u64, String> {
-        Ok(self.ok(Command::Alloc { size }, "ALLOC")?.value0)
-    }
-
-    fn htod(&self, dst: u64, data: Vec<u8>) -> Result<(), String> {
-        self.ok(
-            Command::Htod {
-                dst,
-                offset: 0,
-                data,
-            },
-            "HTOD",
-        )
-        .map(drop)
-    }
-
-    fn dtoh(&self, src: u64, len: u64) -> Result<Vec<u8>, String> {
-        let data = self
-            .ok(
-                Command::Dtoh {
-                    src,
-                    offset: 0,
-                    len,
-                },
-                "DTOH",
-            )?
-            .data;
-        if data.len() as u64 != len {
-            return Err(format!(
-                "DTOH returned {} bytes, expected {len}",
-                data.len()
-            ));
-        }
-        Ok(data)
-    }
-
-    fn memset32(&self, dst: u64, len: u64, value: u32) -> Result<(), String> {
-        self.ok(
-            Command::Memset {
-                dst,
-                offset: 0,
-                len,
-                value,
-                width: 4,
-            },
-            "MEMSET",
-        )
-        .map(drop)
-    }
-
-    fn launch(&self, command: &Command) -> Result<(), String> {
-        self.ok(command.clone(), "LAUNCH").map(drop)
-    }
-
-    fn sync(&self) -> Result<(), String> {
-        self.ok(Command::Sync, "SYNC").map(drop)
-    }
-
-    fn load(&self, ptx: &str) -> Result<u64, String> {
-        Ok(self
-            .ok(Command::ModuleLoad { ptx: ptx.into() }, "MODULE_LOAD")?
-            .value0)
-    }
-}
-
-impl Drop for Guest<'_> {
-    fn drop(&mut self) {
-        let _ = self.call(Command::SessionClose);
-    }
-}
-
 fn add_tenant(m: &Mediator, name: &str, weight: u32) -> Result<TenantId, String> {
     m.add_tenant(TenantConfig {
         name: name.into(),
@@ -531,48 +399,6 @@ fn add_tenant(m: &Mediator, name: &str, weight: u32) -> Result<TenantId, String>
         weight,
     })
     .map_err(|e| format!("add_tenant {name}: {e}"))
-}
-
-/// Counts the answers to requests submitted without waiting, and their failures.
-#[derive(Default)]
-struct Answers {
-    ok: AtomicU64,
-    failed: AtomicU64,
-    first_failure: Mutex<Option<String>>,
-}
-
-impl Answers {
-    /// All `n` answered OK (a later SYNC's answer came after theirs).
-    fn expect(&self, n: u64) -> Result<(), String> {
-        let ok = self.ok.load(Ordering::SeqCst);
-        let failed = self.failed.load(Ordering::SeqCst);
-        if ok == n && failed == 0 {
-            return Ok(());
-        }
-        let first = self
-            .first_failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_default();
-        Err(format!(
-            "{ok} of {n} launches answered OK, {failed} failed (first: {first})"
-        ))
-    }
-}
-
-impl CompletionSink for Answers {
-    fn complete(&self, _token: u64, response: Response) {
-        if response.status == Status::Ok {
-            self.ok.fetch_add(1, Ordering::SeqCst);
-        } else {
-            self.failed.fetch_add(1, Ordering::SeqCst);
-            self.first_failure
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_or_insert_with(|| describe(&response));
-        }
-    }
 }
 
 /// Hands one answer to a channel, for a call that may never come back.
@@ -591,45 +417,10 @@ impl CompletionSink for OneAnswer {
 // ---------------------------------------------------------------------------------------
 // Inputs and figures
 
-/// splitmix64: fresh inputs every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn f32s(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-                lo + (hi - lo) * unit
-            })
-            .collect()
-    }
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 fn f32s_of(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
-
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort_unstable();
-    samples.get(samples.len() / 2).copied().unwrap_or_default()
 }
 
 /// Jain's fairness index: 1 when all shares are equal, 1/n when one takes everything.
@@ -641,25 +432,6 @@ fn jain(x: &[f64]) -> f64 {
     } else {
         0.0
     }
-}
-
-/// The `.version`, `.target` and `.address_size` lines NVRTC wrote for this device.
-fn ptx_header(catalog_ptx: &str) -> String {
-    let mut header = String::new();
-    for prefix in [".version", ".target", ".address_size"] {
-        if let Some(line) = catalog_ptx
-            .lines()
-            .map(str::trim)
-            .find(|l| l.starts_with(prefix))
-        {
-            header.push_str(line);
-            header.push('\n');
-        }
-    }
-    if !header.contains(".address_size") {
-        header.push_str(".address_size 64\n");
-    }
-    header
 }
 
 // ---------------------------------------------------------------------------------------
@@ -831,14 +603,14 @@ impl Bench {
         let solo = |iters: u32, runs: usize| -> Result<(Duration, Duration), String> {
             let launch = self.burn(module, out, iters);
             for _ in 0..2 {
-                g.launch(&launch)?;
+                g.launch_prepared(&launch)?;
                 g.sync()?;
             }
             let before = device_ns();
             let mut samples = Vec::with_capacity(runs);
             for _ in 0..runs {
                 let started = Instant::now();
-                g.launch(&launch)?;
+                g.launch_prepared(&launch)?;
                 g.sync()?;
                 samples.push(started.elapsed());
             }
@@ -978,7 +750,7 @@ impl Bench {
             let module = g.load(&self.ptx)?;
             let out = g.alloc(OUT_BYTES)?;
             let launch = self.burn(module, out, iters);
-            g.launch(&launch)?;
+            g.launch_prepared(&launch)?;
             g.sync()?;
             Ok::<_, String>((g, launch))
         })();
@@ -990,7 +762,7 @@ impl Bench {
         };
         let mut n = 0u64;
         while !stop.load(Ordering::SeqCst) {
-            if let Err(why) = g.launch(&launch) {
+            if let Err(why) = g.launch_prepared(&launch) {
                 return driver.fail(why);
             }
             n += 1;
@@ -1149,7 +921,7 @@ impl Bench {
             let g = &guest.0;
             for _ in 0..n {
                 let started = Instant::now();
-                g.launch(&guest.1)?;
+                g.launch_prepared(&guest.1)?;
                 g.sync()?;
                 samples.push(started.elapsed());
             }
@@ -1344,7 +1116,7 @@ impl Bench {
         let g = Guest::open(m, tenant)?;
         let module = g.load(&self.ptx)?;
         let flag = g.alloc(OUT_BYTES)?;
-        g.memset32(flag, OUT_BYTES, 0)?;
+        g.memset32(flag, 0, OUT_BYTES, 0)?;
         g.sync()?;
         let hang = launch_command(
             module,
@@ -1353,7 +1125,7 @@ impl Bench {
             [THREADS, 1, 1],
             vec![Param::Buffer(flag)],
         );
-        g.launch(&hang)?;
+        g.launch_prepared(&hang)?;
         let started = Instant::now();
         // Submitted rather than called: if nothing ends the kernel, the answer never comes.
         let (tx, rx) = mpsc::channel();
@@ -1439,10 +1211,10 @@ fn vector_add(g: &Guest, rng: &mut Rng, [da, db, dc]: [u64; 3]) -> Result<(), St
     let n = ADD_ELEMENTS;
     let a = rng.f32s(n, -100.0, 100.0);
     let b = rng.f32s(n, -100.0, 100.0);
-    g.htod(da, f32_bytes(&a))?;
-    g.htod(db, f32_bytes(&b))?;
-    g.memset32(dc, (n * 4) as u64, POISON_F32)?;
-    g.launch(&launch_command(
+    g.htod(da, 0, f32_bytes(&a))?;
+    g.htod(db, 0, f32_bytes(&b))?;
+    g.memset32(dc, 0, (n * 4) as u64, POISON_F32)?;
+    g.launch_prepared(&launch_command(
         BUILTIN_MODULE,
         "vector_add_f32",
         [blocks(n, 256), 1, 1],
@@ -1454,7 +1226,7 @@ fn vector_add(g: &Guest, rng: &mut Rng, [da, db, dc]: [u64; 3]) -> Result<(), St
             Param::u32(n as u32),
         ],
     ))?;
-    let got = f32s_of(&g.dtoh(dc, (n * 4) as u64)?);
+    let got = f32s_of(&g.dtoh(dc, 0, (n * 4) as u64)?);
     let mut want = vec![0.0; n];
     reference::vector_add_f32(&a, &b, &mut want);
     match got.iter().zip(&want).position(|(g, w)| g != w) {
@@ -1502,7 +1274,7 @@ impl OverheadSide {
             [32, 1, 1],
             vec![Param::Buffer(out), Param::u32(7), Param::u32(1)],
         );
-        guest.launch(&launch)?;
+        guest.launch_prepared(&launch)?;
         guest.sync()?;
         Ok((guest, launch))
     }
