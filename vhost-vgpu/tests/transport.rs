@@ -1663,3 +1663,154 @@ fn a_hostile_guest_cannot_hold_the_device_or_take_more_than_its_share() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A hostile guest aims the driver-API requests at the host, through the real
+/// `vhost-vgpu` binary: module images built to mislead the parser that reads them in the
+/// daemon (tables past the end, sizes near 2^64, a fatbin whose entries go nowhere),
+/// compiles that would read host files, names of modules and kernels it does not have, an
+/// attribute count the protocol does not allow. Each gets an error; the daemon keeps serving this VM and the other.
+#[test]
+fn a_hostile_guest_gets_errors_from_the_driver_api_requests() {
+    let dir = std::env::temp_dir().join(format!("vgpu-test-driverapi-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = dir.join("vm");
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-vgpu"))
+        .arg("--socket-path")
+        .arg(&base)
+        .args([
+            "--socket-count",
+            "2",
+            "--executor",
+            "cpu",
+            "--mem-quota",
+            "256M",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let socket = |i: usize| PathBuf::from(format!("{}{i}", base.display()));
+    let mut vm = Vm::connect(socket(0)).unwrap();
+    let mut other = Vm::connect(socket(1)).unwrap();
+    let s = ok(&mut vm, Command::SessionOpen, 0).0.value0;
+
+    // Images: an ELF header whose section table lies at 2^64 - 1 with 65535 entries, one
+    // whose table starts inside the image and runs far past it, a fatbin that claims
+    // 2^64 - 1 bytes, one whose entry has size 0 (a parser that trusts it loops), and
+    // noise. The CPU executor loads no images; the daemon must still read each safely.
+    let mut elf = vec![0u8; 64];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2; // 64-bit
+    elf[5] = 1; // little-endian
+    let mut far = elf.clone();
+    far[0x28..0x30].copy_from_slice(&u64::MAX.to_le_bytes());
+    far[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+    far[0x3c..0x3e].copy_from_slice(&u16::MAX.to_le_bytes());
+    let mut past = elf.clone();
+    past.resize(256, 0);
+    past[0x28..0x30].copy_from_slice(&128u64.to_le_bytes());
+    past[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+    past[0x3c..0x3e].copy_from_slice(&1000u16.to_le_bytes());
+    let mut huge = vec![0u8; 64];
+    huge[..4].copy_from_slice(&0xba55_ed50u32.to_le_bytes());
+    huge[4..6].copy_from_slice(&1u16.to_le_bytes());
+    huge[6..8].copy_from_slice(&16u16.to_le_bytes());
+    huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    let mut stuck = huge.clone();
+    stuck[8..16].copy_from_slice(&48u64.to_le_bytes());
+    let mut rng = StdRng::seed_from_u64(0xd1e5);
+    let mut noise = vec![0u8; 1 << 20];
+    rng.fill_bytes(&mut noise);
+    for image in [far, past, huge, stuck, noise] {
+        let st = status(&mut vm, Command::ModuleLoadImage { image }, s);
+        assert!(
+            matches!(
+                st,
+                Status::Unsupported | Status::ModuleInvalid | Status::InvalidArgument
+            ),
+            "{st:?}"
+        );
+    }
+
+    // Compiles that would read host files: refused by option or by line, before anything
+    // runs (the CPU executor would answer UNSUPPORTED after the checks).
+    let compile = |source: &str, options: &[&str]| Command::Compile {
+        source: source.into(),
+        options: options.iter().map(|o| o.to_string()).collect(),
+        out_len: 1 << 16,
+    };
+    for (source, options, detail) in [
+        ("__global__ void k() {}", &["-O3", "-I/etc"][..], 1),
+        (
+            "__global__ void k() {}",
+            &["--pre-include=/etc/passwd"][..],
+            0,
+        ),
+        ("__global__ void k() {}", &["@/etc/nvrtc.opts"][..], 0),
+        (
+            "#include \"/etc/passwd\"\n",
+            &[][..],
+            vgpu_mediator::COMPILE_SOURCE_REFUSED,
+        ),
+        (
+            "\n#include <../../etc/shadow>\n",
+            &[][..],
+            vgpu_mediator::COMPILE_SOURCE_REFUSED,
+        ),
+        (
+            "#if __has_include(\"/root/.ssh/id_rsa\")\n#endif\n",
+            &[][..],
+            vgpu_mediator::COMPILE_SOURCE_REFUSED,
+        ),
+    ] {
+        let (h, _) = vm
+            .request(&Request::new(s, compile(source, options)))
+            .unwrap();
+        assert_eq!(
+            (h.status, h.detail),
+            (Status::InvalidArgument, detail),
+            "{source:?} {options:?}"
+        );
+    }
+
+    // Modules and kernels that are not there; an attribute count out of range (refused
+    // when the header is read).
+    let function = |module: u64, name: &str| Command::FunctionInfo {
+        module,
+        name: name.into(),
+    };
+    assert_eq!(
+        status(&mut vm, function(BUILTIN_MODULE, "no_such_kernel"), s),
+        Status::KernelNotFound
+    );
+    assert_eq!(
+        status(&mut vm, function(0xdead, "vector_add_f32"), s),
+        Status::InvalidHandle
+    );
+    let global = Command::ModuleGlobal {
+        module: 0xdead,
+        name: "table".into(),
+    };
+    assert_eq!(status(&mut vm, global, s), Status::InvalidHandle);
+    for count in [0, vgpu_protocol::MAX_DEVICE_ATTRIBUTES + 1] {
+        assert_eq!(
+            status(&mut vm, Command::DeviceAttributes { count }, s),
+            Status::InvalidArgument
+        );
+    }
+
+    // Still served, and where the GPU sits in the host stays hidden.
+    let (h, data) = ok(&mut vm, Command::DeviceAttributes { count: 134 }, s);
+    assert_eq!(h.value0, 134);
+    let attr = |n: usize| i32::from_le_bytes(data[4 * (n - 1)..4 * n].try_into().unwrap());
+    assert_eq!((attr(33), attr(34), attr(50), attr(134)), (0, 0, 0, -1));
+    let buf = upload(&mut vm, s, &f32s(&[1.0, 2.0]));
+    assert_eq!(from_f32s(&download(&mut vm, s, buf, 8)), vec![1.0, 2.0]);
+    assert_eq!(info(&mut other).config.executor, ExecutorKind::Cpu);
+    drop(vm);
+    drop(other);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
