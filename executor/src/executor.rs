@@ -547,6 +547,11 @@ pub trait ExecutorFactory: Send + Sync {
     fn worker_process(&self) -> Option<&std::path::Path> {
         None
     }
+    /// Where the executors run when that is not this machine (remote executors), for
+    /// logs and `info`; `None` here.
+    fn placement(&self) -> Option<String> {
+        None
+    }
     /// Starts what a VM's executor needs once and stops it again: for `info`-style
     /// checks that must fail when a VM could not be served.
     fn check(&self) -> Result<(), SetupError> {
@@ -555,17 +560,20 @@ pub trait ExecutorFactory: Send + Sync {
 }
 
 /// `--executor` choices.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExecutorChoice {
     /// CUDA when a driver and a device are usable, otherwise the CPU with a warning.
     Auto,
     Cuda,
     Cpu,
+    /// Executors on worker hosts (`remote:HOST:PORT[,HOST:PORT...]`, see
+    /// [`crate::remote`]), tried in order: a session opens on the first that answers.
+    Remote(crate::remote::RemoteSpec),
 }
 
 /// An `--executor` that is none of the choices.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown executor '{0}' (expected auto, cuda or cpu)")]
+#[error("unknown executor '{0}' (expected auto, cuda, cpu or remote:HOST:PORT[,HOST:PORT...])")]
 pub struct UnknownExecutor(pub String);
 
 impl std::str::FromStr for ExecutorChoice {
@@ -575,7 +583,13 @@ impl std::str::FromStr for ExecutorChoice {
             "auto" => Ok(ExecutorChoice::Auto),
             "cuda" => Ok(ExecutorChoice::Cuda),
             "cpu" => Ok(ExecutorChoice::Cpu),
-            _ => Err(UnknownExecutor(s.to_string())),
+            _ => match s.strip_prefix("remote:") {
+                Some(list) => list
+                    .parse()
+                    .map(ExecutorChoice::Remote)
+                    .map_err(|e| UnknownExecutor(format!("{s}: {e}"))),
+                None => Err(UnknownExecutor(s.to_string())),
+            },
         }
     }
 }
@@ -612,7 +626,16 @@ pub struct ExecutorOptions {
     /// [`MIN_KERNEL_TIMEOUT`]. `None`: [`crate::process::DEFAULT_KERNEL_TIMEOUT`].
     /// Executors that run in this process have no kernel timeout.
     pub kernel_timeout: Option<std::time::Duration>,
+    /// The mediator's key file for remote executors (one `NAME KEY` line); `None`:
+    /// [`crate::remote::link::DEFAULT_MEDIATOR_KEY`].
+    pub remote_key: Option<std::path::PathBuf>,
+    /// How long to keep trying to reach a remote worker at start; `None`:
+    /// [`DEFAULT_REMOTE_WAIT`].
+    pub remote_wait: Option<std::time::Duration>,
 }
+
+/// Default of [`ExecutorOptions::remote_wait`].
+pub const DEFAULT_REMOTE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Shortest kernel timeout [`ExecutorOptions`] accepts.
 pub const MIN_KERNEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -655,6 +678,29 @@ pub fn select_with(
 ) -> Result<Arc<dyn ExecutorFactory>, SetupError> {
     let cpu = || -> Arc<dyn ExecutorFactory> { Arc::new(crate::cpu::CpuExecutorFactory::new()) };
     match choice {
+        ExecutorChoice::Remote(spec) => {
+            let key = options
+                .remote_key
+                .clone()
+                .unwrap_or_else(|| crate::remote::link::DEFAULT_MEDIATOR_KEY.into());
+            let creds = crate::remote::Credentials::load(&key)?;
+            let what = spec.to_string();
+            let factory = crate::remote::RemoteExecutorFactory::connect(
+                spec,
+                creds,
+                options.remote_wait.unwrap_or(DEFAULT_REMOTE_WAIT),
+            )?
+            .with_kernel_timeout(
+                options
+                    .kernel_timeout
+                    .unwrap_or(crate::process::DEFAULT_KERNEL_TIMEOUT),
+            );
+            log::info!(
+                "executor: {} on worker hosts ({what}); each session in its own executor there",
+                factory.device().name
+            );
+            Ok(Arc::new(factory))
+        }
         ExecutorChoice::Cpu => {
             log::info!("executor: the CPU reference executor (--executor cpu)");
             Ok(cpu())

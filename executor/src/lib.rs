@@ -20,6 +20,7 @@ pub mod hostmap;
 pub mod image;
 pub mod process;
 pub mod ptx;
+pub mod remote;
 pub mod sandbox;
 pub mod selftest;
 

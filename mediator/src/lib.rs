@@ -30,7 +30,7 @@ pub use mediator::{
     REQUEST_OVERHEAD,
 };
 pub use sched::{SchedConfig, SchedStats, Scheduler};
-pub use vgpu_executor::{cpu, cuda, executor, hostmap, process, ptx, sandbox, selftest};
+pub use vgpu_executor::{cpu, cuda, executor, hostmap, process, ptx, remote, sandbox, selftest};
 pub use vgpu_executor::{
     select, select_with, DeviceInfo, ExecError, Executor, ExecutorChoice, ExecutorFactory,
     ExecutorOptions, GuestAccessError, GuestIo, GuestSink, GuestSource, Isolation, SetupError,

@@ -23,9 +23,24 @@ use vgpu_nfs::{NfsOptions, NfsServer};
     about = "Shares a GPU between virtual machines"
 )]
 struct Cli {
-    /// Executor: cuda, cpu, or auto (CUDA when usable, else CPU).
-    #[arg(long, global = true, default_value = "auto")]
+    /// Executor: cuda, cpu, auto (CUDA when usable, else CPU), or
+    /// remote:HOST:PORT[,HOST:PORT...] (executors on worker hosts running vgpu-worker,
+    /// tried in order; vsock:CID:PORT for a worker in a local VM).
+    #[arg(
+        long,
+        global = true,
+        default_value = "auto",
+        value_name = "auto|cuda|cpu|remote:HOST:PORT"
+    )]
     executor: ExecutorChoice,
+    /// Key file for --executor remote: one line NAME KEY (this mediator's name and the key
+    /// the worker holds for it; vgpu-worker keygen makes one). Must not be readable by
+    /// group or others.
+    #[arg(long, global = true, value_name = "FILE", default_value = vgpu_mediator::remote::link::DEFAULT_MEDIATOR_KEY)]
+    remote_key: PathBuf,
+    /// How long to keep trying to reach a remote worker at start, in seconds.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 30)]
+    remote_wait: u64,
     /// User the executor worker processes run as (needs root). Default when running as
     /// root: vgpu-worker if it exists, else nobody.
     #[arg(long, global = true, value_name = "USER")]
@@ -52,7 +67,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Phase 1 CUDA sanity gate: a device is present and device memory can be allocated
-    /// and freed. Exits 0 only on PASS.
+    /// and freed. Exits 0 only on PASS. With --executor remote:..., the gate runs on each
+    /// worker host named, which must all pass.
     Sanity,
     /// Prints what the selected executor runs on.
     Info,
@@ -124,6 +140,8 @@ fn main() -> ExitCode {
         worker_user: cli.worker_user,
         worker_max_memory: cli.worker_max_memory,
         kernel_timeout: cli.kernel_timeout.map(Duration::from_secs),
+        remote_key: Some(cli.remote_key),
+        remote_wait: Some(Duration::from_secs(cli.remote_wait)),
         ..ExecutorOptions::default()
     };
     if let Err(e) = options.validate() {
@@ -131,7 +149,10 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     match cli.command {
-        Cmd::Sanity => sanity(),
+        Cmd::Sanity => match &cli.executor {
+            ExecutorChoice::Remote(spec) => remote_sanity(spec, &options),
+            _ => sanity(),
+        },
         Cmd::Info => info(cli.executor, &options),
         Cmd::Serve(args) => serve(cli.executor, &options, args),
     }
@@ -149,6 +170,36 @@ fn sanity() -> ExitCode {
             println!("SANITY FAIL");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The sanity gate on every worker host of `spec`.
+fn remote_sanity(spec: &vgpu_mediator::remote::RemoteSpec, options: &ExecutorOptions) -> ExitCode {
+    let key = options.remote_key.clone().unwrap_or_default();
+    let creds = match vgpu_mediator::remote::Credentials::load(&key) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("FAIL: {e}");
+            println!("SANITY FAIL");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut ok = true;
+    for e in &spec.endpoints {
+        match vgpu_mediator::remote::client::sanity(e, &creds) {
+            Ok(line) => println!("PASS: worker {e}: {line}"),
+            Err(reason) => {
+                ok = false;
+                println!("FAIL: {reason}");
+            }
+        }
+    }
+    if ok {
+        println!("SANITY PASS");
+        ExitCode::SUCCESS
+    } else {
+        println!("SANITY FAIL");
+        ExitCode::FAILURE
     }
 }
 
@@ -273,6 +324,9 @@ fn serve(choice: ExecutorChoice, options: &ExecutorOptions, args: ServeArgs) -> 
 
 /// How tenants' executors are kept apart, for `info` and the log.
 fn isolation(factory: &dyn ExecutorFactory) -> String {
+    if let Some(placement) = factory.placement() {
+        return placement;
+    }
     match factory.worker_process() {
         Some(worker) => format!(
             "each session (guest process) in its own worker process ({})",

@@ -69,7 +69,7 @@ impl Daemon {
     pub fn start(config: VgpuConfig) -> Result<Daemon> {
         config.validate()?;
         config.validate()?;
-        let factory = vgpu_mediator::select_with(config.executor, &config.executor_options)
+        let factory = vgpu_mediator::select_with(config.executor.clone(), &config.executor_options)
             .map_err(Error::Executor)?;
         let limits = Limits {
             max_held_bytes: config.inflight_budget,

@@ -149,10 +149,26 @@ pub struct Args {
     #[arg(short = 'c', long, value_name = "N", default_value_t = 1)]
     pub socket_count: usize,
 
-    /// What runs the work: cuda, cpu (the reference executor), or auto (CUDA when a driver
-    /// and a device are usable, otherwise the CPU with a warning).
-    #[arg(long, value_name = "auto|cuda|cpu", default_value = "auto")]
+    /// What runs the work: cuda, cpu (the reference executor), auto (CUDA when a driver
+    /// and a device are usable, otherwise the CPU with a warning), or
+    /// remote:HOST:PORT[,HOST:PORT...] (executors on worker hosts running vgpu-worker,
+    /// tried in order; vsock:CID:PORT for a worker in a local VM).
+    #[arg(
+        long,
+        value_name = "auto|cuda|cpu|remote:HOST:PORT",
+        default_value = "auto"
+    )]
     pub executor: ExecutorChoice,
+
+    /// Key file for --executor remote: one line NAME KEY (this mediator's name and the key
+    /// the worker holds for it; vgpu-worker keygen makes one). Must not be readable by
+    /// group or others.
+    #[arg(long, value_name = "FILE", default_value = vgpu_mediator::remote::link::DEFAULT_MEDIATOR_KEY)]
+    pub remote_key: PathBuf,
+
+    /// How long to keep trying to reach a remote worker at start, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub remote_wait: u64,
 
     /// Device memory each VM's work may hold, e.g. 512M, 8G, 1.5GiB: its sessions'
     /// execution contexts, buffers, modules and kernels' local memory. Default: the
@@ -475,6 +491,8 @@ impl TryFrom<Args> for VgpuConfig {
                 worker_user: args.worker_user,
                 worker_max_memory: args.worker_max_memory,
                 kernel_timeout: args.kernel_timeout.map(std::time::Duration::from_secs),
+                remote_key: Some(args.remote_key),
+                remote_wait: Some(std::time::Duration::from_secs(args.remote_wait)),
             },
             metrics: args.metrics,
         };
@@ -642,6 +660,8 @@ mod tests {
                 worker_user: Some("root".into()),
                 worker_max_memory: Some(2 << 30),
                 kernel_timeout: Some(std::time::Duration::from_secs(30)),
+                remote_key: Some(vgpu_mediator::remote::link::DEFAULT_MEDIATOR_KEY.into()),
+                remote_wait: Some(std::time::Duration::from_secs(30)),
             }
         );
         assert_eq!(c.executor, ExecutorChoice::Cpu);

@@ -13,7 +13,9 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use vgpu_mediator::{select, ExecutorChoice, Mediator, TenantConfig, TenantId};
+use vgpu_mediator::{
+    select_with, ExecutorChoice, ExecutorOptions, Mediator, TenantConfig, TenantId,
+};
 use vgpu_protocol::{Command, Request, ResponseHeader, Status, RESPONSE_HEADER_SIZE};
 use vhost_vgpu::testvmm::{Buf, Notify, Vm, VmOptions};
 use vmm_sys_util::eventfd::EventFd;
@@ -33,8 +35,15 @@ use vmm_sys_util::eventfd::EventFd;
 )]
 struct Cli {
     /// Executor of the in-process daemon and of the in-process baseline.
-    #[arg(long, value_name = "auto|cuda|cpu", default_value = "auto")]
+    #[arg(
+        long,
+        value_name = "auto|cuda|cpu|remote:HOST:PORT",
+        default_value = "auto"
+    )]
     executor: ExecutorChoice,
+    /// Key file for --executor remote (see vhost-vgpu --remote-key).
+    #[arg(long, value_name = "FILE")]
+    remote_key: Option<PathBuf>,
     /// Benchmark an external daemon instead of starting one in-process: its socket, or the
     /// base path it was started with (`vhost-vgpu --socket-path BASE --socket-count 4`
     /// listens on BASE0 ... BASE3; the 4-VM rows need four sockets).
@@ -55,6 +64,15 @@ struct Cli {
     /// --socket (the external daemon's own setting applies).
     #[arg(long, value_name = "N", default_value_t = 50)]
     poll_us: u64,
+}
+
+impl Cli {
+    fn options(&self) -> ExecutorOptions {
+        ExecutorOptions {
+            remote_key: self.remote_key.clone(),
+            ..ExecutorOptions::default()
+        }
+    }
 }
 
 /// Latency samples of one row.
@@ -273,7 +291,9 @@ impl Target {
             .map_err(|e| format!("adding the baseline tenant: {e}"))
         };
         if let Some(socket) = &cli.socket {
-            let mediator = Mediator::new(select(cli.executor).map_err(|e| e.to_string())?);
+            let mediator = Mediator::new(
+                select_with(cli.executor.clone(), &cli.options()).map_err(|e| e.to_string())?,
+            );
             let baseline_tenant = tenant(&mediator)?;
             let indexed: Vec<PathBuf> = (0..4)
                 .map(|i| PathBuf::from(format!("{}{i}", socket.display())))
@@ -296,7 +316,8 @@ impl Target {
         let dir = TempDir::new()?;
         let config = vhost_vgpu::VgpuConfig {
             socket_count: 4,
-            executor: cli.executor,
+            executor: cli.executor.clone(),
+            executor_options: cli.options(),
             mem_quota: Some(quota),
             ..vhost_vgpu::VgpuConfig::new(dir.0.join("vm"))
         };
