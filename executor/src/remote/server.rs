@@ -35,8 +35,11 @@ use vgpu_protocol::{ExecutorKind, Status};
 pub const DEFAULT_MAX_SESSIONS: u32 = 256;
 /// Replies waiting to be written together are written once they reach this size.
 const REPLY_BATCH_BYTES: usize = 64 << 10;
-/// How often the monitor looks at device progress while work is in flight.
+/// How often the monitor looks at device progress while work is in flight: at first, and
+/// again after each change; the wait doubles while nothing changes, up to
+/// [`METER_POLL_MAX`] (a long kernel costs few looks).
 const METER_POLL: Duration = Duration::from_micros(50);
+const METER_POLL_MAX: Duration = Duration::from_millis(2);
 /// How long the monitor sleeps while nothing is in flight (it wakes at once for new work
 /// and for a hang-up).
 const IDLE_POLL: Duration = Duration::from_millis(500);
@@ -673,13 +676,14 @@ fn monitor(
     killer: Option<Killer>,
 ) {
     let mut reported = (0u64, 0u64);
+    let mut poll = METER_POLL;
     loop {
         let busy = !progress
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pending
             .is_empty();
-        let wait = if busy { METER_POLL } else { IDLE_POLL };
+        let wait = if busy { poll } else { IDLE_POLL };
         let ts = libc::timespec {
             tv_sec: wait.as_secs() as libc::time_t,
             tv_nsec: wait.subsec_nanos() as libc::c_long,
@@ -699,6 +703,7 @@ fn monitor(
         // SAFETY: two valid pollfds and a valid timespec.
         let _ = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
         if fds[1].revents & libc::POLLIN != 0 {
+            poll = METER_POLL;
             let mut v = 0u64;
             // SAFETY: reads 8 bytes into a live u64 from an eventfd we own.
             let _ = unsafe { libc::read(wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
@@ -717,7 +722,10 @@ fn monitor(
             let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(m) = &meter {
                 let r = m.read();
-                while p.pending.front().is_some_and(|&s| s <= r.done) {
+                // Everything the executor sent has finished: so has every operation of
+                // the mediator's (whatever the executor counted for each).
+                let all = r.done >= r.sent;
+                while p.pending.front().is_some_and(|&s| all || s <= r.done) {
                     p.pending.pop_front();
                     p.done += 1;
                 }
@@ -725,7 +733,10 @@ fn monitor(
             }
             (p.done, p.busy_ns)
         };
-        if now != reported {
+        if now == reported {
+            poll = (poll * 2).min(METER_POLL_MAX);
+        } else {
+            poll = METER_POLL;
             reported = now;
             let reply = Reply::Meter {
                 done: now.0,
