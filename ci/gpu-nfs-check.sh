@@ -5,11 +5,12 @@
 # ci/e2e-nfs.sh covers the same protocol over real NFS.
 #
 #   bash ci/gpu-nfs-check.sh DIR     # DIR holds vgpu-mediator and vgpu-nfs-client
-# EXECUTOR=cpu EXPECT_DEVICE=CPU runs the same checks without a GPU.
+# EXECUTOR=cpu EXPECT_DEVICE=CPU runs the same checks without a GPU; EXECUTOR=remote:HOST:PORT
+# with REMOTE_KEY=FILE through a worker host (ci/gpu-remote.sh).
 set -uo pipefail
 
 if [[ $# -ne 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '3,8p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '3,9p' "$0" | sed 's/^# \{0,1\}//'
     [[ $# -eq 1 ]] && exit 0 || exit 2
 fi
 DIR=$(cd "$1" && pwd) || exit 2
@@ -22,7 +23,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$DIR/vgpu-mediator" --executor "${EXECUTOR:-cuda}" serve --nfs-root "$root" --vm vm1 --vm vm2 \
+key=()
+[[ -n ${REMOTE_KEY:-} ]] && key=(--remote-key "$REMOTE_KEY")
+"$DIR/vgpu-mediator" --executor "${EXECUTOR:-cuda}" "${key[@]}" serve --nfs-root "$root" --vm vm1 --vm vm2 \
     >"$root/.server.log" 2>&1 &
 server=$!
 for _ in $(seq 100); do

@@ -560,7 +560,15 @@ fn noise_builder<'a>(prologue: &'a [u8], key: &'a Key) -> snow::Builder<'a> {
     let params = NOISE_PARAMS
         .parse()
         .expect("NOISE_PARAMS is a valid pattern");
-    snow::Builder::new(params).prologue(prologue).psk(0, &key.0)
+    // ring's AES-GCM (AES-NI and carry-less multiplication: several times the throughput
+    // of the portable implementation); X25519 from the portable resolver.
+    let resolver = snow::resolvers::FallbackResolver::new(
+        Box::new(snow::resolvers::RingResolver),
+        Box::<snow::resolvers::DefaultResolver>::default(),
+    );
+    snow::Builder::with_resolver(params, Box::new(resolver))
+        .prologue(prologue)
+        .psk(0, &key.0)
 }
 
 fn hello_prologue(version: u32, name: &str) -> Vec<u8> {
@@ -904,7 +912,10 @@ impl Receiver {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "short record"));
         }
         if len - TAG > limit {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "overlong message"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "overlong message",
+            ));
         }
         self.fill(2 + len)?;
         let start = dst.len();
@@ -941,7 +952,10 @@ impl Receiver {
             ));
         }
         if out.len() - 4 > len {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "overlong message"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "overlong message",
+            ));
         }
         out.drain(..4);
         out.try_reserve_exact(len - out.len())

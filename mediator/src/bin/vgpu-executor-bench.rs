@@ -24,7 +24,11 @@ use vgpu_protocol::{Param, BUILTIN_MODULE};
 )]
 struct Cli {
     /// Executor: cuda, cpu, auto, or remote:HOST:PORT.
-    #[arg(long, value_name = "auto|cuda|cpu|remote:HOST:PORT", default_value = "auto")]
+    #[arg(
+        long,
+        value_name = "auto|cuda|cpu|remote:HOST:PORT",
+        default_value = "auto"
+    )]
     executor: ExecutorChoice,
     /// Key file for --executor remote (one line NAME KEY).
     #[arg(long, value_name = "FILE")]
