@@ -11,7 +11,7 @@ CACHE_ROOT=${VGPU_CACHE:-$HOME/.cache/vgpu}
 ZIGBUILD_VERSION=${VGPU_ZIGBUILD_VERSION:-0.22.3}
 ZIG_VERSION=${VGPU_ZIG_VERSION:-0.16.0}
 TARGET=x86_64-unknown-linux-gnu.2.17
-HOST_BINS=(vgpu-mediator vgpu-executor-worker vhost-vgpu vgpu-admin)
+HOST_BINS=(vgpu-mediator vgpu-executor-worker vhost-vgpu vgpu-admin vgpu-worker)
 GUEST_BINS=(vgpu-nfs-client vgpu-smi vgpu-vector-add)
 
 usage() {

@@ -76,10 +76,11 @@ apt_install gcc libc6-dev cpio rpm2cpio
 work=$(mktemp -d "${TMPDIR:-/tmp}/vgpu-glibc.XXXXXX")
 vhost=""
 server=""
+worker=""
 # shellcheck disable=SC2317  # called by the EXIT trap
 cleanup() {
     local p
-    for p in $vhost $server; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
+    for p in $vhost $server $worker; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
     if [[ $keep -eq 1 ]]; then echo "work directory: $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
@@ -125,7 +126,7 @@ n=$(grep -c '^PASS glibc ' "$work/glibc-check.log" || true)
 
 # ---- the binaries run here ----------------------------------------------------------
 step "run: the 2.17 binaries on this machine"
-for b in vgpu-mediator vgpu-executor-worker vhost-vgpu vgpu-admin vgpu-nfs-client vgpu-smi vgpu-vector-add; do
+for b in vgpu-mediator vgpu-executor-worker vhost-vgpu vgpu-admin vgpu-worker vgpu-nfs-client vgpu-smi vgpu-vector-add; do
     if "$dist/$b" --help >"$work/$b.help" 2>&1 && grep -q '^Usage: ' "$work/$b.help"; then
         pass "glibc-run $b --help: $(grep -m 1 '^Usage: ' "$work/$b.help")"
     else
@@ -196,6 +197,35 @@ if [[ $rc -eq 0 ]]; then
 else
     show "$work/serve.log" 5
     fail "glibc-nfs shutdown: vgpu-mediator serve exit status $rc"
+fi
+
+# The worker-VM layout with the 2.17 binaries (a Dom0 mediator and a GPU worker): the
+# same protocol through vgpu-worker over loopback TCP.
+(umask 077 && "$dist/vgpu-worker" keygen glibc-check >"$work/remote.key")
+cp "$work/remote.key" "$work/worker.keys"
+chmod 600 "$work/worker.keys"
+port=$((19000 + RANDOM % 1000))
+VGPU_EXECUTOR_WORKER=$dist/vgpu-executor-worker "$dist/vgpu-worker" --executor cpu \
+    --listen "127.0.0.1:$port" --keys "$work/worker.keys" >"$work/worker.log" 2>&1 &
+worker=$!
+rm -rf "$nfs" && mkdir -p "$nfs"
+"$dist/vgpu-mediator" --executor "remote:127.0.0.1:$port" --remote-key "$work/remote.key" \
+    serve --nfs-root "$nfs" --vm vm1 >"$work/serve.log" 2>&1 &
+server=$!
+for _ in $(seq 100); do
+    [[ -f $nfs/vm1/response.txt ]] && break
+    sleep 0.1
+done
+client 1 "Vector add PASSED: 1024 elements, 0 errors"
+kill "$server" "$worker" 2>/dev/null
+wait "$server" "$worker" 2>/dev/null
+server=""
+worker=""
+if grep -q "mediator 'glibc-check' connected" "$work/worker.log"; then
+    pass "glibc-remote: vgpu-mediator --executor remote served command 1 through vgpu-worker"
+else
+    show "$work/worker.log" 10
+    fail "glibc-remote: the worker log shows no session of the mediator"
 fi
 
 # libvgpu.so from C: loads, resolves, and answers without a device.
@@ -305,7 +335,7 @@ rpm_check() { # PACKAGE-FILE KIND WANTED-FILE...
 
 host_rpm=${rpms[0]}
 guest_rpm=${rpms[1]}
-rpm_check "$host_rpm" host /usr/bin/vgpu-mediator /usr/bin/vgpu-executor-worker /usr/bin/vhost-vgpu /usr/bin/vgpu-admin \
+rpm_check "$host_rpm" host /usr/bin/vgpu-mediator /usr/bin/vgpu-executor-worker /usr/bin/vhost-vgpu /usr/bin/vgpu-admin /usr/bin/vgpu-worker \
     /usr/lib/systemd/system/vhost-vgpu.service /usr/lib/systemd/system/vgpu-mediator-nfs.service \
     /usr/lib/tmpfiles.d/vhost-vgpu.conf /var/vgpu
 rpm_check "$guest_rpm" guest /usr/bin/vgpu-nfs-client /usr/bin/vgpu-smi /usr/bin/vgpu-vector-add \
@@ -348,7 +378,7 @@ for unit in vhost-vgpu.service vgpu-mediator-nfs.service; do
     exe=$(sed -n 's/^ExecStart=\([^ ]*\).*/\1/p' "$work/host-root/usr/lib/systemd/system/$unit" 2>/dev/null)
     [[ -n $exe && -x $work/host-root$exe ]] || bad+=("$unit:${exe:-no ExecStart}")
 done
-for b in vgpu-mediator vgpu-executor-worker vhost-vgpu vgpu-admin; do
+for b in vgpu-mediator vgpu-executor-worker vhost-vgpu vgpu-admin vgpu-worker; do
     cmp -s "$work/host-root/usr/bin/$b" "$dist/$b" || bad+=("/usr/bin/$b differs from $dist/$b")
 done
 if [[ ${#bad[@]} -eq 0 ]]; then
