@@ -15,7 +15,7 @@ Packages the binaries of ci/build-glibc217.sh with packaging/rpm/vgpu.spec (rpmb
 gzip payload, readable by rpm 4.11: CentOS 7, XCP-ng Dom0, RHEL 7 and later):
 
   vgpu-host   /usr/bin/{vgpu-mediator,vgpu-executor-worker,vhost-vgpu},
-              /usr/lib/systemd/system/{vhost-vgpu,vgpu-mediator-nfs}.service (the units of
+              /usr/lib/systemd/system/{vhost-vgpu,vgpu-mediator-nfs,vgpu-worker}.service (the units of
               qemu-configs/ with their binaries in /usr/bin),
               /usr/lib/tmpfiles.d/vhost-vgpu.conf, /var/vgpu; %pre creates the system
               users vgpu and vgpu-worker and adds QEMU's user qemu, where it exists,

@@ -336,7 +336,7 @@ rpm_check() { # PACKAGE-FILE KIND WANTED-FILE...
 host_rpm=${rpms[0]}
 guest_rpm=${rpms[1]}
 rpm_check "$host_rpm" host /usr/bin/vgpu-mediator /usr/bin/vgpu-executor-worker /usr/bin/vhost-vgpu /usr/bin/vgpu-admin /usr/bin/vgpu-worker \
-    /usr/lib/systemd/system/vhost-vgpu.service /usr/lib/systemd/system/vgpu-mediator-nfs.service \
+    /usr/lib/systemd/system/vhost-vgpu.service /usr/lib/systemd/system/vgpu-mediator-nfs.service /usr/lib/systemd/system/vgpu-worker.service \
     /usr/lib/tmpfiles.d/vhost-vgpu.conf /var/vgpu
 rpm_check "$guest_rpm" guest /usr/bin/vgpu-nfs-client /usr/bin/vgpu-smi /usr/bin/vgpu-vector-add \
     /usr/lib64/libvgpu.so /usr/include/vgpu.h /usr/include/vgpu_ioctl.h
@@ -374,7 +374,7 @@ fi
 rm -rf "$work/host-root" && mkdir -p "$work/host-root"
 (cd "$work/host-root" && rpm2cpio "$host_rpm" | cpio -idm --quiet) 2>"$work/cpio.log" || true
 bad=()
-for unit in vhost-vgpu.service vgpu-mediator-nfs.service; do
+for unit in vhost-vgpu.service vgpu-mediator-nfs.service vgpu-worker.service; do
     exe=$(sed -n 's/^ExecStart=\([^ ]*\).*/\1/p' "$work/host-root/usr/lib/systemd/system/$unit" 2>/dev/null)
     [[ -n $exe && -x $work/host-root$exe ]] || bad+=("$unit:${exe:-no ExecStart}")
 done
@@ -382,7 +382,7 @@ for b in vgpu-mediator vgpu-executor-worker vhost-vgpu vgpu-admin vgpu-worker; d
     cmp -s "$work/host-root/usr/bin/$b" "$dist/$b" || bad+=("/usr/bin/$b differs from $dist/$b")
 done
 if [[ ${#bad[@]} -eq 0 ]]; then
-    pass "rpm-units vgpu-host: ExecStart of both units names a binary in the package ($(sed -n 's/^ExecStart=\([^ ]*\).*/\1/p' "$work/host-root"/usr/lib/systemd/system/*.service | tr '\n' ' ')), binaries as built"
+    pass "rpm-units vgpu-host: ExecStart of the three units names a binary in the package ($(sed -n 's/^ExecStart=\([^ ]*\).*/\1/p' "$work/host-root"/usr/lib/systemd/system/*.service | tr '\n' ' ')), binaries as built"
 else
     show "$work/cpio.log"
     fail "rpm-units vgpu-host: ${bad[*]}"

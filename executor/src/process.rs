@@ -1856,6 +1856,16 @@ struct KillTarget {
     sock: Option<UnixStream>,
 }
 
+/// A worker that could not be killed: said loudly, since the call that waits for it
+/// may then wait for its kernel.
+fn kill_failed(pid: libc::pid_t) {
+    log::error!(
+        "cannot kill executor worker {pid}: {} (a daemon that starts workers as another \
+         user needs CAP_KILL)",
+        io::Error::last_os_error()
+    );
+}
+
 impl KillSwitch {
     fn new(pid: u32, sock: Option<UnixStream>) -> KillSwitch {
         KillSwitch {
@@ -1882,7 +1892,9 @@ impl KillSwitch {
         if let Some(pid) = target.pid {
             // SAFETY: sends a signal to our own child, which has not been reaped (the
             // lock is held by whoever reaps it), so the pid is still that child's.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+                kill_failed(pid);
+            }
         }
         if let Some(sock) = &target.sock {
             let _ = sock.shutdown(std::net::Shutdown::Both);
@@ -1914,7 +1926,9 @@ impl KillSwitch {
             let mut target = self.lock();
             if let Some(pid) = target.pid.take() {
                 // SAFETY: as in `kill`: our child, not reaped yet.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+                    kill_failed(pid);
+                }
             }
             target.sock = None;
         }
