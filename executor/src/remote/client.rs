@@ -376,6 +376,9 @@ struct Shared {
     /// For killing: shut down, every read on the connection returns.
     conn: Conn,
     killed: AtomicU8,
+    /// Requests sent (counted before each is written): a reply beyond them answers
+    /// nothing that was asked.
+    asked: AtomicU64,
 }
 
 #[derive(Default)]
@@ -417,6 +420,7 @@ fn reply_bytes(r: &Reply) -> usize {
 
 fn reader(mut rx: Receiver, shared: Arc<Shared>) {
     let mut buf = Vec::new();
+    let mut answered = 0u64;
     let why = loop {
         if let Err(e) = rx.recv(MAX_REPLY, &mut buf) {
             break if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -435,8 +439,10 @@ fn reader(mut rx: Receiver, shared: Arc<Shared>) {
             continue;
         }
         let n = reply_bytes(&reply);
+        answered += 1;
+        let unasked = answered > shared.asked.load(Ordering::SeqCst);
         let mut inbox = shared.inbox.lock().unwrap_or_else(|e| e.into_inner());
-        if inbox.replies.len() > MAX_IN_FLIGHT || inbox.bytes + n > MAX_INBOX_BYTES {
+        if unasked || inbox.replies.len() > MAX_IN_FLIGHT || inbox.bytes + n > MAX_INBOX_BYTES {
             inbox.closed = Some("the worker sent replies nobody asked for".into());
             drop(inbox);
             shared.conn.shutdown();
@@ -497,6 +503,7 @@ impl RemoteExecutor {
             meter: RemoteMeter::default(),
             conn: c.rx.conn().try_clone().map_err(|e| e.to_string())?,
             killed: AtomicU8::new(NOT_KILLED),
+            asked: AtomicU64::new(0),
         });
         let s2 = shared.clone();
         let rx = c.rx;
@@ -655,6 +662,7 @@ impl RemoteExecutor {
         if req.is_device_op() {
             self.shared.meter.sent.fetch_add(1, Ordering::AcqRel);
         }
+        self.shared.asked.fetch_add(1, Ordering::SeqCst);
         if let Err(e) = self.tx.send_with(|v| postcard::to_extend(req, v)) {
             return Err(self.lose(format!("sending to the worker: {e}")));
         }

@@ -110,6 +110,8 @@ impl Server {
         }
     }
 
+    /// The hello of a connection already counted in `active`: the sessions it reports
+    /// are the others.
     fn hello(&self) -> WorkerHello {
         let d = self.factory.device();
         WorkerHello {
@@ -122,7 +124,7 @@ impl Server {
             multiprocessors: d.multiprocessors,
             gpus: self.config.gpus,
             free_memory: (self.config.free_memory)().unwrap_or(d.total_memory),
-            sessions: self.active(),
+            sessions: self.active().saturating_sub(1),
             max_sessions: self.config.max_sessions,
             sanity: self.config.sanity.clone(),
         }
