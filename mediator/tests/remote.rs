@@ -1681,3 +1681,71 @@ fn the_worker_frees_everything_a_connection_held_when_it_ends() {
     drop(killed);
     assert_no_product_thread_panicked();
 }
+
+/// Reads one hello (magic, version, name, first Noise message) from `from`, as sent.
+fn read_hello(from: &mut TcpStream) -> Vec<u8> {
+    let mut head = [0u8; 13];
+    from.read_exact(&mut head).unwrap();
+    let mut rest = vec![0u8; head[12] as usize + 2];
+    from.read_exact(&mut rest).unwrap();
+    let n = u16::from_le_bytes([rest[rest.len() - 2], rest[rest.len() - 1]]) as usize;
+    let mut msg = vec![0u8; n];
+    from.read_exact(&mut msg).unwrap();
+    [head.to_vec(), rest, msg].concat()
+}
+
+#[test]
+fn a_replayed_hello_gets_no_session_and_no_executor() {
+    let keys = Keys::new("replay");
+    let w = Worker::start(&keys.worker, 0);
+    // A mediator's real hello, recorded on its way to the worker.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let target = w.port;
+    let recorder = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", target)).unwrap();
+        let hello = read_hello(&mut c);
+        s.write_all(&hello).unwrap();
+        let mut head = [0u8; 3];
+        s.read_exact(&mut head).unwrap();
+        let mut body = vec![0u8; u16::from_le_bytes([head[1], head[2]]) as usize];
+        s.read_exact(&mut body).unwrap();
+        c.write_all(&head).unwrap();
+        c.write_all(&body).unwrap();
+        (hello, c, s)
+    });
+    let conn = Conn::connect(&Endpoint::Tcp {
+        host: "127.0.0.1".into(),
+        port,
+    })
+    .unwrap();
+    let (_real, _) = link::initiate(conn, NAME, &keys.key).unwrap();
+    let (hello, _c, _s) = recorder.join().unwrap();
+
+    // Replayed by someone without the key: the worker answers the handshake (it cannot
+    // tell yet), but the replayer can produce no request, so it holds no session.
+    let mut replay = TcpStream::connect(("127.0.0.1", w.port)).unwrap();
+    replay.write_all(&hello).unwrap();
+    let mut status = [0u8; 1];
+    replay.read_exact(&mut status).unwrap();
+    assert_eq!(status[0], 0);
+    // Neither the replay nor the real connection (no request sent yet) is a session.
+    assert_eq!(sessions(&w.endpoint, &keys.creds()), 0);
+    // A forged record ends the replayed connection.
+    let mut forged = vec![40u8, 0];
+    forged.extend_from_slice(&[0x5a; 40]);
+    replay.write_all(&forged).unwrap();
+    replay
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = replay.read_to_end(&mut rest);
+    assert_eq!(sessions(&w.endpoint, &keys.creds()), 0);
+    // Real mediators are served meanwhile.
+    let factory = remote_factory(&w.endpoint, &keys.mediator);
+    let m = Arc::new(Mediator::new(factory));
+    let t = tenant(&m, "vm-after-replay");
+    let s = ok(&m, t, 0, Command::SessionOpen).value0;
+    works(&m, t, s, 3);
+}

@@ -52,7 +52,8 @@ struct Cli {
     /// worker (a kernel, or the work a SYNC waits for) before the watchdog ends that
     /// worker. The session then gets DEVICE_LOST with detail 702 (CUDA's launch timeout);
     /// the VM's other sessions and the other VMs keep running. Default 600; at least 1.
-    /// Applies to executors in worker processes (CUDA), not to the in-process CPU one.
+    /// Applies to executors in worker processes (CUDA) and on worker hosts (remote), not
+    /// to the in-process CPU one.
     #[arg(
         long,
         global = true,

@@ -264,8 +264,9 @@ pub struct Args {
     /// worker (a kernel, or the work a SYNC waits for) before the watchdog ends that
     /// worker. The session then gets DEVICE_LOST with detail 702 (CUDA's launch timeout)
     /// for that call and every later one; the VM's other sessions and the other VMs keep
-    /// running. Default 600; at least 1. Applies to executors in worker processes (CUDA);
-    /// not to --single-vm-shared-process or the in-process CPU executor.
+    /// running. Default 600; at least 1. Applies to executors in worker processes (CUDA)
+    /// and on worker hosts (remote); not to --single-vm-shared-process or the in-process
+    /// CPU executor.
     #[arg(
         long,
         value_name = "SECONDS",

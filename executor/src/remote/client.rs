@@ -17,9 +17,10 @@
 //! Faults: a connection that breaks (or a worker that stops answering for the kernel
 //! timeout, or a killer) turns this executor and every later call into `DEVICE_LOST`,
 //! never a retry: a request that was sent may have run. The mediator then drops the
-//! executor and the session's next call opens a new one (a new connection); the factory
-//! waits between failed attempts to reach a worker, doubling the wait up to
-//! [`MAX_BACKOFF`].
+//! executor; the guest session answers `DEVICE_LOST` until the guest closes it, and the
+//! VM's next session opens a new executor (a new connection; for the NFS transport, the
+//! next command). The factory waits between failed attempts to reach a worker, doubling
+//! the wait up to [`MAX_BACKOFF`].
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -154,7 +155,9 @@ pub fn sanity(endpoint: &Endpoint, creds: &Credentials) -> Result<String, String
         c.rx.recv(MAX_REPLY, &mut buf)
             .map_err(|e| format!("worker {endpoint}: {e}"))?;
         match postcard::from_bytes::<Reply>(&buf) {
-            Ok(Reply::Text { result }) => return result,
+            Ok(Reply::Text { result }) => {
+                return result.map_err(|e| format!("worker {endpoint}: {e}"))
+            }
             Ok(Reply::Meter { .. }) => continue,
             _ => return Err(format!("worker {endpoint}: an unexpected answer")),
         }
@@ -457,6 +460,9 @@ fn reader(mut rx: Receiver, shared: Arc<Shared>) {
     let mut inbox = shared.inbox.lock().unwrap_or_else(|e| e.into_inner());
     inbox.closed.get_or_insert(why);
     drop(inbox);
+    // Whatever ended the reading ends the connection at once: the worker frees the
+    // session now, not at the session's next call.
+    shared.conn.shutdown();
     shared.ready.notify_all();
 }
 

@@ -343,9 +343,10 @@ impl Conn {
         }
     }
 
-    /// A TCP connection with the options every link uses: no Nagle delay, keepalive that
-    /// finds a dead peer within about five seconds, and unacknowledged data given up
-    /// after ten.
+    /// A TCP connection with the options every link uses: no Nagle delay, and a dead peer
+    /// found within about six seconds: keepalive probes after 2 s idle, 1 s apart, and
+    /// data or probes unacknowledged for 6 s end the connection (`TCP_USER_TIMEOUT`,
+    /// which also bounds the keepalive probing).
     pub fn from_tcp(s: TcpStream, peer: SocketAddr) -> Conn {
         let _ = s.set_nodelay(true);
         let fd = OwnedFd::from(s);
@@ -354,7 +355,7 @@ impl Conn {
         setsockopt_int(raw, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 2);
         setsockopt_int(raw, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1);
         setsockopt_int(raw, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
-        setsockopt_int(raw, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 10_000);
+        setsockopt_int(raw, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 6_000);
         Conn {
             fd,
             peer: peer.to_string(),
@@ -388,6 +389,15 @@ impl Conn {
 
     /// Sets (or clears) the timeout of every read and write.
     pub fn set_timeout(&self, t: Option<Duration>) {
+        self.set_timeouts(t, &[libc::SO_RCVTIMEO, libc::SO_SNDTIMEO]);
+    }
+
+    /// Sets (or clears) the timeout of every write.
+    pub fn set_send_timeout(&self, t: Option<Duration>) {
+        self.set_timeouts(t, &[libc::SO_SNDTIMEO]);
+    }
+
+    fn set_timeouts(&self, t: Option<Duration>, which: &[libc::c_int]) {
         let tv = match t {
             Some(t) => libc::timeval {
                 tv_sec: t.as_secs() as libc::time_t,
@@ -398,7 +408,7 @@ impl Conn {
                 tv_usec: 0,
             },
         };
-        for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        for &opt in which {
             // SAFETY: `tv` lives across the call and its size is passed.
             let _ = unsafe {
                 libc::setsockopt(
@@ -579,15 +589,37 @@ fn hello_prologue(version: u32, name: &str) -> Vec<u8> {
     p
 }
 
-fn read_exact_vec(conn: &Conn, len: usize) -> io::Result<Vec<u8>> {
+/// Fills `buf` from `conn`, all of it by `deadline` (however slowly the peer sends).
+fn read_by(conn: &Conn, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        if !wait_readable(conn, Some(deadline))? {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the handshake took too long",
+            ));
+        }
+        let n = (&mut &*conn).read(&mut buf[at..])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the peer closed the connection",
+            ));
+        }
+        at += n;
+    }
+    Ok(())
+}
+
+fn read_exact_vec(conn: &Conn, len: usize, deadline: Instant) -> io::Result<Vec<u8>> {
     let mut v = vec![0u8; len];
-    (&mut &*conn).read_exact(&mut v)?;
+    read_by(conn, &mut v, deadline)?;
     Ok(v)
 }
 
-fn read_u16(conn: &Conn) -> io::Result<usize> {
+fn read_u16(conn: &Conn, deadline: Instant) -> io::Result<usize> {
     let mut b = [0u8; 2];
-    (&mut &*conn).read_exact(&mut b)?;
+    read_by(conn, &mut b, deadline)?;
     Ok(u16::from_le_bytes(b) as usize)
 }
 
@@ -637,10 +669,11 @@ pub fn initiate_version(
     hello.extend_from_slice(&(n as u16).to_le_bytes());
     hello.extend_from_slice(&msg[..n]);
     (&conn).write_all(&hello)?;
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let mut status = [0u8; 1];
-    (&conn).read_exact(&mut status)?;
-    let len = read_u16(&conn)?;
-    let body = read_exact_vec(&conn, len)?;
+    read_by(&conn, &mut status, deadline)?;
+    let len = read_u16(&conn, deadline)?;
+    let body = read_exact_vec(&conn, len, deadline)?;
     match status[0] {
         0 => {}
         1 => {
@@ -680,10 +713,9 @@ pub fn accept(conn: &Conn, admit: Admit<'_>) -> Result<(snow::HandshakeState, St
         let _ = (&*conn).write_all(&out);
         why
     };
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let mut head = [0u8; 13];
-    (&mut &*conn)
-        .read_exact(&mut head)
-        .map_err(|e| format!("reading the hello: {e}"))?;
+    read_by(conn, &mut head, deadline).map_err(|e| format!("reading the hello: {e}"))?;
     if head[..8] != MAGIC {
         return Err("not a vGPU mediator (bad magic); closed".into());
     }
@@ -700,16 +732,17 @@ pub fn accept(conn: &Conn, admit: Admit<'_>) -> Result<(snow::HandshakeState, St
     if name_len == 0 || name_len > MAX_NAME {
         return Err(refuse("malformed hello (name length)".into()));
     }
-    let name = read_exact_vec(conn, name_len).map_err(|e| format!("reading the hello: {e}"))?;
+    let name =
+        read_exact_vec(conn, name_len, deadline).map_err(|e| format!("reading the hello: {e}"))?;
     let name = match String::from_utf8(name) {
         Ok(n) if valid_name(&n) => n,
         _ => return Err(refuse("malformed hello (name)".into())),
     };
-    let len = read_u16(conn).map_err(|e| format!("reading the hello: {e}"))?;
+    let len = read_u16(conn, deadline).map_err(|e| format!("reading the hello: {e}"))?;
     if len > MAX_HANDSHAKE {
         return Err(refuse("malformed hello (handshake length)".into()));
     }
-    let msg = read_exact_vec(conn, len).map_err(|e| format!("reading the hello: {e}"))?;
+    let msg = read_exact_vec(conn, len, deadline).map_err(|e| format!("reading the hello: {e}"))?;
     let key = admit(version, &name).map_err(refuse)?;
     let prologue = hello_prologue(version, &name);
     let mut hs = noise_builder(&prologue, &key)
@@ -762,6 +795,7 @@ impl Link {
                 conn: rconn,
                 state,
                 nonce: 0,
+                deadline: None,
                 buf: Vec::new(),
                 at: 0,
                 end: 0,
@@ -855,6 +889,8 @@ pub struct Receiver {
     conn: Conn,
     state: Arc<StatelessTransportState>,
     nonce: u64,
+    /// When set, reads fail once it has passed.
+    deadline: Option<Instant>,
     /// Bytes read from the socket not yet taken as records: `buf[at..end]`.
     buf: Vec<u8>,
     at: usize,
@@ -891,6 +927,11 @@ impl Receiver {
             self.at = 0;
         }
         while self.end < want {
+            if let Some(d) = self.deadline {
+                if !wait_readable(&self.conn, Some(d))? {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "too slow"));
+                }
+            }
             let n = (&self.conn).read(&mut self.buf[self.end..])?;
             if n == 0 {
                 return Err(io::Error::new(
@@ -969,6 +1010,19 @@ impl Receiver {
         }
         Ok(())
     }
+}
+
+/// [`Receiver::recv`] of a message that must arrive whole within `within`.
+pub fn recv_within(
+    rx: &mut Receiver,
+    max: usize,
+    out: &mut Vec<u8>,
+    within: Duration,
+) -> io::Result<()> {
+    rx.deadline = Some(Instant::now() + within);
+    let r = rx.recv(max, out);
+    rx.deadline = None;
+    r
 }
 
 /// Waits until `conn` is readable or hung up, or `deadline` passes; true when it is.

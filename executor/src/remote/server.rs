@@ -31,6 +31,10 @@ use crate::executor::{
 };
 use vgpu_protocol::{ExecutorKind, Status};
 
+/// Connections authenticating at once; more are closed at once.
+const MAX_PENDING: u32 = 64;
+/// A reply that cannot be written for this long ends its connection.
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default of [`ServerConfig::max_sessions`].
 pub const DEFAULT_MAX_SESSIONS: u32 = 256;
 /// Replies waiting to be written together are written once they reach this size.
@@ -65,6 +69,8 @@ pub struct Server {
     factory: Arc<dyn ExecutorFactory>,
     config: ServerConfig,
     active: AtomicU32,
+    /// Connections still authenticating.
+    pending: AtomicU32,
 }
 
 impl Server {
@@ -73,6 +79,7 @@ impl Server {
             factory,
             config,
             active: AtomicU32::new(0),
+            pending: AtomicU32::new(0),
         })
     }
 
@@ -124,7 +131,7 @@ impl Server {
             multiprocessors: d.multiprocessors,
             gpus: self.config.gpus,
             free_memory: (self.config.free_memory)().unwrap_or(d.total_memory),
-            sessions: self.active().saturating_sub(1),
+            sessions: self.active(),
             max_sessions: self.config.max_sessions,
             sanity: self.config.sanity.clone(),
         }
@@ -133,6 +140,17 @@ impl Server {
     /// Serves one connection to its end.
     pub fn connection(self: Arc<Self>, conn: Conn) {
         let peer = conn.peer().to_string();
+        // Connections not yet authenticated are few and short: a peer without a key (or
+        // one replaying a recorded hello) holds a slot for one handshake timeout at most.
+        if self.pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            log::warn!(
+                "connection from {peer} closed: {MAX_PENDING} connections are authenticating \
+                 already"
+            );
+            return;
+        }
+        let pending = Decrement(&self.pending);
         let admit = |_version: u32, name: &str| -> Result<Key, String> {
             let Some(key) = self.config.keys.get(name) else {
                 return Err(format!(
@@ -148,9 +166,6 @@ impl Server {
                 return;
             }
         };
-        // Counted from here: a connection that only asks the hello is one too.
-        let active = self.active.fetch_add(1, Ordering::SeqCst) + 1;
-        let _count = Decrement(&self.active);
         let hello = self.hello();
         let payload = match postcard::to_stdvec(&hello) {
             Ok(p) => p,
@@ -166,9 +181,24 @@ impl Server {
                 return;
             }
         };
+        // The first request proves the peer holds the key (a replayed hello cannot make
+        // one): only then is the connection a session.
+        let mut buf = Vec::new();
+        let first = link::recv_within(&mut link.rx, MAX_REQUEST, &mut buf, link::HANDSHAKE_TIMEOUT);
+        drop(pending);
+        if let Err(e) = first {
+            if e.kind() != io::ErrorKind::UnexpectedEof {
+                log::warn!("connection from {peer} ('{name}'): no first request: {e}");
+            }
+            return;
+        }
+        let active = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+        let _count = Decrement(&self.active);
+        // A mediator that stops reading cannot hold this thread forever.
+        link.tx.conn().set_send_timeout(Some(SEND_TIMEOUT));
         log::info!("mediator '{name}' connected from {peer} ({active} connection(s))");
         if active > self.config.max_sessions {
-            // Told in the answer to Open (the hello has already gone out).
+            // Told in the answer to Open.
             log::warn!(
                 "mediator '{name}' from {peer}: {} sessions already served (--max-sessions)",
                 self.config.max_sessions
@@ -184,20 +214,23 @@ impl Server {
             batched: 0,
             full: active > self.config.max_sessions,
         };
-        let mut buf = Vec::new();
+        let mut have = true;
         let why = loop {
-            if !link.rx.has_buffered() {
-                if let Err(e) = session.flush() {
-                    break format!("sending: {e}");
+            if !have {
+                if !link.rx.has_buffered() {
+                    if let Err(e) = session.flush() {
+                        break format!("sending: {e}");
+                    }
+                }
+                if let Err(e) = link.rx.recv(MAX_REQUEST, &mut buf) {
+                    break if e.kind() == io::ErrorKind::UnexpectedEof {
+                        "closed by the mediator".to_string()
+                    } else {
+                        format!("receiving: {e}")
+                    };
                 }
             }
-            if let Err(e) = link.rx.recv(MAX_REQUEST, &mut buf) {
-                break if e.kind() == io::ErrorKind::UnexpectedEof {
-                    "closed by the mediator".to_string()
-                } else {
-                    format!("receiving: {e}")
-                };
-            }
+            have = false;
             let request: Request<'_> = match postcard::take_from_bytes(&buf) {
                 Ok((r, [])) => r,
                 _ => break "a malformed request; connection closed".to_string(),
@@ -514,10 +547,16 @@ impl Session<'_> {
                 self.done(r, true)
             }
             Request::DeviceAttributes { count } => {
-                let r = self
-                    .exec()
-                    .and_then(|e| e.device_attributes(count))
-                    .map(WireAnswer::Attributes);
+                let r = if count == 0 || count > vgpu_protocol::MAX_DEVICE_ATTRIBUTES {
+                    Err(ExecError::new(
+                        Status::InvalidArgument,
+                        0,
+                        format!("attribute count {count} out of range"),
+                    ))
+                } else {
+                    self.exec().and_then(|e| e.device_attributes(count))
+                }
+                .map(WireAnswer::Attributes);
                 self.answer(r)
             }
             Request::FunctionInfo { kernel } => {

@@ -46,8 +46,8 @@ pub struct WorkerHello {
     pub gpus: u32,
     /// Free device memory now (the driver's figure; for the CPU executor, the total).
     pub free_memory: u64,
-    /// Sessions (connections) it serves now besides the one this hello answers, and at
-    /// most.
+    /// Sessions it serves now (connections past their first request; not the one this
+    /// hello answers), and at most.
     pub sessions: u32,
     pub max_sessions: u32,
     /// The CUDA sanity gate's line at the worker's start, or why it runs the CPU executor.

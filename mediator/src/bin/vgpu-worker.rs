@@ -55,7 +55,7 @@ struct Cli {
     /// root: vgpu-worker if it exists, else nobody.
     #[arg(long, value_name = "USER")]
     worker_user: Option<String>,
-    /// Cap on each CUDA executor worker's private host memory (RLIMIT_DATA).
+    /// Cap on each executor worker's private host memory (RLIMIT_DATA; default 16G).
     #[arg(long, value_name = "SIZE", value_parser = vgpu_mediator::parse_size)]
     worker_max_memory: Option<u64>,
     /// Kernel timeout, in seconds: the longest one call of a session may wait for its
@@ -158,6 +158,11 @@ fn run(cli: Cli) -> Result<(), String> {
                         .map_err(|e| format!("--worker-user: {e}"))?,
                 );
             }
+            sandbox.max_data_bytes = Some(
+                options
+                    .worker_max_memory
+                    .unwrap_or(vgpu_mediator::executor::DEFAULT_WORKER_MAX_MEMORY),
+            );
             f = f.with_sandbox(sandbox).with_kernel_timeout(
                 options
                     .kernel_timeout
