@@ -117,8 +117,9 @@ e2e_worker_start() { # BIN KIND LOG [PORT]
         candidates=("$port")
     else
         candidates=()
-        # Below Linux's ephemeral ports (32768 on).
-        for ((p = 17000 + $$ % 1500 * 10, i = 0; i < 20; p++, i++)); do
+        # 10000 to 19019: below ci/e2e-qemu.sh's metrics ports (20000 on) and Linux's
+        # ephemeral ports (32768 on).
+        for ((p = 10000 + $$ % 900 * 10, i = 0; i < 20; p++, i++)); do
             candidates+=("$p")
         done
     fi
@@ -129,11 +130,11 @@ e2e_worker_start() { # BIN KIND LOG [PORT]
         pids+=("$worker_pid")
         # The CUDA sanity gate runs first: allow it a minute.
         for ((i = 0; i < 600; i++)); do
-            grep -q "serving .* on 127\.0\.0\.1:$p\$" "$log" && break
+            grep -qs "serving .* on 127\.0\.0\.1:$p\$" "$log" && break
             kill -0 "$worker_pid" 2>/dev/null || break
             sleep 0.1
         done
-        if grep -q "serving .* on 127\.0\.0\.1:$p\$" "$log"; then
+        if grep -qs "serving .* on 127\.0\.0\.1:$p\$" "$log"; then
             worker_port=$p
             return 0
         fi
