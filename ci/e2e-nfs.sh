@@ -420,8 +420,13 @@ elif [[ $executor == remote ]]; then
         opened=$(grep -c "mediator 'e2e-nfs' connected from" "$work/vgpu-worker.log" || true)
         ended=$(grep -cE "mediator 'e2e-nfs' from [^ ]+: " "$work/vgpu-worker.log" || true)
     }
-    opened_ended
-    mapfile -t children < <(e2e_children "$worker")
+    # (What the worker logs may come a moment late: up to 5 s.)
+    for ((i = 0; i < 50; i++)); do
+        opened_ended
+        mapfile -t children < <(e2e_children "$worker")
+        [[ ${#children[@]} -eq 2 && $((opened - ended)) -eq 2 ]] && break
+        sleep 0.1
+    done
     if kill -0 "$worker" 2>/dev/null && [[ ${#children[@]} -eq 2 && $((opened - ended)) -eq 2 ]]; then
         pass "worker-sessions vm1's and vm2's executors run on the worker: 2 open connections from 'e2e-nfs' ($opened in all, $ended ended), executor processes ${children[*]}"
     else
