@@ -13,7 +13,10 @@
 #     e2e_build_c_programs the C example and ci/guest/vgpu-e2e-check.c, in $work/guest
 #     e2e_build_qemu       QEMU with the generic device: $qemu $qemu_device $reconnect
 #     e2e_build_initramfs  busybox, vgpu.ko, lspci and the guest tools: $initrd
-#   e2e_use_bundle DIR   the same variables from DIR/guests and DIR (no build at all)
+#   e2e_build_worker     vgpu-worker and vgpu-executor-worker in $target (--executor remote)
+#   e2e_use_bundle DIR [BIN...]
+#                        the same variables from DIR/guests and DIR (no build at all);
+#                        BIN: host binaries needed beyond E2E_BUNDLE_HOST_BINS
 #
 # The caller has sourced ci/e2e-lib.sh and run e2e_begin and e2e_workdir, runs in the
 # repository root, and defines die (print an error and exit) and say (a paragraph for a
@@ -30,8 +33,11 @@ E2E_BUNDLE_KERNEL=vmlinuz
 E2E_BUNDLE_INITRD=initramfs.cpio.gz
 # shellcheck disable=SC2034 # ci/gpu-bundle.sh copies these
 E2E_BUNDLE_FIRMWARE=(bios-256k.bin linuxboot_dma.bin kvmvapic.bin)
-# The host binaries a bundle directory holds beside guests/.
+# The host binaries a bundle directory holds beside guests/: those every run needs, and
+# those of the runs with --executor remote (the worker host's).
 E2E_BUNDLE_HOST_BINS=(vhost-vgpu vgpu-executor-worker)
+# shellcheck disable=SC2034 # ci/e2e-qemu.sh and ci/gpu-bundle.sh read it
+E2E_BUNDLE_REMOTE_BINS=(vgpu-worker)
 
 # Runs a build step quietly; on failure shows the end of its log and stops (without
 # check lines).
@@ -62,6 +68,19 @@ libvgpu (Rust API and C ABI) with the tools vgpu-smi and vgpu-vector-add."
     target=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release
     for f in vhost-vgpu vgpu-smi vgpu-vector-add libvgpu.so libvgpu_cuda.so libvgpu_nvrtc.so \
         vgpu-cudarc-check; do
+        [[ -f $target/$f ]] || die "cargo build did not produce $target/$f"
+    done
+}
+
+# The worker host's binaries, for --executor remote: vgpu-worker and the
+# vgpu-executor-worker it starts for each session (found beside it).
+e2e_build_worker() {
+    local f
+    step "build: vgpu-worker and vgpu-executor-worker (cargo build --release)"
+    e2e_build_quiet "$work/cargo-worker.log" cargo build --release --locked -p vgpu-mediator \
+        --bin vgpu-worker --bin vgpu-executor-worker
+    target=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release
+    for f in vgpu-worker vgpu-executor-worker; do
         [[ -f $target/$f ]] || die "cargo build did not produce $target/$f"
     done
 }
@@ -215,10 +234,12 @@ with gzip.open(sys.argv[1]) as src, open(sys.argv[2], "wb") as dst:
 
 # Takes everything the guests need from a bundle instead of building it: QEMU (unpacked
 # into $work/qemu behind a wrapper that adds the bundle's libraries and firmware), the
-# kernel and initramfs from DIR/guests, vhost-vgpu and vgpu-executor-worker from DIR.
-# Needs only bash, coreutils, grep, sed and gzip (or python3).
-e2e_use_bundle() { # DIR
-    local dir=$1 guests=$1/guests n f
+# kernel and initramfs from DIR/guests, vhost-vgpu and vgpu-executor-worker (and each BIN)
+# from DIR. Needs only bash, coreutils, grep, sed and gzip (or python3).
+e2e_use_bundle() { # DIR [BIN...]
+    local dir=$1 guests=$1/guests n f bins
+    shift
+    bins=("${E2E_BUNDLE_HOST_BINS[@]}" "$@")
     step "bundle: QEMU, firmware, guest kernel and initramfs from $guests (ci/gpu-bundle.sh)"
     [[ -f $guests/MANIFEST && -f $guests/SHA256SUMS ]] ||
         die "$guests is not a guest bundle (no MANIFEST or SHA256SUMS): build one with ci/gpu-bundle.sh"
@@ -256,10 +277,10 @@ e2e_use_bundle() { # DIR
     initrd=$guests/$E2E_BUNDLE_INITRD
     e2e_print_initrd
     target=$dir
-    for f in "${E2E_BUNDLE_HOST_BINS[@]}"; do
+    for f in "${bins[@]}"; do
         [[ -x $dir/$f ]] || die "$dir/$f is missing or not executable (copy the release binary there)"
     done
-    # vhost-vgpu starts each VM's CUDA executor from this worker binary.
+    # vhost-vgpu (or vgpu-worker) starts each session's CUDA executor from this binary.
     export VGPU_EXECUTOR_WORKER=$dir/vgpu-executor-worker
-    echo "   ${E2E_BUNDLE_HOST_BINS[*]} from $dir"
+    echo "   ${bins[*]} from $dir"
 }

@@ -83,3 +83,89 @@ e2e_cleanup() {
     fi
     exit "$rc"
 }
+
+# ---- a vgpu-worker on the loopback address (the scripts' --executor remote modes) ------
+#
+#   e2e_worker_keys BIN NAME           `BIN keygen NAME` into $work/worker.keys (the
+#                                      worker's --keys) and $work/mediator.key (the
+#                                      mediator's --remote-key), both mode 0600
+#   e2e_worker_start BIN KIND LOG [PORT]
+#                                      `BIN --listen 127.0.0.1:PORT --keys $work/worker.keys
+#                                      --executor KIND`, its output in LOG; PORT is the given
+#                                      one, else the first free one of 20 from a base taken
+#                                      from the script's PID. Waits for the worker's
+#                                      "serving" line; sets worker_pid (also in pids) and
+#                                      worker_port. Returns 1 (worker_error says why) when
+#                                      it does not serve.
+#   e2e_children PID                   the PIDs of PID's live child processes (the worker's:
+#                                      its sessions' executor processes), from /proc
+#   e2e_forget_pid PID                 drops PID from pids (a process already reaped)
+
+e2e_worker_keys() { # BIN NAME
+    (umask 077 && "$1" keygen "$2" >"$work/worker.keys") || return 1
+    [[ $(wc -l <"$work/worker.keys") -eq 1 ]] || return 1
+    install -m 0600 "$work/worker.keys" "$work/mediator.key"
+}
+
+e2e_port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# shellcheck disable=SC2034 # worker_port and worker_error are for the caller
+e2e_worker_start() { # BIN KIND LOG [PORT]
+    local bin=$1 kind=$2 log=$3 port=${4:-} candidates p i
+    worker_error=
+    if [[ -n $port ]]; then
+        candidates=("$port")
+    else
+        candidates=()
+        # 10000 to 19019: below ci/e2e-qemu.sh's metrics ports (20000 on) and Linux's
+        # ephemeral ports (32768 on).
+        for ((p = 10000 + $$ % 900 * 10, i = 0; i < 20; p++, i++)); do
+            candidates+=("$p")
+        done
+    fi
+    for p in "${candidates[@]}"; do
+        e2e_port_free "$p" || continue
+        "$bin" --listen "127.0.0.1:$p" --keys "$work/worker.keys" --executor "$kind" >"$log" 2>&1 &
+        worker_pid=$!
+        pids+=("$worker_pid")
+        # The CUDA sanity gate runs first: allow it a minute.
+        for ((i = 0; i < 600; i++)); do
+            grep -qs "serving .* on 127\.0\.0\.1:$p\$" "$log" && break
+            kill -0 "$worker_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if grep -qs "serving .* on 127\.0\.0\.1:$p\$" "$log"; then
+            worker_port=$p
+            return 0
+        fi
+        kill "$worker_pid" 2>/dev/null || true
+        wait "$worker_pid" 2>/dev/null || true
+        e2e_forget_pid "$worker_pid"
+        # Taken between the probe and the bind: the next port.
+        grep -qi 'in use' "$log" && [[ -z $port ]] && continue
+        worker_error="vgpu-worker did not serve on 127.0.0.1:$p: $(tail -n 1 "$log")"
+        return 1
+    done
+    worker_error="no free port for vgpu-worker among 127.0.0.1:${candidates[0]}..${candidates[-1]}"
+    return 1
+}
+
+e2e_children() { # PID
+    local stat line f pid
+    for stat in /proc/[0-9]*/stat; do
+        read -r line 2>/dev/null <"$stat" || continue
+        # After the command name in parentheses: state, parent PID, ...
+        read -r -a f <<<"${line##*) }"
+        [[ ${f[1]} == "$1" && ${f[0]} != Z ]] || continue
+        pid=${stat#/proc/}
+        echo "${pid%/stat}"
+    done
+}
+
+e2e_forget_pid() { # PID
+    local p kept=()
+    for p in "${pids[@]}"; do
+        [[ $p == "$1" ]] || kept+=("$p")
+    done
+    pids=("${kept[@]}")
+}

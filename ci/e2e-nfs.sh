@@ -8,6 +8,9 @@
 # host's loopback) and runs vgpu-nfs-client against both directories. One "PASS nfs <check> <detail>" or
 # "FAIL nfs <check> <detail>" line per check (ci/test.sh counts them), then a final
 # "PASS e2e-nfs ..." or "FAIL e2e-nfs ..." line; exits non-zero on any failure.
+# With --executor remote the mediator's executors run on a vgpu-worker started on
+# 127.0.0.1 (vgpu-mediator --executor remote:127.0.0.1:PORT), the check lines read
+# "PASS remote nfs ..." and the final line "PASS e2e-nfs-remote ...".
 set -euo pipefail
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -16,7 +19,8 @@ usage() {
     cat <<EOF
 Usage: $(basename "$0") [options]
 
-Builds vgpu-mediator and vgpu-nfs-client (cargo build --release), installs
+Builds vgpu-mediator and vgpu-nfs-client (cargo build --release; with --executor remote
+vgpu-worker and vgpu-executor-worker too), installs
 nfs-ganesha and nfs-ganesha-vfs if missing, fetches the guest kernel
 (ci/guest-kernel.sh) and QEMU (qemu-configs/build-qemu.sh), then:
 
@@ -29,20 +33,31 @@ nfs-ganesha and nfs-ganesha-vfs if missing, fetches the guest kernel
          --command 2, a garbage command (answered 2:...), the same command twice in a
          row, and both directories in parallel loops
 
+With --executor remote the mediator's executors are on a vgpu-worker: the script makes a
+key (vgpu-worker keygen), starts vgpu-worker --executor cpu on a free port of 127.0.0.1,
+its log beside the mediator's, and runs vgpu-mediator --executor remote:127.0.0.1:PORT
+--remote-key KEY serve. Every check above runs unchanged; the worker's side is checked
+too: the mediator reached the worker, the VMs' commands ran there (one executor process
+per VM, children of vgpu-worker), and the mediator's SIGTERM at the end ends them there.
+
 Options:
+  --executor KIND   the mediator's executor: cpu (default), or remote (on a
+                    vgpu-worker --executor cpu this script starts on 127.0.0.1)
   --port N          NFS port on 127.0.0.1 (default 12049; the next free one if taken)
   --loops N         commands per directory in the parallel phase (default 100)
   --timeout SECS    longest wait for the guest (default 300)
   --keep            keep the work directory (logs, export, initramfs) and print its path
   -h, --help        show this help
 
-Environment: VGPU_CACHE (cache root, default \$HOME/.cache/vgpu), CARGO_TARGET_DIR.
+Environment: VGPU_CACHE (cache root, default \$HOME/.cache/vgpu), CARGO_TARGET_DIR,
+RUST_LOG (the mediator's and vgpu-worker's log level, default info).
 EOF
 }
 
 die() { echo "e2e-nfs.sh: error: $*" >&2; exit 1; }
 
 port=12049
+executor=cpu
 loops=100
 timeout=300
 keep=0
@@ -50,6 +65,7 @@ need_arg() { [[ $2 -ge 2 ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
     case $1 in
         --port) need_arg "$1" $#; port=$2; shift ;;
+        --executor) need_arg "$1" $#; executor=$2; shift ;;
         --loops) need_arg "$1" $#; loops=$2; shift ;;
         --timeout) need_arg "$1" $#; timeout=$2; shift ;;
         --keep) keep=1 ;;
@@ -61,13 +77,18 @@ done
 if ! [[ $port =~ ^[1-9][0-9]*$ ]] || ((port > 65535)); then
     die "--port wants a port number, got '$port'"
 fi
+case $executor in cpu | remote) ;; *) die "--executor wants cpu or remote, got '$executor'" ;; esac
 [[ $loops =~ ^[1-9][0-9]*$ ]] || die "--loops wants a positive number, got '$loops'"
 [[ $timeout =~ ^[1-9][0-9]*$ ]] || die "--timeout wants whole seconds, got '$timeout'"
 
 cd "$REPO_DIR"
 # shellcheck source=ci/e2e-lib.sh
 source "$REPO_DIR/ci/e2e-lib.sh"
-e2e_begin e2e-nfs nfs
+if [[ $executor == remote ]]; then
+    e2e_begin e2e-nfs-remote "remote nfs"
+else
+    e2e_begin e2e-nfs nfs
+fi
 e2e_workdir vgpu-e2e-nfs
 
 # ---- 1. build and fetch ----------------------------------------------------------------
@@ -75,11 +96,17 @@ step "setup: host packages and the Rust toolchain"
 quiet setup "$work/setup.log" bash ci/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 
-step "build: vgpu-mediator and vgpu-nfs-client (cargo build --release)"
-quiet build "$work/cargo.log" cargo build --release --locked -p vgpu-nfs -p vgpu-guest \
-    --bin vgpu-mediator --bin vgpu-nfs-client
+host_bins=(vgpu-mediator vgpu-nfs-client)
+packages=(-p vgpu-nfs -p vgpu-guest)
+if [[ $executor == remote ]]; then
+    host_bins+=(vgpu-worker vgpu-executor-worker)
+    packages+=(-p vgpu-mediator)
+fi
+step "build: ${host_bins[*]} (cargo build --release)"
+quiet build "$work/cargo.log" cargo build --release --locked "${packages[@]}" \
+    "${host_bins[@]/#/--bin=}"
 target=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release
-for f in vgpu-mediator vgpu-nfs-client; do
+for f in "${host_bins[@]}"; do
     [[ -x $target/$f ]] || abort build "cargo build did not produce $target/$f"
 done
 
@@ -284,8 +311,21 @@ if port_free "$port"; then
 fi
 pass "ganesha listening on 127.0.0.1:$port, exporting $root/vm1 and $root/vm2 as /vgpu/vm1 and /vgpu/vm2 (FSAL VFS, NFSv4, Root_Squash)"
 
-step "host: vgpu-mediator --executor cpu serve --nfs-root ROOT --vm vm1 --vm vm2"
-RUST_LOG=${RUST_LOG:-info} "$target/vgpu-mediator" --executor cpu serve --nfs-root "$root" \
+export RUST_LOG=${RUST_LOG:-info}
+# The mediator's executor options; with --executor remote, those of the worker's.
+mediator_executor=(--executor cpu)
+if [[ $executor == remote ]]; then
+    step "host: vgpu-worker --executor cpu --listen 127.0.0.1:PORT"
+    e2e_worker_keys "$target/vgpu-worker" e2e-nfs || abort worker "vgpu-worker keygen e2e-nfs failed"
+    e2e_worker_start "$target/vgpu-worker" cpu "$work/vgpu-worker.log" ||
+        abort worker "$worker_error" "$work/vgpu-worker.log"
+    worker=$worker_pid
+    mediator_executor=(--executor "remote:127.0.0.1:$worker_port" --remote-key "$work/mediator.key")
+    pass "worker vgpu-worker pid $worker: $(sed -n 's/^\[[^]]*\] *//; /serving /p' "$work/vgpu-worker.log" | tail -n 1)"
+fi
+
+step "host: vgpu-mediator ${mediator_executor[*]:0:2} serve --nfs-root ROOT --vm vm1 --vm vm2"
+"$target/vgpu-mediator" "${mediator_executor[@]}" serve --nfs-root "$root" \
     --vm vm1 --vm vm2 --poll-ms 100 >"$work/mediator.log" 2>&1 &
 mediator_pid=$!
 pids+=("$mediator_pid")
@@ -298,6 +338,15 @@ done
 [[ $(cat "$root/vm2/response.txt" 2>/dev/null) == 0:Ready ]] ||
     abort mediator "vgpu-mediator serve did not write 0:Ready in vm1/ and vm2/" "$work/mediator.log"
 pass "mediator serving vm1/ and vm2/ (both read 0:Ready)"
+if [[ $executor == remote ]]; then
+    reached=$(grep -m 1 -o "worker 127\.0\.0\.1:$worker_port: .*" "$work/mediator.log" || true)
+    if [[ -n $reached ]] && grep -q "mediator 'e2e-nfs' connected" "$work/vgpu-worker.log"; then
+        pass "worker-connected the mediator authenticated to the worker as 'e2e-nfs'; its log: $reached"
+    else
+        fail "worker-connected the mediator's log names no worker 127.0.0.1:$worker_port, or the worker logged no connection from 'e2e-nfs'"
+        show "$work/vgpu-worker.log" 10
+    fi
+fi
 
 # ---- 3. the guest -------------------------------------------------------------------------
 step "guest: boot (TCG, user-mode network), mount over NFS, run vgpu-nfs-client"
@@ -364,12 +413,52 @@ grep -m 8 -E "nfs vm[12]: (received command|response sent)" "$work/mediator.log"
 if ! kill -0 "$mediator_pid" 2>/dev/null; then
     fail "mediator vgpu-mediator serve exited during the run"
     show "$work/mediator.log" 20
+elif [[ $executor == remote ]]; then
+    # The VMs' commands ran on the worker: the mediator holds one executor per VM there
+    # (one connection, one executor process each); its SIGTERM ends them there.
+    opened_ended() {
+        opened=$(grep -c "mediator 'e2e-nfs' connected from" "$work/vgpu-worker.log" || true)
+        ended=$(grep -cE "mediator 'e2e-nfs' from [^ ]+: " "$work/vgpu-worker.log" || true)
+    }
+    # (What the worker logs may come a moment late: up to 5 s.)
+    for ((i = 0; i < 50; i++)); do
+        opened_ended
+        mapfile -t children < <(e2e_children "$worker")
+        [[ ${#children[@]} -eq 2 && $((opened - ended)) -eq 2 ]] && break
+        sleep 0.1
+    done
+    if kill -0 "$worker" 2>/dev/null && [[ ${#children[@]} -eq 2 && $((opened - ended)) -eq 2 ]]; then
+        pass "worker-sessions vm1's and vm2's executors run on the worker: 2 open connections from 'e2e-nfs' ($opened in all, $ended ended), executor processes ${children[*]}"
+    else
+        fail "worker-sessions expected 2 open connections and executor processes on the worker (vm1, vm2): $opened connections, $ended ended, executor processes: ${children[*]:-none}"
+        show "$work/vgpu-worker.log" 10
+    fi
+    kill -TERM "$mediator_pid"
+    mediator_rc=0
+    wait "$mediator_pid" || mediator_rc=$?
+    e2e_forget_pid "$mediator_pid"
+    for ((i = 0; i < 100; i++)); do
+        [[ -z $(e2e_children "$worker") ]] && break
+        sleep 0.1
+    done
+    opened_ended
+    mapfile -t children < <(e2e_children "$worker")
+    if [[ $mediator_rc -eq 0 && ${#children[@]} -eq 0 && $opened -eq $ended ]]; then
+        pass "worker-freed-on-mediator-stop vgpu-mediator exit 0 on SIGTERM; the worker ended all $opened connections (its log) and runs no executor process"
+    else
+        fail "worker-freed-on-mediator-stop mediator exit $mediator_rc; the worker: $opened connections, $ended ended, executor processes left: ${children[*]:-none}"
+        show "$work/vgpu-worker.log" 10
+    fi
 fi
 if [[ $failed -gt 0 ]]; then
     echo "   the end of the mediator's log:"
     show "$work/mediator.log" 15
     echo "   the end of ganesha's log:"
     show "$work/ganesha.log" 15
+    if [[ $executor == remote ]]; then
+        echo "   the end of vgpu-worker's log:"
+        show "$work/vgpu-worker.log" 15
+    fi
 fi
 
 verdict ""

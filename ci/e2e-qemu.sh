@@ -7,6 +7,8 @@
 # and booted again while the other keeps sending requests, then (with a QEMU that carries
 # the reconnect fix) vhost-vgpu restarted under the running guest, which must reconnect.
 # With --bundle DIR nothing is built: everything comes from a ci/gpu-bundle.sh bundle.
+# With --executor remote the VMs' executors run on a vgpu-worker started on 127.0.0.1
+# (vhost-vgpu --executor remote:127.0.0.1:PORT), and the check lines start with "remote".
 set -euo pipefail
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,36 +30,51 @@ stopped with SIGTERM and started again on the same sockets while vm0 runs on: th
 QEMU must reconnect, vgpu-vector-add must pass again and vgpu-smi show 0 allocations.
 Without the fix that phase is skipped with a "note:" line.
 
+With --executor remote the executors are not vhost-vgpu's own: the script makes a key
+(vgpu-worker keygen), starts vgpu-worker --executor KIND (--worker-executor, default cpu)
+on a free port of 127.0.0.1 from the same build (or bundle), its log beside the daemon's,
+and runs vhost-vgpu with --executor remote:127.0.0.1:PORT --remote-key KEY. Every check
+above runs unchanged, and the worker's side is checked too: vhost-vgpu reached the worker,
+the guests' sessions run there (one executor process each, children of vgpu-worker), the
+daemon's SIGTERM in the restart phase ends them on the worker, and once both guests are
+off no session is left there. Each line then reads "PASS remote <vm> <check> ...".
+
 With --bundle DIR nothing is built and neither cargo, apt nor root is needed: QEMU,
 its libraries and firmware, the guest kernel and the initramfs come from DIR/guests
 (written by ci/gpu-bundle.sh), vhost-vgpu and vgpu-executor-worker from DIR
-(VGPU_EXECUTOR_WORKER is set to the latter). This is how ci/gpu-check.sh boots the
-guests on a GPU machine.
+(VGPU_EXECUTOR_WORKER is set to the latter), and with --executor remote vgpu-worker from
+DIR too. This is how ci/gpu-check.sh boots the guests on a GPU machine, there also with
+--executor remote --worker-executor cuda (the guests through a CUDA worker over loopback).
 
 Prints one line per check, "PASS <vm> <check> <detail>" or "FAIL <vm> <check> <detail>",
 and exits non-zero if any check failed.
 
 Options:
-  --executor KIND   vhost-vgpu's executor: cpu (default), cuda or auto
+  --executor KIND   vhost-vgpu's executor: cpu (default), cuda, auto, or remote (on a
+                    vgpu-worker this script starts on 127.0.0.1; see above)
+  --worker-executor KIND
+                    with --executor remote, the worker's executor: cpu (default), cuda
+                    or auto
   --mib N           size of the HTOD/DTOH round trip in MiB (default 64)
   --mixed N         number of mixed requests per guest (default 200)
   --mem SIZE        RAM of each guest (default 512M)
   --timeout SECS    longest wait for one guest phase (default 300)
   --accel ACCEL     QEMU accelerator: tcg (default) or kvm
   --bundle DIR      build nothing: take the guests' files from DIR/guests and
-                    vhost-vgpu and vgpu-executor-worker from DIR (see above)
+                    vhost-vgpu, vgpu-executor-worker (and vgpu-worker) from DIR
   --narrate         explain each step for a person (used by ci/demo.sh)
   --keep            keep the work directory (logs, initramfs) and print its path
   -h, --help        show this help
 
 Environment: VGPU_CACHE (cache root, default \$HOME/.cache/vgpu), CARGO_TARGET_DIR,
-RUST_LOG (vhost-vgpu's log level, default info).
+RUST_LOG (vhost-vgpu's and vgpu-worker's log level, default info).
 EOF
 }
 
 die() { echo "e2e-qemu.sh: error: $*" >&2; exit 1; }
 
 executor=cpu
+worker_executor=
 mib=64
 mixed=200
 mem=512M
@@ -70,6 +87,7 @@ need_arg() { [[ $2 -ge 2 ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
     case $1 in
         --executor) need_arg "$1" $#; executor=$2; shift ;;
+        --worker-executor) need_arg "$1" $#; worker_executor=$2; shift ;;
         --mib) need_arg "$1" $#; mib=$2; shift ;;
         --mixed) need_arg "$1" $#; mixed=$2; shift ;;
         --mem) need_arg "$1" $#; mem=$2; shift ;;
@@ -83,7 +101,13 @@ while [[ $# -gt 0 ]]; do
     esac
     shift
 done
-case $executor in cpu | cuda | auto) ;; *) die "--executor wants cpu, cuda or auto, got '$executor'" ;; esac
+case $executor in cpu | cuda | auto | remote) ;; *) die "--executor wants cpu, cuda, auto or remote, got '$executor'" ;; esac
+if [[ $executor == remote ]]; then
+    worker_executor=${worker_executor:-cpu}
+    case $worker_executor in cpu | cuda | auto) ;; *) die "--worker-executor wants cpu, cuda or auto, got '$worker_executor'" ;; esac
+elif [[ -n $worker_executor ]]; then
+    die "--worker-executor goes with --executor remote"
+fi
 [[ $mib =~ ^[1-9][0-9]*$ ]] || die "--mib wants a positive number, got '$mib'"
 [[ $mixed =~ ^[1-9][0-9]*$ ]] || die "--mixed wants a positive number, got '$mixed'"
 [[ $timeout =~ ^[1-9][0-9]*$ ]] || die "--timeout wants whole seconds, got '$timeout'"
@@ -97,7 +121,11 @@ cd "$REPO_DIR"
 # the PASS/FAIL lines and nothing more.
 # shellcheck source=ci/e2e-lib.sh
 source "$REPO_DIR/ci/e2e-lib.sh"
-e2e_begin e2e-qemu
+if [[ $executor == remote ]]; then
+    e2e_begin e2e-qemu-remote remote
+else
+    e2e_begin e2e-qemu
+fi
 e2e_workdir vgpu-e2e
 # A paragraph for a person, only with --narrate.
 say() {
@@ -111,23 +139,45 @@ say() {
 # shellcheck source=ci/e2e-build.sh
 source "$REPO_DIR/ci/e2e-build.sh"
 if [[ -n $bundle ]]; then
-    e2e_use_bundle "$bundle"
+    if [[ $executor == remote ]]; then
+        e2e_use_bundle "$bundle" "${E2E_BUNDLE_REMOTE_BINS[@]}"
+    else
+        e2e_use_bundle "$bundle"
+    fi
 else
     e2e_build_all
+    [[ $executor == remote ]] && e2e_build_worker
 fi
 
 # ---- 2. the backend ---------------------------------------------------------------
-step "host: vhost-vgpu --socket-count 2 --executor $executor"
+export RUST_LOG=${RUST_LOG:-info}
+# vhost-vgpu's executor options; with --executor remote, those of the worker's.
+backend_executor=(--executor "$executor")
+if [[ $executor == remote ]]; then
+    step "host: vgpu-worker --executor $worker_executor --listen 127.0.0.1:PORT"
+    say "The VMs' work runs on a GPU worker host, reached over the network: here a \
+vgpu-worker on the loopback address. vhost-vgpu authenticates with a pre-shared key and \
+opens one encrypted connection per guest session; the worker runs each session's \
+executor in its own process."
+    e2e_worker_keys "$target/vgpu-worker" e2e-qemu || die "vgpu-worker keygen e2e-qemu failed"
+    if ! e2e_worker_start "$target/vgpu-worker" "$worker_executor" "$work/vgpu-worker.log"; then
+        show "$work/vgpu-worker.log" 20 >&2
+        die "$worker_error"
+    fi
+    worker=$worker_pid
+    backend_executor=(--executor "remote:127.0.0.1:$worker_port" --remote-key "$work/mediator.key")
+    echo "   vgpu-worker pid $worker: $(sed -n 's/^\[[^]]*\] *//; /serving /p' "$work/vgpu-worker.log" | tail -n 1)"
+fi
+step "host: vhost-vgpu --socket-count 2 ${backend_executor[*]:0:2}"
 say "One vhost-vgpu process serves both VMs: one socket each, so each VM is its own \
 tenant with its own memory quota, sessions and handles."
 mkdir -p "$work/sockets"
-export RUST_LOG=${RUST_LOG:-info}
 # The daemon listens on PATH0, PATH1, ...; each VM's tenant is named after its socket.
 # Its metrics on a loopback port, its control socket beside the VMs' sockets.
 metrics_port=$((20000 + $$ % 20000))
 control=$work/sockets/vm.control
 "$target/vhost-vgpu" --socket-path "$work/sockets/vm" --socket-count 2 \
-    --executor "$executor" --metrics "127.0.0.1:$metrics_port" \
+    "${backend_executor[@]}" --metrics "127.0.0.1:$metrics_port" \
     >"$work/vhost-vgpu.log" 2>&1 &
 daemon=$!
 pids+=("$daemon")
@@ -142,6 +192,32 @@ if ! [[ -S ${sockets[0]} && -S ${sockets[1]} ]]; then
     die "vhost-vgpu did not listen on ${sockets[*]}"
 fi
 echo "   listening on ${sockets[0]##*/} (vm0) and ${sockets[1]##*/} (vm1)"
+# With --executor remote: the sessions vhost-vgpu opened on the worker and those that
+# ended there (from the worker's log), and the worker's executor processes now.
+worker_sessions() {
+    opened=$(grep -c "mediator 'e2e-qemu' connected from" "$work/vgpu-worker.log" || true)
+    ended=$(grep -cE "mediator 'e2e-qemu' from [^ ]+: " "$work/vgpu-worker.log" || true)
+    mapfile -t worker_children < <(e2e_children "$worker")
+}
+# Waits up to SECS for the worker to have no executor process left.
+worker_drained() { # SECS
+    local i
+    for ((i = 0; i < $1 * 10; i++)); do
+        [[ -z $(e2e_children "$worker") ]] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+if [[ $executor == remote ]]; then
+    # The daemon took its device from the worker's hello at start.
+    reached=$(grep -m 1 -o "worker 127\.0\.0\.1:$worker_port: .*" "$work/vhost-vgpu.log" || true)
+    if [[ -n $reached ]] && grep -q "mediator 'e2e-qemu' connected" "$work/vgpu-worker.log"; then
+        pass "host worker-connected vhost-vgpu authenticated to vgpu-worker pid $worker as 'e2e-qemu'; its log: $reached"
+    else
+        fail "host worker-connected vhost-vgpu's log names no worker 127.0.0.1:$worker_port, or the worker logged no connection from 'e2e-qemu'"
+        show "$work/vgpu-worker.log" 10
+    fi
+fi
 
 # ---- 3. guests ----------------------------------------------------------------------
 declare -A vm_pid vm_log vm_in
@@ -254,6 +330,17 @@ device memory and back and compares checksums; the mixed requests interleave all
 copies, four built-in kernels, sync and free; the C program uses only vgpu.h and libvgpu."
 report vm0 "${first_checks[@]}"
 report vm1 "${first_checks[@]}"
+if [[ $executor == remote ]]; then
+    # vm1 waits with one process holding 16 MiB: a session, and so an executor process,
+    # on the worker.
+    worker_sessions
+    if kill -0 "$worker" 2>/dev/null && [[ $opened -ge 2 && ${#worker_children[@]} -ge 1 ]]; then
+        pass "host worker-sessions the guests' sessions ran on vgpu-worker pid $worker: $opened connections from vhost-vgpu so far, $ended ended; ${#worker_children[@]} executor processes there now (pids ${worker_children[*]}; vm1's 16 MiB among them)"
+    else
+        fail "host worker-sessions vgpu-worker pid $worker: $opened connections from vhost-vgpu, $ended ended, executor processes there: ${worker_children[*]:-none}"
+        show "$work/vgpu-worker.log" 10
+    fi
+fi
 
 step "operate: the daemon's metrics and vgpu-admin, against what vm1 does"
 say "vm1 is idle now (one of its processes holds 16 MiB of device memory). The host \
@@ -444,7 +531,11 @@ mediator: no allocations."
 restart_note=
 restart_error=
 restart_backend() {
-    local old=$daemon p old_rc=0 kept=() t0 down
+    local old=$daemon p old_rc=0 kept=() t0 down held_on_worker=0
+    if [[ $executor == remote ]]; then
+        worker_sessions
+        held_on_worker=${#worker_children[@]}
+    fi
     t0=$SECONDS
     kill -TERM "$old" 2>/dev/null || true
     for ((i = 0; i < 100; i++)); do
@@ -469,10 +560,22 @@ restart_backend() {
         restart_error="vhost-vgpu (pid $old) left ${sockets[0]##*/} behind"
         return 0
     fi
+    if [[ $executor == remote ]]; then
+        # The stopped daemon's connections are gone: the worker ends their sessions
+        # (vm0's held 16 MiB among them) and their executor processes.
+        worker_drained 10 || true
+        worker_sessions
+        if [[ ${#worker_children[@]} -eq 0 && $opened -eq $ended ]]; then
+            pass "host worker-freed-on-daemon-stop within $((SECONDS - t0)) s of the old vhost-vgpu's SIGTERM the worker ended its sessions (executor processes before: $held_on_worker, vm0's held 16 MiB; now: none), all $opened connections from 'e2e-qemu' ended (its log)"
+        else
+            fail "host worker-freed-on-daemon-stop $((SECONDS - t0)) s after vhost-vgpu's SIGTERM the worker still runs executor processes ${worker_children[*]:-none}; its log: $opened connections, $ended ended"
+            show "$work/vgpu-worker.log" 10
+        fi
+    fi
     # A moment without a backend: QEMU sees the connection closed and retries.
     sleep 2
     "$target/vhost-vgpu" --socket-path "$work/sockets/vm" --socket-count 2 \
-        --executor "$executor" --metrics "127.0.0.1:$metrics_port" \
+        "${backend_executor[@]}" --metrics "127.0.0.1:$metrics_port" \
         >"$work/vhost-vgpu-2.log" 2>&1 &
     daemon=$!
     pids+=("$daemon")
@@ -555,6 +658,20 @@ if kill -0 "${vm_pid[vm0]}" 2>/dev/null; then
     wait_for vm0 '^GUEST-EXIT' 30 || true
 fi
 wait_exit vm0 10
+if [[ $executor == remote ]]; then
+    # Both guests are off: nothing of theirs may be left on the worker.
+    worker_drained 10 || true
+    worker_sessions
+    if kill -0 "$worker" 2>/dev/null && [[ ${#worker_children[@]} -eq 0 && $opened -eq $ended && $opened -gt 0 ]]; then
+        pass "host worker-sessions-ended both guests off: all $opened connections the daemons opened to the worker ended (its log), no executor process left there; vgpu-worker pid $worker served the whole run"
+    elif ! kill -0 "$worker" 2>/dev/null; then
+        fail "host worker-sessions-ended vgpu-worker pid $worker exited during the run"
+        show "$work/vgpu-worker.log" 15
+    else
+        fail "host worker-sessions-ended both guests off, but the worker still runs executor processes ${worker_children[*]:-none}; its log: $opened connections, $ended ended"
+        show "$work/vgpu-worker.log" 10
+    fi
+fi
 
 step "done: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

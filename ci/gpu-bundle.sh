@@ -37,10 +37,13 @@ touched. Prints the bundle's size; fails, leaving DIR as it was, if DIR with the
 bundle would hold more than $LIMIT_MIB MiB (what is carried to the GPU machine must fit
 in 64 MiB with the host binaries).
 
-Then put the release vhost-vgpu and vgpu-executor-worker, stripped, into DIR and run,
-with nothing but bash, coreutils, grep, sed and gzip (or python3):
+Then put the release vhost-vgpu, vgpu-executor-worker and vgpu-worker, stripped, into
+DIR and run, with nothing but bash, coreutils, grep, sed and gzip (or python3):
   bash ci/e2e-qemu.sh --bundle DIR --executor cuda   # or cpu without a GPU
-  bash ci/gpu-check.sh DIR                           # its step "guests" does the same
+  bash ci/e2e-qemu.sh --bundle DIR --executor remote --worker-executor cuda
+                                                     # through a CUDA vgpu-worker
+  bash ci/gpu-check.sh DIR                           # its steps "guests" and
+                                                     # "guests-remote" do the same
 
 Options:
   --keep       keep the work directory (logs) and print its path
@@ -168,7 +171,7 @@ fi
 rm -rf "$dir/guests"
 mv "$stage" "$dir/guests"
 missing=()
-for f in "${E2E_BUNDLE_HOST_BINS[@]}"; do
+for f in "${E2E_BUNDLE_HOST_BINS[@]}" "${E2E_BUNDLE_REMOTE_BINS[@]}"; do
     [[ -x $dir/$f ]] || missing+=("$f")
 done
 echo "gpu-bundle.sh: wrote $dir/guests ($(mib "$bundle_bytes") MiB); $dir holds $(mib "$total") MiB," \

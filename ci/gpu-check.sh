@@ -10,7 +10,9 @@
 # vgpu-executor-worker process, the one in DIR (VGPU_EXECUTOR_WORKER is set to it).
 # With DIR/guests (a bundle from ci/gpu-bundle.sh) and DIR/vhost-vgpu, the step "guests"
 # boots two QEMU guests (TCG) on one `vhost-vgpu --executor cuda` and runs their checks
-# (`ci/e2e-qemu.sh --bundle DIR`); with DIR/cudarc-examples too, the step "programs" runs
+# (`ci/e2e-qemu.sh --bundle DIR`), and with DIR/vgpu-worker the step "guests-remote" boots
+# them again with their executors on a `vgpu-worker --executor cuda` over loopback TCP
+# (`--executor remote --worker-executor cuda`); with DIR/cudarc-examples too, the step "programs" runs
 # unmodified CUDA programs natively and in a guest (ci/gpu-programs.sh).
 # Prints every step's PASS/FAIL lines, then the totals; exits 1 if anything failed.
 # Only reads the GPU's state: it never changes clocks, persistence, compute mode or MIG,
@@ -190,6 +192,13 @@ if [[ -d $DIR/guests ]]; then
         bash "$(dirname "$0")/e2e-qemu.sh" --bundle "$DIR" --executor cuda
 else
     skip_step guests "no $DIR/guests bundle (ci/gpu-bundle.sh)"
+fi
+# The same guests, their executors on a CUDA vgpu-worker reached over loopback TCP.
+if [[ -d $DIR/guests && -x $DIR/vgpu-worker ]]; then
+    run_step guests-remote "${GUESTS_TIMEOUT:-420}" \
+        bash "$(dirname "$0")/e2e-qemu.sh" --bundle "$DIR" --executor remote --worker-executor cuda
+else
+    skip_step guests-remote "no $DIR/guests bundle or no $DIR/vgpu-worker"
 fi
 # Unmodified CUDA programs natively and in a guest: cudarc's examples, the driver-API C
 # program, cudarc's CudaContext API and nvcc-built runtime programs (ci/gpu-programs.sh).

@@ -2,8 +2,8 @@
 # SPDX-License-Identifier: Apache-2.0
 # Runs every check of the project: formatting, lints (shellcheck over the shell scripts),
 # the Rust test suites, systemd-analyze verify over the systemd units and the end-to-end
-# scripts (real QEMU guests, one through libvirt, real NFS, the glibc 2.17 build and its
-# RPMs).
+# scripts (real QEMU guests, one through libvirt, real NFS, executors on a vgpu-worker
+# across the network, the glibc 2.17 build and its RPMs).
 # Ends with one line "N passed, N failed" that counts every check that ran.
 #
 #   bash ci/test.sh            # everything
@@ -82,11 +82,20 @@ fi
 check systemd-units bash ci/verify-units.sh
 
 if [ "$e2e" = 1 ]; then
-    for script in ci/e2e-qemu.sh ci/e2e-libvirt.sh ci/e2e-nfs.sh ci/e2e-glibc.sh ci/e2e-worker-vm.sh; do
+    # Each run: a script and its options. The guests' scripts run twice: with the executors
+    # in the daemon's process, and with --executor remote, on a vgpu-worker over loopback
+    # TCP (their check lines then start with "remote").
+    runs=("ci/e2e-remote.sh" "ci/e2e-qemu.sh" "ci/e2e-qemu.sh --executor remote"
+        "ci/e2e-libvirt.sh" "ci/e2e-nfs.sh" "ci/e2e-nfs.sh --executor remote"
+        "ci/e2e-glibc.sh" "ci/e2e-worker-vm.sh")
+    for run in "${runs[@]}"; do
+        read -r -a argv <<<"$run"
+        script=${argv[0]}
         [ -f "$script" ] || continue
         name=$(basename "$script" .sh)
+        [ "${#argv[@]}" -gt 1 ] && name="$name-${argv[-1]}"
         echo "=== $name"
-        bash "$script" 2>&1 | tee "$logdir/$name.log"
+        bash "${argv[@]}" 2>&1 | tee "$logdir/$name.log"
         rc=${PIPESTATUS[0]}
         # Each script prints one "PASS <check>" / "FAIL <check>" line per check.
         p=$(grep -c '^PASS ' "$logdir/$name.log" || true)
