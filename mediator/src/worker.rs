@@ -1103,8 +1103,10 @@ impl Worker {
             )
         };
         let quota = self.shared.quota();
+        // Lost while idle (a worker host whose connection ended): a restart like any.
         if self.selftest_exec.as_ref().is_some_and(|e| e.poisoned()) {
             self.drop_selftest_exec();
+            self.usage.restarts += 1;
         }
         if self.selftest_exec.is_none() {
             if !self.fits(self.expected_context_bytes) {

@@ -23,7 +23,7 @@
 //! the wait up to [`MAX_BACKOFF`].
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -326,8 +326,8 @@ impl ExecutorFactory for RemoteExecutorFactory {
 
     fn placement(&self) -> Option<String> {
         Some(format!(
-            "each session in its own executor on a worker host ({}; the worker runs CUDA \
-             sessions in their own worker processes there)",
+            "each session in its own executor on a worker host ({}), in its own worker \
+             process there",
             self.spec
         ))
     }
@@ -382,6 +382,8 @@ struct Shared {
     /// Requests sent (counted before each is written): a reply beyond them answers
     /// nothing that was asked.
     asked: AtomicU64,
+    /// The reader saw the connection end.
+    ended: AtomicBool,
 }
 
 #[derive(Default)]
@@ -448,6 +450,7 @@ fn reader(mut rx: Receiver, shared: Arc<Shared>) {
         if unasked || inbox.replies.len() > MAX_IN_FLIGHT || inbox.bytes + n > MAX_INBOX_BYTES {
             inbox.closed = Some("the worker sent replies nobody asked for".into());
             drop(inbox);
+            shared.ended.store(true, Ordering::Release);
             shared.conn.shutdown();
             shared.ready.notify_all();
             return;
@@ -460,6 +463,7 @@ fn reader(mut rx: Receiver, shared: Arc<Shared>) {
     let mut inbox = shared.inbox.lock().unwrap_or_else(|e| e.into_inner());
     inbox.closed.get_or_insert(why);
     drop(inbox);
+    shared.ended.store(true, Ordering::Release);
     // Whatever ended the reading ends the connection at once: the worker frees the
     // session now, not at the session's next call.
     shared.conn.shutdown();
@@ -509,6 +513,7 @@ impl RemoteExecutor {
             meter: RemoteMeter::default(),
             conn: c.rx.conn().try_clone().map_err(|e| e.to_string())?,
             killed: AtomicU8::new(NOT_KILLED),
+            ended: AtomicBool::new(false),
             asked: AtomicU64::new(0),
         });
         let s2 = shared.clone();
@@ -1074,7 +1079,9 @@ impl Executor for RemoteExecutor {
     }
 
     fn poisoned(&self) -> bool {
-        self.poisoned || self.lost.is_some()
+        // A connection that ended while idle counts at once: the mediator then replaces
+        // the executor before the next request, not after it failed.
+        self.poisoned || self.lost.is_some() || self.shared.ended.load(Ordering::Acquire)
     }
 
     fn meter(&self) -> Option<Arc<dyn DeviceMeter>> {
