@@ -82,7 +82,7 @@ fi
 check systemd-units bash ci/verify-units.sh
 
 if [ "$e2e" = 1 ]; then
-    for script in ci/e2e-qemu.sh ci/e2e-libvirt.sh ci/e2e-nfs.sh ci/e2e-glibc.sh ci/e2e-worker-vm.sh; do
+    for script in ci/e2e-qemu.sh ci/e2e-libvirt.sh ci/e2e-nfs.sh ci/e2e-glibc.sh ci/e2e-worker-vm.sh ci/e2e-remote-vm.sh; do
         [ -f "$script" ] || continue
         name=$(basename "$script" .sh)
         echo "=== $name"
