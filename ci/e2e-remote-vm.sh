@@ -264,6 +264,7 @@ worker2_log=$work/worker-2.log
 : >"$worker2_log"
 # The host's answers to the client: its second serial port reads ctl.in (QEMU's pipe
 # chardev). Held open read-write here, so that writing never waits for a reader.
+serving=NOT-SERVING
 mkfifo "$work/ctl.in" "$work/ctl.out"
 exec 7<>"$work/ctl.in"
 tell_client() { echo "$1" >&7; }
@@ -333,16 +334,18 @@ for ((i = 0; i < 600; i++)); do
 done
 if [[ $(cat "$root/vm1/response.txt" 2>/dev/null) == 0:Ready ]]; then
     pass "host-mediator serving vm1/ with executors on the worker guest (vm1/response.txt reads 0:Ready): $(grep -m 1 'executor: ' "$work/mediator.log" | sed 's/^\[[^]]*\] *//')"
-    tell_client SERVING
+    serving=SERVING
 else
     fail "host-mediator vgpu-mediator serve did not write 0:Ready in vm1/"
     show "$work/mediator.log" 20
-    tell_client NOT-SERVING
+    serving=NOT-SERVING
 fi
 
-# The host's part, driven by the client's console: KILL-WORKER (quit the worker's QEMU,
-# then WORKER-DOWN), START-WORKER (start it again); done when the client powers off.
-phase=up
+# The host's part, driven by the client's console: WAIT-SERVING (answered SERVING),
+# KILL-WORKER (quit the worker's QEMU, then WORKER-DOWN), START-WORKER (start it again);
+# done when the client powers off. Each answer goes out only once the client asked for it:
+# by then it holds its serial port open (opening it empties the receive buffer).
+phase=serving
 killed_after=
 restarted_after=
 listened_after=
@@ -352,6 +355,12 @@ while kill -0 "$client_pid" 2>/dev/null; do
         break
     fi
     case $phase in
+        serving)
+            if seen "$client_log" '^WAIT-SERVING'; then
+                tell_client "$serving"
+                phase=up
+            fi
+            ;;
         up)
             if seen "$client_log" '^KILL-WORKER'; then
                 sleep 1 # its console copies vgpu-worker's log as it grows

@@ -9,10 +9,10 @@
 # has started the worker again, command 1 must pass again (the mediator reconnects).
 #
 # One line per check: "CHECK <name> PASS|FAIL <detail>"; evidence starts with "INFO ".
-# Lines for the host on the console: KILL-WORKER (power the worker off), START-WORKER
-# (start it again). The host writes to the second serial port (/dev/ttyS1) one line at a
-# time: SERVING (its mediator serves vm1/; NOT-SERVING if it does not), WORKER-DOWN
-# (the worker's QEMU has quit).
+# Lines for the host on the console: WAIT-SERVING (say when the mediator serves),
+# KILL-WORKER (power the worker off), START-WORKER (start it again). The host answers the
+# first two on the second serial port (/dev/ttyS1), one line each: SERVING (NOT-SERVING
+# if the mediator does not start) and WORKER-DOWN (the worker's QEMU has quit).
 # The kernel command line sets (as environment variables):
 #   VGPU_NFS_PORT  the NFS server's port on the host (default 12049)
 #   VGPU_REPEAT    commands 1 and 2 in a row after the first two (default 6)
@@ -46,8 +46,10 @@ ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
 
-# The host's answers: raw, without echo, held open from here on.
-if ! stty -F "$ctl" raw -echo 2>/tmp/stty.err || ! exec 3<"$ctl"; then
+# The host's answers: opened once and held open (the serial driver empties the port's
+# receive buffer when it is opened), raw, without echo. The host writes each answer only
+# after the request for it appeared on the console, so none arrives before this.
+if ! exec 3<>"$ctl" || ! stty raw -echo <&3 2>/tmp/stty.err; then
     check control FAIL "the host's serial line $ctl: $(flat /tmp/stty.err)"
     exit 1
 fi
@@ -64,6 +66,7 @@ wait_for() {
 
 # The host starts its mediator once it has reached the worker, and says SERVING. Mounted
 # earlier, the client would cache that response.txt is missing for up to a minute.
+echo "WAIT-SERVING"
 if ! wait_for SERVING; then
     check mount FAIL "the host did not report its mediator serving"
     exit 1
