@@ -108,7 +108,9 @@ struct Connected {
 fn connect(endpoint: &Endpoint, creds: &Credentials) -> Result<Connected, ConnectError> {
     let conn = Conn::connect(endpoint).map_err(|e| ConnectError::Unreachable(e.to_string()))?;
     let (link, payload) = link::initiate(conn, &creds.name, &creds.key).map_err(|e| match e {
-        HandshakeError::Io(e) => ConnectError::Unreachable(format!("handshake: {e}")),
+        HandshakeError::Io(e) => {
+            ConnectError::Unreachable(format!("handshake: {}", link::handshake_io(&e)))
+        }
         other => ConnectError::Refused(other.to_string()),
     })?;
     let hello: WorkerHello = postcard::from_bytes(&payload)

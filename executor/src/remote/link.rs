@@ -623,6 +623,19 @@ fn read_u16(conn: &Conn, deadline: Instant) -> io::Result<usize> {
     Ok(u16::from_le_bytes(b) as usize)
 }
 
+/// An I/O error of a handshake in words: a read that timed out says so (the system's text
+/// for it is "Resource temporarily unavailable"), and so does a peer that closed the
+/// connection before the handshake ended ("failed to fill whole buffer").
+pub fn handshake_io(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            format!("no answer within {} s", HANDSHAKE_TIMEOUT.as_secs())
+        }
+        io::ErrorKind::UnexpectedEof => "the connection closed before the handshake ended".into(),
+        _ => e.to_string(),
+    }
+}
+
 /// Why a handshake failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
@@ -715,7 +728,8 @@ pub fn accept(conn: &Conn, admit: Admit<'_>) -> Result<(snow::HandshakeState, St
     };
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let mut head = [0u8; 13];
-    read_by(conn, &mut head, deadline).map_err(|e| format!("reading the hello: {e}"))?;
+    read_by(conn, &mut head, deadline)
+        .map_err(|e| format!("reading the hello: {}", handshake_io(&e)))?;
     if head[..8] != MAGIC {
         return Err("not a vGPU mediator (bad magic); closed".into());
     }
@@ -732,17 +746,19 @@ pub fn accept(conn: &Conn, admit: Admit<'_>) -> Result<(snow::HandshakeState, St
     if name_len == 0 || name_len > MAX_NAME {
         return Err(refuse("malformed hello (name length)".into()));
     }
-    let name =
-        read_exact_vec(conn, name_len, deadline).map_err(|e| format!("reading the hello: {e}"))?;
+    let name = read_exact_vec(conn, name_len, deadline)
+        .map_err(|e| format!("reading the hello: {}", handshake_io(&e)))?;
     let name = match String::from_utf8(name) {
         Ok(n) if valid_name(&n) => n,
         _ => return Err(refuse("malformed hello (name)".into())),
     };
-    let len = read_u16(conn, deadline).map_err(|e| format!("reading the hello: {e}"))?;
+    let len =
+        read_u16(conn, deadline).map_err(|e| format!("reading the hello: {}", handshake_io(&e)))?;
     if len > MAX_HANDSHAKE {
         return Err(refuse("malformed hello (handshake length)".into()));
     }
-    let msg = read_exact_vec(conn, len, deadline).map_err(|e| format!("reading the hello: {e}"))?;
+    let msg = read_exact_vec(conn, len, deadline)
+        .map_err(|e| format!("reading the hello: {}", handshake_io(&e)))?;
     let key = admit(version, &name).map_err(refuse)?;
     let prologue = hello_prologue(version, &name);
     let mut hs = noise_builder(&prologue, &key)
@@ -768,7 +784,7 @@ pub fn respond(conn: Conn, mut hs: snow::HandshakeState, payload: &[u8]) -> Resu
     out.extend_from_slice(&msg[..n]);
     (&conn)
         .write_all(&out)
-        .map_err(|e| format!("sending the handshake: {e}"))?;
+        .map_err(|e| format!("sending the handshake: {}", handshake_io(&e)))?;
     let state = hs
         .into_stateless_transport_mode()
         .map_err(|e| format!("handshake: {e}"))?;
@@ -1180,6 +1196,20 @@ mod tests {
             })
             .unwrap();
         assert!(wlink.rx.recv(99, &mut out).is_err());
+    }
+
+    #[test]
+    fn handshake_io_errors_read_as_words() {
+        // A read timeout (SO_RCVTIMEO) is EAGAIN: "Resource temporarily unavailable".
+        let timeout = io::Error::from_raw_os_error(libc::EAGAIN);
+        assert_eq!(handshake_io(&timeout), "no answer within 10 s");
+        let closed = io::Error::from(io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            handshake_io(&closed),
+            "the connection closed before the handshake ended"
+        );
+        let reset = io::Error::from_raw_os_error(libc::ECONNRESET);
+        assert_eq!(handshake_io(&reset), reset.to_string());
     }
 
     #[test]
