@@ -12,14 +12,16 @@
 # boots two QEMU guests (TCG) on one `vhost-vgpu --executor cuda` and runs their checks
 # (`ci/e2e-qemu.sh --bundle DIR`), and with DIR/vgpu-worker the step "guests-remote" boots
 # them again with their executors on a `vgpu-worker --executor cuda` over loopback TCP
-# (`--executor remote --worker-executor cuda`); with DIR/cudarc-examples too, the step "programs" runs
+# (`--executor remote --worker-executor cuda`), and with DIR/vgpu-executor-bench too the step
+# "remote" runs ci/gpu-remote.sh; with DIR/cudarc-examples too, the step "programs" runs
 # unmodified CUDA programs natively and in a guest (ci/gpu-programs.sh).
 # Prints every step's PASS/FAIL lines, then the totals; exits 1 if anything failed.
 # Only reads the GPU's state: it never changes clocks, persistence, compute mode or MIG,
 # and never resets the card.
 #
 # Step time limits (seconds) can be overridden: SANITY_TIMEOUT, CHECK_TIMEOUT,
-# BENCH_TIMEOUT, TESTS_TIMEOUT, SHARE_TIMEOUT, NFS_TIMEOUT, GUESTS_TIMEOUT, PROGRAMS_TIMEOUT. SHARE_ARGS:
+# BENCH_TIMEOUT, TESTS_TIMEOUT, SHARE_TIMEOUT, NFS_TIMEOUT, GUESTS_TIMEOUT, REMOTE_TIMEOUT,
+# PROGRAMS_TIMEOUT. SHARE_ARGS:
 # extra arguments of vgpu-share-bench, separated by blanks (e.g. SHARE_ARGS="--quick").
 
 set -u -o pipefail
@@ -199,6 +201,13 @@ if [[ -d $DIR/guests && -x $DIR/vgpu-worker ]]; then
         bash "$(dirname "$0")/e2e-qemu.sh" --bundle "$DIR" --executor remote --worker-executor cuda
 else
     skip_step guests-remote "no $DIR/guests bundle or no $DIR/vgpu-worker"
+fi
+# The worker host on CUDA over loopback TCP: the sanity gate and the NFS protocol through
+# it, and the executor bench beside the local worker-process path (ci/gpu-remote.sh).
+if [[ -x $DIR/vgpu-worker && -x $DIR/vgpu-executor-bench ]]; then
+    run_step remote "${REMOTE_TIMEOUT:-300}" bash "$(dirname "$0")/gpu-remote.sh" "$DIR"
+else
+    skip_step remote "no $DIR/vgpu-worker or $DIR/vgpu-executor-bench"
 fi
 # Unmodified CUDA programs natively and in a guest: cudarc's examples, the driver-API C
 # program, cudarc's CudaContext API and nvcc-built runtime programs (ci/gpu-programs.sh).
