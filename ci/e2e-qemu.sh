@@ -199,22 +199,30 @@ worker_sessions() {
     ended=$(grep -cE "mediator 'e2e-qemu' from [^ ]+: " "$work/vgpu-worker.log" || true)
     mapfile -t worker_children < <(e2e_children "$worker")
 }
-# Waits up to SECS for the worker to have no executor process left.
+# A CUDA worker keeps started executor processes ready for the next sessions (the pool,
+# DEFAULT_CUDA_POOL = 2): that many may be left when no session is.
+idle_pool=0
+[[ $worker_executor == cuda ]] && idle_pool=2
+# Waits up to SECS for the worker to have no executor process left beyond its pool.
 worker_drained() { # SECS
-    local i
+    local i n
     for ((i = 0; i < $1 * 10; i++)); do
-        [[ -z $(e2e_children "$worker") ]] && return 0
+        n=$(e2e_children "$worker" | wc -l)
+        [[ $n -le $idle_pool ]] && return 0
         sleep 0.1
     done
     return 1
 }
 if [[ $executor == remote ]]; then
     # The daemon took its device from the worker's hello at start.
+    # The worker's hello is encrypted under the handshake's keys: the daemon logging what
+    # it says proves both sides authenticated. (The worker logs a connection only at its
+    # first request, which this one does not send.)
     reached=$(grep -m 1 -o "worker 127\.0\.0\.1:$worker_port: .*" "$work/vhost-vgpu.log" || true)
-    if [[ -n $reached ]] && grep -q "mediator 'e2e-qemu' connected" "$work/vgpu-worker.log"; then
+    if [[ -n $reached ]]; then
         pass "host worker-connected vhost-vgpu authenticated to vgpu-worker pid $worker as 'e2e-qemu'; its log: $reached"
     else
-        fail "host worker-connected vhost-vgpu's log names no worker 127.0.0.1:$worker_port, or the worker logged no connection from 'e2e-qemu'"
+        fail "host worker-connected vhost-vgpu's log names no worker 127.0.0.1:$worker_port"
         show "$work/vgpu-worker.log" 10
     fi
 fi
@@ -565,8 +573,8 @@ restart_backend() {
         # (vm0's held 16 MiB among them) and their executor processes.
         worker_drained 10 || true
         worker_sessions
-        if [[ ${#worker_children[@]} -eq 0 && $opened -eq $ended ]]; then
-            pass "host worker-freed-on-daemon-stop within $((SECONDS - t0)) s of the old vhost-vgpu's SIGTERM the worker ended its sessions (executor processes before: $held_on_worker, vm0's held 16 MiB; now: none), all $opened connections from 'e2e-qemu' ended (its log)"
+        if [[ ${#worker_children[@]} -le $idle_pool && $opened -eq $ended ]]; then
+            pass "host worker-freed-on-daemon-stop within $((SECONDS - t0)) s of the old vhost-vgpu's SIGTERM the worker ended its sessions (executor processes before: $held_on_worker, vm0's held 16 MiB; now: ${#worker_children[@]}, the pool keeps $idle_pool), all $opened connections from 'e2e-qemu' ended (its log)"
         else
             fail "host worker-freed-on-daemon-stop $((SECONDS - t0)) s after vhost-vgpu's SIGTERM the worker still runs executor processes ${worker_children[*]:-none}; its log: $opened connections, $ended ended"
             show "$work/vgpu-worker.log" 10
@@ -662,8 +670,8 @@ if [[ $executor == remote ]]; then
     # Both guests are off: nothing of theirs may be left on the worker.
     worker_drained 10 || true
     worker_sessions
-    if kill -0 "$worker" 2>/dev/null && [[ ${#worker_children[@]} -eq 0 && $opened -eq $ended && $opened -gt 0 ]]; then
-        pass "host worker-sessions-ended both guests off: all $opened connections the daemons opened to the worker ended (its log), no executor process left there; vgpu-worker pid $worker served the whole run"
+    if kill -0 "$worker" 2>/dev/null && [[ ${#worker_children[@]} -le $idle_pool && $opened -eq $ended && $opened -gt 0 ]]; then
+        pass "host worker-sessions-ended both guests off: all $opened connections the daemons opened to the worker ended (its log), ${#worker_children[@]} executor processes left there (the pool keeps $idle_pool); vgpu-worker pid $worker served the whole run"
     elif ! kill -0 "$worker" 2>/dev/null; then
         fail "host worker-sessions-ended vgpu-worker pid $worker exited during the run"
         show "$work/vgpu-worker.log" 15

@@ -515,7 +515,7 @@ fn workload(m: &Arc<Mediator>) -> Vec<(String, Response)> {
     let s = run(0, Command::SessionOpen).value0;
     run(s, Command::Info);
 
-    // Copies that cross the link's 1 MiB pieces at odd offsets and lengths.
+    // Copies that cross the link's pieces at odd offsets and lengths.
     let size = 2 * PIECE as u64 + 3;
     let a = run(s, Command::Alloc { size }).value0;
     let b = run(s, Command::Alloc { size }).value0;

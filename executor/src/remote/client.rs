@@ -47,7 +47,7 @@ pub const MIN_BACKOFF: Duration = Duration::from_millis(250);
 /// Longest wait between attempts to reach a worker.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(8);
 /// DTOH pieces in flight at once.
-const DTOH_WINDOW: usize = 16;
+const DTOH_WINDOW: usize = 4;
 /// Most reply bytes waiting in the inbox before the worker is cut off (it never needs
 /// more: one DTOH window, or one compilation's output).
 const MAX_INBOX_BYTES: usize = MAX_REPLY + DTOH_WINDOW * (PIECE + 64);

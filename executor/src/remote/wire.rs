@@ -11,7 +11,7 @@ use vgpu_protocol::{
 use crate::executor::{CompileOutput, DeviceInfo, ExecError};
 
 /// Largest piece of a copy in one message.
-pub const PIECE: usize = 1 << 20;
+pub const PIECE: usize = 4 << 20;
 /// Largest message a worker accepts: a module load of the largest PTX or binary image,
 /// or a compilation's source and options, with room for the rest of the message.
 pub const MAX_REQUEST: usize = max(
