@@ -408,15 +408,15 @@ impl Shared {
 
 fn reply_bytes(r: &Reply) -> usize {
     64 + match r {
-        Reply::Data { result: Ok(d), .. } => d.len(),
+        Reply::Data { result: Ok(d), .. } => d.0.len(),
         Reply::Answer {
             result: Ok(WireAnswer::Compiled { ptx, log }),
             ..
-        } => ptx.len() + log.len(),
+        } => ptx.0.len() + log.0.len(),
         Reply::Answer {
             result: Ok(WireAnswer::CompileFailed { log, .. }),
             ..
-        } => log.len(),
+        } => log.0.len(),
         Reply::Answer {
             result: Ok(WireAnswer::Attributes(a)),
             ..
@@ -790,10 +790,10 @@ impl RemoteExecutor {
             match reply {
                 Reply::Data { result: Ok(d), .. } => {
                     let want = (len - at.min(len)).min(PIECE as u64);
-                    if d.len() as u64 != want {
+                    if d.0.len() as u64 != want {
                         first_err.get_or_insert_with(unexpected);
                     } else if first_err.is_none() {
-                        if let Err(e) = put(at, &d) {
+                        if let Err(e) = put(at, &d.0) {
                             first_err = Some(e);
                         }
                     }
@@ -1041,10 +1041,15 @@ impl Executor for RemoteExecutor {
             out_len,
         };
         match self.answer(&req)? {
-            WireAnswer::Compiled { ptx, log } => Ok(CompileOutput::Ptx { ptx, log }),
-            WireAnswer::CompileFailed { code, log, log_len } => {
-                Ok(CompileOutput::Failed { code, log, log_len })
-            }
+            WireAnswer::Compiled { ptx, log } => Ok(CompileOutput::Ptx {
+                ptx: ptx.0,
+                log: log.0,
+            }),
+            WireAnswer::CompileFailed { code, log, log_len } => Ok(CompileOutput::Failed {
+                code,
+                log: log.0,
+                log_len,
+            }),
             WireAnswer::CompileTooLarge { needed } => Ok(CompileOutput::TooLarge { needed }),
             _ => Err(unexpected()),
         }

@@ -22,8 +22,8 @@ use vgpu_kernels::LaunchShape;
 
 use super::link::{self, Conn, Key, Listener, Sender};
 use super::wire::{
-    Opened, Reply, Request, WireAnswer, WireError, WireKernel, WireModule, WireParam, WorkerHello,
-    MAX_REQUEST,
+    Bytes, Opened, Reply, Request, WireAnswer, WireError, WireKernel, WireModule, WireParam,
+    WorkerHello, MAX_REQUEST,
 };
 use crate::executor::{
     BufferId, DeviceMeter, ExecError, ExecParam, ExecResult, Executor, ExecutorFactory, KernelRef,
@@ -451,7 +451,7 @@ impl Session<'_> {
                     Ok(len) if len <= super::wire::PIECE => self.exec().and_then(|e| {
                         let mut out = vec![0u8; len];
                         e.dtoh(StreamId(stream), BufferId(src), offset, &mut out)
-                            .map(|()| out)
+                            .map(|()| Bytes(out))
                     }),
                     _ => Err(ExecError::new(
                         Status::InvalidRequest,
