@@ -18,6 +18,7 @@ pub mod cuda;
 pub mod executor;
 pub mod hostmap;
 pub mod image;
+pub mod messages;
 pub mod process;
 pub mod ptx;
 pub mod remote;

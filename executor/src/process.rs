@@ -150,7 +150,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vgpu_kernels::LaunchShape;
 use vgpu_protocol::{
-    FunctionInfo, Status, FUNCTION_ATTRIBUTES, MAX_COMPILE_OPTIONS_BYTES, MAX_COMPILE_OUTPUT_BYTES,
+    FunctionInfo, Status, MAX_COMPILE_OPTIONS_BYTES, MAX_COMPILE_OUTPUT_BYTES,
     MAX_MODULE_IMAGE_BYTES, MAX_PTX_BYTES,
 };
 
@@ -162,6 +162,7 @@ use crate::executor::{
     ModuleId, SetupError, StreamId, TIMEOUT_DETAIL,
 };
 use crate::hostmap::{FilePiece, HostMapping};
+use crate::messages::{as_bytes, WireAnswer, WireError, WireKernel, WireParam};
 use crate::sandbox::{Sandbox, WorkerUser};
 
 /// Environment variable naming the worker binary.
@@ -302,25 +303,6 @@ struct Staged {
     len: u64,
 }
 
-/// The kernel a launch runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-enum WireKernel<'a> {
-    Builtin { name: &'a str },
-    Module { module: u64, name: &'a str },
-}
-
-/// A launch parameter.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-enum WireParam<'a> {
-    Value(#[serde(serialize_with = "as_bytes")] &'a [u8]),
-    Buffer(u64),
-}
-
-/// Writes a byte slice as one byte string (length and bytes), not as a sequence of `u8`.
-fn as_bytes<S: serde::Serializer>(v: &&[u8], s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_bytes(v)
-}
-
 /// What the parent sends. Byte strings are borrowed from the frame they arrive in.
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 enum ToWorker<'a> {
@@ -454,31 +436,6 @@ enum ToWorker<'a> {
     },
 }
 
-/// An [`ExecError`] on the wire; the status as its protocol number.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct WireError {
-    status: u32,
-    detail: u32,
-    message: String,
-}
-
-impl From<&ExecError> for WireError {
-    fn from(e: &ExecError) -> WireError {
-        WireError {
-            status: e.status as u32,
-            detail: e.detail,
-            message: e.message.clone(),
-        }
-    }
-}
-
-impl From<WireError> for ExecError {
-    fn from(e: WireError) -> ExecError {
-        let status = Status::from_u32(e.status).unwrap_or(Status::Internal);
-        ExecError::new(status, e.detail, e.message)
-    }
-}
-
 /// What the worker sends.
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 enum FromWorker {
@@ -512,48 +469,6 @@ enum FromWorker {
         poisoned: bool,
         result: Result<WireAnswer, WireError>,
     },
-}
-
-/// What `Answer` carries.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-enum WireAnswer {
-    /// [`Executor::device_attributes`].
-    Attributes(Vec<i32>),
-    /// [`Executor::function_info`].
-    Function {
-        attributes: [i32; FUNCTION_ATTRIBUTES],
-        params: Vec<(u32, u32)>,
-    },
-    /// [`Executor::module_global`]: its device address and size.
-    Global {
-        address: u64,
-        size: u64,
-    },
-    /// [`Executor::compile`], by its variants.
-    Compiled {
-        ptx: Vec<u8>,
-        log: Vec<u8>,
-    },
-    CompileFailed {
-        code: u32,
-        log: Vec<u8>,
-        log_len: u64,
-    },
-    CompileTooLarge {
-        needed: u64,
-    },
-}
-
-impl From<CompileOutput> for WireAnswer {
-    fn from(c: CompileOutput) -> WireAnswer {
-        match c {
-            CompileOutput::Ptx { ptx, log } => WireAnswer::Compiled { ptx, log },
-            CompileOutput::Failed { code, log, log_len } => {
-                WireAnswer::CompileFailed { code, log, log_len }
-            }
-            CompileOutput::TooLarge { needed } => WireAnswer::CompileTooLarge { needed },
-        }
-    }
 }
 
 /// A loaded module: its id, [`Executor::module_bytes`], and
@@ -2826,13 +2741,7 @@ impl Executor for ProcessExecutor {
     }
 
     fn function_info(&mut self, kernel: KernelRef<'_>) -> ExecResult<FunctionInfo> {
-        let kernel = match kernel {
-            KernelRef::Builtin(spec) => WireKernel::Builtin { name: spec.name },
-            KernelRef::Module(module, name) => WireKernel::Module {
-                module: module.0,
-                name,
-            },
-        };
+        let kernel = WireKernel::from(&kernel);
         match self.ask("function_info", &ToWorker::FunctionInfo { kernel })? {
             WireAnswer::Function { attributes, params } => Ok(FunctionInfo { attributes, params }),
             _ => Err(self.wrong_answer("function_info")),
@@ -2861,14 +2770,10 @@ impl Executor for ProcessExecutor {
             options: options.iter().map(String::as_str).collect(),
             out_len,
         };
-        match self.ask("compile", &msg)? {
-            WireAnswer::Compiled { ptx, log } => Ok(CompileOutput::Ptx { ptx, log }),
-            WireAnswer::CompileFailed { code, log, log_len } => {
-                Ok(CompileOutput::Failed { code, log, log_len })
-            }
-            WireAnswer::CompileTooLarge { needed } => Ok(CompileOutput::TooLarge { needed }),
-            _ => Err(self.wrong_answer("compile")),
-        }
+        let answer = self.ask("compile", &msg)?;
+        answer
+            .into_compile_output()
+            .ok_or_else(|| self.wrong_answer("compile"))
     }
 
     fn unload_module(&mut self, module: ModuleId) {
@@ -4007,6 +3912,7 @@ impl Executor for FaultSim {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::messages::Bytes;
 
     fn payload(frame: &[u8]) -> &[u8] {
         let len = u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize;
@@ -4133,12 +4039,12 @@ mod tests {
                 size: 64,
             },
             WireAnswer::Compiled {
-                ptx: b".version 8.0".to_vec(),
-                log: vec![],
+                ptx: Bytes(b".version 8.0".to_vec()),
+                log: Bytes(vec![]),
             },
             WireAnswer::CompileFailed {
                 code: 6,
-                log: b"error".to_vec(),
+                log: Bytes(b"error".to_vec()),
                 log_len: 900,
             },
             WireAnswer::CompileTooLarge { needed: 70000 },

@@ -409,18 +409,7 @@ impl Shared {
 fn reply_bytes(r: &Reply) -> usize {
     64 + match r {
         Reply::Data { result: Ok(d), .. } => d.0.len(),
-        Reply::Answer {
-            result: Ok(WireAnswer::Compiled { ptx, log }),
-            ..
-        } => ptx.0.len() + log.0.len(),
-        Reply::Answer {
-            result: Ok(WireAnswer::CompileFailed { log, .. }),
-            ..
-        } => log.0.len(),
-        Reply::Answer {
-            result: Ok(WireAnswer::Attributes(a)),
-            ..
-        } => a.len() * 4,
+        Reply::Answer { result: Ok(a), .. } => a.bytes(),
         _ => 0,
     }
 }
@@ -822,10 +811,7 @@ fn unexpected() -> ExecError {
 }
 
 fn wire_kernel<'a>(kernel: &KernelRef<'a>) -> WireKernel<'a> {
-    match *kernel {
-        KernelRef::Builtin(spec) => WireKernel::Builtin { name: spec.name },
-        KernelRef::Module(m, name) => WireKernel::Module { module: m.0, name },
-    }
+    WireKernel::from(kernel)
 }
 
 impl Executor for RemoteExecutor {
@@ -1040,19 +1026,9 @@ impl Executor for RemoteExecutor {
             options: options.iter().map(String::as_str).collect(),
             out_len,
         };
-        match self.answer(&req)? {
-            WireAnswer::Compiled { ptx, log } => Ok(CompileOutput::Ptx {
-                ptx: ptx.0,
-                log: log.0,
-            }),
-            WireAnswer::CompileFailed { code, log, log_len } => Ok(CompileOutput::Failed {
-                code,
-                log: log.0,
-                log_len,
-            }),
-            WireAnswer::CompileTooLarge { needed } => Ok(CompileOutput::TooLarge { needed }),
-            _ => Err(unexpected()),
-        }
+        self.answer(&req)?
+            .into_compile_output()
+            .ok_or_else(unexpected)
     }
 
     fn launch(

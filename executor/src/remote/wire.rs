@@ -4,11 +4,11 @@
 
 use serde::{Deserialize, Serialize};
 use vgpu_protocol::{
-    ExecutorKind, Status, FUNCTION_ATTRIBUTES, MAX_COMPILE_OUTPUT_BYTES, MAX_MODULE_IMAGE_BYTES,
-    MAX_PTX_BYTES,
+    ExecutorKind, MAX_COMPILE_OUTPUT_BYTES, MAX_MODULE_IMAGE_BYTES, MAX_PTX_BYTES,
 };
 
-use crate::executor::{CompileOutput, DeviceInfo, ExecError};
+use crate::executor::DeviceInfo;
+pub use crate::messages::{as_bytes, Bytes, WireAnswer, WireError, WireKernel, WireParam};
 
 /// Largest piece of a copy in one message.
 pub const PIECE: usize = 4 << 20;
@@ -65,56 +65,6 @@ impl WorkerHello {
             multiprocessors: self.multiprocessors,
         })
     }
-}
-
-/// The kernel a launch runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum WireKernel<'a> {
-    Builtin { name: &'a str },
-    Module { module: u64, name: &'a str },
-}
-
-/// A launch parameter.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum WireParam<'a> {
-    Value(#[serde(serialize_with = "as_bytes")] &'a [u8]),
-    Buffer(u64),
-}
-
-/// Owned bytes on the wire as one byte string (a length and the bytes, copied at once),
-/// not as serde's sequence of `u8` (one call per byte each way: a copy would run at a
-/// fraction of memory speed).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Bytes(pub Vec<u8>);
-
-impl Serialize for Bytes {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for Bytes {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = Bytes;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a byte string")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
-                Ok(Bytes(v.to_vec()))
-            }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
-                Ok(Bytes(v))
-            }
-        }
-        d.deserialize_byte_buf(Visitor)
-    }
-}
-
-/// Writes a byte slice as one byte string (length and bytes), not as a sequence of `u8`.
-fn as_bytes<S: serde::Serializer>(v: &&[u8], s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_bytes(v)
 }
 
 /// What a mediator sends after the handshake. Every request is answered with exactly one
@@ -233,80 +183,12 @@ impl Request<'_> {
     }
 }
 
-/// An [`ExecError`] on the wire; the status as its protocol number.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WireError {
-    pub status: u32,
-    pub detail: u32,
-    pub message: String,
-}
-
-impl From<&ExecError> for WireError {
-    fn from(e: &ExecError) -> WireError {
-        WireError {
-            status: e.status as u32,
-            detail: e.detail,
-            message: e.message.clone(),
-        }
-    }
-}
-
-impl From<WireError> for ExecError {
-    fn from(e: WireError) -> ExecError {
-        let status = Status::from_u32(e.status).unwrap_or(Status::Internal);
-        ExecError::new(status, e.detail, e.message)
-    }
-}
-
 /// A loaded module: its id, what it holds on the device, and its kernels' local memory
 /// reservations as far as the worker knows them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireModule {
     pub id: u64,
     pub bytes: u64,
-}
-
-/// What `Answer` carries.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum WireAnswer {
-    Attributes(Vec<i32>),
-    Function {
-        attributes: [i32; FUNCTION_ATTRIBUTES],
-        params: Vec<(u32, u32)>,
-    },
-    Global {
-        address: u64,
-        size: u64,
-    },
-    Compiled {
-        ptx: Bytes,
-        log: Bytes,
-    },
-    CompileFailed {
-        code: u32,
-        log: Bytes,
-        log_len: u64,
-    },
-    CompileTooLarge {
-        needed: u64,
-    },
-}
-
-impl From<CompileOutput> for WireAnswer {
-    fn from(c: CompileOutput) -> WireAnswer {
-        match c {
-            CompileOutput::Ptx { ptx, log } => WireAnswer::Compiled {
-                ptx: Bytes(ptx),
-                log: Bytes(log),
-            },
-            CompileOutput::Failed { code, log, log_len } => WireAnswer::CompileFailed {
-                code,
-                log: Bytes(log),
-                log_len,
-            },
-            CompileOutput::TooLarge { needed } => WireAnswer::CompileTooLarge { needed },
-        }
-    }
 }
 
 /// What a worker sends after the handshake.
