@@ -162,13 +162,13 @@ pub struct Args {
 
     /// Key file for --executor remote: one line NAME KEY (this mediator's name and the key
     /// the worker holds for it; vgpu-worker keygen makes one). Must not be readable by
-    /// group or others.
-    #[arg(long, value_name = "FILE", default_value = vgpu_mediator::remote::link::DEFAULT_MEDIATOR_KEY)]
-    pub remote_key: PathBuf,
+    /// group or others. Default: /etc/vgpu/remote.key.
+    #[arg(long, value_name = "FILE")]
+    pub remote_key: Option<PathBuf>,
 
-    /// How long to keep trying to reach a remote worker at start, in seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
-    pub remote_wait: u64,
+    /// How long to keep trying to reach a remote worker at start, in seconds. Default: 30.
+    #[arg(long, value_name = "SECONDS")]
+    pub remote_wait: Option<u64>,
 
     /// Device memory each VM's work may hold, e.g. 512M, 8G, 1.5GiB: its sessions'
     /// execution contexts, buffers, modules and kernels' local memory. Default: the
@@ -492,8 +492,8 @@ impl TryFrom<Args> for VgpuConfig {
                 worker_user: args.worker_user,
                 worker_max_memory: args.worker_max_memory,
                 kernel_timeout: args.kernel_timeout.map(std::time::Duration::from_secs),
-                remote_key: Some(args.remote_key),
-                remote_wait: Some(std::time::Duration::from_secs(args.remote_wait)),
+                remote_key: args.remote_key,
+                remote_wait: args.remote_wait.map(std::time::Duration::from_secs),
             },
             metrics: args.metrics,
         };
@@ -661,8 +661,8 @@ mod tests {
                 worker_user: Some("root".into()),
                 worker_max_memory: Some(2 << 30),
                 kernel_timeout: Some(std::time::Duration::from_secs(30)),
-                remote_key: Some(vgpu_mediator::remote::link::DEFAULT_MEDIATOR_KEY.into()),
-                remote_wait: Some(std::time::Duration::from_secs(30)),
+                remote_key: None,
+                remote_wait: None,
             }
         );
         assert_eq!(c.executor, ExecutorChoice::Cpu);
