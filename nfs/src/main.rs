@@ -154,7 +154,13 @@ fn main() -> ExitCode {
             ExecutorChoice::Remote(spec) => remote_sanity(spec, &options),
             _ => sanity(),
         },
-        Cmd::Info => info(cli.executor, &options),
+        Cmd::Info => {
+            let rc = info(cli.executor.clone(), &options);
+            if let (ExecutorChoice::Remote(spec), true) = (&cli.executor, rc == ExitCode::SUCCESS) {
+                workers(spec, &options);
+            }
+            rc
+        }
         Cmd::Serve(args) => serve(cli.executor, &options, args),
     }
 }
@@ -201,6 +207,31 @@ fn remote_sanity(spec: &vgpu_mediator::remote::RemoteSpec, options: &ExecutorOpt
     } else {
         println!("SANITY FAIL");
         ExitCode::FAILURE
+    }
+}
+
+/// What each worker host of `spec` says about itself.
+fn workers(spec: &vgpu_mediator::remote::RemoteSpec, options: &ExecutorOptions) {
+    let key = options.remote_key.clone().unwrap_or_default();
+    let Ok(creds) = vgpu_mediator::remote::Credentials::load(&key) else {
+        return;
+    };
+    for e in &spec.endpoints {
+        match vgpu_mediator::remote::client::hello(e, &creds) {
+            Ok(h) => println!(
+                "worker {e}: release {}, {} ({} MiB, {} MiB free), {} GPU(s), {} of {} \
+                 sessions; {}",
+                h.release,
+                h.name,
+                h.total_memory >> 20,
+                h.free_memory >> 20,
+                h.gpus,
+                h.sessions,
+                h.max_sessions,
+                h.sanity
+            ),
+            Err(why) => println!("{why}"),
+        }
     }
 }
 
