@@ -169,3 +169,27 @@ e2e_forget_pid() { # PID
     done
     pids=("${kept[@]}")
 }
+
+# e2e_guest_checks LOG WHO CHECK...: the checks a guest reported on its console as
+# "CHECK <name> PASS|FAIL <detail>": one line per check it should have reported (FAIL when
+# it did not), then one per failed check it reported that was not expected (the mediator
+# exiting, say). Sets bad=1 on any failure.
+# shellcheck disable=SC2034 # bad is for the caller
+e2e_guest_checks() {
+    local log=$1 who=$2 c line rest
+    shift 2
+    for c in "$@"; do
+        line=$(tr -d '\r' <"$log" 2>/dev/null | grep -E "^CHECK $c (PASS|FAIL) " | tail -n 1 || true)
+        case $line in
+            "CHECK $c PASS "*) pass "$who-$c ${line#"CHECK $c PASS "}" ;;
+            "CHECK $c FAIL "*) fail "$who-$c ${line#"CHECK $c FAIL "}"; bad=1 ;;
+            *) fail "$who-$c no result from the $who"; bad=1 ;;
+        esac
+    done
+    while read -r _ c _ rest; do
+        case " $* " in
+            *" $c "*) ;;
+            *) fail "$who-$c $rest"; bad=1 ;;
+        esac
+    done < <(tr -d '\r' <"$log" 2>/dev/null | grep -E '^CHECK [^ ]+ FAIL ' || true)
+}

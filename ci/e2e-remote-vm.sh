@@ -406,31 +406,11 @@ echo "   the guests ran for $((guest_end - guest_start)) s"
 # ---- 4. results ----------------------------------------------------------------------------
 step "results"
 bad=0
-# from LOG WHO CHECK...: one line per check the guest should have reported, then one per
-# failed check it reported that was not expected.
-from() {
-    local log=$1 who=$2 c line rest
-    shift 2
-    for c in "$@"; do
-        line=$(tr -d '\r' <"$log" 2>/dev/null | grep -E "^CHECK $c (PASS|FAIL) " | tail -n 1 || true)
-        case $line in
-            "CHECK $c PASS "*) pass "$who-$c ${line#"CHECK $c PASS "}" ;;
-            "CHECK $c FAIL "*) fail "$who-$c ${line#"CHECK $c FAIL "}"; bad=1 ;;
-            *) fail "$who-$c no result from the $who"; bad=1 ;;
-        esac
-    done
-    while read -r _ c _ rest; do
-        case " $* " in
-            *" $c "*) ;;
-            *) fail "$who-$c $rest"; bad=1 ;;
-        esac
-    done < <(tr -d '\r' <"$log" 2>/dev/null | grep -E '^CHECK [^ ]+ FAIL ' || true)
-}
-from "$worker1_log" worker listening
-from "$client_log" client mount served command-1 command-2 commands-repeated \
+e2e_guest_checks "$worker1_log" worker listening
+e2e_guest_checks "$client_log" client mount served command-1 command-2 commands-repeated \
     worker-down-command-1 worker-down-commands reconnect-command-1 \
     reconnect-command-2 reconnect-next-command-1
-from "$worker2_log" worker reboot-listening
+e2e_guest_checks "$worker2_log" worker reboot-listening
 for log in "$worker1_log" "$client_log" "$worker2_log"; do
     who=$(basename "$log" .log)
     tr -d '\r' <"$log" | grep '^INFO ' | sed "s/^/    | $who: /" || true
