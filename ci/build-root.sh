@@ -72,8 +72,14 @@ release=$1
 root=$CACHE_ROOT/build-root-$release
 # .complete records how the root was set up: the version of that setup (raised when
 # configure() changes) and the packages.
-FORMAT="2 ${PACKAGES[*]}"
+FORMAT="1 ${PACKAGES[*]}"
 ready() { [[ -f $root/.complete && $(cat "$root/.complete") == "$FORMAT" ]]; }
+
+# This machine's apt proxy, if it uses one: debootstrap and the root's apt use it too.
+proxy=
+if command -v apt-config >/dev/null; then
+    eval "$(apt-config shell proxy Acquire::http::Proxy)"
+fi
 
 # apt's sources and settings in a root.
 configure() { # DIR
@@ -90,6 +96,9 @@ Acquire::Languages "none";
 DPkg::Lock::Timeout "600";
 Dpkg::Use-Pty "false";
 EOF
+    if [[ -n $proxy ]]; then
+        echo "Acquire::http::Proxy \"$proxy\";" >>"$1/etc/apt/apt.conf.d/90build-root"
+    fi
 }
 
 if ! ready; then
@@ -119,7 +128,7 @@ if ! ready; then
     # The root directory of the new system: readable by all (apt's _apt user among them).
     chmod 0755 "$tmp"
     log "creating the Debian $release build root (debootstrap, a minute or two)"
-    if ! debootstrap --variant=minbase --include="$(IFS=,; echo "${PACKAGES[*]}")" \
+    if ! http_proxy=${http_proxy:-$proxy} debootstrap --variant=minbase --include="$(IFS=,; echo "${PACKAGES[*]}")" \
         "$release" "$tmp" "$MIRROR" >"$tmp.log" 2>&1; then
         tail -n 20 "$tmp.log" >&2
         die "debootstrap $release failed"
