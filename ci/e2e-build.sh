@@ -9,7 +9,10 @@
 #     e2e_build_setup      host packages (ci/setup.sh), the Rust toolchain on PATH
 #     e2e_build_cargo      vhost-vgpu, libvgpu and the guest tools: $target
 #     e2e_build_kernel     the guest kernel (ci/guest-kernel.sh): $kver $kdir $kernel $kbuild
-#     e2e_build_driver     vgpu.ko against that kernel's headers: $ko
+#                          $kbuild_root; from the Debian suite $kernel_suite when the caller
+#                          set it (e.g. trixie-backports), $kernel_version (KVER, SERIES
+#                          or newest) likewise
+#     e2e_build_driver     vgpu.ko against that kernel's headers (ci/driver-build.sh): $ko
 #     e2e_build_c_programs the C example and ci/guest/vgpu-e2e-check.c, in $work/guest
 #     e2e_build_qemu       QEMU with the generic device: $qemu $qemu_device $reconnect
 #     e2e_build_initramfs  busybox, vgpu.ko, lspci and the guest tools: $initrd
@@ -86,18 +89,29 @@ e2e_build_worker() {
 }
 
 e2e_build_kernel() {
-    local kenv
-    step "guest kernel: Debian's current linux-image-amd64 and its headers"
-    kenv=$(bash ci/guest-kernel.sh 2>"$work/guest-kernel.log") || {
+    local kenv args=()
+    if [[ -n ${kernel_suite:-} ]]; then
+        step "guest kernel: Debian $kernel_suite's ${kernel_version:-newest} kernel and its headers"
+        args=(--suite "$kernel_suite")
+    else
+        step "guest kernel: Debian's current linux-image-amd64 and its headers"
+    fi
+    [[ -n ${kernel_version:-} ]] && args+=(--kver "$kernel_version")
+    kenv=$(bash ci/guest-kernel.sh "${args[@]}" 2>"$work/guest-kernel.log") || {
         show "$work/guest-kernel.log" 20 >&2
-        die "ci/guest-kernel.sh failed"
+        die "ci/guest-kernel.sh ${args[*]} failed"
     }
     kver=$(sed -n 's/^KVER=//p' <<<"$kenv")
     kdir=$(sed -n 's/^KDIR=//p' <<<"$kenv")
     kernel=$(sed -n 's/^KERNEL=//p' <<<"$kenv")
     kbuild=$(sed -n 's/^KBUILD=//p' <<<"$kenv")
-    [[ -n $kver && -f $kernel && -d $kbuild ]] || die "ci/guest-kernel.sh gave no usable kernel: $kenv"
-    echo "   kernel $kver"
+    kbuild_root=$(sed -n 's/^KBUILD_ROOT=//p' <<<"$kenv")
+    [[ -n $kver && -f $kernel && -d $kbuild_root$kbuild ]] || die "ci/guest-kernel.sh gave no usable kernel: $kenv"
+    if [[ -n $kbuild_root ]]; then
+        echo "   kernel $kver (Debian ${kernel_suite:-}; headers in the build root $kbuild_root)"
+    else
+        echo "   kernel $kver"
+    fi
 }
 
 e2e_build_driver() {
@@ -106,12 +120,9 @@ e2e_build_driver() {
     say "vgpu.ko is the guest driver: a virtio driver for device ID 22 that gives each \
 device a /dev/vgpuN and puts user buffers straight into the virtqueue. It is built \
 out of tree against the headers of exactly the kernel the guests boot."
-    mkdir -p "$work/src/guest-lib"
-    cp -r guest-lib/driver guest-lib/include "$work/src/guest-lib/"
-    # Only the sources: objects a developer built in the checkout would be reused otherwise.
-    find "$work/src/guest-lib/driver" -type f \( -name '*.mod.c' -o ! \( -name '*.c' -o -name '*.h' -o -name Makefile -o -name Kbuild \) \) -delete
-    e2e_build_quiet "$work/driver.log" make -C "$work/src/guest-lib/driver" KDIR="$kbuild"
-    ko=$work/src/guest-lib/driver/vgpu.ko
+    e2e_build_quiet "$work/driver.log" bash ci/driver-build.sh --kbuild "$kbuild" \
+        ${kbuild_root:+--root "$kbuild_root"} --out "$work/driver"
+    ko=$work/driver/vgpu.ko
     [[ -f $ko ]] || die "make did not produce vgpu.ko"
     vermagic=$(modinfo -F vermagic "$ko")
     [[ $vermagic == "$kver "* ]] || die "vgpu.ko is built for '$vermagic', the guest runs $kver"

@@ -9,6 +9,8 @@
 # With --bundle DIR nothing is built: everything comes from a ci/gpu-bundle.sh bundle.
 # With --executor remote the VMs' executors run on a vgpu-worker started on 127.0.0.1
 # (vhost-vgpu --executor remote:127.0.0.1:PORT), and the check lines start with "remote".
+# With --kernel-suite SUITE the guests boot that Debian suite's kernel (e.g. the newest
+# of trixie-backports) with vgpu.ko built for it, and the check lines start with "k<major>".
 set -euo pipefail
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -39,6 +41,15 @@ the guests' sessions run there (one executor process each, children of vgpu-work
 daemon's SIGTERM in the restart phase ends them on the worker, and once both guests are
 off no session is left there. Each line then reads "PASS remote <vm> <check> ...".
 
+With --kernel-suite SUITE the guests run the kernel of another Debian suite instead of
+this machine's linux-image-amd64: by default the newest one there (trixie-backports:
+the newest kernel built for Debian 13), or the one --kernel-version names. It is
+fetched by ci/guest-kernel.sh --suite, and vgpu.ko is built against its headers in the
+build root of that Debian release (ci/build-root.sh, a cached chroot: that kernel's
+kbuild tools need its C library). Every check runs unchanged; each line then starts
+with k<major version>, e.g. "PASS k7 <vm> <check> ..." (after "remote" with --executor
+remote). The last line names the guests' kernel in every mode.
+
 With --bundle DIR nothing is built and neither cargo, apt nor root is needed: QEMU,
 its libraries and firmware, the guest kernel and the initramfs come from DIR/guests
 (written by ci/gpu-bundle.sh), vhost-vgpu and vgpu-executor-worker from DIR
@@ -62,6 +73,13 @@ Options:
   --accel ACCEL     QEMU accelerator: tcg (default) or kvm
   --bundle DIR      build nothing: take the guests' files from DIR/guests and
                     vhost-vgpu, vgpu-executor-worker (and vgpu-worker) from DIR
+  --kernel-suite SUITE
+                    boot the kernel of Debian SUITE (e.g. trixie, trixie-backports)
+                    with vgpu.ko built for it (see above)
+  --kernel-version KVER|SERIES|newest
+                    which kernel: a kernel release (e.g. 7.3.4+deb13-amd64), the newest
+                    of a series (e.g. 7, 7.2) or the newest (the default); without
+                    --kernel-suite, of this machine's apt sources
   --narrate         explain each step for a person (used by ci/demo.sh)
   --keep            keep the work directory (logs, initramfs) and print its path
   -h, --help        show this help
@@ -83,6 +101,8 @@ accel=tcg
 narrate=0
 keep=0
 bundle=
+kernel_suite=
+kernel_version=
 need_arg() { [[ $2 -ge 2 ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -94,6 +114,8 @@ while [[ $# -gt 0 ]]; do
         --timeout) need_arg "$1" $#; timeout=$2; shift ;;
         --accel) need_arg "$1" $#; accel=$2; shift ;;
         --bundle) need_arg "$1" $#; bundle=$2; shift ;;
+        --kernel-suite) need_arg "$1" $#; kernel_suite=$2; shift ;;
+        --kernel-version) need_arg "$1" $#; kernel_version=$2; shift ;;
         --narrate) narrate=1 ;;
         --keep) keep=1 ;;
         -h | --help) usage; exit 0 ;;
@@ -111,6 +133,9 @@ fi
 [[ $mib =~ ^[1-9][0-9]*$ ]] || die "--mib wants a positive number, got '$mib'"
 [[ $mixed =~ ^[1-9][0-9]*$ ]] || die "--mixed wants a positive number, got '$mixed'"
 [[ $timeout =~ ^[1-9][0-9]*$ ]] || die "--timeout wants whole seconds, got '$timeout'"
+if [[ -n $bundle && -n $kernel_suite$kernel_version ]]; then
+    die "--bundle brings its own guest kernel: no --kernel-suite or --kernel-version with it"
+fi
 if [[ -n $bundle ]]; then
     [[ -d $bundle/guests ]] || die "--bundle: $bundle/guests does not exist (build it with ci/gpu-bundle.sh)"
     bundle=$(cd "$bundle" && pwd)
@@ -148,6 +173,8 @@ else
     e2e_build_all
     [[ $executor == remote ]] && e2e_build_worker
 fi
+# Check lines on another suite's kernel say so: "k7 vm0 lspci ...".
+[[ -n $kernel_suite ]] && e2e_prefix="${e2e_prefix}k${kver%%.*} "
 
 # ---- 2. the backend ---------------------------------------------------------------
 export RUST_LOG=${RUST_LOG:-info}
@@ -681,5 +708,5 @@ if [[ $executor == remote ]]; then
     fi
 fi
 
-step "done: $passed passed, $failed failed"
+step "done: $passed passed, $failed failed (guest kernel $kver${kernel_suite:+ from Debian $kernel_suite})"
 [[ $failed -eq 0 ]]

@@ -1345,8 +1345,14 @@ static struct vgpu_hostbuf *vgpu_hostbuf_alloc(unsigned long npages)
 		/* Order-0 pages can be mapped, pinned and freed one by one. */
 		if (order)
 			split_page(page, order);
+		/*
+		 * One buddy allocation never crosses a memory section, so its struct
+		 * pages are contiguous in the memmap on every memory model and kernel:
+		 * page + i is the i-th page. (nth_page(), which Linux 6.18 removed,
+		 * was only ever needed for ranges that may cross a section.)
+		 */
 		for (i = 0; i < (1UL << order); i++)
-			hb->pages[done + i] = nth_page(page, i);
+			hb->pages[done + i] = page + i;
 		done += 1UL << order;
 	}
 	hb->npages = npages;
