@@ -87,7 +87,7 @@ if [ "$e2e" = 1 ]; then
     # TCP (their check lines then start with "remote").
     runs=("ci/e2e-remote.sh" "ci/e2e-qemu.sh" "ci/e2e-qemu.sh --executor remote"
         "ci/e2e-libvirt.sh" "ci/e2e-nfs.sh" "ci/e2e-nfs.sh --executor remote"
-        "ci/e2e-glibc.sh" "ci/e2e-worker-vm.sh" "ci/e2e-remote-vm.sh")
+        "ci/e2e-glibc.sh" "ci/e2e-worker-vm.sh" "ci/e2e-remote-vm.sh" "ci/e2e-dkms.sh")
     for run in "${runs[@]}"; do
         read -r -a argv <<<"$run"
         script=${argv[0]}
