@@ -22,7 +22,8 @@ Builds, with cargo zigbuild --release --locked --target $TARGET:
   host:  ${HOST_BINS[*]}
   guest: ${GUEST_BINS[*]} libvgpu.so
 and copies them into DIR (default: <target-dir>/dist), with the C headers
-vgpu.h and vgpu_ioctl.h. None needs a glibc symbol newer than GLIBC_2.17
+vgpu.h and vgpu_ioctl.h. The library goes in as libvgpu.so.1 (its soname) with the
+link libvgpu.so -> libvgpu.so.1. None needs a glibc symbol newer than GLIBC_2.17
 (ci/glibc-check.sh DIR checks). They are dynamically linked against glibc: the mediator
 and the worker load libcuda and libnvrtc at run time, so they cannot be static musl.
 
@@ -144,15 +145,20 @@ messages=$target_dir/zigbuild-messages.json
     die "cargo zigbuild --target $TARGET failed"
 
 built=$target_dir/x86_64-unknown-linux-gnu/release
-for f in "${HOST_BINS[@]}" "${GUEST_BINS[@]}" libvgpu.so; do
+# FILE[:NAME]: the library under its soname.
+for f in "${HOST_BINS[@]}" "${GUEST_BINS[@]}" libvgpu.so:libvgpu.so.1; do
+    name=${f#*:}
+    f=${f%%:*}
     [[ -f $built/$f ]] || die "the build did not produce $built/$f"
-    rm -f "$out/$f"
+    rm -f "$out/$name"
     if [[ $keep_debug -eq 1 ]]; then
-        cp "$built/$f" "$out/$f"
+        cp "$built/$f" "$out/$name"
     else
-        objcopy --strip-debug "$built/$f" "$out/$f" || die "objcopy --strip-debug $f failed"
+        objcopy --strip-debug "$built/$f" "$out/$name" || die "objcopy --strip-debug $f failed"
     fi
 done
+rm -f "$out/libvgpu.so"
+ln -s libvgpu.so.1 "$out/libvgpu.so"
 if [[ -n $tests_out ]]; then
     mkdir -p "$tests_out" || die "cannot create $tests_out"
     for t in process sandbox; do
@@ -162,5 +168,5 @@ if [[ -n $tests_out ]]; then
     done
 fi
 install -m 0644 guest-lib/include/vgpu.h guest-lib/include/vgpu_ioctl.h "$out/"
-log "$(( ${#HOST_BINS[@]} + ${#GUEST_BINS[@]} )) binaries and libvgpu.so in $out"
+log "$(( ${#HOST_BINS[@]} + ${#GUEST_BINS[@]} )) binaries and libvgpu.so.1 in $out"
 echo "$out"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# Builds the RPMs vgpu-host and vgpu-guest from the glibc 2.17 binaries, with Debian's
-# rpmbuild and packaging/rpm/vgpu.spec.
+# Builds the RPMs vgpu-host, vgpu-guest and vgpu-dkms from the glibc 2.17 binaries and
+# the driver's source, with Debian's rpmbuild and packaging/rpm/vgpu.spec.
 set -euo pipefail
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,9 +21,15 @@ gzip payload, readable by rpm 4.11: CentOS 7, XCP-ng Dom0, RHEL 7 and later):
               users vgpu and vgpu-worker and adds QEMU's user qemu, where it exists,
               to the group vgpu (vhost-vgpu.service's sockets)
   vgpu-guest  /usr/bin/{vgpu-nfs-client,vgpu-smi,vgpu-vector-add},
-              /usr/lib64/libvgpu.so, /usr/include/{vgpu.h,vgpu_ioctl.h}
+              /usr/lib64/{libvgpu.so.1,libvgpu.so,pkgconfig/vgpu.pc},
+              /usr/include/{vgpu.h,vgpu_ioctl.h}; ldconfig in %post and %postun
+  vgpu-dkms   (noarch) /usr/src/vgpu-VERSION/{dkms.conf,Makefile,vgpu.c,vgpu_ioctl.h},
+              /usr/lib/udev/rules.d/60-vgpu.rules; %pre creates the group vgpu,
+              %post builds and installs vgpu.ko with DKMS and loads it where the
+              device is, %preun removes it from DKMS
 
-Output: progress on stderr, the two packages' absolute paths on stdout, one a line.
+Output: progress on stderr, the three packages' absolute paths on stdout, one a line,
+in that order.
 Installs Debian's rpm package (rpmbuild) if missing.
 
 Options:
@@ -68,7 +74,7 @@ fi
 [[ -d $bin_dir ]] || die "--bin-dir $bin_dir is not a directory"
 bin_dir=$(cd "$bin_dir" && pwd)
 for f in vgpu-mediator vgpu-executor-worker vhost-vgpu vgpu-nfs-client vgpu-smi vgpu-vector-add \
-    libvgpu.so vgpu.h vgpu_ioctl.h; do
+    libvgpu.so.1 vgpu.h vgpu_ioctl.h; do
     [[ -f $bin_dir/$f ]] || die "$bin_dir has no $f (build it with ci/build-glibc217.sh)"
 done
 
@@ -77,8 +83,9 @@ out=$(cd "$out" && pwd)
 top=$(mktemp -d "${TMPDIR:-/tmp}/vgpu-rpm.XXXXXX")
 trap 'rm -rf "$top"' EXIT
 
-log "rpmbuild vgpu-host and vgpu-guest $version-$release from $bin_dir"
-rm -f "$out/vgpu-host-$version-$release.x86_64.rpm" "$out/vgpu-guest-$version-$release.x86_64.rpm"
+log "rpmbuild vgpu-host, vgpu-guest and vgpu-dkms $version-$release from $bin_dir"
+rm -f "$out/vgpu-host-$version-$release.x86_64.rpm" "$out/vgpu-guest-$version-$release.x86_64.rpm" \
+    "$out/vgpu-dkms-$version-$release.noarch.rpm"
 if ! rpmbuild -bb --target x86_64 \
     --define "_topdir $top" \
     --define "_rpmdir $out" \
@@ -91,8 +98,8 @@ if ! rpmbuild -bb --target x86_64 \
     tail -n 30 "$top/rpmbuild.log" >&2
     die "rpmbuild -bb $SPEC failed"
 fi
-for p in host guest; do
-    rpm=$out/vgpu-$p-$version-$release.x86_64.rpm
+for p in host.x86_64 guest.x86_64 dkms.noarch; do
+    rpm=$out/vgpu-${p%.*}-$version-$release.${p#*.}.rpm
     [[ -f $rpm ]] || die "rpmbuild did not write $rpm"
     echo "$rpm"
 done

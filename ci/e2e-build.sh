@@ -136,10 +136,13 @@ e2e_build_c_programs() {
     mkdir -p "$work/guest/usr/bin" "$work/guest/usr/lib"
     # Copies without debug information: a smaller initramfs boots faster under TCG.
     cp "$target/vgpu-smi" "$target/vgpu-vector-add" "$work/guest/usr/bin/"
-    cp "$target/libvgpu.so" "$work/guest/usr/lib/libvgpu.so"
+    # The library under its soname (what programs linked with -lvgpu load), the
+    # development link beside it for the link below.
+    cp "$target/libvgpu.so" "$work/guest/usr/lib/libvgpu.so.1"
+    ln -sf libvgpu.so.1 "$work/guest/usr/lib/libvgpu.so"
     strip --strip-debug "$work/guest/usr/bin/vgpu-smi" "$work/guest/usr/bin/vgpu-vector-add" \
-        "$work/guest/usr/lib/libvgpu.so"
-    # In the guest the programs live in /usr/bin and libvgpu.so in /usr/lib.
+        "$work/guest/usr/lib/libvgpu.so.1"
+    # In the guest the programs live in /usr/bin and libvgpu.so.1 in /usr/lib.
     # shellcheck disable=SC2016,SC2054 # $ORIGIN is for the loader; -Wl takes commas
     cflags=(-O2 -Wall -Wextra -I guest-lib/include -L "$work/guest/usr/lib" -lvgpu
         -Wl,-rpath,'$ORIGIN/../lib')
@@ -209,7 +212,7 @@ e2e_build_initramfs() {
         --ko "$ko" \
         --bin "$lspci_bin:/usr/bin/lspci" --file "$pci_ids:/usr/share/misc/pci.ids" \
         --bin "$work/guest/usr/bin/vgpu-smi" --bin "$work/guest/usr/bin/vgpu-vector-add" \
-        --bin "$work/guest/usr/lib/libvgpu.so:/usr/lib/libvgpu.so" \
+        --bin "$work/guest/usr/lib/libvgpu.so.1:/usr/lib/libvgpu.so.1" \
         --file "$work/guest/usr/bin/vgpu-e2e-check:/usr/bin/vgpu-e2e-check" \
         --file "$work/guest/usr/bin/vgpu-c-example:/usr/bin/vgpu-c-example" \
         --bin "$work/guest/usr/lib/vgpu/libcuda.so.1:/usr/lib/vgpu/libcuda.so.1" \

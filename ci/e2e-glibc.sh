@@ -24,10 +24,12 @@ Builds into target/glibc217 (dist/ the binaries, rpm/ the packages), then checks
               DIR --vm vm1, vgpu-nfs-client --command 1 and 2, exit 0 on SIGTERM; a C
               program linked against libvgpu.so; vgpu-mediator's test suites process and
               sandbox, built for the same target, on the 2.17 vgpu-executor-worker
-  rpm         vgpu-host and vgpu-guest: rpm -qpi, the file lists (rpm -qpl), payload
-              gzip or xz, rpmlib features all known to rpm 4.11, no requirement above
-              GLIBC_2.17, the scriptlets (users created in %pre), the units' binaries in the
-              package
+  rpm         vgpu-host, vgpu-guest and vgpu-dkms: rpm -qpi, the file lists (rpm -qpl),
+              payload gzip or xz, rpmlib features all known to rpm 4.11, no requirement
+              above GLIBC_2.17, the scriptlets (users created in %pre; vgpu-dkms: the
+              group vgpu, dkms add, build, install and remove), the units' binaries in
+              the package; vgpu-guest's libvgpu.so.1 (soname, the link libvgpu.so,
+              vgpu.pc through pkg-config); vgpu-dkms's dkms.conf and udev rule
 
 Options:
   --keep      keep the work directory (logs, NFS directory) and print its path
@@ -71,7 +73,7 @@ show() { # FILE [LINES]
 
 # shellcheck source=ci/apt.sh
 source "$REPO_DIR/ci/apt.sh"
-apt_install gcc libc6-dev cpio rpm2cpio
+apt_install gcc libc6-dev cpio rpm2cpio pkgconf
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/vgpu-glibc.XXXXXX")
 vhost=""
@@ -101,7 +103,7 @@ dist=$target/dist
 step "build: ci/build-glibc217.sh --out $dist"
 t0=$SECONDS
 if bash ci/build-glibc217.sh --out "$dist" --tests "$work/tests" >"$work/build.log" 2>&1; then
-    pass "glibc-build 8 binaries and libvgpu.so for x86_64-unknown-linux-gnu.2.17 ($((SECONDS - t0)) s)"
+    pass "glibc-build 8 binaries and libvgpu.so.1 for x86_64-unknown-linux-gnu.2.17 ($((SECONDS - t0)) s)"
 else
     show "$work/build.log" 30
     fail "glibc-build ci/build-glibc217.sh failed"
@@ -122,7 +124,7 @@ if [[ $rc -ne 0 ]] && ! grep -q '^FAIL ' "$work/glibc-check.log"; then
     fail "glibc ci/glibc-check.sh exited $rc"
 fi
 n=$(grep -c '^PASS glibc ' "$work/glibc-check.log" || true)
-[[ $n -eq 9 ]] || fail "glibc-count $n binaries checked, want 9 (8 binaries and libvgpu.so)"
+[[ $n -eq 9 ]] || fail "glibc-count $n binaries checked, want 9 (8 binaries and libvgpu.so.1)"
 
 # ---- the binaries run here ----------------------------------------------------------
 step "run: the 2.17 binaries on this machine"
@@ -281,9 +283,10 @@ RPM411_FEATURES+=" ConcurrentAccess BuiltinLuaScripts FileDigests FileCaps"
 RPM411_FEATURES+=" ScriptletExpansion TildeInVersions"
 
 rpm_check() { # PACKAGE-FILE KIND WANTED-FILE...
-    local f=$1 kind=$2 name want missing=() unknown=() too_new=() comp
+    local f=$1 kind=$2 name want missing=() unknown=() too_new=() comp newest
     shift 2
-    name=$(basename "$f" .x86_64.rpm)
+    name=$(basename "$f" .rpm)
+    name=${name%.*}
     if rpm -qpi "$f" >"$work/$kind.qpi" 2>&1; then
         pass "rpm-info $name: $(grep -m 1 '^Summary' "$work/$kind.qpi" | sed 's/  */ /g')"
         sed 's/^/    | /' "$work/$kind.qpi" | grep -E '\| (Name|Version|Release|Architecture|Size|License) *:'
@@ -320,7 +323,8 @@ rpm_check() { # PACKAGE-FILE KIND WANTED-FILE...
             [[ $(printf '2.17\n%s\n' "${v#GLIBC_}" | sort -V | tail -n 1) == 2.17 ]] || echo "$v"
         done)
     if [[ ${#too_new[@]} -eq 0 ]]; then
-        pass "rpm-requires $name: newest glibc $(grep -oE 'GLIBC_[0-9.]+' "$work/$kind.requires" | sort -uV | tail -n 1)"
+        newest=$(grep -oE 'GLIBC_[0-9.]+' "$work/$kind.requires" | sort -uV | tail -n 1 || true)
+        pass "rpm-requires $name: ${newest:+newest glibc }${newest:-no glibc symbol required}"
     else
         fail "rpm-requires $name requires ${too_new[*]}"
     fi
@@ -335,11 +339,16 @@ rpm_check() { # PACKAGE-FILE KIND WANTED-FILE...
 
 host_rpm=${rpms[0]}
 guest_rpm=${rpms[1]}
+dkms_rpm=${rpms[2]:-}
 rpm_check "$host_rpm" host /usr/bin/vgpu-mediator /usr/bin/vgpu-executor-worker /usr/bin/vhost-vgpu /usr/bin/vgpu-admin /usr/bin/vgpu-worker \
     /usr/lib/systemd/system/vhost-vgpu.service /usr/lib/systemd/system/vgpu-mediator-nfs.service /usr/lib/systemd/system/vgpu-worker.service \
     /usr/lib/tmpfiles.d/vhost-vgpu.conf /var/vgpu
 rpm_check "$guest_rpm" guest /usr/bin/vgpu-nfs-client /usr/bin/vgpu-smi /usr/bin/vgpu-vector-add \
-    /usr/lib64/libvgpu.so /usr/include/vgpu.h /usr/include/vgpu_ioctl.h
+    /usr/lib64/libvgpu.so.1 /usr/lib64/libvgpu.so /usr/lib64/pkgconfig/vgpu.pc \
+    /usr/include/vgpu.h /usr/include/vgpu_ioctl.h
+version=$(rpm -qp --qf '%{VERSION}' "$guest_rpm")
+rpm_check "$dkms_rpm" dkms "/usr/src/vgpu-$version/dkms.conf" "/usr/src/vgpu-$version/Makefile" \
+    "/usr/src/vgpu-$version/vgpu.c" "/usr/src/vgpu-$version/vgpu_ioctl.h" /usr/lib/udev/rules.d/60-vgpu.rules
 
 # The scriptlets, run here with stand-ins for getent (nobody exists), useradd, groupadd,
 # systemctl and systemd-tmpfiles that only record their arguments: a first install
@@ -386,6 +395,60 @@ if [[ ${#bad[@]} -eq 0 ]]; then
 else
     show "$work/cpio.log"
     fail "rpm-units vgpu-host: ${bad[*]}"
+fi
+
+
+# vgpu-guest's library: its soname, the development link, the pkg-config file.
+rm -rf "$work/guest-root" && mkdir -p "$work/guest-root"
+(cd "$work/guest-root" && rpm2cpio "$guest_rpm" | cpio -idm --quiet) 2>"$work/cpio.log" || true
+g=$work/guest-root
+soname=$(readelf -d "$g/usr/lib64/libvgpu.so.1" 2>/dev/null | sed -n 's/.*(SONAME).*\[\(.*\)\].*/\1/p')
+pc_out="$(PKG_CONFIG_LIBDIR=$g/usr/lib64/pkgconfig pkg-config --modversion vgpu 2>&1) $(PKG_CONFIG_LIBDIR=$g/usr/lib64/pkgconfig pkg-config --cflags --libs vgpu 2>&1)"
+pc_out=${pc_out% }
+pc_libdir=$(PKG_CONFIG_LIBDIR=$g/usr/lib64/pkgconfig pkg-config --variable=libdir vgpu 2>&1)
+provides=$(rpm -qp --provides "$guest_rpm" 2>&1 | tr '\n' ' ')
+if [[ $soname == libvgpu.so.1 && $(readlink "$g/usr/lib64/libvgpu.so") == libvgpu.so.1 &&
+    $pc_libdir == /usr/lib64 && $pc_out == "$version "*-lvgpu* && $provides == *'libvgpu.so.1()(64bit)'* ]]; then
+    pass "rpm-guest-lib vgpu-guest: /usr/lib64/libvgpu.so.1 SONAME $soname, libvgpu.so -> libvgpu.so.1, vgpu.pc: $pc_out (libdir $pc_libdir); provides libvgpu.so.1()(64bit)"
+else
+    show "$work/cpio.log"
+    fail "rpm-guest-lib vgpu-guest: SONAME '$soname', libvgpu.so -> '$(readlink "$g/usr/lib64/libvgpu.so")', vgpu.pc '$pc_out' libdir '$pc_libdir', provides: $provides"
+fi
+
+# vgpu-dkms: dkms.conf and the udev rule as packaged; its scriptlets with stand-ins for
+# getent (nobody exists), groupadd, dkms, udevadm and modprobe that record their arguments.
+rm -rf "$work/dkms-root" && mkdir -p "$work/dkms-root"
+(cd "$work/dkms-root" && rpm2cpio "$dkms_rpm" | cpio -idm --quiet) 2>"$work/cpio.log" || true
+conf=$work/dkms-root/usr/src/vgpu-$version/dkms.conf
+rule=$work/dkms-root/usr/lib/udev/rules.d/60-vgpu.rules
+if grep -qx "PACKAGE_VERSION=\"$version\"" "$conf" 2>/dev/null && grep -qx 'AUTOINSTALL="yes"' "$conf" &&
+    grep -q '^SUBSYSTEM=="vgpu", .*GROUP="vgpu", MODE="0660"' "$rule" 2>/dev/null; then
+    pass "rpm-dkms-files vgpu-dkms: dkms.conf PACKAGE_VERSION=\"$version\" AUTOINSTALL=\"yes\"; 60-vgpu.rules: $(grep -v '^#' "$rule")"
+else
+    show "$work/cpio.log"
+    fail "rpm-dkms-files vgpu-dkms: dkms.conf or 60-vgpu.rules not as expected"
+fi
+for c in dkms udevadm modprobe; do
+    printf '#!/bin/sh\necho "%s $*" >>"%s"\n' "$c" "$work/dkms-scriptlets.log" >"$stubs/$c"
+done
+printf '#!/bin/sh\necho "groupadd $*" >>"%s"\n' "$work/dkms-scriptlets.log" >"$stubs/groupadd"
+chmod +x "$stubs"/*
+: >"$work/dkms-scriptlets.log"
+bad=()
+for s in PREIN:1 POSTIN:1 PREUN:0; do
+    rpm -qp --qf "%{${s%:*}}" "$dkms_rpm" >"$work/dkms-${s%:*}.sh" 2>/dev/null || true
+    PATH=$stubs:$PATH sh "$work/dkms-${s%:*}.sh" "${s#*:}" >>"$work/dkms-scriptlets.log" 2>&1 || bad+=("${s%:*} exited $?")
+done
+for want in "groupadd -r vgpu" "dkms add -m vgpu -v $version" "dkms build -m vgpu -v $version" \
+    "dkms install -m vgpu -v $version" "dkms remove -m vgpu -v $version"; do
+    grep -q "^$want" "$work/dkms-scriptlets.log" || bad+=("no '$want'")
+done
+if [[ ${#bad[@]} -eq 0 ]]; then
+    pass "rpm-scripts vgpu-dkms: install then erase, every scriptlet exits 0; %pre creates the group vgpu, %post dkms add, build and install, %preun dkms remove"
+    sed 's/^/    | /' "$work/dkms-scriptlets.log"
+else
+    show "$work/dkms-scriptlets.log"
+    fail "rpm-scripts vgpu-dkms: ${bad[*]}"
 fi
 
 finish

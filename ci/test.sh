@@ -93,7 +93,7 @@ if [ "$e2e" = 1 ]; then
         "ci/driver-kernels.sh" "ci/e2e-qemu.sh --kernel-suite trixie-backports"
         "ci/e2e-libvirt.sh" "ci/e2e-nfs.sh" "ci/e2e-nfs.sh --executor remote"
         "ci/e2e-glibc.sh" "ci/e2e-worker-vm.sh" "ci/e2e-remote-vm.sh"
-        "ci/e2e-secureboot.sh")
+        "ci/e2e-secureboot.sh" "ci/e2e-dkms.sh")
     for run in "${runs[@]}"; do
         read -r -a argv <<<"$run"
         script=${argv[0]}
