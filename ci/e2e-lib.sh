@@ -193,3 +193,53 @@ e2e_guest_checks() {
         esac
     done < <(tr -d '\r' <"$log" 2>/dev/null | grep -E '^CHECK [^ ]+ FAIL ' || true)
 }
+
+# e2e_ganesha_conf ROOT PORT N...: $work/ganesha.conf for nfs-ganesha (VFS) on
+# 127.0.0.1:PORT, NFSv4 only, with one export per VM directory ROOT/vmN as /vgpu/vmN,
+# only to 127.0.0.1 (QEMU's user-mode network), root squashed to 65534, which owns the
+# directory; ROOT itself (with the mediator's lock file) is not exported. Creates the
+# directories.
+e2e_ganesha_conf() {
+    local root=$1 port=$2 n
+    shift 2
+    mkdir -p "$root" "$work/ganesha"
+    chmod 0755 "$root"
+    cat >"$work/ganesha.conf" <<EOF
+NFS_CORE_PARAM {
+    Protocols = 4;
+    NFS_Port = $port;
+    Bind_addr = 127.0.0.1;
+    Enable_NLM = false;
+    Enable_RQUOTA = false;
+}
+NFSv4 {
+    Graceless = true;
+    RecoveryBackend = fs;
+    RecoveryRoot = "$work/ganesha";
+}
+EOF
+    for n in "$@"; do
+        install -d -o 65534 -g 65534 -m 0770 "$root/vm$n"
+        cat >>"$work/ganesha.conf" <<EOF
+EXPORT {
+    Export_Id = $n;
+    Path = "$root/vm$n";
+    Pseudo = /vgpu/vm$n;
+    Access_Type = None;
+    Squash = Root_Squash;
+    Anonymous_Uid = 65534;
+    Anonymous_Gid = 65534;
+    Protocols = 4;
+    Transports = TCP;
+    SecType = sys;
+    CLIENT {
+        Clients = 127.0.0.1;
+        Access_Type = RW;
+    }
+    FSAL {
+        Name = VFS;
+    }
+}
+EOF
+    done
+}

@@ -256,46 +256,7 @@ step "host: ganesha.nfsd exports ROOT/vm1 and ROOT/vm2 as /vgpu/vm1 and /vgpu/vm
 # guest's connections come from (QEMU's user-mode network: 127.0.0.1); the root itself,
 # with the mediator's lock file, is not exported.
 root=$work/export
-mkdir -p "$root" "$work/ganesha"
-install -d -o 65534 -g 65534 -m 0770 "$root/vm1" "$root/vm2"
-chmod 0755 "$root"
-cat >"$work/ganesha.conf" <<EOF
-NFS_CORE_PARAM {
-    Protocols = 4;
-    NFS_Port = $port;
-    Bind_addr = 127.0.0.1;
-    Enable_NLM = false;
-    Enable_RQUOTA = false;
-}
-NFSv4 {
-    Graceless = true;
-    RecoveryBackend = fs;
-    RecoveryRoot = "$work/ganesha";
-}
-EOF
-for n in 1 2; do
-    cat >>"$work/ganesha.conf" <<EOF
-EXPORT {
-    Export_Id = $n;
-    Path = "$root/vm$n";
-    Pseudo = /vgpu/vm$n;
-    Access_Type = None;
-    Squash = Root_Squash;
-    Anonymous_Uid = 65534;
-    Anonymous_Gid = 65534;
-    Protocols = 4;
-    Transports = TCP;
-    SecType = sys;
-    CLIENT {
-        Clients = 127.0.0.1;
-        Access_Type = RW;
-    }
-    FSAL {
-        Name = VFS;
-    }
-}
-EOF
-done
+e2e_ganesha_conf "$root" "$port" 1 2
 "$ganesha" -F -f "$work/ganesha.conf" -L "$work/ganesha.log" -p "$work/ganesha.pid" \
     >"$work/ganesha.out" 2>&1 &
 ganesha_pid=$!

@@ -187,42 +187,7 @@ step "host: ganesha.nfsd exports ROOT/vm1 as /vgpu/vm1 on 127.0.0.1:$port"
 # squashed to 65534, which owns the directory; the root itself is not exported. The
 # client's connections come from 127.0.0.1 (QEMU's user-mode network).
 root=$work/export
-mkdir -p "$root" "$work/ganesha"
-install -d -o 65534 -g 65534 -m 0770 "$root/vm1"
-chmod 0755 "$root"
-cat >"$work/ganesha.conf" <<EOF
-NFS_CORE_PARAM {
-    Protocols = 4;
-    NFS_Port = $port;
-    Bind_addr = 127.0.0.1;
-    Enable_NLM = false;
-    Enable_RQUOTA = false;
-}
-NFSv4 {
-    Graceless = true;
-    RecoveryBackend = fs;
-    RecoveryRoot = "$work/ganesha";
-}
-EXPORT {
-    Export_Id = 1;
-    Path = "$root/vm1";
-    Pseudo = /vgpu/vm1;
-    Access_Type = None;
-    Squash = Root_Squash;
-    Anonymous_Uid = 65534;
-    Anonymous_Gid = 65534;
-    Protocols = 4;
-    Transports = TCP;
-    SecType = sys;
-    CLIENT {
-        Clients = 127.0.0.1;
-        Access_Type = RW;
-    }
-    FSAL {
-        Name = VFS;
-    }
-}
-EOF
+e2e_ganesha_conf "$root" "$port" 1
 "$ganesha" -F -f "$work/ganesha.conf" -L "$work/ganesha.log" -p "$work/ganesha.pid" \
     >"$work/ganesha.out" 2>&1 &
 ganesha_pid=$!
