@@ -3124,9 +3124,20 @@ extern "C" __global__ void mixed(char c, double *out, short h, float4 v, int n) 
             .load_module(std::str::from_utf8(&ptx).unwrap())
             .unwrap();
         let s = exec.open_stream().unwrap();
-        let b = exec.alloc(8).unwrap();
+        let b = store_ptr_writes_its_address(&mut exec, s, module);
         assert_ne!(b.0, 0);
         assert_eq!(b.0 % 256, 0);
+    }
+
+    /// Launches `store_ptr` of `module` on stream `s` and a fresh 8-byte buffer and checks that the kernel
+    /// wrote the buffer's own address (the address the executor reports is the one a
+    /// kernel sees); returns the buffer.
+    fn store_ptr_writes_its_address(
+        exec: &mut CudaExecutor,
+        s: StreamId,
+        module: ModuleId,
+    ) -> BufferId {
+        let b = exec.alloc(8).unwrap();
         let shape = LaunchShape {
             grid: [1, 1, 1],
             block: [1, 1, 1],
@@ -3142,6 +3153,7 @@ extern "C" __global__ void mixed(char c, double *out, short h, float4 v, int n) 
         let mut out = [0u8; 8];
         exec.dtoh(s, b, 0, &mut out).unwrap();
         assert_eq!(u64::from_le_bytes(out), b.0);
+        b
     }
 
     #[test]
@@ -3180,22 +3192,7 @@ extern "C" __global__ void mixed(char c, double *out, short h, float4 v, int n) 
         let module = exec.load_module_image(&image).unwrap();
         assert!(exec.module_bytes(module) >= 256);
         let s = exec.open_stream().unwrap();
-        let b = exec.alloc(8).unwrap();
-        let shape = LaunchShape {
-            grid: [1, 1, 1],
-            block: [1, 1, 1],
-            shared_bytes: 0,
-        };
-        exec.launch(
-            s,
-            KernelRef::Module(module, "store_ptr"),
-            &shape,
-            &[ExecParam::Buffer(b)],
-        )
-        .unwrap();
-        let mut out = [0u8; 8];
-        exec.dtoh(s, b, 0, &mut out).unwrap();
-        assert_eq!(u64::from_le_bytes(out), b.0);
+        store_ptr_writes_its_address(&mut exec, s, module);
         // Bytes that are no image are refused as invalid, and the context serves on.
         // (A damaged cubin may make the driver read past it: the worker process is what
         // contains that, so it is not tried in the test's own process.)

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use vgpu_protocol::{Status, FUNCTION_ATTRIBUTES};
 
-use crate::executor::{CompileOutput, ExecError, KernelRef};
+use crate::executor::{CompileOutput, ExecError, ExecResult, KernelRef, ModuleId};
 
 /// The kernel a launch runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +20,25 @@ impl<'a> From<&KernelRef<'a>> for WireKernel<'a> {
         match *kernel {
             KernelRef::Builtin(spec) => WireKernel::Builtin { name: spec.name },
             KernelRef::Module(m, name) => WireKernel::Module { module: m.0, name },
+        }
+    }
+}
+
+impl<'a> WireKernel<'a> {
+    /// The kernel it names: a built-in kernel by name (`KERNEL_NOT_FOUND` when the catalog
+    /// has none of that name), or a module's.
+    pub fn resolve(self) -> ExecResult<KernelRef<'a>> {
+        match self {
+            WireKernel::Builtin { name } => vgpu_kernels::find(name)
+                .map(KernelRef::Builtin)
+                .ok_or_else(|| {
+                    ExecError::new(
+                        Status::KernelNotFound,
+                        0,
+                        format!("no built-in kernel '{name}'"),
+                    )
+                }),
+            WireKernel::Module { module, name } => Ok(KernelRef::Module(ModuleId(module), name)),
         }
     }
 }

@@ -2808,13 +2808,7 @@ impl Executor for ProcessExecutor {
                 _ => {}
             }
         }
-        let kernel = match kernel {
-            KernelRef::Builtin(spec) => WireKernel::Builtin { name: spec.name },
-            KernelRef::Module(module, name) => WireKernel::Module {
-                module: module.0,
-                name,
-            },
-        };
+        let kernel = WireKernel::from(&kernel);
         let params = params
             .iter()
             .map(|p| match p {
@@ -2880,13 +2874,7 @@ impl Executor for ProcessExecutor {
         if let Some(bytes) = known {
             return Ok(bytes);
         }
-        let wire = match kernel {
-            KernelRef::Builtin(spec) => WireKernel::Builtin { name: spec.name },
-            KernelRef::Module(module, name) => WireKernel::Module {
-                module: module.0,
-                name,
-            },
-        };
+        let wire = WireKernel::from(&kernel);
         let bytes = self.wait(
             "local_reservation",
             &ToWorker::LocalReservation { kernel: wire },
@@ -3543,19 +3531,7 @@ fn answer(
             exec.device_attributes(count).map(WireAnswer::Attributes)
         }
         ToWorker::FunctionInfo { kernel } => {
-            let kernel = match kernel {
-                WireKernel::Builtin { name } => match vgpu_kernels::find(name) {
-                    Some(spec) => Ok(KernelRef::Builtin(spec)),
-                    None => Err(ExecError::new(
-                        Status::KernelNotFound,
-                        0,
-                        format!("no built-in kernel '{name}'"),
-                    )),
-                },
-                WireKernel::Module { module, name } => {
-                    Ok(KernelRef::Module(ModuleId(module), name))
-                }
-            };
+            let kernel = kernel.resolve();
             kernel
                 .and_then(|k| exec.function_info(k))
                 .map(|info| WireAnswer::Function {
@@ -3688,19 +3664,7 @@ fn handle(
             shared_bytes,
             params,
         } => {
-            let kernel = match kernel {
-                WireKernel::Builtin { name } => match vgpu_kernels::find(name) {
-                    Some(spec) => Ok(KernelRef::Builtin(spec)),
-                    None => Err(ExecError::new(
-                        Status::KernelNotFound,
-                        0,
-                        format!("no built-in kernel '{name}'"),
-                    )),
-                },
-                WireKernel::Module { module, name } => {
-                    Ok(KernelRef::Module(ModuleId(module), name))
-                }
-            };
+            let kernel = kernel.resolve();
             let shape = LaunchShape {
                 grid,
                 block,
@@ -3778,19 +3742,9 @@ fn handle(
                 len,
             )
             .map(|()| 0),
-        ToWorker::LocalReservation { kernel } => match kernel {
-            WireKernel::Builtin { name } => match vgpu_kernels::find(name) {
-                Some(spec) => exec.local_reservation(KernelRef::Builtin(spec)),
-                None => Err(ExecError::new(
-                    Status::KernelNotFound,
-                    0,
-                    format!("no built-in kernel '{name}'"),
-                )),
-            },
-            WireKernel::Module { module, name } => {
-                exec.local_reservation(KernelRef::Module(ModuleId(module), name))
-            }
-        },
+        ToWorker::LocalReservation { kernel } => {
+            kernel.resolve().and_then(|k| exec.local_reservation(k))
+        }
     };
     Ok(Some(result))
 }

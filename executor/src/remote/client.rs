@@ -810,10 +810,6 @@ fn unexpected() -> ExecError {
     )
 }
 
-fn wire_kernel<'a>(kernel: &KernelRef<'a>) -> WireKernel<'a> {
-    WireKernel::from(kernel)
-}
-
 impl Executor for RemoteExecutor {
     fn open_stream(&mut self) -> ExecResult<StreamId> {
         let r = self.call(&Request::OpenStream)?;
@@ -997,7 +993,7 @@ impl Executor for RemoteExecutor {
     }
 
     fn function_info(&mut self, kernel: KernelRef<'_>) -> ExecResult<FunctionInfo> {
-        let kernel = wire_kernel(&kernel);
+        let kernel = WireKernel::from(&kernel);
         match self.answer(&Request::FunctionInfo { kernel })? {
             WireAnswer::Function { attributes, params } => Ok(FunctionInfo { attributes, params }),
             _ => Err(unexpected()),
@@ -1047,7 +1043,7 @@ impl Executor for RemoteExecutor {
             .collect();
         let req = Request::Launch {
             stream: stream.0,
-            kernel: wire_kernel(&kernel),
+            kernel: WireKernel::from(&kernel),
             grid: shape.grid,
             block: shape.block,
             shared_bytes: shape.shared_bytes,
@@ -1102,7 +1098,7 @@ impl Executor for RemoteExecutor {
             }
         }
         let r = self.call(&Request::LocalReservation {
-            kernel: wire_kernel(&kernel),
+            kernel: WireKernel::from(&kernel),
         })?;
         let v = Self::value(r)?;
         match kernel {

@@ -29,7 +29,7 @@ use crate::executor::{
     BufferId, DeviceMeter, ExecError, ExecParam, ExecResult, Executor, ExecutorFactory, KernelRef,
     Killer, ModuleId, StreamId,
 };
-use vgpu_protocol::{ExecutorKind, Status};
+use vgpu_protocol::Status;
 
 /// Connections authenticating at once; more are closed at once.
 const MAX_PENDING: u32 = 64;
@@ -542,8 +542,9 @@ impl Session<'_> {
                 self.done(r.map(|()| 0), true)
             }
             Request::LocalReservation { kernel } => {
-                let r =
-                    resolve(kernel).and_then(|k| self.exec().and_then(|e| e.local_reservation(k)));
+                let r = kernel
+                    .resolve()
+                    .and_then(|k| self.exec().and_then(|e| e.local_reservation(k)));
                 self.done(r, true)
             }
             Request::DeviceAttributes { count } => {
@@ -560,7 +561,8 @@ impl Session<'_> {
                 self.answer(r)
             }
             Request::FunctionInfo { kernel } => {
-                let r = resolve(kernel)
+                let r = kernel
+                    .resolve()
                     .and_then(|k| self.exec().and_then(|e| e.function_info(k)))
                     .map(|f| WireAnswer::Function {
                         attributes: f.attributes,
@@ -599,7 +601,7 @@ impl Session<'_> {
         shared_bytes: u32,
         params: &[WireParam<'_>],
     ) -> ExecResult<()> {
-        let kernel = resolve(kernel)?;
+        let kernel = kernel.resolve()?;
         let params: Vec<ExecParam> = params
             .iter()
             .map(|p| match p {
@@ -639,21 +641,6 @@ impl Session<'_> {
             m.stop();
         }
         self.exec = None;
-    }
-}
-
-fn resolve(kernel: WireKernel<'_>) -> ExecResult<KernelRef<'_>> {
-    match kernel {
-        WireKernel::Builtin { name } => vgpu_kernels::find(name)
-            .map(KernelRef::Builtin)
-            .ok_or_else(|| {
-                ExecError::new(
-                    Status::KernelNotFound,
-                    0,
-                    format!("no built-in kernel '{name}'"),
-                )
-            }),
-        WireKernel::Module { module, name } => Ok(KernelRef::Module(ModuleId(module), name)),
     }
 }
 
@@ -793,9 +780,4 @@ fn monitor(
             }
         }
     }
-}
-
-/// The device kind's name, for logs.
-pub fn kind_name(kind: ExecutorKind) -> &'static str {
-    kind.name()
 }
