@@ -641,6 +641,16 @@ pub const DEFAULT_REMOTE_WAIT: std::time::Duration = std::time::Duration::from_s
 pub const MIN_KERNEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl ExecutorOptions {
+    /// The mediator's name and key for remote executors, from
+    /// [`ExecutorOptions::remote_key`] (or its default).
+    pub fn remote_credentials(&self) -> Result<crate::remote::Credentials, SetupError> {
+        let path = self
+            .remote_key
+            .clone()
+            .unwrap_or_else(|| crate::remote::link::DEFAULT_MEDIATOR_KEY.into());
+        crate::remote::Credentials::load(&path)
+    }
+
     /// Checks what can be checked before anything starts (the worker user exists).
     pub fn validate(&self) -> Result<(), SetupError> {
         if self.kernel_timeout.is_some_and(|t| t < MIN_KERNEL_TIMEOUT) {
@@ -679,11 +689,7 @@ pub fn select_with(
     let cpu = || -> Arc<dyn ExecutorFactory> { Arc::new(crate::cpu::CpuExecutorFactory::new()) };
     match choice {
         ExecutorChoice::Remote(spec) => {
-            let key = options
-                .remote_key
-                .clone()
-                .unwrap_or_else(|| crate::remote::link::DEFAULT_MEDIATOR_KEY.into());
-            let creds = crate::remote::Credentials::load(&key)?;
+            let creds = options.remote_credentials()?;
             let what = spec.to_string();
             let factory = crate::remote::RemoteExecutorFactory::connect(
                 spec,

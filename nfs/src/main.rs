@@ -35,12 +35,12 @@ struct Cli {
     executor: ExecutorChoice,
     /// Key file for --executor remote: one line NAME KEY (this mediator's name and the key
     /// the worker holds for it; vgpu-worker keygen makes one). Must not be readable by
-    /// group or others.
-    #[arg(long, global = true, value_name = "FILE", default_value = vgpu_mediator::remote::link::DEFAULT_MEDIATOR_KEY)]
-    remote_key: PathBuf,
-    /// How long to keep trying to reach a remote worker at start, in seconds.
-    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 30)]
-    remote_wait: u64,
+    /// group or others. Default: /etc/vgpu/remote.key.
+    #[arg(long, global = true, value_name = "FILE")]
+    remote_key: Option<PathBuf>,
+    /// How long to keep trying to reach a remote worker at start, in seconds. Default: 30.
+    #[arg(long, global = true, value_name = "SECONDS")]
+    remote_wait: Option<u64>,
     /// User the executor worker processes run as (needs root). Default when running as
     /// root: vgpu-worker if it exists, else nobody.
     #[arg(long, global = true, value_name = "USER")]
@@ -141,8 +141,8 @@ fn main() -> ExitCode {
         worker_user: cli.worker_user,
         worker_max_memory: cli.worker_max_memory,
         kernel_timeout: cli.kernel_timeout.map(Duration::from_secs),
-        remote_key: Some(cli.remote_key),
-        remote_wait: Some(Duration::from_secs(cli.remote_wait)),
+        remote_key: cli.remote_key,
+        remote_wait: cli.remote_wait.map(Duration::from_secs),
         ..ExecutorOptions::default()
     };
     if let Err(e) = options.validate() {
@@ -182,8 +182,7 @@ fn sanity() -> ExitCode {
 
 /// The sanity gate on every worker host of `spec`.
 fn remote_sanity(spec: &vgpu_mediator::remote::RemoteSpec, options: &ExecutorOptions) -> ExitCode {
-    let key = options.remote_key.clone().unwrap_or_default();
-    let creds = match vgpu_mediator::remote::Credentials::load(&key) {
+    let creds = match options.remote_credentials() {
         Ok(c) => c,
         Err(e) => {
             println!("FAIL: {e}");
@@ -212,8 +211,7 @@ fn remote_sanity(spec: &vgpu_mediator::remote::RemoteSpec, options: &ExecutorOpt
 
 /// What each worker host of `spec` says about itself.
 fn workers(spec: &vgpu_mediator::remote::RemoteSpec, options: &ExecutorOptions) {
-    let key = options.remote_key.clone().unwrap_or_default();
-    let Ok(creds) = vgpu_mediator::remote::Credentials::load(&key) else {
+    let Ok(creds) = options.remote_credentials() else {
         return;
     };
     for e in &spec.endpoints {

@@ -58,7 +58,7 @@ fn main() -> ExitCode {
 }
 
 struct Row {
-    name: &'static str,
+    name: String,
     value: String,
 }
 
@@ -105,11 +105,11 @@ fn run(cli: &Cli) -> Result<(), String> {
         samples.push(t.elapsed());
     }
     rows.push(Row {
-        name: "sync_p50_us",
+        name: "sync_p50_us".into(),
         value: format!("{:.1}", us(percentile(&mut samples, 0.5))),
     });
     rows.push(Row {
-        name: "sync_p99_us",
+        name: "sync_p99_us".into(),
         value: format!("{:.1}", us(percentile(&mut samples, 0.99))),
     });
 
@@ -135,11 +135,11 @@ fn run(cli: &Cli) -> Result<(), String> {
         samples.push(t.elapsed());
     }
     rows.push(Row {
-        name: "launch_sync_p50_us",
+        name: "launch_sync_p50_us".into(),
         value: format!("{:.1}", us(percentile(&mut samples, 0.5))),
     });
     rows.push(Row {
-        name: "launch_sync_p99_us",
+        name: "launch_sync_p99_us".into(),
         value: format!("{:.1}", us(percentile(&mut samples, 0.99))),
     });
 
@@ -151,7 +151,7 @@ fn run(cli: &Cli) -> Result<(), String> {
     }
     g.sync()?;
     rows.push(Row {
-        name: "launches_per_s",
+        name: "launches_per_s".into(),
         value: format!("{:.0}", n as f64 / t.elapsed().as_secs_f64()),
     });
 
@@ -173,11 +173,11 @@ fn run(cli: &Cli) -> Result<(), String> {
         let dtoh = size as f64 * f64::from(reps) / t.elapsed().as_secs_f64() / 1e9;
         let mib = size >> 20;
         rows.push(Row {
-            name: leak(format!("htod_{mib}mib_gbps")),
+            name: format!("htod_{mib}mib_gbps"),
             value: format!("{htod:.2}"),
         });
         rows.push(Row {
-            name: leak(format!("dtoh_{mib}mib_gbps")),
+            name: format!("dtoh_{mib}mib_gbps"),
             value: format!("{dtoh:.2}"),
         });
     }
@@ -220,7 +220,7 @@ fn run(cli: &Cli) -> Result<(), String> {
         took.as_secs_f64() * 1e3
     );
     rows.push(Row {
-        name: "vector_add_ms",
+        name: "vector_add_ms".into(),
         value: format!("{:.3}", took.as_secs_f64() * 1e3),
     });
 
@@ -233,9 +233,4 @@ fn run(cli: &Cli) -> Result<(), String> {
         println!("figure {label} {} {}", r.name, r.value);
     }
     Ok(())
-}
-
-/// A figure's name made at run time; a handful per run.
-fn leak(s: String) -> &'static str {
-    Box::leak(s.into_boxed_str())
 }
