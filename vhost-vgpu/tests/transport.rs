@@ -1325,6 +1325,25 @@ fn a_launch_with_an_enormous_block_is_refused() {
     assert_eq!(alive.unwrap().0.status, Status::Ok);
 }
 
+/// The real `vhost-vgpu` binary serving two VMs on the CPU executor, with `args` added, in
+/// a fresh directory: (the directory, the socket base path, the daemon).
+fn two_vm_daemon(tag: &str, args: &[&str]) -> (PathBuf, PathBuf, std::process::Child) {
+    let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = dir.join("vm");
+    let daemon = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-vgpu"))
+        .arg("--socket-path")
+        .arg(&base)
+        .args(["--socket-count", "2", "--executor", "cpu"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    (dir, base, daemon)
+}
+
 /// A hostile guest describes host buffers it has no business describing, through the
 /// real `vhost-vgpu` binary: memory outside its RAM, pages it already registered, torn
 /// chunk lists, too many buffers, copies half inside a registered buffer. Every attempt
@@ -1332,25 +1351,7 @@ fn a_launch_with_an_enormous_block_is_refused() {
 #[test]
 fn a_hostile_guest_cannot_register_host_buffers_it_does_not_own() {
     use vgpu_protocol::{HostChunk, Op};
-    let dir = std::env::temp_dir().join(format!("vgpu-test-hostbuf-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let base = dir.join("vm");
-    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-vgpu"))
-        .arg("--socket-path")
-        .arg(&base)
-        .args([
-            "--socket-count",
-            "2",
-            "--executor",
-            "cpu",
-            "--mem-quota",
-            "256M",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let (dir, base, mut daemon) = two_vm_daemon("vgpu-test-hostbuf", &["--mem-quota", "256M"]);
     let socket = |i: usize| PathBuf::from(format!("{}{i}", base.display()));
     let mut vm = Vm::connect(socket(0)).unwrap();
     let mut other = Vm::connect(socket(1)).unwrap();
@@ -1500,27 +1501,10 @@ fn a_hostile_guest_cannot_register_host_buffers_it_does_not_own() {
 #[test]
 fn a_hostile_guest_cannot_hold_the_device_or_take_more_than_its_share() {
     // The real binary, as a host runs it: the CPU executor in process, a 2 s watchdog.
-    let dir = std::env::temp_dir().join(format!("vgpu-test-hog-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let base = dir.join("vm");
-    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-vgpu"))
-        .arg("--socket-path")
-        .arg(&base)
-        .args([
-            "--socket-count",
-            "2",
-            "--executor",
-            "cpu",
-            "--mem-quota",
-            "64M",
-            "--kernel-timeout",
-            "2",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let (dir, base, mut daemon) = two_vm_daemon(
+        "vgpu-test-hog",
+        &["--mem-quota", "64M", "--kernel-timeout", "2"],
+    );
     let socket = |i: usize| PathBuf::from(format!("{}{i}", base.display()));
     let connect = |i: usize| {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1671,25 +1655,7 @@ fn a_hostile_guest_cannot_hold_the_device_or_take_more_than_its_share() {
 /// attribute count the protocol does not allow. Each gets an error; the daemon keeps serving this VM and the other.
 #[test]
 fn a_hostile_guest_gets_errors_from_the_driver_api_requests() {
-    let dir = std::env::temp_dir().join(format!("vgpu-test-driverapi-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let base = dir.join("vm");
-    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-vgpu"))
-        .arg("--socket-path")
-        .arg(&base)
-        .args([
-            "--socket-count",
-            "2",
-            "--executor",
-            "cpu",
-            "--mem-quota",
-            "256M",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let (dir, base, mut daemon) = two_vm_daemon("vgpu-test-driverapi", &["--mem-quota", "256M"]);
     let socket = |i: usize| PathBuf::from(format!("{}{i}", base.display()));
     let mut vm = Vm::connect(socket(0)).unwrap();
     let mut other = Vm::connect(socket(1)).unwrap();
