@@ -658,7 +658,32 @@ fn workload(m: &Arc<Mediator>) -> Vec<(String, Response)> {
             len: 4096,
         },
     );
-    // Refused requests answer the same, and the session serves on.
+    // Refused requests answer the same, and the session serves on: what a hostile guest
+    // sends (sizes past any quota, kernels and modules that do not exist, garbage for
+    // PTX, parameters and ranges that do not fit) is an error, here as on the local path.
+    let r = run(s, Command::Alloc { size: u64::MAX });
+    assert_ne!(r.status, Status::Ok);
+    let r = run(s, launch("no_such_kernel", n, vec![Param::Buffer(x)]));
+    assert_ne!(r.status, Status::Ok);
+    let r = run(
+        s,
+        Command::Launch(Launch {
+            module: 0xdead,
+            kernel: "vector_add_f32".into(),
+            grid: [1, 1, 1],
+            block: [1, 1, 1],
+            shared_bytes: 0,
+            params: vec![],
+        }),
+    );
+    assert_ne!(r.status, Status::Ok);
+    let r = run(
+        s,
+        Command::ModuleLoad {
+            ptx: "\u{7f}ELF not PTX at all".into(),
+        },
+    );
+    assert_ne!(r.status, Status::Ok);
     run(s, launch("vector_add_f32", n, vec![Param::Buffer(x)]));
     run(
         s,
