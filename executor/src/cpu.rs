@@ -39,6 +39,15 @@ impl CpuExecutorFactory {
             info: cpu_device_info(),
         }
     }
+
+    /// One of `count` simulated devices (`--executor cpu:N`): the same executor, with the
+    /// host's memory split evenly between the devices, so that placement, per-device
+    /// quotas and per-device scheduling can be exercised without a GPU.
+    pub fn simulated(count: u32) -> CpuExecutorFactory {
+        let mut info = cpu_device_info();
+        info.total_memory /= u64::from(count.max(1));
+        CpuExecutorFactory { info }
+    }
 }
 
 /// What the CPU executor reports as its device (INFO, the config space).

@@ -312,6 +312,13 @@ fn init_driver() -> Result<(), CudaError> {
     })
 }
 
+/// How many CUDA devices this process sees (after `CUDA_VISIBLE_DEVICES`): loads the
+/// driver and initialises it first. Never panics.
+pub fn visible_devices() -> Result<usize, CudaError> {
+    init_driver()?;
+    guarded("device count", device_count)
+}
+
 fn device_count() -> Result<usize, CudaError> {
     let mut count: c_int = 0;
     // SAFETY: writes one int.

@@ -134,6 +134,28 @@ pub enum SetupError {
     /// The user the workers are to run as cannot be used (`--worker-user`).
     #[error("--worker-user: {0}")]
     WorkerUser(crate::sandbox::SandboxError),
+    /// The GPUs asked for are not there (`--gpus`).
+    #[error("{0}")]
+    Gpus(String),
+    /// One of the GPUs asked for cannot be driven.
+    #[error("GPU {index}: {source} (leave it out with --gpus)")]
+    Gpu {
+        index: u32,
+        #[source]
+        source: Box<SetupError>,
+    },
+}
+
+impl SetupError {
+    /// Whether CUDA itself is unusable (no driver, device or NVRTC), as opposed to a
+    /// worker or a setting that is wrong: what `--executor auto` falls back to the CPU for.
+    pub fn cuda_unusable(&self) -> bool {
+        match self {
+            SetupError::Cuda(_) => true,
+            SetupError::Gpu { source, .. } => source.cuda_unusable(),
+            _ => false,
+        }
+    }
 }
 
 impl From<crate::cuda::CudaError> for SetupError {
@@ -566,6 +588,9 @@ pub enum ExecutorChoice {
     Auto,
     Cuda,
     Cpu,
+    /// `cpu:N`: the CPU reference executor presented as N simulated devices (see
+    /// [`crate::cpu::CpuExecutorFactory::simulated`]).
+    SimulatedCpu(u32),
     /// Executors on worker hosts (`remote:HOST:PORT[,HOST:PORT...]`, see
     /// [`crate::remote`]), tried in order: a session opens on the first that answers.
     Remote(crate::remote::RemoteSpec),
@@ -573,7 +598,9 @@ pub enum ExecutorChoice {
 
 /// An `--executor` that is none of the choices.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown executor '{0}' (expected auto, cuda, cpu or remote:HOST:PORT[,HOST:PORT...])")]
+#[error(
+    "unknown executor '{0}' (expected auto, cuda, cpu, cpu:N or remote:HOST:PORT[,HOST:PORT...])"
+)]
 pub struct UnknownExecutor(pub String);
 
 impl std::str::FromStr for ExecutorChoice {
@@ -583,6 +610,12 @@ impl std::str::FromStr for ExecutorChoice {
             "auto" => Ok(ExecutorChoice::Auto),
             "cuda" => Ok(ExecutorChoice::Cuda),
             "cpu" => Ok(ExecutorChoice::Cpu),
+            _ if s.starts_with("cpu:") => match s["cpu:".len()..].parse::<u32>() {
+                Ok(n) if (1..=MAX_GPUS).contains(&n) => Ok(ExecutorChoice::SimulatedCpu(n)),
+                _ => Err(UnknownExecutor(format!(
+                    "{s}: N must be a number of simulated devices from 1 to {MAX_GPUS}"
+                ))),
+            },
             _ => match s.strip_prefix("remote:") {
                 Some(list) => list
                     .parse()
@@ -632,6 +665,30 @@ pub struct ExecutorOptions {
     /// How long to keep trying to reach a remote worker at start; `None`:
     /// [`DEFAULT_REMOTE_WAIT`].
     pub remote_wait: Option<std::time::Duration>,
+    /// The GPUs to drive, by index (CUDA's device ordinal, after `CUDA_VISIBLE_DEVICES`;
+    /// the simulated devices' index with `cpu:N`); `None`: every one there is. See
+    /// [`select_gpus`].
+    pub gpus: Option<Vec<u32>>,
+}
+
+/// The most GPUs (or simulated devices) one mediator drives.
+pub const MAX_GPUS: u32 = 64;
+
+/// Parses a list of GPU indices such as `0,2` (`--gpus`): each at most once.
+pub fn parse_gpu_list(s: &str) -> Result<Vec<u32>, String> {
+    let mut gpus = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        let gpu: u32 = part
+            .parse()
+            .ok()
+            .filter(|&g| g < MAX_GPUS)
+            .ok_or_else(|| format!("'{part}' is not a GPU index (0 to {})", MAX_GPUS - 1))?;
+        if gpus.contains(&gpu) {
+            return Err(format!("GPU {gpu} is named twice"));
+        }
+        gpus.push(gpu);
+    }
+    Ok(gpus)
 }
 
 /// Default of [`ExecutorOptions::remote_wait`].
@@ -686,9 +743,40 @@ pub fn select_with(
     choice: ExecutorChoice,
     options: &ExecutorOptions,
 ) -> Result<Arc<dyn ExecutorFactory>, SetupError> {
-    let cpu = || -> Arc<dyn ExecutorFactory> { Arc::new(crate::cpu::CpuExecutorFactory::new()) };
+    let mut gpus = select_gpus(choice, options)?;
+    // `select_gpus` never answers an empty list.
+    Ok(gpus.swap_remove(0).1)
+}
+
+/// A GPU a mediator drives: its index as the host names it, and what runs work on it.
+pub type GpuFactory = (u32, Arc<dyn ExecutorFactory>);
+
+/// Builds an executor factory for every GPU to drive, in index order: each one
+/// [`ExecutorOptions::gpus`] names, or every device there is. As [`select_with`] for one;
+/// a named GPU that is not there, or does not start, is an error (leave it out with
+/// `--gpus`). `Auto` takes CUDA when the driver shows at least one device, and otherwise
+/// the CPU (one device). Remote executors present one device (a worker serves one GPU).
+pub fn select_gpus(
+    choice: ExecutorChoice,
+    options: &ExecutorOptions,
+) -> Result<Vec<GpuFactory>, SetupError> {
+    let cpu = |count: u32, what: &str| -> Result<Vec<GpuFactory>, SetupError> {
+        let indices = wanted_gpus(options, count, what)?;
+        Ok(indices
+            .into_iter()
+            .map(|i| {
+                let factory: Arc<dyn ExecutorFactory> = if count == 1 {
+                    Arc::new(crate::cpu::CpuExecutorFactory::new())
+                } else {
+                    Arc::new(crate::cpu::CpuExecutorFactory::simulated(count))
+                };
+                (i, factory)
+            })
+            .collect())
+    };
     match choice {
         ExecutorChoice::Remote(spec) => {
+            wanted_gpus(options, 1, "a remote executor (one vgpu-worker per GPU)")?;
             let creds = options.remote_credentials()?;
             let what = spec.to_string();
             let factory = crate::remote::RemoteExecutorFactory::connect(
@@ -705,37 +793,84 @@ pub fn select_with(
                 "executor: {} on worker hosts ({what}); each session in its own executor there",
                 factory.device().name
             );
-            Ok(Arc::new(factory))
+            Ok(vec![(0, Arc::new(factory))])
         }
         ExecutorChoice::Cpu => {
             log::info!("executor: the CPU reference executor (--executor cpu)");
-            Ok(cpu())
+            cpu(1, "the CPU reference executor (cpu:N presents N)")
         }
-        ExecutorChoice::Cuda => crate::cuda::CudaExecutorFactory::new(0)
-            .map_err(SetupError::Cuda)
-            .and_then(|f| cuda_factory(f, options)),
-        ExecutorChoice::Auto => match crate::cuda::CudaExecutorFactory::new(0) {
-            Ok(f) => {
-                let factory = cuda_factory(f, options)?;
+        ExecutorChoice::SimulatedCpu(n) => {
+            log::info!(
+                "executor: the CPU reference executor as {n} simulated devices (--executor cpu:{n})"
+            );
+            cpu(n, &format!("cpu:{n}"))
+        }
+        ExecutorChoice::Cuda => cuda_gpus(options),
+        ExecutorChoice::Auto => match cuda_gpus(options) {
+            Ok(gpus) => {
                 log::info!(
-                    "executor: CUDA on {} (--executor auto found a usable driver and device)",
-                    factory.device().name
+                    "executor: CUDA on {} GPU(s) (--executor auto found a usable driver and device)",
+                    gpus.len()
                 );
-                Ok(factory)
+                Ok(gpus)
             }
-            Err(e) => {
+            Err(e) if e.cuda_unusable() => {
                 log::warn!(
                     "executor: the CPU reference executor, NOT a GPU: --executor auto found no \
                      usable CUDA ({e}); pass --executor cuda to refuse to start without one"
                 );
-                Ok(cpu())
+                cpu(1, "the CPU reference executor (cpu:N presents N)")
             }
+            Err(e) => Err(e),
         },
     }
 }
 
+/// The indices to drive out of `count` devices: [`ExecutorOptions::gpus`], each checked,
+/// or all of them.
+fn wanted_gpus(options: &ExecutorOptions, count: u32, what: &str) -> Result<Vec<u32>, SetupError> {
+    match &options.gpus {
+        None => Ok((0..count).collect()),
+        Some(list) if list.is_empty() => Err(SetupError::Gpus("--gpus names no GPU".into())),
+        Some(list) => {
+            if let Some(missing) = list.iter().find(|&&g| g >= count) {
+                return Err(SetupError::Gpus(format!(
+                    "--gpus: no GPU {missing}: {what} has {count} (0 to {})",
+                    count.saturating_sub(1)
+                )));
+            }
+            let mut sorted = list.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            Ok(sorted)
+        }
+    }
+}
+
+/// A factory per CUDA device to drive (see [`select_gpus`]).
+fn cuda_gpus(options: &ExecutorOptions) -> Result<Vec<GpuFactory>, SetupError> {
+    let count = crate::cuda::visible_devices().map_err(SetupError::Cuda)?;
+    if count == 0 {
+        return Err(SetupError::Cuda(crate::cuda::CudaError::NoDevice));
+    }
+    let count = u32::try_from(count).unwrap_or(MAX_GPUS).min(MAX_GPUS);
+    let mut gpus = Vec::new();
+    for index in wanted_gpus(options, count, "the CUDA driver")? {
+        let factory = crate::cuda::CudaExecutorFactory::new(index as usize)
+            .map_err(SetupError::Cuda)
+            .and_then(|f| cuda_factory(f, index, options))
+            .map_err(|e| SetupError::Gpu {
+                index,
+                source: Box::new(e),
+            })?;
+        gpus.push((index, factory));
+    }
+    Ok(gpus)
+}
+
 fn cuda_factory(
     cuda: crate::cuda::CudaExecutorFactory,
+    ordinal: u32,
     options: &ExecutorOptions,
 ) -> Result<Arc<dyn ExecutorFactory>, SetupError> {
     match options.isolation {
@@ -748,23 +883,24 @@ fn cuda_factory(
             Ok(Arc::new(cuda))
         }
         Isolation::Process => {
-            let workers = crate::process::ProcessExecutorFactory::cuda(0, &cuda).and_then(|f| {
-                let mut sandbox = f.sandbox().clone();
-                if let Some(name) = &options.worker_user {
-                    let user =
-                        crate::sandbox::WorkerUser::lookup(name).map_err(SetupError::WorkerUser)?;
-                    sandbox.user = Some(user);
-                }
-                sandbox.max_data_bytes = Some(
-                    options
-                        .worker_max_memory
-                        .unwrap_or(DEFAULT_WORKER_MAX_MEMORY),
-                );
-                let timeout = options
-                    .kernel_timeout
-                    .unwrap_or(crate::process::DEFAULT_KERNEL_TIMEOUT);
-                Ok(f.with_sandbox(sandbox).with_kernel_timeout(timeout))
-            });
+            let workers = crate::process::ProcessExecutorFactory::cuda(ordinal as usize, &cuda)
+                .and_then(|f| {
+                    let mut sandbox = f.sandbox().clone();
+                    if let Some(name) = &options.worker_user {
+                        let user = crate::sandbox::WorkerUser::lookup(name)
+                            .map_err(SetupError::WorkerUser)?;
+                        sandbox.user = Some(user);
+                    }
+                    sandbox.max_data_bytes = Some(
+                        options
+                            .worker_max_memory
+                            .unwrap_or(DEFAULT_WORKER_MAX_MEMORY),
+                    );
+                    let timeout = options
+                        .kernel_timeout
+                        .unwrap_or(crate::process::DEFAULT_KERNEL_TIMEOUT);
+                    Ok(f.with_sandbox(sandbox).with_kernel_timeout(timeout))
+                });
             process_isolated(workers)
         }
     }

@@ -26,7 +26,8 @@ pub mod sandbox;
 pub mod selftest;
 
 pub use executor::{
-    select, select_with, BufferId, CompileOutput, DeviceInfo, ExecError, ExecParam, ExecResult,
-    Executor, ExecutorChoice, ExecutorFactory, ExecutorOptions, GuestAccessError, GuestIo,
-    GuestSink, GuestSource, Isolation, KernelRef, ModuleId, SetupError, StreamId, UnknownExecutor,
+    parse_gpu_list, select, select_gpus, select_with, BufferId, CompileOutput, DeviceInfo,
+    ExecError, ExecParam, ExecResult, Executor, ExecutorChoice, ExecutorFactory, ExecutorOptions,
+    GpuFactory, GuestAccessError, GuestIo, GuestSink, GuestSource, Isolation, KernelRef, ModuleId,
+    SetupError, StreamId, UnknownExecutor, MAX_GPUS,
 };

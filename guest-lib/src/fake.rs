@@ -107,6 +107,7 @@ pub fn config() -> DeviceConfig {
         multiprocessors: 2,
         max_sessions: 8,
         name: NAME.into(),
+        gpu: 0,
     }
 }
 

@@ -531,10 +531,11 @@ impl Server {
                 part as f64 / whole as f64
             }
         };
-        let sched = m.scheduler();
         let mut vms = Vec::new();
         for t in m.tenants() {
-            let (Some(config), Some(usage)) = (m.tenant_config(t), m.usage(t)) else {
+            let (Some(config), Some(usage), Some(sched)) =
+                (m.tenant_config(t), m.usage(t), m.scheduler_of(t))
+            else {
                 continue;
             };
             let attachment = (self.attachments)(t, &config.name);

@@ -25,15 +25,16 @@ mod worker;
 
 pub use mediator::RESET_GRACE;
 pub use mediator::{
-    request_cost, CompletionQueue, CompletionSink, Hold, HoldError, Limits, Mediator, TenantConfig,
-    TenantId, TenantUsage, DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_MODULES,
-    REQUEST_OVERHEAD,
+    request_cost, CompletionQueue, CompletionSink, GpuUsage, Hold, HoldError, Limits, Mediator,
+    Placement, TenantConfig, TenantId, TenantUsage, DEFAULT_MAX_ALLOCATIONS,
+    DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_MODULES, REQUEST_OVERHEAD,
 };
 pub use sched::{SchedConfig, SchedStats, Scheduler};
 pub use vgpu_executor::{cpu, cuda, executor, hostmap, process, ptx, remote, sandbox, selftest};
 pub use vgpu_executor::{
-    select, select_with, DeviceInfo, ExecError, Executor, ExecutorChoice, ExecutorFactory,
-    ExecutorOptions, GuestAccessError, GuestIo, GuestSink, GuestSource, Isolation, SetupError,
+    parse_gpu_list, select, select_gpus, select_with, DeviceInfo, ExecError, Executor,
+    ExecutorChoice, ExecutorFactory, ExecutorOptions, GpuFactory, GuestAccessError, GuestIo,
+    GuestSink, GuestSource, Isolation, SetupError, MAX_GPUS,
 };
 pub use worker::{COMPILE_SOURCE_REFUSED, MAX_SHARED_BYTES};
 

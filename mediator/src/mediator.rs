@@ -304,6 +304,8 @@ pub(crate) enum Message {
 /// State a worker publishes for everyone else to read.
 pub(crate) struct TenantShared {
     pub id: TenantId,
+    /// The GPU the tenant is placed on, by its host index ([`Mediator::gpus`]).
+    pub gpu: u32,
     /// As the tenant was added: its quota now is [`TenantShared::quota`], its weight the
     /// scheduler's.
     pub config: TenantConfig,
@@ -565,12 +567,70 @@ struct TenantHandle {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Shares one device between tenants.
-pub struct Mediator {
+/// Where [`Mediator::add_tenant_on`] puts a tenant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Placement {
+    /// On the GPU with the most device memory not yet promised to its tenants' quotas; of
+    /// those, the one with the fewest tenants; of those, the lowest index.
+    #[default]
+    Auto,
+    /// On the GPU with this host index.
+    Gpu(u32),
+}
+
+impl std::str::FromStr for Placement {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Placement, String> {
+        match s.trim() {
+            "auto" => Ok(Placement::Auto),
+            n => n
+                .parse()
+                .map(Placement::Gpu)
+                .map_err(|_| format!("'{n}' is neither a GPU index nor auto")),
+        }
+    }
+}
+
+impl std::fmt::Display for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Placement::Auto => write!(f, "auto"),
+            Placement::Gpu(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// One GPU the mediator drives: what runs work on it and the scheduler that shares it.
+struct Gpu {
+    index: u32,
     factory: Arc<dyn ExecutorFactory>,
-    limits: Limits,
     sched: Arc<Scheduler>,
+}
+
+/// A GPU and what its tenants take of it, for views of the host ([`Mediator::gpu_usage`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuUsage {
+    /// The GPU's host index.
+    pub index: u32,
+    pub device: DeviceInfo,
+    /// Tenants placed on it.
+    pub tenants: u32,
+    /// The sum of its tenants' quotas, in bytes.
+    pub quota_committed: u64,
+    /// Device memory its tenants hold, in bytes.
+    pub mem_used: u64,
+}
+
+/// Shares the host's GPUs between tenants: each tenant lives on one GPU, whose scheduler
+/// shares that GPU's time between the tenants placed on it; quotas count against the
+/// GPU's memory.
+pub struct Mediator {
+    /// In index order; never empty.
+    gpus: Vec<Gpu>,
+    limits: Limits,
     tenants: Mutex<HashMap<TenantId, TenantHandle>>,
+    /// Held while a tenant is placed and added, so two additions see each other.
+    placing: Mutex<()>,
     next_tenant: AtomicU64,
 }
 
@@ -583,41 +643,136 @@ impl Mediator {
         Mediator::with_config(factory, limits, SchedConfig::default())
     }
 
-    /// A mediator whose scheduler shares the device as `sched` says.
+    /// A mediator of one GPU (index 0) whose scheduler shares it as `sched` says.
     pub fn with_config(
         factory: Arc<dyn ExecutorFactory>,
         limits: Limits,
         sched: SchedConfig,
     ) -> Arc<Mediator> {
+        Mediator::with_gpus(vec![(0, factory)], limits, sched)
+    }
+
+    /// A mediator of several GPUs, each `(host index, factory)` (see
+    /// [`crate::select_gpus`]); each GPU gets its own scheduler configured by `sched`.
+    /// Panics when `gpus` is empty or names an index twice: a caller's bug.
+    pub fn with_gpus(
+        gpus: Vec<crate::GpuFactory>,
+        limits: Limits,
+        sched: SchedConfig,
+    ) -> Arc<Mediator> {
+        assert!(!gpus.is_empty(), "a mediator needs at least one GPU");
+        let mut gpus: Vec<Gpu> = gpus
+            .into_iter()
+            .map(|(index, factory)| Gpu {
+                index,
+                factory,
+                sched: Scheduler::new(sched.clone()),
+            })
+            .collect();
+        gpus.sort_by_key(|g| g.index);
+        assert!(
+            gpus.windows(2).all(|w| w[0].index != w[1].index),
+            "a GPU index named twice"
+        );
         Arc::new(Mediator {
-            factory,
+            gpus,
             limits,
-            sched: Scheduler::new(sched),
             tenants: Mutex::new(HashMap::new()),
+            placing: Mutex::new(()),
             next_tenant: AtomicU64::new(1),
         })
     }
 
+    /// The first GPU's device (the only one on a one-GPU host).
     pub fn device(&self) -> &DeviceInfo {
-        self.factory.device()
+        self.gpus[0].factory.device()
+    }
+
+    /// The host indices of the GPUs the mediator drives, in order.
+    pub fn gpus(&self) -> Vec<u32> {
+        self.gpus.iter().map(|g| g.index).collect()
+    }
+
+    /// The device of the GPU with host index `gpu`.
+    pub fn gpu_device(&self, gpu: u32) -> Option<&DeviceInfo> {
+        self.gpu(gpu).map(|g| g.factory.device())
+    }
+
+    /// The scheduler of the GPU with host index `gpu`.
+    pub fn gpu_scheduler(&self, gpu: u32) -> Option<&Arc<Scheduler>> {
+        self.gpu(gpu).map(|g| &g.sched)
+    }
+
+    /// The GPU a tenant is placed on.
+    pub fn tenant_gpu(&self, tenant: TenantId) -> Option<u32> {
+        Some(self.shared(tenant)?.gpu)
+    }
+
+    /// Every GPU with what its tenants take of it, in index order.
+    pub fn gpu_usage(&self) -> Vec<GpuUsage> {
+        let tenants: Vec<Arc<TenantShared>> =
+            self.lock().values().map(|h| h.shared.clone()).collect();
+        self.gpus
+            .iter()
+            .map(|g| {
+                let mine = tenants.iter().filter(|t| t.gpu == g.index);
+                let (mut count, mut committed, mut used) = (0u32, 0u64, 0u64);
+                for t in mine {
+                    count += 1;
+                    committed = committed.saturating_add(t.quota());
+                    let usage = t.usage.lock().unwrap_or_else(|e| e.into_inner());
+                    used = used.saturating_add(usage.mem_used);
+                }
+                GpuUsage {
+                    index: g.index,
+                    device: g.factory.device().clone(),
+                    tenants: count,
+                    quota_committed: committed,
+                    mem_used: used,
+                }
+            })
+            .collect()
+    }
+
+    /// The GPU [`Placement::Auto`] would put a tenant on now.
+    pub fn place(&self) -> u32 {
+        let usage = self.gpu_usage();
+        let best = usage.iter().max_by(|a, b| {
+            let free = |u: &GpuUsage| u.device.total_memory.saturating_sub(u.quota_committed);
+            free(a)
+                .cmp(&free(b))
+                .then(b.tenants.cmp(&a.tenants))
+                .then(b.index.cmp(&a.index))
+        });
+        best.map_or(self.gpus[0].index, |u| u.index)
+    }
+
+    fn gpu(&self, gpu: u32) -> Option<&Gpu> {
+        self.gpus.iter().find(|g| g.index == gpu)
     }
 
     pub fn limits(&self) -> Limits {
         self.limits
     }
 
-    /// The scheduler that shares the device between the tenants.
+    /// The scheduler of the first GPU (the only one on a one-GPU host); a tenant's is
+    /// [`Mediator::scheduler_of`].
     pub fn scheduler(&self) -> &Arc<Scheduler> {
-        &self.sched
+        &self.gpus[0].sched
+    }
+
+    /// The scheduler that shares the tenant's GPU.
+    pub fn scheduler_of(&self, tenant: TenantId) -> Option<Arc<Scheduler>> {
+        Some(self.shared(tenant)?.sched.clone())
     }
 
     /// Changes a tenant's share of device time from now on; false if there is no such
     /// tenant or the weight is 0.
     pub fn set_weight(&self, tenant: TenantId, weight: u32) -> bool {
-        if weight == 0 || self.shared(tenant).is_none() {
+        let Some(shared) = self.shared(tenant).filter(|_| weight > 0) else {
             return false;
-        }
-        let changed = self.sched.set_weight(tenant, weight);
+        };
+        let changed = shared.sched.set_weight(tenant, weight);
         if changed {
             log::info!("tenant {}: weight {weight}", tenant.0);
         }
@@ -626,8 +781,7 @@ impl Mediator {
 
     /// A tenant's weight now.
     pub fn weight(&self, tenant: TenantId) -> Option<u32> {
-        self.shared(tenant)?;
-        self.sched.stats(tenant).map(|s| s.weight)
+        self.shared(tenant)?.sched.stats(tenant).map(|s| s.weight)
     }
 
     /// Changes a tenant's device-memory quota from now on: every later quota check, INFO
@@ -657,15 +811,38 @@ impl Mediator {
         Some(self.shared(tenant)?.quota())
     }
 
-    /// Adds a tenant and starts its worker.
+    /// Adds a tenant, placed automatically ([`Placement::Auto`]), and starts its worker.
     pub fn add_tenant(&self, config: TenantConfig) -> io::Result<TenantId> {
+        self.add_tenant_on(config, Placement::Auto)
+    }
+
+    /// Adds a tenant on a GPU and starts its worker. A GPU the mediator does not drive is
+    /// an `InvalidInput` error that names the ones it does.
+    pub fn add_tenant_on(
+        &self,
+        config: TenantConfig,
+        placement: Placement,
+    ) -> io::Result<TenantId> {
+        let _placing = self.placing.lock().unwrap_or_else(|e| e.into_inner());
+        let index = match placement {
+            Placement::Auto => self.place(),
+            Placement::Gpu(n) => n,
+        };
+        let Some(gpu) = self.gpu(index) else {
+            let known: Vec<String> = self.gpus.iter().map(|g| g.index.to_string()).collect();
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("no GPU {index} (GPUs: {})", known.join(", ")),
+            ));
+        };
         let id = TenantId(self.next_tenant.fetch_add(1, Ordering::Relaxed));
-        self.sched.add(id, config.weight);
+        gpu.sched.add(id, config.weight);
         let shared = Arc::new(TenantShared {
             id,
+            gpu: gpu.index,
             config: config.clone(),
             mem_quota: AtomicU64::new(config.mem_quota),
-            sched: self.sched.clone(),
+            sched: gpu.sched.clone(),
             usage: Mutex::new(TenantUsage::default()),
             held: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
@@ -673,16 +850,17 @@ impl Mediator {
             queue: TenantQueue::default(),
             killers: Mutex::new(HashMap::new()),
         });
-        let (factory, worker_shared, limits) = (self.factory.clone(), shared.clone(), self.limits);
+        let (factory, worker_shared, limits) = (gpu.factory.clone(), shared.clone(), self.limits);
         // The worker is built on its own thread: its executor never leaves that thread.
         let thread = std::thread::Builder::new()
             .name(format!("tenant-{}", config.name))
             .spawn(move || Worker::new(factory, worker_shared, limits).run())
-            .inspect_err(|_| self.sched.remove(id))?;
+            .inspect_err(|_| gpu.sched.remove(id))?;
         log::info!(
-            "tenant {} ({}) added: quota {} MiB, weight {}",
+            "tenant {} ({}) added on GPU {}: quota {} MiB, weight {}",
             id.0,
             config.name,
+            gpu.index,
             config.mem_quota >> 20,
             config.weight
         );
@@ -706,7 +884,7 @@ impl Mediator {
             h.shared.cancel_queued();
             h.shared.queue.close();
             // A worker waiting for its turn on the device stops waiting.
-            self.sched.remove(tenant);
+            h.shared.sched.remove(tenant);
             if let Some(t) = h.thread.take() {
                 h.shared
                     .wait_or_kill("removal", |wait| finished_within(&t, wait));
@@ -867,7 +1045,7 @@ impl Mediator {
         let mut usage = *shared.usage.lock().unwrap_or_else(|e| e.into_inner());
         usage.held_bytes = shared.held.load(Ordering::Acquire);
         usage.cancelled = shared.cancelled.load(Ordering::Relaxed);
-        if let Some(stats) = self.sched.stats(tenant) {
+        if let Some(stats) = shared.sched.stats(tenant) {
             usage.device_ns = stats.device_ns;
             usage.sched_wait_ns = stats.waited_ns;
             usage.timeouts = stats.timeouts;
@@ -885,7 +1063,7 @@ impl Mediator {
         let shared = self.shared(tenant)?;
         Some(TenantConfig {
             mem_quota: shared.quota(),
-            weight: self
+            weight: shared
                 .sched
                 .stats(tenant)
                 .map_or(shared.config.weight, |s| s.weight),
@@ -901,8 +1079,14 @@ impl Mediator {
 
     /// The config space a tenant's device shows.
     pub fn device_config(&self, tenant: TenantId) -> Option<DeviceConfig> {
-        let quota = self.quota(tenant)?;
-        Some(device_config(self.device(), quota, &self.limits))
+        let shared = self.shared(tenant)?;
+        let device = self.gpu_device(shared.gpu)?;
+        Some(device_config(
+            device,
+            shared.gpu,
+            shared.quota(),
+            &self.limits,
+        ))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, TenantHandle>> {
@@ -918,7 +1102,12 @@ impl Drop for Mediator {
     }
 }
 
-pub(crate) fn device_config(device: &DeviceInfo, quota: u64, limits: &Limits) -> DeviceConfig {
+pub(crate) fn device_config(
+    device: &DeviceInfo,
+    gpu: u32,
+    quota: u64,
+    limits: &Limits,
+) -> DeviceConfig {
     DeviceConfig {
         version: vgpu_protocol::PROTOCOL_VERSION as u32,
         num_queues: 1,
@@ -931,5 +1120,6 @@ pub(crate) fn device_config(device: &DeviceInfo, quota: u64, limits: &Limits) ->
         multiprocessors: device.multiprocessors,
         max_sessions: limits.max_sessions,
         name: device.name.clone(),
+        gpu,
     }
 }

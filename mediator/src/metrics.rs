@@ -325,12 +325,12 @@ impl Scrape {
             let (Some(shared), Some(usage)) = (m.shared(id), m.usage(id)) else {
                 continue;
             };
-            let stats = m.scheduler().stats(id);
+            let stats = shared.sched.stats(id);
             tenants.push((
                 id,
                 TenantScrape {
                     vm: shared.config.name.clone(),
-                    quota: shared.config.mem_quota,
+                    quota: shared.quota(),
                     usage,
                     weight: stats.map_or(shared.config.weight, |s| s.weight),
                     in_flight: stats.map_or(0, |s| s.in_flight),

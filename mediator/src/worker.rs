@@ -375,7 +375,12 @@ impl Worker {
     }
 
     fn info(&self) -> Response {
-        let config = device_config(self.factory.device(), self.shared.quota(), &self.limits);
+        let config = device_config(
+            self.factory.device(),
+            self.shared.gpu,
+            self.shared.quota(),
+            &self.limits,
+        );
         let reply = InfoReply {
             config,
             mem_used: self.usage.mem_used,

@@ -12,6 +12,8 @@ pub const CONFIG_SIZE: usize = 128;
 pub const INFO_SIZE: usize = 192;
 const NAME_OFFSET: usize = 48;
 const NAME_LEN: usize = 64;
+/// The host GPU's index (after the name; zero from hosts that predate it).
+const GPU_OFFSET: usize = NAME_OFFSET + NAME_LEN;
 
 /// Which executor runs the VM's work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -56,6 +58,10 @@ pub struct DeviceConfig {
     pub max_sessions: u32,
     /// Device name, at most 63 bytes on the wire.
     pub name: String,
+    /// Which of the host's GPUs this device is placed on: its index as the host names it
+    /// (the mediator's `--gpus` numbering, CUDA's device ordinal). 0 on a one-GPU host and
+    /// from hosts that predate the field.
+    pub gpu: u32,
 }
 
 impl DeviceConfig {
@@ -74,6 +80,7 @@ impl DeviceConfig {
         put_u32(&mut b, 44, self.max_sessions);
         let name = truncate_utf8(&self.name, NAME_LEN - 1);
         b[NAME_OFFSET..NAME_OFFSET + name.len()].copy_from_slice(name.as_bytes());
+        put_u32(&mut b, GPU_OFFSET, self.gpu);
         b
     }
 
@@ -110,6 +117,7 @@ impl DeviceConfig {
             multiprocessors: u32_at(b, 40),
             max_sessions: u32_at(b, 44),
             name,
+            gpu: u32_at(b, GPU_OFFSET),
         })
     }
 }
@@ -185,6 +193,7 @@ mod tests {
             multiprocessors: 132,
             max_sessions: 64,
             name: "NVIDIA H100 80GB HBM3 (mediated)".into(),
+            gpu: 3,
         }
     }
 

@@ -494,6 +494,7 @@ impl TryFrom<Args> for VgpuConfig {
                 kernel_timeout: args.kernel_timeout.map(std::time::Duration::from_secs),
                 remote_key: args.remote_key,
                 remote_wait: args.remote_wait.map(std::time::Duration::from_secs),
+                gpus: None,
             },
             metrics: args.metrics,
         };
@@ -663,6 +664,7 @@ mod tests {
                 kernel_timeout: Some(std::time::Duration::from_secs(30)),
                 remote_key: None,
                 remote_wait: None,
+                gpus: None,
             }
         );
         assert_eq!(c.executor, ExecutorChoice::Cpu);

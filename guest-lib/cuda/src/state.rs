@@ -91,6 +91,8 @@ fn sysfs_config(node: u32) -> Option<DeviceConfig> {
         multiprocessors: sysfs_num(node, "multiprocessors")?,
         max_sessions: sysfs_num(node, "max_sessions")?,
         name: sysfs(node, "name")?,
+        // Drivers before the attribute: the host's first GPU.
+        gpu: sysfs_num(node, "gpu").unwrap_or(0),
     })
 }
 

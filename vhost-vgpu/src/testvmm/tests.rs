@@ -110,6 +110,7 @@ impl VhostUserBackend for Echo {
             multiprocessors: 1,
             max_sessions: 8,
             name: "echo".into(),
+            gpu: 0,
         }
         .encode();
         c.get(offset as usize..(offset + size) as usize)

@@ -337,6 +337,7 @@ mod tests {
             multiprocessors: 132,
             max_sessions: 64,
             name: "NVIDIA H200".into(),
+            gpu: 0,
         }
     }
 
