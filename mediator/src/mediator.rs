@@ -666,7 +666,7 @@ impl Mediator {
             .map(|(index, factory)| Gpu {
                 index,
                 factory,
-                sched: Scheduler::new(sched.clone()),
+                sched: Scheduler::new(sched),
             })
             .collect();
         gpus.sort_by_key(|g| g.index);
