@@ -137,13 +137,10 @@ pub enum SetupError {
     /// The GPUs asked for are not there (`--gpus`).
     #[error("{0}")]
     Gpus(String),
-    /// One of the GPUs asked for cannot be driven.
-    #[error("GPU {index}: {source} (leave it out with --gpus)")]
-    Gpu {
-        index: u32,
-        #[source]
-        source: Box<SetupError>,
-    },
+    /// One of the GPUs asked for cannot be driven (`error` is shown inline, not as a
+    /// source, so the line does not repeat it).
+    #[error("GPU {index}: {error} (leave it out with --gpus)")]
+    Gpu { index: u32, error: Box<SetupError> },
 }
 
 impl SetupError {
@@ -152,7 +149,7 @@ impl SetupError {
     pub fn cuda_unusable(&self) -> bool {
         match self {
             SetupError::Cuda(_) => true,
-            SetupError::Gpu { source, .. } => source.cuda_unusable(),
+            SetupError::Gpu { error, .. } => error.cuda_unusable(),
             _ => false,
         }
     }
@@ -761,7 +758,7 @@ pub fn select_gpus(
     options: &ExecutorOptions,
 ) -> Result<Vec<GpuFactory>, SetupError> {
     let cpu = |count: u32, what: &str| -> Result<Vec<GpuFactory>, SetupError> {
-        let indices = wanted_gpus(options, count, what)?;
+        let indices = wanted_gpus(options, count, what, "; cpu:N presents N")?;
         Ok(indices
             .into_iter()
             .map(|i| {
@@ -776,7 +773,12 @@ pub fn select_gpus(
     };
     match choice {
         ExecutorChoice::Remote(spec) => {
-            wanted_gpus(options, 1, "a remote executor (one vgpu-worker per GPU)")?;
+            wanted_gpus(
+                options,
+                1,
+                "a remote executor",
+                "; run a vgpu-worker for each GPU",
+            )?;
             let creds = options.remote_credentials()?;
             let what = spec.to_string();
             let factory = crate::remote::RemoteExecutorFactory::connect(
@@ -797,7 +799,7 @@ pub fn select_gpus(
         }
         ExecutorChoice::Cpu => {
             log::info!("executor: the CPU reference executor (--executor cpu)");
-            cpu(1, "the CPU reference executor (cpu:N presents N)")
+            cpu(1, "the CPU reference executor")
         }
         ExecutorChoice::SimulatedCpu(n) => {
             log::info!(
@@ -819,7 +821,7 @@ pub fn select_gpus(
                     "executor: the CPU reference executor, NOT a GPU: --executor auto found no \
                      usable CUDA ({e}); pass --executor cuda to refuse to start without one"
                 );
-                cpu(1, "the CPU reference executor (cpu:N presents N)")
+                cpu(1, "the CPU reference executor")
             }
             Err(e) => Err(e),
         },
@@ -827,16 +829,24 @@ pub fn select_gpus(
 }
 
 /// The indices to drive out of `count` devices: [`ExecutorOptions::gpus`], each checked,
-/// or all of them.
-fn wanted_gpus(options: &ExecutorOptions, count: u32, what: &str) -> Result<Vec<u32>, SetupError> {
+/// or all of them. `what` names the devices' source in an error, `hint` follows it.
+fn wanted_gpus(
+    options: &ExecutorOptions,
+    count: u32,
+    what: &str,
+    hint: &str,
+) -> Result<Vec<u32>, SetupError> {
     match &options.gpus {
         None => Ok((0..count).collect()),
         Some(list) if list.is_empty() => Err(SetupError::Gpus("--gpus names no GPU".into())),
         Some(list) => {
             if let Some(missing) = list.iter().find(|&&g| g >= count) {
+                let range = match count {
+                    1 => "GPU 0 only".to_string(),
+                    n => format!("GPUs 0 to {}", n - 1),
+                };
                 return Err(SetupError::Gpus(format!(
-                    "--gpus: no GPU {missing}: {what} has {count} (0 to {})",
-                    count.saturating_sub(1)
+                    "--gpus: no GPU {missing} ({what} has {range}{hint})"
                 )));
             }
             let mut sorted = list.clone();
@@ -855,13 +865,13 @@ fn cuda_gpus(options: &ExecutorOptions) -> Result<Vec<GpuFactory>, SetupError> {
     }
     let count = u32::try_from(count).unwrap_or(MAX_GPUS).min(MAX_GPUS);
     let mut gpus = Vec::new();
-    for index in wanted_gpus(options, count, "the CUDA driver")? {
+    for index in wanted_gpus(options, count, "the CUDA driver", "")? {
         let factory = crate::cuda::CudaExecutorFactory::new(index as usize)
             .map_err(SetupError::Cuda)
             .and_then(|f| cuda_factory(f, index, options))
             .map_err(|e| SetupError::Gpu {
                 index,
-                source: Box::new(e),
+                error: Box::new(e),
             })?;
         gpus.push((index, factory));
     }

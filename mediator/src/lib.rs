@@ -25,9 +25,9 @@ mod worker;
 
 pub use mediator::RESET_GRACE;
 pub use mediator::{
-    request_cost, CompletionQueue, CompletionSink, GpuUsage, Hold, HoldError, Limits, Mediator,
-    Placement, TenantConfig, TenantId, TenantUsage, DEFAULT_MAX_ALLOCATIONS,
-    DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_MODULES, REQUEST_OVERHEAD,
+    plan_placement, request_cost, CompletionQueue, CompletionSink, GpuUsage, Hold, HoldError,
+    Limits, Mediator, Placement, PlacementWish, TenantConfig, TenantId, TenantUsage,
+    DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_MODULES, REQUEST_OVERHEAD,
 };
 pub use sched::{SchedConfig, SchedStats, Scheduler};
 pub use vgpu_executor::{cpu, cuda, executor, hostmap, process, ptx, remote, sandbox, selftest};

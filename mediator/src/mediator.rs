@@ -1123,3 +1123,91 @@ pub(crate) fn device_config(
         gpu,
     }
 }
+
+/// What [`plan_placement`] is asked to place: where (a GPU or [`Placement::Auto`]) and the
+/// quota, when one is set (`None`: an even split of its GPU between the planned VMs that
+/// have none).
+pub type PlacementWish = (Placement, Option<u64>);
+
+/// Places a batch of VMs at once, the way a daemon places its sockets at start: named GPUs
+/// first; then the VMs with a quota, each on the GPU with the most memory not yet promised
+/// (then the fewest VMs, then the lowest index); then the VMs without one, each on the GPU
+/// with the fewest VMs (then the most memory not yet promised, then the lowest index),
+/// which get the memory of their GPU divided by the planned VMs without a quota there.
+/// `gpus` is what the GPUs hold already ([`Mediator::gpu_usage`]). Answers each VM's GPU
+/// and quota in the order asked, or an error naming a GPU that is not there.
+pub fn plan_placement(
+    gpus: &[GpuUsage],
+    wishes: &[PlacementWish],
+) -> Result<Vec<(u32, u64)>, String> {
+    struct Plan {
+        index: u32,
+        total: u64,
+        committed: u64,
+        vms: u32,
+        even: u32,
+    }
+    let mut plan: Vec<Plan> = gpus
+        .iter()
+        .map(|g| Plan {
+            index: g.index,
+            total: g.device.total_memory,
+            committed: g.quota_committed,
+            vms: g.tenants,
+            even: 0,
+        })
+        .collect();
+    if plan.is_empty() {
+        return Err("no GPU to place on".into());
+    }
+    let known: Vec<String> = plan.iter().map(|p| p.index.to_string()).collect();
+    let mut chosen: Vec<Option<usize>> = vec![None; wishes.len()];
+    let take = |slot: usize, quota: Option<u64>, plan: &mut [Plan]| {
+        let p = &mut plan[slot];
+        p.vms += 1;
+        match quota {
+            Some(q) => p.committed = p.committed.saturating_add(q),
+            None => p.even += 1,
+        }
+    };
+    for (i, (placement, quota)) in wishes.iter().enumerate() {
+        if let Placement::Gpu(n) = placement {
+            let slot = plan
+                .iter()
+                .position(|p| p.index == *n)
+                .ok_or_else(|| format!("no GPU {n} (GPUs: {})", known.join(", ")))?;
+            take(slot, *quota, &mut plan);
+            chosen[i] = Some(slot);
+        }
+    }
+    let free = |p: &Plan| p.total.saturating_sub(p.committed);
+    for pass in [true, false] {
+        for (i, (placement, quota)) in wishes.iter().enumerate() {
+            if *placement != Placement::Auto || quota.is_some() != pass {
+                continue;
+            }
+            let slot = (0..plan.len())
+                .min_by(|&a, &b| {
+                    let (a, b) = (&plan[a], &plan[b]);
+                    let order = if pass {
+                        free(b).cmp(&free(a)).then(a.vms.cmp(&b.vms))
+                    } else {
+                        a.vms.cmp(&b.vms).then(free(b).cmp(&free(a)))
+                    };
+                    order.then(a.index.cmp(&b.index))
+                })
+                .unwrap_or(0);
+            take(slot, *quota, &mut plan);
+            chosen[i] = Some(slot);
+        }
+    }
+    Ok(wishes
+        .iter()
+        .zip(chosen)
+        .map(|((_, quota), slot)| {
+            let p = &plan[slot.unwrap_or(0)];
+            let quota = quota.unwrap_or(p.total / u64::from(p.even.max(1)));
+            (p.index, quota)
+        })
+        .collect())
+}

@@ -98,7 +98,7 @@ use std::time::{Duration, Instant};
 use vgpu_protocol::{Command, Request, Response, SelftestKind};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use vgpu_mediator::{CompletionQueue, CompletionSink, Mediator, TenantConfig, TenantId};
+use vgpu_mediator::{CompletionQueue, CompletionSink, Mediator, Placement, TenantConfig, TenantId};
 
 /// The export directory when none is given.
 pub const DEFAULT_ROOT: &str = "/var/vgpu";
@@ -155,6 +155,9 @@ pub struct NfsOptions {
     pub mem_quota: u64,
     /// Each tenant's share of device time.
     pub weight: u32,
+    /// The GPU of VM directories by name (`""` for the pair at the root); the others are
+    /// placed automatically ([`vgpu_mediator::Placement::Auto`]).
+    pub placements: std::collections::BTreeMap<String, Placement>,
 }
 
 impl NfsOptions {
@@ -170,6 +173,7 @@ impl NfsOptions {
             settle: DEFAULT_POLL_INTERVAL,
             mem_quota: DEFAULT_MEM_QUOTA,
             weight: 100,
+            placements: Default::default(),
         }
     }
 
@@ -1241,13 +1245,17 @@ impl Server {
         dir: Option<String>,
         listed: bool,
     ) -> Result<usize, NfsError> {
+        let placement = self.opts.placements.get(&name).copied().unwrap_or_default();
         let tenant = self
             .mediator
-            .add_tenant(TenantConfig {
-                name: format!("nfs:{name}"),
-                mem_quota: self.opts.mem_quota,
-                weight: self.opts.weight,
-            })
+            .add_tenant_on(
+                TenantConfig {
+                    name: format!("nfs:{name}"),
+                    mem_quota: self.opts.mem_quota,
+                    weight: self.opts.weight,
+                },
+                placement,
+            )
             .map_err(|source| NfsError::AddTenant {
                 name: name.clone(),
                 source,

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use vgpu_mediator::control::{self, ControlServer};
 use vgpu_mediator::signals::DaemonSignals;
 use vgpu_mediator::{
-    select_with, selftest, ExecutorChoice, ExecutorFactory, ExecutorOptions, Mediator,
+    select_gpus, selftest, ExecutorChoice, ExecutorFactory, ExecutorOptions, Mediator,
 };
 use vgpu_nfs::{NfsOptions, NfsServer};
 
@@ -23,16 +23,21 @@ use vgpu_nfs::{NfsOptions, NfsServer};
     about = "Shares a GPU between virtual machines"
 )]
 struct Cli {
-    /// Executor: cuda, cpu, auto (CUDA when usable, else CPU), or
-    /// remote:HOST:PORT[,HOST:PORT...] (executors on worker hosts running vgpu-worker,
+    /// Executor: cuda, cpu, cpu:N (the CPU executor as N simulated GPUs), auto (CUDA when
+    /// usable, else CPU), or remote:HOST:PORT[,HOST:PORT...] (executors on worker hosts running vgpu-worker,
     /// tried in order; vsock:CID:PORT for a worker in a local VM).
     #[arg(
         long,
         global = true,
         default_value = "auto",
-        value_name = "auto|cuda|cpu|remote:HOST:PORT"
+        value_name = "auto|cuda|cpu|cpu:N|remote:HOST:PORT"
     )]
     executor: ExecutorChoice,
+    /// GPUs to drive, by index: CUDA's device order after CUDA_VISIBLE_DEVICES, e.g. 0,2.
+    /// Each VM is placed on one (serve --gpu NAME=N, or automatically: the GPU with the
+    /// most memory not yet promised to quotas, then the fewest VMs). Default: every GPU.
+    #[arg(long, global = true, value_name = "LIST", value_delimiter = ',')]
+    gpus: Option<Vec<u32>>,
     /// Key file for --executor remote: one line NAME KEY (this mediator's name and the key
     /// the worker holds for it; vgpu-worker keygen makes one). Must not be readable by
     /// group or others. Default: /etc/vgpu/remote.key.
@@ -132,6 +137,27 @@ struct ServeArgs {
     /// at stop. Off by default.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+
+    /// Place the VM directory NAME on GPU N (repeatable; NAME as given to --vm, or `-` for
+    /// the pair at the root). VMs not named are placed automatically.
+    #[arg(long = "gpu", value_name = "NAME=N", value_parser = parse_vm_gpu)]
+    gpu: Vec<(String, u32)>,
+}
+
+/// `NAME=N` of `serve --gpu`.
+fn parse_vm_gpu(s: &str) -> Result<(String, u32), String> {
+    let (name, gpu) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}': expected NAME=N, e.g. vm1=1"))?;
+    let gpu = gpu
+        .parse()
+        .map_err(|_| format!("'{s}': '{gpu}' is not a GPU index"))?;
+    let name = if name == "-" {
+        vgpu_nfs::ROOT_ENDPOINT
+    } else {
+        name
+    };
+    Ok((name.to_string(), gpu))
 }
 
 fn main() -> ExitCode {
@@ -143,8 +169,16 @@ fn main() -> ExitCode {
         kernel_timeout: cli.kernel_timeout.map(Duration::from_secs),
         remote_key: cli.remote_key,
         remote_wait: cli.remote_wait.map(Duration::from_secs),
+        gpus: cli.gpus,
         ..ExecutorOptions::default()
     };
+    if let Some(gpus) = &options.gpus {
+        let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
+        if let Err(e) = vgpu_mediator::parse_gpu_list(&list.join(",")) {
+            eprintln!("vgpu-mediator: --gpus: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     if let Err(e) = options.validate() {
         eprintln!("vgpu-mediator: {e}");
         return ExitCode::FAILURE;
@@ -234,21 +268,26 @@ fn workers(spec: &vgpu_mediator::remote::RemoteSpec, options: &ExecutorOptions) 
 }
 
 fn info(choice: ExecutorChoice, options: &ExecutorOptions) -> ExitCode {
-    match select_with(choice, options) {
-        Ok(factory) => {
+    match select_gpus(choice, options) {
+        Ok(gpus) => {
+            let factory = &gpus[0].1;
             let d = factory.device();
             println!("executor: {}", d.kind.name());
             println!("device: {}", selftest::device_line(d));
             println!("multiprocessors: {}", d.multiprocessors);
             println!("isolation: {}", isolation(factory.as_ref()));
-            // A VM's executor must start, not only the device be there.
-            match factory.check() {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("vgpu-mediator: {e}");
-                    ExitCode::FAILURE
+            println!("gpus: {}", gpus.len());
+            for (index, f) in &gpus {
+                println!("gpu {index}: {}", selftest::device_line(f.device()));
+            }
+            // A VM's executor must start on every GPU, not only the devices be there.
+            for (index, f) in &gpus {
+                if let Err(e) = f.check() {
+                    eprintln!("vgpu-mediator: GPU {index}: {e}");
+                    return ExitCode::FAILURE;
                 }
             }
+            ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("vgpu-mediator: {e}");
@@ -275,15 +314,19 @@ fn serve(choice: ExecutorChoice, options: &ExecutorOptions, args: ServeArgs) -> 
         eprintln!("vgpu-mediator: {}", error_chain(&e));
         return ExitCode::FAILURE;
     }
-    let factory = match select_with(choice, options) {
-        Ok(f) => f,
+    let gpus = match select_gpus(choice, options) {
+        Ok(g) => g,
         Err(e) => {
             eprintln!("vgpu-mediator: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let mediator = Mediator::with_config(
-        factory.clone(),
+    let factory = gpus[0].1.clone();
+    for (index, f) in gpus.iter().skip(1) {
+        log::info!("GPU {index}: {}", selftest::device_line(f.device()));
+    }
+    let mediator = Mediator::with_gpus(
+        gpus,
         vgpu_mediator::Limits::default(),
         vgpu_mediator::SchedConfig::with_kernel_timeout(options.kernel_timeout),
     );
@@ -310,6 +353,11 @@ fn serve(choice: ExecutorChoice, options: &ExecutorOptions, args: ServeArgs) -> 
         poll_interval: Duration::from_millis(args.poll_ms),
         settle: Duration::from_millis(args.poll_ms),
         mem_quota: args.mem_quota,
+        placements: args
+            .gpu
+            .into_iter()
+            .map(|(name, gpu)| (name, vgpu_mediator::Placement::Gpu(gpu)))
+            .collect(),
         ..NfsOptions::new(args.nfs_root)
     };
     let server = match NfsServer::start(mediator.clone(), opts) {

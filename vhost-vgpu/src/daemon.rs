@@ -19,7 +19,7 @@ use std::time::Duration;
 use log::{error, info, warn};
 use vgpu_mediator::control::{self, Attachment, Attachments, ControlServer};
 use vgpu_mediator::metrics::MetricsServer;
-use vgpu_mediator::{Limits, Mediator, SchedConfig, TenantConfig, TenantId};
+use vgpu_mediator::{Limits, Mediator, Placement, SchedConfig, TenantConfig, TenantId};
 use vgpu_nfs::NfsServer;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
@@ -68,36 +68,33 @@ impl Daemon {
     /// when this returns, so a frontend may connect at once.
     pub fn start(config: VgpuConfig) -> Result<Daemon> {
         config.validate()?;
-        config.validate()?;
-        let factory = vgpu_mediator::select_with(config.executor.clone(), &config.executor_options)
+        let gpus = vgpu_mediator::select_gpus(config.executor.clone(), &config.executor_options)
             .map_err(Error::Executor)?;
         let limits = Limits {
             max_held_bytes: config.inflight_budget,
             ..Limits::default()
         };
         let sched = SchedConfig::with_kernel_timeout(config.executor_options.kernel_timeout);
-        Daemon::start_with_mediator(&config, Mediator::with_config(factory, limits, sched))
+        Daemon::start_with_mediator(&config, Mediator::with_gpus(gpus, limits, sched))
     }
 
     /// Starts serving with an existing mediator (`config.executor` is not used). The daemon
-    /// adds one tenant per socket (and the NFS transport one per directory it serves) and
-    /// removes them when it stops.
+    /// adds one tenant per socket, placed on the mediator's GPUs as `config` and the
+    /// weights file say (and the NFS transport one per directory it serves), and removes
+    /// them when it stops.
     pub fn start_with_mediator(config: &VgpuConfig, mediator: Arc<Mediator>) -> Result<Daemon> {
         config.validate()?;
         let paths = config.socket_paths();
-        let device = mediator.device().clone();
-        let quota = config
-            .mem_quota
-            .unwrap_or(device.total_memory / paths.len() as u64);
-        info!(
-            "device: {} ({} executor); {} socket(s), each VM with {} MiB of device memory and \
-             weight {}",
-            device.name,
-            device.kind.name(),
-            paths.len(),
-            quota >> 20,
-            config.weight
-        );
+        for index in mediator.gpus() {
+            if let Some(device) = mediator.gpu_device(index) {
+                info!(
+                    "GPU {index}: {} ({} executor, {} MiB)",
+                    device.name,
+                    device.kind.name(),
+                    device.total_memory >> 20
+                );
+            }
+        }
         if config.poll_us > 0 {
             info!(
                 "host polling: each vring worker polls for up to {} µs after its last work",
@@ -128,7 +125,31 @@ impl Daemon {
         }
         // NFS VMs have their own quota (--nfs-mem-quota), and only the listed directories
         // (or the root pair) are tenants unless discovery was asked for.
-        if let Some(options) = config.nfs_options() {
+        let names: Vec<String> = paths
+            .iter()
+            .map(|p| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let settings = match &config.weights_file {
+            Some(path) => crate::weights::load(path).map_err(Error::Weights)?,
+            None => Default::default(),
+        };
+        if let Some(mut options) = config.nfs_options() {
+            // An NFS VM's `gpu=` line: as nfs:NAME, or under its directory's name when no
+            // socket has that name (as for weights, see crate::weights).
+            for (name, line) in &settings {
+                let dir = match name.strip_prefix("nfs:") {
+                    Some(dir) => dir,
+                    None if names.contains(name) => continue,
+                    None => name,
+                };
+                if let Some(gpu) = line.gpu {
+                    options.placements.entry(dir.to_string()).or_insert(gpu);
+                }
+            }
             let (root, nfs_quota) = (options.root.clone(), options.mem_quota);
             let nfs = NfsServer::start(mediator.clone(), options).map_err(Error::StartNfs)?;
             info!(
@@ -138,19 +159,21 @@ impl Daemon {
             );
             daemon.nfs = Some(nfs);
         }
+        let places = place_sockets(config, &settings, &mediator, &names)?;
         for (index, path) in paths.into_iter().enumerate() {
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let name = names[index].clone();
+            let (gpu, quota, weight) = places[index];
             let listener =
                 Listener::new(&path, true).map_err(|e| Error::Listen(path.clone(), e))?;
             let tenant = mediator
-                .add_tenant(TenantConfig {
-                    name: name.clone(),
-                    mem_quota: quota,
-                    weight: config.weight,
-                })
+                .add_tenant_on(
+                    TenantConfig {
+                        name: name.clone(),
+                        mem_quota: quota,
+                        weight,
+                    },
+                    Placement::Gpu(gpu),
+                )
                 .map_err(|e| Error::AddTenant(name.clone(), e))?;
             daemon.sockets.push(path.clone());
             daemon.tenants.push(tenant);
@@ -171,8 +194,10 @@ impl Daemon {
                 .map_err(|e| Error::SpawnThread(path.clone(), e))?;
             daemon.threads.push((path.clone(), thread));
             info!(
-                "{}: listening; QEMU options: {}",
+                "{}: listening (GPU {gpu}, {} MiB of device memory, weight {weight}); QEMU \
+                 options: {}",
                 path.display(),
+                quota >> 20,
                 qemu_args(&path, index, config.virtio_id)
             );
         }
@@ -306,6 +331,42 @@ impl Drop for Daemon {
         self.stop.request();
         let _ = self.join();
     }
+}
+
+/// Each socket's GPU, quota and weight: `--gpu` for the socket, else the weights file's
+/// `gpu=`, else automatic; the file's `quota=`, else `--mem-quota`, else an even split of
+/// the GPU (see [`vgpu_mediator::plan_placement`]); the file's weight, else `--weight`.
+fn place_sockets(
+    config: &VgpuConfig,
+    settings: &crate::weights::Weights,
+    mediator: &Mediator,
+    names: &[String],
+) -> Result<Vec<(u32, u64, u32)>> {
+    let mut wishes = Vec::new();
+    for (index, name) in names.iter().enumerate() {
+        let file = settings.get(name);
+        let placement = match (config.placement(index), file.and_then(|s| s.gpu)) {
+            (Some(flag), Some(line)) if flag != line => {
+                warn!("{name}: --gpu {flag} overrides gpu={line} in the weights file");
+                flag
+            }
+            (Some(flag), _) => flag,
+            (None, Some(line)) => line,
+            (None, None) => Placement::Auto,
+        };
+        let quota = file.and_then(|s| s.quota).or(config.mem_quota);
+        wishes.push((placement, quota));
+    }
+    let places =
+        vgpu_mediator::plan_placement(&mediator.gpu_usage(), &wishes).map_err(Error::Placement)?;
+    Ok(places
+        .into_iter()
+        .zip(names)
+        .map(|((gpu, quota), name)| {
+            let weight = settings.get(name).map_or(config.weight, |s| s.weight);
+            (gpu, quota, weight)
+        })
+        .collect())
 }
 
 /// The stop request every socket thread watches.

@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use vgpu_mediator::signals::DaemonSignals;
-use vgpu_mediator::{ExecutorChoice, ExecutorOptions, Isolation};
+use vgpu_mediator::{ExecutorChoice, ExecutorOptions, Isolation, Placement};
 use vgpu_nfs::NfsOptions;
 use vgpu_protocol::{CONFIG_SIZE, DEFAULT_VIRTIO_ID, MAX_TRANSFER_BYTES};
 
@@ -117,6 +117,12 @@ pub enum Error {
     Metrics(SocketAddr, #[source] io::Error),
     #[error("--control")]
     Control(#[source] vgpu_mediator::control::ControlError),
+    #[error("--gpu names {given} GPUs for {sockets} sockets: give one per socket, or one for all")]
+    GpuCount { given: usize, sockets: usize },
+    #[error("--gpus: {0}")]
+    Gpus(String),
+    #[error("placing the VMs on GPUs: {0}")]
+    Placement(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -149,16 +155,32 @@ pub struct Args {
     #[arg(short = 'c', long, value_name = "N", default_value_t = 1)]
     pub socket_count: usize,
 
-    /// What runs the work: cuda, cpu (the reference executor), auto (CUDA when a driver
-    /// and a device are usable, otherwise the CPU with a warning), or
+    /// What runs the work: cuda, cpu (the reference executor), cpu:N (the reference
+    /// executor as N simulated GPUs, for trying placement without a GPU), auto (CUDA when
+    /// a driver and a device are usable, otherwise the CPU with a warning), or
     /// remote:HOST:PORT[,HOST:PORT...] (executors on worker hosts running vgpu-worker,
     /// tried in order; vsock:CID:PORT for a worker in a local VM).
     #[arg(
         long,
-        value_name = "auto|cuda|cpu|remote:HOST:PORT",
+        value_name = "auto|cuda|cpu|cpu:N|remote:HOST:PORT",
         default_value = "auto"
     )]
     pub executor: ExecutorChoice,
+
+    /// GPUs to drive, by index: CUDA's device order after CUDA_VISIBLE_DEVICES (with
+    /// --executor cpu:N, the simulated devices 0 to N-1), e.g. 0,2. Each GPU has its own
+    /// scheduler; each VM is placed on one GPU (--gpu) and its sessions stay there.
+    /// Default: every GPU there is.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub gpus: Option<Vec<u32>>,
+
+    /// The GPU of each socket's VM: one entry per socket in order (e.g. 0,1,auto) or one
+    /// for every socket. auto places the VM on the GPU with the most memory not yet
+    /// promised to quotas (then the fewest VMs); without --mem-quota, on the one with the
+    /// fewest VMs, each VM's quota then being its GPU's memory divided by its VMs. A VM's
+    /// `gpu=` in --weights applies where this is not given. Default: auto.
+    #[arg(long, value_name = "N|auto[,...]", value_delimiter = ',')]
+    pub gpu: Vec<Placement>,
 
     /// Key file for --executor remote: one line NAME KEY (this mediator's name and the key
     /// the worker holds for it; vgpu-worker keygen makes one). Must not be readable by
@@ -172,7 +194,8 @@ pub struct Args {
 
     /// Device memory each VM's work may hold, e.g. 512M, 8G, 1.5GiB: its sessions'
     /// execution contexts, buffers, modules and kernels' local memory. Default: the
-    /// device's memory divided by the number of sockets.
+    /// memory of the VM's GPU divided by the number of sockets placed on it. A VM's
+    /// `quota=` in --weights applies over it.
     #[arg(long, value_name = "SIZE", value_parser = vgpu_mediator::parse_size)]
     pub mem_quota: Option<u64>,
 
@@ -181,10 +204,11 @@ pub struct Args {
     #[arg(long, value_name = "W", default_value_t = 100)]
     pub weight: u32,
 
-    /// Per-VM weights: a file of lines `NAME WEIGHT` (NAME: a socket's file name such as
-    /// vm0, or an NFS VM directory; `#` comments). VMs it does not name get --weight. Read
-    /// again on SIGHUP, so weights change without a restart; a file that does not parse
-    /// keeps the weights in force.
+    /// Per-VM settings: a file of lines `NAME WEIGHT [gpu=N|auto] [quota=SIZE]` (NAME: a
+    /// socket's file name such as vm0, or an NFS VM directory; `#` comments). VMs it does
+    /// not name get --weight, --gpu and --mem-quota. Read again on SIGHUP, so weights and
+    /// quotas change without a restart (a VM's GPU is chosen at start); a file that does
+    /// not parse keeps the settings in force.
     #[arg(long, value_name = "FILE")]
     pub weights: Option<PathBuf>,
 
@@ -319,6 +343,10 @@ pub struct VgpuConfig {
     /// Base path: the sockets are this path with 0, 1, ... appended.
     pub socket_path: PathBuf,
     pub socket_count: usize,
+    /// The GPU of each socket's VM (see `Args::gpu`): empty (every one placed
+    /// automatically), one for all, or one per socket. The GPUs to drive are
+    /// `executor_options.gpus`.
+    pub placements: Vec<Placement>,
     pub executor: ExecutorChoice,
     /// Device-memory quota of each VM; `None`: the device's memory divided by the count.
     pub mem_quota: Option<u64>,
@@ -355,6 +383,7 @@ impl VgpuConfig {
         VgpuConfig {
             socket_path: socket_path.into(),
             socket_count: 1,
+            placements: Vec::new(),
             executor: ExecutorChoice::Auto,
             mem_quota: None,
             weight: 100,
@@ -397,10 +426,30 @@ impl VgpuConfig {
             .collect()
     }
 
+    /// The GPU asked for the socket with this index (see `Args::gpu`); `None`: no
+    /// `--gpu` for it.
+    pub fn placement(&self, socket: usize) -> Option<Placement> {
+        match self.placements.len() {
+            0 => None,
+            1 => Some(self.placements[0]),
+            _ => self.placements.get(socket).copied(),
+        }
+    }
+
     /// Checks what can be checked before anything is started.
     pub fn validate(&self) -> Result<()> {
         if self.socket_count == 0 {
             return Err(Error::SocketCountZero);
+        }
+        if self.placements.len() > 1 && self.placements.len() != self.socket_count {
+            return Err(Error::GpuCount {
+                given: self.placements.len(),
+                sockets: self.socket_count,
+            });
+        }
+        if let Some(gpus) = &self.executor_options.gpus {
+            let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
+            vgpu_mediator::parse_gpu_list(&list.join(",")).map_err(Error::Gpus)?;
         }
         if self.weight == 0 {
             return Err(Error::WeightZero);
@@ -471,6 +520,7 @@ impl TryFrom<Args> for VgpuConfig {
             control,
             socket_path: args.socket_path,
             socket_count: args.socket_count,
+            placements: args.gpu,
             executor: args.executor,
             mem_quota: args.mem_quota,
             weight: args.weight,
@@ -494,7 +544,7 @@ impl TryFrom<Args> for VgpuConfig {
                 kernel_timeout: args.kernel_timeout.map(std::time::Duration::from_secs),
                 remote_key: args.remote_key,
                 remote_wait: args.remote_wait.map(std::time::Duration::from_secs),
-                gpus: None,
+                gpus: args.gpus,
             },
             metrics: args.metrics,
         };
