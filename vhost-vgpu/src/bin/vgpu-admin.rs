@@ -273,6 +273,7 @@ mod tests {
     fn the_table_has_a_row_per_vm_under_the_device() {
         let vm = |name: &str, connected: Option<bool>| VmView {
             name: name.into(),
+            gpu: 0,
             transport: if connected.is_some() { "virtio" } else { "nfs" }.into(),
             endpoint: None,
             connected,
@@ -301,6 +302,7 @@ mod tests {
                 multiprocessors: 132,
                 compute_capability: "9.0".into(),
             },
+            gpus: Vec::new(),
             uptime_s: 3725.0,
             recent_window_s: 10.0,
             vms: vec![vm("vm0", Some(true)), vm("nfs:vm1", None)],
