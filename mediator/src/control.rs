@@ -6,8 +6,10 @@
 //! per connection: the client writes one line of JSON (at most [`MAX_REQUEST_BYTES`]),
 //! the server answers one JSON document on one line and closes the connection.
 //!
-//! - `{"op":"list"}` answers a [`ListReply`]: the device and every VM (tenant) with its
-//!   transport, sessions, memory used and quota, weight, device time and share of it.
+//! - `{"op":"list"}` answers a [`ListReply`]: the GPUs (each with its VMs, the quota
+//!   promised to them and the memory they hold) and every VM (tenant) with its GPU,
+//!   transport, sessions, memory used and quota, weight, device time and share of its
+//!   GPU's device time.
 //! - `{"op":"set","vm":"vm0","quota":"512M"}` (a size as `--mem-quota` takes it, or a
 //!   number of bytes) and/or `"weight":300` changes the VM's quota
 //!   ([`Mediator::set_quota`]) and weight ([`Mediator::set_weight`]) and answers a
@@ -32,7 +34,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::mediator::{Mediator, TenantId};
+use crate::mediator::{Mediator, TenantConfig, TenantId, TenantUsage};
+use crate::sched::Scheduler;
 
 /// The longest request line the server reads, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 << 10;
@@ -43,7 +46,7 @@ pub const SHARE_WINDOW: Duration = Duration::from_secs(10);
 /// How often the server samples every VM's device time for [`VmView::recent_share`].
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
-/// The device, as `list` shows it.
+/// The device (the first GPU), as `list` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceView {
     pub name: String,
@@ -54,6 +57,33 @@ pub struct DeviceView {
     pub multiprocessors: u32,
     /// Compute capability, e.g. `9.0`.
     pub compute_capability: String,
+}
+
+/// One GPU the daemon drives, as `list` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GpuView {
+    /// The GPU's host index (what [`VmView::gpu`] names).
+    pub index: u32,
+    pub name: String,
+    /// `cuda` or `cpu`.
+    pub executor: String,
+    /// Device memory, in bytes.
+    pub memory: u64,
+    pub multiprocessors: u32,
+    /// Compute capability, e.g. `9.0`.
+    pub compute_capability: String,
+    /// VMs placed on it.
+    pub vms: u32,
+    /// The sum of its VMs' quotas, in bytes (it may exceed `memory`).
+    pub quota_committed: u64,
+    /// Device memory its VMs hold, in bytes.
+    pub mem_used: u64,
+    /// Device time its VMs' work took since each was added, in seconds.
+    pub device_time_s: f64,
+    /// Device time its VMs' work took over the last [`ListReply::recent_window_s`]
+    /// seconds, divided by that window: about the part of the time the GPU was busy
+    /// (work of several VMs that overlaps counts once per VM); 0 when the window is empty.
+    pub recent_busy: f64,
 }
 
 /// One session of a VM: one guest process with the device open.
@@ -68,6 +98,9 @@ pub struct SessionView {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmView {
     pub name: String,
+    /// The host index of the GPU the VM is placed on (see [`ListReply::gpus`]).
+    #[serde(default)]
+    pub gpu: u32,
     /// `virtio` (a vhost-user socket), `nfs` (the file protocol) or `other`.
     pub transport: String,
     /// Where the VM reaches the daemon: its socket, when known.
@@ -86,11 +119,11 @@ pub struct VmView {
     pub weight: u32,
     /// Device time the VM's work took since the VM was added, in seconds.
     pub device_time_s: f64,
-    /// The VM's part (0 to 1) of the device time that the listed VMs' work took since each
-    /// was added.
+    /// The VM's part (0 to 1) of the device time that the work of the listed VMs on its
+    /// GPU took since each was added (VMs on other GPUs do not compete with it).
     pub share: f64,
-    /// The VM's part (0 to 1) of the device time of the listed VMs over the last
-    /// [`ListReply::recent_window_s`] seconds; 0 for every VM when the device was idle.
+    /// The VM's part (0 to 1) of the device time of the listed VMs on its GPU over the
+    /// last [`ListReply::recent_window_s`] seconds; 0 for every VM of a GPU that was idle.
     pub recent_share: f64,
     /// Sessions whose execution context was lost: a device fault, a worker that died, or
     /// the kernel timeout.
@@ -106,7 +139,11 @@ pub struct VmView {
 /// The answer to `{"op":"list"}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ListReply {
+    /// The first GPU (the only one on a one-GPU host); every GPU is in `gpus`.
     pub device: DeviceView,
+    /// Every GPU the daemon drives, in index order.
+    #[serde(default)]
+    pub gpus: Vec<GpuView>,
     /// Seconds since the control server started.
     pub uptime_s: f64,
     /// The window of every [`VmView::recent_share`], in seconds: [`SHARE_WINDOW`], or less
@@ -518,12 +555,47 @@ impl Server {
             Some((at, base)) => (*at, Some(base)),
             None => (self.started, None),
         };
-        let recent = |t: &TenantId| {
-            let then = base.and_then(|b| b.get(t)).copied().unwrap_or(0);
-            times.get(t).copied().unwrap_or(0).saturating_sub(then)
-        };
-        let total: u64 = times.values().sum();
-        let recent_total: u64 = times.keys().map(recent).sum();
+        let window = now.duration_since(since).as_secs_f64();
+        // Every VM with its device time, in all and over the window.
+        struct Row {
+            tenant: TenantId,
+            config: TenantConfig,
+            usage: TenantUsage,
+            sched: Arc<Scheduler>,
+            gpu: u32,
+            device_ns: u64,
+            recent_ns: u64,
+        }
+        let mut rows = Vec::new();
+        for t in m.tenants() {
+            let (Some(config), Some(usage), Some(sched), Some(gpu)) = (
+                m.tenant_config(t),
+                m.usage(t),
+                m.scheduler_of(t),
+                m.tenant_gpu(t),
+            ) else {
+                continue;
+            };
+            let device_ns = times.get(&t).copied().unwrap_or(usage.device_ns);
+            let then = base.and_then(|b| b.get(&t)).copied().unwrap_or(0);
+            let recent_ns = device_ns.saturating_sub(then);
+            rows.push(Row {
+                tenant: t,
+                config,
+                usage,
+                sched,
+                gpu,
+                device_ns,
+                recent_ns,
+            });
+        }
+        // VMs share only the GPU they are on: each GPU's device time, in all and recent.
+        let mut totals: HashMap<u32, (u64, u64)> = HashMap::new();
+        for row in &rows {
+            let total = totals.entry(row.gpu).or_default();
+            total.0 = total.0.saturating_add(row.device_ns);
+            total.1 = total.1.saturating_add(row.recent_ns);
+        }
         let fraction = |part: u64, whole: u64| {
             if whole == 0 {
                 0.0
@@ -532,15 +604,20 @@ impl Server {
             }
         };
         let mut vms = Vec::new();
-        for t in m.tenants() {
-            let (Some(config), Some(usage), Some(sched)) =
-                (m.tenant_config(t), m.usage(t), m.scheduler_of(t))
-            else {
-                continue;
-            };
+        for row in rows {
+            let Row {
+                tenant: t,
+                config,
+                usage,
+                sched,
+                gpu,
+                device_ns,
+                recent_ns,
+            } = row;
             let attachment = (self.attachments)(t, &config.name);
-            let device_ns = times.get(&t).copied().unwrap_or(usage.device_ns);
+            let (total, recent_total) = totals.get(&gpu).copied().unwrap_or_default();
             vms.push(VmView {
+                gpu,
                 transport: attachment.transport,
                 endpoint: attachment.endpoint,
                 connected: attachment.connected,
@@ -552,7 +629,7 @@ impl Server {
                 weight: config.weight,
                 device_time_s: seconds(device_ns),
                 share: fraction(device_ns, total),
-                recent_share: fraction(recent(&t), recent_total),
+                recent_share: fraction(recent_ns, recent_total),
                 restarts: usage.restarts,
                 timeouts: usage.timeouts,
                 requests: usage.requests,
@@ -574,6 +651,31 @@ impl Server {
             _ => 2,
         };
         vms.sort_by(|a, b| (rank(a), &a.name).cmp(&(rank(b), &b.name)));
+        let gpus = m
+            .gpu_usage()
+            .into_iter()
+            .map(|g| {
+                let (total, recent_total) = totals.get(&g.index).copied().unwrap_or_default();
+                let d = &g.device;
+                GpuView {
+                    index: g.index,
+                    name: d.name.clone(),
+                    executor: d.kind.name().into(),
+                    memory: d.total_memory,
+                    multiprocessors: d.multiprocessors,
+                    compute_capability: format!("{}.{}", d.cc_major, d.cc_minor),
+                    vms: g.tenants,
+                    quota_committed: g.quota_committed,
+                    mem_used: g.mem_used,
+                    device_time_s: seconds(total),
+                    recent_busy: if window > 0.0 {
+                        seconds(recent_total) / window
+                    } else {
+                        0.0
+                    },
+                }
+            })
+            .collect();
         ListReply {
             device: DeviceView {
                 name: device.name.clone(),
@@ -582,8 +684,9 @@ impl Server {
                 multiprocessors: device.multiprocessors,
                 compute_capability: format!("{}.{}", device.cc_major, device.cc_minor),
             },
+            gpus,
             uptime_s: now.duration_since(self.started).as_secs_f64(),
-            recent_window_s: now.duration_since(since).as_secs_f64(),
+            recent_window_s: window,
             vms,
         }
     }
@@ -809,7 +912,6 @@ pub fn request(path: &Path, request: &Value, timeout: Duration) -> Result<Value,
 mod tests {
     use super::*;
     use crate::cpu::CpuExecutorFactory;
-    use crate::TenantConfig;
 
     fn mediator_with(names: &[&str]) -> (Arc<Mediator>, Vec<TenantId>) {
         let m = Mediator::new(Arc::new(CpuExecutorFactory::new()));
@@ -972,6 +1074,151 @@ mod tests {
             .vms
             .iter()
             .all(|v| v.share == 0.0 && v.recent_share == 0.0));
+    }
+
+    /// Opens a session and runs a small kernel on it: some device time.
+    fn work(m: &Mediator, t: TenantId) {
+        use vgpu_protocol::{Command, Launch, Param, Request, Status, BUILTIN_MODULE};
+        let call = |session: u64, command: Command| {
+            let r = m.call(t, Request::new(session, command.clone()));
+            assert_eq!(r.status, Status::Ok, "{command:?}");
+            r.value0
+        };
+        let s = call(0, Command::SessionOpen);
+        let x = call(s, Command::Alloc { size: 4096 });
+        let launch = Launch {
+            module: BUILTIN_MODULE,
+            kernel: "fill_u32".into(),
+            grid: [1, 1, 1],
+            block: [256, 1, 1],
+            shared_bytes: 0,
+            params: vec![Param::Buffer(x), Param::u32(7), Param::u32(256)],
+        };
+        for _ in 0..4 {
+            call(s, Command::Launch(launch.clone()));
+        }
+        call(s, Command::Sync);
+    }
+
+    #[test]
+    fn each_gpu_is_listed_and_vms_share_only_the_device_time_of_their_gpu() {
+        use crate::{ExecutorFactory, Limits, Placement, SchedConfig};
+        let factory = || -> Arc<dyn ExecutorFactory> { Arc::new(CpuExecutorFactory::simulated(2)) };
+        let m = Mediator::with_gpus(
+            vec![(0, factory()), (1, factory())],
+            Limits::default(),
+            SchedConfig::default(),
+        );
+        let add = |name: &str, quota: u64, gpu: u32| {
+            m.add_tenant_on(
+                TenantConfig {
+                    name: name.into(),
+                    mem_quota: quota,
+                    weight: 100,
+                },
+                Placement::Gpu(gpu),
+            )
+            .unwrap()
+        };
+        let (a, b, c) = (
+            add("vm-a", 64 << 20, 0),
+            add("vm-b", 32 << 20, 0),
+            add("vm-c", 16 << 20, 1),
+        );
+        let s = server(&m);
+
+        // Before any work: both GPUs, every share 0.
+        let list = s.list();
+        assert_eq!(list.gpus.len(), 2);
+        assert!(list
+            .vms
+            .iter()
+            .all(|v| v.share == 0.0 && v.recent_share == 0.0));
+        assert!(list
+            .gpus
+            .iter()
+            .all(|g| g.device_time_s == 0.0 && g.recent_busy == 0.0));
+
+        for t in [a, b, c] {
+            work(&m, t);
+        }
+        let list = s.list();
+        let memory = CpuExecutorFactory::simulated(2).device().total_memory;
+        let [g0, g1] = [&list.gpus[0], &list.gpus[1]];
+        assert_eq!((g0.index, g0.vms, g0.quota_committed), (0, 2, 96 << 20));
+        assert_eq!((g1.index, g1.vms, g1.quota_committed), (1, 1, 16 << 20));
+        for g in [g0, g1] {
+            assert_eq!((g.executor.as_str(), g.memory), ("cpu", memory));
+            assert_eq!(g.name, m.device().name);
+        }
+        let used = |t| m.usage(t).unwrap().mem_used;
+        assert_eq!(g0.mem_used, used(a) + used(b));
+        assert_eq!(g1.mem_used, used(c));
+        assert!(g1.mem_used >= 4096);
+        // The first GPU is still the device.
+        assert_eq!(
+            (list.device.name.as_str(), list.device.memory),
+            (g0.name.as_str(), memory)
+        );
+
+        let vm = |name: &str| list.vms.iter().find(|v| v.name == name).unwrap();
+        let (va, vb, vc) = (vm("vm-a"), vm("vm-b"), vm("vm-c"));
+        assert_eq!((va.gpu, vb.gpu, vc.gpu), (0, 0, 1));
+        // vm-c is alone on GPU 1: all of its device time is vm-c's.
+        assert!(vc.device_time_s > 0.0);
+        assert_eq!((vc.share, vc.recent_share), (1.0, 1.0));
+        // vm-a and vm-b split GPU 0's.
+        for v in [va, vb] {
+            assert!(v.share > 0.0 && v.share < 1.0, "{v:?}");
+            assert!(v.recent_share > 0.0 && v.recent_share < 1.0, "{v:?}");
+        }
+        assert!((va.share + vb.share - 1.0).abs() < 1e-9);
+        assert!((va.recent_share + vb.recent_share - 1.0).abs() < 1e-9);
+        assert!((g0.device_time_s - (va.device_time_s + vb.device_time_s)).abs() < 1e-9);
+        assert_eq!(g1.device_time_s, vc.device_time_s);
+
+        // On the wire: the new fields by name.
+        let v = ask(&s, r#"{"op":"list"}"#);
+        assert_eq!(v["gpus"][1]["index"], 1);
+        assert_eq!(v["gpus"][1]["vms"], 1);
+        assert_eq!(v["gpus"][0]["quota_committed"], 96u64 << 20);
+        let on_wire: Vec<(String, u64)> = v["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["name"].as_str().unwrap().to_owned(),
+                    v["gpu"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            on_wire,
+            [("vm-a".into(), 0), ("vm-b".into(), 0), ("vm-c".into(), 1)]
+        );
+
+        // A VM that goes away leaves its GPU; the others' shares stay within their GPU.
+        m.remove_tenant(b);
+        let list = s.list();
+        assert_eq!(
+            (list.gpus[0].vms, list.gpus[0].quota_committed),
+            (1, 64 << 20)
+        );
+        assert!(list.vms.iter().all(|v| v.share == 1.0));
+    }
+
+    #[test]
+    fn a_reply_without_gpus_still_decodes() {
+        let (m, _) = mediator_with(&["vm0"]);
+        let mut v = to_value(server(&m).list()).unwrap();
+        let object = v.as_object_mut().unwrap();
+        assert_eq!(object["gpus"].as_array().map(Vec::len), Some(1));
+        object.remove("gpus");
+        object["vms"][0].as_object_mut().unwrap().remove("gpu");
+        let list: ListReply = serde_json::from_value(v).unwrap();
+        assert!(list.gpus.is_empty());
+        assert_eq!((list.vms[0].name.as_str(), list.vms[0].gpu), ("vm0", 0));
     }
 
     #[test]

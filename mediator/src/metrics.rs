@@ -12,10 +12,13 @@
 //!
 //! Every scrape walks the mediator's current tenants, so a VM that goes away takes its
 //! series with it. Series are labelled `vm` with the tenant's name (made unique with
-//! `#<id>` where two tenants share a name). [`Mediator::metrics_text`] gives the text;
-//! [`serve`] answers `GET /metrics` over HTTP.
+//! `#<id>` where two tenants share a name) and `gpu` with the host index of the GPU it is
+//! placed on; each GPU has its own series too, labelled `gpu` and `device` (its name).
+//! [`Mediator::metrics_text`] gives the text; [`serve`] answers `GET /metrics` over HTTP.
 //!
 //! Metric names (Prometheus conventions: `_total` counters, base units):
+//!
+//! Every per-VM series also has the label gpu.
 //!
 //! | name | labels | what |
 //! |---|---|---|
@@ -36,7 +39,11 @@
 //! | `vgpu_cancelled_requests_total` | vm | requests dropped by a reset |
 //! | `vgpu_host_held_bytes`, `vgpu_host_registered_bytes` | vm | host memory |
 //! | `vgpu_host_copies_total` | vm | copies straight from registered host buffers |
-//! | `vgpu_tenants`, `vgpu_device_memory_bytes`, `vgpu_device_info`, `vgpu_build_info` | | |
+//! | `vgpu_gpu_memory_bytes` | gpu, device | memory of the GPU |
+//! | `vgpu_gpu_vms` | gpu, device | VMs placed on the GPU |
+//! | `vgpu_gpu_quota_committed_bytes` | gpu, device | the sum of their quotas |
+//! | `vgpu_gpu_memory_used_bytes` | gpu, device | device memory they hold |
+//! | `vgpu_tenants`, `vgpu_device_memory_bytes`, `vgpu_device_info`, `vgpu_build_info` | | the first GPU's device |
 //! | `process_cpu_seconds_total`, `process_resident_memory_bytes`, `process_open_fds`, `process_max_fds`, `process_start_time_seconds` | | the daemon process |
 
 mod http;
@@ -52,7 +59,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use vgpu_protocol::{Command, Opcode, Status};
 
-use crate::mediator::{Mediator, TenantId, TenantUsage};
+use crate::mediator::{GpuUsage, Mediator, TenantId, TenantUsage};
 
 pub use http::{parse_addr, serve, MetricsServer, ParseAddrError, MAX_REQUEST_BYTES, READ_TIMEOUT};
 
@@ -299,6 +306,8 @@ struct CountersSnapshot {
 #[derive(Debug)]
 struct TenantScrape {
     vm: String,
+    /// The host index of its GPU, as the label shows it.
+    gpu: String,
     quota: u64,
     usage: TenantUsage,
     weight: u32,
@@ -313,6 +322,7 @@ struct Scrape {
     executor: &'static str,
     device_memory: u64,
     tenants: Vec<TenantScrape>,
+    gpus: Vec<GpuUsage>,
     process: ProcessStats,
 }
 
@@ -330,6 +340,7 @@ impl Scrape {
                 id,
                 TenantScrape {
                     vm: shared.config.name.clone(),
+                    gpu: shared.gpu.to_string(),
                     quota: shared.quota(),
                     usage,
                     weight: stats.map_or(shared.config.weight, |s| s.weight),
@@ -354,6 +365,7 @@ impl Scrape {
             executor: device.kind.name(),
             device_memory: device.total_memory,
             tenants: tenants.into_iter().map(|(_, t)| t).collect(),
+            gpus: m.gpu_usage(),
             process: ProcessStats::read(),
         }
     }
@@ -377,7 +389,7 @@ fn per_vm<V: EncodeGaugeValue + prometheus_client::encoding::EncodeCounterValue>
 ) -> Fmt {
     let mut metric = encoder.encode_descriptor(name, help, unit, kind)?;
     for t in tenants {
-        let labels = [("vm", t.vm.as_str())];
+        let labels = [("vm", t.vm.as_str()), ("gpu", t.gpu.as_str())];
         let mut sample = metric.encode_family(&labels)?;
         match kind {
             MetricType::Counter => {
@@ -385,6 +397,23 @@ fn per_vm<V: EncodeGaugeValue + prometheus_client::encoding::EncodeCounterValue>
             }
             _ => sample.encode_gauge(&value(t))?,
         }
+    }
+    Ok(())
+}
+
+/// One gauge with a sample per GPU, labelled `gpu` (its host index) and `device` (its
+/// name).
+fn per_gpu(
+    encoder: &mut DescriptorEncoder,
+    gpus: &[GpuUsage],
+    (name, help, unit): (&str, &str, Option<&Unit>),
+    value: impl Fn(&GpuUsage) -> u64,
+) -> Fmt {
+    let mut metric = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    for g in gpus {
+        let index = g.index.to_string();
+        let labels = [("gpu", index.as_str()), ("device", g.device.name.as_str())];
+        metric.encode_family(&labels)?.encode_gauge(&value(g))?;
     }
     Ok(())
 }
@@ -419,6 +448,7 @@ impl Collector for Scrape {
             for &(op, status, n) in &t.counters.requests {
                 let labels = [
                     ("vm", t.vm.as_str()),
+                    ("gpu", t.gpu.as_str()),
                     ("op", OPS[op].1),
                     ("status", statuses[status].as_str()),
                 ];
@@ -436,7 +466,11 @@ impl Collector for Scrape {
         )?;
         for t in tenants {
             for (op, slots, sum_ns) in &t.counters.latency {
-                let labels = [("vm", t.vm.as_str()), ("op", OPS[*op].1)];
+                let labels = [
+                    ("vm", t.vm.as_str()),
+                    ("gpu", t.gpu.as_str()),
+                    ("op", OPS[*op].1),
+                ];
                 let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_NS
                     .iter()
                     .map(|&ns| ns_to_seconds(ns))
@@ -466,7 +500,11 @@ impl Collector for Scrape {
                 ("htod", t.counters.htod_bytes),
                 ("dtoh", t.counters.dtoh_bytes),
             ] {
-                let labels = [("vm", t.vm.as_str()), ("direction", direction)];
+                let labels = [
+                    ("vm", t.vm.as_str()),
+                    ("gpu", t.gpu.as_str()),
+                    ("direction", direction),
+                ];
                 metric
                     .encode_family(&labels)?
                     .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
@@ -525,7 +563,11 @@ impl Collector for Scrape {
                 ("modules", u.module_bytes),
                 ("local", u.local_bytes),
             ] {
-                let labels = [("vm", t.vm.as_str()), ("kind", kind)];
+                let labels = [
+                    ("vm", t.vm.as_str()),
+                    ("gpu", t.gpu.as_str()),
+                    ("kind", kind),
+                ];
                 metric.encode_family(&labels)?.encode_gauge(&n)?;
             }
         }
@@ -666,7 +708,43 @@ impl Collector for Scrape {
             |t| t.usage.host_copies,
         )?;
 
-        // The mediator and the device.
+        // Each GPU.
+        let gpus = &self.gpus;
+        per_gpu(
+            e,
+            gpus,
+            ("vgpu_gpu_memory", "Memory of the GPU.", Some(&BYTES)),
+            |g| g.device.total_memory,
+        )?;
+        per_gpu(
+            e,
+            gpus,
+            ("vgpu_gpu_vms", "VMs placed on the GPU.", None),
+            |g| u64::from(g.tenants),
+        )?;
+        per_gpu(
+            e,
+            gpus,
+            (
+                "vgpu_gpu_quota_committed",
+                "The sum of the quotas of the VMs on the GPU (it may exceed its memory).",
+                Some(&BYTES),
+            ),
+            |g| g.quota_committed,
+        )?;
+        per_gpu(
+            e,
+            gpus,
+            (
+                "vgpu_gpu_memory_used",
+                "Device memory the VMs on the GPU hold (the sum of their \
+                 vgpu_memory_used_bytes).",
+                Some(&BYTES),
+            ),
+            |g| g.mem_used,
+        )?;
+
+        // The mediator and the (first) device.
         gauge(
             e,
             "vgpu_tenants",
@@ -677,13 +755,13 @@ impl Collector for Scrape {
         gauge(
             e,
             "vgpu_device_memory",
-            "Memory of the device.",
+            "Memory of the device (the first GPU; every GPU's: vgpu_gpu_memory_bytes).",
             Some(&BYTES),
             self.device_memory,
         )?;
         e.encode_descriptor(
             "vgpu_device",
-            "The device the VMs share.",
+            "The device the VMs share (the first GPU; every GPU: vgpu_gpu_memory_bytes).",
             None,
             MetricType::Info,
         )?

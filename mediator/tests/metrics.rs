@@ -131,7 +131,9 @@ fn requests_of_two_vms_are_counted_by_operation_status_and_bytes() {
     let requests = |vm: &str, op: &str, status: &str| {
         value(
             &text,
-            &format!("vgpu_requests_total{{vm=\"{vm}\",op=\"{op}\",status=\"{status}\"}}"),
+            &format!(
+                "vgpu_requests_total{{vm=\"{vm}\",gpu=\"0\",op=\"{op}\",status=\"{status}\"}}"
+            ),
         )
     };
     assert_eq!(requests("vm-a", "session_open", "ok"), 1.0);
@@ -145,7 +147,10 @@ fn requests_of_two_vms_are_counted_by_operation_status_and_bytes() {
     assert_eq!(requests("vm-b", "dtoh", "ok"), 1.0);
     assert_eq!(requests("vm-b", "sync", "invalid_session"), 1.0);
     assert_eq!(
-        sample(&text, "vgpu_requests_total{vm=\"vm-b\",op=\"htod\""),
+        sample(
+            &text,
+            "vgpu_requests_total{vm=\"vm-b\",gpu=\"0\",op=\"htod\""
+        ),
         None
     );
     assert_eq!(sum(&text, "vgpu_requests_total{vm=\"vm-a\""), 9.0);
@@ -154,21 +159,27 @@ fn requests_of_two_vms_are_counted_by_operation_status_and_bytes() {
     let copied = |vm: &str, dir: &str| {
         value(
             &text,
-            &format!("vgpu_copied_bytes_total{{vm=\"{vm}\",direction=\"{dir}\"}}"),
+            &format!("vgpu_copied_bytes_total{{vm=\"{vm}\",gpu=\"0\",direction=\"{dir}\"}}"),
         )
     };
     assert_eq!(copied("vm-a", "htod"), 1024.0);
     assert_eq!(copied("vm-a", "dtoh"), 512.0);
     assert_eq!(copied("vm-b", "htod"), 0.0);
     assert_eq!(copied("vm-b", "dtoh"), 100.0);
-    assert_eq!(value(&text, "vgpu_kernel_launches_total{vm=\"vm-a\"}"), 1.0);
-    assert_eq!(value(&text, "vgpu_kernel_launches_total{vm=\"vm-b\"}"), 0.0);
+    assert_eq!(
+        value(&text, "vgpu_kernel_launches_total{vm=\"vm-a\",gpu=\"0\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(&text, "vgpu_kernel_launches_total{vm=\"vm-b\",gpu=\"0\"}"),
+        0.0
+    );
 
     // Memory, read from the mediator's own accounting.
     for (vm, t, quota) in [("vm-a", a, 64u64 << 20), ("vm-b", b, 32 << 20)] {
         let usage = m.usage(t).unwrap();
         assert!(usage.mem_used > 0);
-        let series = |name: &str| format!("{name}{{vm=\"{vm}\"}}");
+        let series = |name: &str| format!("{name}{{vm=\"{vm}\",gpu=\"0\"}}");
         assert_eq!(
             value(&text, &series("vgpu_memory_used_bytes")),
             usage.mem_used as f64
@@ -215,7 +226,7 @@ fn requests_of_two_vms_are_counted_by_operation_status_and_bytes() {
     assert_eq!(
         value(
             &text,
-            "vgpu_request_duration_seconds_count{vm=\"vm-a\",op=\"htod\"}"
+            "vgpu_request_duration_seconds_count{vm=\"vm-a\",gpu=\"0\",op=\"htod\"}"
         ),
         2.0
     );
@@ -224,7 +235,7 @@ fn requests_of_two_vms_are_counted_by_operation_status_and_bytes() {
         .lines()
         .filter(|l| {
             l.starts_with("vgpu_request_duration_seconds_bucket{")
-                && l.contains("vm=\"vm-a\",op=\"htod\"")
+                && l.contains("vm=\"vm-a\",gpu=\"0\",op=\"htod\"")
         })
         .collect();
     assert_eq!(htod_buckets.len(), metrics::LATENCY_BUCKETS_NS.len() + 1);
@@ -261,7 +272,7 @@ fn requests_of_two_vms_are_counted_by_operation_status_and_bytes() {
     assert_eq!(
         value(
             &classic,
-            "vgpu_requests_total{vm=\"vm-a\",op=\"htod\",status=\"ok\"}"
+            "vgpu_requests_total{vm=\"vm-a\",gpu=\"0\",op=\"htod\",status=\"ok\"}"
         ),
         2.0
     );
@@ -294,12 +305,142 @@ fn tenants_of_one_name_get_their_id_and_requests_refused_by_the_budget_are_count
     assert_eq!(
         value(
             &text,
-            &format!("vgpu_requests_total{{vm=\"{a}\",op=\"htod\",status=\"limit_exceeded\"}}")
+            &format!(
+                "vgpu_requests_total{{vm=\"{a}\",gpu=\"0\",op=\"htod\",status=\"limit_exceeded\"}}"
+            )
         ),
         1.0
     );
-    assert!(text.contains(&format!("vgpu_memory_quota_bytes{{vm=\"{b}\"}} 1048576")));
+    assert!(text.contains(&format!(
+        "vgpu_memory_quota_bytes{{vm=\"{b}\",gpu=\"0\"}} 1048576"
+    )));
     assert!(!text.contains("vm=\"vm1\""));
+}
+
+#[test]
+fn series_name_the_gpu_of_each_vm_and_each_gpu_has_its_own() {
+    use vgpu_mediator::{ExecutorFactory, Limits, Placement, SchedConfig};
+    let factory = || -> Arc<dyn ExecutorFactory> { Arc::new(CpuExecutorFactory::simulated(2)) };
+    let m = Mediator::with_gpus(
+        vec![(0, factory()), (1, factory())],
+        Limits::default(),
+        SchedConfig::default(),
+    );
+    let add = |name: &str, quota: u64, gpu: u32| {
+        m.add_tenant_on(
+            TenantConfig {
+                name: name.into(),
+                mem_quota: quota,
+                weight: 100,
+            },
+            Placement::Gpu(gpu),
+        )
+        .unwrap()
+    };
+    let a = add("vm-a", 64 << 20, 0);
+    let b = add("vm-b", 32 << 20, 0);
+    let c = add("vm-c", 16 << 20, 1);
+    let s = ok(&m, c, 0, Command::SessionOpen).value0;
+    ok(&m, c, s, Command::Alloc { size: 4 * KIB });
+    let s = ok(&m, a, 0, Command::SessionOpen).value0;
+    ok(&m, a, s, Command::Alloc { size: 8 * KIB });
+
+    let text = m.metrics_text();
+    // Every per-VM series carries the VM's GPU.
+    assert_eq!(
+        value(
+            &text,
+            "vgpu_requests_total{vm=\"vm-c\",gpu=\"1\",op=\"alloc\",status=\"ok\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "vgpu_requests_total{vm=\"vm-a\",gpu=\"0\",op=\"alloc\",status=\"ok\"}"
+        ),
+        1.0
+    );
+    for (vm, gpu, quota) in [
+        ("vm-a", 0, 64u64 << 20),
+        ("vm-b", 0, 32 << 20),
+        ("vm-c", 1, 16 << 20),
+    ] {
+        assert_eq!(
+            value(
+                &text,
+                &format!("vgpu_memory_quota_bytes{{vm=\"{vm}\",gpu=\"{gpu}\"}}")
+            ),
+            quota as f64
+        );
+    }
+    let labelled: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("vgpu_") && l.contains("vm=\""))
+        .collect();
+    assert!(!labelled.is_empty());
+    for line in labelled {
+        assert!(line.contains(",gpu=\""), "{line}");
+        assert_eq!(
+            line.contains("vm=\"vm-c\""),
+            line.contains("gpu=\"1\""),
+            "{line}"
+        );
+    }
+
+    // Each GPU: its memory, VMs, committed quota and memory held.
+    let memory = CpuExecutorFactory::simulated(2).device().total_memory;
+    let name = m.device().name.clone();
+    let gpu = |metric: &str, index: u32| {
+        value(
+            &text,
+            &format!("{metric}{{gpu=\"{index}\",device=\"{name}\"}}"),
+        )
+    };
+    let used = |t| m.usage(t).unwrap().mem_used;
+    for index in [0, 1] {
+        assert_eq!(gpu("vgpu_gpu_memory_bytes", index), memory as f64);
+    }
+    assert_eq!(gpu("vgpu_gpu_vms", 0), 2.0);
+    assert_eq!(gpu("vgpu_gpu_vms", 1), 1.0);
+    assert_eq!(
+        gpu("vgpu_gpu_quota_committed_bytes", 0),
+        (96u64 << 20) as f64
+    );
+    assert_eq!(
+        gpu("vgpu_gpu_quota_committed_bytes", 1),
+        (16u64 << 20) as f64
+    );
+    assert_eq!(
+        gpu("vgpu_gpu_memory_used_bytes", 0),
+        (used(a) + used(b)) as f64
+    );
+    assert_eq!(gpu("vgpu_gpu_memory_used_bytes", 1), used(c) as f64);
+    assert!(used(c) >= 4 * KIB);
+    assert!(text.contains("# TYPE vgpu_gpu_vms gauge"));
+    assert!(text.contains("# UNIT vgpu_gpu_quota_committed_bytes bytes"));
+    // The daemon's figures stay those of the first GPU.
+    assert_eq!(value(&text, "vgpu_device_memory_bytes"), memory as f64);
+    assert_eq!(value(&text, "vgpu_tenants"), 3.0);
+
+    // A VM that goes away leaves its GPU's figures; the GPU stays.
+    m.remove_tenant(c);
+    let text = m.metrics_text();
+    assert!(!text.contains("vm=\"vm-c\""));
+    assert_eq!(
+        value(
+            &text,
+            &format!("vgpu_gpu_vms{{gpu=\"1\",device=\"{name}\"}}")
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            &format!("vgpu_gpu_quota_committed_bytes{{gpu=\"1\",device=\"{name}\"}}")
+        ),
+        0.0
+    );
 }
 
 /// Sends `request` as is and returns the whole answer.
@@ -338,7 +479,7 @@ fn the_endpoint_serves_metrics_and_survives_bad_requests() {
     let answer = http(addr, get);
     assert_eq!(status_line(&answer), "HTTP/1.1 200 OK");
     assert!(answer.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"));
-    let series = "vgpu_requests_total{vm=\"vm0\",op=\"info\",status=\"ok\"}";
+    let series = "vgpu_requests_total{vm=\"vm0\",gpu=\"0\",op=\"info\",status=\"ok\"}";
     assert_eq!(value(body(&answer), series), 1.0);
     let length: usize = answer
         .lines()

@@ -991,13 +991,13 @@ mod tests {
 
         let (status, body) = scrape(addr, "/metrics");
         assert_eq!(status, "HTTP/1.1 200 OK");
-        assert!(
-            body.contains("vgpu_requests_total{vm=\"vm1\",op=\"session_open\",status=\"ok\"} 1\n")
-        );
-        assert!(body.contains("vgpu_sessions{vm=\"vm1\"} 1\n"));
-        assert!(body.contains("vgpu_sessions{vm=\"vm0\"} 0\n"));
+        assert!(body.contains(
+            "vgpu_requests_total{vm=\"vm1\",gpu=\"0\",op=\"session_open\",status=\"ok\"} 1\n"
+        ));
+        assert!(body.contains("vgpu_sessions{vm=\"vm1\",gpu=\"0\"} 1\n"));
+        assert!(body.contains("vgpu_sessions{vm=\"vm0\",gpu=\"0\"} 0\n"));
         assert!(body.contains(&format!(
-            "vgpu_memory_quota_bytes{{vm=\"vm0\"}} {}\n",
+            "vgpu_memory_quota_bytes{{vm=\"vm0\",gpu=\"0\"}} {}\n",
             32 << 20
         )));
         assert_eq!(scrape(addr, "/").0, "HTTP/1.1 404 Not Found");
