@@ -270,7 +270,7 @@ fn gpu_table(gpus: &[GpuView]) -> String {
             }
             cells.extend([
                 g.vms.to_string(),
-                format!("{} / {} MiB", mib(g.quota_committed), g.memory >> 20),
+                format!("{} / {} MiB", g.quota_committed >> 20, g.memory >> 20),
                 format!("{} MiB", mib(g.mem_used)),
                 duration(g.device_time_s),
                 percent(g.recent_busy),
