@@ -15,7 +15,9 @@
 #     e2e_build_driver     vgpu.ko against that kernel's headers (ci/driver-build.sh): $ko
 #     e2e_build_c_programs the C example and ci/guest/vgpu-e2e-check.c, in $work/guest
 #     e2e_build_qemu       QEMU with the generic device: $qemu $qemu_device $reconnect
-#     e2e_build_initramfs  busybox, vgpu.ko, lspci and the guest tools: $initrd
+#     e2e_build_initramfs  busybox, vgpu.ko, lspci and the guest tools: $initrd; its /init
+#                          runs $e2e_init (default ci/guest/e2e-guest.sh), and the array
+#                          e2e_initramfs_extra holds more ci/mkinitramfs.sh options
 #   e2e_build_worker     vgpu-worker and vgpu-executor-worker in $target (--executor remote)
 #   e2e_use_bundle DIR [BIN...]
 #                        the same variables from DIR/guests and DIR (no build at all);
@@ -221,7 +223,8 @@ e2e_build_initramfs() {
         --file "$work/guest/usr/lib/vgpu/libnvrtc.so.13:/usr/lib/vgpu/libnvrtc.so" \
         --file "$work/guest/usr/bin/cuda-driver-check:/usr/bin/cuda-driver-check" \
         --bin "$work/guest/usr/bin/vgpu-cudarc-check" --bin "$libm:$libm" \
-        --init ci/guest/e2e-guest.sh
+        --init "${e2e_init:-ci/guest/e2e-guest.sh}" \
+        ${e2e_initramfs_extra[@]+"${e2e_initramfs_extra[@]}"}
     e2e_print_initrd
 }
 

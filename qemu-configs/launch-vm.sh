@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
 # Launches one guest with the vGPU device: QEMU's generic vhost-user PCI device connected
-# to a vhost-vgpu socket, guest RAM in a shared memfd so the backend can map it.
+# to a vhost-vgpu socket (or several devices, one per socket), guest RAM in a shared memfd
+# so the backend can map it.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -9,15 +10,17 @@ REPO_DIR=$(dirname "$SCRIPT_DIR")
 
 usage() {
     cat <<EOF
-Usage: $(basename "$0") --initrd FILE [--socket PATH | --no-vgpu] [options] [-- QEMU-ARGS...]
+Usage: $(basename "$0") --initrd FILE [--socket PATH... | --no-vgpu] [options] [-- QEMU-ARGS...]
 
 Boots a guest kernel + initramfs under QEMU with the serial console on stdio.
 
   --qemu PATH          qemu-system-x86_64 (default: qemu-configs/build-qemu.sh --print-path)
   --kernel FILE        guest kernel (default: vmlinuz from ci/guest-kernel.sh)
   --initrd FILE        initramfs, e.g. from ci/mkinitramfs.sh (required)
-  --socket PATH        vhost-user socket of the vhost-vgpu backend (required with the device)
-  --socket-wait SECS   wait this long for the socket to appear (default: 10); if no
+  --socket PATH        vhost-user socket of the vhost-vgpu backend (required with the device);
+                       repeat it for several devices, one per socket, in that order
+                       (chardevs c0, c1, ...; the guest's /dev/vgpu0, /dev/vgpu1, ...)
+  --socket-wait SECS   wait this long for each socket to appear (default: 10); if no
                        backend listens when it starts, QEMU fails at once (no reconnect)
                        or waits silently (reconnect)
   --reconnect-ms N     let QEMU reconnect to a backend that went away, trying every N ms
@@ -52,7 +55,7 @@ die() { echo "launch-vm.sh: error: $*" >&2; exit 1; }
 qemu=
 kernel=
 initrd=
-socket=
+sockets=()
 socket_wait=10
 reconnect_ms=
 mem=512M
@@ -73,7 +76,7 @@ while [[ $# -gt 0 ]]; do
         --qemu) need_arg "$1" $#; qemu=$2; shift ;;
         --kernel) need_arg "$1" $#; kernel=$2; shift ;;
         --initrd) need_arg "$1" $#; initrd=$2; shift ;;
-        --socket) need_arg "$1" $#; socket=$2; shift ;;
+        --socket) need_arg "$1" $#; sockets+=("$2"); shift ;;
         --socket-wait) need_arg "$1" $#; socket_wait=$2; shift ;;
         --reconnect-ms) need_arg "$1" $#; reconnect_ms=$2; shift ;;
         --mem) need_arg "$1" $#; mem=$2; shift ;;
@@ -106,7 +109,7 @@ fi
     die "--reconnect-ms wants milliseconds (0 = off), got '$reconnect_ms'"
 [[ -z $reconnect_ms ]] || reconnect_ms=$((10#$reconnect_ms))
 if [[ $vgpu -eq 1 ]]; then
-    [[ -n $socket ]] || die "--socket is required unless --no-vgpu is given"
+    [[ ${#sockets[@]} -gt 0 ]] || die "--socket is required unless --no-vgpu is given"
 fi
 
 if [[ -z $qemu ]]; then
@@ -174,8 +177,12 @@ done
 console="stdio,id=con0,mux=on,signal=on${serial_log:+,logfile=${serial_log//,/,,}}"
 args+=(-chardev "$console" -serial chardev:con0 -mon "chardev=con0,mode=readline")
 if [[ $vgpu -eq 1 ]]; then
-    args+=(-chardev "socket,id=c0,path=${socket//,/,,}$reconnect"
-        -device "$device_name,chardev=c0,virtio-id=$virtio_id,num_vqs=1,vq_size=1024,config_size=$config_size")
+    # One device per socket; the guest's driver numbers them in PCI order, which is this.
+    for i in "${!sockets[@]}"; do
+        socket=${sockets[$i]}
+        args+=(-chardev "socket,id=c$i,path=${socket//,/,,}$reconnect"
+            -device "$device_name,chardev=c$i,virtio-id=$virtio_id,num_vqs=1,vq_size=1024,config_size=$config_size")
+    done
 fi
 if [[ $net -eq 1 ]]; then
     # romfile= skips the iPXE option ROM: the kernel is loaded directly, never netbooted.
@@ -186,11 +193,13 @@ args+=("${extra[@]}")
 if [[ $vgpu -eq 1 && $dry_run -eq 0 ]]; then
     # Without reconnect QEMU fails at once when nobody listens; with it QEMU would wait
     # silently. Either way, wait here and say clearly what is missing.
-    for ((i = 0; i < socket_wait * 10; i++)); do
-        [[ -S $socket ]] && break
-        sleep 0.1
+    for socket in "${sockets[@]}"; do
+        for ((i = 0; i < socket_wait * 10; i++)); do
+            [[ -S $socket ]] && break
+            sleep 0.1
+        done
+        [[ -S $socket ]] || die "no vhost-user socket at $socket (is vhost-vgpu running?)"
     done
-    [[ -S $socket ]] || die "no vhost-user socket at $socket (is vhost-vgpu running?)"
 fi
 
 if [[ $dry_run -eq 1 ]]; then

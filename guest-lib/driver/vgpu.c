@@ -1490,6 +1490,8 @@ VGPU_CONFIG_ATTR(max_sessions,
 		 sysfs_emit(buf, "%u\n", get_unaligned_le32(cfg + VGPU_CFG_MAX_SESSIONS)));
 VGPU_CONFIG_ATTR(max_request_bytes,
 		 sysfs_emit(buf, "%u\n", get_unaligned_le32(cfg + VGPU_CFG_MAX_REQUEST_BYTES)));
+/* Which of the host's GPUs the device is placed on; 0 from hosts that predate the field. */
+VGPU_CONFIG_ATTR(gpu, sysfs_emit(buf, "%u\n", get_unaligned_le32(cfg + VGPU_CFG_GPU)));
 
 static ssize_t executor_config(const u8 *cfg, char *buf)
 {
@@ -1533,6 +1535,7 @@ static struct attribute *vgpu_attrs[] = {
 	&dev_attr_multiprocessors.attr,
 	&dev_attr_max_sessions.attr,
 	&dev_attr_max_request_bytes.attr,
+	&dev_attr_gpu.attr,
 	&dev_attr_sessions_open.attr,
 	&dev_attr_queue_size.attr,
 	NULL,

@@ -163,6 +163,11 @@ vgpu_status vgpu_sync(vgpu_session *s);
 /* The device's name, NUL-terminated and cut to len bytes. */
 vgpu_status vgpu_device_name(vgpu_session *s, char *buf, size_t len);
 
+/* The index of the host GPU the device is placed on, as the host numbers its GPUs (0 from
+ * a host with one GPU, or one that does not say). Several /dev/vgpuN of one VM may be on
+ * different host GPUs, or on the same one. */
+vgpu_status vgpu_device_gpu(vgpu_session *s, uint32_t *gpu);
+
 /* "OK", "QUOTA_EXCEEDED", ..., "UNKNOWN"; static strings. */
 const char *vgpu_status_name(int status);
 /* The calling thread's last failure; valid until its next failing call. */

@@ -59,6 +59,7 @@
 #define VGPU_CFG_MAX_SESSIONS		44	/* u32 */
 #define VGPU_CFG_NAME			48	/* NUL-terminated UTF-8 */
 #define VGPU_CFG_NAME_SIZE		64
+#define VGPU_CFG_GPU			112	/* u32: the host GPU's index (0 from older hosts) */
 
 #define VGPU_EXECUTOR_CPU		1
 #define VGPU_EXECUTOR_CUDA		2

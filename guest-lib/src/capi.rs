@@ -567,6 +567,26 @@ pub unsafe extern "C" fn vgpu_device_name(
     })
 }
 
+/// The index of the host GPU the session's device is placed on (0 from hosts that do not
+/// say: those with one GPU).
+///
+/// # Safety
+/// `s` must be a live session; `gpu` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn vgpu_device_gpu(s: *mut vgpu_session, gpu: *mut u32) -> c_int {
+    guard(|| {
+        // SAFETY: forwarded caller promise.
+        let s = unsafe { session(s) }?;
+        if gpu.is_null() {
+            return Err(invalid("NULL gpu pointer"));
+        }
+        let index = s.session.config()?.gpu;
+        // SAFETY: checked non-NULL; writable by the caller's promise.
+        unsafe { *gpu = index };
+        Ok(())
+    })
+}
+
 /// The upper-case name of a status ("OK", "QUOTA_EXCEEDED", ...), or "UNKNOWN".
 #[no_mangle]
 pub extern "C" fn vgpu_status_name(status: c_int) -> *const c_char {
@@ -839,6 +859,16 @@ mod tests {
             let mut buf = [0 as c_char; 8];
             assert_eq!(vgpu_device_name(s, buf.as_mut_ptr(), buf.len()), 0);
             assert_eq!(CStr::from_ptr(buf.as_ptr()).to_str().unwrap(), &NAME[..7]);
+            let mut gpu = u32::MAX;
+            assert_eq!(vgpu_device_gpu(s, &mut gpu), 0);
+            assert_eq!(gpu, 0);
+            dev.state.lock().unwrap().gpu = 3;
+            assert_eq!(vgpu_device_gpu(s, &mut gpu), 0);
+            assert_eq!(gpu, 3, "the host GPU the device's config space names");
+            assert_eq!(
+                vgpu_device_gpu(s, std::ptr::null_mut()),
+                VGPU_ERROR_INVALID_VALUE
+            );
 
             assert_eq!(vgpu_free(s, h), 0);
             assert_eq!(dev.state.lock().unwrap().buffers(), 0);

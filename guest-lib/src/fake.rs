@@ -65,6 +65,8 @@ pub struct State {
     pub log: Vec<Request>,
     /// The error the next SYNC of any session reports (an asynchronous failure).
     pub fail_sync: Option<(Status, u32)>,
+    /// The host GPU the device says it is placed on.
+    pub gpu: u32,
 }
 
 impl State {
@@ -136,7 +138,10 @@ impl FakeDevice {
         match command {
             Command::Info => {
                 let info = InfoReply {
-                    config: config(),
+                    config: DeviceConfig {
+                        gpu: st.gpu,
+                        ..config()
+                    },
                     mem_used: st.mem_used(),
                     sessions: st.sessions.len() as u32,
                     allocations: st.buffers() as u32,

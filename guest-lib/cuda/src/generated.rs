@@ -485,7 +485,6 @@ crate::stubs! {
     cuDestroyExternalSemaphore,
     cuDevResourceGenerateDesc,
     cuDevSmResourceSplitByCount,
-    cuDeviceGetByPCIBusId,
     cuDeviceGetDefaultMemPool,
     cuDeviceGetDevResource,
     cuDeviceGetExecAffinitySupport,

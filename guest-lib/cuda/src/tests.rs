@@ -178,6 +178,19 @@ fn devices_answer_from_the_config_space_and_attributes_are_cached() {
             cuDeviceGetPCIBusId(buf.as_mut_ptr(), 64, 0),
             CUDA_ERROR_NOT_SUPPORTED
         );
+        // These devices sit on no PCI function: no id names them.
+        assert_eq!(
+            cuDeviceGetByPCIBusId(&mut dev, c"0000:00:02.0".as_ptr()),
+            CUDA_ERROR_INVALID_DEVICE
+        );
+        assert_eq!(
+            cuDeviceGetByPCIBusId(&mut dev, c"virtio0".as_ptr()),
+            CUDA_ERROR_INVALID_VALUE
+        );
+        assert_eq!(
+            cuDeviceGetByPCIBusId(null_mut(), c"0000:00:02.0".as_ptr()),
+            CUDA_ERROR_INVALID_VALUE
+        );
     }
 }
 

@@ -31,6 +31,8 @@ int main(int argc, char **argv)
 	vgpu_session *s = NULL;
 	uint64_t x = 0;
 	float *host, *back;
+	char name[64];
+	uint32_t gpu = 0;
 	unsigned int i, errors = 0;
 	int failed = 1;
 
@@ -72,7 +74,10 @@ int main(int argc, char **argv)
 	}
 	if (check(vgpu_free(s, x), "free"))
 		goto out;
-	printf("C example PASSED\n");
+	if (check(vgpu_device_name(s, name, sizeof(name)), "device name") ||
+	    check(vgpu_device_gpu(s, &gpu), "host GPU"))
+		goto out;
+	printf("C example PASSED on /dev/vgpu%d: %s, host GPU %u\n", index, name, (unsigned)gpu);
 	failed = 0;
 out:
 	vgpu_close(s);

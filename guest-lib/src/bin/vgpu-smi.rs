@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use vgpu::{Device, Error, InfoReply};
 
-/// Shows each vGPU device: name, executor, memory quota and use, sessions, compute
-/// capability and multiprocessors.
+/// Shows each vGPU device: name, executor, the host GPU it is placed on, memory quota and
+/// use, sessions, compute capability and multiprocessors.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -28,6 +28,8 @@ fn print(index: u32, info: &InfoReply) {
     let c = &info.config;
     println!("vgpu{index}: {}", c.name);
     println!("  executor            {}", c.executor.name());
+    // The host's index: with several GPUs there, which one this device's work runs on.
+    println!("  host GPU            {}", c.gpu);
     println!("  compute capability  {}.{}", c.cc_major, c.cc_minor);
     println!("  multiprocessors     {}", c.multiprocessors);
     println!("  device memory       {}", mib(c.device_memory));

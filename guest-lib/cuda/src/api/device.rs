@@ -5,7 +5,7 @@ use std::ffi::{c_char, c_int, c_uint};
 
 use vgpu::DeviceConfig;
 
-use super::{copy_str, handle, out, out_opt};
+use super::{c_str, copy_str, handle, out, out_opt};
 use crate::state::{driver, init, lock, ATTRIBUTES};
 use crate::types::*;
 use crate::{guard, Fail};
@@ -74,6 +74,37 @@ fn parse_pci(s: &str) -> Option<(i32, i32, i32)> {
     let (device, _) = rest.split_once('.')?;
     let hex = |v: &str| i32::from_str_radix(v, 16).ok();
     Some((hex(domain)?, hex(bus)?, hex(device)?))
+}
+
+/// (domain, bus, device, function) of a PCI bus id as CUDA takes it:
+/// "domain:bus:device.function", "domain:bus:device" or "bus:device.function", in hex
+/// (the function 0 and the domain 0 when left out).
+fn parse_bus_id(s: &str) -> Option<(u32, u32, u32, u32)> {
+    let hex = |v: &str| {
+        (!v.is_empty() && v.len() <= 8)
+            .then(|| u32::from_str_radix(v, 16).ok())
+            .flatten()
+    };
+    let parts: Vec<&str> = s.trim().split(':').collect();
+    let (domain, bus, slot) = match parts[..] {
+        [domain, bus, slot] => (hex(domain)?, hex(bus)?, slot),
+        [bus, slot] if slot.contains('.') => (0, hex(bus)?, slot),
+        _ => return None,
+    };
+    let (device, function) = match slot.split_once('.') {
+        Some((device, function)) => (hex(device)?, hex(function)?),
+        None => (hex(slot)?, 0),
+    };
+    Some((domain, bus, device, function))
+}
+
+/// The ordinal of the device whose PCI bus id is `wanted`, among the devices' ids
+/// (`None`: not on a PCI function the guest can name).
+pub(crate) fn device_by_bus_id(ids: &[Option<&str>], wanted: &str) -> Result<usize, Fail> {
+    let wanted = parse_bus_id(wanted).ok_or(Fail(CUDA_ERROR_INVALID_VALUE))?;
+    ids.iter()
+        .position(|id| id.and_then(parse_bus_id) == Some(wanted))
+        .ok_or(Fail(CUDA_ERROR_INVALID_DEVICE))
 }
 
 /// The device's UUID: stable for the same device ordinal and name, made from them
@@ -200,6 +231,25 @@ pub unsafe extern "C" fn cuDeviceGetPCIBusId(
         };
         // SAFETY: `bus_id` holds `len` bytes by NVIDIA's contract.
         unsafe { copy_str(bus_id, len, id) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetByPCIBusId(
+    dev: *mut CUdevice,
+    bus_id: *const c_char,
+) -> CUresult {
+    guard("cuDeviceGetByPCIBusId", || {
+        let d = driver()?;
+        if dev.is_null() {
+            return Err(Fail(CUDA_ERROR_INVALID_VALUE));
+        }
+        // SAFETY: a NUL-terminated string by NVIDIA's contract.
+        let wanted = unsafe { c_str(bus_id) }?;
+        let ids: Vec<Option<&str>> = d.devices.iter().map(|s| s.pci_bus_id.as_deref()).collect();
+        let ordinal = device_by_bus_id(&ids, wanted)?;
+        // SAFETY: checked non-NULL; writable by NVIDIA's contract.
+        unsafe { out(dev, ordinal as CUdevice) }
     })
 }
 
@@ -375,5 +425,35 @@ mod tests {
         assert_eq!(a[8] >> 6, 0b10);
         assert_eq!(parse_pci("0000:af:1f.7"), Some((0, 0xaf, 0x1f)));
         assert_eq!(parse_pci("virtio0"), None);
+    }
+
+    #[test]
+    fn a_pci_bus_id_in_any_of_cudas_forms_finds_its_device() {
+        let ids = [Some("0000:00:02.0"), None, Some("0000:00:0a.0")];
+        for form in [
+            "0000:00:0a.0",
+            "0000:00:0A.0",
+            "00:0a.0",
+            "0:0:a",
+            "0000:00:0a",
+        ] {
+            assert_eq!(
+                device_by_bus_id(&ids, form).map_err(|f| f.0),
+                Ok(2),
+                "{form}"
+            );
+        }
+        assert_eq!(device_by_bus_id(&ids, "00:02.0").map_err(|f| f.0), Ok(0));
+        assert_eq!(
+            device_by_bus_id(&ids, "0000:00:03.0").map_err(|f| f.0),
+            Err(CUDA_ERROR_INVALID_DEVICE)
+        );
+        for bad in ["", "00:02", "0000:00:zz.0", "a:b:c:d", "virtio0"] {
+            assert_eq!(
+                device_by_bus_id(&ids, bad).map_err(|f| f.0),
+                Err(CUDA_ERROR_INVALID_VALUE),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -1,0 +1,267 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# End-to-end check of one guest with two vGPU devices placed on two host GPUs: one
+# vhost-vgpu with two sockets (vm0 on GPU 0, vm1 on GPU 1), one TCG guest with one
+# vhost-user device per socket. Every check is one "PASS <check> <detail>" or
+# "FAIL <check> <detail>" line (ci/test.sh counts them); the last line is
+# "== done: N passed, M failed ...".
+set -euo pipefail
+
+REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+usage() {
+    cat <<EOF
+Usage: $(basename "$0") [options]
+
+Builds what the guest needs as ci/e2e-qemu.sh does (ci/e2e-build.sh: vhost-vgpu and the
+guest tools with cargo, vgpu.ko against Debian's current kernel, the QEMU with the
+generic vhost-user device, a busybox initramfs running ci/guest/gpus-guest.sh), then
+starts one vhost-vgpu with two sockets on two simulated GPUs (--executor cpu:2 --gpu 0,1;
+a vhost-vgpu without --gpu serves both sockets on GPU 0 with --executor cpu, and the
+script says so) and boots one guest under TCG with two vhost-user devices, one per
+socket (chardevs c0 and c1).
+
+In the guest: lspci shows two [1af4:1056] devices; /dev/vgpu0 and /dev/vgpu1 exist and
+their sysfs attribute gpu names the host GPU the host placed each on; vgpu-smi shows
+both, each with its host GPU; vgpu-vector-add --device N passes on each; the C example
+runs on /dev/vgpu1 through libvgpu (vgpu_open(1), vgpu_device_gpu); a driver-API
+program over the guest libcuda.so.1 (ci/guest/cuda-devices-check.c) counts two devices
+with distinct PCI bus ids and UUIDs and runs a vector add in a context on device 1.
+On the host, around each of those runs, vgpu-admin --json list through the daemon's
+control socket must show that only the VM (socket) of the device used answered more
+requests: the work of /dev/vgpuN lands on tenant vmN.
+
+Options:
+  --elements N      elements of each vector add (default 65536)
+  --mem SIZE        RAM of the guest (default 512M)
+  --timeout SECS    longest wait for one guest phase (default 300)
+  --accel ACCEL     QEMU accelerator: tcg (default) or kvm
+  --keep            keep the work directory (logs, initramfs) and print its path
+  -h, --help        show this help
+
+Environment: VGPU_CACHE (cache root, default \$HOME/.cache/vgpu), CARGO_TARGET_DIR,
+RUST_LOG (vhost-vgpu's log level, default info).
+EOF
+}
+
+die() { echo "e2e-gpus.sh: error: $*" >&2; exit 1; }
+
+elements=65536
+mem=512M
+timeout=300
+accel=tcg
+keep=0
+need_arg() { [[ $2 -ge 2 ]] || die "$1 needs a value"; }
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --elements) need_arg "$1" $#; elements=$2; shift ;;
+        --mem) need_arg "$1" $#; mem=$2; shift ;;
+        --timeout) need_arg "$1" $#; timeout=$2; shift ;;
+        --accel) need_arg "$1" $#; accel=$2; shift ;;
+        --keep) keep=1 ;;
+        -h | --help) usage; exit 0 ;;
+        *) die "unknown option '$1' (see --help)" ;;
+    esac
+    shift
+done
+[[ $elements =~ ^[1-9][0-9]*$ ]] || die "--elements wants a positive number, got '$elements'"
+[[ $timeout =~ ^[1-9][0-9]*$ ]] || die "--timeout wants whole seconds, got '$timeout'"
+
+cd "$REPO_DIR"
+# shellcheck source=ci/e2e-lib.sh
+source "$REPO_DIR/ci/e2e-lib.sh"
+e2e_begin e2e-gpus
+e2e_workdir vgpu-e2e-gpus
+# ci/e2e-build.sh's paragraphs for a person: not in this script.
+say() { :; }
+
+# The JSON tools: python3, else jq.
+if command -v python3 >/dev/null; then
+    json_requests() { python3 -c 'import json, sys
+print(" ".join("%s=%d" % (v["name"], v["requests"]) for v in json.load(sys.stdin)["vms"]))'; }
+    json_gpus() { python3 -c 'import json, sys
+print(" ".join("%s=%s" % (v["name"], v["gpu"]) for v in json.load(sys.stdin)["vms"] if "gpu" in v))'; }
+elif command -v jq >/dev/null; then
+    json_requests() { jq -r '[.vms[] | "\(.name)=\(.requests)"] | join(" ")'; }
+    json_gpus() { jq -r '[.vms[] | select(has("gpu")) | "\(.name)=\(.gpu)"] | join(" ")'; }
+else
+    die "python3 or jq is needed to read vgpu-admin --json"
+fi
+
+# ---- 1. build (ci/e2e-build.sh) ------------------------------------------------------
+# shellcheck source=ci/e2e-build.sh
+source "$REPO_DIR/ci/e2e-build.sh"
+e2e_build_setup
+e2e_build_cargo
+e2e_build_kernel
+e2e_build_driver
+e2e_build_c_programs
+step "C program: ci/guest/cuda-devices-check.c against the guest libcuda.so.1"
+e2e_build_quiet "$work/cc.log" cc -std=c11 -O2 -Wall -Wextra -Werror \
+    -o "$work/guest/usr/bin/cuda-devices-check" ci/guest/cuda-devices-check.c \
+    -I guest-lib/include/cuda -L "$work/guest/usr/lib/vgpu" -lcuda
+e2e_build_qemu
+# shellcheck disable=SC2034 # e2e_build_initramfs reads them
+e2e_init=ci/guest/gpus-guest.sh
+# shellcheck disable=SC2034
+e2e_initramfs_extra=(--file "$work/guest/usr/bin/cuda-devices-check:/usr/bin/cuda-devices-check")
+e2e_build_initramfs
+[[ -x $target/vgpu-admin ]] || die "cargo build did not produce $target/vgpu-admin"
+
+# ---- 2. the backend: two sockets, two GPUs --------------------------------------------
+export RUST_LOG=${RUST_LOG:-info}
+if "$target/vhost-vgpu" --help | grep -q -- '--gpu '; then
+    backend=(--executor cpu:2 --gpu "0,1")
+    want_gpus=(0 1)
+else
+    # A vhost-vgpu that cannot place sockets on GPUs: both devices on GPU 0.
+    backend=(--executor cpu)
+    want_gpus=(0 0)
+    echo "note: this vhost-vgpu has no --gpu option: both sockets are served on GPU 0 (--executor cpu)"
+fi
+step "host: vhost-vgpu --socket-count 2 ${backend[*]}"
+mkdir -p "$work/sockets"
+control=$work/sockets/vm.control
+sockets=("$work/sockets/vm0" "$work/sockets/vm1")
+"$target/vhost-vgpu" --socket-path "$work/sockets/vm" --socket-count 2 "${backend[@]}" \
+    >"$work/vhost-vgpu.log" 2>&1 &
+daemon=$!
+pids+=("$daemon")
+for ((i = 0; i < 100; i++)); do
+    [[ -S ${sockets[0]} && -S ${sockets[1]} && -S $control ]] && break
+    kill -0 "$daemon" 2>/dev/null || break
+    sleep 0.1
+done
+if ! [[ -S ${sockets[0]} && -S ${sockets[1]} && -S $control ]]; then
+    show "$work/vhost-vgpu.log" 20 >&2
+    die "vhost-vgpu did not listen on ${sockets[*]} and $control"
+fi
+# Where the mediator placed each VM, from its log ("tenant 1 (vm0) added on GPU 0: ...").
+placed=()
+for vm in vm0 vm1; do
+    placed+=("$(sed -n "s/.* ($vm) added on GPU \([0-9]*\).*/\1/p" "$work/vhost-vgpu.log" | tail -n 1)")
+done
+if [[ -z ${placed[0]}${placed[1]} ]]; then
+    echo "note: the daemon's log does not say where it placed vm0 and vm1 (the guest checks it)"
+elif [[ "${placed[*]}" == "${want_gpus[*]}" ]]; then
+    pass "host-placement vm0 on GPU ${placed[0]}, vm1 on GPU ${placed[1]} (${backend[*]})"
+else
+    fail "host-placement the daemon's log places vm0 on GPU '${placed[0]}', vm1 on GPU '${placed[1]}'; expected ${want_gpus[*]} (${backend[*]})"
+    show "$work/vhost-vgpu.log" 10
+fi
+sed -n 's/^\[[^]]*\] *//; /QEMU options: /p' "$work/vhost-vgpu.log" | sed 's/^/    | /'
+
+# Each VM's requests answered so far ("vm0=12 vm1=3"), from the control socket.
+requests() {
+    "$target/vgpu-admin" --control "$control" --json list 2>>"$work/admin.err" | json_requests
+}
+count_of() { # VM "vm0=N vm1=M"
+    local kv
+    for kv in $2; do
+        [[ ${kv%%=*} == "$1" ]] && { echo "${kv#*=}"; return; }
+    done
+    echo -1
+}
+
+# ---- 3. the guest ---------------------------------------------------------------------
+step "boot one guest with two vGPU devices (${accel^^})"
+mkfifo "$work/guest.in"
+exec {guest_in}<>"$work/guest.in"
+log=$work/guest.log
+want_csv=$(IFS=,; echo "${want_gpus[*]}")
+bash qemu-configs/launch-vm.sh --qemu "$qemu" --kernel "$kernel" --initrd "$initrd" \
+    --socket "${sockets[0]}" --socket "${sockets[1]}" --mem "$mem" --accel "$accel" \
+    --append "VGPU_DEVICES=2 VGPU_GPUS=$want_csv VGPU_ELEMENTS=$elements VGPU_STEP_WAIT=$timeout" \
+    <"$work/guest.in" >"$log" 2>&1 &
+guest=$!
+pids+=("$guest")
+tell() { echo "$1" >&"$guest_in"; }
+# Waits until the guest's console matches PATTERN: 0 when it does, 1 when QEMU exited
+# first, 2 after SECS.
+wait_for() { # PATTERN SECS
+    local deadline=$((SECONDS + $2))
+    while ((SECONDS < deadline)); do
+        tr -d '\r' <"$log" 2>/dev/null | grep -qE "$1" && return 0
+        if ! kill -0 "$guest" 2>/dev/null; then
+            tr -d '\r' <"$log" 2>/dev/null | grep -qE "$1" && return 0
+            return 1
+        fi
+        sleep 0.2
+    done
+    return 2
+}
+
+# The steps that use one device each: /dev/vgpuN's work must reach vmN only.
+work_steps=(vector-add-0 vector-add-1 c-example-1 cuda-device-1)
+bad=0
+for s in "${work_steps[@]}"; do
+    if ! wait_for "^READY $s\$" "$timeout"; then
+        fail "tenant-$s the guest did not get to $s"
+        bad=1
+        break
+    fi
+    before=$(requests || true)
+    tell "GO $s"
+    wait_for "^DONE $s\$" "$timeout" || true
+    after=$(requests || true)
+    dev=${s##*-}
+    other=$((1 - dev))
+    grew=$(($(count_of "vm$dev" "$after") - $(count_of "vm$dev" "$before")))
+    still=$(($(count_of "vm$other" "$after") - $(count_of "vm$other" "$before")))
+    detail="vgpu-admin --json list around $s: vm$dev requests +$grew, vm$other +$still"
+    if [[ -z $before || -z $after ]]; then
+        fail "tenant-$s vgpu-admin --json list failed: $(tail -n 1 "$work/admin.err" 2>/dev/null)"
+        bad=1
+    elif [[ $grew -gt 0 && $still -eq 0 ]]; then
+        pass "tenant-$s /dev/vgpu$dev's work reached vm$dev only: $detail"
+    else
+        fail "tenant-$s $detail; expected vm$dev to grow and vm$other to stay"
+        bad=1
+    fi
+done
+
+# What the daemon knows of each VM's GPU, when its answer names it.
+listed_gpus=$("$target/vgpu-admin" --control "$control" --json list 2>/dev/null | json_gpus || true)
+if [[ -n $listed_gpus ]]; then
+    if [[ $listed_gpus == "vm0=${want_gpus[0]} vm1=${want_gpus[1]}" ]]; then
+        pass "host-admin-gpus vgpu-admin --json list: $listed_gpus"
+    else
+        fail "host-admin-gpus vgpu-admin --json list says $listed_gpus; expected vm0=${want_gpus[0]} vm1=${want_gpus[1]}"
+    fi
+fi
+echo "   vgpu-admin list:"
+"$target/vgpu-admin" --control "$control" list 2>&1 | sed 's/^/    | /'
+
+wait_for '^WAITING-FOR-POWEROFF' "$timeout" || true
+tell POWEROFF
+wait_for '^GUEST-EXIT' 30 || true
+deadline=$((SECONDS + 10))
+while kill -0 "$guest" 2>/dev/null && ((SECONDS < deadline)); do
+    sleep 0.2
+done
+kill "$guest" 2>/dev/null || true
+wait "$guest" 2>/dev/null || true
+
+step "results from the guest"
+e2e_guest_checks "$log" guest lspci devices vgpu-smi "${work_steps[@]}"
+echo "   the guest's devices (/dev/vgpuN, host GPU, PCI address):"
+tr -d '\r' <"$log" | sed -n 's/^GPU /    | /p'
+echo "   vgpu-smi:"
+tr -d '\r' <"$log" | sed -n 's/^SMI| /    | /p'
+echo "   cuda-devices-check:"
+tr -d '\r' <"$log" | sed -n 's/^CUDA| /    | /p'
+if kill -0 "$daemon" 2>/dev/null; then
+    pass "host-daemon vhost-vgpu served the whole run"
+else
+    fail "host-daemon vhost-vgpu exited during the run"
+    bad=1
+fi
+if [[ $bad -eq 1 ]]; then
+    echo "   the end of the guest's console:"
+    show "$log" 25
+    echo "   the end of vhost-vgpu's log:"
+    show "$work/vhost-vgpu.log" 10
+fi
+
+step "done: $passed passed, $failed failed (host: ${backend[*]}; guest kernel $kver)"
+[[ $failed -eq 0 ]]
