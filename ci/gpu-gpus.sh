@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 # Several GPUs on one host: discovery (`vgpu-mediator info`, --gpus, CUDA_VISIBLE_DEVICES),
 # automatic placement of two VMs on two GPUs, and three runs of vgpu-gpus-bench through a
-# real `vhost-vgpu --executor cuda` with the test VMM as the VMs:
+# real `vhost-vgpu --executor "$executor"` with the test VMM as the VMs:
 #   apart   two VMs placed on different GPUs: each keeps >= 0.95x of its saxpy rate alone
 #   faults  a VM faulting without end on GPU 0: the VM on GPU 1 keeps >= 0.95x, all OK
 #   same    two VMs forced onto one GPU (--gpu 0) with weights 100 and 300: device time 1:3
@@ -10,7 +10,10 @@
 #
 #   bash ci/gpu-gpus.sh DIR   # DIR: vhost-vgpu, vgpu-executor-worker, vgpu-mediator,
 #                             # vgpu-gpus-bench
-# SECONDS_PER_WINDOW (default 5) sets each measurement window.
+# SECONDS_PER_WINDOW (default 5) sets each measurement window, ELEMENTS (default 2^26) the
+# floats of each saxpy. EXECUTOR=cpu:2 runs the
+# same plumbing on simulated GPUs (the CUDA_VISIBLE_DEVICES, fault and weight goals need
+# CUDA).
 set -uo pipefail
 
 if [[ $# -ne 1 || $1 == -h || $1 == --help ]]; then
@@ -41,32 +44,37 @@ fail() { echo "FAIL gpus $*"; failed=1; }
 tables=()
 
 export VGPU_EXECUTOR_WORKER=$DIR/vgpu-executor-worker
-count=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+executor=${EXECUTOR:-cuda}
+if [[ $executor == cuda ]]; then
+    count=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+else
+    count=${executor#cpu:}
+fi
 if [[ ${count:-0} -lt 2 ]]; then
     echo "SKIP gpus: ${count:-0} GPU(s) here; the multi-GPU checks need two"
     exit 0
 fi
 
 # Discovery: every GPU, the ones --gpus names, the ones CUDA_VISIBLE_DEVICES leaves.
-out=$("$DIR/vgpu-mediator" --executor cuda info 2>/dev/null)
+out=$("$DIR/vgpu-mediator" --executor "$executor" info 2>/dev/null)
 if grep -q "^gpus: $count$" <<<"$out" && [[ $(grep -c '^gpu [0-9]*: ' <<<"$out") -eq $count ]]; then
     pass "info: $count GPUs: $(grep '^gpu ' <<<"$out" | tr '\n' ';')"
 else
     fail "info does not list $count GPUs: $(tr '\n' ' ' <<<"$out")"
 fi
-out=$("$DIR/vgpu-mediator" --executor cuda --gpus 1 info 2>/dev/null)
+out=$("$DIR/vgpu-mediator" --executor "$executor" --gpus 1 info 2>/dev/null)
 if grep -q '^gpus: 1$' <<<"$out" && grep -q '^gpu 1: ' <<<"$out"; then
     pass "info --gpus 1: $(grep '^gpu ' <<<"$out")"
 else
     fail "info --gpus 1: $(tr '\n' ' ' <<<"$out")"
 fi
-out=$(CUDA_VISIBLE_DEVICES=1 "$DIR/vgpu-mediator" --executor cuda info 2>/dev/null)
+out=$(CUDA_VISIBLE_DEVICES=1 "$DIR/vgpu-mediator" --executor "$executor" info 2>/dev/null)
 if grep -q '^gpus: 1$' <<<"$out"; then
     pass "CUDA_VISIBLE_DEVICES=1: one GPU: $(grep '^gpu ' <<<"$out")"
 else
     fail "CUDA_VISIBLE_DEVICES=1: $(tr '\n' ' ' <<<"$out")"
 fi
-if out=$("$DIR/vgpu-mediator" --executor cuda --gpus "$count" info 2>&1); then
+if out=$("$DIR/vgpu-mediator" --executor "$executor" --gpus "$count" info 2>&1); then
     fail "--gpus $count was not refused: $(tr '\n' ' ' <<<"$out")"
 elif grep -q "no GPU $count" <<<"$out"; then
     pass "--gpus $count refused: $(tail -1 <<<"$out")"
@@ -78,7 +86,7 @@ fi
 start_daemon() {
     local name=$1
     shift
-    RUST_LOG=info "$DIR/vhost-vgpu" --executor cuda --socket-path "$work/vm" --socket-count 2 \
+    RUST_LOG=info "$DIR/vhost-vgpu" --executor "$executor" --socket-path "$work/vm" --socket-count 2 \
         --control "$work/control" "$@" >"$work/$name.log" 2>&1 &
     daemon=$!
     for _ in $(seq 600); do
@@ -95,7 +103,7 @@ start_daemon() {
 bench() {
     local out
     out=$(timeout 300 "$DIR/vgpu-gpus-bench" --socket-path "$work/vm" --control "$work/control" \
-        --scenario "$1" --seconds "$window" 2>&1)
+        --scenario "$1" --seconds "$window" --elements "${ELEMENTS:-67108864}" 2>&1)
     local rc=$?
     grep -E '^(PASS|FAIL)' <<<"$out" | sed 's/^\(PASS\|FAIL\) /\1 gpus /'
     grep -q '^FAIL' <<<"$out" && failed=1
