@@ -13,7 +13,8 @@
 # (`ci/e2e-qemu.sh --bundle DIR`), and with DIR/vgpu-worker the step "guests-remote" boots
 # them again with their executors on a `vgpu-worker --executor cuda` over loopback TCP
 # (`--executor remote --worker-executor cuda`), and with DIR/vgpu-executor-bench too the step
-# "remote" runs ci/gpu-remote.sh; with DIR/cudarc-examples too, the step "programs" runs
+# "remote" runs ci/gpu-remote.sh; with DIR/vgpu-gpus-bench the step "gpus" runs
+# ci/gpu-gpus.sh (several GPUs); with DIR/cudarc-examples too, the step "programs" runs
 # unmodified CUDA programs natively and in a guest (ci/gpu-programs.sh).
 # Prints every step's PASS/FAIL lines, then the totals; exits 1 if anything failed.
 # Only reads the GPU's state: it never changes clocks, persistence, compute mode or MIG,
@@ -21,7 +22,7 @@
 #
 # Step time limits (seconds) can be overridden: SANITY_TIMEOUT, CHECK_TIMEOUT,
 # BENCH_TIMEOUT, TESTS_TIMEOUT, SHARE_TIMEOUT, NFS_TIMEOUT, GUESTS_TIMEOUT, REMOTE_TIMEOUT,
-# PROGRAMS_TIMEOUT. SHARE_ARGS:
+# GPUS_TIMEOUT, PROGRAMS_TIMEOUT. SHARE_ARGS:
 # extra arguments of vgpu-share-bench, separated by blanks (e.g. SHARE_ARGS="--quick").
 
 set -u -o pipefail
@@ -208,6 +209,13 @@ if [[ -x $DIR/vgpu-worker && -x $DIR/vgpu-executor-bench ]]; then
     run_step remote "${REMOTE_TIMEOUT:-300}" bash "$(dirname "$0")/gpu-remote.sh" "$DIR"
 else
     skip_step remote "no $DIR/vgpu-worker or $DIR/vgpu-executor-bench"
+fi
+# Several GPUs: discovery, placement, VMs apart at full speed, one GPU shared by weight,
+# a fault storm on one GPU beside a VM on another (ci/gpu-gpus.sh; one SKIP with one GPU).
+if [[ -x $DIR/vhost-vgpu && -x $DIR/vgpu-gpus-bench ]]; then
+    run_step gpus "${GPUS_TIMEOUT:-300}" bash "$(dirname "$0")/gpu-gpus.sh" "$DIR"
+else
+    skip_step gpus "no $DIR/vhost-vgpu or $DIR/vgpu-gpus-bench"
 fi
 # Unmodified CUDA programs natively and in a guest: cudarc's examples, the driver-API C
 # program, cudarc's CudaContext API and nvcc-built runtime programs (ci/gpu-programs.sh).

@@ -763,6 +763,30 @@ fn free_device_memory() -> Result<u64, CUresult> {
 
 /// Threads the device holds at once: most resident threads per multiprocessor x
 /// multiprocessors.
+/// The device's UUID in the form `CUDA_VISIBLE_DEVICES` and `nvidia-smi -L` show
+/// (`GPU-` and 32 hex digits in groups of 8-4-4-4-12); `None` if the driver does not say.
+fn device_uuid(device: sys::CUdevice) -> Option<String> {
+    let uuid = guarded("cuDeviceGetUuid", || {
+        let mut uuid = sys::CUuuid { bytes: [0; 16] };
+        // SAFETY: writes one CUuuid for a device handle returned by cuDeviceGet.
+        let r = unsafe { sys::cuDeviceGetUuid_v2(&mut uuid, device) };
+        cu(r, "cuDeviceGetUuid")?;
+        Ok(uuid)
+    })
+    .ok()?;
+    let b: Vec<u8> = uuid.bytes.iter().map(|&c| c as u8).collect();
+    let hex =
+        |r: std::ops::Range<usize>| -> String { b[r].iter().map(|x| format!("{x:02x}")).collect() };
+    Some(format!(
+        "GPU-{}-{}-{}-{}-{}",
+        hex(0..4),
+        hex(4..6),
+        hex(6..8),
+        hex(8..10),
+        hex(10..16)
+    ))
+}
+
 fn resident_threads(device: sys::CUdevice, info: &DeviceInfo) -> Result<u64, CudaError> {
     let per_sm = device_attribute(
         device,
@@ -806,6 +830,8 @@ fn sane_context_bytes(measured: Result<u64, CudaError>) -> u64 {
 pub struct CudaExecutorFactory {
     device: sys::CUdevice,
     info: DeviceInfo,
+    /// The device's UUID as `CUDA_VISIBLE_DEVICES` takes it (`GPU-xxxxxxxx-...`).
+    uuid: Option<String>,
     catalog_ptx: CString,
     compile_time: Duration,
     /// Threads the device holds at once (see [`local_footprint`]).
@@ -843,6 +869,7 @@ impl CudaExecutorFactory {
         let mut factory = CudaExecutorFactory {
             device,
             info,
+            uuid: device_uuid(device),
             catalog_ptx,
             compile_time,
             resident_threads,
@@ -917,11 +944,18 @@ impl CudaExecutorFactory {
         Ok(CudaExecutorFactory {
             device,
             info,
+            uuid: device_uuid(device),
             catalog_ptx,
             compile_time: Duration::ZERO,
             resident_threads,
             context_bytes: DEFAULT_CONTEXT_BYTES,
         })
+    }
+
+    /// The device's UUID as `CUDA_VISIBLE_DEVICES` takes it (`GPU-xxxxxxxx-...`), when the
+    /// driver gives one.
+    pub fn uuid(&self) -> Option<&str> {
+        self.uuid.as_deref()
     }
 
     /// How long NVRTC took to compile the catalog.

@@ -735,12 +735,19 @@ pub fn select(choice: ExecutorChoice) -> Result<Arc<dyn ExecutorFactory>, SetupE
 /// back to running VMs' CUDA work in this process. `Auto` takes CUDA when a driver and a
 /// device are usable (under the same rule) and otherwise the CPU, and says which and why
 /// in the log. The CPU executor runs in this process: its buffers are host memory that
-/// only the mediator addresses (no guest code runs on the CPU), so VMs stay apart.
+/// only the mediator addresses (no guest code runs on the CPU), so VMs stay apart. One GPU:
+/// the first of [`ExecutorOptions::gpus`], or GPU 0 ([`select_gpus`] gives every one).
 pub fn select_with(
     choice: ExecutorChoice,
     options: &ExecutorOptions,
 ) -> Result<Arc<dyn ExecutorFactory>, SetupError> {
-    let mut gpus = select_gpus(choice, options)?;
+    // The first GPU only (the first of `gpus` when given): the others are not started.
+    let first = options.gpus.as_ref().and_then(|g| g.first().copied());
+    let one = ExecutorOptions {
+        gpus: Some(vec![first.unwrap_or(0)]),
+        ..options.clone()
+    };
+    let mut gpus = select_gpus(choice, &one)?;
     // `select_gpus` never answers an empty list.
     Ok(gpus.swap_remove(0).1)
 }

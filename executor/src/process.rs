@@ -1217,6 +1217,9 @@ enum WorkerKind {
     CpuFaultSim,
     Cuda {
         ordinal: u32,
+        /// The device's UUID: the worker then sees this device alone (as device 0,
+        /// through `CUDA_VISIBLE_DEVICES`), like a guest process that has one vGPU.
+        uuid: Option<Arc<str>>,
         catalog_ptx: Arc<str>,
         context_bytes: u64,
     },
@@ -1270,6 +1273,15 @@ impl Spawner {
             )
             // No JIT cache: the worker creates no files.
             .env("CUDA_CACHE_DISABLE", "1")
+            // Its own GPU only: a context on one GPU of a process that sees several takes
+            // more device memory than the mediator measured for it, and a session has no
+            // business with the host's other GPUs.
+            .envs(match &self.kind {
+                WorkerKind::Cuda {
+                    uuid: Some(uuid), ..
+                } => Some(("CUDA_VISIBLE_DEVICES", &**uuid)),
+                _ => None,
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         // SAFETY: the closure runs in the forked child before exec and calls only
@@ -1518,6 +1530,7 @@ impl ProcessExecutorFactory {
             .map_err(|_| SetupError::Cuda(crate::cuda::CudaError::OrdinalTooLarge(ordinal)))?;
         let kind = WorkerKind::Cuda {
             ordinal,
+            uuid: cuda.uuid().map(Arc::from),
             catalog_ptx: cuda.catalog_ptx().into(),
             context_bytes: cuda.context_bytes(),
         };
@@ -1938,9 +1951,14 @@ impl ProcessExecutor {
             WorkerKind::CpuFaultSim => (WireKind::CpuFaultSim, 0, "", 0),
             WorkerKind::Cuda {
                 ordinal,
+                uuid,
                 catalog_ptx,
                 context_bytes,
-            } => (WireKind::Cuda, *ordinal, &**catalog_ptx, *context_bytes),
+            } => {
+                // A worker that sees its GPU alone opens it as device 0.
+                let ordinal = if uuid.is_some() { 0 } else { *ordinal };
+                (WireKind::Cuda, ordinal, &**catalog_ptx, *context_bytes)
+            }
         };
         let init = ToWorker::Init {
             version: WIRE_VERSION,
