@@ -3,8 +3,9 @@
 # Runs every check of the project: formatting, lints (shellcheck over the shell scripts),
 # the Rust test suites, systemd-analyze verify over the systemd units and the end-to-end
 # scripts (real QEMU guests, one through libvirt, one on the newest Debian backports
-# kernel, real NFS, executors on a vgpu-worker across the network, the glibc 2.17 build
-# and its RPMs, the guest driver built with W=1 for each supported kernel).
+# kernel, one guest with two devices on two simulated GPUs, real NFS, executors on a
+# vgpu-worker across the network, the glibc 2.17 build and its RPMs, the guest driver
+# built with W=1 for each supported kernel).
 # Ends with one line "N passed, N failed" that counts every check that ran.
 #
 #   bash ci/test.sh            # everything
@@ -16,7 +17,7 @@ e2e=1
 for arg in "$@"; do
     case "$arg" in
         --no-e2e) e2e=0 ;;
-        -h|--help) sed -n '3,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '3,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "ci/test.sh: unknown option '$arg'" >&2; exit 2 ;;
     esac
 done
@@ -88,9 +89,10 @@ if [ "$e2e" = 1 ]; then
     # TCP (their check lines then start with "remote"). The guests boot Debian 12's kernel;
     # ci/e2e-qemu.sh runs once more on the newest kernel of Debian 13's backports (its
     # lines start with "k<major>"), and ci/driver-kernels.sh builds the driver with W=1
-    # for Debian 12's, Debian 13's and that newest kernel.
+    # for Debian 12's, Debian 13's and that newest kernel. ci/e2e-gpus.sh boots one guest
+    # with two devices on two simulated GPUs (--executor cpu:2).
     runs=("ci/e2e-remote.sh" "ci/e2e-qemu.sh" "ci/e2e-qemu.sh --executor remote"
-        "ci/driver-kernels.sh" "ci/e2e-qemu.sh --kernel-suite trixie-backports"
+        "ci/e2e-gpus.sh" "ci/driver-kernels.sh" "ci/e2e-qemu.sh --kernel-suite trixie-backports"
         "ci/e2e-libvirt.sh" "ci/e2e-nfs.sh" "ci/e2e-nfs.sh --executor remote"
         "ci/e2e-glibc.sh" "ci/e2e-worker-vm.sh" "ci/e2e-remote-vm.sh"
         "ci/e2e-secureboot.sh" "ci/e2e-dkms.sh")
