@@ -479,4 +479,28 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn serve_places_a_vm_with_name_equals_gpu() {
+        assert_eq!(parse_vm_gpu("vm2=1"), Ok(("vm2".into(), 1)));
+        assert_eq!(parse_vm_gpu("-=0"), Ok((vgpu_nfs::ROOT_ENDPOINT.into(), 0)));
+        assert!(parse_vm_gpu("vm2").is_err());
+        assert!(parse_vm_gpu("vm2=one").is_err());
+        let cli = Cli::try_parse_from([
+            "vgpu-mediator",
+            "--gpus",
+            "0,1",
+            "serve",
+            "--vm",
+            "vm1",
+            "--gpu",
+            "vm1=1",
+        ])
+        .unwrap();
+        assert_eq!(cli.gpus, Some(vec![0, 1]));
+        let Cmd::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        assert_eq!(args.gpu, [("vm1".to_string(), 1)]);
+    }
 }

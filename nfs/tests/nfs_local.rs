@@ -209,6 +209,32 @@ fn listed_vm_directories_are_created_and_answered_separately() {
 }
 
 #[test]
+fn nfs_vms_are_placed_on_the_gpu_named_for_them_or_automatically() {
+    use vgpu_mediator::{Limits, Placement, SchedConfig};
+    let root = TempRoot::new("gpus");
+    let gpu = || -> Arc<dyn ExecutorFactory> { Arc::new(CpuExecutorFactory::simulated(2)) };
+    let m = Mediator::with_gpus(
+        vec![(0, gpu()), (1, gpu())],
+        Limits::default(),
+        SchedConfig::default(),
+    );
+    let opts = NfsOptions {
+        placements: [("vm1".to_string(), Placement::Gpu(1))].into(),
+        ..options(&root, &["vm1", "vm2", "vm3"])
+    };
+    let server = start(&m, opts);
+    let gpu_of = |vm: &str| m.tenant_gpu(server.tenant(vm).unwrap());
+    // vm1 named for GPU 1; then vm2 where most memory is unpromised (GPU 0), vm3 on the
+    // tie of memory and VMs, the lowest index.
+    assert_eq!(
+        (gpu_of("vm1"), gpu_of("vm2"), gpu_of("vm3")),
+        (Some(1), Some(0), Some(0))
+    );
+    assert_eq!(issue(&root.join("vm1"), "1"), VECTOR_ADD);
+    server.stop();
+}
+
+#[test]
 fn vm_directories_are_discovered_as_they_appear_and_dropped_when_gone() {
     let root = TempRoot::new("discover");
     let outside = TempRoot::new("outside");
