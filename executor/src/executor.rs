@@ -145,13 +145,10 @@ pub enum SetupError {
 
 impl SetupError {
     /// Whether CUDA itself is unusable (no driver, device or NVRTC), as opposed to a
-    /// worker or a setting that is wrong: what `--executor auto` falls back to the CPU for.
+    /// worker, a setting or one of several GPUs that is wrong: what `--executor auto` falls
+    /// back to the CPU for.
     pub fn cuda_unusable(&self) -> bool {
-        match self {
-            SetupError::Cuda(_) => true,
-            SetupError::Gpu { error, .. } => error.cuda_unusable(),
-            _ => false,
-        }
+        matches!(self, SetupError::Cuda(_))
     }
 }
 
@@ -875,12 +872,19 @@ fn cuda_gpus(options: &ExecutorOptions) -> Result<Vec<GpuFactory>, SetupError> {
     for index in wanted_gpus(options, count, "the CUDA driver", "")? {
         let factory = crate::cuda::CudaExecutorFactory::new(index as usize)
             .map_err(SetupError::Cuda)
-            .and_then(|f| cuda_factory(f, index, options))
-            .map_err(|e| SetupError::Gpu {
-                index,
-                error: Box::new(e),
-            })?;
-        gpus.push((index, factory));
+            .and_then(|f| cuda_factory(f, index, options));
+        match factory {
+            Ok(factory) => gpus.push((index, factory)),
+            // The first GPU fails as a single GPU does (CUDA unusable, no worker, ...).
+            Err(e) if gpus.is_empty() => return Err(e),
+            // A later GPU that does not start is named: the others work.
+            Err(e) => {
+                return Err(SetupError::Gpu {
+                    index,
+                    error: Box::new(e),
+                })
+            }
+        }
     }
     Ok(gpus)
 }
@@ -947,4 +951,55 @@ pub fn process_isolated(
         ),
     }
     Ok(Arc::new(workers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_n_presents_n_simulated_devices_and_gpus_picks_among_them() {
+        assert_eq!("cpu:3".parse(), Ok(ExecutorChoice::SimulatedCpu(3)));
+        for bad in ["cpu:0", "cpu:65", "cpu:x", "cpu:"] {
+            assert!(bad.parse::<ExecutorChoice>().is_err(), "{bad}");
+        }
+        let all =
+            select_gpus(ExecutorChoice::SimulatedCpu(3), &ExecutorOptions::default()).unwrap();
+        assert_eq!(all.iter().map(|g| g.0).collect::<Vec<_>>(), [0, 1, 2]);
+        let total = crate::cpu::cpu_device_info().total_memory;
+        assert_eq!(all[2].1.device().total_memory, total / 3);
+        let options = ExecutorOptions {
+            gpus: Some(vec![2, 0]),
+            ..ExecutorOptions::default()
+        };
+        let some = select_gpus(ExecutorChoice::SimulatedCpu(3), &options).unwrap();
+        assert_eq!(some.iter().map(|g| g.0).collect::<Vec<_>>(), [0, 2]);
+        // select_with: the first named only.
+        assert_eq!(
+            select_with(ExecutorChoice::SimulatedCpu(3), &options)
+                .unwrap()
+                .device()
+                .total_memory,
+            total / 3
+        );
+        let missing = ExecutorOptions {
+            gpus: Some(vec![1]),
+            ..ExecutorOptions::default()
+        };
+        let e = select_gpus(ExecutorChoice::Cpu, &missing).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            "--gpus: no GPU 1 (the CPU reference executor has GPU 0 only; cpu:N presents N)"
+        );
+    }
+
+    #[test]
+    fn gpu_lists_name_each_gpu_once() {
+        assert_eq!(parse_gpu_list("0,2"), Ok(vec![0, 2]));
+        assert_eq!(parse_gpu_list(" 1 "), Ok(vec![1]));
+        assert_eq!(parse_gpu_list("1,1"), Err("GPU 1 is named twice".into()));
+        assert!(parse_gpu_list("").is_err());
+        assert!(parse_gpu_list("a").is_err());
+        assert!(parse_gpu_list("64").is_err());
+    }
 }
