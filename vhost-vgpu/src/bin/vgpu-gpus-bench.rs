@@ -214,6 +214,11 @@ fn vm_view(control: &Path, name: &str) -> Result<(f64, u64, u64), String> {
     ))
 }
 
+/// [`vm_view`] of both VMs.
+fn views(control: &Path, names: &[String; 2]) -> Result<[(f64, u64, u64); 2], String> {
+    Ok([vm_view(control, &names[0])?, vm_view(control, &names[1])?])
+}
+
 fn vm_name(base: &Path, i: usize) -> String {
     socket(base, i)
         .file_name()
@@ -293,17 +298,11 @@ fn same(cli: &Cli, goals: &mut Goals) -> Result<(), String> {
         format!("vm0 and vm1 are both on GPU {}", gpus[0]),
     );
     let names = [vm_name(&cli.socket_path, 0), vm_name(&cli.socket_path, 1)];
-    let before = [
-        vm_view(&cli.control, &names[0])?,
-        vm_view(&cli.control, &names[1])?,
-    ];
+    let before = views(&cli.control, &names)?;
     let [a, b] = &mut vms;
     let [ra, rb] = together(a, b, warmup, window);
     let rates = [ra?, rb?];
-    let after = [
-        vm_view(&cli.control, &names[0])?,
-        vm_view(&cli.control, &names[1])?,
-    ];
+    let after = views(&cli.control, &names)?;
     let time = [after[0].0 - before[0].0, after[1].0 - before[1].0];
     let weights = [after[0].2 as f64, after[1].2 as f64];
     let want = weights[1] / weights[0].max(1.0);
@@ -380,10 +379,7 @@ fn faults(cli: &Cli, goals: &mut Goals) -> Result<(), String> {
     let ptx = trap_ptx(&storm);
     let alone = calm.run(warmup, window)?;
     let launched_alone = calm.first()?;
-    let before = [
-        vm_view(&cli.control, &names[0])?,
-        vm_view(&cli.control, &names[1])?,
-    ];
+    let before = views(&cli.control, &names)?;
     let stop = AtomicBool::new(false);
     let faulted = AtomicU64::new(0);
     let (rate, stormed) = std::thread::scope(|scope| {
@@ -403,10 +399,7 @@ fn faults(cli: &Cli, goals: &mut Goals) -> Result<(), String> {
     });
     let rate = rate?;
     stormed?;
-    let after = [
-        vm_view(&cli.control, &names[0])?,
-        vm_view(&cli.control, &names[1])?,
-    ];
+    let after = views(&cli.control, &names)?;
     let faults = faulted.load(Ordering::Relaxed);
     let ratio = rate / alone;
     goals.check(
