@@ -945,7 +945,15 @@ fn discovery_when_asked_for_is_capped_and_warns_once_per_directory() {
     // The listed VM is not counted against the cap; discovery picks in name order.
     assert_eq!(served(&server), ["vm1", "vm10", "vm11", "vm12", "vm13"]);
     assert_eq!(m.tenants().len(), 5);
-    assert_eq!(warnings_about(&key).len(), 16, "{:?}", warnings_about(&key));
+    // Warnings that a directory is ignored (a directory removed while a scan serves it
+    // may add one that it cannot be opened: not counted).
+    let ignored = || {
+        let all = warnings_about(&key);
+        all.into_iter()
+            .filter(|w| w.contains("ignoring VM directory") || w.contains("beyond the cap"))
+            .count()
+    };
+    assert_eq!(ignored(), 16, "{:?}", warnings_about(&key));
     for i in 14..30 {
         let name = format!("{key}/vm{i}");
         let named = warnings_about(&name);
@@ -963,7 +971,7 @@ fn discovery_when_asked_for_is_capped_and_warns_once_per_directory() {
     std::fs::remove_dir_all(root.join("vm10")).unwrap();
     wait_passes(&server, 5);
     assert_eq!(served(&server), ["vm1", "vm11", "vm12", "vm13", "vm14"]);
-    assert_eq!(warnings_about(&key).len(), 16);
+    assert_eq!(ignored(), 16, "{:?}", warnings_about(&key));
     server.stop();
     assert!(m.tenants().is_empty());
 
