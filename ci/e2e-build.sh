@@ -14,6 +14,8 @@
 #                          or newest) likewise
 #     e2e_build_driver     vgpu.ko against that kernel's headers (ci/driver-build.sh): $ko
 #     e2e_build_c_programs the C example and ci/guest/vgpu-e2e-check.c, in $work/guest
+#   e2e_build_cuda_devices_check
+#                        ci/guest/cuda-devices-check.c (ci/e2e-gpus.sh's guest), in $work/guest
 #     e2e_build_qemu       QEMU with the generic device: $qemu $qemu_device $reconnect
 #     e2e_build_initramfs  busybox, vgpu.ko, lspci and the guest tools: $initrd; its /init
 #                          runs $e2e_init (default ci/guest/e2e-guest.sh), and the array
@@ -33,9 +35,13 @@
 #   lib/                    the shared libraries QEMU needs beyond the C library and zlib
 #   firmware/               bios-256k.bin, linuxboot_dma.bin, kvmvapic.bin (for -L)
 #   vmlinuz, initramfs.cpio.gz, MANIFEST (what they are), SHA256SUMS (every other file)
+#   initramfs-gpus.cpio.gz  what ci/e2e-gpus.sh's guest has beyond initramfs.cpio.gz (its
+#                           /guest.sh, cuda-devices-check): booted appended to it
 E2E_BUNDLE_QEMU='qemu-system-x86_64.gz'
 E2E_BUNDLE_KERNEL=vmlinuz
 E2E_BUNDLE_INITRD=initramfs.cpio.gz
+# shellcheck disable=SC2034 # ci/gpu-bundle.sh and ci/e2e-gpus.sh read it
+E2E_BUNDLE_GPUS_INITRD=initramfs-gpus.cpio.gz
 # shellcheck disable=SC2034 # ci/gpu-bundle.sh copies these
 E2E_BUNDLE_FIRMWARE=(bios-256k.bin linuxboot_dma.bin kvmvapic.bin)
 # The host binaries a bundle directory holds beside guests/: those every run needs, and
@@ -164,6 +170,15 @@ e2e_build_c_programs() {
     ln -sf libnvrtc.so.13 "$work/guest/usr/lib/vgpu/libnvrtc.so"
     e2e_build_quiet "$work/cc.log" cc -std=c11 -O2 -Wall -Wextra -Werror \
         -o "$work/guest/usr/bin/cuda-driver-check" ci/guest/cuda-driver-check.c \
+        -I guest-lib/include/cuda -L "$work/guest/usr/lib/vgpu" -lcuda
+}
+
+# ci/guest/cuda-devices-check.c, a driver-API program over the guest libcuda.so.1 (after
+# e2e_build_c_programs): $work/guest/usr/bin/cuda-devices-check.
+e2e_build_cuda_devices_check() {
+    step "C program: ci/guest/cuda-devices-check.c against the guest libcuda.so.1"
+    e2e_build_quiet "$work/cc.log" cc -std=c11 -O2 -Wall -Wextra -Werror \
+        -o "$work/guest/usr/bin/cuda-devices-check" ci/guest/cuda-devices-check.c \
         -I guest-lib/include/cuda -L "$work/guest/usr/lib/vgpu" -lcuda
 }
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# Packs what the two-guest check of ci/e2e-qemu.sh needs into DIR/guests, for a machine
-# without cargo, apt or KVM (the GPU machine): built with the same steps as
-# ci/e2e-qemu.sh (ci/e2e-build.sh), booted there by `ci/e2e-qemu.sh --bundle DIR`, which
-# ci/gpu-check.sh runs as its step "guests".
+# Packs what the two-guest check of ci/e2e-qemu.sh and the two-device guest of
+# ci/e2e-gpus.sh need into DIR/guests, for a machine without cargo, apt or KVM (the GPU
+# machine): built with the same steps as ci/e2e-qemu.sh (ci/e2e-build.sh), booted there by
+# `ci/e2e-qemu.sh --bundle DIR` and `ci/e2e-gpus.sh --bundle DIR`, which ci/gpu-check.sh
+# runs as its steps "guests" and "guests-gpus".
 set -euo pipefail
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -19,9 +20,10 @@ usage() {
     cat <<EOF
 Usage: $(basename "$0") [--keep] DIR
 
-Builds what the two guests of ci/e2e-qemu.sh need, with its own build steps (host
-packages, the guest tools with cargo, Debian's current guest kernel, vgpu.ko, QEMU with
-the generic vhost-user device, the busybox initramfs; run as root on Debian like
+Builds what the two guests of ci/e2e-qemu.sh and the guest of ci/e2e-gpus.sh need, with
+their own build steps (host packages, the guest tools with cargo, Debian's current guest
+kernel, vgpu.ko, QEMU with the generic vhost-user device, the busybox initramfs, the
+driver-API program ci/guest/cuda-devices-check.c; run as root on Debian like
 ci/e2e-qemu.sh), and packs it into DIR/guests:
 
   qemu-system-x86_64.gz   the QEMU, stripped and gzip'd (unpacked when the check runs)
@@ -30,6 +32,9 @@ ci/e2e-qemu.sh), and packs it into DIR/guests:
   firmware/               bios-256k.bin, linuxboot_dma.bin, kvmvapic.bin (QEMU's -L)
   vmlinuz                 the guest kernel
   initramfs.cpio.gz       busybox, vgpu.ko, lspci, the guest tools and check script
+  initramfs-gpus.cpio.gz  what ci/e2e-gpus.sh's guest has beyond that: its check script
+                          (ci/guest/gpus-guest.sh as /guest.sh) and cuda-devices-check;
+                          booted appended to initramfs.cpio.gz (a few KiB, not a copy)
   MANIFEST, SHA256SUMS    what the files are; their checksums
 
 DIR is created if needed; an existing DIR/guests is replaced, nothing else in DIR is
@@ -37,13 +42,18 @@ touched. Prints the bundle's size; fails, leaving DIR as it was, if DIR with the
 bundle would hold more than $LIMIT_MIB MiB (what is carried to the GPU machine must fit
 in 64 MiB with the host binaries).
 
-Then put the release vhost-vgpu, vgpu-executor-worker and vgpu-worker, stripped, into
-DIR and run, with nothing but bash, coreutils, grep, sed and gzip (or python3):
+Then put the release vhost-vgpu, vgpu-executor-worker, vgpu-worker and vgpu-admin,
+stripped, into DIR and run, with nothing but bash, coreutils, grep, sed and gzip (or
+python3):
   bash ci/e2e-qemu.sh --bundle DIR --executor cuda   # or cpu without a GPU
   bash ci/e2e-qemu.sh --bundle DIR --executor remote --worker-executor cuda
                                                      # through a CUDA vgpu-worker
-  bash ci/gpu-check.sh DIR                           # its steps "guests" and
-                                                     # "guests-remote" do the same
+  bash ci/e2e-gpus.sh --bundle DIR                   # one guest, two devices on
+                                                     # GPUs 0 and 1 (--executor cuda;
+                                                     # cpu:2 without GPUs)
+  bash ci/gpu-check.sh DIR                           # its steps "guests",
+                                                     # "guests-remote" and "guests-gpus"
+                                                     # do the same
 
 Options:
   --keep       keep the work directory (logs) and print its path
@@ -86,6 +96,7 @@ e2e_workdir vgpu-bundle
 say() { :; }
 
 e2e_build_all
+e2e_build_cuda_devices_check
 
 # Bytes of the files under a directory, leaving out one subdirectory.
 bytes_in() { # DIR [EXCLUDED-SUBDIR]
@@ -130,10 +141,24 @@ done
 cp -L "$kernel" "$stage/$E2E_BUNDLE_KERNEL"
 cp "$initrd" "$stage/$E2E_BUNDLE_INITRD"
 
+# ci/e2e-gpus.sh's guest: the same initramfs with another /guest.sh and one more program.
+# Only those go into a second archive; the kernel unpacks archives appended to each other
+# in order, a later file replacing an earlier one, so e2e-gpus.sh boots the two
+# concatenated instead of a second copy of everything.
+gpus_root=$work/gpus-root
+mkdir -p "$gpus_root/usr/bin"
+cp ci/guest/gpus-guest.sh "$gpus_root/guest.sh"
+strip --strip-all -o "$gpus_root/usr/bin/cuda-devices-check" "$work/guest/usr/bin/cuda-devices-check"
+chmod 0755 "$gpus_root/usr" "$gpus_root/usr/bin" "$gpus_root/guest.sh" \
+    "$gpus_root/usr/bin/cuda-devices-check"
+(cd "$gpus_root" && find guest.sh usr -print0 | LC_ALL=C sort -z |
+    cpio --null --create --format=newc --owner=0:0 --quiet) | gzip -9 -n >"$stage/$E2E_BUNDLE_GPUS_INITRD"
+
 source_rev=$(git -C "$REPO_DIR" describe --always --dirty 2>/dev/null || echo unknown)
 {
-    echo "# A guest bundle for ci/e2e-qemu.sh --bundle DIR (DIR holds this guests/ folder),"
-    echo "# written by ci/gpu-bundle.sh. One fact a line; SHA256SUMS lists every other file."
+    echo "# A guest bundle for ci/e2e-qemu.sh --bundle DIR and ci/e2e-gpus.sh --bundle DIR"
+    echo "# (DIR holds this guests/ folder), written by ci/gpu-bundle.sh. One fact a line;"
+    echo "# SHA256SUMS lists every other file."
     echo "kernel $kver"
     echo "device $qemu_device"
     echo "qemu $("$qemu" --version | head -n 1)"
@@ -141,6 +166,8 @@ source_rev=$(git -C "$REPO_DIR" describe --always --dirty 2>/dev/null || echo un
     echo "vgpu.ko $(modinfo -F vermagic "$ko" | sed 's/ *$//')"
     echo "libraries ${libs[*]}"
     echo "firmware ${E2E_BUNDLE_FIRMWARE[*]}"
+    echo "gpus-initramfs $E2E_BUNDLE_GPUS_INITRD: ci/guest/gpus-guest.sh as /guest.sh and" \
+        "cuda-devices-check, appended to $E2E_BUNDLE_INITRD"
     echo "source $source_rev"
 } >"$stage/MANIFEST"
 (cd "$stage" && find . -type f ! -name SHA256SUMS -printf '%P\n' | LC_ALL=C sort |
@@ -157,6 +184,9 @@ printf '   %-22s %6s MiB: %s\n' firmware/ "$(mib "$(bytes_in "$stage/firmware")"
     "${E2E_BUNDLE_FIRMWARE[*]}"
 printf '   %-22s %6s MiB (kernel %s)\n' "$E2E_BUNDLE_KERNEL" "$(mib "$(size_of "$E2E_BUNDLE_KERNEL")")" "$kver"
 printf '   %-22s %6s MiB\n' "$E2E_BUNDLE_INITRD" "$(mib "$(size_of "$E2E_BUNDLE_INITRD")")"
+printf '   %-22s %6s KiB (appended to %s)\n' "$E2E_BUNDLE_GPUS_INITRD" \
+    "$(awk -v b="$(size_of "$E2E_BUNDLE_GPUS_INITRD")" 'BEGIN { printf "%.1f", b / 1024 }')" \
+    "$E2E_BUNDLE_INITRD"
 bundle_bytes=$(bytes_in "$stage")
 other_bytes=$(bytes_in "$dir" guests)
 total=$((bundle_bytes + other_bytes))
@@ -171,12 +201,12 @@ fi
 rm -rf "$dir/guests"
 mv "$stage" "$dir/guests"
 missing=()
-for f in "${E2E_BUNDLE_HOST_BINS[@]}" "${E2E_BUNDLE_REMOTE_BINS[@]}"; do
+for f in "${E2E_BUNDLE_HOST_BINS[@]}" "${E2E_BUNDLE_REMOTE_BINS[@]}" vgpu-admin; do
     [[ -x $dir/$f ]] || missing+=("$f")
 done
 echo "gpu-bundle.sh: wrote $dir/guests ($(mib "$bundle_bytes") MiB); $dir holds $(mib "$total") MiB," \
     "$(mib $((limit - total))) MiB below the $LIMIT_MIB MiB limit"
 if [[ ${#missing[@]} -gt 0 ]]; then
     echo "gpu-bundle.sh: next: put the release ${missing[*]} (stripped) into $dir," \
-        "then run: bash ci/e2e-qemu.sh --bundle $dir"
+        "then run: bash ci/e2e-qemu.sh --bundle $dir; bash ci/e2e-gpus.sh --bundle $dir"
 fi

@@ -12,8 +12,10 @@
 # boots two QEMU guests (TCG) on one `vhost-vgpu --executor cuda` and runs their checks
 # (`ci/e2e-qemu.sh --bundle DIR`), and with DIR/vgpu-worker the step "guests-remote" boots
 # them again with their executors on a `vgpu-worker --executor cuda` over loopback TCP
-# (`--executor remote --worker-executor cuda`), and with DIR/vgpu-executor-bench too the step
-# "remote" runs ci/gpu-remote.sh; with DIR/vgpu-gpus-bench the step "gpus" runs
+# (`--executor remote --worker-executor cuda`); with DIR/guests/initramfs-gpus.cpio.gz and
+# DIR/vgpu-admin, on a machine with two GPUs or more, the step "guests-gpus" boots one guest
+# with two vGPU devices placed on GPUs 0 and 1 (`ci/e2e-gpus.sh --bundle DIR`, executor cuda);
+# with DIR/vgpu-executor-bench too the step "remote" runs ci/gpu-remote.sh; with DIR/vgpu-gpus-bench the step "gpus" runs
 # ci/gpu-gpus.sh (several GPUs); with DIR/cudarc-examples too, the step "programs" runs
 # unmodified CUDA programs natively and in a guest (ci/gpu-programs.sh).
 # Prints every step's PASS/FAIL lines, then the totals; exits 1 if anything failed.
@@ -202,6 +204,17 @@ if [[ -d $DIR/guests && -x $DIR/vgpu-worker ]]; then
         bash "$(dirname "$0")/e2e-qemu.sh" --bundle "$DIR" --executor remote --worker-executor cuda
 else
     skip_step guests-remote "no $DIR/guests bundle or no $DIR/vgpu-worker"
+fi
+# One guest with two vGPU devices on two sockets of one vhost-vgpu --executor cuda,
+# placed on GPUs 0 and 1 (--gpu 0,1), from the bundle; one GPU cannot hold that placement.
+gpu_count=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+if [[ ! -f $DIR/guests/initramfs-gpus.cpio.gz || ! -x $DIR/vgpu-admin ]]; then
+    skip_step guests-gpus "no $DIR/guests/initramfs-gpus.cpio.gz (ci/gpu-bundle.sh) or no $DIR/vgpu-admin"
+elif [[ ${gpu_count:-0} -lt 2 ]]; then
+    skip_step guests-gpus "${gpu_count:-0} GPU(s) here; --gpu 0,1 needs two"
+else
+    run_step guests-gpus "${GUESTS_TIMEOUT:-420}" \
+        bash "$(dirname "$0")/e2e-gpus.sh" --bundle "$DIR" --executor cuda
 fi
 # The worker host on CUDA over loopback TCP: the sanity gate and the NFS protocol through
 # it, and the executor bench beside the local worker-process path (ci/gpu-remote.sh).
