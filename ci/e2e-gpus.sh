@@ -252,9 +252,9 @@ tell() { echo "$1" >&"$guest_in"; }
 wait_for() { # PATTERN SECS
     local deadline=$((SECONDS + $2))
     while ((SECONDS < deadline)); do
-        tr -d '\r' <"$log" 2>/dev/null | grep -qE "$1" && return 0
+        tr -d '\r' 2>/dev/null <"$log" | grep -qE "$1" && return 0
         if ! kill -0 "$guest" 2>/dev/null; then
-            tr -d '\r' <"$log" 2>/dev/null | grep -qE "$1" && return 0
+            tr -d '\r' 2>/dev/null <"$log" | grep -qE "$1" && return 0
             return 1
         fi
         sleep 0.2
