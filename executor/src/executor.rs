@@ -587,6 +587,8 @@ pub enum ExecutorChoice {
     SimulatedCpu(u32),
     /// Executors on worker hosts (`remote:HOST:PORT[,HOST:PORT...]`, see
     /// [`crate::remote`]), tried in order: a session opens on the first that answers.
+    /// Several GPUs: each GPU's workers, separated by `+` (see
+    /// [`crate::remote::RemoteSpec`]).
     Remote(crate::remote::RemoteSpec),
 }
 
@@ -777,29 +779,39 @@ pub fn select_gpus(
     };
     match choice {
         ExecutorChoice::Remote(spec) => {
-            wanted_gpus(
+            let indices = wanted_gpus(
                 options,
-                1,
-                "a remote executor",
-                "; run a vgpu-worker for each GPU",
+                spec.gpu_count(),
+                "this remote executor",
+                "; each GPU's workers are separated by +",
             )?;
             let creds = options.remote_credentials()?;
-            let what = spec.to_string();
-            let factory = crate::remote::RemoteExecutorFactory::connect(
-                spec,
-                creds,
-                options.remote_wait.unwrap_or(DEFAULT_REMOTE_WAIT),
-            )?
-            .with_kernel_timeout(
-                options
-                    .kernel_timeout
-                    .unwrap_or(crate::process::DEFAULT_KERNEL_TIMEOUT),
-            );
-            log::info!(
-                "executor: {} on worker hosts ({what}); each session in its own executor there",
-                factory.device().name
-            );
-            Ok(vec![(0, Arc::new(factory))])
+            let mut gpus: Vec<GpuFactory> = Vec::new();
+            for index in indices {
+                let one = spec.gpu(index);
+                let what = one.to_string();
+                let factory = crate::remote::RemoteExecutorFactory::connect(
+                    one,
+                    creds.clone(),
+                    options.remote_wait.unwrap_or(DEFAULT_REMOTE_WAIT),
+                )?
+                .with_kernel_timeout(
+                    options
+                        .kernel_timeout
+                        .unwrap_or(crate::process::DEFAULT_KERNEL_TIMEOUT),
+                );
+                let gpu = match spec.gpu_count() {
+                    1 => String::new(),
+                    _ => format!("GPU {index}: "),
+                };
+                log::info!(
+                    "executor: {gpu}{} on worker hosts ({what}); each session in its own \
+                     executor there",
+                    factory.device().name
+                );
+                gpus.push((index, Arc::new(factory)));
+            }
+            Ok(gpus)
         }
         ExecutorChoice::Cpu => {
             log::info!("executor: the CPU reference executor (--executor cpu)");

@@ -337,9 +337,7 @@ fn remote_options(key: &Path) -> ExecutorOptions {
 }
 
 fn spec(endpoint: &Endpoint) -> RemoteSpec {
-    RemoteSpec {
-        endpoints: vec![endpoint.clone()],
-    }
+    RemoteSpec::one_gpu(vec![endpoint.clone()])
 }
 
 /// What a mediator started with `--executor remote:ENDPOINT --remote-key KEY` runs on.
@@ -1773,4 +1771,69 @@ fn a_replayed_hello_gets_no_session_and_no_executor() {
     let t = tenant(&m, "vm-after-replay");
     let s = ok(&m, t, 0, Command::SessionOpen).value0;
     works(&m, t, s, 3);
+}
+
+/// `--executor remote:A+B`: two GPUs, each on its own worker; a VM placed on GPU 1 opens
+/// its sessions on B only, and one on GPU 0 on A only.
+#[test]
+fn remote_workers_separated_by_plus_are_gpus_of_their_own() {
+    let keys = Keys::new("two-gpus");
+    let (a, b) = (
+        Worker::start(&keys.worker, 0),
+        Worker::start(&keys.worker, 0),
+    );
+    let spec: RemoteSpec = format!("{}+{}", a.endpoint, b.endpoint).parse().unwrap();
+    assert_eq!(spec.gpu_count(), 2);
+    assert_eq!(
+        spec.to_string(),
+        format!("remote:{}+{}", a.endpoint, b.endpoint)
+    );
+    let gpus = vgpu_mediator::select_gpus(
+        ExecutorChoice::Remote(spec.clone()),
+        &remote_options(&keys.mediator),
+    )
+    .unwrap();
+    assert_eq!(gpus.iter().map(|g| g.0).collect::<Vec<_>>(), [0, 1]);
+    let m = Mediator::with_gpus(
+        gpus,
+        vgpu_mediator::Limits::default(),
+        vgpu_mediator::SchedConfig::default(),
+    );
+    let on = |name: &str, gpu: u32| {
+        m.add_tenant_on(
+            TenantConfig {
+                name: name.into(),
+                mem_quota: 256 << 20,
+                weight: 100,
+            },
+            vgpu_mediator::Placement::Gpu(gpu),
+        )
+        .unwrap()
+    };
+    let (vm0, vm1) = (on("vm0", 0), on("vm1", 1));
+    let s1 = ok(&m, vm1, 0, Command::SessionOpen).value0;
+    works(&m, vm1, s1, 3);
+    wait_sessions(&b.endpoint, &keys.creds(), 1);
+    assert_eq!(sessions(&a.endpoint, &keys.creds()), 0);
+    let s0 = ok(&m, vm0, 0, Command::SessionOpen).value0;
+    works(&m, vm0, s0, 4);
+    wait_sessions(&a.endpoint, &keys.creds(), 1);
+    assert_eq!(sessions(&b.endpoint, &keys.creds()), 1);
+    // --gpus picks among them; one that is not named is refused.
+    let only = ExecutorOptions {
+        gpus: Some(vec![1]),
+        ..remote_options(&keys.mediator)
+    };
+    let one = vgpu_mediator::select_gpus(ExecutorChoice::Remote(spec.clone()), &only).unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].0, 1);
+    let none = ExecutorOptions {
+        gpus: Some(vec![2]),
+        ..remote_options(&keys.mediator)
+    };
+    let e = vgpu_mediator::select_gpus(ExecutorChoice::Remote(spec), &none)
+        .err()
+        .unwrap();
+    assert!(e.to_string().starts_with("--gpus: no GPU 2"), "{e}");
+    assert!("127.0.0.1:1++127.0.0.1:2".parse::<RemoteSpec>().is_err());
 }

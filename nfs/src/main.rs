@@ -24,8 +24,10 @@ use vgpu_nfs::{NfsOptions, NfsServer};
 )]
 struct Cli {
     /// Executor: cuda, cpu, cpu:N (the CPU executor as N simulated GPUs), auto (CUDA when
-    /// usable, else CPU), or remote:HOST:PORT[,HOST:PORT...] (executors on worker hosts running vgpu-worker,
-    /// tried in order; vsock:CID:PORT for a worker in a local VM).
+    /// usable, else CPU), or remote:HOST:PORT[,HOST:PORT...] (executors on worker hosts
+    /// running vgpu-worker, tried in order; vsock:CID:PORT for a worker in a local VM;
+    /// several GPUs: each GPU's workers separated by +, e.g.
+    /// remote:gpuvm:7701+gpuvm:7702).
     #[arg(
         long,
         global = true,

@@ -159,7 +159,8 @@ pub struct Args {
     /// executor as N simulated GPUs, for trying placement without a GPU), auto (CUDA when
     /// a driver and a device are usable, otherwise the CPU with a warning), or
     /// remote:HOST:PORT[,HOST:PORT...] (executors on worker hosts running vgpu-worker,
-    /// tried in order; vsock:CID:PORT for a worker in a local VM).
+    /// tried in order; vsock:CID:PORT for a worker in a local VM; several GPUs: each
+    /// GPU's workers separated by +, e.g. remote:gpuvm:7701+gpuvm:7702).
     #[arg(
         long,
         value_name = "auto|cuda|cpu|cpu:N|remote:HOST:PORT",

@@ -52,30 +52,76 @@ const DTOH_WINDOW: usize = 4;
 /// more: one DTOH window, or one compilation's output).
 const MAX_INBOX_BYTES: usize = MAX_REPLY + DTOH_WINDOW * (PIECE + 64);
 
-/// Where the remote executors run: `--executor remote:ENDPOINT[,ENDPOINT...]`.
+/// Where the remote executors run: `--executor remote:ENDPOINT[,ENDPOINT...]`, the
+/// workers of one GPU tried in order; several GPUs separated by `+`
+/// (`remote:A:7701,B:7701+A:7702`: GPU 0 on A (B if A does not answer), GPU 1 on A's
+/// second worker).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RemoteSpec {
+    /// Every worker, in the order given.
     pub endpoints: Vec<Endpoint>,
+    /// The GPU of each endpoint (same length; 0 for all of a one-GPU spec), in
+    /// nondecreasing order.
+    pub gpu_of: Vec<u32>,
+}
+
+impl RemoteSpec {
+    /// A one-GPU spec of these workers, tried in order.
+    pub fn one_gpu(endpoints: Vec<Endpoint>) -> RemoteSpec {
+        let gpu_of = vec![0; endpoints.len()];
+        RemoteSpec { endpoints, gpu_of }
+    }
+
+    /// How many GPUs the spec names.
+    pub fn gpu_count(&self) -> u32 {
+        self.gpu_of.last().map_or(0, |&g| g + 1)
+    }
+
+    /// The one-GPU spec of GPU `gpu`'s workers.
+    pub fn gpu(&self, gpu: u32) -> RemoteSpec {
+        let endpoints = self
+            .endpoints
+            .iter()
+            .zip(&self.gpu_of)
+            .filter(|(_, &g)| g == gpu)
+            .map(|(e, _)| e.clone())
+            .collect();
+        RemoteSpec::one_gpu(endpoints)
+    }
 }
 
 impl std::str::FromStr for RemoteSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<RemoteSpec, String> {
-        let endpoints = s
-            .split(',')
-            .map(|e| e.trim().parse::<Endpoint>())
-            .collect::<Result<Vec<_>, _>>()?;
-        if endpoints.is_empty() {
+        let mut spec = RemoteSpec::one_gpu(Vec::new());
+        for (gpu, group) in s.split('+').enumerate() {
+            let gpu = u32::try_from(gpu).map_err(|_| "too many GPUs".to_string())?;
+            for e in group.split(',') {
+                spec.endpoints.push(e.trim().parse::<Endpoint>()?);
+                spec.gpu_of.push(gpu);
+            }
+        }
+        if spec.endpoints.is_empty() {
             return Err("no worker address".into());
         }
-        Ok(RemoteSpec { endpoints })
+        Ok(spec)
     }
 }
 
 impl std::fmt::Display for RemoteSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let list: Vec<String> = self.endpoints.iter().map(|e| e.to_string()).collect();
-        write!(f, "remote:{}", list.join(","))
+        let groups: Vec<String> = (0..self.gpu_count())
+            .map(|g| {
+                let list: Vec<String> = self
+                    .gpu(g)
+                    .endpoints
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect();
+                list.join(",")
+            })
+            .collect();
+        write!(f, "remote:{}", groups.join("+"))
     }
 }
 
