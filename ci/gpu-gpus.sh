@@ -1,29 +1,31 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
 # Several GPUs on one host: discovery (`vgpu-mediator info`, --gpus, CUDA_VISIBLE_DEVICES),
-# automatic placement of two VMs on two GPUs, and three runs of vgpu-gpus-bench through a
-# real `vhost-vgpu --executor "$executor"` with the test VMM as the VMs:
+# automatic placement of two VMs on two GPUs, and runs of vgpu-gpus-bench through a real
+# `vhost-vgpu --executor cuda` with the test VMM as the VMs:
 #   apart   two VMs placed on different GPUs: each keeps >= 0.95x of its saxpy rate alone
 #   faults  a VM faulting without end on GPU 0: the VM on GPU 1 keeps >= 0.95x, all OK
 #   same    two VMs forced onto one GPU (--gpu 0) with weights 100 and 300: device time 1:3
+# and, with DIR/vgpu-worker, apart again with each GPU on its own vgpu-worker
+# (CUDA_VISIBLE_DEVICES=N each, --executor remote:A+B).
 # Prints PASS/FAIL lines and, last, the tables. Needs at least two GPUs (else one SKIP).
 #
 #   bash ci/gpu-gpus.sh DIR   # DIR: vhost-vgpu, vgpu-executor-worker, vgpu-mediator,
-#                             # vgpu-gpus-bench
-# SECONDS_PER_WINDOW (default 5) sets each measurement window, ELEMENTS (default 2^26) the
-# floats of each saxpy. EXECUTOR=cpu:2 runs the
-# same plumbing on simulated GPUs (the CUDA_VISIBLE_DEVICES, fault and weight goals need
-# CUDA).
+#                             # vgpu-gpus-bench (and vgpu-worker)
+# SECONDS_PER_WINDOW (default 5) sets each measurement window, ELEMENTS (default 2^26)
+# the floats of each saxpy. EXECUTOR=cpu:2 runs the same plumbing on simulated GPUs (the
+# CUDA_VISIBLE_DEVICES, fault and weight goals need CUDA).
 set -uo pipefail
 
 if [[ $# -ne 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '3,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '3,17p' "$0" | sed 's/^# \{0,1\}//'
     [[ $# -eq 1 ]] && exit 0 || exit 2
 fi
 DIR=$(cd "$1" && pwd) || exit 2
 window=${SECONDS_PER_WINDOW:-5}
 work=$(mktemp -d "${TMPDIR:-/tmp}/vgpu-gpus.XXXXXX")
 daemon=""
+workers=()
 # shellcheck disable=SC2317  # called by the EXIT trap and stop_daemon
 stop_daemon() {
     if [[ -n $daemon ]]; then
@@ -35,6 +37,7 @@ stop_daemon() {
 # shellcheck disable=SC2317  # called by the EXIT trap
 cleanup() {
     stop_daemon
+    [[ ${#workers[@]} -gt 0 ]] && kill "${workers[@]}" 2>/dev/null
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -82,11 +85,13 @@ else
     fail "--gpus $count was not refused: $(tr '\n' ' ' <<<"$out")"
 fi
 
-# start_daemon NAME ARGS...: vhost-vgpu on two sockets with the CUDA executor.
+# start_daemon NAME ARGS...: vhost-vgpu on two sockets with the executor (the CUDA one,
+# or $daemon_executor when set).
 start_daemon() {
     local name=$1
     shift
-    RUST_LOG=info "$DIR/vhost-vgpu" --executor "$executor" --socket-path "$work/vm" --socket-count 2 \
+    RUST_LOG=info "$DIR/vhost-vgpu" --executor "${daemon_executor:-$executor}" \
+        --socket-path "$work/vm" --socket-count 2 \
         --control "$work/control" "$@" >"$work/$name.log" 2>&1 &
     daemon=$!
     for _ in $(seq 600); do
@@ -126,6 +131,53 @@ if start_daemon auto; then
     bench apart
     bench faults
     stop_daemon
+fi
+
+# The two GPUs on two vgpu-worker processes (one per GPU, CUDA_VISIBLE_DEVICES), named
+# remote:A+B: two VMs apart again, their executors on the workers.
+if [[ -x $DIR/vgpu-worker ]]; then
+    (umask 077 && "$DIR/vgpu-worker" keygen gpus-check >"$work/key")
+    cp "$work/key" "$work/worker.keys"
+    chmod 600 "$work/worker.keys"
+    ports=()
+    for g in 0 1; do
+        port=$((18500 + RANDOM % 1000 + g))
+        ports+=("$port")
+        [[ $executor == cuda ]] && export CUDA_VISIBLE_DEVICES=$g
+        RUST_LOG=info "$DIR/vgpu-worker" --executor "${executor%%:*}" \
+            --listen "127.0.0.1:$port" --keys "$work/worker.keys" >"$work/worker$g.log" 2>&1 &
+        workers+=($!)
+        unset CUDA_VISIBLE_DEVICES
+    done
+    for g in 0 1; do
+        for _ in $(seq 300); do
+            grep -q "serving " "$work/worker$g.log" && break
+            sleep 0.2
+        done
+    done
+    daemon_executor="remote:127.0.0.1:${ports[0]}+127.0.0.1:${ports[1]}"
+    if start_daemon remote --remote-key "$work/key"; then
+        if grep -q '(vm0) added on GPU 0' "$work/remote.log" &&
+            grep -q '(vm1) added on GPU 1' "$work/remote.log"; then
+            pass "remote placement: $daemon_executor: vm0 on GPU 0, vm1 on GPU 1"
+        else
+            fail "remote placement: $(grep -o '(vm[01]) added on GPU [0-9]*' "$work/remote.log" | tr '\n' ' ')"
+        fi
+        bench apart
+        stop_daemon
+        for g in 0 1; do
+            n=$(grep -c "mediator 'gpus-check' connected from" "$work/worker$g.log" || true)
+            if [[ $n -ge 1 ]]; then
+                pass "remote worker $g (CUDA_VISIBLE_DEVICES=$g): $n connection(s): $(grep -m1 -o 'serving .*' "$work/worker$g.log")"
+            else
+                fail "remote worker $g saw no connection"
+            fi
+        done
+    fi
+    unset daemon_executor
+    kill "${workers[@]}" 2>/dev/null
+    wait "${workers[@]}" 2>/dev/null
+    workers=()
 fi
 
 # Forced onto one GPU, weights 100 and 300.
