@@ -672,19 +672,32 @@ pub const MAX_GPUS: u32 = 64;
 
 /// Parses a list of GPU indices such as `0,2` (`--gpus`): each at most once.
 pub fn parse_gpu_list(s: &str) -> Result<Vec<u32>, String> {
-    let mut gpus = Vec::new();
-    for part in s.split(',').map(str::trim) {
-        let gpu: u32 = part
-            .parse()
-            .ok()
-            .filter(|&g| g < MAX_GPUS)
-            .ok_or_else(|| format!("'{part}' is not a GPU index (0 to {})", MAX_GPUS - 1))?;
-        if gpus.contains(&gpu) {
+    let gpus = s
+        .split(',')
+        .map(str::trim)
+        .map(|part| {
+            part.parse()
+                .map_err(|_| format!("'{part}' is not a GPU index (0 to {})", MAX_GPUS - 1))
+        })
+        .collect::<Result<Vec<u32>, String>>()?;
+    check_gpu_list(&gpus)?;
+    Ok(gpus)
+}
+
+/// A list of GPU indices is usable: each below [`MAX_GPUS`], each at most once.
+pub fn check_gpu_list(gpus: &[u32]) -> Result<(), String> {
+    for (i, &gpu) in gpus.iter().enumerate() {
+        if gpu >= MAX_GPUS {
+            return Err(format!(
+                "'{gpu}' is not a GPU index (0 to {})",
+                MAX_GPUS - 1
+            ));
+        }
+        if gpus[..i].contains(&gpu) {
             return Err(format!("GPU {gpu} is named twice"));
         }
-        gpus.push(gpu);
     }
-    Ok(gpus)
+    Ok(())
 }
 
 /// Default of [`ExecutorOptions::remote_wait`].
@@ -704,8 +717,12 @@ impl ExecutorOptions {
         crate::remote::Credentials::load(&path)
     }
 
-    /// Checks what can be checked before anything starts (the worker user exists).
+    /// Checks what can be checked before anything starts (the worker user exists, the
+    /// GPU list names each GPU once).
     pub fn validate(&self) -> Result<(), SetupError> {
+        if let Some(gpus) = &self.gpus {
+            check_gpu_list(gpus).map_err(|e| SetupError::Gpus(format!("--gpus: {e}")))?;
+        }
         if self.kernel_timeout.is_some_and(|t| t < MIN_KERNEL_TIMEOUT) {
             return Err(SetupError::Worker(
                 "--kernel-timeout must be at least 1 second".into(),
@@ -757,8 +774,9 @@ pub type GpuFactory = (u32, Arc<dyn ExecutorFactory>);
 /// Builds an executor factory for every GPU to drive, in index order: each one
 /// [`ExecutorOptions::gpus`] names, or every device there is. As [`select_with`] for one;
 /// a named GPU that is not there, or does not start, is an error (leave it out with
-/// `--gpus`). `Auto` takes CUDA when the driver shows at least one device, and otherwise
-/// the CPU (one device). Remote executors present one device (a worker serves one GPU).
+/// `--gpus`). `Auto` takes CUDA when it starts on the first GPU, and otherwise the CPU
+/// (one device). Remote executors present one device per `+`-separated group of workers
+/// (a worker serves one GPU).
 pub fn select_gpus(
     choice: ExecutorChoice,
     options: &ExecutorOptions,
@@ -767,13 +785,11 @@ pub fn select_gpus(
         let indices = wanted_gpus(options, count, what, "; cpu:N presents N")?;
         Ok(indices
             .into_iter()
-            .map(|i| {
-                let factory: Arc<dyn ExecutorFactory> = if count == 1 {
-                    Arc::new(crate::cpu::CpuExecutorFactory::new())
-                } else {
-                    Arc::new(crate::cpu::CpuExecutorFactory::simulated(count))
-                };
-                (i, factory)
+            .map(|i| -> GpuFactory {
+                (
+                    i,
+                    Arc::new(crate::cpu::CpuExecutorFactory::simulated(count)),
+                )
             })
             .collect())
     };
@@ -856,6 +872,7 @@ fn wanted_gpus(
         None => Ok((0..count).collect()),
         Some(list) if list.is_empty() => Err(SetupError::Gpus("--gpus names no GPU".into())),
         Some(list) => {
+            check_gpu_list(list).map_err(|e| SetupError::Gpus(format!("--gpus: {e}")))?;
             if let Some(missing) = list.iter().find(|&&g| g >= count) {
                 let range = match count {
                     1 => "GPU 0 only".to_string(),
@@ -867,7 +884,6 @@ fn wanted_gpus(
             }
             let mut sorted = list.clone();
             sorted.sort_unstable();
-            sorted.dedup();
             Ok(sorted)
         }
     }

@@ -174,13 +174,6 @@ fn main() -> ExitCode {
         gpus: cli.gpus,
         ..ExecutorOptions::default()
     };
-    if let Some(gpus) = &options.gpus {
-        let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
-        if let Err(e) = vgpu_mediator::parse_gpu_list(&list.join(",")) {
-            eprintln!("vgpu-mediator: --gpus: {e}");
-            return ExitCode::FAILURE;
-        }
-    }
     if let Err(e) = options.validate() {
         eprintln!("vgpu-mediator: {e}");
         return ExitCode::FAILURE;

@@ -119,8 +119,6 @@ pub enum Error {
     Control(#[source] vgpu_mediator::control::ControlError),
     #[error("--gpu names {given} GPUs for {sockets} sockets: give one per socket, or one for all")]
     GpuCount { given: usize, sockets: usize },
-    #[error("--gpus: {0}")]
-    Gpus(String),
     #[error("placing the VMs on GPUs: {0}")]
     Placement(String),
 }
@@ -447,10 +445,6 @@ impl VgpuConfig {
                 given: self.placements.len(),
                 sockets: self.socket_count,
             });
-        }
-        if let Some(gpus) = &self.executor_options.gpus {
-            let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
-            vgpu_mediator::parse_gpu_list(&list.join(",")).map_err(Error::Gpus)?;
         }
         if self.weight == 0 {
             return Err(Error::WeightZero);
