@@ -734,17 +734,13 @@ impl Mediator {
             .collect()
     }
 
-    /// The GPU [`Placement::Auto`] would put a tenant on now.
+    /// The GPU [`Placement::Auto`] would put a tenant on now: [`plan_placement`]'s choice
+    /// for one tenant with a quota (the quota itself does not change the order).
     pub fn place(&self) -> u32 {
-        let usage = self.gpu_usage();
-        let best = usage.iter().max_by(|a, b| {
-            let free = |u: &GpuUsage| u.device.total_memory.saturating_sub(u.quota_committed);
-            free(a)
-                .cmp(&free(b))
-                .then(b.tenants.cmp(&a.tenants))
-                .then(b.index.cmp(&a.index))
-        });
-        best.map_or(self.gpus[0].index, |u| u.index)
+        plan_placement(&self.gpu_usage(), &[(Placement::Auto, Some(0))])
+            .ok()
+            .and_then(|plan| plan.first().map(|&(gpu, _)| gpu))
+            .unwrap_or(self.gpus[0].index)
     }
 
     fn gpu(&self, gpu: u32) -> Option<&Gpu> {
