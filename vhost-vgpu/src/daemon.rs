@@ -138,18 +138,7 @@ impl Daemon {
             None => Default::default(),
         };
         if let Some(mut options) = config.nfs_options() {
-            // An NFS VM's `gpu=` line: as nfs:NAME, or under its directory's name when no
-            // socket has that name (as for weights, see crate::weights).
-            for (name, line) in &settings {
-                let dir = match name.strip_prefix("nfs:") {
-                    Some(dir) => dir,
-                    None if names.contains(name) => continue,
-                    None => name,
-                };
-                if let Some(gpu) = line.gpu {
-                    options.placements.entry(dir.to_string()).or_insert(gpu);
-                }
-            }
+            options.placements = crate::weights::nfs_placements(&settings, &names);
             let (root, nfs_quota) = (options.root.clone(), options.mem_quota);
             let nfs = NfsServer::start(mediator.clone(), options).map_err(Error::StartNfs)?;
             info!(
@@ -201,12 +190,13 @@ impl Daemon {
                 qemu_args(&path, index, config.virtio_id)
             );
         }
+        // The settings read for the placement above: the file is read once at start.
         if let Some(r) = &daemon.weights {
-            let weights = r.reload().map_err(Error::Weights)?;
+            r.apply(&settings);
             info!(
                 "{}: weights of {} VMs (SIGHUP reads it again)",
                 r.path.display(),
-                weights.len()
+                settings.len()
             );
         }
         if let Some(path) = &config.control {

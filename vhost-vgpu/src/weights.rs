@@ -130,6 +130,25 @@ fn settings_of<'a>(
     weights.get(dir).map(|s| (dir, *s))
 }
 
+/// The `gpu=` of NFS VM directories, by directory name, before their tenants exist: a line
+/// `nfs:NAME`, or `NAME` when no socket in `sockets` has that name (the rule of
+/// [`settings_of`]; `nfs:NAME` wins).
+pub fn nfs_placements(weights: &Weights, sockets: &[String]) -> BTreeMap<String, Placement> {
+    let mut placements = BTreeMap::new();
+    // "nfs:..." sorts before the bare names, so its line is taken first.
+    for (name, line) in weights {
+        let dir = match name.strip_prefix("nfs:") {
+            Some(dir) => dir,
+            None if sockets.contains(name) => continue,
+            None => name,
+        };
+        if let Some(gpu) = line.gpu {
+            placements.entry(dir.to_string()).or_insert(gpu);
+        }
+    }
+    placements
+}
+
 /// Gives every tenant of `mediator` its weight from `weights`, or `default`, and its quota
 /// where the file names one. Returns the names in `weights` that no tenant has (VMs not
 /// served yet, or misspelt).
@@ -182,7 +201,13 @@ impl WeightsReloader {
     /// Reads the file again and applies it; on error the settings in force stay.
     pub fn reload(&self) -> Result<Weights, WeightsError> {
         let weights = load(&self.path)?;
-        let unknown = apply(&self.mediator, &weights, self.default);
+        self.apply(&weights);
+        Ok(weights)
+    }
+
+    /// Applies settings read from the file, warning about the names no VM has.
+    pub fn apply(&self, weights: &Weights) {
+        let unknown = apply(&self.mediator, weights, self.default);
         if !unknown.is_empty() {
             log::warn!(
                 "{}: no VM is named {} (yet)",
@@ -190,7 +215,6 @@ impl WeightsReloader {
                 unknown.join(", ")
             );
         }
-        Ok(weights)
     }
 }
 
@@ -241,6 +265,17 @@ mod tests {
         );
         assert_eq!(w["vm1"].gpu, Some(Placement::Auto));
         assert_eq!((w["vm2"].gpu, w["vm2"].quota), (None, Some(512 << 20)));
+    }
+
+    #[test]
+    fn nfs_vms_take_their_gpu_by_nfs_name_or_by_a_name_no_socket_has() {
+        let w = parse("nfs:vm1 1 gpu=1\nvm1 1 gpu=0\nvm2 1 gpu=1\nvm0 1 gpu=1\nvm3 1\n").unwrap();
+        let p = nfs_placements(&w, &["vm0".into(), "vm2".into()]);
+        // vm1: nfs:vm1 wins over the bare line; vm2 and vm0 are sockets; vm3 names no GPU.
+        assert_eq!(
+            p.into_iter().collect::<Vec<_>>(),
+            [("vm1".to_string(), Placement::Gpu(1))]
+        );
     }
 
     #[test]
