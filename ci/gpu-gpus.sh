@@ -118,15 +118,20 @@ bench() {
     tables+=("$(grep '^|' <<<"$out")")
 }
 
+# placed NAME WHAT GPU0 GPU1: the daemon's log (NAME.log) put vm0 on GPU0 and vm1 on GPU1.
+placed() {
+    local log=$work/$1.log got
+    got=$(grep -o '(vm[01]) added on GPU [0-9]*' "$log" | paste -s -d ' ')
+    if grep -q "(vm0) added on GPU $3" "$log" && grep -q "(vm1) added on GPU $4" "$log"; then
+        pass "$2: $got"
+    else
+        fail "$2: $got"
+    fi
+}
+
 # Automatic placement: two VMs, two GPUs, one each.
 if start_daemon auto; then
-    placed=$(grep -o 'tenant [0-9]* (vm[01]) added on GPU [0-9]*' "$work/auto.log" | tr '\n' ';')
-    if grep -q '(vm0) added on GPU 0' "$work/auto.log" &&
-        grep -q '(vm1) added on GPU 1' "$work/auto.log"; then
-        pass "auto placement: $placed"
-    else
-        fail "auto placement: $placed"
-    fi
+    placed auto "auto placement" 0 1
     grep -o 'GPU [0-9]*: .*MiB)' "$work/auto.log" | sed 's/^/  /'
     bench apart
     bench faults
@@ -157,12 +162,7 @@ if [[ -x $DIR/vgpu-worker ]]; then
     done
     daemon_executor="remote:127.0.0.1:${ports[0]}+127.0.0.1:${ports[1]}"
     if start_daemon remote --remote-key "$work/key"; then
-        if grep -q '(vm0) added on GPU 0' "$work/remote.log" &&
-            grep -q '(vm1) added on GPU 1' "$work/remote.log"; then
-            pass "remote placement: $daemon_executor: vm0 on GPU 0, vm1 on GPU 1"
-        else
-            fail "remote placement: $(grep -o '(vm[01]) added on GPU [0-9]*' "$work/remote.log" | tr '\n' ' ')"
-        fi
+        placed remote "remote placement ($daemon_executor)" 0 1
         bench apart
         stop_daemon
         for g in 0 1; do
@@ -183,12 +183,7 @@ fi
 # Forced onto one GPU, weights 100 and 300.
 printf 'vm0 100\nvm1 300\n' >"$work/weights"
 if start_daemon same --gpu 0 --weights "$work/weights"; then
-    if grep -q '(vm0) added on GPU 0' "$work/same.log" &&
-        grep -q '(vm1) added on GPU 0' "$work/same.log"; then
-        pass "--gpu 0: both VMs on GPU 0"
-    else
-        fail "--gpu 0: $(grep -o '(vm[01]) added on GPU [0-9]*' "$work/same.log" | tr '\n' ' ')"
-    fi
+    placed same "--gpu 0" 0 0
     bench same
     stop_daemon
 fi

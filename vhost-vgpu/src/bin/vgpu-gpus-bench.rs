@@ -250,12 +250,17 @@ fn together(
     })
 }
 
-fn apart(cli: &Cli, goals: &mut Goals) -> Result<(), String> {
-    let (warmup, window) = (Duration::from_secs(1), Duration::from_secs_f64(cli.seconds));
-    let mut vms = [
+/// VM 0 and VM 1, each with its saxpy session.
+fn both_vms(cli: &Cli) -> Result<[Saxpy; 2], String> {
+    Ok([
         Saxpy::open(&socket(&cli.socket_path, 0), cli.elements)?,
         Saxpy::open(&socket(&cli.socket_path, 1), cli.elements)?,
-    ];
+    ])
+}
+
+fn apart(cli: &Cli, goals: &mut Goals) -> Result<(), String> {
+    let (warmup, window) = (Duration::from_secs(1), Duration::from_secs_f64(cli.seconds));
+    let mut vms = both_vms(cli)?;
     let gpus = [vms[0].gpu(), vms[1].gpu()];
     goals.check(
         "apart",
@@ -287,10 +292,7 @@ fn apart(cli: &Cli, goals: &mut Goals) -> Result<(), String> {
 
 fn same(cli: &Cli, goals: &mut Goals) -> Result<(), String> {
     let (warmup, window) = (Duration::from_secs(1), Duration::from_secs_f64(cli.seconds));
-    let mut vms = [
-        Saxpy::open(&socket(&cli.socket_path, 0), cli.elements)?,
-        Saxpy::open(&socket(&cli.socket_path, 1), cli.elements)?,
-    ];
+    let mut vms = both_vms(cli)?;
     let gpus = [vms[0].gpu(), vms[1].gpu()];
     goals.check(
         "same",
